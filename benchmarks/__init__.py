@@ -1,0 +1,1 @@
+# Benchmarks package marker: lets tests and scripts import the harness as `benchmarks.common`.

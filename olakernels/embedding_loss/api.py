@@ -1,0 +1,220 @@
+# Functional entry point of the fused embedding-distillation loss: validation and dispatch.
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .._triton import check_triton_device, triton_importable
+from .distributed import gather_targets
+from .epilogue import losses_from_stats
+
+IMPLS = ("auto", "triton", "torch", "reference")
+MASK_MODES = ("per_sample", "seed")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class EmbeddingDistillLossOutput(NamedTuple):
+    """loss = smooth_l1 + contrastive; all three are fp32 scalars (float64 for fp64 inputs)."""
+
+    loss: torch.Tensor
+    smooth_l1: torch.Tensor
+    contrastive: torch.Tensor
+
+
+def embedding_distill_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    logit_scale: torch.Tensor | float | None = None,
+    *,
+    beta: float = 1.0,
+    contrastive_weight: float = 0.3,
+    max_logit_scale: float = 100.0,
+    mask_mode: str = "per_sample",
+    process_group=None,
+    impl: str = "auto",
+) -> EmbeddingDistillLossOutput:
+    """OLA-VLM's embedding distillation loss: smooth-L1 plus a weighted InfoNCE term, fused.
+
+    Shapes and dtypes:
+        pred:   (B, ...) fp32/fp16/bf16, the predictor head's output (flattened per sample to D)
+        target: same shape as pred, any float dtype (may differ from pred's); a frozen teacher's
+                embedding, so it must not require grad
+        mask:   (B,) of 0/1 (bool, int or float): 1 for a sample with a real image
+        logit_scale: scalar tensor (learnable, e.g. EmbeddingDistillLoss.logit_scale) or None
+    Returns ``(loss, smooth_l1, contrastive)``, fp32 scalars; ``contrastive`` already includes
+    ``contrastive_weight`` and ``loss = smooth_l1 + contrastive``. Accumulation is fp32 always.
+
+    Equivalent PyTorch, single process, ``mask_mode="per_sample"`` (``m = mask.float()``)::
+
+        sl1 = F.smooth_l1_loss(pred.float(), target.float(), reduction="none", beta=beta)
+        n = m.sum().clamp_min(1)
+        smooth_l1 = (sl1.flatten(1).sum(1) * m).sum() / (n * D)
+        p = F.normalize(pred.flatten(1).float(), dim=-1)
+        t = F.normalize(target.flatten(1).float(), dim=-1)
+        logits = (p @ t.T) * torch.clamp(logit_scale.exp(), max=max_logit_scale)
+        logits = logits.masked_fill(m[None, :] == 0, -inf)   # masked targets are no candidates
+        ce = F.cross_entropy(logits[m > 0], arange(B)[m > 0], reduction="sum")
+        contrastive = contrastive_weight * ce / n
+        loss = smooth_l1 + contrastive
+
+    ``mask_mode="seed"`` reproduces the seed's arithmetic: every sample is a row and a candidate,
+    ``smooth_l1 = (sl1 * m.view(B, 1, ...)).mean()`` and
+    ``contrastive = contrastive_weight * mean(cross_entropy(logits, arange(B))) * m.mean()``.
+    An all-masked batch gives 0 and zero gradients in both modes; NaN inputs give a NaN loss.
+    ``logit_scale=None`` computes smooth-L1 only (contrastive is 0).
+
+    Distributed (``process_group`` given): the targets (in their own dtype) and masks of every
+    rank are all-gathered once, without autograd, and serve as the contrastive candidates; the
+    labels are this rank's rows offset by the sizes of the ranks before it, so ranks may hold
+    different batch sizes (this costs one host sync for the sizes). Weighting, per_sample mode:
+    each rank returns ``world_size / N_global`` times the sum of its valid samples' terms, where
+    ``N_global`` counts valid samples over all ranks. The mean over ranks -- what FSDP/DDP
+    gradient averaging computes -- is then exactly the loss of one process on the concatenated
+    global batch, even with unequal batches or masks. ``mask_mode="seed"`` keeps the seed's
+    per-rank means (exact only for equal batches with all-ones masks).
+
+    Gradients flow to ``pred`` and ``logit_scale`` (zero while the clamp at max_logit_scale is
+    active, as torch.clamp gives). ``target`` gets none: a target that requires grad is an error.
+
+    impl: "triton" (fused kernels: forward reads pred and target once, backward once more and
+    writes grad_pred in pred's dtype; no fp32 copies of the inputs; deterministic, no atomics),
+    "torch" (chunked pure PyTorch, bounded fp32 temporaries), "reference" (the seed's eager
+    math, the test oracle), "auto" (triton on CUDA/ROCm tensors, torch elsewhere).
+    """
+    _validate(pred, target, mask, logit_scale, beta, contrastive_weight, max_logit_scale,
+              mask_mode, impl)
+    if logit_scale is not None and not isinstance(logit_scale, torch.Tensor):
+        logit_scale = torch.tensor(float(logit_scale), device=pred.device)
+    impl = _resolve_impl(impl, pred)
+    if impl == "reference":
+        from .impl.reference import embedding_distill_loss_ref
+
+        return EmbeddingDistillLossOutput(*embedding_distill_loss_ref(
+            pred, target, mask, logit_scale, beta=beta, contrastive_weight=contrastive_weight,
+            max_logit_scale=max_logit_scale, mask_mode=mask_mode, process_group=process_group,
+        ))
+
+    batch = pred.shape[0]
+    pred2d = pred.reshape(batch, -1).contiguous()
+    target2d = target.reshape(batch, -1).contiguous()
+    acc = torch.promote_types(pred.dtype, torch.float32)
+    m = torch.ones(batch, device=pred.device, dtype=acc) if mask is None else mask.to(acc)
+    with_dot = logit_scale is not None
+    gathered = gather_targets(target2d if with_dot else None, m, process_group)
+    others = gathered.targets if (with_dot and gathered.world_size > 1) else None
+    if impl == "triton":
+        from .impl.triton import embedding_distill_loss_fwd
+
+        stats = embedding_distill_loss_fwd(pred2d, target2d, others, float(beta), with_dot)
+    else:
+        from .impl.torch_chunked import EmbeddingStatsTorchFunction
+
+        stats = EmbeddingStatsTorchFunction.apply(pred2d, target2d, others, float(beta), with_dot)
+    sl1, pp, dot, tt = stats
+    return EmbeddingDistillLossOutput(*losses_from_stats(
+        sl1, pp, dot if with_dot else None, tt if with_dot else None,
+        mask=m, gathered_mask=gathered.mask, offset=gathered.offset,
+        world_size=gathered.world_size, per_sample_numel=pred2d.shape[1],
+        logit_scale=logit_scale, contrastive_weight=contrastive_weight,
+        max_logit_scale=max_logit_scale, mask_mode=mask_mode,
+    ))
+
+
+def _resolve_impl(impl: str, pred: torch.Tensor) -> str:
+    if impl == "auto":
+        use_triton = pred.is_cuda and triton_importable() and pred.dtype in _TRITON_DTYPES
+        return "triton" if use_triton else "torch"
+    if impl == "triton":
+        check_triton_device(pred, "embedding_distill_loss")
+        if pred.dtype not in _TRITON_DTYPES:
+            raise NotImplementedError(
+                f"impl='triton' supports fp32/fp16/bf16 pred, got {pred.dtype}; use impl='torch'"
+            )
+    return impl
+
+
+def _validate(pred, target, mask, logit_scale, beta, contrastive_weight, max_logit_scale,
+              mask_mode, impl) -> None:
+    name = "embedding_distill_loss"
+    if impl not in IMPLS:
+        raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"{name}: mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    for arg, t in (("pred", pred), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"{name}: {arg} must be a floating tensor (fp32/fp16/bf16), got dtype {t.dtype}"
+            )
+    if pred.dim() < 2:
+        raise ValueError(
+            f"{name}: pred must have shape (B, ...) with at least 2 dims (batch first), "
+            f"got {tuple(pred.shape)}"
+        )
+    if pred.shape[0] == 0:
+        raise ValueError(f"{name}: pred must hold at least one sample, got an empty batch "
+                         f"{tuple(pred.shape)}")
+    if target.shape[0] != pred.shape[0]:
+        raise ValueError(
+            f"{name}: target must have the batch size of pred ({pred.shape[0]}), got "
+            f"{target.shape[0]} (target shape {tuple(target.shape)})"
+        )
+    if target.shape != pred.shape:
+        raise ValueError(
+            f"{name}: target must have pred's shape {tuple(pred.shape)}, got {tuple(target.shape)}"
+        )
+    if pred.numel() == 0:
+        raise ValueError(f"{name}: pred must have at least one element per sample, got shape "
+                         f"{tuple(pred.shape)}")
+    if target.device != pred.device:
+        raise ValueError(f"{name}: target must be on pred's device {pred.device}, got "
+                         f"{target.device}")
+    if target.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{name}: target must not require grad (targets come from frozen teachers and get "
+            "no gradient); pass target.detach()"
+        )
+    if mask is not None:
+        _validate_mask(name, mask, pred)
+    if logit_scale is not None:
+        if isinstance(logit_scale, torch.Tensor):
+            if logit_scale.numel() != 1 or not logit_scale.is_floating_point():
+                raise ValueError(
+                    f"{name}: logit_scale must be a floating scalar tensor, got shape "
+                    f"{tuple(logit_scale.shape)} dtype {logit_scale.dtype}"
+                )
+            if logit_scale.device != pred.device:
+                raise ValueError(f"{name}: logit_scale must be on pred's device {pred.device}, "
+                                 f"got {logit_scale.device}")
+        elif not isinstance(logit_scale, (int, float)):
+            raise TypeError(f"{name}: logit_scale must be a Tensor, a float or None, got "
+                            f"{type(logit_scale).__name__}")
+    if not beta >= 0:
+        raise ValueError(f"{name}: beta must be >= 0, got {beta}")
+    if not contrastive_weight >= 0:
+        raise ValueError(f"{name}: contrastive_weight must be >= 0, got {contrastive_weight}")
+    if not max_logit_scale > 0:
+        raise ValueError(f"{name}: max_logit_scale must be > 0, got {max_logit_scale}")
+
+
+def _validate_mask(name: str, mask, pred: torch.Tensor) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.shape != (pred.shape[0],):
+        raise ValueError(
+            f"{name}: mask must have shape (B,) = ({pred.shape[0]},), got {tuple(mask.shape)}"
+        )
+    if mask.device != pred.device:
+        raise ValueError(f"{name}: mask must be on pred's device {pred.device}, got {mask.device}")
+    if mask.is_complex():
+        raise ValueError(f"{name}: mask must hold 0/1 values, got dtype {mask.dtype}")
+    # The value check reads the mask on the host; skipped while torch.compile traces.
+    if mask.dtype != torch.bool and not torch.compiler.is_compiling():
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            first = mask[bad][0].item()
+            raise ValueError(f"{name}: mask must hold only 0/1 values, got {first}")

@@ -1,0 +1,1 @@
+# Implementations of embedding_distill_loss: reference (oracle), torch (chunked), triton.

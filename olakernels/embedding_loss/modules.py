@@ -1,0 +1,62 @@
+# nn.Module owning the learnable logit scale of the embedding distillation loss.
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .api import MASK_MODES, EmbeddingDistillLossOutput, embedding_distill_loss
+
+
+class EmbeddingDistillLoss(nn.Module):
+    """Module form of :func:`embedding_distill_loss`, owning ``logit_scale`` (init 2.0).
+
+    The state_dict holds one entry, ``logit_scale`` (a 0-dim fp32 parameter), like the seed's
+    per-task ``{depth,seg,gen}_logit_scale``. ``use_contrastive=False`` drops the parameter and
+    the InfoNCE term (smooth-L1 only).
+
+    Example::
+
+        loss_fn = EmbeddingDistillLoss(contrastive_weight=0.3)
+        loss, sl1, con = loss_fn(pred, target, mask)
+    """
+
+    def __init__(
+        self,
+        *,
+        beta: float = 1.0,
+        contrastive_weight: float = 0.3,
+        max_logit_scale: float = 100.0,
+        init_logit_scale: float = 2.0,
+        use_contrastive: bool = True,
+        mask_mode: str = "per_sample",
+        process_group=None,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        self.beta = beta
+        self.contrastive_weight = contrastive_weight
+        self.max_logit_scale = max_logit_scale
+        self.mask_mode = mask_mode
+        self.process_group = process_group
+        self.impl = impl
+        if use_contrastive:
+            self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+        else:
+            self.register_parameter("logit_scale", None)
+
+    def forward(
+        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> EmbeddingDistillLossOutput:
+        return embedding_distill_loss(
+            pred, target, mask, self.logit_scale,
+            beta=self.beta, contrastive_weight=self.contrastive_weight,
+            max_logit_scale=self.max_logit_scale, mask_mode=self.mask_mode,
+            process_group=self.process_group, impl=self.impl,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"beta={self.beta}, contrastive_weight={self.contrastive_weight}, "
+                f"max_logit_scale={self.max_logit_scale}, mask_mode={self.mask_mode!r}, "
+                f"impl={self.impl!r}")

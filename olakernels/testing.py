@@ -1,0 +1,137 @@
+# Test helpers shared by every op: realistic input factories and the tolerance rule.
+"""Testing helpers for olakernels ops.
+
+The tolerance rule (used by every op's tests): a fast kernel's error against a float64 oracle
+must be at most ``k`` times the error that plain PyTorch makes in the same dtype, plus a rounding
+floor. This makes tolerances follow the dtype and the problem instead of being tuned by hand.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "assert_close_to_reference",
+    "make_embedding_pair",
+    "make_sample_mask",
+    "max_abs_error",
+]
+
+
+def _as_f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(device="cpu", dtype=torch.float64)
+
+
+def max_abs_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest |out - ref| over finite reference entries, in float64 (0.0 for empty tensors)."""
+    diff = (_as_f64(out) - _as_f64(ref)).abs()
+    if diff.numel() == 0:
+        return 0.0
+    return float(torch.nan_to_num(diff, nan=math.inf).max())
+
+
+def assert_close_to_reference(
+    out: torch.Tensor,
+    ref_fp64: torch.Tensor,
+    eager_same_dtype: torch.Tensor | None,
+    *,
+    name: str,
+    k: float = 2.0,
+    floor_ulps: float = 4.0,
+    dtype: torch.dtype | None = None,
+    reduction_size: int = 1,
+) -> None:
+    """Assert ``out`` is as close to the float64 oracle as eager PyTorch is, up to ``k`` times.
+
+    budget = k * max|eager_same_dtype - ref| + floor, with
+    floor  = floor_ulps * eps(dtype) * sqrt(reduction_size) * max|ref|.
+
+    ``dtype`` defaults to ``out.dtype``: the precision the result is stored in. Pass the
+    reduction length for outputs that are sums of many rounded terms (rounding errors of a sum of
+    n terms grow like sqrt(n)). NaN positions must match exactly: NaN in the reference must
+    propagate, and NaN where the reference is finite is an error.
+    The failure message names the tensor, the max error, the budget, the eager error and where.
+    """
+    if tuple(out.shape) != tuple(ref_fp64.shape):
+        raise AssertionError(
+            f"{name}: shape {tuple(out.shape)} differs from the reference {tuple(ref_fp64.shape)}"
+        )
+    o, r = _as_f64(out), _as_f64(ref_fp64)
+    nan_o, nan_r = torch.isnan(o), torch.isnan(r)
+    if not torch.equal(nan_o, nan_r):
+        where = torch.nonzero(nan_o != nan_r)[0].tolist()
+        raise AssertionError(
+            f"{name}: NaN pattern differs from the reference at index {where} "
+            f"(out={o[tuple(where)].item()}, ref={r[tuple(where)].item()})"
+        )
+    finite = ~nan_r
+    if not bool(finite.any()):
+        return
+    o, r = torch.where(finite, o, 0.0), torch.where(finite, r, 0.0)
+    err = (o - r).abs()
+    eager_err = 0.0
+    if eager_same_dtype is not None:
+        e = torch.where(finite, _as_f64(eager_same_dtype), 0.0)
+        eager_err = float(torch.nan_to_num((e - r).abs(), nan=math.inf).max())
+    eps = torch.finfo(dtype or out.dtype).eps
+    ref_max = float(r.abs().max())
+    floor = floor_ulps * eps * math.sqrt(max(reduction_size, 1)) * ref_max
+    budget = k * eager_err + floor
+    max_err = float(err.max())
+    if not max_err <= budget:
+        idx = torch.unravel_index(torch.argmax(err), err.shape) if err.dim() else ()
+        idx = tuple(int(i) for i in idx)
+        raise AssertionError(
+            f"{name}: max abs error {max_err:.3e} exceeds the budget {budget:.3e} "
+            f"(= {k} x eager error {eager_err:.3e} + floor {floor:.3e}; max|ref| {ref_max:.3e}) "
+            f"at index {idx}: out={o[idx].item():.6e}, ref={r[idx].item():.6e}"
+        )
+
+
+def make_embedding_pair(
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    target_scale: float = 2.0,
+    noise: float = 0.8,
+    seed: int = 0,
+    requires_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (pred, target) pair shaped like a predictor head's output and a teacher's embedding.
+
+    Targets look like teacher features: a per-sample direction plus heavier-tailed per-channel
+    structure, scaled by ``target_scale`` (DINOv2/Swin features have |x| of a few units).
+    Predictions are the target plus Gaussian noise of relative size ``noise``, like a partly
+    trained head, so |pred - target| straddles beta=1 and both smooth-L1 branches are exercised,
+    and the contrastive logits are peaked but not saturated.
+    """
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g, dtype=torch.float64)
+    heavy = torch.randn(shape, generator=g, dtype=torch.float64) ** 3 * 0.2
+    target = target_scale * (base + heavy)
+    pred = target + noise * target_scale * torch.randn(shape, generator=g, dtype=torch.float64)
+    pred = pred.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    return pred, target.to(device=device, dtype=dtype)
+
+
+def make_sample_mask(
+    batch: int, kind: str = "mixed", *, device: str | torch.device = "cpu", seed: int = 0
+) -> torch.Tensor:
+    """Per-sample 0/1 image mask: "ones" (pre-training), "zeros", or "mixed" (some text-only).
+
+    "mixed" always keeps at least one valid and, for batch > 1, one masked sample.
+    """
+    if kind == "ones":
+        return torch.ones(batch, device=device)
+    if kind == "zeros":
+        return torch.zeros(batch, device=device)
+    if kind != "mixed":
+        raise ValueError(f"kind must be 'ones', 'zeros' or 'mixed', got {kind!r}")
+    g = torch.Generator().manual_seed(seed)
+    m = (torch.rand(batch, generator=g) < 0.6).float()
+    m[0] = 1.0
+    if batch > 1:
+        m[-1] = 0.0
+    return m.to(device)

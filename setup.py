@@ -1,0 +1,39 @@
+# Packaging for olakernels (fused GPU ops) and olavlm (the OLA-VLM training engine).
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="olavlm",
+    version="0.1.0",
+    description=(
+        "Kernel-optimized training engine for OLA-VLM-style multimodal LLMs, "
+        "and the fused ops behind it (olakernels)."
+    ),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["olakernels", "olakernels.*", "olavlm", "olavlm.*"]),
+    python_requires=">=3.10,<3.13",
+    # olakernels stays light: torch + triton only. torch>=2.7 because FSDP2 (fully_shard) on
+    # CPU/gloo and torch.library.custom_op/register_autograd/opcheck behave as we rely on from
+    # there. Triton ships with the CUDA/ROCm torch wheels; on CPU it runs our kernels under
+    # TRITON_INTERPRET=1 (the test suite does this). GPU users keep their own CUDA/ROCm torch.
+    install_requires=[
+        "torch>=2.7",
+        "triton>=3.3; platform_system == 'Linux'",
+        "numpy",  # the Triton interpreter needs it
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "ruff"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "License :: OSI Approved :: Apache Software License",
+    ],
+)
