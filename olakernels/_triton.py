@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 
 import torch
@@ -16,13 +17,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-@functools.lru_cache(maxsize=1)
+# Looked up once without importing triton (importing it here would fix TRITON_INTERPRET's value
+# too early); a plain constant also keeps torch.compile from tracing a cache wrapper.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # pragma: no cover - triton ships with torch on Linux
-        return False
-    return True
+    return _TRITON_FOUND
 
 
 def check_triton_device(tensor: torch.Tensor, op: str) -> None:

@@ -229,3 +229,33 @@ def test_error_message_shows_expected_and_received():
     with pytest.raises(ValueError) as info:
         embedding_distill_loss(torch.randn(4, 6), torch.randn(4, 7))
     assert "(4, 6)" in str(info.value) and "(4, 7)" in str(info.value)
+
+
+# ---- GPU: the real shapes, compiled kernels (bf16 tl.dot, tf32 backward, autotuned configs) ----
+
+GPU_CASES = {
+    "depth_b8_bf16": ((8, 576, 1024), torch.bfloat16),
+    "seg_b4_bf16": ((4, 1536, 24, 24), torch.bfloat16),
+    "depth_b4_fp16": ((4, 576, 1024), torch.float16),
+    "gen_b32_fp32": ((32, 1, 1024), torch.float32),
+    "gen_b100_bf16": ((100, 1, 1024), torch.bfloat16),  # several 64-row tiles
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
+def test_gpu_real_shapes(case):
+    shape, dtype = case
+    pred, target = make_embedding_pair(shape, dtype=dtype, device="cuda", seed=29)
+    mask = make_sample_mask(shape[0], "mixed", device="cuda")
+    _check_against_oracle("triton", pred, target, mask, torch.tensor(2.0, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_and_auto_is_triton():
+    pred, target = make_embedding_pair((8, 1536, 24, 24), dtype=torch.bfloat16, device="cuda")
+    mask = make_sample_mask(8, "mixed", device="cuda")
+    scale = torch.tensor(2.0, device="cuda")
+    a = _run("triton", pred, target, mask, scale)
+    b = _run("auto", pred, target, mask, scale)
+    assert torch.equal(a[0].loss, b[0].loss) and torch.equal(a[1], b[1])

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The one script a GPU window runs (well under 8 minutes): GPU tests, ceilings, benchmarks, table.
+#
+#   OLAVLM_GIT_SHA=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu/run.sh
+#
+# Writes CSV records under benchmarks/results/ (or $OLAVLM_RESULTS_DIR) and, when $OUT is set
+# (the lent-GPU tool), copies the CSVs and logs there. Each stage has its own time limit and a
+# failing stage does not stop the next, so one window always yields as much as it can.
+# On a machine without CUDA it runs as a dry run (GPU tests skip, tiny benchmark shapes).
+set -u
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1
+export OLAVLM_RESULTS_DIR=${OLAVLM_RESULTS_DIR:-$PWD/benchmarks/results}
+OUT_DIR=${OUT:-/tmp/olavlm-gpu-run}
+mkdir -p "$OUT_DIR" "$OLAVLM_RESULTS_DIR"
+PY=${PYTHON:-python3}
+LOG="$OUT_DIR/run.log"
+T0=$(date +%s)
+
+stage() {  # stage NAME SECONDS CMD...: run with a time limit, log it, never abort the script
+  local name=$1 limit=$2
+  shift 2
+  echo "== [$(( $(date +%s) - T0 ))s] $name (limit ${limit}s)" | tee -a "$LOG"
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc" | tee -a "$LOG"
+  tail -n 4 "$LOG" | grep -E "passed|failed|error" || true
+}
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  $PY -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', \
+torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, \
+'hip', torch.version.hip)"
+  echo "git_sha ${OLAVLM_GIT_SHA:-unknown}"
+} >>"$LOG" 2>&1
+head -n 4 "$LOG"
+
+PYTEST=($PY -m pytest -q -p no:cacheprovider)
+stage ceilings 60 $PY benchmarks/gpu/ceilings.py
+# Ours and the eager baseline first: the numbers the issue's goal is judged on.
+stage bench 180 "${PYTEST[@]}" benchmarks/ --benchmark-only -k "not reference_compile" \
+  --benchmark-json="$OUT_DIR/bench.json"
+stage gpu_tests 120 "${PYTEST[@]}" tests -m gpu
+# torch.compile of the reference: slowest to set up (compiles), so last.
+stage bench_compile 120 "${PYTEST[@]}" benchmarks/ --benchmark-only -k "reference_compile"
+
+cp "$OLAVLM_RESULTS_DIR"/*.csv "$OUT_DIR"/ 2>/dev/null
+echo "== done in $(( $(date +%s) - T0 ))s; results in $OLAVLM_RESULTS_DIR and $OUT_DIR"
+$PY benchmarks/report.py --results "$OLAVLM_RESULTS_DIR" --latest

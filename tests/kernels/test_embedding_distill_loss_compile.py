@@ -1,0 +1,49 @@
+# torch.library registration (opcheck) and torch.compile(fullgraph=True) of embedding_distill_loss.
+import pytest
+import torch
+
+from olakernels import embedding_distill_loss
+from olakernels.embedding_loss.impl import triton as triton_impl  # registers the custom ops
+from olakernels.testing import make_embedding_pair, make_sample_mask
+
+
+@pytest.mark.parametrize("with_dot", [True, False])
+@pytest.mark.parametrize("gathered", [False, True])
+def test_opcheck_fwd(with_dot, gathered, device):
+    pred, target = make_embedding_pair((3, 40), device=device)
+    others = target.repeat(2, 1) if gathered else None
+    torch.library.opcheck(
+        triton_impl.embedding_distill_loss_fwd, (pred, target, others, 1.0, with_dot)
+    )
+
+
+def test_opcheck_bwd(device):
+    pred, target = make_embedding_pair((3, 40), device=device, requires_grad=False)
+    g = torch.randn(3, device=device)
+    torch.library.opcheck(
+        triton_impl.embedding_distill_loss_bwd,
+        (pred, target, None, g, g.clone(), torch.randn(3, 3, device=device), 0.5),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_compile_fullgraph_matches_eager(impl, device):
+    pred, target = make_embedding_pair((4, 6, 10), dtype=torch.bfloat16, device=device)
+    mask = make_sample_mask(4, "mixed", device=device)
+
+    def loss_fn(pred, target, mask, scale):
+        return embedding_distill_loss(pred, target, mask, scale, impl=impl)
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+        p = pred.detach().clone().requires_grad_(True)
+        s = torch.tensor(2.0, device=device, requires_grad=True)
+        out = fn(p, target, mask, s)
+        out.loss.backward()
+        results.append(([v.detach() for v in out], p.grad, s.grad))
+    (eager, g_eager, s_eager), (comp, g_comp, s_comp) = results
+    for a, b in zip(eager, comp):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_eager, g_comp)
+    torch.testing.assert_close(s_eager, s_comp, rtol=1e-5, atol=1e-7)
