@@ -10,6 +10,8 @@ Minimal bytes (single GPU, so the candidate targets are the local ones):
     fwd:     read pred and target once             B * D * (s_pred + s_target)
     fwd_bwd: read them twice, write grad_pred once 2 * B * D * (s_pred + s_target) + B * D * s_pred
 FLOPs (the B x B dot products dominate): fwd 2 * B^2 * D, fwd_bwd 4 * B^2 * D.
+Time: "ms" is device time (CUDA events, cold L2, host launch overhead hidden as in a training
+step where the host runs ahead); the note carries the eager wall time of a synchronized call.
 Memory: peak allocation during the call above what was allocated before; "extra" subtracts the
 unavoidable output (grad_pred in fwd_bwd).
 Providers: "reference" is the seed's eager math (mask_mode="seed", exactly the seed's code);
@@ -115,13 +117,15 @@ def measure(provider: str, case: Case, mode: str, *, device: str, warmup: int, r
         return loss
 
     timing = common.do_bench(fn, setup=setup, warmup=warmup, rep=rep, device=device)
+    wall_ms = common.wall_time(fn, setup=setup, rep=max(rep // 3, 1), device=device)
     setup()
     peak = common.peak_memory_delta(fn, device=device, setup=setup)
     grad_bytes = pred.numel() * pred.element_size() if mode == "fwd_bwd" else 0
     record = common.make_record(
         op=OP, provider=provider, mode=mode, shape=case.shape, dtype=case.dtype, timing=timing,
         num_bytes=min_bytes(case, mode), num_flops=min_flops(case, mode), peak_bytes=peak,
-        extra_bytes=None if peak is None else peak - grad_bytes, note=case.task,
+        extra_bytes=None if peak is None else peak - grad_bytes,
+        note=f"{case.task}; eager wall ms {wall_ms:.4g}",
     )
     return record, fn, setup
 

@@ -46,6 +46,7 @@ __all__ = [
     "read_records",
     "results_dir",
     "tflops",
+    "wall_time",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,10 +55,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Infinity Cache), so writing it evicts whatever the previous call left in cache.
 _FLUSH_BYTES = 256 * 2**20
 _flush_buffers: dict[torch.device, torch.Tensor] = {}
-# Without a flush, a short GPU spin before each call does the flush's other job: it keeps the GPU
-# busy while Python enqueues the start event, fn and the end event, so host launch overhead is
-# not timed. 200k cycles is ~100 us at 2 GHz, about as long as the flush takes on an H100.
-_SPIN_CYCLES = 200_000
+# A GPU spin before each timed call keeps the GPU busy while Python enqueues the start event, fn
+# and the end event, so host launch overhead is not timed. 4M cycles is ~2 ms at 2 GHz: longer
+# than the host needs to enqueue an eager loss with dozens of small kernels.
+_SPIN_CYCLES = 4_000_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,8 +126,10 @@ def _bench_cuda(fn, setup, warmup: int, rep: int, dev: torch.device, flush_l2: b
                 setup()
             if flush is not None:
                 flush.zero_()  # after setup, so setup's writes are evicted too
-            else:
-                torch.cuda._sleep(_SPIN_CYCLES)  # touches no memory: L2 stays warm
+            # A GPU spin keeps the device busy while Python enqueues the start event, fn and the
+            # end event, so only device time is measured -- as inside a training step, where
+            # the host runs ahead of the GPU. It touches no memory: the cache state is kept.
+            torch.cuda._sleep(_SPIN_CYCLES)
             start.record()
             fn()
             end.record()
@@ -164,8 +167,8 @@ def do_bench(
     `setup()` runs untimed before every call (warm-up calls too, so that a fn which consumes its
     inputs stays valid). On CUDA each call is timed with its own pair of CUDA events recorded
     around fn only, and with `flush_l2` a 256 MiB buffer is overwritten before each call so fn
-    starts with a cold L2, as it would inside a training step; without it a short GPU spin takes
-    the flush's place so that host launch overhead is still kept out of the timing. On CPU,
+    starts with a cold L2, as it would inside a training step; a GPU spin before each call keeps
+    host launch overhead out of the timing (measured separately by `wall_time`). On CPU,
     perf_counter is used and there is no flush.
     """
     if rep < 1 or warmup < 0:
@@ -174,6 +177,26 @@ def do_bench(
     if dev.type == "cuda":
         return _bench_cuda(fn, setup, warmup, rep, dev, flush_l2)
     return _bench_cpu(fn, setup, warmup, rep)
+
+
+def wall_time(fn: Callable[[], Any], *, setup=None, rep: int = 20, device=None) -> float:
+    """Median host wall time of `fn()` in ms, synchronizing after each call.
+
+    This is what an eager caller that waits on the result sees: device time plus the host's
+    launch overhead whenever the host, not the device, is the bottleneck.
+    """
+    dev = _resolve_device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(rep):
+        if setup is not None:
+            setup()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 def peak_memory_delta(

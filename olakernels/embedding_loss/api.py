@@ -102,18 +102,27 @@ def embedding_distill_loss(
     target2d = target.reshape(batch, -1).contiguous()
     acc = torch.promote_types(pred.dtype, torch.float32)
     m = torch.ones(batch, device=pred.device, dtype=acc) if mask is None else mask.to(acc)
+    m = m.contiguous()
     with_dot = logit_scale is not None
     gathered = gather_targets(target2d if with_dot else None, m, process_group)
     others = gathered.targets if (with_dot and gathered.world_size > 1) else None
     if impl == "triton":
         from .impl.triton import embedding_distill_loss_fwd
 
-        stats = embedding_distill_loss_fwd(pred2d, target2d, others, float(beta), with_dot)
-    else:
-        from .impl.torch_chunked import EmbeddingStatsTorchFunction
+        ls32 = logit_scale.float().reshape(()) if with_dot else None
+        out, *_coefs = embedding_distill_loss_fwd(
+            pred2d, target2d, others, m, gathered.mask, ls32, float(beta),
+            float(contrastive_weight), float(max_logit_scale), gathered.offset,
+            gathered.world_size, mask_mode == "seed",
+        )
+        loss, smooth_l1, contrastive, _ = out.unbind(0)
+        return EmbeddingDistillLossOutput(loss, smooth_l1, contrastive)
 
-        stats = EmbeddingStatsTorchFunction.apply(pred2d, target2d, others, float(beta), with_dot)
-    sl1, pp, dot, tt = stats
+    from .impl.torch_chunked import EmbeddingStatsTorchFunction
+
+    sl1, pp, dot, tt = EmbeddingStatsTorchFunction.apply(
+        pred2d, target2d, others, float(beta), with_dot
+    )
     return EmbeddingDistillLossOutput(*losses_from_stats(
         sl1, pp, dot if with_dot else None, tt if with_dot else None,
         mask=m, gathered_mask=gathered.mask, offset=gathered.offset,
@@ -212,9 +221,13 @@ def _validate_mask(name: str, mask, pred: torch.Tensor) -> None:
         raise ValueError(f"{name}: mask must be on pred's device {pred.device}, got {mask.device}")
     if mask.is_complex():
         raise ValueError(f"{name}: mask must hold 0/1 values, got dtype {mask.dtype}")
-    # The value check reads the mask on the host; skipped while torch.compile traces.
-    if mask.dtype != torch.bool and not torch.compiler.is_compiling():
-        bad = (mask != 0) & (mask != 1)
+    if mask.dtype == torch.bool or torch.compiler.is_compiling():
+        return
+    bad = (mask != 0) & (mask != 1)
+    if mask.device.type == "cpu":
         if bool(bad.any()):
-            first = mask[bad][0].item()
-            raise ValueError(f"{name}: mask must hold only 0/1 values, got {first}")
+            raise ValueError(f"{name}: mask must hold only 0/1 values, got {mask[bad][0].item()}")
+    else:
+        # On accelerators a host-side check would sync every step; a device-side assert fails
+        # the step loudly instead (as a CUDA error carrying this message).
+        torch._assert_async(~bad.any(), f"{name}: mask must hold only 0/1 values")

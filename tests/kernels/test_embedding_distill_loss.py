@@ -259,3 +259,21 @@ def test_gpu_deterministic_and_auto_is_triton():
     a = _run("triton", pred, target, mask, scale)
     b = _run("auto", pred, target, mask, scale)
     assert torch.equal(a[0].loss, b[0].loss) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_components_backprop_with_their_own_weights(impl, device):
+    # Backward through smooth_l1 and contrastive separately (e.g. reweighted by a trainer).
+    pred, target = make_embedding_pair(SHAPES["ragged"], device=device, seed=31)
+    mask = make_sample_mask(pred.shape[0], "mixed", device=device)
+    grads = {}
+    for which in (impl, "reference"):
+        p = pred.detach().clone().requires_grad_(True)
+        s = torch.tensor(2.0, device=device, requires_grad=True)
+        out = embedding_distill_loss(p.double() if which == "reference" else p,
+                                     target.double() if which == "reference" else target,
+                                     mask, s, impl=which)
+        (2.0 * out.smooth_l1 + 3.0 * out.contrastive + 0.5 * out.loss).backward()
+        grads[which] = (p.grad, s.grad)
+    torch.testing.assert_close(grads[impl][0], grads["reference"][0].float(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grads[impl][1], grads["reference"][1].float(), rtol=1e-4, atol=1e-7)

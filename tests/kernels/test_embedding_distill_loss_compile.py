@@ -7,22 +7,36 @@ from olakernels.embedding_loss.impl import triton as triton_impl  # registers th
 from olakernels.testing import make_embedding_pair, make_sample_mask
 
 
+def _fwd_args(device, with_dot, gathered, seed_mode=False):
+    pred, target = make_embedding_pair((3, 40), device=device)
+    others = target.repeat(2, 1) if gathered else None
+    mask = make_sample_mask(3, "mixed", device=device)
+    gmask = torch.cat([mask, mask]) if gathered else mask
+    scale = torch.tensor(2.0, device=device, requires_grad=True) if with_dot else None
+    return (pred, target, others, mask, gmask, scale, 1.0, 0.3, 100.0, 3 if gathered else 0,
+            2 if gathered else 1, seed_mode)
+
+
 @pytest.mark.parametrize("with_dot", [True, False])
 @pytest.mark.parametrize("gathered", [False, True])
 def test_opcheck_fwd(with_dot, gathered, device):
-    pred, target = make_embedding_pair((3, 40), device=device)
-    others = target.repeat(2, 1) if gathered else None
-    torch.library.opcheck(
-        triton_impl.embedding_distill_loss_fwd, (pred, target, others, 1.0, with_dot)
-    )
+    torch.library.opcheck(triton_impl.embedding_distill_loss_fwd, _fwd_args(device, with_dot,
+                                                                            gathered))
+
+
+def test_opcheck_fwd_seed_mode(device):
+    torch.library.opcheck(triton_impl.embedding_distill_loss_fwd,
+                          _fwd_args(device, True, False, seed_mode=True))
 
 
 def test_opcheck_bwd(device):
-    pred, target = make_embedding_pair((3, 40), device=device, requires_grad=False)
-    g = torch.randn(3, device=device)
+    args = _fwd_args(device, True, False)
+    with torch.no_grad():
+        out, coef_sl1, coef_p, coef_c = triton_impl.embedding_distill_loss_fwd(*args)
     torch.library.opcheck(
         triton_impl.embedding_distill_loss_bwd,
-        (pred, target, None, g, g.clone(), torch.randn(3, 3, device=device), 0.5),
+        (args[0].detach(), args[1], None, coef_sl1, coef_p, coef_c, out,
+         torch.randn(4, device=device), 1.0, True),
     )
 
 

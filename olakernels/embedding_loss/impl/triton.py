@@ -1,21 +1,27 @@
-# Triton kernels for embedding_distill_loss: one read of pred/target forward, one backward.
-"""impl="triton": fused statistics of epilogue.py, split over the feature dimension D.
+# Triton kernels for embedding_distill_loss: 3 launches forward, 1 backward, no host syncs.
+"""impl="triton": the whole loss in four kernel launches.
 
-Forward, grid (num_chunks, B tiles, B_global tiles): every program walks its D-chunk in
-BLOCK_D steps and accumulates, in fp32,
-    sl1[i] (smooth-L1 sum), pp[i] (|pred_i|^2)            -- programs of the first B_global tile
-    dot[i, j] = pred_i . targets_j (tl.dot), tt[j]        -- when the contrastive term is on
-into per-chunk partial buffers; a deterministic sum over chunks finishes the reduction (no
-atomics, so results are bitwise reproducible). bf16/fp16 operands go to tl.dot as they are
-(products are exact in fp32, accumulation is fp32); fp32 operands use IEEE fp32 (not tf32).
-
-Backward, grid (D blocks, B tiles): reads pred, target and the targets again and writes
-    grad_pred = g_sl1 * smooth_l1'(pred - target) + 2 g_pp * pred + g_dot @ targets
-in pred's dtype. Bytes moved: forward reads pred and target once; backward reads them once
-more and writes grad once -- the minimum for a two-pass method.
-
-Under TRITON_INTERPRET=1 every operand is converted to fp32 first (the interpreter computes
-bf16 arithmetic on raw bits) and a single autotune config is used.
+Forward
+  1. _embedding_distill_loss_fwd_kernel, grid (num_chunks, B tiles, B_global tiles): one read
+     of pred and the targets, split over the feature dim D; per D-chunk partial sums (fp32) of
+        sl1[i] = sum_d smooth_l1(pred - target)   pp[i] = |pred_i|^2
+        dot[i, j] = pred_i . targets_j (tl.dot)     tt[j] = |targets_j|^2
+     bf16/fp16 operands go to tl.dot as they are (exact products, fp32 accumulation); fp32
+     operands use IEEE fp32, never tf32.
+  2. _embedding_distill_loss_rows_kernel, grid (B,): per sample, sums the partials over chunks
+     (a fixed order: deterministic, no atomics), computes its smooth-L1 and InfoNCE terms and
+     the analytic gradient coefficients (see _rows_kernel's comments), and d(loss)/d(logit_scale).
+  3. _embedding_distill_loss_total_kernel, grid (1,): sums the per-sample terms into
+     out = [loss, smooth_l1, contrastive, d(contrastive)/d(logit_scale)].
+Backward
+  4. _embedding_distill_loss_bwd_kernel, grid (D blocks, B tiles): reads pred and the targets
+     once more and writes, in pred's dtype,
+        grad_pred[i] = u_sl1 * coef_sl1[i] * smooth_l1'(pred_i - target_i)
+                     + u_con * (coef_p[i] * pred_i + sum_j coef_c[i, j] * targets_j)
+     with u_sl1 = g_loss + g_smooth_l1 and u_con = g_loss + g_contrastive read from the device
+     (no host sync), and grad_logit_scale = u_con * out[3].
+Under TRITON_INTERPRET=1 every operand is converted to fp32 first (the interpreter computes bf16
+arithmetic on raw bits) and a single autotune config is used.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import triton.language as tl
 from ..._triton import interpreter_enabled, next_power_of_2, num_sms
 
 _HALF = (torch.float16, torch.bfloat16)
+_NORM_EPS_SQ = 1e-24  # F.normalize's eps (1e-12), squared: norms are taken of sums of squares
 
 
 def _configs(bwd: bool) -> list[triton.Config]:
@@ -104,11 +111,139 @@ def _embedding_distill_loss_fwd_kernel(
             tl.store(TT_PART + pid_c * BG + rows_g, acc_tt, mask=ok_g)
 
 
+@triton.jit
+def _log1p(x):
+    # log1p without libdevice (the interpreter has none): Goldberg's correction keeps full
+    # relative precision for small x, where log(1 + x) would lose it.
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
+
+
+@triton.jit
+def _embedding_distill_loss_rows_kernel(
+    SL1_PART, PP_PART, DOT_PART, TT_PART,  # partials of the forward kernel
+    MASK, GMASK, LOGIT_SCALE,  # fp32 (B,), (BG,), scalar
+    ROW_OUT,  # fp32 (3, B): smooth-L1 term, contrastive term, d(con)/d(logit_scale) term
+    COEF_SL1, COEF_P, COEF_C,  # fp32 (B,), (B,), (B, BG): gradient coefficients
+    B, BG, C, offset, world, numel,
+    contrastive_weight, max_logit_scale,
+    SEED_MODE: tl.constexpr,
+    WITH_DOT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_GC: tl.constexpr,  # >= BG: one row of candidates in one tile
+    BLOCK_BM: tl.constexpr,  # >= B
+):
+    i = tl.program_id(0)
+    cs = tl.arange(0, BLOCK_C)
+    acc_sl1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_pp = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        ok = c0 + cs < C
+        acc_sl1 += tl.load(SL1_PART + (c0 + cs) * B + i, mask=ok, other=0.0)
+        acc_pp += tl.load(PP_PART + (c0 + cs) * B + i, mask=ok, other=0.0)
+    sl1 = tl.sum(acc_sl1)
+    pp = tl.sum(acc_pp)
+    m_i = tl.load(MASK + i)
+    bm = tl.arange(0, BLOCK_BM)
+    m_sum = tl.sum(tl.load(MASK + bm, mask=bm < B, other=0.0))
+    cols = tl.arange(0, BLOCK_GC)
+    ok_g = cols < BG
+    gm = tl.load(GMASK + cols, mask=ok_g, other=0.0)
+    num_valid = tl.maximum(tl.sum(gm), 1.0)
+    # d(smooth_l1)/d(sl1[i]): masked samples count in the seed's denominator, not in ours.
+    # (Divisions one at a time: B * numel can pass 2^31 as an int32 product.)
+    if SEED_MODE:
+        coef_sl1 = m_i / B / numel
+    else:
+        coef_sl1 = m_i * world / num_valid / numel
+    tl.store(COEF_SL1 + i, coef_sl1)
+    tl.store(ROW_OUT + i, coef_sl1 * sl1)
+    zero = tl.sum(tl.zeros([16], dtype=tl.float32))  # a typed fp32 scalar 0
+    row_con = zero
+    row_dls = zero
+    coef_p = zero
+    if WITH_DOT:
+        dot = tl.zeros([BLOCK_GC], dtype=tl.float32)
+        tt = tl.zeros([BLOCK_GC], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            okc = (c0 + cs) < C
+            m2 = okc[:, None] & ok_g[None, :]
+            rows = (c0 + cs).to(tl.int64)
+            dot += tl.sum(tl.load(DOT_PART + (rows[:, None] * B + i) * BG + cols[None, :],
+                                  mask=m2, other=0.0), axis=0)
+            tt += tl.sum(tl.load(TT_PART + rows[:, None] * BG + cols[None, :], mask=m2,
+                                 other=0.0), axis=0)
+        # cos = dot / (max(|p|, eps) max(|t|, eps)), as F.normalize then a dot product.
+        pn = tl.sqrt(tl.maximum(pp, 1e-24))
+        tn = tl.sqrt(tl.maximum(tt, 1e-24))
+        cos = dot / (pn * tn)
+        e_ls = tl.exp(tl.load(LOGIT_SCALE).to(tl.float32))
+        scale = tl.minimum(e_ls, max_logit_scale)
+        is_label = cols == offset + i
+        # Logits relative to the label's (z[label] == 0 exactly): keeps a small loss and the
+        # logit-scale gradient free of cancellation (see epilogue.py).
+        dcos = cos - tl.sum(tl.where(is_label, cos, 0.0))
+        z = dcos * scale
+        if SEED_MODE:
+            ok_col = ok_g
+            weight = contrastive_weight * m_sum / B / B  # w * mean(ce) * mean(mask)
+            z = tl.where(ok_col, z, float("-inf"))
+        else:
+            ok_col = ok_g & (gm > 0)  # a masked sample's target is no candidate
+            row_ok = m_i > 0
+            weight = tl.where(row_ok, contrastive_weight * world / num_valid, 0.0)
+            z = tl.where(ok_col, z, float("-inf"))
+            z = tl.where(row_ok, z, tl.where(ok_g, 0.0, float("-inf")))  # finite dummies
+        z_max = tl.max(z, axis=0)
+        arg = tl.argmax(z, axis=0)
+        ez = tl.exp(z - z_max)
+        rest = tl.sum(tl.where(cols == arg, 0.0, ez))  # sum(exp(z - max)) = 1 + rest
+        denom = 1.0 + rest
+        ce = z_max + _log1p(rest)
+        # d(ce)/d(z) = softmax, minus 1 at the label, written as -(sum of the other
+        # probabilities) so that a confident row keeps its small gradient exactly.
+        others = tl.sum(tl.where(is_label, 0.0, ez))
+        dz = tl.where(is_label, -others / denom, ez / denom)
+        dz = tl.where(ok_col, dz, 0.0)
+        row_con = weight * ce
+        # d(con)/d(cos) = weight * scale * dz; cos depends on pred through dot and pp.
+        g_cos = weight * scale * dz
+        tl.store(COEF_C + i.to(tl.int64) * BG + cols, g_cos / (pn * tn), mask=ok_g)
+        # d cos / d pp = -cos / (2 pp); grad_pred gets 2 pred * d/dpp. Zero under the clamp.
+        coef_p = tl.where(pp > 1e-24, -tl.sum(g_cos * tl.where(ok_col, cos, 0.0)) / pp, 0.0)
+        # d z / d logit_scale = dcos * exp(logit_scale), zero while the clamp is active.
+        live = tl.where(e_ls <= max_logit_scale, 1.0, 0.0)
+        row_dls = weight * tl.sum(dz * tl.where(ok_col, dcos, 0.0)) * scale * live
+    tl.store(COEF_P + i, coef_p)
+    tl.store(ROW_OUT + B + i, row_con)
+    tl.store(ROW_OUT + 2 * B + i, row_dls)
+
+
+@triton.jit
+def _embedding_distill_loss_total_kernel(ROW_OUT, OUT, B, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    acc_sl1 = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_con = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_dls = tl.zeros([BLOCK], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK):
+        ok = b0 + offs < B
+        acc_sl1 += tl.load(ROW_OUT + b0 + offs, mask=ok, other=0.0)
+        acc_con += tl.load(ROW_OUT + B + b0 + offs, mask=ok, other=0.0)
+        acc_dls += tl.load(ROW_OUT + 2 * B + b0 + offs, mask=ok, other=0.0)
+    s_sl1 = tl.sum(acc_sl1)
+    s_con = tl.sum(acc_con)
+    tl.store(OUT, s_sl1 + s_con)
+    tl.store(OUT + 1, s_sl1)
+    tl.store(OUT + 2, s_con)
+    tl.store(OUT + 3, tl.sum(acc_dls))
+
+
 @triton.autotune(configs=_configs(bwd=True), key=["B", "BG", "D", "WITH_DOT", "DOT_PREC"])
 @triton.jit
 def _embedding_distill_loss_bwd_kernel(
     P, T, G, GRAD,  # pred, local targets (B, D); global targets (BG, D); grad_pred (B, D)
-    G_SL1, G_PP, G_DOT,  # fp32 (B,), (B,), (B, BG)
+    COEF_SL1, COEF_P, COEF_C,  # fp32 (B,), (B,), (B, BG) from the rows kernel
+    OUT, G_OUT, GRAD_LS,  # fp32 forward out (4,), its upstream gradient (4,), grad (1,)
     B, BG, D,
     beta, inv_beta,
     WITH_DOT: tl.constexpr,
@@ -119,6 +254,9 @@ def _embedding_distill_loss_bwd_kernel(
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
+    u_loss = tl.load(G_OUT)
+    u_sl1 = u_loss + tl.load(G_OUT + 1)
+    u_con = u_loss + tl.load(G_OUT + 2)
     rows_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     ok_b = rows_b < B
@@ -131,24 +269,26 @@ def _embedding_distill_loss_bwd_kernel(
     # torch's smooth_l1 derivative; diff * 0 keeps NaN inputs NaN (torch.sign(nan) is nan).
     sign = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, diff * 0.0))
     slope = tl.where(tl.abs(diff) < beta, diff * inv_beta, sign)
-    g_sl1 = tl.load(G_SL1 + rows_b, mask=ok_b, other=0.0)
-    g_pp = tl.load(G_PP + rows_b, mask=ok_b, other=0.0)
-    acc = g_sl1[:, None] * slope + (2.0 * g_pp)[:, None] * p
+    c_sl1 = tl.load(COEF_SL1 + rows_b, mask=ok_b, other=0.0) * u_sl1
+    c_p = tl.load(COEF_P + rows_b, mask=ok_b, other=0.0) * u_con
+    acc = c_sl1[:, None] * slope + c_p[:, None] * p
     if WITH_DOT:
         for g0 in range(0, BG, BLOCK_G):
             rows_g = g0 + tl.arange(0, BLOCK_G)
             ok_g = rows_g < BG
-            g_dot = tl.load(
-                G_DOT + rows_b.to(tl.int64)[:, None] * BG + rows_g[None, :],
+            c = tl.load(
+                COEF_C + rows_b.to(tl.int64)[:, None] * BG + rows_g[None, :],
                 mask=ok_b[:, None] & ok_g[None, :],
                 other=0.0,
-            )
+            ) * u_con
             g_rows = tl.load(
                 G + rows_g.to(tl.int64)[:, None] * D + cols[None, :],
                 mask=ok_g[:, None] & ok_d[None, :],
                 other=0.0,
             ).to(tl.float32)
-            acc = tl.dot(g_dot, g_rows, acc, input_precision=DOT_PREC)
+            acc = tl.dot(c, g_rows, acc, input_precision=DOT_PREC)
+        if (pid_d == 0) & (pid_b == 0):
+            tl.store(GRAD_LS, u_con * tl.load(OUT + 3))
     tl.store(GRAD + offs, acc.to(GRAD.dtype.element_ty), mask=m_b)
 
 
@@ -157,17 +297,14 @@ def _row_block(n: int, cap: int = 64) -> int:
     return max(16, min(cap, next_power_of_2(n)))
 
 
-def embedding_stats_fwd(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    gathered: torch.Tensor | None,
-    beta: float,
-    with_dot: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel; returns fp32 (sl1 (B,), pp (B,), dot (B, BG), tt (BG,))."""
+def embedding_distill_loss_triton_fwd(
+    pred, target, gathered, mask, gathered_mask, logit_scale, beta, contrastive_weight,
+    max_logit_scale, offset, world_size, seed_mode, with_dot,
+):
+    """Launch the three forward kernels. Returns (out (4,), coef_sl1, coef_p, coef_c)."""
     batch, numel = pred.shape
     others = target if gathered is None else gathered
-    num_global = others.shape[0]
+    num_global = others.shape[0] if with_dot else gathered_mask.shape[0]
     block_b = _row_block(batch)
     block_g = _row_block(num_global) if with_dot else 16
     tiles_b = triton.cdiv(batch, block_b)
@@ -178,53 +315,63 @@ def embedding_stats_fwd(
     f32 = dict(device=pred.device, dtype=torch.float32)
     sl1_part = torch.empty((num_chunks, batch), **f32)
     pp_part = torch.empty((num_chunks, batch), **f32)
-    dot_part = torch.empty((num_chunks, batch, num_global) if with_dot else (1, 1, 1), **f32)
-    tt_part = torch.empty((num_chunks, num_global) if with_dot else (1, 1), **f32)
-    dot_native = (
-        not interpreter_enabled() and pred.dtype in _HALF and others.dtype == pred.dtype
-    )
+    dot_part = torch.empty((num_chunks, batch, num_global) if with_dot else (1,), **f32)
+    tt_part = torch.empty((num_chunks, num_global) if with_dot else (1,), **f32)
+    dot_native = not interpreter_enabled() and pred.dtype in _HALF and others.dtype == pred.dtype
+    inv_beta = 1.0 / beta if beta > 0 else 0.0
     _embedding_distill_loss_fwd_kernel[(num_chunks, tiles_b, tiles_g)](
         pred, target, others,
         sl1_part, pp_part, dot_part, tt_part,
         batch, num_global, numel, num_chunks,
-        float(beta), 1.0 / beta if beta > 0 else 0.0,
+        float(beta), inv_beta,
         WITH_DOT=with_dot, DOT_NATIVE=dot_native,
         BLOCK_B=block_b, BLOCK_G=block_g,
     )
-    if not with_dot:
-        return sl1_part.sum(0), pp_part.sum(0), pred.new_zeros((batch, 0), dtype=torch.float32), \
-            pred.new_zeros((0,), dtype=torch.float32)
-    return sl1_part.sum(0), pp_part.sum(0), dot_part.sum(0), tt_part.sum(0)
+    row_out = torch.empty((3, batch), **f32)
+    coef_sl1 = torch.empty((batch,), **f32)
+    coef_p = torch.empty((batch,), **f32)
+    coef_c = torch.empty((batch, num_global if with_dot else 0), **f32)
+    block_gc = max(16, next_power_of_2(num_global))
+    _embedding_distill_loss_rows_kernel[(batch,)](
+        sl1_part, pp_part, dot_part, tt_part,
+        mask, gathered_mask, logit_scale if with_dot else mask,
+        row_out, coef_sl1, coef_p, coef_c if with_dot else coef_p,
+        batch, num_global, num_chunks, offset, world_size, numel,
+        float(contrastive_weight), float(max_logit_scale),
+        SEED_MODE=seed_mode, WITH_DOT=with_dot,
+        BLOCK_C=max(1, min(64, 4096 // block_gc)), BLOCK_GC=block_gc,
+        BLOCK_BM=max(16, next_power_of_2(batch)),
+        num_warps=8 if block_gc >= 1024 else 4,
+    )
+    out = torch.empty((4,), **f32)
+    _embedding_distill_loss_total_kernel[(1,)](
+        row_out, out, batch, BLOCK=min(1024, max(16, next_power_of_2(batch)))
+    )
+    return out, coef_sl1, coef_p, coef_c
 
 
-def embedding_stats_bwd(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    gathered: torch.Tensor | None,
-    grad_sl1: torch.Tensor,
-    grad_pp: torch.Tensor,
-    grad_dot: torch.Tensor | None,
-    beta: float,
-) -> torch.Tensor:
-    """Launch the backward kernel; returns grad_pred (B, D) in pred's dtype."""
+def embedding_distill_loss_triton_bwd(
+    pred, target, gathered, coef_sl1, coef_p, coef_c, out, grad_out, beta, with_dot
+):
+    """Launch the backward kernel. Returns (grad_pred in pred's dtype, grad_logit_scale fp32)."""
     batch, numel = pred.shape
     others = target if gathered is None else gathered
     num_global = others.shape[0]
-    with_dot = grad_dot is not None and num_global > 0 and grad_dot.numel() > 0
     block_b = _row_block(batch)
     grad = torch.empty_like(pred)
+    grad_ls = torch.zeros((), device=pred.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(numel, meta["BLOCK_D"]), triton.cdiv(batch, block_b))  # noqa: E731
     prec = "tf32" if (others.dtype in _HALF and not interpreter_enabled()) else "ieee"
     _embedding_distill_loss_bwd_kernel[grid](
         pred, target, others, grad,
-        grad_sl1.contiguous().float(), grad_pp.contiguous().float(),
-        grad_dot.contiguous().float() if with_dot else grad_sl1,
+        coef_sl1, coef_p, coef_c if with_dot else coef_p,
+        out, grad_out.contiguous().float(), grad_ls,
         batch, num_global, numel,
         float(beta), 1.0 / beta if beta > 0 else 0.0,
         WITH_DOT=with_dot, DOT_PREC=prec,
         BLOCK_B=block_b, BLOCK_G=_row_block(num_global, cap=32),
     )
-    return grad
+    return grad, grad_ls
 
 
 # ---- registered custom ops: torch.compile(fullgraph=True) sees one opaque node each ----
@@ -235,21 +382,33 @@ def embedding_distill_loss_fwd(
     pred: torch.Tensor,
     target: torch.Tensor,
     gathered: torch.Tensor | None,
+    mask: torch.Tensor,
+    gathered_mask: torch.Tensor,
+    logit_scale: torch.Tensor | None,
     beta: float,
-    with_dot: bool,
+    contrastive_weight: float,
+    max_logit_scale: float,
+    offset: int,
+    world_size: int,
+    seed_mode: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return embedding_stats_fwd(pred, target, gathered, beta, with_dot)
+    """Fused forward. Returns (out, coef_sl1, coef_p, coef_c); out = [loss, smooth_l1,
+    contrastive, d(contrastive)/d(logit_scale)], the coefficients feed the backward."""
+    return embedding_distill_loss_triton_fwd(
+        pred, target, gathered, mask, gathered_mask, logit_scale, beta, contrastive_weight,
+        max_logit_scale, offset, world_size, seed_mode, logit_scale is not None,
+    )
 
 
 @embedding_distill_loss_fwd.register_fake
-def _(pred, target, gathered, beta, with_dot):
+def _(pred, target, gathered, mask, gathered_mask, logit_scale, beta, contrastive_weight,
+      max_logit_scale, offset, world_size, seed_mode):
     batch = pred.shape[0]
-    num_global = (target if gathered is None else gathered).shape[0] if with_dot else 0
-    f32 = dict(device=pred.device, dtype=torch.float32)
-    return (
-        pred.new_empty((batch,), **f32), pred.new_empty((batch,), **f32),
-        pred.new_empty((batch, num_global), **f32), pred.new_empty((num_global,), **f32),
-    )
+    num_global = (target if gathered is None else gathered).shape[0]
+    cols = num_global if logit_scale is not None else 0
+    f32 = dict(dtype=torch.float32)
+    return (pred.new_empty((4,), **f32), pred.new_empty((batch,), **f32),
+            pred.new_empty((batch,), **f32), pred.new_empty((batch, cols), **f32))
 
 
 @torch.library.custom_op("olakernels::embedding_distill_loss_bwd", mutates_args=())
@@ -257,36 +416,44 @@ def embedding_distill_loss_bwd(
     pred: torch.Tensor,
     target: torch.Tensor,
     gathered: torch.Tensor | None,
-    grad_sl1: torch.Tensor,
-    grad_pp: torch.Tensor,
-    grad_dot: torch.Tensor | None,
+    coef_sl1: torch.Tensor,
+    coef_p: torch.Tensor,
+    coef_c: torch.Tensor,
+    out: torch.Tensor,
+    grad_out: torch.Tensor,
     beta: float,
-) -> torch.Tensor:
-    return embedding_stats_bwd(pred, target, gathered, grad_sl1, grad_pp, grad_dot, beta)
+    with_dot: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused backward. Returns (grad_pred in pred's dtype, grad_logit_scale fp32 0-dim)."""
+    return embedding_distill_loss_triton_bwd(
+        pred, target, gathered, coef_sl1, coef_p, coef_c, out, grad_out, beta, with_dot
+    )
 
 
 @embedding_distill_loss_bwd.register_fake
-def _(pred, target, gathered, grad_sl1, grad_pp, grad_dot, beta):
-    return torch.empty_like(pred)
+def _(pred, target, gathered, coef_sl1, coef_p, coef_c, out, grad_out, beta, with_dot):
+    return torch.empty_like(pred), pred.new_empty((), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    pred, target, gathered, beta, with_dot = inputs
-    ctx.save_for_backward(pred, target, gathered)
-    ctx.beta, ctx.with_dot = beta, with_dot
-    ctx.mark_non_differentiable(output[3])
+    pred, target, gathered, *_rest = inputs
+    logit_scale, beta = inputs[5], inputs[6]
+    out, coef_sl1, coef_p, coef_c = output
+    ctx.save_for_backward(pred, target, gathered, coef_sl1, coef_p, coef_c, out)
+    ctx.beta = beta
+    ctx.with_dot = logit_scale is not None
+    ctx.mark_non_differentiable(coef_sl1, coef_p, coef_c)
 
 
-def _backward(ctx, grad_sl1, grad_pp, grad_dot, _grad_tt):
-    pred, target, gathered = ctx.saved_tensors
-    # An unused statistic (pp without the contrastive term) may come back as None.
-    zeros = pred.new_zeros((pred.shape[0],), dtype=torch.float32)
-    grad_sl1 = zeros if grad_sl1 is None else grad_sl1
-    grad_pp = zeros if grad_pp is None else grad_pp
-    grad = embedding_distill_loss_bwd(
-        pred, target, gathered, grad_sl1, grad_pp, grad_dot if ctx.with_dot else None, ctx.beta
+def _backward(ctx, grad_out, _g_sl1, _g_p, _g_c):
+    pred, target, gathered, coef_sl1, coef_p, coef_c, out = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = out.new_zeros((4,))
+    grad_pred, grad_ls = embedding_distill_loss_bwd(
+        pred, target, gathered, coef_sl1, coef_p, coef_c, out, grad_out, ctx.beta, ctx.with_dot
     )
-    return grad, None, None, None, None
+    return (grad_pred, None, None, None, None, grad_ls if ctx.with_dot else None,
+            None, None, None, None, None, None)
 
 
 embedding_distill_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
