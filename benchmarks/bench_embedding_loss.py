@@ -65,7 +65,10 @@ class Case:
 
 def cases(preset: str) -> list[Case]:
     if preset == "tiny":  # CPU smoke run: executes every provider, times nothing meaningful
-        return [Case("depth", (2, 8, 16), torch.bfloat16), Case("seg", (2, 12, 2, 2), torch.bfloat16)]
+        return [
+            Case("depth", (2, 8, 16), torch.bfloat16),
+            Case("seg", (2, 12, 2, 2), torch.bfloat16),
+        ]
     # Real OLA-VLM targets: depth (576, 1024) from DINOv2-L, seg (1536, 24, 24) from Swin-L.
     return [
         Case(task, (b,) + per_sample, torch.bfloat16)

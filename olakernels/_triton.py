@@ -32,8 +32,9 @@ def check_triton_device(tensor: torch.Tensor, op: str) -> None:
         raise RuntimeError(f"{op}: impl='triton' needs the triton package; use impl='torch'")
     if tensor.device.type == "cpu" and not interpreter_enabled():
         raise RuntimeError(
-            f"{op}: impl='triton' got CPU tensors but TRITON_INTERPRET=1 is not set (it must be set "
-            "before triton is imported); use impl='torch' on CPU, or move the tensors to the GPU"
+            f"{op}: impl='triton' got CPU tensors but TRITON_INTERPRET=1 is not set (it must be "
+            "set before triton is imported); use impl='torch' on CPU, or move the tensors to the "
+            "GPU"
         )
     if tensor.device.type not in ("cpu", "cuda"):
         raise NotImplementedError(

@@ -1,4 +1,4 @@
-# Test configuration: Triton interpreter on CPU-only machines, seeds, and the gpu/slow/distributed markers.
+# Test configuration: Triton interpreter without a GPU, seeds, gpu/slow/distributed markers.
 import os
 
 # Must happen before anything imports triton: on a machine without a GPU every Triton kernel

@@ -65,9 +65,10 @@ def gather_targets(
         dist.all_gather_into_tensor(out, x.contiguous(), group=process_group)
         if all(s == longest for s in sizes):
             return out
-        keep = torch.cat(
-            [torch.arange(r * longest, r * longest + s, device=x.device) for r, s in enumerate(sizes)]
-        )
+        keep = torch.cat([
+            torch.arange(r * longest, r * longest + s, device=x.device)
+            for r, s in enumerate(sizes)
+        ])
         return out.index_select(0, keep)
 
     gathered_mask = gather_rows(mask)

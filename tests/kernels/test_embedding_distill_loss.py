@@ -123,7 +123,8 @@ def test_smooth_l1_only_and_beta(impl, beta, device):
 def test_pred_and_target_dtypes_differ(impl, target_dtype, device):
     pred, target = make_embedding_pair(SHAPES["seg"], dtype=torch.bfloat16, device=device)
     mask = make_sample_mask(pred.shape[0], "mixed", device=device)
-    _check_against_oracle(impl, pred, target.to(target_dtype), mask, torch.tensor(2.0, device=device))
+    scale = torch.tensor(2.0, device=device)
+    _check_against_oracle(impl, pred, target.to(target_dtype), mask, scale)
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
@@ -143,7 +144,8 @@ def test_non_contiguous_input(impl, device):
     pred_t = pred.detach().transpose(1, 2)
     assert not pred_t.is_contiguous()
     mask = make_sample_mask(3, "ones", device=device)
-    _check_against_oracle(impl, pred_t, target.transpose(1, 2), mask, torch.tensor(2.0, device=device))
+    scale = torch.tensor(2.0, device=device)
+    _check_against_oracle(impl, pred_t, target.transpose(1, 2), mask, scale)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch", "reference"])
@@ -173,7 +175,7 @@ def test_triton_and_torch_agree(device):
     mask = make_sample_mask(pred.shape[0], "mixed", device=device)
     a = _run("triton", pred, target, mask, torch.tensor(2.0, device=device))
     b = _run("torch", pred, target, mask, torch.tensor(2.0, device=device))
-    for x, y in zip(list(a[0]) + [a[1], a[2]], list(b[0]) + [b[1], b[2]]):
+    for x, y in zip(list(a[0]) + [a[1], a[2]], list(b[0]) + [b[1], b[2]], strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 

@@ -57,7 +57,7 @@ def test_compile_fullgraph_matches_eager(impl, device):
         out.loss.backward()
         results.append(([v.detach() for v in out], p.grad, s.grad))
     (eager, g_eager, s_eager), (comp, g_comp, s_comp) = results
-    for a, b in zip(eager, comp):
+    for a, b in zip(eager, comp, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_eager, g_comp)
     torch.testing.assert_close(s_eager, s_comp, rtol=1e-5, atol=1e-7)

@@ -69,7 +69,10 @@ def stats_bwd_torch(
         p = pred[:, start : start + step].to(acc)
         diff = p - target[:, start : start + step].to(acc)
         # torch's smooth_l1 derivative: diff / beta inside |diff| < beta, sign(diff) outside.
-        slope = torch.sign(diff) if beta == 0 else torch.where(diff.abs() < beta, diff / beta, diff.sign())
+        if beta == 0:
+            slope = diff.sign()
+        else:
+            slope = torch.where(diff.abs() < beta, diff / beta, diff.sign())
         g = grad_sl1[:, None] * slope + (2 * grad_pp)[:, None] * p
         if grad_dot is not None:
             g = g + grad_dot @ others[:, start : start + step].to(acc)
