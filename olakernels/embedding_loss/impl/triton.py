@@ -116,7 +116,8 @@ def _log1p(x):
     # log1p without libdevice (the interpreter has none): Goldberg's correction keeps full
     # relative precision for small x, where log(1 + x) would lose it.
     u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
+    exact = u == 1.0
+    return tl.where(exact, x, tl.log(u) * x / tl.where(exact, 1.0, u - 1.0))
 
 
 @triton.jit
