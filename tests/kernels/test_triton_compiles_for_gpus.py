@@ -49,20 +49,21 @@ def compile_embedding_loss_kernels(target) -> int:
 
     count = 0
     for dt, native in (("bf16", True), ("fp16", True), ("fp32", False)):
-        for with_dot in (True, False):
+        for with_dot, shared in ((True, True), (True, False), (False, False)):
             parts = {n: "*fp32" for n in ("SL1_PART", "PP_PART", "DOT_PART", "TT_PART")}
             _compile(k._embedding_distill_loss_fwd_kernel,
                      {"P": "*" + dt, "T": "*" + dt, "G": "*" + dt, **parts},
                      ("beta", "inv_beta"),
-                     {"WITH_DOT": with_dot, "DOT_NATIVE": native, "BLOCK_B": 32, "BLOCK_G": 32,
-                      "BLOCK_D": 128}, target)
+                     {"WITH_DOT": with_dot, "DOT_NATIVE": native, "SHARED_TILE": shared,
+                      "BLOCK_B": 32, "BLOCK_G": 32, "BLOCK_D": 128}, target)
             coefs = {n: "*fp32" for n in ("COEF_SL1", "COEF_P", "COEF_C", "OUT", "G_OUT",
                                           "GRAD_LS")}
             _compile(k._embedding_distill_loss_bwd_kernel,
                      {"P": "*" + dt, "T": "*" + dt, "G": "*" + dt, "GRAD": "*" + dt, **coefs},
                      ("beta", "inv_beta"),
                      {"WITH_DOT": with_dot, "DOT_PREC": "ieee" if dt == "fp32" else "tf32",
-                      "BLOCK_B": 16, "BLOCK_G": 16, "BLOCK_D": 256}, target)
+                      "SHARED_TILE": shared, "BLOCK_B": 16, "BLOCK_G": 16, "BLOCK_D": 256},
+                     target)
             count += 2
     rows_ptrs = {n: "*fp32" for n in ("SL1_PART", "PP_PART", "DOT_PART", "TT_PART", "MASK",
                                       "GMASK", "LOGIT_SCALE", "ROW_OUT", "COEF_SL1", "COEF_P",

@@ -46,7 +46,8 @@ def _configs(bwd: bool) -> list[triton.Config]:
     return [triton.Config({"BLOCK_D": d}, num_warps=w, num_stages=s) for d, w, s in choices]
 
 
-@triton.autotune(configs=_configs(bwd=False), key=["B", "BG", "D", "WITH_DOT", "DOT_NATIVE"])
+@triton.autotune(configs=_configs(bwd=False),
+                 key=["B", "BG", "D", "WITH_DOT", "DOT_NATIVE", "SHARED_TILE"])
 @triton.jit
 def _embedding_distill_loss_fwd_kernel(
     P, T, G,  # pred (B, D), local targets (B, D), global targets (BG, D); rows contiguous
@@ -55,6 +56,7 @@ def _embedding_distill_loss_fwd_kernel(
     beta, inv_beta,
     WITH_DOT: tl.constexpr,
     DOT_NATIVE: tl.constexpr,  # feed the loaded half-precision tiles to tl.dot directly
+    SHARED_TILE: tl.constexpr,  # T's rows are exactly G's tile: load once
     BLOCK_B: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -76,39 +78,42 @@ def _embedding_distill_loss_fwd_kernel(
     acc_pp = tl.zeros([BLOCK_B], dtype=tl.float32)
     acc_dot = tl.zeros([BLOCK_B, BLOCK_G], dtype=tl.float32)
     acc_tt = tl.zeros([BLOCK_G], dtype=tl.float32)
+    # The loop body has no run-time branches, so Triton can software-pipeline its loads (a
+    # branch on pid_g here made every iteration wait for DRAM). Programs of other candidate
+    # tiles recompute sl1/pp and tt redundantly; only one of them stores each.
     for off in range(0, chunk, BLOCK_D):
         cols = d_lo + off + tl.arange(0, BLOCK_D)
         ok_d = cols < D
         m_b = ok_b[:, None] & ok_d[None, :]
         p_raw = tl.load(P + base_b + cols[None, :], mask=m_b, other=0.0)
         p = p_raw.to(tl.float32)
-        if pid_g == 0:
-            t = tl.load(T + base_b + cols[None, :], mask=m_b, other=0.0).to(tl.float32)
-            diff = p - t
-            ad = tl.abs(diff)
-            loss = tl.where(ad < beta, 0.5 * diff * diff * inv_beta, ad - 0.5 * beta)
-            acc_sl1 += tl.sum(loss, axis=1)
-            acc_pp += tl.sum(p * p, axis=1)
         if WITH_DOT:
             m_g = ok_g[:, None] & ok_d[None, :]
             g_raw = tl.load(G + base_g + cols[None, :], mask=m_g, other=0.0)
             g = g_raw.to(tl.float32)
-            if pid_b == 0:
-                acc_tt += tl.sum(g * g, axis=1)
+            acc_tt += tl.sum(g * g, axis=1)
             if DOT_NATIVE:
                 acc_dot = tl.dot(p_raw, tl.trans(g_raw), acc_dot)
             else:
                 acc_dot = tl.dot(p, tl.trans(g), acc_dot, input_precision="ieee")
+        if SHARED_TILE:  # single GPU, one tile: the local targets are the candidate tile
+            t = g
+        else:
+            t = tl.load(T + base_b + cols[None, :], mask=m_b, other=0.0).to(tl.float32)
+        diff = p - t
+        ad = tl.abs(diff)
+        loss = tl.where(ad < beta, 0.5 * diff * diff * inv_beta, ad - 0.5 * beta)
+        acc_sl1 += tl.sum(loss, axis=1)
+        acc_pp += tl.sum(p * p, axis=1)
 
     part_b = pid_c * B + rows_b
-    if pid_g == 0:
-        tl.store(SL1_PART + part_b, acc_sl1, mask=ok_b)
-        tl.store(PP_PART + part_b, acc_pp, mask=ok_b)
+    first_g = pid_g == 0
+    tl.store(SL1_PART + part_b, acc_sl1, mask=ok_b & first_g)
+    tl.store(PP_PART + part_b, acc_pp, mask=ok_b & first_g)
     if WITH_DOT:
         dot_ptr = DOT_PART + part_b.to(tl.int64)[:, None] * BG + rows_g[None, :]
         tl.store(dot_ptr, acc_dot, mask=ok_b[:, None] & ok_g[None, :])
-        if pid_b == 0:
-            tl.store(TT_PART + pid_c * BG + rows_g, acc_tt, mask=ok_g)
+        tl.store(TT_PART + pid_c * BG + rows_g, acc_tt, mask=ok_g & (pid_b == 0))
 
 
 @triton.jit
@@ -239,7 +244,8 @@ def _embedding_distill_loss_total_kernel(ROW_OUT, OUT, B, BLOCK: tl.constexpr):
     tl.store(OUT + 3, tl.sum(acc_dls))
 
 
-@triton.autotune(configs=_configs(bwd=True), key=["B", "BG", "D", "WITH_DOT", "DOT_PREC"])
+@triton.autotune(configs=_configs(bwd=True),
+                 key=["B", "BG", "D", "WITH_DOT", "DOT_PREC", "SHARED_TILE"])
 @triton.jit
 def _embedding_distill_loss_bwd_kernel(
     P, T, G, GRAD,  # pred, local targets (B, D); global targets (BG, D); grad_pred (B, D)
@@ -249,6 +255,7 @@ def _embedding_distill_loss_bwd_kernel(
     beta, inv_beta,
     WITH_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,  # "tf32" when the targets are half precision (exact in tf32)
+    SHARED_TILE: tl.constexpr,  # the candidate rows are this program's target rows
     BLOCK_B: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -274,23 +281,37 @@ def _embedding_distill_loss_bwd_kernel(
     c_p = tl.load(COEF_P + rows_b, mask=ok_b, other=0.0) * u_con
     acc = c_sl1[:, None] * slope + c_p[:, None] * p
     if WITH_DOT:
-        for g0 in range(0, BG, BLOCK_G):
-            rows_g = g0 + tl.arange(0, BLOCK_G)
-            ok_g = rows_g < BG
+        if SHARED_TILE:  # single GPU, one tile: the candidate rows are the target tile `t`
             c = tl.load(
-                COEF_C + rows_b.to(tl.int64)[:, None] * BG + rows_g[None, :],
-                mask=ok_b[:, None] & ok_g[None, :],
+                COEF_C + rows_b.to(tl.int64)[:, None] * BG + rows_b[None, :],
+                mask=ok_b[:, None] & ok_b[None, :],
                 other=0.0,
             ) * u_con
-            g_rows = tl.load(
-                G + rows_g.to(tl.int64)[:, None] * D + cols[None, :],
-                mask=ok_g[:, None] & ok_d[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            acc = tl.dot(c, g_rows, acc, input_precision=DOT_PREC)
+            acc = tl.dot(c, t, acc, input_precision=DOT_PREC)
+        else:
+            for g0 in range(0, BG, BLOCK_G):
+                rows_g = g0 + tl.arange(0, BLOCK_G)
+                ok_g = rows_g < BG
+                c = tl.load(
+                    COEF_C + rows_b.to(tl.int64)[:, None] * BG + rows_g[None, :],
+                    mask=ok_b[:, None] & ok_g[None, :],
+                    other=0.0,
+                ) * u_con
+                g_rows = tl.load(
+                    G + rows_g.to(tl.int64)[:, None] * D + cols[None, :],
+                    mask=ok_g[:, None] & ok_d[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                acc = tl.dot(c, g_rows, acc, input_precision=DOT_PREC)
         if (pid_d == 0) & (pid_b == 0):
             tl.store(GRAD_LS, u_con * tl.load(OUT + 3))
     tl.store(GRAD + offs, acc.to(GRAD.dtype.element_ty), mask=m_b)
+
+
+def _shared_tile(gathered, with_dot, tiles_b, tiles_g, block_b, block_g) -> bool:
+    # Without a process group the candidates are the local targets; with one tile of each, the
+    # program's target rows and candidate rows are the same tile.
+    return gathered is None and with_dot and tiles_b == 1 and tiles_g == 1 and block_b == block_g
 
 
 def _row_block(n: int, cap: int = 64) -> int:
@@ -320,12 +341,13 @@ def embedding_distill_loss_triton_fwd(
     tt_part = torch.empty((num_chunks, num_global) if with_dot else (1,), **f32)
     dot_native = not interpreter_enabled() and pred.dtype in _HALF and others.dtype == pred.dtype
     inv_beta = 1.0 / beta if beta > 0 else 0.0
+    shared = _shared_tile(gathered, with_dot, tiles_b, tiles_g, block_b, block_g)
     _embedding_distill_loss_fwd_kernel[(num_chunks, tiles_b, tiles_g)](
         pred, target, others,
         sl1_part, pp_part, dot_part, tt_part,
         batch, num_global, numel, num_chunks,
         float(beta), inv_beta,
-        WITH_DOT=with_dot, DOT_NATIVE=dot_native,
+        WITH_DOT=with_dot, DOT_NATIVE=dot_native, SHARED_TILE=shared,
         BLOCK_B=block_b, BLOCK_G=block_g,
     )
     row_out = torch.empty((3, batch), **f32)
@@ -363,14 +385,17 @@ def embedding_distill_loss_triton_bwd(
     grad_ls = torch.zeros((), device=pred.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(numel, meta["BLOCK_D"]), triton.cdiv(batch, block_b))  # noqa: E731
     prec = "tf32" if (others.dtype in _HALF and not interpreter_enabled()) else "ieee"
+    block_g = _row_block(num_global, cap=32)
+    shared = _shared_tile(gathered, with_dot, triton.cdiv(batch, block_b),
+                          triton.cdiv(num_global, block_g), block_b, block_g)
     _embedding_distill_loss_bwd_kernel[grid](
         pred, target, others, grad,
         coef_sl1, coef_p, coef_c if with_dot else coef_p,
         out, grad_out.contiguous().float(), grad_ls,
         batch, num_global, numel,
         float(beta), 1.0 / beta if beta > 0 else 0.0,
-        WITH_DOT=with_dot, DOT_PREC=prec,
-        BLOCK_B=block_b, BLOCK_G=_row_block(num_global, cap=32),
+        WITH_DOT=with_dot, DOT_PREC=prec, SHARED_TILE=shared,
+        BLOCK_B=block_b, BLOCK_G=block_g,
     )
     return grad, grad_ls
 
