@@ -1,5 +1,17 @@
 # olakernels: fused GPU ops for training multimodal LLMs (functional API and modules only).
 from .embedding_loss import EmbeddingDistillLoss, EmbeddingDistillLossOutput, embedding_distill_loss
+from .linear_cross_entropy import (
+    LinearCrossEntropy,
+    LinearCrossEntropyOutput,
+    linear_cross_entropy,
+)
 
-__all__ = ["EmbeddingDistillLoss", "EmbeddingDistillLossOutput", "embedding_distill_loss"]
+__all__ = [
+    "EmbeddingDistillLoss",
+    "EmbeddingDistillLossOutput",
+    "LinearCrossEntropy",
+    "LinearCrossEntropyOutput",
+    "embedding_distill_loss",
+    "linear_cross_entropy",
+]
 __version__ = "0.1.0"

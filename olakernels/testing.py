@@ -7,15 +7,21 @@ floor. This makes tolerances follow the dtype and the problem instead of being t
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 __all__ = [
     "assert_close_to_reference",
     "make_embedding_pair",
+    "make_lm_head_inputs",
     "make_sample_mask",
     "max_abs_error",
+    "track_peak_memory",
 ]
 
 
@@ -135,3 +141,81 @@ def make_sample_mask(
     if batch > 1:
         m[-1] = 0.0
     return m.to(device)
+
+
+def make_lm_head_inputs(
+    leading: tuple[int, ...],
+    hidden_size: int,
+    vocab: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    ignored: float = 0.3,
+    bias: bool = False,
+    ignore_index: int = -100,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(hidden, weight, labels, bias) shaped like a decoder's last layer and its LM head.
+
+    Hidden states are RMS-normalized (unit RMS, as after the final norm); the head is scaled so
+    logits have a spread of a few units and are peaked (a trained LM's next-token distribution),
+    and the labels mostly sit among the top logits; ``ignored`` is the fraction of positions
+    labelled ``ignore_index`` (image, prompt and padding tokens in multimodal pre-training).
+    """
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(leading + (hidden_size,), generator=g, dtype=torch.float64)
+    hidden = hidden / hidden.square().mean(-1, keepdim=True).sqrt()
+    weight = torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64)
+    weight = weight * (2.5 / hidden_size**0.5)
+    logits = hidden @ weight.T
+    # Labels: the argmax most of the time, a random token otherwise.
+    labels = torch.where(torch.rand(leading, generator=g) < 0.5, logits.argmax(-1),
+                         torch.randint(0, vocab, leading, generator=g))
+    n = labels.numel()
+    drop = torch.randperm(n, generator=g)[: round(ignored * n)]
+    labels.view(-1)[drop] = ignore_index
+    b = 0.1 * torch.randn(vocab, generator=g, dtype=torch.float64) if bias else None
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(hidden), cast(weight), labels.to(device), cast(b)
+
+
+class _PeakMemory(TorchDispatchMode):
+    """Counts the bytes of every tensor storage created inside the mode while it is alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self._seen or key == 0:
+                continue  # a view of a storage already counted
+            self._seen.add(key)
+            self.live += storage.nbytes()
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, key, storage.nbytes())
+        return out
+
+
+@contextlib.contextmanager
+def track_peak_memory():
+    """Peak bytes of tensors allocated (and still alive) inside the block, on any device.
+
+    Works on CPU, where torch has no allocator statistics: every aten op's outputs are seen
+    through a TorchDispatchMode. Storages that existed before the block do not count.
+    Usage: ``with track_peak_memory() as mem: ...; mem.peak``.
+    """
+    mode = _PeakMemory()
+    with mode:
+        yield mode

@@ -1,4 +1,4 @@
-# Ahead-of-time compile of every Triton kernel for Hopper (sm_90) and MI300X (gfx942), no GPU needed.
+# Ahead-of-time compile of the Triton kernels for Hopper (sm_90) and MI300X (gfx942), no GPU.
 """The CPU interpreter cannot catch what only the GPU compiler rejects (types of loop-carried
 values, tl.dot operand layouts, shared-memory limits, constexpr branches). This test compiles
 each kernel, for each feature combination the launchers use, with Triton's own compilers for

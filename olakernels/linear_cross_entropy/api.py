@@ -1,0 +1,184 @@
+# Functional entry point of the fused linear cross-entropy: validation and dispatch.
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .._triton import check_triton_device, triton_importable
+from .impl.reference import shift_for_next_token
+
+IMPLS = ("auto", "triton", "torch", "reference")
+REDUCTIONS = ("mean", "sum", "none")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class LinearCrossEntropyOutput(NamedTuple):
+    """loss; num_valid: labelled tokens (int64 scalar); correct: argmax == label per token."""
+
+    loss: torch.Tensor
+    num_valid: torch.Tensor
+    correct: torch.Tensor
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss_weight: float = 0.0,
+    logit_softcap: float | None = None,
+    shift_labels: bool = False,
+    return_stats: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor | LinearCrossEntropyOutput:
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, without the logits.
+
+    Shapes and dtypes:
+        hidden: (..., H) bf16/fp16/fp32, the final hidden states (after the last norm)
+        weight: (V, H), the LM head; bias: (V,) or None
+        labels: (...) integer, in [0, V) or ``ignore_index``
+    Returns the loss (fp32; float64 for fp64 inputs): a scalar for "mean" and "sum", per token
+    with labels' shape for "none" (0 at ignored positions). ``return_stats=True`` returns
+    ``(loss, num_valid, correct)`` instead; both statistics come from the same pass over V.
+
+    Equivalent PyTorch::
+
+        if shift_labels:  # predict token t+1 from position t; the last position is ignored
+            labels = torch.cat([labels[..., 1:], full_like(labels[..., :1], ignore_index)], -1)
+        logits = F.linear(hidden, weight, bias).float()
+        if logit_softcap is not None:
+            logits = logit_softcap * torch.tanh(logits / logit_softcap)
+        loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none",
+                               ignore_index=ignore_index, label_smoothing=label_smoothing)
+        loss += z_loss_weight * logits.logsumexp(-1).flatten().square() * (labels != ignore)
+        loss = loss.sum() / max(num_valid, 1)  # "mean"; "sum" and "none" as torch
+
+    With every label ignored the loss is 0 (also for "mean") and every gradient is 0.
+    Numerics: logits, log-sum-exp and the loss in fp32 (half-precision operands multiply
+    exactly into fp32 accumulators); grad_weight accumulates in fp32.
+
+    impl: "triton" (fused kernels: no (N, V) tensor, unlabelled rows never multiplied, no host
+    sync, frozen weight skips the grad_weight GEMM), "torch" (chunked PyTorch, labelled rows only;
+    syncs the host to find them), "reference" (eager logits + F.cross_entropy, the test oracle),
+    "auto" (triton on CUDA/ROCm tensors, torch elsewhere).
+    """
+    _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_weight,
+              logit_softcap, impl)
+    check_label_range(labels, weight.shape[0], ignore_index)
+    if shift_labels:
+        labels = shift_for_next_token(labels, ignore_index)
+    impl = _resolve_impl(impl, hidden)
+    if impl == "reference":
+        from .impl.reference import linear_cross_entropy_ref
+
+        loss, num_valid, correct = linear_cross_entropy_ref(
+            hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss_weight=z_loss_weight,
+            logit_softcap=logit_softcap,
+        )
+        return LinearCrossEntropyOutput(loss, num_valid, correct) if return_stats else loss
+
+    n = labels.numel()
+    hidden2d = hidden.reshape(n, hidden.shape[-1]).contiguous()
+    labels1d = labels.reshape(n).to(torch.int64).contiguous()
+    softcap = float(logit_softcap) if logit_softcap is not None else 0.0
+    args = (hidden2d, weight.contiguous(), None if bias is None else bias.contiguous(), labels1d,
+            int(ignore_index), float(label_smoothing), float(z_loss_weight), softcap)
+    if impl == "triton":
+        from .impl.triton import linear_cross_entropy_fwd
+
+        per_token, correct, _lse, _order, count = linear_cross_entropy_fwd(*args)
+        num_valid = count.reshape(()).to(torch.int64)
+    else:
+        from .impl.torch_chunked import LinearCrossEntropyTorchFunction
+
+        per_token, correct = LinearCrossEntropyTorchFunction.apply(*args)
+        num_valid = (labels1d != ignore_index).sum()
+    if reduction == "none":
+        loss = per_token.reshape(labels.shape)
+    elif reduction == "sum":
+        loss = per_token.sum()
+    else:
+        loss = per_token.sum() / num_valid.clamp_min(1)
+    if return_stats:
+        return LinearCrossEntropyOutput(loss, num_valid, correct.reshape(labels.shape))
+    return loss
+
+
+def _resolve_impl(impl: str, hidden: torch.Tensor) -> str:
+    if impl == "auto":
+        use = hidden.is_cuda and triton_importable() and hidden.dtype in _TRITON_DTYPES
+        return "triton" if use else "torch"
+    if impl == "triton":
+        check_triton_device(hidden, "linear_cross_entropy")
+        if hidden.dtype not in _TRITON_DTYPES:
+            raise NotImplementedError(
+                f"impl='triton' supports fp32/fp16/bf16 hidden, got {hidden.dtype}; "
+                "use impl='torch'"
+            )
+    return impl
+
+
+def _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_weight,
+              logit_softcap, impl) -> None:
+    name = "linear_cross_entropy"
+    if impl not in IMPLS:
+        raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    for arg, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    for arg, t in (("hidden", hidden), ("weight", weight)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: {arg} must be a floating tensor, got dtype {t.dtype}")
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError(f"{name}: hidden must have shape (..., H) with H > 0, got "
+                         f"{tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{name}: weight must have shape (V, H) = (?, {hidden.shape[-1]}), got "
+                         f"{tuple(weight.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"{name}: labels must be an integer tensor, got dtype {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{name}: labels must have hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
+    if labels.numel() == 0:
+        raise ValueError(f"{name}: hidden must hold at least one token, got shape "
+                         f"{tuple(hidden.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or
+                             tuple(bias.shape) != (weight.shape[0],)):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"{name}: bias must have shape (V,) = ({weight.shape[0]},), got {got}")
+    for arg, t in (("weight", weight), ("labels", labels), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name}: {arg} must be on hidden's device {hidden.device}, got "
+                             f"{t.device}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not z_loss_weight >= 0:
+        raise ValueError(f"{name}: z_loss_weight must be >= 0, got {z_loss_weight}")
+    if logit_softcap is not None and not logit_softcap > 0:
+        raise ValueError(f"{name}: logit_softcap must be > 0 or None, got {logit_softcap}")
+
+
+def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Labels outside [0, V) other than ignore_index: ValueError on CPU, a device assert on GPU.
+
+    On accelerators a host-side check would synchronize every step; the device-side assert
+    fails the step loudly instead (as a CUDA error carrying this message).
+    """
+    if torch.compiler.is_compiling():
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    msg = f"linear_cross_entropy: labels must be in [0, {vocab}) or ignore_index={ignore_index}"
+    if labels.device.type == "cpu":
+        if bool(bad.any()):
+            raise ValueError(f"{msg}, got {labels[bad][0].item()}")
+    else:
+        torch._assert_async(~bad.any(), msg)

@@ -1,0 +1,1 @@
+# Implementations of linear_cross_entropy: reference (oracle), torch (chunked), triton.

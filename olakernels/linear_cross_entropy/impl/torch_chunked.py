@@ -1,0 +1,97 @@
+# Pure-PyTorch linear cross-entropy: labelled rows only, in chunks, logits never whole.
+"""impl="torch": the same algorithm as the Triton path with torch ops.
+
+Rows are compacted with ``nonzero`` (a host sync: fine on CPU, where this path is the default;
+under torch.compile every row is processed and masked instead, so the graph stays static). Each
+chunk of rows materializes at most ``chunk x V`` fp32 logits; the backward recomputes them.
+"""
+from __future__ import annotations
+
+import torch
+
+# fp32 logits per chunk (64 MiB): bounded memory whatever N is.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return torch.arange(labels.shape[0], device=labels.device)
+    return (labels != ignore_index).nonzero().squeeze(1)
+
+
+def _logits(hidden, weight_acc, bias, rows, softcap, acc):
+    z = hidden[rows].to(acc) @ weight_acc.T
+    if bias is not None:
+        z = z + bias.to(acc)
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    return z
+
+
+class LinearCrossEntropyTorchFunction(torch.autograd.Function):
+    """Per-token loss (N,) and correctness (N,) of the labelled rows; 0 / False elsewhere."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss_weight,
+                softcap):
+        acc = _acc_dtype(hidden)
+        n, v = hidden.shape[0], weight.shape[0]
+        rows = _rows(labels, ignore_index)
+        loss = hidden.new_zeros(n, dtype=acc)
+        correct = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+        lse_all = hidden.new_zeros(n, dtype=acc)
+        weight_acc = weight.to(acc)  # one fp32 copy per call for half-precision heads
+        step = max(1, _CHUNK_ELEMENTS // v)
+        for i in range(0, rows.shape[0], step):
+            r = rows[i : i + step]
+            z = _logits(hidden, weight_acc, bias, r, softcap, acc)
+            y = labels[r].clamp_min(0)  # masked rows (compile) carry ignore_index
+            lse = torch.logsumexp(z, dim=1)
+            tok = lse - (1 - label_smoothing) * z.gather(1, y[:, None]).squeeze(1) \
+                - label_smoothing * z.mean(dim=1) + z_loss_weight * lse.square()
+            keep = labels[r] != ignore_index
+            loss[r] = torch.where(keep, tok, 0.0)
+            correct[r] = (z.argmax(dim=1) == labels[r]) & keep
+            lse_all[r] = lse
+        ctx.save_for_backward(hidden, weight, bias, labels, rows, lse_all)
+        ctx.options = (ignore_index, label_smoothing, z_loss_weight, softcap)
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):
+        hidden, weight, bias, labels, rows, lse_all = ctx.saved_tensors
+        ignore_index, label_smoothing, z_loss_weight, softcap = ctx.options
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = _acc_dtype(hidden)
+        v = weight.shape[0]
+        gh = torch.zeros_like(hidden) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        gb = torch.zeros(v, dtype=acc, device=weight.device) if need_b else None
+        weight_acc = weight.to(acc)
+        step = max(1, _CHUNK_ELEMENTS // v)
+        for i in range(0, rows.shape[0], step):
+            r = rows[i : i + step]
+            z = _logits(hidden, weight_acc, bias, r, softcap, acc)
+            lse = lse_all[r]
+            g = torch.where(labels[r] != ignore_index, grad_loss[r].to(acc), 0.0)
+            cap_slope = 1 - (z / softcap).square() if softcap > 0 else None
+            # In place on the chunk's logits: one (chunk, V) temporary (two with softcap).
+            dz = z.sub_(lse[:, None]).exp_()
+            dz.mul_((1 + 2 * z_loss_weight * lse)[:, None]).sub_(label_smoothing / v)
+            dz[torch.arange(r.shape[0]), labels[r].clamp_min(0)] -= 1 - label_smoothing
+            if cap_slope is not None:
+                dz.mul_(cap_slope)
+            dz.mul_(g[:, None])
+            if need_h:
+                gh[r] = (dz @ weight_acc).to(hidden.dtype)
+            if need_w:
+                gw.addmm_(dz.T, hidden[r].to(acc))
+            if need_b:
+                gb += dz.sum(0)
+        return (gh, None if gw is None else gw.to(weight.dtype),
+                None if gb is None else gb.to(bias.dtype), None, None, None, None, None)

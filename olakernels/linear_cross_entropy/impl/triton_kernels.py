@@ -1,0 +1,277 @@
+# Triton kernels of linear_cross_entropy: logits tiles recomputed on the fly, never stored whole.
+"""Kernels for impl="triton" (launchers and autograd live in impl/triton.py).
+
+Every kernel walks *compacted* rows: ORDER lists the token positions whose label is not
+ignore_index first, and COUNT (a device scalar) says how many there are. A program whose rows
+all lie past COUNT returns at once, so unlabelled rows cost no FLOPs and the host never reads
+COUNT (no synchronization: safe under CUDA graphs and torch.compile).
+
+    _lce_fwd_kernel        grid (row blocks, V splits): logits tiles h @ W^T (+ bias, softcap)
+                           reduced on the fly to per-split partials of an online logsumexp,
+                           the label's logit, the sum of logits (label smoothing) and the argmax.
+    _lce_combine_kernel    grid (row blocks): partials -> lse, per-token loss, argmax == label.
+    _lce_dlogits_kernel    grid (chunk row blocks, V blocks): recomputes a logits tile and writes
+                           d loss / d logits for one chunk of rows into a (chunk, V) buffer.
+    _lce_dhidden_kernel    grid (chunk row blocks, H blocks): dlogits @ W, scattered to the rows.
+    _lce_dweight_kernel    grid (V blocks, H blocks): dW (+)= dlogits^T @ h over the chunk's rows,
+                           in fp32, and the bias gradient.
+All arithmetic is fp32 (half-precision operands feed tl.dot directly: exact products, fp32
+accumulation); under TRITON_INTERPRET=1 operands are converted to fp32 first.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    # tanh without libdevice (absent in the interpreter): e / (e + 2) with e = expm1(2|x|), and
+    # expm1 by Kahan's trick (u - 1) * y / log(u), accurate to a few ulps also near 0.
+    a = tl.minimum(tl.abs(x), 15.0)  # tanh(15) == 1 in fp32
+    y = 2.0 * a
+    u = tl.exp(y)
+    um1 = u - 1.0
+    small = um1 == 0.0
+    e = tl.where(small, y, um1 * y / tl.log(tl.where(small, 2.0, u)))
+    t = e / (e + 2.0)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _logits_tile(
+    HID, W, BIAS, rows, ok_rows, cols, ok_cols, H, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """fp32 logits (BLOCK_N, BLOCK_V) of the given rows and vocabulary columns."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    row_base = rows.to(tl.int64)[:, None] * H
+    col_base = cols.to(tl.int64)[:, None] * H
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        ok_k = ks < H
+        a = tl.load(HID + row_base + ks[None, :], mask=ok_rows[:, None] & ok_k[None, :], other=0.0)
+        b = tl.load(W + col_base + ks[None, :], mask=ok_cols[:, None] & ok_k[None, :], other=0.0)
+        if DOT_NATIVE:
+            acc = tl.dot(a, tl.trans(b), acc)
+        else:
+            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc,
+                         input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=ok_cols, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap * _tanh(acc / softcap)
+    return acc
+
+
+@triton.jit
+def _lce_fwd_kernel(
+    HID, W, BIAS, ORDER, LABELS, COUNT,
+    PART_M, PART_S, PART_ZY, PART_SZ, PART_BEST, PART_IDX,  # (S, N) each, compact row order
+    N, V, H, V_PER_SPLIT, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    count = tl.load(COUNT)
+    start = pid_n * BLOCK_N
+    if start >= count:  # only unlabelled rows here: no work at all
+        return
+    rc = start + tl.arange(0, BLOCK_N)
+    ok = rc < count
+    rows = tl.load(ORDER + rc, mask=ok, other=0)
+    label = tl.load(LABELS + rows, mask=ok, other=-1)
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    zy = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sz = tl.zeros([BLOCK_N], dtype=tl.float32)
+    best = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    best_idx = tl.zeros([BLOCK_N], dtype=tl.int32)
+    v_lo = pid_s * V_PER_SPLIT
+    v_hi = tl.minimum(v_lo + V_PER_SPLIT, V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok_c = cols < v_hi
+        z = _logits_tile(HID, W, BIAS, rows, ok, cols, ok_c, H, softcap,
+                         HAS_BIAS, HAS_SOFTCAP, DOT_NATIVE, BLOCK_N, BLOCK_V, BLOCK_K)
+        z = tl.where(ok_c[None, :], z, float("-inf"))
+        tile_max = tl.max(z, axis=1)
+        new_m = tl.maximum(m, tile_max)
+        s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m[:, None]), axis=1)
+        m = new_m
+        zy += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
+        sz += tl.sum(tl.where(ok_c[None, :], z, 0.0), axis=1)
+        better = tile_max > best  # strict: the first maximum wins ties, as torch.argmax
+        best_idx = tl.where(better, v0 + tl.argmax(z, axis=1), best_idx)
+        best = tl.where(better, tile_max, best)
+    out = pid_s * N + rc
+    tl.store(PART_M + out, m, mask=ok)
+    tl.store(PART_S + out, s, mask=ok)
+    tl.store(PART_ZY + out, zy, mask=ok)
+    tl.store(PART_SZ + out, sz, mask=ok)
+    tl.store(PART_BEST + out, best, mask=ok)
+    tl.store(PART_IDX + out, best_idx, mask=ok)
+
+
+@triton.jit
+def _lce_combine_kernel(
+    PART_M, PART_S, PART_ZY, PART_SZ, PART_BEST, PART_IDX, ORDER, LABELS, COUNT,
+    LSE, LOSS, CORRECT,  # LSE (N,) compact; LOSS (N,) fp32 and CORRECT (N,) int8 by position
+    N, V, NUM_SPLITS, label_smoothing, z_loss_weight,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    count = tl.load(COUNT)
+    if pid * BLOCK >= count:
+        return
+    rc = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = rc < count
+    m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for sp in range(0, NUM_SPLITS):  # (rows past the count read 0: finite, never stored)
+        m = tl.maximum(m, tl.load(PART_M + sp * N + rc, mask=ok, other=0.0))
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    zy = tl.zeros([BLOCK], dtype=tl.float32)
+    sz = tl.zeros([BLOCK], dtype=tl.float32)
+    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_idx = tl.zeros([BLOCK], dtype=tl.int32)
+    for sp in range(0, NUM_SPLITS):
+        part_m = tl.load(PART_M + sp * N + rc, mask=ok, other=0.0)
+        part_s = tl.load(PART_S + sp * N + rc, mask=ok, other=0.0)
+        # Empty splits hold m = -inf, s = 0: they add exp(-inf) * 0 = 0.
+        total += tl.where(part_s > 0, part_s * tl.exp(part_m - m), 0.0)
+        zy += tl.load(PART_ZY + sp * N + rc, mask=ok, other=0.0)
+        sz += tl.load(PART_SZ + sp * N + rc, mask=ok, other=0.0)
+        part_best = tl.load(PART_BEST + sp * N + rc, mask=ok, other=float("-inf"))
+        better = part_best > best  # splits are in vocabulary order: first maximum wins
+        best_idx = tl.where(better, tl.load(PART_IDX + sp * N + rc, mask=ok, other=0), best_idx)
+        best = tl.where(better, part_best, best)
+    lse = m + tl.log(tl.where(ok, total, 1.0))
+    loss = lse - (1.0 - label_smoothing) * zy - label_smoothing * sz / V
+    loss += z_loss_weight * lse * lse
+    rows = tl.load(ORDER + rc, mask=ok, other=0)
+    label = tl.load(LABELS + rows, mask=ok, other=-1)
+    tl.store(LSE + rc, lse, mask=ok)
+    tl.store(LOSS + rows, loss, mask=ok)
+    tl.store(CORRECT + rows, (best_idx == label).to(tl.int8), mask=ok)
+
+
+@triton.jit
+def _lce_dlogits_kernel(
+    HID, W, BIAS, ORDER, LABELS, COUNT, LSE, GRAD_LOSS, DLOGITS,
+    chunk_start, V, H, softcap, label_smoothing, z_loss_weight,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    count = tl.load(COUNT)
+    start = chunk_start + pid_n * BLOCK_N
+    if start >= count:
+        return
+    rc = start + tl.arange(0, BLOCK_N)
+    ok = rc < count
+    rows = tl.load(ORDER + rc, mask=ok, other=0)
+    label = tl.load(LABELS + rows, mask=ok, other=-1)
+    lse = tl.load(LSE + rc, mask=ok, other=0.0)
+    g = tl.load(GRAD_LOSS + rows, mask=ok, other=0.0)  # d total / d loss[token]
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    ok_c = cols < V
+    z = _logits_tile(HID, W, BIAS, rows, ok, cols, ok_c, H, softcap,
+                     HAS_BIAS, HAS_SOFTCAP, DOT_NATIVE, BLOCK_N, BLOCK_V, BLOCK_K)
+    p = tl.exp(z - lse[:, None])
+    # d/dz [lse - (1-eps) z_y - eps mean(z) + zw lse^2] = p (1 + 2 zw lse) - (1-eps) [v=y] - eps/V
+    dz = p * (1.0 + 2.0 * z_loss_weight * lse)[:, None] - label_smoothing / V
+    dz -= tl.where(cols[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
+    if HAS_SOFTCAP:  # z = c tanh(u / c): dz/du = 1 - (z / c)^2
+        zc = z / softcap
+        dz *= 1.0 - zc * zc
+    dz = tl.where(ok[:, None] & ok_c[None, :], dz * g[:, None], 0.0)
+    local = (rc - chunk_start).to(tl.int64)
+    tl.store(DLOGITS + local[:, None] * V + cols[None, :], dz.to(DLOGITS.dtype.element_ty),
+             mask=ok[:, None] & ok_c[None, :])
+
+
+@triton.jit
+def _lce_dhidden_kernel(
+    DLOGITS, W, ORDER, COUNT, GRAD_HID,
+    chunk_start, V, H,
+    DOT_NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    count = tl.load(COUNT)
+    start = chunk_start + pid_m * BLOCK_M
+    if start >= count:
+        return
+    rc = start + tl.arange(0, BLOCK_M)
+    ok = rc < count
+    local = (rc - chunk_start).to(tl.int64)
+    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok_h = hs < H
+    acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_K):
+        vs = v0 + tl.arange(0, BLOCK_K)
+        ok_v = vs < V
+        a = tl.load(DLOGITS + local[:, None] * V + vs[None, :], mask=ok[:, None] & ok_v[None, :],
+                    other=0.0)
+        b = tl.load(W + vs.to(tl.int64)[:, None] * H + hs[None, :],
+                    mask=ok_v[:, None] & ok_h[None, :], other=0.0)
+        if DOT_NATIVE:
+            acc = tl.dot(a, b, acc)
+        else:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    rows = tl.load(ORDER + rc, mask=ok, other=0)
+    tl.store(GRAD_HID + rows.to(tl.int64)[:, None] * H + hs[None, :],
+             acc.to(GRAD_HID.dtype.element_ty), mask=ok[:, None] & ok_h[None, :])
+
+
+@triton.jit
+def _lce_dweight_kernel(
+    DLOGITS, HID, ORDER, COUNT, GRAD_W, GRAD_B,  # GRAD_W (V, H) fp32, GRAD_B (V,) fp32
+    chunk_start, chunk_rows, V, H,
+    ACCUMULATE: tl.constexpr,  # add to GRAD_W (later chunks) or overwrite it (the first)
+    HAS_WEIGHT_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_v = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    count = tl.load(COUNT)
+    num_rows = tl.minimum(count - chunk_start, chunk_rows)
+    if ACCUMULATE:
+        if num_rows <= 0:  # this chunk holds no labelled rows: nothing to add
+            return
+    vs = pid_v * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok_v = vs < V
+    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok_h = hs < H
+    out = vs.to(tl.int64)[:, None] * H + hs[None, :]
+    m_out = ok_v[:, None] & ok_h[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for r0 in range(0, num_rows, BLOCK_K):
+        rr = r0 + tl.arange(0, BLOCK_K)
+        ok_r = rr < num_rows
+        a = tl.load(DLOGITS + rr.to(tl.int64)[None, :] * V + vs[:, None],
+                    mask=ok_v[:, None] & ok_r[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        if HAS_WEIGHT_GRAD:
+            rows = tl.load(ORDER + chunk_start + rr, mask=ok_r, other=0)
+            b = tl.load(HID + rows.to(tl.int64)[:, None] * H + hs[None, :],
+                        mask=ok_r[:, None] & ok_h[None, :], other=0.0)  # (BLOCK_K, BLOCK_H)
+            if DOT_NATIVE:
+                acc = tl.dot(a, b, acc)
+            else:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        if HAS_BIAS:
+            acc_b += tl.sum(a.to(tl.float32), axis=1)
+    if HAS_WEIGHT_GRAD:
+        if ACCUMULATE:
+            acc += tl.load(GRAD_W + out, mask=m_out, other=0.0)
+        tl.store(GRAD_W + out, acc, mask=m_out)
+    if HAS_BIAS:
+        if pid_h == 0:
+            if ACCUMULATE:
+                acc_b += tl.load(GRAD_B + vs, mask=ok_v, other=0.0)
+            tl.store(GRAD_B + vs, acc_b, mask=ok_v)

@@ -1,0 +1,79 @@
+# LinearCrossEntropy: an nn.Linear LM head whose forward returns the loss when given labels.
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .api import IMPLS, REDUCTIONS, linear_cross_entropy
+
+
+class LinearCrossEntropy(nn.Linear):
+    """Drop-in LM head: ``nn.Linear(H, V)`` with the same state_dict (``weight``, ``bias``).
+
+    ``head(hidden)`` returns logits (for generation; softcapped when ``logit_softcap`` is set,
+    as the loss sees them); ``head(hidden, labels)`` returns the cross-entropy of those logits
+    without materializing them (see :func:`linear_cross_entropy`). Loss options are fixed when
+    the module is built.
+
+    Example::
+
+        head = LinearCrossEntropy.from_linear(model.lm_head, shift_labels=True)
+        loss = head(hidden_states, input_labels)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss_weight: float = 0.0,
+        logit_softcap: float | None = None,
+        shift_labels: bool = False,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss_weight = z_loss_weight
+        self.logit_softcap = logit_softcap
+        self.shift_labels = shift_labels
+        self.impl = impl
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options) -> LinearCrossEntropy:
+        """A head sharing ``linear``'s parameters (no copy), e.g. a model's tied ``lm_head``."""
+        head = cls(linear.in_features, linear.out_features, bias=False, device="meta",
+                   **options)
+        head.weight = linear.weight
+        head.bias = linear.bias
+        return head
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
+                return_stats: bool = False):
+        if labels is None:
+            logits = F.linear(hidden, self.weight, self.bias)
+            if self.logit_softcap is not None:
+                logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+            return logits
+        return linear_cross_entropy(
+            hidden, self.weight, labels, bias=self.bias, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing,
+            z_loss_weight=self.z_loss_weight, logit_softcap=self.logit_softcap,
+            shift_labels=self.shift_labels, return_stats=return_stats, impl=self.impl,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}, impl={self.impl!r}")

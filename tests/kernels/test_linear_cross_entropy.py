@@ -1,0 +1,249 @@
+# Tests of linear_cross_entropy: triton and torch paths against the float64 eager reference.
+import re
+
+import pytest
+import torch
+
+from olakernels import LinearCrossEntropy, linear_cross_entropy
+from olakernels.linear_cross_entropy.impl import triton as triton_impl
+from olakernels.testing import (
+    assert_close_to_reference,
+    make_lm_head_inputs,
+    track_peak_memory,
+)
+
+# (leading shape of hidden/labels, H, V). Scaled down for the Triton interpreter.
+SHAPES = {
+    "llama_like": ((2, 24), 64, 512),  # (B, L) tokens, aligned H and V (real: H 4096, V 128256)
+    "ragged": ((37,), 23, 101),  # prime sizes: partial tiles in every dimension
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FAST_IMPLS = ["triton", "torch"]
+
+
+def _run(impl, hidden, weight, labels, bias=None, *, grad_weights=None, freeze=(), **opts):
+    """Loss and gradients of one impl on fresh leaves (frozen names get no grad)."""
+    leaves = {"hidden": hidden, "weight": weight, "bias": bias}
+    leaves = {k: None if v is None else v.detach().clone().requires_grad_(k not in freeze)
+              for k, v in leaves.items()}
+    out = linear_cross_entropy(leaves["hidden"], leaves["weight"], labels, bias=leaves["bias"],
+                               impl=impl, return_stats=True, **opts)
+    loss = out.loss
+    if loss.dim():  # reduction="none": a weighted sum exercises per-token gradients
+        loss = (loss * grad_weights.to(loss.dtype)).sum()
+    loss.backward()
+    grads = {k: None if v is None else v.grad for k, v in leaves.items()}
+    return out, grads
+
+
+def _check(impl, inputs, **opts):
+    hidden, weight, labels, bias = inputs
+    n_tokens = labels.numel()
+    g = torch.rand(labels.shape, generator=torch.Generator().manual_seed(3))
+    out, grads = _run(impl, hidden, weight, labels, bias, grad_weights=g, **opts)
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    ref, r_grads = _run("reference", d(hidden), d(weight), labels, d(bias), grad_weights=g, **opts)
+    eager, e_grads = _run("reference", hidden, weight, labels, bias, grad_weights=g, **opts)
+    assert_close_to_reference(out.loss, ref.loss, eager.loss, name=f"{impl}.loss",
+                              dtype=torch.float32, reduction_size=hidden.shape[-1])
+    assert torch.equal(out.num_valid.cpu(), ref.num_valid.cpu())
+    # argmax can flip on near-ties between dtypes; it must agree where the eager code agrees.
+    agree = eager.correct == ref.correct
+    assert torch.equal(out.correct[agree], ref.correct[agree]), f"{impl}.correct"
+    for name, grad in grads.items():
+        if r_grads[name] is None or grad is None:
+            assert grad is None and (r_grads[name] is None or name in opts.get("freeze", ()))
+            continue
+        assert_close_to_reference(grad, r_grads[name], e_grads[name], name=f"{impl}.grad_{name}",
+                                  k=3.0, reduction_size=n_tokens if name != "hidden" else 1)
+    return out, grads
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("ignored", [0.0, 0.3, 0.9])
+def test_matches_reference(impl, dtype, shape, ignored, device):
+    inputs = make_lm_head_inputs(*shape, dtype=dtype, device=device, ignored=ignored)
+    _check(impl, inputs)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_reductions_and_bias(impl, reduction, bias, device):
+    inputs = make_lm_head_inputs(*SHAPES["ragged"], device=device, ignored=0.3, bias=bias)
+    _check(impl, inputs, reduction=reduction)
+
+
+OPTIONS = {
+    "smoothing": dict(label_smoothing=0.1),
+    "z_loss": dict(z_loss_weight=1e-2),
+    "softcap": dict(logit_softcap=3.0),
+    "all": dict(label_smoothing=0.2, z_loss_weight=1e-3, logit_softcap=5.0, reduction="sum"),
+}
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("option", OPTIONS.values(), ids=OPTIONS.keys())
+def test_options(impl, dtype, option, device):
+    inputs = make_lm_head_inputs(*SHAPES["llama_like"], dtype=dtype, device=device, ignored=0.3,
+                                 bias=True)
+    _check(impl, inputs, **option)
+
+
+@pytest.mark.parametrize("impl", [*FAST_IMPLS, "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero(impl, reduction, device):
+    hidden, weight, labels, _ = make_lm_head_inputs(*SHAPES["ragged"], device=device,
+                                                    ignored=1.0)
+    out, grads = _run(impl, hidden, weight, labels, grad_weights=torch.ones(labels.shape),
+                      reduction=reduction)
+    assert torch.count_nonzero(out.loss) == 0 and not out.loss.isnan().any()
+    assert out.num_valid.item() == 0 and not out.correct.any()
+    assert torch.count_nonzero(grads["hidden"]) == 0 and torch.count_nonzero(grads["weight"]) == 0
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("frozen", [("weight",), ("hidden",), ("weight", "bias")])
+def test_frozen_inputs_get_no_grad(impl, frozen, device):
+    inputs = make_lm_head_inputs(*SHAPES["llama_like"], device=device, ignored=0.5, bias=True)
+    _, grads = _check(impl, inputs, freeze=frozen)
+    for name in frozen:
+        assert grads[name] is None
+
+
+def test_frozen_weight_skips_the_weight_gemm(monkeypatch, device):
+    calls = []
+    original = triton_impl.lce_backward
+
+    def spy(*args):
+        calls.append(args[-2:])  # (need_weight, need_bias)
+        return original(*args)
+
+    monkeypatch.setattr(triton_impl, "lce_backward", spy)
+    hidden, weight, labels, _ = make_lm_head_inputs(*SHAPES["ragged"], device=device)
+    _run("triton", hidden, weight, labels, freeze=("weight",))
+    assert calls == [(False, False)]
+
+
+def test_backward_in_several_chunks(monkeypatch, device):
+    # A tiny dlogits budget forces one chunk per 32 rows: exercises the fp32 grad_weight
+    # accumulation across chunks and chunks past the labelled count.
+    monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 32 * 101 * 4)
+    inputs = make_lm_head_inputs((150,), 23, 101, device=device, ignored=0.4, bias=True)
+    _check("triton", inputs)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_shift_labels_is_next_token_prediction(impl, device):
+    hidden, weight, labels, _ = make_lm_head_inputs(*SHAPES["llama_like"], device=device,
+                                                    ignored=0.3)
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    a = linear_cross_entropy(hidden, weight, labels, shift_labels=True, impl=impl)
+    b = linear_cross_entropy(hidden, weight, shifted, impl="reference")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_and_torch_agree_and_triton_is_deterministic(device):
+    inputs = make_lm_head_inputs(*SHAPES["ragged"], device=device, ignored=0.3, bias=True)
+    runs = [_run(i, *inputs) for i in ("triton", "triton", "torch")]
+    assert torch.equal(runs[0][0].loss, runs[1][0].loss)
+    assert torch.equal(runs[0][1]["weight"], runs[1][1]["weight"])
+    torch.testing.assert_close(runs[0][0].loss, runs[2][0].loss, rtol=1e-5, atol=1e-6)
+    for name in ("hidden", "weight", "bias"):
+        torch.testing.assert_close(runs[0][1][name], runs[2][1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_module_is_a_drop_in_linear(device):
+    head = LinearCrossEntropy(23, 101, bias=True, impl="triton").to(device)
+    plain = torch.nn.Linear(23, 101).to(device)
+    assert list(head.state_dict()) == list(plain.state_dict())
+    head.load_state_dict(plain.state_dict())
+    hidden, _, labels, _ = make_lm_head_inputs(*SHAPES["ragged"], device=device)
+    torch.testing.assert_close(head(hidden), plain(hidden))  # no labels: logits
+    loss = head(hidden, labels)
+    ref = torch.nn.functional.cross_entropy(plain(hidden).float(), labels)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    shared = LinearCrossEntropy.from_linear(plain, impl="torch")
+    assert shared.weight is plain.weight and shared.bias is plain.bias
+
+
+# ---- bad input: ValueError naming the argument, the expected and the received ----
+
+def _bad_cases():
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    y = torch.tensor([1, 2, -100, 3])
+    yield "weight_shape", dict(hidden=h, weight=torch.randn(10, 7), labels=y), "weight must have"
+    yield "labels_shape", dict(hidden=h, weight=w, labels=y[:3]), "labels must have hidden's"
+    yield "labels_float", dict(hidden=h, weight=w, labels=y.float()), "must be an integer"
+    yield "label_high", dict(hidden=h, weight=w, labels=torch.tensor([1, 10, 2, 3])), "[0, 10)"
+    yield "label_neg", dict(hidden=h, weight=w, labels=torch.tensor([1, -5, 2, 3])), "got -5"
+    yield "reduction", dict(hidden=h, weight=w, labels=y, reduction="avg"), "reduction must be"
+    yield "bias", dict(hidden=h, weight=w, labels=y, bias=torch.randn(9)), "bias must have"
+    yield "smoothing", dict(hidden=h, weight=w, labels=y, label_smoothing=1.5), "label_smoothing"
+    yield "softcap", dict(hidden=h, weight=w, labels=y, logit_softcap=0.0), "logit_softcap"
+    yield "int_hidden", dict(hidden=h.long(), weight=w, labels=y), "hidden must be a floating"
+    yield "empty", dict(hidden=h[:0], weight=w, labels=y[:0]), "at least one token"
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[0])
+def test_bad_input_errors(case):
+    _, kwargs, message = case
+    with pytest.raises(ValueError, match=re.escape(message)):
+        linear_cross_entropy(**kwargs)
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_peak_memory_far_below_logits(impl, device, monkeypatch):
+    # 256 tokens x 4096-token vocabulary: eager fp32 logits alone are 4 MiB. The fast paths hold
+    # at most one chunk of logits rows (512 MiB by default: 2048 rows of a 128K vocabulary in
+    # bf16); a budget of 1/16 of these logits stands in for N >> chunk at real sizes.
+    from olakernels.linear_cross_entropy.impl import torch_chunked
+
+    monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 16 * 4096 * 4)
+    monkeypatch.setattr(torch_chunked, "_CHUNK_ELEMENTS", 16 * 4096)
+    hidden, weight, labels, _ = make_lm_head_inputs((256,), 32, 4096, device=device, ignored=0.5)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    logits_bytes = labels.numel() * weight.shape[0] * 4
+    with track_peak_memory() as mem:
+        loss = linear_cross_entropy(hidden, weight, labels, impl=impl)
+        loss.backward()
+    grads = hidden.numel() * 4 + weight.numel() * 4 * 2  # grads (+ fp32 grad_weight buffer)
+    assert mem.peak - grads < logits_bytes / 4, (mem.peak, grads, logits_bytes)
+    with track_peak_memory() as ref_mem:
+        linear_cross_entropy(hidden, weight, labels, impl="reference").backward()
+    assert ref_mem.peak > 2 * logits_bytes  # the tracker sees the eager logits
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_compile_fullgraph_matches_eager(impl, device):
+    hidden, weight, labels, bias = make_lm_head_inputs((2, 12), 16, 64, device=device, bias=True)
+
+    def loss_fn(h, w, b, y):
+        return linear_cross_entropy(h, w, y, bias=b, shift_labels=True, impl=impl)
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+        h, w, b = (t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias))
+        loss = fn(h, w, b, labels)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad, b.grad))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck(device):
+    hidden, weight, labels, bias = make_lm_head_inputs((24,), 16, 40, device=device, bias=True)
+    args = (hidden.requires_grad_(True), weight.requires_grad_(True), bias, labels, -100, 0.1,
+            1e-3, 0.0)
+    torch.library.opcheck(triton_impl.linear_cross_entropy_fwd, args)
+    with torch.no_grad():
+        loss, _, lse, order, count = triton_impl.linear_cross_entropy_fwd(*args)
+    torch.library.opcheck(
+        triton_impl.linear_cross_entropy_bwd,
+        (hidden.detach(), weight.detach(), bias, labels, order, count, lse,
+         torch.rand(24, device=device), 0.1, 1e-3, 0.0, True, True, True),
+    )
