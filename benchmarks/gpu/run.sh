@@ -7,6 +7,11 @@
 # (the lent-GPU tool), copies the CSVs and logs there. Each stage has its own time limit and a
 # failing stage does not stop the next, so one window always yields as much as it can.
 # On a machine without CUDA it runs as a dry run (GPU tests skip, tiny benchmark shapes).
+#
+# Baselines missing from the GPU image (liger-kernel, cut-cross-entropy) travel as wheels in
+# .whl/ (git-ignored; name it in the device tool's `carry`). Prepare them here with e.g.
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_17_x86_64 -d .whl liger-kernel==0.8.5
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
@@ -40,6 +45,12 @@ torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, \
   echo "git_sha ${OLAVLM_GIT_SHA:-unknown}"
 } >>"$LOG" 2>&1
 head -n 4 "$LOG"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/olavlm-site .whl/*.whl >>"$LOG" 2>&1 && \
+    export PYTHONPATH=/tmp/olavlm-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 PYTEST=($PY -m pytest -q -p no:cacheprovider)
 stage ceilings 60 $PY benchmarks/gpu/ceilings.py

@@ -247,3 +247,22 @@ def test_opcheck(device):
         (hidden.detach(), weight.detach(), bias, labels, order, count, lse,
          torch.rand(24, device=device), 0.1, 1e-3, 0.0, True, True, True),
     )
+
+
+# ---- GPU: compiled kernels (bf16 tensor-core tiles, several chunks, real vocabulary sizes) ----
+
+GPU_CASES = {
+    "phi3_vocab_bf16": ((2, 512), 1024, 32064, torch.bfloat16, 0.9),
+    "llama3_vocab_bf16": ((1024,), 512, 128256, torch.bfloat16, 0.5),
+    "ragged_fp32": ((999,), 200, 5003, torch.float32, 0.3),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
+def test_gpu_real_vocabularies(case, monkeypatch):
+    leading, h, v, dtype, ignored = case
+    # Small chunks so that even these sizes take several backward chunks.
+    monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 256 * v * 4)
+    inputs = make_lm_head_inputs(leading, h, v, dtype=dtype, device="cuda", ignored=ignored)
+    _check("triton", inputs, label_smoothing=0.05, z_loss_weight=1e-4)

@@ -80,10 +80,48 @@ def compile_embedding_loss_kernels(target) -> int:
     return count + 1
 
 
+def compile_linear_cross_entropy_kernels(target) -> int:
+    from olakernels.linear_cross_entropy.impl import triton_kernels as k
+
+    count = 0
+    ints = {"ORDER": "*i32", "LABELS": "*i64", "COUNT": "*i32"}
+    for dt, native in (("bf16", True), ("fp32", False)):
+        for bias, cap in ((True, True), (False, False)):
+            tensors = {"HID": "*" + dt, "W": "*" + dt, "BIAS": "*" + dt}
+            parts = {n: "*fp32" for n in ("PART_M", "PART_S", "PART_ZY", "PART_SZ", "PART_BEST")}
+            tiles = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": 64}
+            flags = {"HAS_BIAS": bias, "HAS_SOFTCAP": cap, "DOT_NATIVE": native}
+            _compile(k._lce_fwd_kernel, {**tensors, **ints, **parts, "PART_IDX": "*i32"},
+                     ("softcap",), {**flags, **tiles}, target)
+            _compile(k._lce_dlogits_kernel,
+                     {**tensors, **ints, "LSE": "*fp32", "GRAD_LOSS": "*fp32",
+                      "DLOGITS": "*" + dt},
+                     ("softcap", "label_smoothing", "z_loss_weight"), {**flags, **tiles}, target)
+            count += 2
+        mm = {"BLOCK_M": 128, "BLOCK_H": 128, "BLOCK_K": 64}
+        _compile(k._lce_dhidden_kernel,
+                 {"DLOGITS": "*" + dt, "W": "*" + dt, **ints, "GRAD_HID": "*" + dt}, (),
+                 {"DOT_NATIVE": native, **mm}, target)
+        for acc in (False, True):
+            _compile(k._lce_dweight_kernel,
+                     {"DLOGITS": "*" + dt, "HID": "*" + dt, **ints, "GRAD_W": "*fp32",
+                      "GRAD_B": "*fp32"}, (),
+                     {"ACCUMULATE": acc, "HAS_WEIGHT_GRAD": True, "HAS_BIAS": acc,
+                      "DOT_NATIVE": native, **mm}, target)
+        count += 3
+    parts = {n: "*fp32" for n in ("PART_M", "PART_S", "PART_ZY", "PART_SZ", "PART_BEST", "LSE",
+                                  "LOSS")}
+    _compile(k._lce_combine_kernel, {**parts, "PART_IDX": "*i32", **ints, "CORRECT": "*i8"},
+             ("label_smoothing", "z_loss_weight"), {"BLOCK": 128}, target)
+    return count + 1
+
+
 def main() -> None:
     for target in TARGETS:
         n = compile_embedding_loss_kernels(target)
         print(f"compiled {n} embedding_distill_loss kernels for {target}")
+        n = compile_linear_cross_entropy_kernels(target)
+        print(f"compiled {n} linear_cross_entropy kernels for {target}")
 
 
 @pytest.mark.slow
@@ -95,7 +133,7 @@ def test_kernels_compile_for_hopper_and_mi300x(tmp_path):
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == len(TARGETS), proc.stdout
+    assert proc.stdout.count("compiled") == 2 * len(TARGETS), proc.stdout
 
 
 if __name__ == "__main__":

@@ -1,0 +1,190 @@
+# Benchmark of linear_cross_entropy against eager, torch.compile, liger-kernel and CCE.
+"""LM head + cross-entropy, fwd+bwd, bf16, Llama-3 and Phi-3 heads, 0% and 90% ignored labels.
+
+    pytest benchmarks/bench_linear_cross_entropy.py --benchmark-only [--bench-preset full|quick]
+    python benchmarks/bench_linear_cross_entropy.py --preset quick
+
+FLOPs counted on the labelled rows only (what must be done): forward logits 2*n*V*H, grad_hidden
+2*n*V*H, grad_weight 2*n*V*H when the weight trains (n = labelled tokens). TFLOP/s = those FLOPs
+over device time; peak MiB = allocation above the inputs during one fwd+bwd (gradients included).
+Providers: "eager" (F.linear, .float(), F.cross_entropy: what a model's loss does), its
+torch.compile, "liger" and "cce" when those packages are installed, "triton" (ours).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not torch.cuda.is_available():  # before triton is imported: kernels run in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import common  # noqa: E402
+
+from olakernels import linear_cross_entropy  # noqa: E402
+from olakernels.testing import make_lm_head_inputs  # noqa: E402
+
+OP = "linear_cross_entropy"
+PROVIDERS = ("eager", "eager_compile", "liger", "cce", "triton")
+HEADS = {"llama3": (4096, 128256), "phi3": (3072, 32064)}  # (H, V) of the real models
+
+
+@dataclass(frozen=True)
+class Case:
+    head: str
+    tokens: int
+    hidden: int
+    vocab: int
+    ignored: float
+    train_weight: bool
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def id(self) -> str:
+        w = "trainW" if self.train_weight else "frozenW"
+        return f"{self.head}-N{self.tokens}-ign{round(100 * self.ignored)}-{w}"
+
+
+def cases(preset: str) -> list[Case]:
+    if preset == "tiny":  # CPU smoke run
+        return [Case("tiny", 64, 32, 256, ig, tw) for ig in (0.0, 0.9) for tw in (True, False)]
+    tokens = (16384,) if preset == "quick" else (4096, 16384, 32768)
+    heads = ("llama3",) if preset == "quick" else ("llama3", "phi3")
+    return [Case(h, n, *HEADS[h], ig, tw) for h in heads for n in tokens for ig in (0.0, 0.9)
+            for tw in (True, False)]
+
+
+def labelled(case: Case) -> int:
+    return case.tokens - round(case.ignored * case.tokens)
+
+
+def min_flops(case: Case) -> int:
+    per = 2 * labelled(case) * case.vocab * case.hidden
+    return per * (3 if case.train_weight else 2)
+
+
+def _eager(h, w, y):
+    return F.cross_entropy(F.linear(h, w).float(), y, ignore_index=-100)
+
+
+_compiled = {}
+
+
+def loss_fn(provider: str):
+    if provider == "eager":
+        return _eager
+    if provider == "eager_compile":
+        return _compiled.setdefault("eager", torch.compile(_eager))
+    if provider == "liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        lce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+        return lambda h, w, y: lce(w, h, y)
+    if provider == "cce":
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        return lambda h, w, y: cce(h, w, y, ignore_index=-100)
+    return lambda h, w, y: linear_cross_entropy(h, w, y, impl=provider)
+
+
+def available(provider: str) -> bool:
+    module = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}.get(provider)
+    if module is None:
+        return provider != "eager_compile" or torch.cuda.is_available()
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or provider == "liger"
+
+
+def measure(provider: str, case: Case, *, device: str, warmup: int, rep: int):
+    hidden, weight, labels, _ = make_lm_head_inputs(
+        (case.tokens,), case.hidden, case.vocab, dtype=case.dtype, device=device,
+        ignored=case.ignored)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(case.train_weight)
+    fn = loss_fn(provider)
+
+    def setup():
+        hidden.grad = None
+        weight.grad = None
+
+    def step():
+        fn(hidden, weight, labels).backward()
+
+    note = case.id
+    try:
+        timing = common.do_bench(step, setup=setup, warmup=warmup, rep=rep, device=device)
+        peak = common.peak_memory_delta(step, device=device, setup=setup)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        timing, peak, note = common.Timing(float("nan"), float("nan"), float("nan"), 0), None, \
+            f"{case.id}; out of memory"
+    record = common.make_record(
+        op=OP, provider=provider, mode="fwd_bwd" if case.train_weight else "fwd_bwd_frozenW",
+        shape=f"{case.tokens}x{case.hidden}x{case.vocab}-ign{round(100 * case.ignored)}",
+        dtype=case.dtype, timing=timing, num_flops=min_flops(case), peak_bytes=peak, note=note)
+    return record, step, setup
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _reps() -> tuple[int, int]:
+    return (3, 20) if torch.cuda.is_available() else (0, 1)
+
+
+def pytest_generate_tests(metafunc):
+    from conftest import bench_preset  # noqa: PLC0415
+
+    if "lce_case" in metafunc.fixturenames:
+        # On a GPU: the "quick" grid unless OLAVLM_LCE_PRESET=full (72 runs, several minutes).
+        preset = bench_preset(metafunc.config)
+        if preset == "full":
+            preset = os.environ.get("OLAVLM_LCE_PRESET", "quick")
+        selected = cases(preset)
+        metafunc.parametrize("lce_case", selected, ids=[c.id for c in selected])
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_linear_cross_entropy(benchmark, provider, lce_case):
+    if not available(provider):
+        pytest.skip(f"{provider} is not installed or needs a GPU")
+    warmup, rep = _reps()
+    record, step, setup = measure(provider, lce_case, device=_device(), warmup=warmup, rep=rep)
+    common.append_records([record])
+    benchmark.extra_info.update({k: getattr(record, k) for k in ("ms", "tflops", "peak_mib")})
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    benchmark.pedantic(lambda: (step(), sync()), setup=setup, rounds=max(rep // 10, 1))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=["tiny", "quick", "full"],
+                        default="quick" if torch.cuda.is_available() else "tiny")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    args = parser.parse_args(argv)
+    providers = [p for p in args.providers.split(",") if p]
+    unknown = sorted(set(providers) - set(PROVIDERS) - {"torch"})
+    if unknown:
+        parser.error(f"--providers: unknown {unknown}; choose from {PROVIDERS}")
+    warmup, rep = _reps()
+    records = [measure(p, case, device=_device(), warmup=warmup, rep=rep)[0]
+               for case in cases(args.preset) for p in providers if p == "torch" or available(p)]
+    common.append_records(records)
+    print(common.format_table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
