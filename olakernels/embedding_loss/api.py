@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._checks import fail_if_any
 from .._triton import check_triton_device, triton_importable
 from .distributed import gather_targets
 from .epilogue import losses_from_stats
@@ -221,13 +222,5 @@ def _validate_mask(name: str, mask, pred: torch.Tensor) -> None:
         raise ValueError(f"{name}: mask must be on pred's device {pred.device}, got {mask.device}")
     if mask.is_complex():
         raise ValueError(f"{name}: mask must hold 0/1 values, got dtype {mask.dtype}")
-    if mask.dtype == torch.bool or torch.compiler.is_compiling():
-        return
-    bad = (mask != 0) & (mask != 1)
-    if mask.device.type == "cpu":
-        if bool(bad.any()):
-            raise ValueError(f"{name}: mask must hold only 0/1 values, got {mask[bad][0].item()}")
-    else:
-        # On accelerators a host-side check would sync every step; a device-side assert fails
-        # the step loudly instead (as a CUDA error carrying this message).
-        torch._assert_async(~bad.any(), f"{name}: mask must hold only 0/1 values")
+    if mask.dtype != torch.bool:
+        fail_if_any((mask != 0) & (mask != 1), mask, f"{name}: mask must hold only 0/1 values")

@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._checks import fail_if_any
 from .._triton import check_triton_device, triton_importable
 from .impl.reference import shift_for_next_token
 
@@ -168,17 +169,7 @@ def _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_w
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
-    """Labels outside [0, V) other than ignore_index: ValueError on CPU, a device assert on GPU.
-
-    On accelerators a host-side check would synchronize every step; the device-side assert
-    fails the step loudly instead (as a CUDA error carrying this message).
-    """
-    if torch.compiler.is_compiling():
-        return
+    """Labels outside [0, V) other than ignore_index are an error (see fail_if_any)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    msg = f"linear_cross_entropy: labels must be in [0, {vocab}) or ignore_index={ignore_index}"
-    if labels.device.type == "cpu":
-        if bool(bad.any()):
-            raise ValueError(f"{msg}, got {labels[bad][0].item()}")
-    else:
-        torch._assert_async(~bad.any(), msg)
+    fail_if_any(bad, labels, f"linear_cross_entropy: labels must be in [0, {vocab}) or "
+                f"ignore_index={ignore_index}")

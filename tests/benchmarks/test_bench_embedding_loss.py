@@ -1,23 +1,10 @@
 # The embedding-loss benchmark runs end to end on the CPU at tiny shapes (executed, not timed).
 import csv
-import importlib.util
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_embedding_loss.py"
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_embedding_loss", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_cli_tiny_writes_records(tmp_path, monkeypatch, capsys):
+def test_bench_cli_tiny_writes_records(tmp_path, monkeypatch, capsys, load_bench):
     monkeypatch.setenv("OLAVLM_RESULTS_DIR", str(tmp_path))
-    bench = _load_bench()
+    bench = load_bench("bench_embedding_loss")
     assert bench.main(["--preset", "tiny", "--providers", "reference,torch,triton"]) == 0
     rows = list(csv.DictReader((tmp_path / "embedding_loss.csv").open()))
     cases = bench.cases("tiny")
