@@ -75,7 +75,7 @@ def lce_forward(hidden, weight, bias, labels, ignore_index, label_smoothing, z_l
         BLOCK_N=blk["n"], BLOCK_V=blk["v"], BLOCK_K=blk["k"],
         num_warps=blk["num_warps"], num_stages=blk["num_stages"],
     )
-    lse = torch.empty((n,), **f32)
+    lse = torch.zeros((n,), **f32)  # entries past the labelled count stay 0 (deterministic)
     loss = torch.zeros((n,), **f32)  # ignored positions keep 0
     correct = torch.zeros((n,), device=hidden.device, dtype=torch.int8)
     block = 128 if not interpreter_enabled() else 32
