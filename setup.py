@@ -4,6 +4,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+DATA = ["transformers>=4.45", "tokenizers>=0.20", "pillow>=10.1"]
 
 setup(
     name="olavlm",
@@ -25,11 +26,18 @@ setup(
         "triton>=3.3; platform_system == 'Linux'",
         "numpy",  # the Triton interpreter needs it
     ],
+    # olavlm.data: tokenizers (fast, offset-reporting), image decoding, the synthetic dataset's
+    # tokenizer. olakernels never imports these.
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
-        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "ruff"],
+        "data": DATA,
+        # liger-kernel: the parity test of linear_cross_entropy (it runs in the interpreter).
+        # (liger-kernel imports packaging without declaring it.)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "liger-kernel", "packaging",
+                 *DATA],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", *DATA],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "ruff", *DATA],
     },
+    entry_points={"console_scripts": ["olavlm=olavlm.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3.10",
         "Programming Language :: Python :: 3.11",

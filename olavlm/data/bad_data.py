@@ -1,0 +1,134 @@
+# The bad-sample policy: every rejected or truncated sample is counted, logged and summarized.
+"""Bad data: what is rejected, how it is reported, and the ``on_bad_sample`` policy.
+
+Reasons (``REJECT_REASONS``):
+- ``malformed_json``: a ``.jsonl`` line that does not parse (found while indexing; the id is
+  ``file:line``);
+- ``no_conversations``: an entry without a non-empty ``conversations`` list;
+- ``bad_entry``: any other malformed entry (not an object, a turn without a str ``value``,
+  an unknown ``from``, roles that do not alternate, several images, ``plain`` with more turns);
+- ``missing_image`` / ``corrupt_image``: the image file is absent / cannot be decoded;
+- ``tokenization_mismatch``: a token straddles a supervised span (templates.py);
+- ``too_long``: ``max_length`` cannot even hold the prompt before the image and the image.
+
+``on_bad_sample="skip"`` (default) leaves the sample out of its batch, counts it per reason,
+appends one JSON line per reject to the rejects file and logs a summary at the end of the
+epoch; ``"raise"`` raises ``BadSampleError`` at the first one. Conversations longer than
+``max_length`` are not rejected: they are truncated and counted (``truncated``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+__all__ = [
+    "BAD_SAMPLE_POLICIES",
+    "REJECT_REASONS",
+    "BadSampleError",
+    "Reject",
+    "RejectLog",
+    "check_policy",
+]
+
+logger = logging.getLogger("olavlm.data")
+
+BAD_SAMPLE_POLICIES = ("skip", "raise")
+REJECT_REASONS = (
+    "malformed_json", "no_conversations", "bad_entry", "missing_image", "corrupt_image",
+    "tokenization_mismatch", "too_long",
+)
+
+
+def check_policy(on_bad_sample: str) -> str:
+    if on_bad_sample not in BAD_SAMPLE_POLICIES:
+        raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, "
+                         f"got {on_bad_sample!r}")
+    return on_bad_sample
+
+
+@dataclasses.dataclass(frozen=True)
+class Reject:
+    """One rejected sample. ``index`` is its dataset index (None when it never got one, e.g.
+    a malformed line); ``location`` is ``file:line`` (jsonl) or ``file[#k]`` (json)."""
+
+    reason: str
+    sample_id: str
+    location: str
+    detail: str
+    index: int | None = None
+
+    def message(self) -> str:
+        return f"{self.location}: sample {self.sample_id!r}: {self.reason}: {self.detail}"
+
+
+class BadSampleError(ValueError):
+    """Raised for a bad sample under ``on_bad_sample="raise"``; ``.reject`` has the details."""
+
+    def __init__(self, reject: Reject | str):
+        # A str form lets DataLoader workers re-raise it in the main process (it rebuilds
+        # exceptions from their message).
+        if isinstance(reject, Reject):
+            self.reject = reject
+            super().__init__(reject.message())
+        else:
+            self.reject = None
+            super().__init__(reject)
+
+
+class RejectLog:
+    """Counts rejects and truncations, appends rejects to a JSON-lines file, summarizes.
+
+    Only the main process writes (workers send their rejects back inside the batch), so the
+    file needs no locking. ``state_dict`` carries the counts of the running epoch.
+    """
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = None if path is None else Path(path)
+        self.counts: Counter[str] = Counter()
+        self.num_truncated = 0
+        self.num_samples = 0
+        self.num_dropped = 0  # left out by batching (drop_last, fewer samples than ranks)
+
+    def add(self, reject: Reject, *, epoch: int | None = None) -> None:
+        """Count ``reject`` and append it to the rejects file."""
+        self.counts[reject.reason] += 1
+        self.write(reject, epoch=epoch)
+
+    def write(self, reject: Reject, *, epoch: int | None = None) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = dataclasses.asdict(reject) | {"epoch": epoch}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=True) + "\n")
+
+    @property
+    def num_rejected(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self, epoch: int | None = None) -> str:
+        head = f"epoch {epoch}: " if epoch is not None else ""
+        parts = ", ".join(f"{reason}={n}" for reason, n in sorted(self.counts.items()))
+        where = f" (ids in {self.path})" if self.path is not None and self.counts else ""
+        return (f"{head}{self.num_samples} samples used, {self.num_rejected} rejected"
+                f"{' [' + parts + ']' if parts else ''}{where}, {self.num_truncated} truncated, "
+                f"{self.num_dropped} dropped by batching")
+
+    def reset(self) -> None:
+        self.counts.clear()
+        self.num_truncated = 0
+        self.num_samples = 0
+        self.num_dropped = 0
+
+    def state_dict(self) -> dict:
+        return {"counts": dict(self.counts), "num_truncated": self.num_truncated,
+                "num_samples": self.num_samples, "num_dropped": self.num_dropped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counts = Counter(state.get("counts", {}))
+        self.num_truncated = int(state.get("num_truncated", 0))
+        self.num_samples = int(state.get("num_samples", 0))
+        self.num_dropped = int(state.get("num_dropped", 0))

@@ -1,0 +1,194 @@
+# Image decoding (once, any mode, EXIF-aware) and the encoder / teacher views of SPEC 1.1 and 3.
+"""Decode an image once and derive every view from the decoded pixels.
+
+``load_image`` gives an RGB ``PIL.Image`` for any input mode (alpha composited over white, as
+transformers' ``convert_to_rgb`` does; 16-bit and float images scaled to 8 bits), with the EXIF
+orientation applied. An ``ImageView`` turns it into a tensor:
+
+- ``aspect="square"``: resize the short side to ``size`` (bicubic) and centre-crop ``size``
+  (CLIPImageProcessor; open_clip's ``Resize`` + ``CenterCrop`` for ConvNeXt, SPEC 1.1);
+- ``aspect="pad"``: expand to a square with the background colour ``int(mean * 255)``, i.e.
+  (122, 116, 104) for CLIP (the seed's ``expand2square``), then as ``"square"``;
+- ``aspect="stretch"``: resize to ``size`` x ``size`` ignoring the aspect ratio (the seed's
+  teacher inputs: ``resize((336, 336))`` for depth, ``(768, 768)`` for seg, SPEC 3).
+
+With ``mean``/``std`` the view is float32 ``(x / 255 - mean) / std``; without, uint8 pixels
+(teacher inputs, which the teachers normalize their own way).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+__all__ = [
+    "ASPECTS",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "ImageView",
+    "expand_to_square",
+    "load_image",
+    "pil_to_uint8",
+    "to_rgb",
+    "tower_view",
+]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ASPECTS = ("square", "pad", "stretch")
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _wide_to_l(image: Image.Image) -> Image.Image:
+    """16/32-bit integer and float images to 8-bit grey ('L'): PIL's own convert clips them."""
+    arr = np.asarray(image, dtype=np.float64)
+    peak = float(arr.max()) if arr.size else 0.0
+    if image.mode == "F" and peak <= 1.0:
+        arr = arr * 255.0  # float images in [0, 1]
+    elif image.mode != "F" and peak > 255.0:
+        arr = arr * (255.0 / 65535.0)  # 16-bit content
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` in mode RGB: alpha composited over white, wide modes scaled to 8 bits."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_MODES:
+        return _wide_to_l(image).convert("RGB")
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: str | Path | bytes | BinaryIO) -> Image.Image:
+    """Decode ``source`` (a path, the file's bytes or a binary file object) into RGB.
+
+    The whole file is decoded here (``Image.load``), so a truncated or corrupt file raises now
+    (``OSError``/``PIL.UnidentifiedImageError``/``ValueError``), not later in a view; a missing
+    file raises ``FileNotFoundError``. The EXIF orientation is applied before anything else.
+    """
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    elif isinstance(source, (str, Path)):
+        source = Path(source)
+        if not source.is_file():
+            raise FileNotFoundError(f"image file not found: {source}")
+    with Image.open(source) as image:
+        image.load()
+        oriented = ImageOps.exif_transpose(image)
+    return to_rgb(oriented)
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pad ``image`` to a square with ``background``, centred (the seed's ``expand2square``)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    out = Image.new(image.mode, (side, side), background)
+    out.paste(image, ((side - width) // 2, (side - height) // 2))
+    return out
+
+
+def _resize_short_side_and_crop(image: Image.Image, size: int, resample) -> Image.Image:
+    width, height = image.size
+    # transformers' get_resize_output_image_size: the long side is int(size * long / short).
+    if width <= height:
+        new_w, new_h = size, max(size, int(size * height / width))
+    else:
+        new_w, new_h = max(size, int(size * width / height)), size
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), resample=resample)
+    if (new_w, new_h) == (size, size):
+        return image
+    left, top = (new_w - size) // 2, (new_h - size) // 2  # transformers' center_crop
+    return image.crop((left, top, left + size, top + size))
+
+
+def pil_to_uint8(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a (3, H, W) uint8 tensor."""
+    arr = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageView:
+    """One view of a decoded image: (3, size, size), float32 normalized or uint8 (module doc).
+
+    ``background`` (pad only) defaults to ``int(mean * 255)``, or CLIP's mean without ``mean``.
+    """
+
+    size: int = 336
+    aspect: str = "square"
+    mean: tuple[float, float, float] | None = CLIP_MEAN
+    std: tuple[float, float, float] | None = CLIP_STD
+    background: tuple[int, int, int] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"ImageView.size must be a positive int, got {self.size!r}")
+        if self.aspect not in ASPECTS:
+            raise ValueError(f"ImageView.aspect must be one of {ASPECTS}, got {self.aspect!r}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("ImageView.mean and std must both be given or both be None, got "
+                             f"mean={self.mean!r}, std={self.std!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 3:
+                raise ValueError(f"ImageView.{name} must have 3 values, got {value!r}")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"ImageView.std must be positive, got {self.std!r}")
+
+    @property
+    def normalized(self) -> bool:
+        return self.mean is not None
+
+    def pad_colour(self) -> tuple[int, int, int]:
+        if self.background is not None:
+            return tuple(self.background)
+        return tuple(int(m * 255) for m in (self.mean or CLIP_MEAN))
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        """The view's pixels as an RGB PIL image of size x size."""
+        if self.aspect == "stretch":
+            if image.size == (self.size, self.size):
+                return image
+            return image.resize((self.size, self.size), resample=Image.Resampling.BICUBIC)
+        if self.aspect == "pad":
+            image = expand_to_square(image, self.pad_colour())
+        return _resize_short_side_and_crop(image, self.size, Image.Resampling.BICUBIC)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = pil_to_uint8(self.resize(image))
+        if not self.normalized:
+            return pixels
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return pixels.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+
+    def blank(self) -> torch.Tensor:
+        """The view of a text-only sample: zeros (the seed's ``zeros(3, crop, crop)``)."""
+        dtype = torch.float32 if self.normalized else torch.uint8
+        return torch.zeros(3, self.size, self.size, dtype=dtype)
+
+
+def tower_view(vision_tower: str, aspect: str = "square") -> ImageView:
+    """The encoder view of a vision tower name (SPEC 1.1): the input size is parsed from
+    ``-res<N>`` (open_clip ConvNeXt names) or a trailing ``-<N>`` (``clip-vit-...-336``), and
+    the normalization is CLIP's mean/std."""
+    match = re.search(r"-res(\d+)", vision_tower) or re.search(r"-(\d+)$", vision_tower)
+    if match is None:
+        raise ValueError("vision_tower must name its input size ('-res768' or a trailing "
+                         f"'-336'), got {vision_tower!r}")
+    return ImageView(size=int(match.group(1)), aspect=aspect)

@@ -1,0 +1,315 @@
+# LLaVA json/jsonl data: an offset index (streamed, never parsed twice) and the training dataset.
+"""Reading LLaVA data (SPEC 5.2) into tokenized, image-bearing samples.
+
+An entry is ``{"id", "image" (path relative to the image folder, optional), "conversations":
+[{"from": "human"|"gpt", "value": str}, ...]}``; other keys are kept (the synthetic dataset
+stores its scene there).
+
+``LlavaIndex`` reads the files once. A ``.jsonl`` file is streamed line by line: each line is
+parsed once to validate it and to measure its length for grouping, and only where it is stays
+(22 bytes per entry: a 665K-entry file costs ~15 MB, not a second parsed copy); the entry is
+parsed again from disk when a worker needs it. A ``.json`` file (one list) has to be parsed
+whole; each entry is then re-encoded into one compact byte buffer and the parsed list is
+dropped, so the workers share flat numpy buffers instead of millions of Python objects (whose
+reference counts would copy them into every forked worker).
+
+``LlavaDataset`` turns entry ``i`` into a ``Sample``: tokens and labels (templates.py), the
+encoder view, the raw image and optional teacher views, all from one decode.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .bad_data import BadSampleError, Reject, check_policy
+from .images import ImageView, load_image, pil_to_uint8
+from .templates import ConversationError, get_template, prepare_turns, tokenize_conversation
+
+__all__ = ["LlavaDataset", "LlavaIndex", "Sample", "validate_entry"]
+
+_JSON_SUFFIXES = (".json", ".jsonl")
+
+
+def validate_entry(entry) -> tuple[str, str] | None:
+    """(reason, detail) when ``entry`` cannot be a sample, else None (structure only: files
+    and tokenization are checked when the sample is loaded)."""
+    if not isinstance(entry, dict):
+        return "bad_entry", f"an entry must be a JSON object, got {type(entry).__name__}"
+    conversations = entry.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        return ("no_conversations",
+                f"'conversations' must be a non-empty list, got {conversations!r:.60}")
+    image = entry.get("image")
+    if image is not None and not isinstance(image, str):
+        return "bad_entry", f"'image' must be one relative path (str), got {image!r:.60}"
+    try:
+        prepare_turns(conversations, has_image=bool(image))
+    except ConversationError as err:
+        return err.reason, str(err)
+    return None
+
+
+def _modality_length(entry: dict) -> int:
+    # LLaVA's modality_lengths: word count, negative for text-only samples (never 0, so the
+    # sign always tells the modality).
+    words = sum(len(turn["value"].split()) for turn in entry["conversations"])
+    return max(words, 1) if entry.get("image") else -max(words, 1)
+
+
+def _sample_id(entry, location: str) -> str:
+    if isinstance(entry, dict) and entry.get("id") is not None:
+        return str(entry["id"])
+    return location
+
+
+class LlavaIndex:
+    """Where each valid entry of one or more LLaVA ``.json``/``.jsonl`` files lives.
+
+    ``rejects`` lists the entries left out while indexing (malformed lines, entries without
+    conversations, other malformed entries); with ``on_bad_sample="raise"`` the first one
+    raises ``BadSampleError`` instead. ``modality_lengths[i]`` is LLaVA's signed word count.
+    """
+
+    def __init__(self, paths: str | Path | Sequence[str | Path], *, on_bad_sample: str = "skip"):
+        check_policy(on_bad_sample)
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        if not paths or len(paths) > np.iinfo(np.int16).max:
+            raise ValueError("data_path must name 1 to 32767 .json/.jsonl files, got "
+                             f"{len(paths)}")
+        self.paths = [Path(p) for p in paths]
+        self.on_bad_sample = on_bad_sample
+        self.rejects: list[Reject] = []
+        self._buffers: list[np.ndarray | None] = []
+        file_idx, offsets, sizes, linenos, lengths = [], [], [], [], []
+        for k, path in enumerate(self.paths):
+            if path.suffix not in _JSON_SUFFIXES or not path.is_file():
+                raise ValueError(f"data_path must be existing {_JSON_SUFFIXES} files, got "
+                                 f"{str(path)!r}")
+            reader = self._scan_jsonl if path.suffix == ".jsonl" else self._scan_json
+            for offset, size, lineno, length in reader(k, path):
+                file_idx.append(k)
+                offsets.append(offset)
+                sizes.append(size)
+                linenos.append(lineno)
+                lengths.append(length)
+        # 22 bytes per entry in flat arrays, shared by forked workers without copies.
+        self._file_idx = np.asarray(file_idx, dtype=np.int16)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._sizes = np.asarray(sizes, dtype=np.int32)
+        self._linenos = np.asarray(linenos, dtype=np.int32)
+        self.modality_lengths = np.asarray(lengths, dtype=np.int32)
+        self._handles: dict[int, object] = {}
+        self._pid = os.getpid()
+
+    def _reject(self, reason: str, entry, location: str, detail: str) -> None:
+        reject = Reject(reason=reason, sample_id=_sample_id(entry, location), location=location,
+                        detail=detail)
+        if self.on_bad_sample == "raise":
+            raise BadSampleError(reject)
+        self.rejects.append(reject)
+
+    def _scan_jsonl(self, k: int, path: Path):
+        self._buffers.append(None)  # entries stay on disk
+        offset = 0
+        with path.open("rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                start, offset = offset, offset + len(line)
+                if not line.strip():
+                    continue  # blank lines hold no sample
+                location = f"{path}:{lineno}"
+                try:
+                    entry = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    self._reject("malformed_json", None, location, f"not valid JSON: {err}")
+                    continue
+                problem = validate_entry(entry)
+                if problem is not None:
+                    self._reject(problem[0], entry, location, problem[1])
+                    continue
+                yield start, len(line), lineno, _modality_length(entry)
+
+    def _scan_json(self, k: int, path: Path):
+        try:
+            with path.open("rb") as f:
+                entries = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            # One document: nothing can be skipped, whatever the policy.
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: a .json data file must hold a list of entries, got "
+                             f"{type(entries).__name__}")
+        chunks, offset = [], 0
+        for j, entry in enumerate(entries):
+            location = f"{path}[#{j}]"
+            problem = validate_entry(entry)
+            if problem is not None:
+                self._reject(problem[0], entry, location, problem[1])
+                continue
+            blob = json.dumps(entry, ensure_ascii=False).encode("utf-8")
+            chunks.append(blob)
+            yield offset, len(blob), j, _modality_length(entry)
+            offset += len(blob)
+        del entries
+        self._buffers.append(np.frombuffer(b"".join(chunks), dtype=np.uint8))
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"] = {}  # open files do not travel to spawned workers
+        return state
+
+    def location(self, i: int) -> str:
+        k = int(self._file_idx[i])
+        if self._buffers[k] is None:
+            return f"{self.paths[k]}:{int(self._linenos[i])}"
+        return f"{self.paths[k]}[#{int(self._linenos[i])}]"
+
+    def source_path(self, i: int) -> Path:
+        return self.paths[int(self._file_idx[i])]
+
+    def _read(self, k: int, offset: int, size: int) -> bytes:
+        if os.getpid() != self._pid:  # a forked worker: its own file handles
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.get(k)
+        if handle is None:
+            handle = self._handles[k] = self.paths[k].open("rb")
+        handle.seek(offset)
+        return handle.read(size)
+
+    def entry(self, i: int) -> dict:
+        """The parsed entry ``i`` (0 <= i < len(self))."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"index must be in [0, {len(self)}), got {i}")
+        k, offset, size = int(self._file_idx[i]), int(self._offsets[i]), int(self._sizes[i])
+        buffer = self._buffers[k]
+        blob = self._read(k, offset, size) if buffer is None else buffer[offset:offset + size]
+        return json.loads(bytes(blob))
+
+
+@dataclasses.dataclass
+class Sample:
+    """One training sample. ``input_ids``/``labels``: (T,) int64 with IMAGE_TOKEN_INDEX at the
+    image; ``image``: (3, S, S) encoder view (zeros without an image); ``raw_image``: the
+    decoded RGB pixels (3, H, W) uint8 for the teachers (a black S x S image without one);
+    ``teacher_views``: name -> (3, s, s) tensor."""
+
+    index: int
+    sample_id: str
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    image: torch.Tensor
+    has_image: bool
+    truncated: bool
+    raw_image: torch.Tensor | None = None
+    teacher_views: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """Tokenized LLaVA samples with their image views (module docstring).
+
+    ``__getitem__`` returns a ``Sample``, or, for a bad sample under ``on_bad_sample="skip"``,
+    the ``Reject`` describing it (the collator leaves it out and the loader counts it). Image
+    paths are relative to ``image_folder`` (default: the data file's folder).
+    """
+
+    def __init__(
+        self,
+        data_path: str | Path | Sequence[str | Path] | LlavaIndex,
+        tokenizer,
+        *,
+        image_folder: str | Path | None = None,
+        template: str = "llava_llama_3",
+        image_view: ImageView | None = None,
+        teacher_views: Mapping[str, ImageView] | None = None,
+        keep_raw_image: bool = True,
+        max_length: int = 4096,
+        num_image_tokens: int = 600,
+        on_bad_sample: str = "skip",
+    ):
+        self.on_bad_sample = check_policy(on_bad_sample)
+        self.template = get_template(template)
+        if not getattr(tokenizer, "is_fast", False):
+            raise TypeError("tokenizer must be a fast transformers tokenizer (it must report "
+                            f"character offsets), got {type(tokenizer).__name__}")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("tokenizer must have a pad token (the seed adds '<pad>' to Llama-3),"
+                             " got pad_token_id=None")
+        for name, value, low in (("max_length", max_length, 2),
+                                 ("num_image_tokens", num_image_tokens, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        self.tokenizer = tokenizer
+        self.image_folder = None if image_folder is None else Path(image_folder)
+        self.image_view = image_view if image_view is not None else ImageView()
+        if not isinstance(self.image_view, ImageView):
+            raise TypeError(f"image_view must be an ImageView, got {type(image_view).__name__}")
+        self.teacher_views = dict(teacher_views or {})
+        self.keep_raw_image = keep_raw_image
+        self.max_length = max_length
+        self.num_image_tokens = num_image_tokens
+        if isinstance(data_path, LlavaIndex):
+            self.index = data_path
+        else:
+            self.index = LlavaIndex(data_path, on_bad_sample=on_bad_sample)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def modality_lengths(self) -> np.ndarray:
+        return self.index.modality_lengths
+
+    def image_path(self, i: int, relative: str) -> Path:
+        path = Path(relative)
+        if path.is_absolute():
+            return path
+        return (self.image_folder or self.index.source_path(i).parent) / path
+
+    def _bad(self, i: int, entry: dict, reason: str, detail: str) -> Reject:
+        location = self.index.location(i)
+        reject = Reject(reason=reason, sample_id=_sample_id(entry, location), location=location,
+                        detail=detail, index=i)
+        if self.on_bad_sample == "raise":
+            raise BadSampleError(reject)
+        return reject
+
+    def __getitem__(self, i: int) -> Sample | Reject:
+        entry = self.index.entry(i)
+        has_image = bool(entry.get("image"))
+        try:
+            tokens = tokenize_conversation(
+                entry["conversations"], self.tokenizer, self.template, has_image=has_image,
+                max_length=self.max_length, num_image_tokens=self.num_image_tokens)
+        except ConversationError as err:
+            return self._bad(i, entry, err.reason, str(err))
+        sample = Sample(index=i, sample_id=_sample_id(entry, self.index.location(i)),
+                        input_ids=tokens.input_ids, labels=tokens.labels,
+                        image=self.image_view.blank(), has_image=has_image,
+                        truncated=tokens.truncated)
+        if not has_image:
+            size = self.image_view.size
+            if self.keep_raw_image:
+                sample.raw_image = torch.zeros(3, size, size, dtype=torch.uint8)
+            sample.teacher_views = {k: v.blank() for k, v in self.teacher_views.items()}
+            return sample
+        path = self.image_path(i, entry["image"])
+        try:
+            pil = load_image(path)  # the one decode every view below derives from
+        except FileNotFoundError as err:
+            return self._bad(i, entry, "missing_image", str(err))
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            return self._bad(i, entry, "corrupt_image", f"{path}: {type(err).__name__}: {err}")
+        sample.image = self.image_view(pil)
+        if self.keep_raw_image:
+            sample.raw_image = pil_to_uint8(pil)
+        sample.teacher_views = {k: v(pil) for k, v in self.teacher_views.items()}
+        return sample

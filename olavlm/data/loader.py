@@ -1,0 +1,323 @@
+# Collation and the resumable, distributed data loader (state: epoch, position, RNG seed).
+"""Batches for the model and a loader whose position a checkpoint can save and restore.
+
+``Collator`` right-pads a list of ``Sample`` into a ``Batch``; rejected samples (``Reject``
+items, from ``on_bad_sample="skip"``) are left out and passed along in ``Batch.rejects`` so the
+main process counts and logs them. ``ResumableLoader`` wraps a ``torch.utils.data.DataLoader``
+(worker processes, pinned memory) around an epoch plan (sampler.py) and keeps
+``(epoch, position)``: ``state_dict()`` after a step and ``load_state_dict()`` in a new run
+continue exactly after the last batch handed out, whatever was prefetched.
+
+Typical use::
+
+    loader = ResumableLoader(dataset, batch_size=16, num_workers=4, seed=0)
+    loader.load_state_dict(checkpoint["data"])       # when resuming
+    while loader.epoch < num_epochs:
+        for batch in loader:                         # the rest of the current epoch
+            step(batch.to("cuda"))
+            checkpoint["data"] = loader.state_dict()
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .bad_data import Reject, RejectLog
+from .images import ImageView
+from .llava import LlavaDataset, Sample
+from .sampler import EpochPlan, plan_epoch
+from .templates import IGNORE_INDEX
+
+__all__ = ["Batch", "Collator", "ResumableLoader"]
+
+logger = logging.getLogger("olavlm.data")
+
+_STATE_VERSION = 1
+
+
+@dataclasses.dataclass
+class Batch:
+    """A collated batch of B samples padded on the right to length T.
+
+    input_ids:      (B, T) int64; the image placeholder is IMAGE_TOKEN_INDEX (-200), padding
+                    is the tokenizer's pad id
+    labels:         (B, T) int64; IGNORE_INDEX (-100) wherever nothing is supervised
+    attention_mask: (B, T) bool; True on real tokens
+    images:         (B, 3, S, S) float32 encoder views (zeros for text-only samples)
+    image_mask:     (B,) int64; 1 for a sample with an image, 0 for a text-only one
+    raw_images:     B uint8 (3, H, W) tensors for the teachers (None if not kept)
+    teacher_views:  name -> (B, 3, s, s)
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    images: torch.Tensor
+    image_mask: torch.Tensor
+    raw_images: list[torch.Tensor] | None
+    teacher_views: dict[str, torch.Tensor]
+    sample_ids: list[str]
+    indices: list[int]
+    num_truncated: int = 0
+    rejects: list[Reject] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def _map(self, fn) -> Batch:
+        return dataclasses.replace(
+            self,
+            input_ids=fn(self.input_ids), labels=fn(self.labels),
+            attention_mask=fn(self.attention_mask), images=fn(self.images),
+            image_mask=fn(self.image_mask),
+            raw_images=None if self.raw_images is None else [fn(t) for t in self.raw_images],
+            teacher_views={k: fn(v) for k, v in self.teacher_views.items()},
+        )
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader's pinning thread (pin_memory=True)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device, non_blocking: bool = True) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+
+class Collator:
+    """Right-pads samples into a Batch (``pad_to_multiple_of`` rounds T up, e.g. to 8 for
+    tensor-core friendly shapes)."""
+
+    def __init__(self, pad_token_id: int, image_view: ImageView,
+                 teacher_views: dict[str, ImageView] | None = None, pad_to_multiple_of: int = 1):
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
+            raise TypeError(f"pad_token_id must be an int, got {pad_token_id!r}")
+        if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be an int >= 1, got {pad_to_multiple_of!r}")
+        self.pad_token_id = pad_token_id
+        self.image_view = image_view
+        self.teacher_views = dict(teacher_views or {})
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: list[Sample | Reject]) -> Batch:
+        samples = [s for s in items if isinstance(s, Sample)]
+        rejects = [s for s in items if isinstance(s, Reject)]
+        n = len(samples)
+        longest = max((len(s.input_ids) for s in samples), default=0)
+        length = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((n, length), dtype=torch.bool)
+        for row, s in enumerate(samples):
+            t = len(s.input_ids)
+            input_ids[row, :t] = s.input_ids
+            labels[row, :t] = s.labels
+            attention_mask[row, :t] = True
+        size = self.image_view.size
+        images = (torch.stack([s.image for s in samples]) if samples
+                  else torch.zeros(0, 3, size, size, dtype=self.image_view.blank().dtype))
+        teacher_views = {}
+        for name, view in self.teacher_views.items():
+            empty = torch.zeros((0, 3, view.size, view.size), dtype=view.blank().dtype)
+            teacher_views[name] = (torch.stack([s.teacher_views[name] for s in samples])
+                                   if samples else empty)
+        keep_raw = all(s.raw_image is not None for s in samples)
+        return Batch(
+            input_ids=input_ids, labels=labels, attention_mask=attention_mask, images=images,
+            image_mask=torch.tensor([int(s.has_image) for s in samples], dtype=torch.long),
+            raw_images=[s.raw_image for s in samples] if keep_raw else None,
+            teacher_views=teacher_views,
+            sample_ids=[s.sample_id for s in samples], indices=[s.index for s in samples],
+            num_truncated=sum(int(s.truncated) for s in samples), rejects=rejects,
+        )
+
+
+class _PlanBatchSampler(torch.utils.data.Sampler):
+    """Hands the DataLoader the current plan's batches for this rank (set before each epoch)."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(list(self.batches))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    initialized = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if initialized else 1
+    if rank is None:
+        rank = dist.get_rank() if initialized else 0
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank!r}")
+    return rank, world_size
+
+
+class ResumableLoader:
+    """Iterates a ``LlavaDataset`` epoch by epoch; its state resumes mid-epoch exactly.
+
+    ``batch_size`` is per rank. ``rank``/``world_size`` default to torch.distributed's (0/1
+    when it is not initialized); each rank iterates its slice of the same global batches.
+    ``iter(loader)`` yields the rest of the current epoch, then advances ``epoch`` and logs
+    the epoch's summary (samples used, rejected per reason, truncated, dropped). Batches may
+    hold fewer than ``batch_size`` samples: the last one of an epoch, and any with rejected
+    samples. ``rejects_path`` gets one JSON line per reject (``.rank<r>`` added when
+    ``world_size > 1``; the index-time rejects are written by rank 0 only).
+    """
+
+    def __init__(
+        self,
+        dataset: LlavaDataset,
+        *,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        group_by_modality_length: bool = False,
+        drop_last: bool = False,
+        rejects_path: str | Path | None = None,
+        pad_to_multiple_of: int = 1,
+        prefetch_factor: int = 2,
+    ):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        if not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank, self.world_size = _dist_rank_world(rank, world_size)
+        self.group_by_modality_length = group_by_modality_length
+        self.drop_last = drop_last
+        if rejects_path is not None and self.world_size > 1:
+            rejects_path = Path(rejects_path)
+            rejects_path = rejects_path.with_name(
+                f"{rejects_path.stem}.rank{self.rank}{rejects_path.suffix}")
+        self.log = RejectLog(rejects_path)
+        if self.rank == 0:
+            for reject in dataset.index.rejects:  # found once, while indexing
+                self.log.write(reject)
+        self.epoch = 0
+        self.position = 0  # global samples of this epoch already handed out (all ranks)
+        self.last_summary: str | None = None  # of the last finished epoch
+        self.last_stats: dict | None = None  # its counts (RejectLog.state_dict())
+        self._start_epoch_log()
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
+        elif pin_memory and not torch.cuda.is_available():
+            warnings.warn("pin_memory=True needs a CUDA device; not pinning", stacklevel=2)
+            pin_memory = False
+        if num_workers > 0:
+            # Each worker tokenizes one sample at a time; the Rust thread pool would only
+            # oversubscribe the cores (and it warns when forked after being used).
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self._batch_sampler = _PlanBatchSampler()
+        collator = Collator(dataset.tokenizer.pad_token_id, dataset.image_view,
+                            dataset.teacher_views, pad_to_multiple_of)
+        # No persistent workers: each pass starts its own (a fork costs milliseconds), so a
+        # break or an error mid-epoch never leaves workers behind with a stale position.
+        extra = {"prefetch_factor": prefetch_factor} if num_workers else {}
+        self._dataloader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self._batch_sampler, collate_fn=collator,
+            num_workers=num_workers, pin_memory=pin_memory, **extra)
+
+    def _start_epoch_log(self) -> None:
+        self.log.reset()
+        for reject in self.dataset.index.rejects:  # counted in every epoch's summary
+            self.log.counts[reject.reason] += 1
+
+    def plan(self) -> EpochPlan:
+        """The global batches left in the current epoch."""
+        lengths = self.dataset.modality_lengths if self.group_by_modality_length else None
+        return plan_epoch(len(self.dataset), epoch=self.epoch, start=self.position,
+                          batch_size=self.batch_size, world_size=self.world_size,
+                          shuffle=self.shuffle, seed=self.seed, modality_lengths=lengths,
+                          drop_last=self.drop_last)
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch for this rank."""
+        size = self.batch_size * self.world_size
+        full, rest = divmod(len(self.dataset), size)
+        return full + int(rest > 0 and not self.drop_last and rest >= self.world_size)
+
+    def __iter__(self):
+        plan = self.plan()
+        self._batch_sampler.batches = plan.rank_batches(self.rank, self.world_size)
+        iterator = iter(self._dataloader)  # fresh workers, which start at `position`
+        try:
+            for k, batch in enumerate(iterator):
+                self.position += len(plan.global_batches[k])
+                self.log.num_samples += len(batch)
+                self.log.num_truncated += batch.num_truncated
+                for reject in batch.rejects:
+                    self.log.add(reject, epoch=self.epoch)
+                yield batch
+        finally:
+            # Stop the workers now (on a break or an error too): an iterator kept alive by a
+            # traceback would otherwise be collected later, possibly inside another loader's
+            # forked worker, which cannot stop them.
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        self.log.num_dropped += plan.num_dropped
+        self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        self.last_summary = self.log.summary(self.epoch)
+        self.last_stats = self.log.state_dict()
+        level = logging.WARNING if self.log.num_rejected or self.log.num_dropped else logging.INFO
+        logger.log(level, "data: %s", self.last_summary)
+        self.epoch += 1
+        self.position = 0
+        self._start_epoch_log()
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue after the last batch handed out. The shuffling RNG
+        is a pure function of (seed, epoch), so the seed is its whole state."""
+        return {
+            "version": _STATE_VERSION, "epoch": self.epoch, "position": self.position,
+            "seed": self.seed, "shuffle": self.shuffle,
+            "group_by_modality_length": self.group_by_modality_length,
+            "batch_size": self.batch_size, "world_size": self.world_size,
+            "drop_last": self.drop_last, "num_samples": len(self.dataset),
+            "stats": self.log.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s output. The dataset and the ordering options must match;
+        batch size and world size may change unless the order depends on them (grouping)."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"state['version'] must be {_STATE_VERSION}, got "
+                             f"{state.get('version')!r}")
+        mine = {"num_samples": len(self.dataset), "seed": self.seed, "shuffle": self.shuffle,
+                "group_by_modality_length": self.group_by_modality_length,
+                "drop_last": self.drop_last}
+        if self.group_by_modality_length:  # the grouped order depends on them
+            mine |= {"batch_size": self.batch_size, "world_size": self.world_size}
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise ValueError(f"state[{key!r}] must be {value!r} (this loader's), got "
+                                 f"{state.get(key)!r}: resuming would visit samples in another "
+                                 "order")
+        position = int(state["position"])
+        if not 0 <= position <= len(self.dataset):
+            raise ValueError(f"state['position'] must be in [0, {len(self.dataset)}], got "
+                             f"{position}")
+        self.epoch = int(state["epoch"])
+        self.position = position
+        self.log.load_state_dict(state.get("stats", {}))

@@ -1,0 +1,139 @@
+# Image decoding (modes, EXIF, corrupt files) and the encoder/teacher views' sizes and values.
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from datahelpers import random_image
+from PIL import Image, UnidentifiedImageError
+
+from olavlm.data.images import CLIP_MEAN, CLIP_STD, ImageView, load_image, tower_view
+
+
+def _png(image: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def _clip_norm(rgb) -> torch.Tensor:
+    mean, std = torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD)
+    return (torch.tensor(rgb, dtype=torch.float32) / 255 - mean) / std
+
+
+@pytest.mark.parametrize("mode, make, expected", [
+    ("L", lambda: Image.new("L", (4, 3), 77), (77, 77, 77)),
+    ("1", lambda: Image.new("1", (4, 3), 1), (255, 255, 255)),
+    ("P", lambda: Image.new("RGB", (4, 3), (10, 200, 30)).convert(
+        "P", palette=Image.Palette.ADAPTIVE), (10, 200, 30)),
+    ("RGBA", lambda: Image.new("RGBA", (4, 3), (10, 20, 30, 0)), (255, 255, 255)),
+    ("RGBA-opaque", lambda: Image.new("RGBA", (4, 3), (10, 20, 30, 255)), (10, 20, 30)),
+    ("LA", lambda: Image.new("LA", (4, 3), (40, 0)), (255, 255, 255)),
+    ("CMYK", lambda: Image.new("CMYK", (4, 3), (0, 0, 0, 0)), (255, 255, 255)),
+    ("I;16", lambda: Image.fromarray(np.full((3, 4), 65535, dtype=np.uint16)), (255, 255, 255)),
+    ("F", lambda: Image.fromarray(np.full((3, 4), 0.5, dtype=np.float32)), (128, 128, 128)),
+])
+def test_load_image_gives_rgb_for_any_mode(mode, make, expected):
+    image = make()
+    fmt = "TIFF" if image.mode in ("CMYK", "F") else "PNG"
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    out = load_image(buf.getvalue())
+    assert out.mode == "RGB" and out.size == (4, 3)
+    assert tuple(np.asarray(out)[1, 2]) == expected
+
+
+def test_palette_transparency_is_composited_over_white():
+    image = Image.new("P", (2, 1))
+    image.putpalette([0, 0, 255] + [0, 255, 0] * 255)
+    image.putpixel((1, 0), 1)
+    out = load_image(_png(image, transparency=0))
+    assert np.asarray(out).tolist() == [[[255, 255, 255], [0, 255, 0]]]
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (60, 40), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 20, 10))  # red block at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95, exif=exif)
+    out = np.asarray(load_image(buf.getvalue()))
+    assert out.shape == (60, 40, 3)  # width and height swapped
+    top_right = out[2:8, -8:-2].reshape(-1, 3).mean(0)
+    assert top_right[0] > 200 and top_right[2] < 60  # the red block moved to the top-right
+
+
+def test_missing_and_corrupt_files_raise(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_image(tmp_path / "nope.png")
+    (tmp_path / "text.png").write_bytes(b"not an image at all")
+    with pytest.raises(UnidentifiedImageError):
+        load_image(tmp_path / "text.png")
+    data = _png(random_image(np.random.default_rng(0), 64, 64))
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError):
+        load_image(tmp_path / "cut.png")
+
+
+def test_square_view_matches_transformers_clip_processor():
+    try:  # transformers 5 names the PIL backend; 4.x's CLIPImageProcessor is that one
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor
+
+    proc = Processor(size={"shortest_edge": 336},
+                                 crop_size={"height": 336, "width": 336})
+    rng = np.random.default_rng(0)
+    for width, height in ((320, 240), (201, 333), (336, 336)):
+        image = random_image(rng, width, height)
+        ref = proc(images=image, return_tensors="pt")["pixel_values"][0]
+        out = ImageView(336)(image)
+        assert out.shape == (3, 336, 336) and out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_square_view_centre_crops_the_long_side():
+    image = Image.new("RGB", (300, 100), (255, 0, 0))
+    image.paste((0, 255, 0), (100, 0, 200, 100))  # middle third green
+    out = ImageView(size=50, mean=None, std=None)(image)
+    assert out.shape == (3, 50, 50) and out.dtype == torch.uint8
+    assert out[:, :, 2:-2].flatten(1).T.unique(dim=0).tolist() == [[0, 255, 0]]
+
+
+def test_pad_view_fills_with_the_mean_colour():
+    image = Image.new("RGB", (100, 50), (255, 255, 255))
+    view = ImageView(size=40, aspect="pad")
+    assert view.pad_colour() == (122, 116, 104)  # int(CLIP mean * 255), SPEC 1.1
+    out = view(image)
+    torch.testing.assert_close(out[:, 0, 0], _clip_norm((122, 116, 104)))
+    torch.testing.assert_close(out[:, 20, 20], _clip_norm((255, 255, 255)))
+    raw = ImageView(size=40, aspect="pad", mean=None, std=None)(image)
+    assert raw[:, :8].flatten(1).T.unique(dim=0).tolist() == [[122, 116, 104]]  # top band
+    assert raw[:, 12:28].flatten(1).T.unique(dim=0).tolist() == [[255, 255, 255]]
+
+
+def test_stretch_view_and_blank():
+    image = random_image(np.random.default_rng(1), 90, 30)
+    out = ImageView(size=24, aspect="stretch", mean=None, std=None)(image)
+    assert out.shape == (3, 24, 24) and out.dtype == torch.uint8
+    expected = np.asarray(image.resize((24, 24), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    assert out.numpy().tolist() == expected.tolist()
+    assert ImageView(8).blank().abs().sum() == 0 and ImageView(8).blank().dtype == torch.float32
+    assert ImageView(8, mean=None, std=None).blank().dtype == torch.uint8
+
+
+def test_tower_view_and_view_arguments():
+    assert tower_view("openai/clip-vit-large-patch14-336").size == 336
+    big = "laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup-res768"
+    assert tower_view(big, aspect="pad") == ImageView(size=768, aspect="pad")
+    with pytest.raises(ValueError, match="vision_tower must name its input size"):
+        tower_view("some-tower")
+    with pytest.raises(ValueError, match="aspect must be one of"):
+        ImageView(aspect="crop")
+    with pytest.raises(ValueError, match="both be given or both be None"):
+        ImageView(mean=None)
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        ImageView(size=0)

@@ -1,0 +1,187 @@
+# Reading LLaVA json/jsonl, samples and their views, and every bad-data case of the issue.
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from datahelpers import entry, write_image, write_jsonl
+
+from olavlm.data import (
+    IMAGE_TOKEN_INDEX,
+    BadSampleError,
+    ImageView,
+    LlavaDataset,
+    LlavaIndex,
+    Reject,
+    ResumableLoader,
+    Sample,
+)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    write_image(tmp_path / "img.png", size=(40, 30))
+    write_image(tmp_path / "wide.jpg", size=(80, 20), colour=(0, 0, 200), fmt="JPEG")
+    return tmp_path
+
+
+def test_jsonl_index_keeps_offsets_not_entries(folder):
+    path = write_jsonl(folder / "d.jsonl", [entry(0), "", entry(1, image=None), entry(2)])
+    index = LlavaIndex(path)
+    assert len(index) == 3 and index.rejects == []
+    assert index._buffers == [None]  # nothing parsed is kept: entries are re-read from disk
+    assert index.entry(1) == entry(1, image=None)
+    assert index.location(2) == f"{path}:4"  # the blank line 2 is not a sample
+    words = len("question 0 0? answer 0 0.".split())
+    # LLaVA's signed word counts ("<image>" counts as a word there too).
+    assert index.modality_lengths.tolist() == [words + 1, -words, words + 1]
+    with pytest.raises(IndexError):
+        index.entry(3)
+
+
+def test_json_list_reads_like_jsonl(folder):
+    entries = [entry(i) for i in range(3)] + [entry(3, image=None)]
+    (folder / "d.json").write_text(json.dumps(entries))
+    write_jsonl(folder / "d.jsonl", entries)
+    a, b = LlavaIndex(folder / "d.json"), LlavaIndex(folder / "d.jsonl")
+    assert [a.entry(i) for i in range(4)] == [b.entry(i) for i in range(4)] == entries
+    assert a.location(1) == f"{folder / 'd.json'}[#1]"
+    both = LlavaIndex([folder / "d.json", folder / "d.jsonl"])
+    assert len(both) == 8 and both.entry(5) == entries[1]
+
+
+def test_sample_fields(folder, llama_tokenizer):
+    write_jsonl(folder / "d.jsonl", [entry(0), entry(1, image=None), entry(2, image="wide.jpg")])
+    teacher = {"depth": ImageView(size=12, aspect="stretch", mean=None, std=None)}
+    ds = LlavaDataset(folder / "d.jsonl", llama_tokenizer, image_view=ImageView(size=16),
+                      teacher_views=teacher)
+    s = ds[0]
+    assert isinstance(s, Sample) and s.sample_id == "s0" and s.has_image and not s.truncated
+    assert s.input_ids.tolist().count(IMAGE_TOKEN_INDEX) == 1
+    assert s.image.shape == (3, 16, 16) and s.image.dtype == torch.float32
+    assert s.raw_image.shape == (3, 30, 40) and s.raw_image.dtype == torch.uint8
+    assert s.raw_image[:, 0, 0].tolist() == [200, 30, 30]  # decoded once, kept as is
+    assert s.teacher_views["depth"].shape == (3, 12, 12)
+    text = ds[1]
+    assert not text.has_image and IMAGE_TOKEN_INDEX not in text.input_ids.tolist()
+    assert text.image.abs().sum() == 0 and text.raw_image.shape == (3, 16, 16)
+    assert text.raw_image.sum() == 0 and text.teacher_views["depth"].sum() == 0
+    assert ds[2].raw_image.shape == (3, 20, 80)
+
+
+def test_arguments_are_checked(folder, llama_tokenizer):
+    path = write_jsonl(folder / "d.jsonl", [entry(0)])
+    with pytest.raises(ValueError, match="on_bad_sample must be one of"):
+        LlavaDataset(path, llama_tokenizer, on_bad_sample="ignore")
+    with pytest.raises(ValueError, match="max_length must be an int >= 2, got 0"):
+        LlavaDataset(path, llama_tokenizer, max_length=0)
+    with pytest.raises(ValueError, match="data_path must be existing"):
+        LlavaDataset(folder / "d.csv", llama_tokenizer)
+    with pytest.raises(TypeError, match="image_view must be an ImageView"):
+        LlavaDataset(path, llama_tokenizer, image_view=336)
+
+
+# --- bad data ---------------------------------------------------------------------------------
+
+BAD_LINES = {
+    "malformed_json": '{"id": "broken", "conversations": [',
+    "no_conversations": json.dumps({"id": "empty", "image": "img.png"}),
+    "bad_entry": json.dumps({"id": "roles", "conversations": [
+        {"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}),
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_LINES))
+def test_index_time_bad_entries(folder, reason):
+    path = write_jsonl(folder / "d.jsonl", [entry(0), BAD_LINES[reason], entry(2)])
+    index = LlavaIndex(path)
+    assert len(index) == 2
+    (reject,) = index.rejects
+    assert reject.reason == reason and reject.location == f"{path}:2"
+    with pytest.raises(BadSampleError, match=f"{path}:2.*{reason}"):
+        LlavaIndex(path, on_bad_sample="raise")
+
+
+def test_malformed_json_file_and_top_level(folder):
+    (folder / "bad.json").write_text('[{"id": 1},\n  {"id": ')
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        LlavaIndex(folder / "bad.json")
+    (folder / "obj.json").write_text('{"id": 1}')
+    with pytest.raises(ValueError, match="must hold a list of entries, got dict"):
+        LlavaIndex(folder / "obj.json")
+
+
+def _load_bad(folder, tokenizer, policy, **kw):
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    entries = [entry(0), entry(1, image="missing.png"), entry(2, image="corrupt.png"),
+               entry(3, turns=30)]
+    path = write_jsonl(folder / "d.jsonl", entries)
+    return LlavaDataset(path, tokenizer, image_view=ImageView(size=8), on_bad_sample=policy, **kw)
+
+
+def test_missing_and_corrupt_images(folder, llama_tokenizer):
+    ds = _load_bad(folder, llama_tokenizer, "skip")
+    assert isinstance(ds[0], Sample)
+    missing, corrupt = ds[1], ds[2]
+    assert isinstance(missing, Reject) and missing.reason == "missing_image"
+    assert missing.sample_id == "s1" and missing.index == 1 and "missing.png" in missing.detail
+    assert isinstance(corrupt, Reject) and corrupt.reason == "corrupt_image"
+    raising = _load_bad(folder, llama_tokenizer, "raise")
+    with pytest.raises(BadSampleError, match="s1.*missing_image"):
+        raising[1]
+    with pytest.raises(BadSampleError, match="corrupt_image"):
+        raising[2]
+
+
+def test_long_conversations_are_truncated_or_rejected(folder, llama_tokenizer):
+    ds = _load_bad(folder, llama_tokenizer, "skip", max_length=64, num_image_tokens=8)
+    long = ds[3]
+    assert long.truncated and len(long.input_ids) == 64 - 7  # + 8 image positions - 1
+    tiny = _load_bad(folder, llama_tokenizer, "skip", max_length=20, num_image_tokens=8)
+    reject = tiny[0]
+    assert isinstance(reject, Reject) and reject.reason == "too_long"
+
+
+def test_skip_policy_counts_logs_and_summarizes_everything(folder, llama_tokenizer, caplog):
+    (folder / "corrupt.png").write_bytes(b"not a png")
+    lines = [entry(0), entry(1, image="missing.png"), BAD_LINES["malformed_json"],
+             entry(3, image="corrupt.png"), BAD_LINES["no_conversations"], entry(5, turns=30),
+             entry(6, image=None), BAD_LINES["bad_entry"], entry(8)]
+    path = write_jsonl(folder / "d.jsonl", lines)
+    ds = LlavaDataset(path, llama_tokenizer, image_view=ImageView(size=8), max_length=80,
+                      num_image_tokens=4)
+    rejects = folder / "rejects.jsonl"
+    loader = ResumableLoader(ds, batch_size=2, shuffle=False, rejects_path=rejects)
+    with caplog.at_level(logging.INFO, logger="olavlm.data"):
+        ids = [sid for batch in loader for sid in batch.sample_ids]
+    assert ids == ["s0", "s5", "s6", "s8"]
+    logged = [json.loads(line) for line in rejects.read_text().splitlines()]
+    by_reason = {r["reason"]: r for r in logged}
+    assert sorted(by_reason) == ["bad_entry", "corrupt_image", "malformed_json",
+                                 "missing_image", "no_conversations"]
+    assert by_reason["malformed_json"]["location"] == f"{path}:3"
+    assert by_reason["missing_image"]["sample_id"] == "s1"
+    # Nothing dropped without being counted: every line is a sample used or a reject.
+    assert len(ids) + len(logged) == len(lines)
+    summary = loader.last_summary
+    assert "4 samples used, 5 rejected" in summary and "1 truncated" in summary
+    assert "missing_image=1" in summary and "malformed_json=1" in summary
+    assert summary in caplog.text and caplog.records[-1].levelno == logging.WARNING
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_raise_policy_stops_the_loader(folder, llama_tokenizer, num_workers):
+    ds = _load_bad(folder, llama_tokenizer, "raise")
+    loader = ResumableLoader(ds, batch_size=4, shuffle=False, num_workers=num_workers)
+    with pytest.raises(BadSampleError, match="missing_image"):
+        next(iter(loader))
+
+
+def test_index_lengths_feed_grouping(folder):
+    path = write_jsonl(folder / "d.jsonl", [entry(i, image=None if i % 2 else "img.png")
+                                            for i in range(6)])
+    lengths = LlavaIndex(path).modality_lengths
+    assert (np.sign(lengths) == [1, -1, 1, -1, 1, -1]).all()

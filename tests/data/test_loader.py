@@ -1,0 +1,163 @@
+# Collation, epoch plans, the 2-rank split, length grouping and mid-epoch resume.
+from __future__ import annotations
+
+import pytest
+import torch
+from datahelpers import entry, write_image, write_jsonl
+
+from olavlm.data import (
+    IGNORE_INDEX,
+    Collator,
+    ImageView,
+    LlavaDataset,
+    ResumableLoader,
+    plan_epoch,
+)
+
+NUM = 23  # prime: no batch size divides it, so every tail case shows up
+
+
+@pytest.fixture
+def dataset(tmp_path, llama_tokenizer):
+    write_image(tmp_path / "img.png", size=(12, 10))
+    # Every third sample is text-only; turns vary so lengths (and grouping) vary.
+    entries = [entry(i, image=None if i % 3 == 2 else "img.png", turns=1 + i % 4)
+               for i in range(NUM)]
+    path = write_jsonl(tmp_path / "d.jsonl", entries)
+    return LlavaDataset(path, llama_tokenizer, image_view=ImageView(size=8))
+
+
+def _ids(batches) -> list[str]:
+    return [sid for b in batches for sid in b.sample_ids]
+
+
+def test_collation_pads_right_and_masks(dataset, llama_tokenizer):
+    samples = [dataset[0], dataset[2], dataset[3]]  # image, text-only, image (4 turns)
+    batch = Collator(llama_tokenizer.pad_token_id, dataset.image_view)(samples)
+    lengths = [len(s.input_ids) for s in samples]
+    assert batch.input_ids.shape == (3, max(lengths)) and len(batch) == 3
+    for row, (s, n) in enumerate(zip(samples, lengths, strict=True)):
+        assert batch.input_ids[row, :n].tolist() == s.input_ids.tolist()
+        assert batch.labels[row, :n].tolist() == s.labels.tolist()
+        assert (batch.input_ids[row, n:] == llama_tokenizer.pad_token_id).all()
+        assert (batch.labels[row, n:] == IGNORE_INDEX).all()
+        assert batch.attention_mask[row].tolist() == [True] * n + [False] * (max(lengths) - n)
+    assert batch.image_mask.tolist() == [1, 0, 1] and batch.image_mask.dtype == torch.long
+    assert batch.images.shape == (3, 3, 8, 8) and batch.images[1].abs().sum() == 0
+    assert [t.shape for t in batch.raw_images] == [(3, 10, 12), (3, 8, 8), (3, 10, 12)]
+    assert batch.sample_ids == ["s0", "s2", "s3"] and batch.indices == [0, 2, 3]
+    padded = Collator(llama_tokenizer.pad_token_id, dataset.image_view, pad_to_multiple_of=64)
+    assert padded(samples).input_ids.shape[1] % 64 == 0
+    moved = batch.to("cpu")
+    assert torch.equal(moved.input_ids, batch.input_ids)
+
+
+def test_epoch_covers_the_dataset_once_and_reshuffles(dataset):
+    loader = ResumableLoader(dataset, batch_size=4, seed=1)
+    assert len(loader) == 6
+    first = _ids(loader)
+    assert sorted(first) == sorted(f"s{i}" for i in range(NUM)) and loader.epoch == 1
+    second = _ids(loader)
+    assert sorted(second) == sorted(first) and second != first  # a new permutation
+    again = ResumableLoader(dataset, batch_size=4, seed=1)
+    assert _ids(again) == first  # a pure function of (seed, epoch)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_mid_epoch_yields_exactly_the_remaining_samples(dataset, num_workers):
+    reference = _ids(ResumableLoader(dataset, batch_size=3, seed=7))
+    loader = ResumableLoader(dataset, batch_size=3, seed=7, num_workers=num_workers)
+    seen = []
+    for k, batch in enumerate(loader):
+        seen += batch.sample_ids
+        if k == 2:
+            state = loader.state_dict()  # the workers have prefetched beyond this point
+            break
+    assert state["epoch"] == 0 and state["position"] == 9 and state["stats"]["num_samples"] == 9
+    resumed = ResumableLoader(dataset, batch_size=3, seed=7, num_workers=num_workers)
+    resumed.load_state_dict(state)
+    rest = _ids(resumed)
+    assert seen + rest == reference
+    assert resumed.epoch == 1 and resumed.position == 0
+
+
+def test_two_ranks_cover_the_dataset_once(dataset):
+    ranks = [ResumableLoader(dataset, batch_size=4, rank=r, world_size=2, seed=3)
+             for r in range(2)]
+    batches = [list(loader) for loader in ranks]
+    assert len(batches[0]) == len(batches[1]) == len(ranks[0]) == 3  # lockstep steps
+    ids = [_ids(b) for b in batches]
+    assert not set(ids[0]) & set(ids[1])
+    assert sorted(ids[0] + ids[1]) == sorted(f"s{i}" for i in range(NUM))
+    assert [len(b) for b in batches[0]] == [4, 4, 4] and [len(b) for b in batches[1]] == [4, 4, 3]
+
+
+def test_tail_that_cannot_feed_every_rank_is_dropped_and_counted(dataset):
+    loader = ResumableLoader(dataset, batch_size=11, rank=0, world_size=2, seed=0)
+    assert len(_ids(loader)) == 11  # 23 = 22 + 1: the last sample cannot feed both ranks
+    assert "1 dropped by batching" in loader.last_summary
+    last = ResumableLoader(dataset, batch_size=4, drop_last=True)
+    assert len(_ids(last)) == 20 and "3 dropped by batching" in last.last_summary
+
+
+def test_modality_grouping_keeps_batches_single_modality(dataset):
+    world, size = 2, 2
+    image = {f"s{i}" for i in range(NUM) if i % 3 != 2}
+    loaders = [ResumableLoader(dataset, batch_size=size, rank=r, world_size=world, seed=5,
+                               group_by_modality_length=True) for r in range(world)]
+    per_rank = [list(loader) for loader in loaders]
+    assert sorted(_ids(per_rank[0]) + _ids(per_rank[1])) == sorted(f"s{i}" for i in range(NUM))
+    steps = list(zip(*per_rank, strict=True))
+    # LLaVA: only the final megabatch (both modalities' leftovers, up to two global batches)
+    # mixes them.
+    for step in steps[:-2]:
+        kinds = {sid in image for b in step for sid in b.sample_ids}
+        assert len(kinds) == 1
+
+
+def test_plan_matches_llava_megabatch_layout():
+    lengths = [5, -3, 8, -2, 9, 1, -7, 4, 6, -1]
+    plan = plan_epoch(10, epoch=0, batch_size=2, world_size=2, seed=0, modality_lengths=lengths)
+    flat = [i for gb in plan.global_batches for i in gb]
+    assert sorted(flat) == list(range(10)) and plan.num_dropped == 0
+    again = plan_epoch(10, epoch=0, batch_size=2, world_size=2, seed=0, modality_lengths=lengths)
+    assert again.global_batches == plan.global_batches  # no global RNG involved
+    with pytest.raises(ValueError, match="non-zero"):
+        plan_epoch(2, epoch=0, batch_size=1, modality_lengths=[0, 1])
+
+
+def test_resume_checks_the_state(dataset):
+    loader = ResumableLoader(dataset, batch_size=4, seed=1)
+    next(iter(loader))
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match=r"state\['seed'\] must be 2"):
+        ResumableLoader(dataset, batch_size=4, seed=2).load_state_dict(state)
+    grouped = ResumableLoader(dataset, batch_size=4, seed=1, group_by_modality_length=True)
+    with pytest.raises(ValueError, match="group_by_modality_length"):
+        grouped.load_state_dict(state)
+    with pytest.raises(ValueError, match="version"):
+        loader.load_state_dict({"version": 99})
+
+
+def test_resume_on_another_world_size_without_grouping(dataset):
+    reference = _ids(ResumableLoader(dataset, batch_size=4, seed=2))
+    one = ResumableLoader(dataset, batch_size=4, seed=2)
+    it = iter(one)
+    seen = _ids([next(it), next(it)])
+    state = one.state_dict()
+    rest = []
+    for r in range(2):  # continue on 2 ranks with a smaller per-rank batch
+        two = ResumableLoader(dataset, batch_size=3, rank=r, world_size=2, seed=2)
+        two.load_state_dict(state)
+        rest += _ids(two)
+    assert sorted(seen + rest) == sorted(reference) and len(seen + rest) == NUM
+
+
+def test_loader_arguments_are_checked(dataset):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+        ResumableLoader(dataset, batch_size=0)
+    with pytest.raises(ValueError, match=r"rank must be an int in \[0, 2\), got 2"):
+        ResumableLoader(dataset, batch_size=1, rank=2, world_size=2)
+    if not torch.cuda.is_available():
+        with pytest.warns(UserWarning, match="pin_memory=True needs a CUDA device"):
+            ResumableLoader(dataset, batch_size=1, pin_memory=True)
