@@ -1,7 +1,7 @@
-# From per-sample statistics (B and B x B_global sized) to the losses: shared by the fast paths.
-"""The small end of the fused loss.
+# From per-sample statistics (B and B x B_global sized) to the losses, for impl="torch".
+"""The small end of the chunked PyTorch loss.
 
-The fast paths reduce the big (B, D) inputs to per-sample statistics in one pass:
+impl="torch" reduces the big (B, D) inputs to per-sample statistics chunk by chunk:
 
     sl1[i] = sum_d smooth_l1(pred[i, d] - target[i, d])      (B,)
     pp[i]  = sum_d pred[i, d]^2                              (B,)
@@ -9,8 +9,9 @@ The fast paths reduce the big (B, D) inputs to per-sample statistics in one pass
     tt[j]  = sum_d targets_global[j, d]^2                    (B_global,)
 
 Everything after that is O(B * B_global) and lives here as plain differentiable PyTorch in fp32:
-autograd hands the gradients of sl1, pp and dot back to the fused backward kernel, which turns
-them into grad_pred in one more pass. The normalisation follows F.normalize (eps 1e-12).
+autograd hands the gradients of sl1, pp and dot back to the chunked backward, which turns them
+into grad_pred in one more pass. The normalisation follows F.normalize (eps 1e-12). The Triton
+path computes the same math, with analytic gradients, inside its rows kernel (impl/triton.py).
 """
 from __future__ import annotations
 
