@@ -43,6 +43,25 @@ def check_triton_device(tensor: torch.Tensor, op: str) -> None:
         )
 
 
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def resolve_impl(impl: str, tensor: torch.Tensor, op: str, arg: str) -> str:
+    """Turn impl="auto" into "triton" (CUDA/ROCm tensors of a Triton dtype) or "torch", and
+    check that an explicit impl="triton" can run on ``tensor`` (the op's main input ``arg``)."""
+    if impl == "auto":
+        use = tensor.is_cuda and triton_importable() and tensor.dtype in TRITON_DTYPES
+        return "triton" if use else "torch"
+    if impl == "triton":
+        check_triton_device(tensor, op)
+        if tensor.dtype not in TRITON_DTYPES:
+            raise NotImplementedError(
+                f"{op}: impl='triton' supports fp32/fp16/bf16 {arg}, got {tensor.dtype}; "
+                "use impl='torch'"
+            )
+    return impl
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 

@@ -6,14 +6,13 @@ from typing import NamedTuple
 import torch
 
 from .._checks import fail_if_any
-from .._triton import check_triton_device, triton_importable
+from .._triton import resolve_impl
 from .distributed import gather_targets
 from .epilogue import losses_from_stats
 
 IMPLS = ("auto", "triton", "torch", "reference")
 MASK_MODES = ("per_sample", "seed")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class EmbeddingDistillLossOutput(NamedTuple):
@@ -89,7 +88,7 @@ def embedding_distill_loss(
               mask_mode, impl)
     if logit_scale is not None and not isinstance(logit_scale, torch.Tensor):
         logit_scale = torch.tensor(float(logit_scale), device=pred.device)
-    impl = _resolve_impl(impl, pred)
+    impl = resolve_impl(impl, pred, "embedding_distill_loss", "pred")
     if impl == "reference":
         from .impl.reference import embedding_distill_loss_ref
 
@@ -131,19 +130,6 @@ def embedding_distill_loss(
         logit_scale=logit_scale, contrastive_weight=contrastive_weight,
         max_logit_scale=max_logit_scale, mask_mode=mask_mode,
     ))
-
-
-def _resolve_impl(impl: str, pred: torch.Tensor) -> str:
-    if impl == "auto":
-        use_triton = pred.is_cuda and triton_importable() and pred.dtype in _TRITON_DTYPES
-        return "triton" if use_triton else "torch"
-    if impl == "triton":
-        check_triton_device(pred, "embedding_distill_loss")
-        if pred.dtype not in _TRITON_DTYPES:
-            raise NotImplementedError(
-                f"impl='triton' supports fp32/fp16/bf16 pred, got {pred.dtype}; use impl='torch'"
-            )
-    return impl
 
 
 def _validate(pred, target, mask, logit_scale, beta, contrastive_weight, max_logit_scale,

@@ -6,12 +6,11 @@ from typing import NamedTuple
 import torch
 
 from .._checks import fail_if_any
-from .._triton import check_triton_device, triton_importable
+from .._triton import resolve_impl
 from .impl.reference import shift_for_next_token
 
 IMPLS = ("auto", "triton", "torch", "reference")
 REDUCTIONS = ("mean", "sum", "none")
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class LinearCrossEntropyOutput(NamedTuple):
@@ -73,7 +72,7 @@ def linear_cross_entropy(
     check_label_range(labels, weight.shape[0], ignore_index)
     if shift_labels:
         labels = shift_for_next_token(labels, ignore_index)
-    impl = _resolve_impl(impl, hidden)
+    impl = resolve_impl(impl, hidden, "linear_cross_entropy", "hidden")
     if impl == "reference":
         from .impl.reference import linear_cross_entropy_ref
 
@@ -109,20 +108,6 @@ def linear_cross_entropy(
     if return_stats:
         return LinearCrossEntropyOutput(loss, num_valid, correct.reshape(labels.shape))
     return loss
-
-
-def _resolve_impl(impl: str, hidden: torch.Tensor) -> str:
-    if impl == "auto":
-        use = hidden.is_cuda and triton_importable() and hidden.dtype in _TRITON_DTYPES
-        return "triton" if use else "torch"
-    if impl == "triton":
-        check_triton_device(hidden, "linear_cross_entropy")
-        if hidden.dtype not in _TRITON_DTYPES:
-            raise NotImplementedError(
-                f"impl='triton' supports fp32/fp16/bf16 hidden, got {hidden.dtype}; "
-                "use impl='torch'"
-            )
-    return impl
 
 
 def _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_weight,
