@@ -116,12 +116,32 @@ def compile_linear_cross_entropy_kernels(target) -> int:
     return count + 1
 
 
+def compile_perceiver_kernels(target) -> int:
+    from olakernels.perceiver.impl import triton as k
+
+    count = 0
+    for dt in ("bf16", "fp32"):
+        ln = {"X": "*" + dt, "W": "*" + dt, "B": "*" + dt, "Y": "*" + dt, "MEAN": "*fp32",
+              "RSTD": "*fp32"}
+        _compile(k._layer_norm_fwd_kernel, ln, ("eps",), {"BLOCK_M": 1, "BLOCK_N": 4096}, target)
+        bwd = {"DY": "*" + dt, "X": "*" + dt, "W": "*" + dt, "MEAN": "*fp32", "RSTD": "*fp32",
+               "DX": "*" + dt, "DW_PART": "*fp32", "DB_PART": "*fp32"}
+        _compile(k._layer_norm_bwd_kernel, bwd, (), {"BLOCK_M": 2, "BLOCK_N": 2048}, target)
+        _compile(k._gelu_fwd_kernel, {"X": "*" + dt, "Y": "*" + dt}, (), {"BLOCK": 1024}, target)
+        _compile(k._gelu_bwd_kernel, {"DY": "*" + dt, "X": "*" + dt, "DX": "*" + dt}, (),
+                 {"BLOCK": 1024}, target)
+        count += 4
+    return count
+
+
 def main() -> None:
     for target in TARGETS:
         n = compile_embedding_loss_kernels(target)
         print(f"compiled {n} embedding_distill_loss kernels for {target}")
         n = compile_linear_cross_entropy_kernels(target)
         print(f"compiled {n} linear_cross_entropy kernels for {target}")
+        n = compile_perceiver_kernels(target)
+        print(f"compiled {n} perceiver kernels for {target}")
 
 
 @pytest.mark.slow
@@ -133,7 +153,7 @@ def test_kernels_compile_for_hopper_and_mi300x(tmp_path):
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 2 * len(TARGETS), proc.stdout
+    assert proc.stdout.count("compiled") == 3 * len(TARGETS), proc.stdout
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+# Implementations of the perceiver resampler: reference (the seed's math) and fast.

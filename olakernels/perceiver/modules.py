@@ -1,0 +1,201 @@
+# Perceiver resampler modules with the seed's state_dict layout; reference or fast forward.
+"""``PerceiverResampler`` (learned latents), ``TaskTokenResampler`` (latents passed in) and
+``EmbeddingPredictorHead`` (a resampler as ``projector`` plus the depth head's MLPs).
+
+The parameter layout is the seed's (SPEC sections 2.1 and 11), so seed checkpoints load
+unchanged: ``latents`` (learned variant only), ``proj_in``, ``proj_out``, ``norm_out``,
+``layers.{j}.0.{norm1,norm2,to_q,to_kv,to_out}`` (attention) and ``layers.{j}.1.{0,1,3}``
+(the feed-forward ``Sequential(LayerNorm, Linear, GELU, Linear)``).
+
+``impl``: "reference" runs the seed's eager math (impl/reference.py); "torch" the fast path
+with PyTorch's LayerNorm and GELU; "triton" the fast path with the Triton LayerNorm/GELU
+kernels; "auto" (default) is "triton" on CUDA/ROCm inputs and "torch" elsewhere. All share the
+same parameters.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._triton import check_triton_device, triton_importable
+
+IMPLS = ("auto", "triton", "torch", "reference")
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to [inputs; latents]: norm1 (inputs), norm2 (latents), to_q, to_kv, to_out."""
+
+    def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 8) -> None:
+        super().__init__()
+        self.dim_head, self.heads = dim_head, heads
+        inner = dim_head * heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+
+def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:  # noqa: N802 - the seed's name
+    """LayerNorm -> Linear (no bias) -> GELU (exact erf) -> Linear (no bias)."""
+    inner = int(dim * mult)
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(),
+                         nn.Linear(inner, dim, bias=False))
+
+
+class _TorchOps:
+    @staticmethod
+    def layer_norm(x, ln: nn.LayerNorm):
+        return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+    gelu = staticmethod(F.gelu)
+
+
+class _TritonOps:
+    @staticmethod
+    def layer_norm(x, ln: nn.LayerNorm):
+        from .impl.triton import layer_norm_fwd  # noqa: PLC0415 - triton only when used
+
+        return layer_norm_fwd(x, ln.weight, ln.bias, ln.eps)[0]
+
+    @staticmethod
+    def gelu(x):
+        from .impl.triton import gelu_fwd  # noqa: PLC0415
+
+        return gelu_fwd(x)
+
+
+class PerceiverResampler(nn.Module):
+    """The seed's ``Resampler``: learned latents (num_queries, dim) read the inputs.
+
+    forward(x (B, N, embedding_dim), key_padding_mask (B, N) bool or None, True = attend)
+    -> (B, num_queries, output_dim). The seed passes no mask (padding is attended).
+    """
+
+    learned_latents = True
+
+    def __init__(self, *, dim: int = 1024, depth: int = 8, dim_head: int = 64, heads: int = 16,
+                 num_queries: int = 8, embedding_dim: int = 768, output_dim: int = 1024,
+                 ff_mult: int = 4, impl: str = "auto") -> None:
+        super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        for name, value in (("dim", dim), ("depth", depth), ("dim_head", dim_head),
+                            ("heads", heads), ("num_queries", num_queries),
+                            ("embedding_dim", embedding_dim), ("output_dim", output_dim),
+                            ("ff_mult", ff_mult)):
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.dim, self.num_queries, self.embedding_dim = dim, num_queries, embedding_dim
+        self.output_dim, self.impl = output_dim, impl
+        if self.learned_latents:
+            self.latents = nn.Parameter(torch.randn(1, num_queries, dim) / dim**0.5)
+        self.proj_in = nn.Linear(embedding_dim, dim)
+        self.proj_out = nn.Linear(dim, output_dim)
+        self.norm_out = nn.LayerNorm(output_dim)
+        self.layers = nn.ModuleList([
+            nn.ModuleList([PerceiverAttention(dim=dim, dim_head=dim_head, heads=heads),
+                           FeedForward(dim=dim, mult=ff_mult)])
+            for _ in range(depth)
+        ])
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
+        return self._run(x, None, key_padding_mask)
+
+    def _run(self, x, latents, key_padding_mask):
+        self._check_inputs(x, key_padding_mask)
+        impl = self._resolve(x)
+        if impl == "reference":
+            from .impl.reference import resampler_ref  # noqa: PLC0415
+
+            return resampler_ref(self, x, latents, key_padding_mask)
+        from .impl.fast import resampler_fast  # noqa: PLC0415
+
+        ops = _TritonOps if impl == "triton" else _TorchOps
+        return resampler_fast(self, x, latents, key_padding_mask, ops)
+
+    def _resolve(self, x: torch.Tensor) -> str:
+        if self.impl == "auto":
+            return "triton" if (x.is_cuda and triton_importable()) else "torch"
+        if self.impl == "triton":
+            check_triton_device(x, type(self).__name__)
+        return self.impl
+
+    def _check_inputs(self, x, key_padding_mask) -> None:
+        name = type(self).__name__
+        if x.dim() != 3 or x.shape[-1] != self.embedding_dim:
+            raise ValueError(f"{name}: x must have shape (B, N, embedding_dim) = (?, ?, "
+                             f"{self.embedding_dim}), got {tuple(x.shape)}")
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != x.shape[:2]:
+                raise ValueError(f"{name}: key_padding_mask must be a bool tensor of shape "
+                                 f"(B, N) = {tuple(x.shape[:2])}, got "
+                                 f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+
+    def extra_repr(self) -> str:
+        return f"num_queries={self.num_queries}, impl={self.impl!r}"
+
+
+class TaskTokenResampler(PerceiverResampler):
+    """The seed's ``TaskTokenResampler``: no learned latents; ``forward(x, latents)``.
+
+    latents: (B, n, embedding_dim), or (1, n, embedding_dim) / (n, embedding_dim) when every
+    sample shares them (the depth and seg heads' task-token parameters: the fast path then runs
+    their projections once). They go through the same ``proj_in`` as ``x``. When n differs from
+    num_queries the seed's rule applies (see latents.adapt_latents).
+    """
+
+    learned_latents = False
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None):
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"TaskTokenResampler: latents must be a Tensor, got "
+                            f"{type(latents).__name__}")
+        if latents.dim() == 2:
+            latents = latents.unsqueeze(0)
+        if (latents.dim() != 3 or latents.shape[-1] != self.embedding_dim
+                or latents.shape[1] == 0 or latents.shape[0] not in (1, x.shape[0])):
+            raise ValueError(
+                f"TaskTokenResampler: latents must have shape (B, n, embedding_dim) with "
+                f"B in (1, {x.shape[0]}), n >= 1 and embedding_dim {self.embedding_dim}, got "
+                f"{tuple(latents.shape)}"
+            )
+        return self._run(x, latents, key_padding_mask)
+
+
+class EmbeddingPredictorHead(nn.Module):
+    """A resampler as ``projector``, optionally followed by the depth head's MLPs.
+
+    ``num_mlps=3`` adds ``linear_{1,2,3} = Sequential(Linear, ReLU, Linear)`` (mlp_dim wide) as
+    the seed's depth head has them (state_dict keys ``linear_{i}.{0,2}.*``). Only ``linear_1``
+    feeds the loss, so forward computes only it; ``visualisation_outputs`` gives all of them.
+    """
+
+    def __init__(self, projector: PerceiverResampler, *, num_mlps: int = 0,
+                 mlp_dim: int | None = None) -> None:
+        super().__init__()
+        if num_mlps not in (0, 3):
+            raise ValueError(f"num_mlps must be 0 or 3 (the seed's depth head), got {num_mlps}")
+        self.projector = projector
+        self.num_mlps = num_mlps
+        width = mlp_dim or projector.output_dim
+        for i in range(1, num_mlps + 1):
+            setattr(self, f"linear_{i}", nn.Sequential(nn.Linear(width, width), nn.ReLU(),
+                                                       nn.Linear(width, width)))
+
+    def _project(self, x, latents, key_padding_mask):
+        if isinstance(self.projector, TaskTokenResampler):
+            return self.projector(x, latents, key_padding_mask)
+        return self.projector(x, key_padding_mask)
+
+    def forward(self, x, latents=None, key_padding_mask=None):
+        out = self._project(x, latents, key_padding_mask)
+        return self.linear_1(out) if self.num_mlps else out
+
+    @torch.no_grad()
+    def visualisation_outputs(self, x, latents=None, key_padding_mask=None) -> list:
+        """[linear_1(v), linear_2(v), linear_3(v), v] as the seed's depth head returns them."""
+        v = self._project(x, latents, key_padding_mask)
+        return [getattr(self, f"linear_{i}")(v) for i in range(1, self.num_mlps + 1)] + [v]

@@ -1,0 +1,224 @@
+# Tests of the perceiver resampler heads: fast paths against the float64 seed reference.
+import copy
+import re
+
+import pytest
+import torch
+
+from olakernels.perceiver import (
+    EmbeddingPredictorHead,
+    PerceiverResampler,
+    TaskTokenResampler,
+    adapt_latents,
+)
+from olakernels.perceiver.impl import triton as triton_impl
+from olakernels.testing import assert_close_to_reference
+
+E = 96  # the LLM hidden size, scaled down (Llama-3: 4096)
+
+
+def _head(task: str) -> torch.nn.Module:
+    """The three pre-training heads of SPEC 2.2, scaled down (queries 576 -> 36)."""
+    torch.manual_seed(0)
+    common = dict(depth=1, dim_head=8, heads=4, embedding_dim=E, ff_mult=1)
+    if task == "gen":  # 1 query from the mean of the 8 gen-token states; dim = output_dim
+        return TaskTokenResampler(dim=64, num_queries=1, output_dim=64, **common)
+    if task == "seg":  # many shared queries; dim = output_dim, "1536-like"
+        return TaskTokenResampler(dim=48, num_queries=36, output_dim=48, **common)
+    if task == "depth":  # dim = the LLM hidden size, plus the depth MLPs
+        projector = TaskTokenResampler(dim=E, num_queries=36, output_dim=32, **common)
+        return EmbeddingPredictorHead(projector, num_mlps=3)
+    # ragged: odd sizes everywhere, two blocks, learned latents
+    return PerceiverResampler(dim=40, depth=2, dim_head=7, heads=3, num_queries=5,
+                              embedding_dim=29, output_dim=11, ff_mult=2)
+
+
+def _inputs(task: str, batch: int = 3, tokens: int = 20):
+    g = torch.Generator().manual_seed(1)
+    emb = 29 if task == "ragged" else E
+    x = torch.randn(batch, tokens, emb, generator=g)
+    if task == "gen":
+        latents = torch.randn(batch, 8, E, generator=g)  # per-sample task-token states
+    elif task in ("seg", "depth"):
+        latents = torch.randn(36, E, generator=g)  # a shared task-token parameter
+    else:
+        latents = None
+    return x, latents
+
+
+def _run(module, impl, x, latents, dtype, mask=None):
+    module = copy.deepcopy(module).to(dtype)
+    module.impl = impl  # "depth" wraps the resampler: set it where it lives
+    if isinstance(module, EmbeddingPredictorHead):
+        module.projector.impl = impl
+    x = x.to(dtype)
+    lat = None if latents is None else latents.detach().to(dtype).clone().requires_grad_(True)
+    args = (x,) if isinstance(module, PerceiverResampler) and lat is None else (x, lat)
+    out = module(*args, key_padding_mask=mask) if mask is not None else module(*args)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (out * w.to(dtype)).sum().backward()
+    grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    if lat is not None:
+        grads["<latents>"] = lat.grad
+    return out, grads
+
+
+TASKS = ["gen", "seg", "depth", "ragged"]
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("task", TASKS)
+def test_matches_reference(task, dtype, impl):
+    module = _head(task)
+    x, latents = _inputs(task)
+    out, grads = _run(module, impl, x, latents, dtype)
+    ref, r_grads = _run(module, "reference", x, latents, torch.float64)
+    eager, e_grads = _run(module, "reference", x, latents, dtype)
+    assert_close_to_reference(out, ref, eager, name=f"{task}.{impl}.out", k=3.0)
+    assert set(grads) == set(r_grads)
+    for name, grad in grads.items():
+        assert_close_to_reference(grad, r_grads[name], e_grads[name], k=3.0,
+                                  name=f"{task}.{impl}.grad[{name}]", reduction_size=x.shape[1])
+
+
+def test_depth_head_computes_only_linear_1():
+    head = _head("depth")
+    x, latents = _inputs("depth")
+    out = head(x, latents)
+    v = head.projector(x, latents)
+    torch.testing.assert_close(out, head.linear_1(v))
+    vis = head.visualisation_outputs(x, latents)
+    assert len(vis) == 4 and torch.allclose(vis[1], head.linear_2(v))
+    out.sum().backward()
+    assert head.linear_2[0].weight.grad is None and head.linear_3[0].weight.grad is None
+
+
+@pytest.mark.parametrize("n, expected", [(12, "tiled"), (5, "mean"), (36, "same")])
+def test_latents_adaptation_rule(n, expected):
+    lat = torch.randn(2, n, 4)
+    out = adapt_latents(lat, 36)
+    assert out.shape == (2, 36, 4)
+    if expected == "tiled":  # [l0..l11, l0..l11, l0..l11], as Tensor.repeat
+        torch.testing.assert_close(out, torch.cat([lat] * 3, dim=1))
+    elif expected == "mean":
+        torch.testing.assert_close(out, lat.mean(1, keepdim=True).expand(2, 36, 4))
+    else:
+        assert out is lat
+    torch.testing.assert_close(adapt_latents(torch.ones(1, 8, 3), 1), torch.ones(1, 1, 3))
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
+def test_shared_latents_equal_per_sample_copies(impl):
+    head = _head("seg")
+    head.impl = impl
+    x, latents = _inputs("seg")
+    shared = head(x, latents)
+    copies = head(x, latents.expand(x.shape[0], -1, -1))
+    torch.testing.assert_close(shared, copies, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
+def test_key_padding_mask_equals_slicing_the_padding_away(impl):
+    head = _head("gen")
+    head.impl = impl
+    x, latents = _inputs("gen", batch=2, tokens=20)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1, 13:] = False  # the second sample has 7 padding positions
+    masked = head(x, latents, key_padding_mask=mask)
+    sliced = head(x[1:, :13], latents[1:])
+    torch.testing.assert_close(masked[1:], sliced, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(masked[:1], head(x[:1], latents[:1]), rtol=1e-5, atol=1e-6)
+
+
+def _seed_depth_head_keys(depth: int = 1) -> list[str]:
+    """The key names of a seed depth head (SPEC 11), written out independently of our modules."""
+    keys = [f"projector.{m}.{p}" for m in ("proj_in", "proj_out", "norm_out")
+            for p in ("weight", "bias")]
+    for j in range(depth):
+        a = f"projector.layers.{j}.0"
+        keys += [f"{a}.{n}.{p}" for n in ("norm1", "norm2") for p in ("weight", "bias")]
+        keys += [f"{a}.to_q.weight", f"{a}.to_kv.weight", f"{a}.to_out.weight"]
+        f = f"projector.layers.{j}.1"
+        keys += [f"{f}.0.weight", f"{f}.0.bias", f"{f}.1.weight", f"{f}.3.weight"]
+    keys += [f"linear_{i}.{k}.{p}" for i in (1, 2, 3) for k in (0, 2) for p in ("weight", "bias")]
+    return keys
+
+
+def test_loads_a_seed_layout_state_dict():
+    head = _head("depth")
+    seed_keys = _seed_depth_head_keys()
+    assert sorted(head.state_dict()) == sorted(seed_keys)
+    seed_state = {k: torch.randn_like(v) for k, v in head.state_dict().items()}
+    fresh = _head("depth")
+    fresh.load_state_dict(seed_state, strict=True)
+    torch.testing.assert_close(fresh.projector.layers[0][0].to_kv.weight,
+                               seed_state["projector.layers.0.0.to_kv.weight"])
+    learned = _head("ragged")
+    assert "latents" in learned.state_dict() and learned.latents.shape == (1, 5, 40)
+
+
+def _bad_cases():
+    head = _head("seg")
+    x, latents = _inputs("seg")
+    yield "x_hidden", lambda: head(torch.randn(3, 20, 7), latents), "x must have shape"
+    yield "lat_hidden", lambda: head(x, torch.randn(36, 7)), "latents must have shape"
+    yield "lat_empty", lambda: head(x, torch.randn(3, 0, E)), "n >= 1"
+    yield "lat_batch", lambda: head(x, torch.randn(2, 36, E)), "B in (1, 3)"
+    yield "mask_shape", lambda: head(x, latents, torch.ones(3, 19, dtype=torch.bool)), "(B, N)"
+    yield "mask_dtype", lambda: head(x, latents, torch.ones(3, 20)), "bool tensor"
+    yield "impl", lambda: TaskTokenResampler(impl="cuda"), "impl must be one of"
+    yield "dims", lambda: TaskTokenResampler(dim=0), "dim must be a positive int"
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[0])
+def test_bad_input_errors(case):
+    _, call, message = case
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+
+
+# ---- the Triton LayerNorm and GELU on their own ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(4, 33, 96), (7, 1500)], ids=["tokens", "wide_ragged"])
+def test_triton_layer_norm_and_gelu(shape, dtype):
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(shape, generator=g) * 3 + 1).to(dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(dtype)
+    b = (0.1 * torch.randn(shape[-1], generator=g)).to(dtype)
+    dy = torch.randn(shape, generator=g).to(dtype)
+
+    def ln(impl_dtype, use_triton):
+        xx, ww, bb = (t.to(impl_dtype).clone().requires_grad_(True) for t in (x, w, b))
+        if use_triton:
+            y = triton_impl.layer_norm_fwd(xx, ww, bb, 1e-5)[0]
+        else:
+            y = torch.nn.functional.layer_norm(xx, (shape[-1],), ww, bb, 1e-5)
+        y.backward(dy.to(impl_dtype))
+        return [y, xx.grad, ww.grad, bb.grad]
+
+    def gelu(impl_dtype, use_triton):
+        xx = x.to(impl_dtype).clone().requires_grad_(True)
+        y = triton_impl.gelu_fwd(xx) if use_triton else torch.nn.functional.gelu(xx)
+        y.backward(dy.to(impl_dtype))
+        return [y, xx.grad]
+
+    for name, fn in (("layer_norm", ln), ("gelu", gelu)):
+        outs, refs, eagers = fn(dtype, True), fn(torch.float64, False), fn(dtype, False)
+        for i, (o, r, e) in enumerate(zip(outs, refs, eagers, strict=True)):
+            assert_close_to_reference(o, r, e, name=f"{name}[{i}]", k=3.0,
+                                      reduction_size=x.numel() // shape[-1] if i > 1 else 1)
+
+
+def test_opcheck_layer_norm_and_gelu():
+    x = torch.randn(5, 24, requires_grad=True)
+    w, b = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
+    torch.library.opcheck(triton_impl.layer_norm_fwd, (x, w, b, 1e-5))
+    torch.library.opcheck(triton_impl.gelu_fwd, (x,))
+    with torch.no_grad():
+        _, mean, rstd = triton_impl.layer_norm_fwd(x, w, b, 1e-5)
+    torch.library.opcheck(triton_impl.layer_norm_bwd, (torch.randn(5, 24), x.detach(),
+                                                       w.detach(), mean, rstd))
+    torch.library.opcheck(triton_impl.gelu_bwd, (torch.randn(5, 24), x.detach()))
