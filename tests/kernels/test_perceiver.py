@@ -222,3 +222,33 @@ def test_opcheck_layer_norm_and_gelu():
     torch.library.opcheck(triton_impl.layer_norm_bwd, (torch.randn(5, 24), x.detach(),
                                                        w.detach(), mean, rstd))
     torch.library.opcheck(triton_impl.gelu_bwd, (torch.randn(5, 24), x.detach()))
+
+
+# ---- GPU: the real head sizes (H = 4096), compiled LayerNorm/GELU, SDPA's GPU kernels ----
+
+GPU_HEADS = {
+    "depth": dict(dim=4096, num_queries=576, output_dim=1024, latents=(576,)),
+    "seg": dict(dim=1536, num_queries=576, output_dim=1536, latents=(576,)),
+    "gen": dict(dim=1024, num_queries=1, output_dim=1024, latents=(2, 8)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("task", GPU_HEADS)
+def test_gpu_real_head_sizes(task):
+    spec = dict(GPU_HEADS[task])
+    lat_shape = spec.pop("latents") + (4096,)
+    torch.manual_seed(0)
+    head = TaskTokenResampler(depth=1, dim_head=32, heads=4, embedding_dim=4096, ff_mult=1,
+                              **spec).cuda()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 300, 4096, generator=g).cuda()
+    latents = torch.randn(lat_shape, generator=g).cuda()
+    out, grads = _run(head, "triton", x, latents, torch.bfloat16)
+    ref, r_grads = _run(head, "reference", x, latents, torch.float64)
+    eager, e_grads = _run(head, "reference", x, latents, torch.bfloat16)
+    assert_close_to_reference(out, ref, eager, name=f"{task}.out", k=3.0)
+    for name in ("proj_in.weight", "layers.0.0.to_kv.weight", "layers.0.1.1.weight",
+                 "<latents>"):
+        assert_close_to_reference(grads[name], r_grads[name], e_grads[name], k=3.0,
+                                  name=f"{task}.grad[{name}]", reduction_size=300)
