@@ -5,6 +5,10 @@ from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 DATA = ["transformers>=4.45", "tokenizers>=0.20", "pillow>=10.1"]
+# olavlm.teachers: the teachers' model classes come from transformers; the target cache is
+# safetensors shards (float8_e4m3 storage needs safetensors >= 0.4); huggingface-hub finds
+# weights already in a local hub cache (never downloads). All three come with transformers.
+TEACHERS = [*DATA, "safetensors>=0.4.3", "huggingface-hub>=0.23"]
 
 setup(
     name="olavlm",
@@ -30,12 +34,13 @@ setup(
     # tokenizer. olakernels never imports these.
     extras_require={
         "data": DATA,
+        "teachers": TEACHERS,
         # liger-kernel: the parity test of linear_cross_entropy (it runs in the interpreter).
         # (liger-kernel imports packaging without declaring it.)
         "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "liger-kernel", "packaging",
-                 *DATA],
-        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", *DATA],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "ruff", *DATA],
+                 *TEACHERS],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", *TEACHERS],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "ruff", *TEACHERS],
     },
     entry_points={"console_scripts": ["olavlm=olavlm.cli:main"]},
     classifiers=[

@@ -1,10 +1,14 @@
-# Command line: `olavlm data synth` (built-in dataset) and `olavlm data check` (validate data).
+# Command line: `olavlm data synth|check` (datasets) and `olavlm targets extract|verify` (cache).
 """The ``olavlm`` command (also ``python -m olavlm``).
 
     olavlm data synth --out DIR --num N [--num-val M] [--seed S] [--size 128] [--workers W]
     olavlm data check DATA.jsonl --tokenizer DIR [--template llava_llama_3] [--rejects FILE]
+    olavlm targets extract --data DATA.jsonl --teachers depth,seg,gen --out CACHE
+                           [--weights depth=DIR,seg=DIR,gen=DIR] [--storage bf16|fp8_e4m3]
+    olavlm targets verify CACHE [--data DATA.jsonl]
 
-Training, target extraction and probing join here as their issues land.
+``targets extract`` also runs under ``torchrun --nproc-per-node N -m olavlm targets extract
+...``: the ranks split the shards. Training and probing join here as their issues land.
 """
 from __future__ import annotations
 
@@ -48,6 +52,44 @@ def _add_check(sub) -> None:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
 
 
+def _add_extract(sub) -> None:
+    p = sub.add_parser("extract", help="run teachers over a dataset into a sharded target cache",
+                       description="Compute the teachers' targets for every distinct image of "
+                       "LLaVA data files and store them as safetensors shards plus an index "
+                       "keyed by image; rerun the same command to resume.")
+    p.add_argument("--data", nargs="+", required=True, help=".json/.jsonl files")
+    p.add_argument("--teachers", required=True,
+                   help="comma-separated: depth, seg, gen, synthetic (or registered names)")
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--weights", default=None,
+                   help="teacher=DIR,... local weight folders (default: the hub cache)")
+    p.add_argument("--image-folder", default=None)
+    p.add_argument("--storage", default="bf16", choices=["bf16", "fp8_e4m3"])
+    p.add_argument("--shard-size", type=int, default=256, help="images per shard")
+    p.add_argument("--batch-size", type=int, default=32, help="images per teacher forward")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image decoding processes")
+    p.add_argument("--device", default=None, help="default: cuda[:LOCAL_RANK] if present, else cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="teacher compute dtype (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--resize", default="device", choices=["device", "host"],
+                   help="resize on the teachers' device, or with PIL in the workers (seed-exact)")
+    p.add_argument("--no-seed-compat", action="store_true",
+                   help="drop the seed's quirks (BGR depth input, double seg resize)")
+    p.add_argument("--on-bad-sample", default="skip", choices=["skip", "raise"])
+    p.add_argument("--rejects", default=None, help="write one JSON line per rejected image")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache of another plan")
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check every shard of a target cache",
+                       description="Check each shard's SHA-256, header and per-row CRCs, and "
+                       "report coverage against LLaVA data files. Exit status 1 if not OK.")
+    p.add_argument("cache", help="cache folder")
+    p.add_argument("--data", nargs="+", default=None, help=".json/.jsonl files for coverage")
+    p.add_argument("--no-rows", action="store_true", help="skip the per-row CRC checks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="olavlm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        required=True)
     _add_synth(data)
     _add_check(data)
+    targets = commands.add_parser("targets", help="teacher targets").add_subparsers(
+        dest="targets_command", required=True)
+    _add_extract(targets)
+    _add_verify(targets)
     return parser
 
 
@@ -90,6 +136,54 @@ def _check(args) -> int:
     return 1 if loader.last_stats["counts"] else 0
 
 
+def _init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; a gloo group for the
+    barriers (the teachers' work needs no collectives), with a long timeout because ranks
+    finish their shards at different times."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _extract(args) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from olavlm.teachers import build_teachers, extract_targets
+
+    rank, world, local_rank = _init_distributed()
+    try:
+        device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16,
+                 "fp32": torch.float32}[args.dtype]
+        teachers = build_teachers(args.teachers, args.weights, device=device, dtype=dtype,
+                                  seed_compat=not args.no_seed_compat)
+        report = extract_targets(
+            args.data, args.out, teachers, image_folder=args.image_folder,
+            storage=args.storage, shard_size=args.shard_size, batch_size=args.batch_size,
+            num_workers=args.workers, resize=args.resize, overwrite=args.overwrite,
+            on_bad_sample=args.on_bad_sample, rejects_path=args.rejects)
+        print(report.summary())
+        return 0
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _verify(args) -> int:
+    from olavlm.teachers import verify_cache
+
+    report = verify_cache(args.cache, data=args.data, check_rows=not args.no_rows)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -97,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         return _synth(args)
     if args.command == "data" and args.data_command == "check":
         return _check(args)
+    if args.command == "targets" and args.targets_command == "extract":
+        return _extract(args)
+    if args.command == "targets" and args.targets_command == "verify":
+        return _verify(args)
     raise AssertionError(f"unhandled command {args}")  # argparse rejects unknown commands
 
 

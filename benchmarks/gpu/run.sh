@@ -25,7 +25,7 @@ T0=$(date +%s)
 # OLAVLM_STAGES picks stages (default below), e.g. OLAVLM_STAGES="bench gpu_tests";
 # OLAVLM_BENCH_K narrows the benchmarks (a pytest -k expression, e.g. "triton").
 # bench_compile (torch.compile baselines) only when asked for: compiling eats the window.
-STAGES=${OLAVLM_STAGES:-"ceilings bench bench_lce bench_perceiver gpu_tests"}
+STAGES=${OLAVLM_STAGES:-"ceilings bench bench_lce bench_perceiver gpu_tests"}  # + bench_teachers
 
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log it, never abort the script
   local name=$1 limit=$2
@@ -66,6 +66,9 @@ stage bench_lce "${OLAVLM_LCE_LIMIT:-150}" "${PYTEST[@]}" \
   benchmarks/bench_linear_cross_entropy.py --benchmark-only -k "${OLAVLM_LCE_K:-not compile}"
 stage bench_perceiver "${OLAVLM_PERCEIVER_LIMIT:-90}" "${PYTEST[@]}" \
   benchmarks/bench_perceiver.py --benchmark-only
+# Teachers: per-image vs batched vs cache reads (opt-in: OLAVLM_STAGES="... bench_teachers").
+# (its default preset: real model sizes on a GPU, tiny ones on the CPU dry run)
+stage bench_teachers "${OLAVLM_TEACHERS_LIMIT:-120}" $PY benchmarks/bench_teachers.py
 stage gpu_tests "${OLAVLM_TESTS_LIMIT:-90}" "${PYTEST[@]}" tests -m gpu
 # torch.compile baselines: slowest to set up (compiles), so last.
 stage bench_compile 45 "${PYTEST[@]}" benchmarks/bench_embedding_loss.py --benchmark-only \

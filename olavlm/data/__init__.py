@@ -1,8 +1,15 @@
 # olavlm.data: LLaVA conversations, templates and labels, image views, synthetic data, loader.
 """Data for OLA-VLM training (SPEC sections 1.3, 1.4, 3 and 5.2); see docs/data.md."""
-from .bad_data import BAD_SAMPLE_POLICIES, REJECT_REASONS, BadSampleError, Reject, RejectLog
+from .bad_data import (
+    BAD_SAMPLE_POLICIES,
+    REJECT_REASONS,
+    TARGET_PROBLEMS,
+    BadSampleError,
+    Reject,
+    RejectLog,
+)
 from .images import CLIP_MEAN, CLIP_STD, ImageView, load_image, tower_view
-from .llava import LlavaDataset, LlavaIndex, Sample
+from .llava import MISSING_TARGET_POLICIES, LlavaDataset, LlavaIndex, Sample, image_key
 from .loader import Batch, Collator, ResumableLoader
 from .sampler import plan_epoch
 from .templates import (
@@ -26,8 +33,10 @@ __all__ = [
     "IGNORE_INDEX",
     "IMAGE_PLACEHOLDER",
     "IMAGE_TOKEN_INDEX",
+    "MISSING_TARGET_POLICIES",
     "REJECT_REASONS",
     "SEED_NUM_TOKENS_BEFORE_IMAGE",
+    "TARGET_PROBLEMS",
     "TEMPLATES",
     "BadSampleError",
     "Batch",
@@ -42,6 +51,7 @@ __all__ = [
     "Sample",
     "Template",
     "get_template",
+    "image_key",
     "load_image",
     "num_tokens_before_image",
     "plan_epoch",

@@ -11,6 +11,10 @@ Reasons (``REJECT_REASONS``):
 - ``tokenization_mismatch``: a token straddles a supervised span (templates.py);
 - ``too_long``: ``max_length`` cannot even hold the prompt before the image and the image.
 
+Image samples whose cached targets are absent or damaged (``missing_target``,
+``corrupt_target``, ``TARGET_PROBLEMS``) are not rejected: they train on the text with the
+embedding losses masked, and are counted apart, logged in the rejects file and summarized.
+
 ``on_bad_sample="skip"`` (default) leaves the sample out of its batch, counts it per reason,
 appends one JSON line per reject to the rejects file and logs a summary at the end of the
 epoch; ``"raise"`` raises ``BadSampleError`` at the first one. Conversations longer than
@@ -27,6 +31,7 @@ from pathlib import Path
 __all__ = [
     "BAD_SAMPLE_POLICIES",
     "REJECT_REASONS",
+    "TARGET_PROBLEMS",
     "BadSampleError",
     "Reject",
     "RejectLog",
@@ -40,6 +45,7 @@ REJECT_REASONS = (
     "malformed_json", "no_conversations", "bad_entry", "missing_image", "corrupt_image",
     "tokenization_mismatch", "too_long",
 )
+TARGET_PROBLEMS = ("missing_target", "corrupt_target")
 
 
 def check_policy(on_bad_sample: str) -> str:
@@ -91,11 +97,21 @@ class RejectLog:
         self.num_truncated = 0
         self.num_samples = 0
         self.num_dropped = 0  # left out by batching (drop_last, fewer samples than ranks)
+        self.target_counts: Counter[str] = Counter()  # samples trained without targets
 
     def add(self, reject: Reject, *, epoch: int | None = None) -> None:
         """Count ``reject`` and append it to the rejects file."""
         self.counts[reject.reason] += 1
         self.write(reject, epoch=epoch)
+
+    def add_target_problem(self, problem: Reject, *, epoch: int | None = None) -> None:
+        """Count an image sample trained without its targets (masked) and log it."""
+        self.target_counts[problem.reason] += 1
+        self.write(problem, epoch=epoch)
+
+    @property
+    def num_target_problems(self) -> int:
+        return sum(self.target_counts.values())
 
     def write(self, reject: Reject, *, epoch: int | None = None) -> None:
         if self.path is None:
@@ -113,22 +129,29 @@ class RejectLog:
         head = f"epoch {epoch}: " if epoch is not None else ""
         parts = ", ".join(f"{reason}={n}" for reason, n in sorted(self.counts.items()))
         where = f" (ids in {self.path})" if self.path is not None and self.counts else ""
+        targets = ""
+        if self.target_counts:
+            listed = ", ".join(f"{r}={n}" for r, n in sorted(self.target_counts.items()))
+            targets = (f", {self.num_target_problems} without targets (masked) [{listed}]")
         return (f"{head}{self.num_samples} samples used, {self.num_rejected} rejected"
                 f"{' [' + parts + ']' if parts else ''}{where}, {self.num_truncated} truncated, "
-                f"{self.num_dropped} dropped by batching")
+                f"{self.num_dropped} dropped by batching{targets}")
 
     def reset(self) -> None:
         self.counts.clear()
         self.num_truncated = 0
         self.num_samples = 0
         self.num_dropped = 0
+        self.target_counts.clear()
 
     def state_dict(self) -> dict:
         return {"counts": dict(self.counts), "num_truncated": self.num_truncated,
-                "num_samples": self.num_samples, "num_dropped": self.num_dropped}
+                "num_samples": self.num_samples, "num_dropped": self.num_dropped,
+                "target_counts": dict(self.target_counts)}
 
     def load_state_dict(self, state: dict) -> None:
         self.counts = Counter(state.get("counts", {}))
         self.num_truncated = int(state.get("num_truncated", 0))
         self.num_samples = int(state.get("num_samples", 0))
         self.num_dropped = int(state.get("num_dropped", 0))
+        self.target_counts = Counter(state.get("target_counts", {}))

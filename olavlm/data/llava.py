@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -32,9 +32,34 @@ from .bad_data import BadSampleError, Reject, check_policy
 from .images import ImageView, load_image, pil_to_uint8
 from .templates import ConversationError, get_template, prepare_turns, tokenize_conversation
 
-__all__ = ["LlavaDataset", "LlavaIndex", "Sample", "validate_entry"]
+__all__ = [
+    "MISSING_TARGET_POLICIES",
+    "LlavaDataset",
+    "LlavaIndex",
+    "Sample",
+    "image_key",
+    "resolve_image_path",
+    "validate_entry",
+]
 
 _JSON_SUFFIXES = (".json", ".jsonl")
+MISSING_TARGET_POLICIES = ("mask", "raise")
+
+
+def image_key(relative: str) -> str:
+    """The key of an entry's image in a target cache: its ``image`` path as written in the data
+    file, normalized (``/`` separators, no ``./`` or doubled slashes)."""
+    return PurePosixPath(relative.replace("\\", "/")).as_posix()
+
+
+def resolve_image_path(index: LlavaIndex, i: int, relative: str,
+                       image_folder: str | Path | None = None) -> Path:
+    """Where entry ``i``'s ``relative`` file lives: absolute paths as they are, others under
+    ``image_folder`` (default: the folder of the data file holding the entry)."""
+    path = Path(relative)
+    if path.is_absolute():
+        return path
+    return (Path(image_folder) if image_folder is not None else index.source_path(i).parent) / path
 
 
 def validate_entry(entry) -> tuple[str, str] | None:
@@ -200,7 +225,10 @@ class Sample:
     """One training sample. ``input_ids``/``labels``: (T,) int64 with IMAGE_TOKEN_INDEX at the
     image; ``image``: (3, S, S) encoder view (zeros without an image); ``raw_image``: the
     decoded RGB pixels (3, H, W) uint8 for the teachers (a black S x S image without one);
-    ``teacher_views``: name -> (3, s, s) tensor."""
+    ``teacher_views``: name -> (3, s, s) tensor; ``image_key``: the image's target-cache key;
+    ``targets``: task -> cached target (zeros unless ``target_present``); ``target_problem``:
+    why an image sample has no target (a counted ``Reject``); ``maps``: the synthetic
+    dataset's exact maps (``load_scene_maps``)."""
 
     index: int
     sample_id: str
@@ -211,6 +239,11 @@ class Sample:
     truncated: bool
     raw_image: torch.Tensor | None = None
     teacher_views: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    image_key: str | None = None
+    targets: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    target_present: bool = False
+    target_problem: Reject | None = None
+    maps: dict[str, torch.Tensor] | None = None
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -219,6 +252,13 @@ class LlavaDataset(torch.utils.data.Dataset):
     ``__getitem__`` returns a ``Sample``, or, for a bad sample under ``on_bad_sample="skip"``,
     the ``Reject`` describing it (the collator leaves it out and the loader counts it). Image
     paths are relative to ``image_folder`` (default: the data file's folder).
+
+    ``targets`` (e.g. ``olavlm.teachers.TargetCache``: ``.tasks`` {task: shape}, ``.dtype``,
+    ``.lookup(key) -> (values | None, problem, detail)``) adds each image's cached targets. An
+    image without them gets zero targets with ``target_present=False`` (its loss mask is 0)
+    and is counted and logged as ``missing_target``/``corrupt_target``, or raises
+    ``BadSampleError`` with ``on_missing_target="raise"``. ``keep_maps`` adds the synthetic
+    dataset's depth and segmentation maps (for the synthetic teacher run online).
     """
 
     def __init__(
@@ -234,8 +274,20 @@ class LlavaDataset(torch.utils.data.Dataset):
         max_length: int = 4096,
         num_image_tokens: int = 600,
         on_bad_sample: str = "skip",
+        targets=None,
+        on_missing_target: str = "mask",
+        keep_maps: bool = False,
     ):
         self.on_bad_sample = check_policy(on_bad_sample)
+        if on_missing_target not in MISSING_TARGET_POLICIES:
+            raise ValueError(f"on_missing_target must be one of {MISSING_TARGET_POLICIES}, got "
+                             f"{on_missing_target!r}")
+        if targets is not None and not all(hasattr(targets, a) for a in ("tasks", "lookup")):
+            raise TypeError("targets must have .tasks and .lookup(key) (a TargetCache), got "
+                            f"{type(targets).__name__}")
+        self.targets = targets
+        self.on_missing_target = on_missing_target
+        self.keep_maps = keep_maps
         self.template = get_template(template)
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError("tokenizer must be a fast transformers tokenizer (it must report "
@@ -269,10 +321,35 @@ class LlavaDataset(torch.utils.data.Dataset):
         return self.index.modality_lengths
 
     def image_path(self, i: int, relative: str) -> Path:
-        path = Path(relative)
-        if path.is_absolute():
-            return path
-        return (self.image_folder or self.index.source_path(i).parent) / path
+        return resolve_image_path(self.index, i, relative, self.image_folder)
+
+    def _blank_targets(self) -> dict[str, torch.Tensor]:
+        dtype = getattr(self.targets, "dtype", torch.bfloat16)
+        return {t: torch.zeros(shape, dtype=dtype) for t, shape in self.targets.tasks.items()}
+
+    def _add_targets(self, i: int, entry: dict, sample: Sample) -> None:
+        values, reason, detail = self.targets.lookup(sample.image_key)
+        if values is not None:
+            sample.targets, sample.target_present = values, True
+            return
+        location = self.index.location(i)
+        problem = Reject(reason=reason, sample_id=sample.sample_id, location=location,
+                         detail=detail, index=i)
+        if self.on_missing_target == "raise":
+            raise BadSampleError(problem)
+        sample.targets, sample.target_problem = self._blank_targets(), problem
+
+    def _add_maps(self, i: int, entry: dict, sample: Sample) -> Reject | None:
+        from .synthetic import load_scene_maps
+
+        folder = self.image_folder or self.index.source_path(i).parent
+        try:
+            sample.maps = load_scene_maps(entry, folder)
+        except FileNotFoundError as err:
+            return self._bad(i, entry, "missing_image", str(err))
+        except (OSError, ValueError) as err:
+            return self._bad(i, entry, "corrupt_image", f"maps: {type(err).__name__}: {err}")
+        return None
 
     def _bad(self, i: int, entry: dict, reason: str, detail: str) -> Reject:
         location = self.index.location(i)
@@ -300,7 +377,13 @@ class LlavaDataset(torch.utils.data.Dataset):
             if self.keep_raw_image:
                 sample.raw_image = torch.zeros(3, size, size, dtype=torch.uint8)
             sample.teacher_views = {k: v.blank() for k, v in self.teacher_views.items()}
+            if self.targets is not None:
+                sample.targets = self._blank_targets()  # masked: no image, nothing to count
+            if self.keep_maps:
+                sample.maps = {"depth_mm": torch.zeros(size, size, dtype=torch.int32),
+                               "seg_class": torch.zeros(size, size, dtype=torch.uint8)}
             return sample
+        sample.image_key = image_key(entry["image"])
         path = self.image_path(i, entry["image"])
         try:
             pil = load_image(path)  # the one decode every view below derives from
@@ -312,4 +395,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         if self.keep_raw_image:
             sample.raw_image = pil_to_uint8(pil)
         sample.teacher_views = {k: v(pil) for k, v in self.teacher_views.items()}
+        if self.keep_maps:
+            bad = self._add_maps(i, entry, sample)
+            if bad is not None:
+                return bad
+        if self.targets is not None:
+            self._add_targets(i, entry, sample)
         return sample

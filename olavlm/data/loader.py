@@ -53,6 +53,12 @@ class Batch:
     image_mask:     (B,) int64; 1 for a sample with an image, 0 for a text-only one
     raw_images:     B uint8 (3, H, W) tensors for the teachers (None if not kept)
     teacher_views:  name -> (B, 3, s, s)
+    image_keys:     B target-cache keys (None for text-only samples)
+    targets:        task -> (B, *shape) cached targets (empty without a target cache)
+    target_mask:    (B,) int64; 1 where the sample has an image AND its cached targets (the
+                    embedding losses' mask with a cache); None without a target cache
+    target_rejects: the image samples of this batch whose targets were missing or damaged
+    maps:           name -> B (H, W) tensors, the synthetic dataset's maps (None if not kept)
     """
 
     input_ids: torch.Tensor
@@ -66,6 +72,11 @@ class Batch:
     indices: list[int]
     num_truncated: int = 0
     rejects: list[Reject] = dataclasses.field(default_factory=list)
+    image_keys: list[str | None] = dataclasses.field(default_factory=list)
+    targets: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    target_mask: torch.Tensor | None = None
+    target_rejects: list[Reject] = dataclasses.field(default_factory=list)
+    maps: dict[str, list[torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -78,6 +89,10 @@ class Batch:
             image_mask=fn(self.image_mask),
             raw_images=None if self.raw_images is None else [fn(t) for t in self.raw_images],
             teacher_views={k: fn(v) for k, v in self.teacher_views.items()},
+            targets={k: fn(v) for k, v in self.targets.items()},
+            target_mask=None if self.target_mask is None else fn(self.target_mask),
+            maps=None if self.maps is None else {k: [fn(t) for t in v]
+                                                 for k, v in self.maps.items()},
         )
 
     def pin_memory(self) -> Batch:
@@ -126,6 +141,8 @@ class Collator:
             teacher_views[name] = (torch.stack([s.teacher_views[name] for s in samples])
                                    if samples else empty)
         keep_raw = all(s.raw_image is not None for s in samples)
+        with_targets = bool(samples) and all(s.targets for s in samples)
+        with_maps = bool(samples) and all(s.maps is not None for s in samples)
         return Batch(
             input_ids=input_ids, labels=labels, attention_mask=attention_mask, images=images,
             image_mask=torch.tensor([int(s.has_image) for s in samples], dtype=torch.long),
@@ -133,6 +150,14 @@ class Collator:
             teacher_views=teacher_views,
             sample_ids=[s.sample_id for s in samples], indices=[s.index for s in samples],
             num_truncated=sum(int(s.truncated) for s in samples), rejects=rejects,
+            image_keys=[s.image_key for s in samples],
+            targets=({t: torch.stack([s.targets[t] for s in samples]) for t in samples[0].targets}
+                     if with_targets else {}),
+            target_mask=(torch.tensor([int(s.has_image and s.target_present) for s in samples],
+                                      dtype=torch.long) if with_targets else None),
+            target_rejects=[s.target_problem for s in samples if s.target_problem is not None],
+            maps=({k: [s.maps[k] for s in samples] for k in samples[0].maps}
+                  if with_maps else None),
         )
 
 
@@ -266,6 +291,8 @@ class ResumableLoader:
                 self.log.num_truncated += batch.num_truncated
                 for reject in batch.rejects:
                     self.log.add(reject, epoch=self.epoch)
+                for problem in batch.target_rejects:
+                    self.log.add_target_problem(problem, epoch=self.epoch)
                 yield batch
         finally:
             # Stop the workers now (on a break or an error too): an iterator kept alive by a
@@ -280,7 +307,8 @@ class ResumableLoader:
     def _end_epoch(self) -> None:
         self.last_summary = self.log.summary(self.epoch)
         self.last_stats = self.log.state_dict()
-        level = logging.WARNING if self.log.num_rejected or self.log.num_dropped else logging.INFO
+        noisy = self.log.num_rejected or self.log.num_dropped or self.log.num_target_problems
+        level = logging.WARNING if noisy else logging.INFO
         logger.log(level, "data: %s", self.last_summary)
         self.epoch += 1
         self.position = 0

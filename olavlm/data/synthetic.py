@@ -26,17 +26,21 @@ import multiprocessing
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 __all__ = [
     "COLOURS",
+    "NUM_CLASSES",
     "SHAPES",
     "SIZES",
     "Scene",
     "SceneObject",
+    "load_scene_maps",
     "render_scene",
     "sample_scene",
     "scene_conversation",
+    "semantic_class",
     "shape_mask",
     "synth_sample",
     "write_synthetic_dataset",
@@ -57,6 +61,9 @@ OBJECT_DEPTHS_MM = np.arange(1000, 5001, 50)
 SPLITS = {"train": 0, "val": 1}
 _CORNERS = {"circle": "zero", "triangle": "three", "square": "four"}
 _MIXES = (("red", "yellow", "orange"), ("blue", "red", "purple"), ("blue", "yellow", "green"))
+# Semantic classes of the maps' consumers (the synthetic teacher): 0 = floor, then one per
+# (colour, shape) pair; instance ids are arbitrary per scene, classes are not.
+NUM_CLASSES = 1 + len(COLOURS) * len(SHAPES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +133,42 @@ def render_scene(scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         depth[mask] = obj.depth_mm
         seg[mask] = k + 1
     return image, depth, seg
+
+
+def semantic_class(colour: str, shape: str) -> int:
+    """The class id of a (colour, shape) pair: 1 + colour index * 3 + shape index."""
+    return 1 + list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)
+
+
+def load_scene_maps(entry: dict, folder: str | Path) -> dict[str, torch.Tensor]:
+    """The exact maps of a synthetic sample: ``{"depth_mm": (H, W) int32 millimetres,
+    "seg_class": (H, W) uint8 semantic class}`` (``semantic_class``; 0 = floor).
+
+    ``entry`` is a synthetic dataset entry (its ``depth``/``seg`` paths are relative to
+    ``folder``, and ``scene`` maps instance ids to shapes). Raises ``FileNotFoundError`` for a
+    missing map, ``ValueError`` for an entry without maps or a map that disagrees with it.
+    """
+    missing = [k for k in ("depth", "seg", "scene") if not entry.get(k)]
+    if missing:
+        raise ValueError(f"entry {entry.get('id')!r} must have 'depth', 'seg' and 'scene' (a "
+                         f"synthetic dataset entry), missing {missing}")
+    paths = {k: Path(folder) / entry[k] for k in ("depth", "seg")}
+    for path in paths.values():
+        if not path.is_file():
+            raise FileNotFoundError(f"map file not found: {path}")
+    with Image.open(paths["depth"]) as im:
+        depth = np.asarray(im).astype(np.int32)
+    with Image.open(paths["seg"]) as im:
+        instances = np.asarray(im)
+    objects = entry["scene"]["objects"]
+    lut = np.zeros(256, dtype=np.uint8)
+    for k, obj in enumerate(objects, start=1):
+        lut[k] = semantic_class(obj["colour"], obj["shape"])
+    if depth.shape != instances.shape or int(instances.max(initial=0)) > len(objects):
+        raise ValueError(f"maps of {entry.get('id')!r} disagree with its scene: depth "
+                         f"{depth.shape}, seg {instances.shape} with instance ids up to "
+                         f"{int(instances.max(initial=0))} for {len(objects)} objects")
+    return {"depth_mm": torch.from_numpy(depth), "seg_class": torch.from_numpy(lut[instances])}
 
 
 def _place(rng: np.random.Generator, size: int, radius: float, placed: list[SceneObject]):

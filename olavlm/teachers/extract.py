@@ -1,0 +1,417 @@
+# Offline target extraction: dataset -> teachers (batched) -> sharded cache, resumable, by rank.
+"""``extract_targets`` fills a target cache (layout in cache.py) from LLaVA data files.
+
+The plan is a pure function of the data and the teachers: the distinct image keys in order of
+first appearance, cut into shards of ``shard_size`` keys. Rank ``r`` of ``W`` (torchrun, or
+the arguments) writes the shards ``k`` with ``k % W == r``, so together the ranks write every
+shard once. A shard counts as done when its sidecar exists and the shard has the size the
+sidecar names (both are written atomically, the shard first), so a resumed run skips finished
+shards without rereading them and redoes only the one that was interrupted; stale temporary
+files of an interrupted write are deleted. When all shards are done rank 0 writes
+``index.json``. Images that cannot be used (``missing_image``, ``corrupt_image``, ``bad_maps``,
+``nonfinite_target``) are left out of the cache, counted, listed in the index and, with
+``rejects_path``, written one JSON line each; ``on_bad_sample="raise"`` stops at the first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from olavlm.data.bad_data import BadSampleError, Reject, RejectLog, check_policy
+from olavlm.data.images import load_image, pil_to_uint8
+from olavlm.data.llava import LlavaIndex, image_key, resolve_image_path
+
+from .base import Teacher
+from .cache import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX,
+    PLAN,
+    STORAGES,
+    atomic_write,
+    encode_shard,
+    read_json,
+    shard_name,
+    sidecar_name,
+)
+from .quantize import Fp8ErrorStats, stored_dtypes, to_storage
+
+__all__ = ["ExtractReport", "ImageKeyDataset", "extract_targets", "image_items"]
+
+logger = logging.getLogger("olavlm.teachers")
+
+
+def image_items(index: LlavaIndex) -> list[tuple[str, int]]:
+    """(image key, entry index of its first use) for each distinct image, in data order."""
+    seen: dict[str, int] = {}
+    for i in range(len(index)):
+        relative = index.entry(i).get("image")
+        if relative:
+            seen.setdefault(image_key(relative), i)
+    return list(seen.items())
+
+
+@dataclasses.dataclass
+class _Item:
+    key: str
+    raw: torch.Tensor | None
+    views: dict[str, torch.Tensor]
+    maps: dict[str, torch.Tensor] | None
+
+
+class ImageKeyDataset(torch.utils.data.Dataset):
+    """Decodes each image once (and reads its maps) for the teachers; a bad one is a Reject."""
+
+    def __init__(self, index: LlavaIndex, items: Sequence[tuple[str, int]], *,
+                 image_folder=None, views=None, keep_raw: bool = True, keep_maps: bool = False,
+                 decode: bool = True):
+        self.index, self.items = index, list(items)
+        self.image_folder = image_folder
+        self.views = dict(views or {})
+        self.keep_raw, self.keep_maps, self.decode = keep_raw, keep_maps, decode
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, j: int) -> _Item | Reject:
+        key, i = self.items[j]
+        entry = self.index.entry(i)
+        bad = lambda reason, detail: Reject(reason=reason, sample_id=key, detail=detail,
+                                            location=self.index.location(i), index=i)
+        item = _Item(key=key, raw=None, views={}, maps=None)
+        if self.decode:
+            path = resolve_image_path(self.index, i, entry["image"], self.image_folder)
+            try:
+                pil = load_image(path)
+            except FileNotFoundError as err:
+                return bad("missing_image", str(err))
+            except (OSError, ValueError) as err:
+                return bad("corrupt_image", f"{path}: {type(err).__name__}: {err}")
+            item.raw = pil_to_uint8(pil) if self.keep_raw else None
+            item.views = {name: view(pil) for name, view in self.views.items()}
+        if self.keep_maps:
+            from olavlm.data.synthetic import load_scene_maps
+
+            folder = self.image_folder or self.index.source_path(i).parent
+            try:
+                item.maps = load_scene_maps(entry, folder)
+            except (OSError, ValueError) as err:
+                return bad("bad_maps", f"{type(err).__name__}: {err}")
+        return item
+
+
+def _collate(items):
+    good = [x for x in items if isinstance(x, _Item)]
+    rejects = [x for x in items if isinstance(x, Reject)]
+    views = {name: torch.stack([x.views[name] for x in good]) for name in
+             (good[0].views if good else {})}
+    maps = ({k: [x.maps[k] for x in good] for k in good[0].maps}
+            if good and good[0].maps is not None else None)
+    raw = [x.raw for x in good] if good and good[0].raw is not None else None
+    return [x.key for x in good], raw, views, maps, rejects
+
+
+@dataclasses.dataclass
+class ExtractReport:
+    """What one rank did (``complete``: the index is written)."""
+
+    out: Path
+    rank: int
+    world_size: int
+    num_images: int
+    num_shards: int
+    shards_written: list[int]
+    shards_skipped: list[int]
+    rejects: dict[str, int]
+    num_written: int
+    seconds: float
+    storage: str
+    fp8_error: dict[str, dict[str, float]]
+    complete: bool
+
+    def summary(self) -> str:
+        rate = self.num_written / self.seconds if self.seconds > 0 else 0.0
+        rejects = ", ".join(f"{r}={n}" for r, n in sorted(self.rejects.items())) or "none"
+        text = (f"rank {self.rank}/{self.world_size}: {self.num_images} images in "
+                f"{self.num_shards} shards; wrote {len(self.shards_written)} shards "
+                f"({self.num_written} images, {rate:.1f} images/s), skipped "
+                f"{len(self.shards_skipped)} finished; rejected: {rejects}; storage "
+                f"{self.storage}")
+        for task, err in self.fp8_error.items():
+            text += (f"\n  fp8 {task}: relative RMS error {err['rel_rms']:.4f}, max error "
+                     f"{err['max_over_bound']:.3f} of the bound (2^-4 |x| + 2^-10 scale)")
+        return text + ("" if self.complete else "\n  index not written yet (other ranks)")
+
+
+def _plan(teachers, items, storage: str, shard_size: int) -> dict:
+    digest = hashlib.sha256("\n".join(k for k, _ in items).encode("utf-8")).hexdigest()
+    tasks = {task: {"shape": list(shape), "teacher": t.name}
+             for t in teachers for task, shape in t.target_shapes().items()}
+    return {"format": FORMAT, "version": FORMAT_VERSION, "storage": storage,
+            "shard_size": shard_size, "num_images": len(items), "keys_sha256": digest,
+            "tasks": tasks, "teachers": {t.name: t.fingerprint() for t in teachers}}
+
+
+def _clear_cache_files(out: Path) -> None:
+    for pattern in ("shard-*", ".shard-*", INDEX, PLAN, f".{INDEX}*", f".{PLAN}*"):
+        for path in out.glob(pattern):
+            path.unlink() if path.is_file() else shutil.rmtree(path)
+
+
+def _prepare(out: Path, plan: dict, overwrite: bool, rank: int, barrier) -> None:
+    # Rank 0 alone may delete; without a process group every rank writes the (identical)
+    # plan when it is absent, so no rank waits for another.
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        differs = (out / PLAN).is_file() and read_json(out / PLAN) != plan
+        if differs and not overwrite:
+            raise ValueError(f"out={str(out)!r} holds a cache made for other data, teachers "
+                             "or options (plan.json differs); pass overwrite=True "
+                             "(--overwrite) to replace it, or choose another folder")
+        if overwrite:
+            _clear_cache_files(out)
+    if rank == 0 or barrier is None:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / PLAN).is_file():
+            atomic_write(out / PLAN, json.dumps(plan, indent=1).encode())
+    if barrier is not None:
+        barrier()
+    if read_json(out / PLAN) != plan:
+        raise ValueError(f"rank {rank}: plan.json in {out} differs from this rank's plan; all "
+                         "ranks must see the same data, teachers and options")
+
+
+def _shard_done(out: Path, k: int, plan_digest: str) -> bool:
+    side = out / sidecar_name(k)
+    if not side.is_file():
+        return False
+    try:
+        info = read_json(side)
+        return (info.get("plan") == plan_digest and
+                (out / info["file"]).stat().st_size == info["bytes"])
+    except (OSError, ValueError, KeyError):
+        return False  # a damaged sidecar: redo the shard
+
+
+def _run_teachers(teachers: Sequence[Teacher], raw, views, maps, resize: str):
+    out = {}
+    for t in teachers:
+        images = None
+        if t.needs_images:
+            images = views[t.name] if resize == "host" else raw
+        out.update(t(images, maps=maps if t.needs_maps else None))
+    return out
+
+
+def _write_shard(out: Path, k: int, keys, parts, rejects, meta: dict) -> dict:
+    if parts:
+        tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+    else:  # every image of the shard was rejected: an empty shard keeps the layout
+        tensors = {name: torch.empty(0, *shape, dtype=dt) for name, (shape, dt) in
+                   meta["empty"].items()}
+    blob = encode_shard(tensors, meta["storage"], keys, {"shard": str(k)})
+    atomic_write(out / shard_name(k), blob)
+    info = {"shard": k, "file": shard_name(k), "bytes": len(blob),
+            "sha256": hashlib.sha256(blob).hexdigest(), "num_rows": len(keys), "keys": keys,
+            "rejects": [dataclasses.asdict(r) for r in rejects], "rank": meta["rank"],
+            "plan": meta["plan"], "fp8": meta["fp8"]}
+    atomic_write(out / sidecar_name(k), json.dumps(info).encode())
+    return info
+
+
+def _dist_rank_world(rank, world_size):
+    if world_size is None:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if rank is None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+    if not isinstance(world_size, int) or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size) with world_size >= 1, got rank={rank}"
+                         f", world_size={world_size}")
+    return rank, world_size
+
+
+def _options(storage, shard_size, batch_size, num_workers, resize, on_bad_sample):
+    if storage not in STORAGES:
+        raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    for name, value, low in (("shard_size", shard_size, 1), ("batch_size", batch_size, 1),
+                             ("num_workers", num_workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if resize not in ("device", "host"):
+        raise ValueError(f"resize must be 'device' or 'host', got {resize!r}")
+    check_policy(on_bad_sample)
+
+
+def _finite_rows(outputs) -> torch.Tensor:
+    ok = None
+    for v in outputs.values():
+        row_ok = torch.isfinite(v.float()).flatten(1).all(dim=1)
+        ok = row_ok if ok is None else ok & row_ok
+    return ok.cpu()
+
+
+def _write_index(out: Path, plan: dict, num_shards: int) -> dict:
+    infos = [read_json(out / sidecar_name(k)) for k in range(num_shards)]
+    stats = Fp8ErrorStats()
+    for info in infos:
+        stats.merge(info.get("fp8") or {})
+    index = {"format": FORMAT, "version": FORMAT_VERSION, "storage": plan["storage"],
+             "tasks": plan["tasks"], "teachers": plan["teachers"],
+             "num_images": plan["num_images"],
+             "num_cached": sum(i["num_rows"] for i in infos),
+             "shards": [{k: i[k] for k in ("file", "bytes", "sha256", "num_rows", "keys", "rank")}
+                        for i in infos],
+             "rejects": [r for i in infos for r in i["rejects"]],
+             "fp8_error": stats.as_dict()}
+    atomic_write(out / INDEX, json.dumps(index).encode())
+    return index
+
+
+class _ShardWriter:
+    """Collects one shard's rows batch by batch and writes it when the shard is complete."""
+
+    def __init__(self, out: Path, meta: dict, storage: str):
+        self.out, self.meta, self.storage = out, meta, storage
+        self.written: list[int] = []
+        self.num_written = 0
+        self.stats = Fp8ErrorStats()  # this run's, for the report
+        self._reset()
+
+    def _reset(self) -> None:
+        self.keys, self.parts, self.rejects = [], [], []
+        self.shard_stats = Fp8ErrorStats() if self.storage == "fp8_e4m3" else None
+
+    def add(self, keys, outputs, rejects) -> None:
+        self.rejects += rejects
+        if not keys:
+            return
+        self.parts.append(to_storage(outputs, self.storage, self.shard_stats))
+        self.keys += keys
+
+    def finish(self, k: int) -> None:
+        fp8 = self.shard_stats.as_dict() if self.shard_stats is not None else {}
+        _write_shard(self.out, k, self.keys, self.parts, self.rejects, self.meta | {"fp8": fp8})
+        self.stats.merge(fp8)
+        self.written.append(k)
+        self.num_written += len(self.keys)
+        logger.info("targets: shard %d written (%d images, %d rejected)", k, len(self.keys),
+                    len(self.rejects))
+        self._reset()
+
+
+def _extract_shards(teachers, index, items, todo, shard_size, writer: _ShardWriter, log,
+                    *, image_folder, batch_size, num_workers, resize, on_bad_sample) -> None:
+    needs_images = any(t.needs_images for t in teachers)
+    views = ({t.name: t.host_view() for t in teachers if t.needs_images}
+             if resize == "host" else {})
+    chosen, batches, owner = [], [], []
+    for k in todo:
+        shard_items = items[k * shard_size:(k + 1) * shard_size]
+        for lo in range(0, len(shard_items), batch_size):
+            size = min(batch_size, len(shard_items) - lo)
+            batches.append(list(range(len(chosen) + lo, len(chosen) + lo + size)))
+            owner.append(k)
+        chosen += shard_items
+    dataset = ImageKeyDataset(index, chosen, image_folder=image_folder, views=views,
+                              keep_raw=needs_images and resize == "device",
+                              keep_maps=any(t.needs_maps for t in teachers),
+                              decode=needs_images)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, collate_fn=_collate, num_workers=num_workers,
+        pin_memory=any(t.device.type == "cuda" for t in teachers))
+    for b, (keys, raw, host_views, maps, rejects) in enumerate(loader):
+        for reject in rejects:
+            if on_bad_sample == "raise":
+                raise BadSampleError(reject)
+            log.add(reject)
+        outputs = _run_teachers(teachers, raw, host_views, maps, resize) if keys else {}
+        if keys:
+            ok = _finite_rows(outputs)
+            if not bool(ok.all()):
+                for i in (~ok).nonzero().flatten().tolist():
+                    reject = Reject(reason="nonfinite_target", sample_id=keys[i],
+                                    location=keys[i], detail="a teacher returned NaN or inf")
+                    if on_bad_sample == "raise":
+                        raise BadSampleError(reject)
+                    log.add(reject)
+                    rejects.append(reject)
+                keep = ok.to(next(iter(outputs.values())).device)
+                outputs = {t: v[keep] for t, v in outputs.items()}
+                keys = [key for key, good in zip(keys, ok.tolist(), strict=True) if good]
+        writer.add(keys, outputs, rejects)
+        if b + 1 == len(batches) or owner[b + 1] != owner[b]:
+            writer.finish(owner[b])
+
+
+def extract_targets(data, out, teachers: Sequence[Teacher], *, image_folder=None,
+                    storage: str = "bf16", shard_size: int = 256, batch_size: int = 32,
+                    num_workers: int = 2, resize: str = "device", rank: int | None = None,
+                    world_size: int | None = None, overwrite: bool = False,
+                    on_bad_sample: str = "skip", rejects_path=None) -> ExtractReport:
+    """Run ``teachers`` over every distinct image of ``data`` (LLaVA .json/.jsonl files) and
+    write their targets to the cache folder ``out`` (module docstring).
+
+    ``resize="device"`` sends decoded uint8 images to the teachers, which resize on their
+    device; ``"host"`` resizes with PIL in the ``num_workers`` loader processes (the seed's
+    exact pixels). ``rank``/``world_size`` default to torch.distributed's when a process group
+    is initialized (then ranks wait for each other and rank 0 writes the index), else 0/1;
+    given explicitly without a process group, whichever rank finishes last writes the index.
+    """
+    _options(storage, shard_size, batch_size, num_workers, resize, on_bad_sample)
+    if not teachers or not all(isinstance(t, Teacher) for t in teachers):
+        raise TypeError(f"teachers must be a non-empty list of Teacher, got {teachers!r}")
+    start = time.perf_counter()
+    rank, world_size = _dist_rank_world(rank, world_size)
+    grouped = world_size > 1 and dist.is_available() and dist.is_initialized()
+    barrier = dist.barrier if grouped else None
+    if overwrite and world_size > 1 and barrier is None:
+        raise ValueError("overwrite=True needs a process group when world_size > 1 (rank 0 "
+                         "deletes while the others wait); clear the folder first instead")
+    data = [data] if isinstance(data, (str, Path)) else list(data)
+    index = LlavaIndex(data, on_bad_sample=on_bad_sample)
+    items = image_items(index)
+    plan = _plan(teachers, items, storage, shard_size)
+    digest = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+    out = Path(out)
+    _prepare(out, plan, overwrite, rank, barrier)
+    num_shards = -(-len(items) // shard_size)
+    mine = [k for k in range(num_shards) if k % world_size == rank]
+    todo = [k for k in mine if not _shard_done(out, k, digest)]
+    for k in todo:  # leftovers of an interrupted write of these shards
+        for stale in [*out.glob(f".{shard_name(k)}.tmp-*"), *out.glob(f".{sidecar_name(k)}.tmp-*")]:
+            stale.unlink()
+    shapes = {task: tuple(v["shape"]) for task, v in plan["tasks"].items()}
+    meta = {"storage": storage, "rank": rank, "plan": digest,
+            "empty": stored_dtypes(shapes, storage)}
+    writer = _ShardWriter(out, meta, storage)
+    log = RejectLog(rejects_path)
+    if todo:
+        _extract_shards(teachers, index, items, todo, shard_size, writer, log,
+                        image_folder=image_folder, batch_size=batch_size,
+                        num_workers=num_workers, resize=resize, on_bad_sample=on_bad_sample)
+    if barrier is not None:
+        barrier()
+    all_done = all(_shard_done(out, k, digest) for k in range(num_shards))
+    if all_done and (rank == 0 or barrier is None):
+        _write_index(out, plan, num_shards)
+    if barrier is not None:
+        barrier()
+    report = ExtractReport(
+        out=out, rank=rank, world_size=world_size, num_images=len(items),
+        num_shards=num_shards, shards_written=writer.written,
+        shards_skipped=[k for k in mine if k not in todo], rejects=dict(log.counts),
+        num_written=writer.num_written, seconds=time.perf_counter() - start, storage=storage,
+        fp8_error={t: {k: v for k, v in d.items() if not k.startswith("sum")}
+                   for t, d in writer.stats.as_dict().items()},
+        complete=all_done and (out / INDEX).is_file())
+    logger.info("targets: %s", report.summary())
+    return report

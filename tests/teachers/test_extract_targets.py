@@ -1,0 +1,226 @@
+# Offline extraction: kill and resume, 2-rank split, rejects, plans, and the CLI end to end.
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from olavlm.cli import main
+from olavlm.data.llava import LlavaIndex
+from olavlm.teachers import (
+    SyntheticTeacher,
+    TargetCache,
+    build_teachers,
+    extract_targets,
+    verify_cache,
+)
+from olavlm.teachers.cache import read_json
+from olavlm.teachers.extract import image_items
+
+REPO = Path(__file__).resolve().parents[2]
+SHARD_SIZE = 4
+
+
+def _cache_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _extract(data, out, **kwargs):
+    return extract_targets(data, out, [SyntheticTeacher()], shard_size=SHARD_SIZE, batch_size=3,
+                           num_workers=0, **kwargs)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from olavlm.teachers import SyntheticTeacher, cache, extract_targets
+
+    def dying_write(f, data):
+        # Die (SIGKILL: no cleanup, no finally) half way through writing shard 2.
+        if "shard-00002.safetensors" in f.name:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        f.write(data)
+
+    cache._write_all = dying_write
+    extract_targets(sys.argv[1], sys.argv[2], [SyntheticTeacher()], shard_size=4, batch_size=3,
+                    num_workers=0)
+""")
+
+
+def test_kill_and_resume_gives_the_uninterrupted_cache(teacher_synth_dir, tmp_path):
+    data = teacher_synth_dir / "train.jsonl"
+    whole = tmp_path / "whole"
+    assert _extract(data, whole).complete
+    resumed = tmp_path / "resumed"
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(data), str(resumed)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    names = {p.name for p in resumed.iterdir()}
+    # Shards 0 and 1 finished; shard 2 exists only as a half-written temporary file.
+    assert {"shard-00000.safetensors", "shard-00001.json"} <= names
+    assert "shard-00002.safetensors" not in names and "index.json" not in names
+    assert any(n.startswith(".shard-00002.safetensors.tmp-") for n in names)
+    assert not verify_cache(resumed).ok
+    before = {n: (resumed / n).stat().st_mtime_ns for n in ("shard-00000.safetensors",
+                                                             "shard-00001.safetensors")}
+    report = _extract(data, resumed)
+    assert report.complete and report.shards_skipped == [0, 1]
+    assert report.shards_written == list(range(2, report.num_shards))
+    assert {n: (resumed / n).stat().st_mtime_ns for n in before} == before  # not redone
+    assert _cache_files(resumed) == _cache_files(whole)  # byte for byte, no temporary left
+    assert verify_cache(resumed, data=data).ok
+    again = _extract(data, resumed)  # nothing left to do
+    assert again.shards_written == [] and _cache_files(resumed) == _cache_files(whole)
+
+
+def _rank_worker(rank, init_file, data, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        report = _extract(data, out)
+        assert report.complete and report.world_size == 2
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # spawned gloo workers sometimes abort in interpreter teardown
+
+
+@pytest.mark.distributed
+def test_two_ranks_cover_every_image_once(teacher_synth_dir, tmp_path):
+    data = teacher_synth_dir / "train.jsonl"
+    out = tmp_path / "two"
+    with tempfile.NamedTemporaryFile(dir=tmp_path) as init:
+        mp.start_processes(_rank_worker, args=(init.name + ".rdzv", str(data), str(out)),
+                           nprocs=2, join=True, start_method="fork")
+    index = read_json(out / "index.json")
+    keys = [k for shard in index["shards"] for k in shard["keys"]]
+    wanted = [k for k, _ in image_items(LlavaIndex(data))]
+    assert sorted(keys) == sorted(wanted) and len(keys) == len(set(keys))
+    assert [s["rank"] for s in index["shards"]] == [k % 2 for k in range(len(index["shards"]))]
+    # The shards do not depend on how many ranks wrote them.
+    single = tmp_path / "one"
+    _extract(data, single)
+    shards = lambda d: {n: b for n, b in _cache_files(d).items() if n.endswith(".safetensors")}
+    assert shards(out) == shards(single)
+    assert verify_cache(out, data=data).ok
+
+
+def test_bad_images_are_counted_and_listed(teacher_synth_dir, tmp_path):
+    lines = (teacher_synth_dir / "train.jsonl").read_text().splitlines()
+    entries = [json.loads(line) for line in lines]
+    images = [e for e in entries if "image" in e]
+    images[1]["image"] = "images/gone.png"
+    images[2]["depth"] = "depth/gone.png"
+    images.append(dict(images[0]))  # the same image twice: extracted once
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in images))
+    report = extract_targets(data, tmp_path / "c", [SyntheticTeacher()], shard_size=SHARD_SIZE,
+                             num_workers=0, image_folder=teacher_synth_dir,
+                             rejects_path=tmp_path / "rejects.jsonl")
+    # Only maps are needed by the synthetic teacher: a missing image file does not matter,
+    # a missing depth map does.
+    assert report.rejects == {"bad_maps": 1} and report.num_images == len(images) - 1
+    rejects = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert [r["sample_id"] for r in rejects] == [images[2]["image"]]
+    index = read_json(tmp_path / "c" / "index.json")
+    assert index["num_cached"] == report.num_images - 1 and len(index["rejects"]) == 1
+    coverage = verify_cache(tmp_path / "c", data=data).coverage
+    assert coverage["missing"] == 1 and coverage["rejected"] == {"bad_maps": 1}
+    assert coverage["missing_not_rejected"] == 0
+
+
+def test_plan_mismatch_needs_overwrite(teacher_synth_dir, tmp_path):
+    data = teacher_synth_dir / "train.jsonl"
+    _extract(data, tmp_path / "c")
+    with pytest.raises(ValueError, match="overwrite"):
+        extract_targets(data, tmp_path / "c", [SyntheticTeacher(grid=8)], num_workers=0)
+    report = extract_targets(data, tmp_path / "c", [SyntheticTeacher(grid=8)], num_workers=0,
+                             overwrite=True)
+    assert report.complete and TargetCache(tmp_path / "c").tasks["seg"] == (1536, 8, 8)
+    for bad, match in (({"storage": "fp16"}, "storage must be one of"),
+                       ({"shard_size": 0}, "shard_size must be an int >= 1"),
+                       ({"resize": "gpu"}, "resize must be")):
+        with pytest.raises(ValueError, match=match):
+            extract_targets(data, tmp_path / "d", [SyntheticTeacher()], **bad)
+
+
+def test_resume_refuses_other_weights(tiny_weights, teacher_synth_dir, tmp_path):
+    from teacherhelpers import DEPTH_TINY, depth_model
+
+    from olavlm.teachers import DepthTeacher
+
+    torch.manual_seed(1)
+    other = tmp_path / "other-depth"
+    depth_model(DEPTH_TINY).save_pretrained(other)
+    first, again = DepthTeacher.load(tiny_weights["depth"]), DepthTeacher.load(
+        tiny_weights["depth"])
+    assert first.fingerprint() == again.fingerprint()
+    assert DepthTeacher.load(other).fingerprint() != first.fingerprint()
+    lines = (teacher_synth_dir / "train.jsonl").read_text().splitlines()[:3]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    kwargs = dict(num_workers=0, image_folder=teacher_synth_dir)
+    extract_targets(data, tmp_path / "c", [first], **kwargs)
+    with pytest.raises(ValueError, match="plan.json differs"):
+        extract_targets(data, tmp_path / "c", [DepthTeacher.load(other)], **kwargs)
+    with pytest.raises(ValueError, match="plan.json differs"):
+        extract_targets(data, tmp_path / "c", [DepthTeacher.load(tiny_weights["depth"],
+                                                                 dtype=torch.bfloat16)], **kwargs)
+
+
+def test_cli_extract_and_verify_real_teachers(tiny_weights, teacher_synth_dir, tmp_path, capsys):
+    data = str(teacher_synth_dir / "train.jsonl")
+    weights = ",".join(f"{k}={v}" for k, v in tiny_weights.items())
+    out = tmp_path / "cache"
+    common = ["targets", "extract", "--data", data, "--teachers", "depth,seg,gen", "--weights",
+              weights, "--shard-size", "8", "--batch-size", "5", "--workers", "1"]
+    assert main([*common, "--out", str(out), "--storage", "fp8_e4m3"]) == 0
+    printed = capsys.readouterr().out
+    assert "fp8 depth: relative RMS error" in printed and "skipped 0 finished" in printed
+    assert main(["targets", "verify", str(out), "--data", data]) == 0
+    assert "OK" in capsys.readouterr().out
+    cache = TargetCache(out, dtype=torch.float32)
+    key = next(iter(read_json(out / "index.json")["shards"][0]["keys"]))
+    teachers = build_teachers("depth,seg,gen", weights)
+    from olavlm.data.images import load_image, pil_to_uint8
+
+    image = pil_to_uint8(load_image(teacher_synth_dir / key))
+    for teacher in teachers:
+        direct = teacher([image])[teacher.name][0]
+        got = cache.read(key)[teacher.name]
+        assert (got - direct).abs().max() <= 0.07 * direct.abs().max(), teacher.name
+    # Resize in the workers with PIL (the seed's pixels): close to the device path.
+    host = tmp_path / "host"
+    assert main([*common, "--out", str(host), "--resize", "host"]) == 0
+    capsys.readouterr()
+    near = TargetCache(host, dtype=torch.float32).read(key)["depth"]
+    assert (near - cache.read(key)["depth"]).abs().mean() < 0.1 * near.abs().mean()
+    shard = out / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\0")
+    assert main(["targets", "verify", str(out)]) == 1
+    assert "NOT OK" in capsys.readouterr().out
+
+
+@pytest.mark.distributed
+def test_torchrun_cli(teacher_synth_dir, tmp_path):
+    """The documented launch: torchrun with 2 CPU processes (gloo), ranks split the shards."""
+    out = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "-m", "olavlm", "targets", "extract", "--data", str(teacher_synth_dir / "train.jsonl"),
+           "--teachers", "synthetic", "--out", str(out), "--shard-size", "4", "--workers", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 1/2" in proc.stdout and verify_cache(out).ok
+    shutil.rmtree(out)
