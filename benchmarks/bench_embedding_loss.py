@@ -40,6 +40,7 @@ from olakernels import embedding_distill_loss  # noqa: E402
 from olakernels.embedding_loss.impl.reference import embedding_distill_loss_ref  # noqa: E402
 from olakernels.testing import make_embedding_pair  # noqa: E402
 
+DEVICE = common.bench_device()
 OP = "embedding_loss"
 PROVIDERS = ("reference", "reference_compile", "torch", "triton")
 MODES = ("fwd", "fwd_bwd")
@@ -133,14 +134,6 @@ def measure(provider: str, case: Case, mode: str, *, device: str, warmup: int, r
     return record, fn, setup
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _reps() -> tuple[int, int]:
-    return (5, 50) if torch.cuda.is_available() else (0, 1)
-
-
 # ---- pytest-benchmark entry: pytest benchmarks/ --benchmark-only ----
 
 
@@ -157,15 +150,10 @@ def pytest_generate_tests(metafunc):
 def test_embedding_loss(benchmark, provider, case, mode):
     if provider == "reference_compile" and not torch.cuda.is_available():
         pytest.skip("torch.compile provider is timed on GPU only")
-    warmup, rep = _reps()
-    record, fn, setup = measure(provider, case, mode, device=_device(), warmup=warmup, rep=rep)
-    common.append_records([record])
-    benchmark.extra_info.update(
-        {k: getattr(record, k) for k in ("ms", "gbps", "tflops", "peak_mib", "extra_mib")}
-    )
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    benchmark.pedantic(lambda: (fn(), sync()), setup=setup, rounds=max(rep // 10, 1),
-                       warmup_rounds=0)
+    warmup, rep = common.bench_reps()
+    record, fn, setup = measure(provider, case, mode, device=DEVICE, warmup=warmup, rep=rep)
+    common.finish_pytest_benchmark(benchmark, record, fn, setup, rep,
+                                   ("ms", "gbps", "tflops", "peak_mib", "extra_mib"))
 
 
 # ---- CLI ----
@@ -182,12 +170,12 @@ def main(argv=None) -> int:
     unknown = sorted(set(providers) - set(PROVIDERS))
     if unknown:
         parser.error(f"--providers: unknown {unknown}; choose from {PROVIDERS}")
-    warmup, rep = _reps()
+    warmup, rep = common.bench_reps()
     records = []
     for case in cases(args.preset):
         for mode in args.modes.split(","):
             for provider in providers:  # interleaved: every provider sees the same GPU state
-                records.append(measure(provider, case, mode, device=_device(), warmup=warmup,
+                records.append(measure(provider, case, mode, device=DEVICE, warmup=warmup,
                                        rep=rep)[0])
     common.append_records(records)
     print(common.format_table(records))

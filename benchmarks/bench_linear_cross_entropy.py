@@ -32,6 +32,7 @@ import common  # noqa: E402
 from olakernels import linear_cross_entropy  # noqa: E402
 from olakernels.testing import make_lm_head_inputs  # noqa: E402
 
+DEVICE = common.bench_device()
 OP = "linear_cross_entropy"
 PROVIDERS = ("eager", "eager_compile", "liger", "cce", "triton")
 HEADS = {"llama3": (4096, 128256), "phi3": (3072, 32064)}  # (H, V) of the real models
@@ -136,14 +137,6 @@ def measure(provider: str, case: Case, *, device: str, warmup: int, rep: int):
     return record, step, setup
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _reps() -> tuple[int, int]:
-    return (3, 20) if torch.cuda.is_available() else (0, 1)
-
-
 def pytest_generate_tests(metafunc):
     from conftest import bench_preset  # noqa: PLC0415
 
@@ -160,12 +153,9 @@ def pytest_generate_tests(metafunc):
 def test_linear_cross_entropy(benchmark, provider, lce_case):
     if not available(provider):
         pytest.skip(f"{provider} is not installed or needs a GPU")
-    warmup, rep = _reps()
-    record, step, setup = measure(provider, lce_case, device=_device(), warmup=warmup, rep=rep)
-    common.append_records([record])
-    benchmark.extra_info.update({k: getattr(record, k) for k in ("ms", "tflops", "peak_mib")})
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    benchmark.pedantic(lambda: (step(), sync()), setup=setup, rounds=max(rep // 10, 1))
+    warmup, rep = common.bench_reps((3, 20))
+    record, step, setup = measure(provider, lce_case, device=DEVICE, warmup=warmup, rep=rep)
+    common.finish_pytest_benchmark(benchmark, record, step, setup, rep)
 
 
 def main(argv=None) -> int:
@@ -178,8 +168,8 @@ def main(argv=None) -> int:
     unknown = sorted(set(providers) - set(PROVIDERS) - {"torch"})
     if unknown:
         parser.error(f"--providers: unknown {unknown}; choose from {PROVIDERS}")
-    warmup, rep = _reps()
-    records = [measure(p, case, device=_device(), warmup=warmup, rep=rep)[0]
+    warmup, rep = common.bench_reps((3, 20))
+    records = [measure(p, case, device=DEVICE, warmup=warmup, rep=rep)[0]
                for case in cases(args.preset) for p in providers if p == "torch" or available(p)]
     common.append_records(records)
     print(common.format_table(records))

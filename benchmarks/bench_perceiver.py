@@ -30,6 +30,7 @@ import common  # noqa: E402
 
 from olakernels.perceiver import EmbeddingPredictorHead, TaskTokenResampler  # noqa: E402
 
+DEVICE = common.bench_device()
 OP = "perceiver"
 PROVIDERS = ("reference", "torch", "triton")
 
@@ -111,14 +112,6 @@ def measure(provider: str, case: Case, *, device: str, warmup: int, rep: int):
     return record, step, setup
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _reps() -> tuple[int, int]:
-    return (3, 20) if torch.cuda.is_available() else (0, 1)
-
-
 def pytest_generate_tests(metafunc):
     from conftest import bench_preset  # noqa: PLC0415
 
@@ -129,13 +122,10 @@ def pytest_generate_tests(metafunc):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_perceiver(benchmark, provider, perceiver_case):
-    warmup, rep = _reps()
-    record, step, setup = measure(provider, perceiver_case, device=_device(), warmup=warmup,
+    warmup, rep = common.bench_reps((3, 20))
+    record, step, setup = measure(provider, perceiver_case, device=DEVICE, warmup=warmup,
                                   rep=rep)
-    common.append_records([record])
-    benchmark.extra_info.update({k: getattr(record, k) for k in ("ms", "tflops", "peak_mib")})
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    benchmark.pedantic(lambda: (step(), sync()), setup=setup, rounds=max(rep // 10, 1))
+    common.finish_pytest_benchmark(benchmark, record, step, setup, rep)
 
 
 def main(argv=None) -> int:
@@ -148,8 +138,8 @@ def main(argv=None) -> int:
     unknown = sorted(set(providers) - set(PROVIDERS))
     if unknown:
         parser.error(f"--providers: unknown {unknown}; choose from {PROVIDERS}")
-    warmup, rep = _reps()
-    records = [measure(p, case, device=_device(), warmup=warmup, rep=rep)[0]
+    warmup, rep = common.bench_reps((3, 20))
+    records = [measure(p, case, device=DEVICE, warmup=warmup, rep=rep)[0]
                for case in cases(args.preset) for p in providers]
     common.append_records(records)
     print(common.format_table(records))

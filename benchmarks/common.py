@@ -37,6 +37,9 @@ __all__ = [
     "Record",
     "Timing",
     "append_records",
+    "bench_device",
+    "bench_reps",
+    "finish_pytest_benchmark",
     "do_bench",
     "environment",
     "format_table",
@@ -197,6 +200,30 @@ def wall_time(fn: Callable[[], Any], *, setup=None, rep: int = 20, device=None) 
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def bench_device() -> str:
+    """Where the microbenchmarks run: the GPU when there is one, else the CPU (smoke runs)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bench_reps(gpu: tuple[int, int] = (5, 50)) -> tuple[int, int]:
+    """(warm-up, timed) calls: real repetitions on a GPU; one untimed-quality call on CPU."""
+    return gpu if torch.cuda.is_available() else (0, 1)
+
+
+def finish_pytest_benchmark(benchmark, record: Record, step, setup, rep: int,
+                            fields: Sequence[str] = ("ms", "gbps", "tflops", "peak_mib")) -> None:
+    """Append ``record`` to the history and let pytest-benchmark time a few synchronized calls.
+
+    The record's numbers come from ``do_bench`` (device time); pytest-benchmark's own table
+    shows host wall time of ``step`` plus a synchronize, as a cross-check.
+    """
+    append_records([record])
+    benchmark.extra_info.update({k: getattr(record, k) for k in fields})
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    benchmark.pedantic(lambda: (step(), sync()), setup=setup, rounds=max(rep // 10, 1),
+                       warmup_rounds=0)
 
 
 def peak_memory_delta(
