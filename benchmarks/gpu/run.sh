@@ -25,7 +25,7 @@ T0=$(date +%s)
 # OLAVLM_STAGES picks stages (default below), e.g. OLAVLM_STAGES="bench gpu_tests";
 # OLAVLM_BENCH_K narrows the benchmarks (a pytest -k expression, e.g. "triton").
 # bench_compile (torch.compile baselines) only when asked for: compiling eats the window.
-STAGES=${OLAVLM_STAGES:-"ceilings bench bench_lce bench_perceiver gpu_tests"}  # + bench_teachers
+STAGES=${OLAVLM_STAGES:-"ceilings bench bench_lce bench_perceiver gpu_tests"}  # + bench_teachers profile
 
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log it, never abort the script
   local name=$1 limit=$2
@@ -69,6 +69,8 @@ stage bench_perceiver "${OLAVLM_PERCEIVER_LIMIT:-90}" "${PYTEST[@]}" \
 # Teachers: per-image vs batched vs cache reads (opt-in: OLAVLM_STAGES="... bench_teachers").
 # (its default preset: real model sizes on a GPU, tiny ones on the CPU dry run)
 stage bench_teachers "${OLAVLM_TEACHERS_LIMIT:-120}" $PY benchmarks/bench_teachers.py
+# Per-kernel device time of the embedding loss (its fixed forward cost; docs/PERF.md).
+stage profile 60 $PY benchmarks/gpu/profile_embedding_loss.py
 stage gpu_tests "${OLAVLM_TESTS_LIMIT:-90}" "${PYTEST[@]}" tests -m gpu
 # torch.compile baselines: slowest to set up (compiles), so last.
 stage bench_compile 45 "${PYTEST[@]}" benchmarks/bench_embedding_loss.py --benchmark-only \

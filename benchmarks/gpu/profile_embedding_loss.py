@@ -1,0 +1,100 @@
+"""Per-kernel device time of embedding_distill_loss (triton path), to find the forward's fixed cost.
+
+    python benchmarks/gpu/profile_embedding_loss.py            # GPU: real shapes
+    python benchmarks/gpu/profile_embedding_loss.py --tiny     # CPU dry run (interpreter)
+
+Prints, per case and mode, every kernel the call launches with its mean device time, and the
+sum of kernel time against the event-timed wall of the whole call: the difference is launch
+gaps. Read with docs/PERF.md (embedding loss, "next suspects").
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from olakernels import embedding_distill_loss  # noqa: E402
+from olakernels.testing import make_embedding_pair  # noqa: E402
+
+
+def profile(fn, steps: int, device: str):
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for _ in range(3):
+        fn()
+    activities = [ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "device_time_total", 0.0) or 0.0
+        if device == "cuda" and evt.device_type.name != "CUDA":
+            continue
+        rows.append((evt.key, evt.count // steps, dev_us / steps))
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def event_time_us(fn, device: str, reps: int = 50) -> float:
+    if device != "cuda":
+        return float("nan")
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU dry run)")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tiny = args.tiny or device == "cpu"
+    shapes = {"seg-B32": (32, 1536, 24, 24), "depth-B8": (8, 576, 1024)}
+    if tiny:
+        shapes = {"tiny": (4, 8, 16)}
+    for name, shape in shapes.items():
+        pred, target = make_embedding_pair(shape, dtype=torch.bfloat16, device=device, seed=0)
+        scale = torch.tensor(2.0, device=device, requires_grad=True)
+        pred.requires_grad_(True)
+
+        def fwd():
+            with torch.no_grad():
+                return embedding_distill_loss(pred, target, None, scale, impl="triton")[0]
+
+        def fwd_bwd():
+            loss = embedding_distill_loss(pred, target, None, scale, impl="triton")[0]
+            loss.backward()
+            pred.grad = None
+            scale.grad = None
+
+        for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+            rows = profile(fn, 20 if not tiny else 1, device)
+            wall = event_time_us(fn, device)
+            kernel_sum = sum(r[2] for r in rows)
+            print(f"\n## {name} {mode}: sum of kernels {kernel_sum:.1f} us, "
+                  f"event-timed call (back to back, warm L2) {wall:.1f} us")
+            for key, count, us in rows[:20]:
+                print(f"  {us:9.1f} us  x{count:<3d} {key[:90]}")
+
+
+if __name__ == "__main__":
+    main()
