@@ -167,9 +167,14 @@ def make_lm_head_inputs(
     hidden = hidden / hidden.square().mean(-1, keepdim=True).sqrt()
     weight = torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64)
     weight = weight * (2.5 / hidden_size**0.5)
-    logits = hidden @ weight.T
-    # Labels: the argmax most of the time, a random token otherwise.
-    labels = torch.where(torch.rand(leading, generator=g) < 0.5, logits.argmax(-1),
+    # Labels: the argmax most of the time, a random token otherwise. The argmax runs on `device`
+    # in fp32 row chunks: at benchmark shapes (16k x 4096 x 128k) a float64 CPU matmul takes a
+    # minute, and no (N, V) tensor is ever held whole.
+    h_dev = hidden.reshape(-1, hidden_size).to(device=device, dtype=torch.float32)
+    w_dev = weight.to(device=device, dtype=torch.float32)
+    top = torch.cat([(rows @ w_dev.T).argmax(-1) for rows in h_dev.split(2048)]).cpu()
+    del h_dev, w_dev
+    labels = torch.where(torch.rand(leading, generator=g) < 0.5, top.reshape(leading),
                          torch.randint(0, vocab, leading, generator=g))
     n = labels.numel()
     drop = torch.randperm(n, generator=g)[: round(ignored * n)]

@@ -25,7 +25,7 @@ T0=$(date +%s)
 # OLAVLM_STAGES picks stages (default below), e.g. OLAVLM_STAGES="bench gpu_tests";
 # OLAVLM_BENCH_K narrows the benchmarks (a pytest -k expression, e.g. "triton").
 # bench_compile (torch.compile baselines) only when asked for: compiling eats the window.
-STAGES=${OLAVLM_STAGES:-"ceilings bench bench_lce bench_perceiver gpu_tests"}  # + bench_teachers profile
+STAGES=${OLAVLM_STAGES:-"ceilings bench bench_lce bench_perceiver gpu_tests"}  # + bench_teachers profile profile_lce
 
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log it, never abort the script
   local name=$1 limit=$2
@@ -71,6 +71,8 @@ stage bench_perceiver "${OLAVLM_PERCEIVER_LIMIT:-90}" "${PYTEST[@]}" \
 stage bench_teachers "${OLAVLM_TEACHERS_LIMIT:-120}" $PY benchmarks/bench_teachers.py
 # Per-kernel device time of the embedding loss (its fixed forward cost; docs/PERF.md).
 stage profile 60 $PY benchmarks/gpu/profile_embedding_loss.py
+# linear_cross_entropy: per-kernel time and TFLOP/s over tile configs (opt-in: profile_lce).
+stage profile_lce "${OLAVLM_PROFILE_LCE_LIMIT:-150}" $PY benchmarks/gpu/profile_lce.py
 stage gpu_tests "${OLAVLM_TESTS_LIMIT:-90}" "${PYTEST[@]}" tests -m gpu
 # torch.compile baselines: slowest to set up (compiles), so last.
 stage bench_compile 45 "${PYTEST[@]}" benchmarks/bench_embedding_loss.py --benchmark-only \

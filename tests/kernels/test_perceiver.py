@@ -56,7 +56,7 @@ def _run(module, impl, x, latents, dtype, mask=None):
     args = (x,) if isinstance(module, PerceiverResampler) and lat is None else (x, lat)
     out = module(*args, key_padding_mask=mask) if mask is not None else module(*args)
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    (out * w.to(dtype)).sum().backward()
+    (out * w.to(device=out.device, dtype=dtype)).sum().backward()
     grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
     if lat is not None:
         grads["<latents>"] = lat.grad

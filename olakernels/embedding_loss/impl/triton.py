@@ -42,7 +42,10 @@ def _configs(bwd: bool) -> list[triton.Config]:
     if bwd:
         choices = [(128, 4, 2), (256, 4, 2), (256, 8, 2), (128, 8, 3)]
     else:
-        choices = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3), (128, 4, 2), (256, 4, 2)]
+        # Wide BLOCK_D and deeper pipelines put more bytes in flight per program: at B=8 the
+        # forward was latency-bound (H200 profile, docs/PERF.md run 4).
+        choices = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3), (128, 4, 2), (256, 4, 2),
+                   (512, 8, 3), (512, 8, 4), (1024, 8, 2)]
     return [triton.Config({"BLOCK_D": d}, num_warps=w, num_stages=s) for d, w, s in choices]
 
 

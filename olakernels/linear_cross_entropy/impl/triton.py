@@ -30,10 +30,17 @@ _HALF = (torch.float16, torch.bfloat16)
 DLOGITS_BUDGET_BYTES = 512 * 2**20
 
 
+# Tile sizes on a GPU. n x v: the logits tile of the forward and dlogits kernels; m x h: the
+# output tile of dhidden/dweight; k: the reduction step of all. BLOCKS_OVERRIDE (a dict with
+# some of these keys) lets benchmarks/gpu/profile_lce.py sweep tiles without editing code.
+GPU_BLOCKS = dict(n=64, v=128, k=64, m=128, h=128, num_warps=8, num_stages=3)
+BLOCKS_OVERRIDE: dict = {}
+
+
 def _blocks() -> dict:
     if interpreter_enabled():  # small tiles: the interpreter runs programs one by one
         return dict(n=16, v=32, k=32, m=16, h=32, num_warps=4, num_stages=1)
-    return dict(n=64, v=128, k=64, m=128, h=128, num_warps=8, num_stages=3)
+    return {**GPU_BLOCKS, **BLOCKS_OVERRIDE}
 
 
 def _dot_native(hidden: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -1,0 +1,126 @@
+"""Per-kernel device time and TFLOP/s of linear_cross_entropy's Triton path, over tile configs.
+
+    python benchmarks/gpu/profile_lce.py           # GPU: Llama-3 head, N=8192, 0% and 90% ignored
+    python benchmarks/gpu/profile_lce.py --tiny    # CPU dry run (interpreter, one config)
+
+For each tile config (olakernels.linear_cross_entropy.impl.triton.BLOCKS_OVERRIDE) it runs one
+warm-up fwd+bwd (compiles), then profiles one more and prints each kernel's device time and its
+rate against the GEMM it performs on the labelled rows (2 * rows * V * H FLOPs). A config whose
+warm-up takes over --max-seconds is reported and the sweep moves on. cuBLAS's rate on the same
+GEMM (torch.matmul) is printed first as the ceiling.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from olakernels.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from olakernels.linear_cross_entropy.impl import triton as lce_triton  # noqa: E402
+
+CONFIGS = {  # n, v: logits tile; m, h: dhidden/dweight output tile; k: reduction step
+    "current": {},
+    "n128": dict(n=128, v=128, k=64, m=128, h=128, num_warps=8, num_stages=3),
+    "n128v256": dict(n=128, v=256, k=64, m=128, h=256, num_warps=8, num_stages=3),
+    "n128s4w4": dict(n=128, v=128, k=64, m=128, h=128, num_warps=4, num_stages=4),
+    "n64v256": dict(n=64, v=256, k=64, m=128, h=256, num_warps=8, num_stages=4),
+}
+
+KERNEL_GEMMS = {"fwd": 1, "dlogits": 1, "dhidden": 1, "dweight": 1}
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def cublas_rate(n, v, h, device):
+    if device != "cuda":
+        return float("nan")
+    a = torch.randn(n, h, device=device, dtype=torch.bfloat16)
+    b = torch.randn(v, h, device=device, dtype=torch.bfloat16)
+    for _ in range(2):
+        a @ b.T
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ b.T
+    sync(device)
+    return 2 * n * v * h / ((time.perf_counter() - t0) / 5) / 1e12
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--max-seconds", type=float, default=20.0)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tiny = args.tiny or device == "cpu"
+    n, h, v = (64, 32, 200) if tiny else (8192, 4096, 128256)
+    names = ["current"] if tiny else args.configs.split(",")
+    print(f"shape N={n} H={h} V={v} bf16; cuBLAS bf16 N x V x H: "
+          f"{cublas_rate(n, v, h, device):.0f} TFLOP/s")
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    hidden = (torch.randn(n, h, generator=gen) * 0.5).to(device, torch.bfloat16)
+    weight = (torch.randn(v, h, generator=gen) * h ** -0.5).to(device, torch.bfloat16)
+    for ignored in (0.0, 0.9):
+        labels = torch.randint(0, v, (n,), generator=gen)
+        labels[torch.rand(n, generator=gen) < ignored] = -100
+        labels = labels.to(device)
+        rows = int((labels != -100).sum())
+        for name in names:
+            lce_triton.BLOCKS_OVERRIDE.clear()
+            lce_triton.BLOCKS_OVERRIDE.update(CONFIGS[name])
+            hid = hidden.clone().requires_grad_(True)
+            w = weight.clone().requires_grad_(True)
+
+            def step():
+                loss = linear_cross_entropy(hid, w, labels, impl="triton")
+                loss.backward()
+                hid.grad = None
+                w.grad = None
+                return loss
+
+            t0 = time.perf_counter()
+            try:
+                step()
+                sync(device)
+            except Exception as exc:  # a config that does not compile (shared memory) is skipped
+                print(f"  {name}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            warm = time.perf_counter() - t0
+            if warm > args.max_seconds:
+                print(f"  {name}: warm-up took {warm:.1f}s; skipped")
+                continue
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+            t0 = time.perf_counter()
+            with profile(activities=acts) as prof:
+                step()
+                sync(device)
+            wall = time.perf_counter() - t0
+            flop = 2 * rows * v * h
+            print(f"\n## ignored {ignored:.0%} ({rows} labelled rows), config {name}: "
+                  f"fwd+bwd wall {wall * 1e3:.1f} ms (warm-up {warm:.1f}s)")
+            for evt in sorted(prof.key_averages(), key=lambda e: -(e.device_time_total or 0)):
+                us = evt.device_time_total or 0.0
+                if us <= 0:
+                    continue
+                kind = next((k for k in KERNEL_GEMMS if f"_lce_{k}_kernel" in evt.key), None)
+                rate = f"{flop / (us * 1e-6) / 1e12:7.1f} TFLOP/s" if kind else ""
+                print(f"  {us / 1e3:9.3f} ms x{evt.count:<3d} {rate:17s} {evt.key[:70]}")
+    lce_triton.BLOCKS_OVERRIDE.clear()
+
+
+if __name__ == "__main__":
+    main()
