@@ -9,8 +9,9 @@ unchanged: ``latents`` (learned variant only), ``proj_in``, ``proj_out``, ``norm
 
 ``impl``: "reference" runs the seed's eager math (impl/reference.py); "torch" the fast path
 with PyTorch's LayerNorm and GELU; "triton" the fast path with the Triton LayerNorm/GELU
-kernels; "auto" (default) is "triton" on CUDA/ROCm inputs and "torch" elsewhere. All share the
-same parameters.
+kernels; "auto" (default) is "torch": measured on an H200 (docs/PERF.md, perceiver run 4) the
+Triton LayerNorm/GELU kernels tie at the largest heads and lose up to 2x at small ones (launch-
+bound custom ops). All share the same parameters.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._triton import check_triton_device, triton_importable
+from .._triton import check_triton_device
 
 IMPLS = ("auto", "triton", "torch", "reference")
 
@@ -116,8 +117,8 @@ class PerceiverResampler(nn.Module):
         return resampler_fast(self, x, latents, key_padding_mask, ops)
 
     def _resolve(self, x: torch.Tensor) -> str:
-        if self.impl == "auto":
-            return "triton" if (x.is_cuda and triton_importable()) else "torch"
+        if self.impl == "auto":  # the torch path measured as fast or faster (see module doc)
+            return "torch"
         if self.impl == "triton":
             check_triton_device(x, type(self).__name__)
         return self.impl
