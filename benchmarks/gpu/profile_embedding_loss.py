@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
 """Per-kernel device time of embedding_distill_loss (triton path), to find the forward's fixed cost.
 
     python benchmarks/gpu/profile_embedding_loss.py            # GPU: real shapes
@@ -25,7 +26,8 @@ from olakernels.testing import make_embedding_pair  # noqa: E402
 
 
 def profile(fn, steps: int, device: str):
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     for _ in range(3):
         fn()

@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (closures are called inside the loop iteration that defines them)
 """Per-kernel device time and TFLOP/s of linear_cross_entropy's Triton path, over tile configs.
 
     python benchmarks/gpu/profile_lce.py           # GPU: Llama-3 head, N=8192, 0% and 90% ignored
