@@ -9,6 +9,9 @@ DATA = ["transformers>=4.45", "tokenizers>=0.20", "pillow>=10.1"]
 # safetensors shards (float8_e4m3 storage needs safetensors >= 0.4); huggingface-hub finds
 # weights already in a local hub cache (never downloads). All three come with transformers.
 TEACHERS = [*DATA, "safetensors>=0.4.3", "huggingface-hub>=0.23"]
+# olavlm.models: the LLMs and the CLIP/SigLIP towers come from transformers; the ConvNeXt tower
+# is open_clip's (its timm trunk).
+MODEL = [*TEACHERS, "open_clip_torch>=2.24"]
 
 setup(
     name="olavlm",
@@ -37,10 +40,11 @@ setup(
         "teachers": TEACHERS,
         # liger-kernel: the parity test of linear_cross_entropy (it runs in the interpreter).
         # (liger-kernel imports packaging without declaring it.)
+        "model": MODEL,
         "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "liger-kernel", "packaging",
-                 *TEACHERS],
-        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", *TEACHERS],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "ruff", *TEACHERS],
+                 *MODEL],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", *MODEL],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "ruff", *MODEL],
     },
     entry_points={"console_scripts": ["olavlm=olavlm.cli:main"]},
     classifiers=[
