@@ -7,7 +7,7 @@ import torch
 
 from .._checks import fail_if_any
 from .._triton import resolve_impl
-from .distributed import gather_targets
+from .distributed import GatheredTargets, gather_targets
 from .epilogue import losses_from_stats
 
 IMPLS = ("auto", "triton", "torch", "reference")
@@ -34,6 +34,7 @@ def embedding_distill_loss(
     max_logit_scale: float = 100.0,
     mask_mode: str = "per_sample",
     process_group=None,
+    gathered: GatheredTargets | None = None,
     impl: str = "auto",
 ) -> EmbeddingDistillLossOutput:
     """OLA-VLM's embedding distillation loss: smooth-L1 plus a weighted InfoNCE term, fused.
@@ -79,6 +80,10 @@ def embedding_distill_loss(
     Gradients flow to ``pred`` and ``logit_scale`` (zero while the clamp at max_logit_scale is
     active, as torch.clamp gives). ``target`` gets none: a target that requires grad is an error.
 
+    ``gathered``: the result of ``gather_targets(target.reshape(B, -1), mask, process_group)``
+    computed once and reused, e.g. by the several layers' heads of one task that share their
+    targets (SPEC section 9, item 7: gather once per task per step). Ignored by "reference".
+
     impl: "triton" (fused kernels: forward reads pred and target once, backward once more and
     writes grad_pred in pred's dtype; no fp32 copies of the inputs; deterministic, no atomics),
     "torch" (chunked pure PyTorch, bounded fp32 temporaries), "reference" (the seed's eager
@@ -104,7 +109,15 @@ def embedding_distill_loss(
     m = torch.ones(batch, device=pred.device, dtype=acc) if mask is None else mask.to(acc)
     m = m.contiguous()
     with_dot = logit_scale is not None
-    gathered = gather_targets(target2d if with_dot else None, m, process_group)
+    if gathered is None:
+        gathered = gather_targets(target2d if with_dot else None, m, process_group)
+    elif gathered.mask.shape[0] < batch or (with_dot and gathered.world_size > 1
+                                             and gathered.targets.shape[1] != target2d.shape[1]):
+        raise ValueError(
+            f"embedding_distill_loss: gathered must come from gather_targets of this batch's "
+            f"targets (B={batch}, D={target2d.shape[1]}), got a mask of "
+            f"{gathered.mask.shape[0]} rows"
+        )
     others = gathered.targets if (with_dot and gathered.world_size > 1) else None
     if impl == "triton":
         from .impl.triton import embedding_distill_loss_fwd

@@ -1,0 +1,91 @@
+# The LLM: any Hugging Face causal decoder, with hooks on the tapped layers (SPEC 9 item 14).
+"""Load a local HF causal LM and find its parts; keep only the tapped layers' hidden states.
+
+The seed asks the decoder for ``output_hidden_states=True`` (all 33 states of Llama-3-8B kept
+alive) and slices. Here a forward hook on each tapped block stores that block's output and
+nothing else; the blocks after the last tap still run, because the next-token loss needs the
+final state. Layer numbers are 1-based blocks; 0 is the final normed state (the decoder's
+``last_hidden_state``).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["DecoderParts", "LayerTaps", "decoder_parts", "load_llm"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_llm(path: str | Path, *, dtype: str = "float32", attn_implementation: str = "sdpa"):
+    """``AutoModelForCausalLM`` from a local directory (never a download)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"llm: {str(path)!r} is not a local Hugging Face model directory (no config.json); "
+            "models are never downloaded, pass a local path")
+    return AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, dtype=_DTYPES[dtype], attn_implementation=attn_implementation)
+
+
+class DecoderParts:
+    """embed_tokens, the decoder (called with inputs_embeds), its block list, final norm, lm_head."""
+
+    def __init__(self, llm: nn.Module) -> None:
+        decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else getattr(llm, "model", None)
+        layers = getattr(decoder, "layers", None)
+        if decoder is None or not isinstance(layers, nn.ModuleList):
+            raise ValueError(f"llm: {type(llm).__name__} is not a supported causal decoder (no "
+                             "decoder with a `layers` ModuleList; Llama, Phi-3, Qwen2, Mistral "
+                             "and Gemma layouts are)")
+        self.decoder = decoder
+        self.layers = layers
+        self.embed_tokens = llm.get_input_embeddings()
+        self.lm_head = llm.get_output_embeddings()
+        if self.lm_head is None:
+            raise ValueError(f"llm: {type(llm).__name__} has no LM head (output embeddings)")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def decoder_parts(llm: nn.Module) -> DecoderParts:
+    return DecoderParts(llm)
+
+
+class LayerTaps:
+    """Forward hooks that keep the outputs of the given 1-based blocks during one forward."""
+
+    def __init__(self, parts: DecoderParts, layers: set[int]) -> None:
+        bad = sorted(k for k in layers if not 0 <= k <= parts.num_layers)
+        if bad:
+            raise ValueError(f"layer_indices: layers {bad} are outside the LLM's "
+                             f"{parts.num_layers} blocks (1-based; 0 = the final normed state)")
+        self.parts = parts
+        self.layers = sorted(k for k in layers if k > 0)
+        self.states: dict[int, torch.Tensor] = {}
+
+    @contextmanager
+    def capture(self):
+        self.states = {}
+        handles = [self.parts.layers[k - 1].register_forward_hook(self._hook(k))
+                   for k in self.layers]
+        try:
+            yield self.states
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, k: int):
+        def hook(_module, _args, output):
+            # Blocks return a tensor or a tuple whose first item is the hidden state. Under
+            # activation checkpointing the hook fires again in the recompute: keep the first.
+            if k not in self.states:
+                self.states[k] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook

@@ -1,0 +1,358 @@
+# OlaVLM: vision -> projector -> splice with task tokens -> HF decoder with layer taps -> losses.
+"""The OLA-VLM model (SPEC sections 1, 2, 4, 10, 12) on any Hugging Face causal decoder.
+
+One pre-training forward::
+
+    features = projector(vision_tower(images))                      # (B, NI, H), tower frozen
+    embeds   = splice(ids, features, task tokens)                   # (B, L, H), no Python loop
+    hidden   = decoder(embeds); taps keep only the heads' layers    # forward hooks
+    ntp      = linear_cross_entropy(norm(h_L), lm_head, labels)     # labelled positions only
+    per task, per tapped layer k:
+        pred = head_k(h_k, queries, key mask)                       # no (B, L-16, H) copies
+        loss_task += w_task * embedding_distill_loss(pred, target, mask, logit_scale_task)
+    loss = ntp + sum(loss_task)
+
+Targets arrive with the batch (teachers or the target cache); the model never runs teachers.
+``impl="reference"`` runs the seed's math end to end (per-sample splice loop,
+output_hidden_states, explicit head-input concatenation, full logits, the ops' reference
+paths): the parity oracle of the fused path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from olakernels.embedding_loss import embedding_distill_loss, gather_targets
+from olakernels.linear_cross_entropy import linear_cross_entropy
+
+from .config import IMPLS, ModelConfig
+from .heads import build_task_heads
+from .llm import DecoderParts, LayerTaps, load_llm
+from .projector import build_projector
+from .splice import (
+    SplicedInputs,
+    head_key_mask,
+    splice_inputs,
+    splice_reference,
+    task_token_positions,
+)
+from .task_tokens import TaskTokens
+
+__all__ = ["OlaOutput", "OlaVLM"]
+
+IMAGE_TOKEN_INDEX = -200
+IGNORE_INDEX = -100
+
+
+@dataclass
+class OlaOutput:
+    """loss: the training loss (with grad). components: detached fp32 scalars, still on the
+    device (no host sync): "ntp", "<task>" (weighted task loss) and
+    "<task>/L<k>/smooth_l1", "<task>/L<k>/contrastive" per tapped layer k.
+    num_valid_tokens, token_accuracy: next-token statistics from the same pass over V.
+    predictions: {task: {layer: pred}} when asked for."""
+
+    loss: torch.Tensor
+    components: dict[str, torch.Tensor]
+    num_valid_tokens: torch.Tensor
+    token_accuracy: torch.Tensor
+    num_truncated: torch.Tensor
+    predictions: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+
+    def scalars(self) -> dict[str, float]:
+        """All components as Python floats with ONE host read (for logging)."""
+        names = list(self.components) + ["num_valid_tokens", "token_accuracy"]
+        values = torch.stack([v.float() for v in self.components.values()]
+                             + [self.num_valid_tokens.float(), self.token_accuracy.float()])
+        return dict(zip(names, values.tolist(), strict=True))
+
+
+class OlaVLM(nn.Module):
+    """Build from a :class:`ModelConfig` (local paths), or pass ``llm`` / ``vision_tower``
+    modules directly. Parameters: ``llm`` (HF model), ``vision_tower`` (frozen), ``mm_projector``,
+    ``task_tokens.special_{task}_tokens``, ``image_{task}_heads.{i}``, ``{task}_logit_scale``."""
+
+    def __init__(self, config: ModelConfig, *, llm: nn.Module | None = None,
+                 vision_tower: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.llm = llm if llm is not None else load_llm(
+            config.llm, dtype=config.dtype, attn_implementation=config.attn_implementation)
+        if vision_tower is None:
+            from .vision import build_vision_tower
+
+            vision_tower = build_vision_tower(config.vision_tower, kind=config.vision_kind,
+                                              select_layer=config.vision_select_layer)
+        self.vision_tower = vision_tower
+        self.parts = DecoderParts(self.llm)
+        hidden = self.parts.embed_tokens.embedding_dim
+        self.hidden_size = hidden
+        self.tasks = config.tasks
+        self.layers = config.layers_per_task
+        self.loss_weights = config.weights_per_task
+        # Validate layer numbers against the decoder now, not at the first forward.
+        self._taps = LayerTaps(self.parts, {k for ls in self.layers.values() for k in ls})
+        self.mm_projector = build_projector(config.projector, vision_tower.hidden_size, hidden)
+        self.task_tokens = TaskTokens(
+            self.tasks, hidden, config.num_task_tokens,
+            {t: config.heads[t].num_queries for t in self.tasks})
+        for task in self.tasks:
+            setattr(self, f"image_{task}_heads", build_task_heads(
+                task, config.heads[task], len(self.layers[task]), hidden, config.impl))
+            setattr(self, f"{task}_logit_scale",
+                    nn.Parameter(torch.tensor(float(config.logit_scale_init))))
+        dtype = next(self.llm.parameters()).dtype
+        for module in (self.mm_projector, self.task_tokens,
+                       *(self.heads(t) for t in self.tasks)):
+            module.to(dtype)
+        self.impl = config.impl
+        self.process_group = None  # set by the trainer for the contrastive targets' gather
+
+    # ---- construction helpers -------------------------------------------------------------
+
+    def heads(self, task: str) -> nn.ModuleList:
+        return getattr(self, f"image_{task}_heads")
+
+    def logit_scale(self, task: str) -> nn.Parameter:
+        return getattr(self, f"{task}_logit_scale")
+
+    def set_impl(self, impl: str) -> OlaVLM:
+        """Switch every op's implementation (same parameters): "reference" is the oracle."""
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.impl = impl
+        for task in self.tasks:
+            for head in self.heads(task):
+                head.projector.impl = impl if impl != "auto" else "auto"
+        return self
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision_tower.num_tokens
+
+    # ---- forward pieces ------------------------------------------------------------------
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, NI, H): the frozen tower (no grad) then the projector."""
+        features = self.vision_tower(images)
+        proj_dtype = next(self.mm_projector.parameters()).dtype
+        return self.mm_projector(features.to(proj_dtype))
+
+    def splice(self, input_ids, attention_mask=None, labels=None, images=None,
+               *, static_length: bool = False) -> SplicedInputs:
+        features = None if images is None else self.encode_images(images)
+        tokens = self.task_tokens.inserted().to(self.parts.embed_tokens.weight.dtype)
+        kwargs = dict(image_token_index=IMAGE_TOKEN_INDEX, ignore_index=IGNORE_INDEX,
+                      max_length=self.config.max_length)
+        if self.impl == "reference":
+            return splice_reference(input_ids, attention_mask, labels, features, tokens,
+                                    self.parts.embed_tokens, **kwargs)
+        return splice_inputs(input_ids, attention_mask, labels, features, tokens,
+                             self.parts.embed_tokens, static_length=static_length, **kwargs)
+
+    def _decode(self, spliced: SplicedInputs, taps: set[int]):
+        """Run the decoder; returns (final normed state, {layer: state})."""
+        n = self.parts.num_layers
+        if self.impl == "reference":  # the seed's way: every hidden state, then slice
+            out = self.parts.decoder(inputs_embeds=spliced.inputs_embeds,
+                                     attention_mask=spliced.attention_mask.long(),
+                                     output_hidden_states=True, use_cache=False)
+            states = out.hidden_states
+            return out.last_hidden_state, {k: states[k] for k in taps if k > 0}
+        # Block n's entry of the seed's hidden_states tuple is the *normed* final state (HF
+        # appends norm(h) last), so a tap on the last block reads the final state, as the seed.
+        hooked = {k for k in taps if 0 < k < n}
+        tapper = LayerTaps(self.parts, hooked)
+        with tapper.capture() as states:
+            out = self.parts.decoder(inputs_embeds=spliced.inputs_embeds,
+                                     attention_mask=spliced.attention_mask.long(),
+                                     use_cache=False)
+        final = out.last_hidden_state
+        return final, {k: (states[k] if k in hooked else final) for k in taps if k > 0}
+
+    def _ntp(self, final: torch.Tensor, labels: torch.Tensor):
+        head = self.parts.lm_head
+        return linear_cross_entropy(
+            final, head.weight, labels, bias=head.bias, ignore_index=IGNORE_INDEX,
+            shift_labels=True, return_stats=True,
+            impl="reference" if self.impl == "reference" else self.impl)
+
+    def _head_forward(self, task: str, index: int, state: torch.Tensor,
+                      spliced: SplicedInputs) -> torch.Tensor:
+        cfg = self.config
+        n_task = cfg.num_task_tokens
+        offset = self.task_tokens.offset(task)
+        head = self.heads(task)[index]
+        fixed = cfg.num_sys_tokens if cfg.seed_compat else None
+        if task == "gen":
+            if fixed is not None:
+                start = fixed + spliced.num_image_tokens + offset
+                queries = state[:, start: start + n_task]
+            else:
+                pos = task_token_positions(spliced, offset, n_task)
+                queries = state.gather(1, pos[..., None].expand(-1, -1, state.shape[-1]))
+        else:
+            queries = self.task_tokens.parameter_for(task)
+        if self.impl == "reference":
+            return self._head_reference(head, state, queries, spliced, offset, n_task, fixed)
+        keys = head_key_mask(spliced, offset, n_task, pass_text_to_aux=cfg.pass_text_to_aux,
+                             mask_padding=not cfg.seed_compat, fixed_image_start=fixed)
+        return head(state, queries, key_padding_mask=keys)
+
+    def _head_reference(self, head, state, queries, spliced, offset, n_task, fixed):
+        """The seed's explicit ``cat(h[:, :P], h[:, ts:te], h[:, end:])``; without seed_compat,
+        per sample over its real tokens only (an independent check of head_key_mask)."""
+        cfg = self.config
+        n_img, n_all = spliced.num_image_tokens, spliced.num_task_tokens
+
+        def pieces(h, start):
+            p = start + n_img
+            parts = [h[:, :p], h[:, p + offset: p + offset + n_task]]
+            if cfg.pass_text_to_aux:
+                parts.append(h[:, p + n_all:])
+            return torch.cat(parts, 1)
+
+        if fixed is not None:
+            return head(pieces(state, fixed), queries)
+        outs = []
+        for i in range(state.shape[0]):
+            h = state[i: i + 1][:, spliced.attention_mask[i]]
+            q = queries[i: i + 1] if queries.dim() == 3 and queries.shape[0] > 1 else queries
+            x = pieces(h, int(spliced.image_start[i])) if bool(spliced.has_image[i]) else h
+            outs.append(head(x, q))
+        return torch.cat(outs, 0)
+
+    # ---- the training forward ------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+        targets: dict[str, torch.Tensor] | None = None,
+        target_mask: torch.Tensor | None = None,
+        *,
+        return_predictions: bool = False,
+        static_length: bool = False,
+    ) -> OlaOutput:
+        """Loss and its components. ``labels`` None: no next-token loss. ``targets`` None: no
+        embedding losses (VPT/IFT); given, it must hold every task of aux_mode. The embedding
+        losses' per-sample mask is ``target_mask`` if given, else ``image_mask``, else whether
+        the sample has an image placeholder."""
+        spliced = self.splice(input_ids, attention_mask, labels, images,
+                              static_length=static_length)
+        want_heads = bool(self.tasks) and (targets is not None or return_predictions)
+        if targets is not None:
+            self._check_targets(targets, input_ids.shape[0])
+        taps = {k for t in self.tasks for k in self.layers[t]} if want_heads else set()
+        final, states = self._decode(spliced, taps)
+        dev = final.device
+        zero = torch.zeros((), device=dev)
+        components: dict[str, torch.Tensor] = {}
+        if labels is not None:
+            ntp, num_valid, correct = self._ntp(final, spliced.labels)
+            accuracy = correct.sum() / num_valid.clamp(min=1)
+        else:
+            ntp, num_valid, accuracy = zero, zero.long(), zero
+        total = ntp
+        components["ntp"] = ntp.detach().float()
+        predictions: dict[str, dict[int, torch.Tensor]] = {}
+        if want_heads:
+            mask = self._loss_mask(target_mask, image_mask, spliced)
+            for task in self.tasks:
+                task_loss = zero
+                target = None if targets is None else targets[task]
+                gathered = None
+                for i, k in enumerate(self.layers[task]):
+                    state = final if k == 0 else states[k]
+                    pred = self._head_forward(task, i, state, spliced)
+                    if return_predictions:
+                        predictions.setdefault(task, {})[k] = pred.detach()
+                    if target is None:
+                        continue
+                    if i == 0:
+                        target = _align_target(task, target.to(dev), pred.shape)
+                        if self.process_group is not None and self.impl != "reference":
+                            gathered = gather_targets(target.reshape(target.shape[0], -1),
+                                                      mask, self.process_group)
+                    loss, sl1, con = embedding_distill_loss(
+                        pred, target, mask, self.logit_scale(task),
+                        beta=self.config.smooth_l1_beta,
+                        contrastive_weight=self.config.contrastive_weight,
+                        mask_mode="seed" if self.config.seed_compat else "per_sample",
+                        process_group=self.process_group, gathered=gathered,
+                        impl="reference" if self.impl == "reference" else self.impl)
+                    task_loss = task_loss + loss
+                    components[f"{task}/L{k}/smooth_l1"] = sl1.detach().float()
+                    components[f"{task}/L{k}/contrastive"] = con.detach().float()
+                if target is not None:
+                    weighted = self.loss_weights[task] * task_loss
+                    components[task] = weighted.detach().float()
+                    total = total + weighted
+        return OlaOutput(total, components, num_valid, accuracy.detach(),
+                         spliced.num_truncated, predictions)
+
+    def forward_batch(self, batch, **kwargs) -> OlaOutput:
+        """Forward on an ``olavlm.data.Batch`` (moved to the model's device)."""
+        dev = self.parts.embed_tokens.weight.device
+        targets = {k: v.to(dev) for k, v in batch.targets.items()} or None
+        tm = batch.target_mask.to(dev) if batch.target_mask is not None else None
+        return self(batch.input_ids.to(dev), batch.attention_mask.to(dev),
+                    batch.labels.to(dev), batch.images.to(dev), batch.image_mask.to(dev),
+                    targets, tm, **kwargs)
+
+    def _check_targets(self, targets, batch: int) -> None:
+        missing = [t for t in self.tasks if t not in targets]
+        if missing:
+            raise ValueError(f"targets: missing {missing} (aux_mode {self.config.aux_mode!r} "
+                             f"needs {list(self.tasks)}); got {sorted(targets)}")
+        for task in self.tasks:
+            want = (batch, *self.config.heads[task].target_shape)
+            got = tuple(targets[task].shape)
+            if got != want:
+                raise ValueError(f"targets[{task!r}] must have shape {want} (batch, "
+                                 f"heads[{task!r}].target_shape), got {got}")
+
+    def _loss_mask(self, target_mask, image_mask, spliced) -> torch.Tensor:
+        mask = target_mask if target_mask is not None else image_mask
+        if mask is None:
+            mask = spliced.has_image
+        return mask.to(device=spliced.inputs_embeds.device, dtype=torch.float32)
+
+    # ---- inference -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def visual_interpretations(self, input_ids, attention_mask=None, images=None
+                               ) -> dict[str, dict[int, torch.Tensor]]:
+        """Each head's predicted embedding per tapped layer: {task: {layer: pred}} (for probing
+        and the demo; no losses)."""
+        return self(input_ids, attention_mask, images=images, return_predictions=True).predictions
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, images=None, **generate_kwargs):
+        """Chat generation with the KV cache; the heads are skipped. Batches must be left-padded
+        (the splice keeps padding where it is). Returns the new tokens only (HF behaviour with
+        inputs_embeds)."""
+        spliced = self.splice(input_ids, attention_mask, None, images)
+        generate_kwargs.setdefault("pad_token_id", getattr(self.llm.config, "pad_token_id", None)
+                                   or getattr(self.llm.config, "eos_token_id", None))
+        return self.llm.generate(inputs_embeds=spliced.inputs_embeds,
+                                 attention_mask=spliced.attention_mask.long(), **generate_kwargs)
+
+
+def _align_target(task: str, target: torch.Tensor, pred_shape: torch.Size) -> torch.Tensor:
+    """The target in the head's layout. seg's teacher map (B, C, h, w) is compared with the
+    head's tokens (B, h*w, C): the seed permutes the *prediction* to (B, C, h, w) per layer;
+    transposing the target once per step gives the same losses (smooth-L1 is elementwise, and
+    the contrastive dot products see the same permutation on both sides)."""
+    if tuple(target.shape[1:]) == tuple(pred_shape[1:]):
+        return target
+    if target.dim() == 4 and len(pred_shape) == 3 and \
+            target.shape[1] == pred_shape[2] and target.shape[2] * target.shape[3] == pred_shape[1]:
+        return target.flatten(2).transpose(1, 2).contiguous()
+    raise ValueError(f"targets[{task!r}] of shape {tuple(target.shape)} does not match the "
+                     f"head's output {tuple(pred_shape)}")

@@ -1,0 +1,237 @@
+# Splicing image features and task tokens into the token embeddings (SPEC 1.4, 9 item 12).
+"""Build the LLM's input sequence without a per-sample Python loop.
+
+For each sample with an image placeholder (IMAGE_TOKEN_INDEX) at position p, the sequence
+becomes ``ids[:p] + image features (NI) + task tokens (NT) + ids[p + 1:]``; samples without a
+placeholder are left as they are. One embedding lookup covers the text, then a single scatter
+writes text, image and task rows into a preallocated ``(B, L, H)`` buffer. Labels are
+IGNORE_INDEX on image and task positions; positions that received no token (padding) have
+attention_mask False and IGNORE_INDEX labels. Padding may be on either side: right padding
+stays right padding (training), left padding stays left padding (batched generation).
+
+``splice_reference`` is the seed's per-sample loop (split at the placeholder, concatenate, pad
+right): the independent oracle the tests compare against, and ``impl="reference"``'s path.
+
+Head inputs (SPEC 1.6) need no copy: the resamplers have no positional embedding, so the seed's
+``cat(h[:, :P], h[:, task_start:task_end], h[:, end:])`` is the same as attending over the whole
+``h`` with a key mask that drops the other tasks' tokens (SPEC 9 item 9); ``head_key_mask``
+builds it, per sample from the real image offsets (or from the seed's fixed offset).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from olakernels._checks import fail_if_any
+
+__all__ = ["SplicedInputs", "head_key_mask", "splice_inputs", "splice_reference",
+           "task_token_positions"]
+
+
+@dataclass
+class SplicedInputs:
+    """The LLM's inputs after splicing, and where things landed.
+
+    inputs_embeds (B, L, H); attention_mask (B, L) bool; labels (B, L) int64 or None;
+    image_start (B,) int64: the first image position (0 for samples without an image);
+    has_image (B,) bool; num_image_tokens, num_task_tokens: NI and NT (all tasks);
+    num_truncated: () int64 device tensor, real positions dropped by max_length.
+    """
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None
+    image_start: torch.Tensor
+    has_image: torch.Tensor
+    num_image_tokens: int
+    num_task_tokens: int
+    num_truncated: torch.Tensor
+
+    @property
+    def task_block_start(self) -> torch.Tensor:
+        return self.image_start + self.num_image_tokens
+
+
+def _check_ids(input_ids, attention_mask, labels, image_features, image_token_index) -> None:
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be a (B, T) integer tensor, got shape "
+                         f"{tuple(input_ids.shape)} dtype {input_ids.dtype}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got "
+                         f"{tuple(labels.shape)}")
+    if image_features is not None and (image_features.dim() != 3
+                                       or image_features.shape[0] != input_ids.shape[0]):
+        raise ValueError(f"image_features must be (B={input_ids.shape[0]}, NI, H), got "
+                         f"{tuple(image_features.shape)}")
+    count = (input_ids == image_token_index).sum(1)
+    fail_if_any(count > 1, count, "input_ids: at most one image placeholder per sample is "
+                "supported (multi-image samples are not), found a sample with")
+    if image_features is None:
+        fail_if_any(count > 0, count, "input_ids hold an image placeholder but no images were "
+                    "given (pass images=...); placeholders in a sample")
+
+
+def splice_inputs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    image_features: torch.Tensor | None,
+    task_tokens: torch.Tensor,
+    embed_tokens: nn.Embedding,
+    *,
+    image_token_index: int = -200,
+    ignore_index: int = -100,
+    max_length: int | None = None,
+    static_length: bool = False,
+) -> SplicedInputs:
+    """Vectorized splice (module doc). ``static_length=True`` sizes the buffer from the shapes
+    alone (T - 1 + NI + NT when images are given) instead of reading the longest spliced
+    sample's length back to the host: no synchronization, at the cost of extra padding."""
+    _check_ids(input_ids, attention_mask, labels, image_features, image_token_index)
+    b, t = input_ids.shape
+    dev = input_ids.device
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None \
+        else attention_mask.bool()
+    is_img = (input_ids == image_token_index) & real
+    has_image = is_img.any(1)
+    n_img = 0 if image_features is None else image_features.shape[1]
+    n_task = task_tokens.shape[0] if n_img else 0  # text-only batches insert nothing
+    inserted = (n_img + n_task) * has_image.long()  # rows that replace the placeholder
+    first = torch.where(has_image, is_img.int().argmax(1), t)
+    pos = torch.arange(t, device=dev)
+    new_pos = pos[None, :] + torch.where(pos[None, :] > first[:, None], inserted[:, None] - 1, 0)
+    text = real & ~is_img
+    if static_length:
+        length = t - 1 + n_img + n_task if n_img else t
+    else:  # one host read: the longest spliced sample
+        end_text = torch.where(text, new_pos + 1, 0).amax(1)
+        end_img = torch.where(has_image, first + n_img + n_task, 0)
+        length = int(torch.maximum(end_text, end_img).max()) if b else 0
+    length = max(1, length)
+    if max_length is not None:
+        length = min(length, max_length)
+
+    dummy = length  # an extra slot that absorbs everything not written, dropped at the end
+    ids = input_ids.masked_fill(~text, 0).long()
+    token_embeds = embed_tokens(ids)
+    hidden = token_embeds.shape[-1]
+    idx_parts = [torch.where(text & (new_pos < length), new_pos, dummy)]
+    src_parts = [token_embeds]
+    start = torch.where(has_image, first, 0)
+    if n_img:
+        if image_features.shape[-1] != hidden:
+            raise ValueError(f"image_features must have the LLM's hidden size {hidden}, got "
+                             f"{image_features.shape[-1]} (check the projector)")
+        block = start[:, None] + torch.arange(n_img + n_task, device=dev)[None, :]
+        idx_parts.append(torch.where(has_image[:, None] & (block < length), block, dummy))
+        src_parts.append(image_features.to(token_embeds.dtype))
+        if n_task:
+            src_parts.append(task_tokens.to(token_embeds.dtype)[None].expand(b, -1, -1))
+    idx = torch.cat(idx_parts, 1)
+    src = torch.cat(src_parts, 1) if len(src_parts) > 1 else src_parts[0]
+    buf = src.new_zeros(b, length + 1, hidden)
+    embeds = buf.scatter(1, idx[..., None].expand(-1, -1, hidden), src)[:, :length]
+    written = torch.zeros(b, length + 1, dtype=torch.bool, device=dev)
+    written = written.scatter(1, idx, torch.ones_like(idx, dtype=torch.bool))[:, :length]
+    new_labels = None
+    if labels is not None:
+        new_labels = torch.full((b, length + 1), ignore_index, dtype=torch.long, device=dev)
+        new_labels = new_labels.scatter(1, idx_parts[0], labels.long())[:, :length]
+    kept = (idx < length).sum()
+    total = text.sum() + (has_image.long() * (n_img + n_task)).sum()
+    return SplicedInputs(embeds, written, new_labels, start, has_image, n_img, n_task,
+                         total - kept)
+
+
+def splice_reference(
+    input_ids, attention_mask, labels, image_features, task_tokens, embed_tokens, *,
+    image_token_index: int = -200, ignore_index: int = -100, max_length: int | None = None,
+) -> SplicedInputs:
+    """The seed's per-sample loop (SPEC 1.4), right padding only: the oracle of splice_inputs."""
+    _check_ids(input_ids, attention_mask, labels, image_features, image_token_index)
+    b = input_ids.shape[0]
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None \
+        else attention_mask.bool()
+    rows, row_labels, starts, has = [], [], [], []
+    for i in range(b):
+        ids_i = input_ids[i][real[i]]
+        lab_i = None if labels is None else labels[i][real[i]]
+        where = (ids_i == image_token_index).nonzero().flatten().tolist()
+        if where and image_features is not None:
+            p = where[0]
+            dtype = embed_tokens.weight.dtype
+            pieces = [embed_tokens(ids_i[:p].long()), image_features[i].to(dtype),
+                      task_tokens.to(dtype), embed_tokens(ids_i[p + 1:].long())]
+            ignore = torch.full((image_features.shape[1] + task_tokens.shape[0],), ignore_index)
+            lab = None if lab_i is None else torch.cat([lab_i[:p].cpu(), ignore,
+                                                        lab_i[p + 1:].cpu()])
+            starts.append(p)
+            has.append(True)
+        else:
+            pieces = [embed_tokens(ids_i.long())]
+            lab = None if lab_i is None else lab_i.cpu()
+            starts.append(0)
+            has.append(False)
+        row = torch.cat(pieces, 0)
+        if max_length is not None:
+            row = row[:max_length]
+            lab = None if lab is None else lab[:max_length]
+        rows.append(row)
+        row_labels.append(lab)
+    length = max(r.shape[0] for r in rows)
+    hidden = rows[0].shape[-1]
+    dev = input_ids.device
+    embeds = rows[0].new_zeros(b, length, hidden)
+    mask = torch.zeros(b, length, dtype=torch.bool, device=dev)
+    out_labels = None if labels is None else torch.full((b, length), ignore_index,
+                                                        dtype=torch.long, device=dev)
+    for i, row in enumerate(rows):
+        embeds[i, : row.shape[0]] = row
+        mask[i, : row.shape[0]] = True
+        if out_labels is not None:
+            out_labels[i, : row.shape[0]] = row_labels[i].to(dev)
+    n_img = 0 if image_features is None else image_features.shape[1]
+    return SplicedInputs(embeds, mask, out_labels, torch.tensor(starts, device=dev),
+                         torch.tensor(has, device=dev), n_img, task_tokens.shape[0] if n_img else 0,
+                         torch.zeros((), dtype=torch.long, device=dev))
+
+
+def task_token_positions(spliced: SplicedInputs, offset: int, count: int) -> torch.Tensor:
+    """(B, count) positions of one task's tokens (clamped into range for text-only samples)."""
+    pos = spliced.task_block_start[:, None] + offset + torch.arange(
+        count, device=spliced.image_start.device)[None, :]
+    return pos.clamp(max=spliced.attention_mask.shape[1] - 1)
+
+
+def head_key_mask(spliced: SplicedInputs, offset: int, count: int, *, pass_text_to_aux: bool,
+                  mask_padding: bool, fixed_image_start: int | None = None) -> torch.Tensor:
+    """(B, L) bool, True where the task's head may attend (SPEC 1.6): everything before the
+    task-token block (system prompt and image), this task's ``count`` tokens at ``offset`` in
+    the block, and the text after the block when ``pass_text_to_aux``. ``mask_padding`` also
+    drops padding (the seed attends to it). ``fixed_image_start`` uses the seed's hard-coded
+    offset instead of each sample's (seed_compat)."""
+    b, length = spliced.attention_mask.shape
+    dev = spliced.attention_mask.device
+    if fixed_image_start is not None:
+        start = torch.full((b,), fixed_image_start + spliced.num_image_tokens, device=dev)
+        has = torch.ones(b, dtype=torch.bool, device=dev)
+    else:
+        start = spliced.task_block_start
+        has = spliced.has_image
+    pos = torch.arange(length, device=dev)[None, :]
+    block_lo = start[:, None]
+    block_hi = block_lo + spliced.num_task_tokens
+    in_block = (pos >= block_lo) & (pos < block_hi)
+    mine = (pos >= block_lo + offset) & (pos < block_lo + offset + count)
+    keep = ~in_block | mine
+    if not pass_text_to_aux:
+        keep &= pos < block_hi
+    keep = torch.where(has[:, None], keep, torch.ones_like(keep))
+    if mask_padding:
+        keep &= spliced.attention_mask
+    return keep
