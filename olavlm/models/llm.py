@@ -34,10 +34,11 @@ def load_llm(path: str | Path, *, dtype: str = "float32", attn_implementation: s
 
 
 class DecoderParts:
-    """embed_tokens, the decoder (called with inputs_embeds), its block list, final norm, lm_head."""
+    """embed_tokens, the decoder (called with inputs_embeds), its block list and the lm_head."""
 
     def __init__(self, llm: nn.Module) -> None:
-        decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else getattr(llm, "model", None)
+        decoder = llm.get_decoder() if hasattr(llm, "get_decoder") \
+            else getattr(llm, "model", None)
         layers = getattr(decoder, "layers", None)
         if decoder is None or not isinstance(layers, nn.ModuleList):
             raise ValueError(f"llm: {type(llm).__name__} is not a supported causal decoder (no "

@@ -1,0 +1,298 @@
+# OlaVLM on tiny real decoders: layout, fused == reference, masks, seed arithmetic, errors.
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from olakernels.testing import assert_close_to_reference
+from olavlm.models.config import ModelConfig, parse_layer_indices, parse_loss_weights
+from olavlm.models.splice import splice_inputs, splice_reference
+
+from tiny_ola import StandInTower, tiny_batch, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("ola")
+
+
+@pytest.fixture(scope="module")
+def model(tmp):
+    return tiny_model(tmp)
+
+
+# ---- config parsing ----
+
+
+def test_layer_indices_are_discrete_layers_as_in_the_seed():
+    assert parse_layer_indices("d18-20_s10-18_g12-20") == {
+        "gen": [12, 20], "depth": [18, 20], "seg": [10, 18]}
+    # A task the string does not name gets the seed's fallback: the final normed state (0).
+    assert parse_layer_indices("d8", ("gen", "depth")) == {"gen": [0], "depth": [8]}
+    assert parse_layer_indices({"seg": [3, 5, 7]}, ("seg",)) == {"seg": [3, 5, 7]}
+    for bad in ("x12-20", "d18-20_junk", {"seg": []}, {"shape": [1]}):
+        with pytest.raises(ValueError, match="layer_indices"):
+            parse_layer_indices(bad, ("seg",))
+
+
+def test_loss_weights_need_a_decimal_point_and_default_to_half():
+    assert parse_loss_weights("d1.0_s0.25") == {"gen": 0.5, "depth": 1.0, "seg": 0.25}
+    with pytest.raises(ValueError, match="loss_weights"):
+        parse_loss_weights("q1.0")
+
+
+# ---- splice ----
+
+
+@pytest.mark.parametrize("max_length", [None, 30])
+def test_vectorized_splice_equals_the_seed_loop(model, max_length):
+    ids, mask, labels, images, _, _ = tiny_batch(
+        model, batch=5, placeholders=[2, 5, 3, 7, 4], text_only=(3,),
+        pad_from=[None, 18, 12, 20, None])
+    feats = model.encode_images(images)
+    tokens = model.task_tokens.inserted()
+    embed = model.parts.embed_tokens
+    fast = splice_inputs(ids, mask, labels, feats, tokens, embed, max_length=max_length)
+    ref = splice_reference(ids, mask, labels, feats, tokens, embed, max_length=max_length)
+    assert fast.inputs_embeds.shape == ref.inputs_embeds.shape
+    assert torch.equal(fast.inputs_embeds, ref.inputs_embeds)
+    assert torch.equal(fast.attention_mask, ref.attention_mask)
+    assert torch.equal(fast.labels, ref.labels)
+    assert torch.equal(fast.image_start, ref.image_start)
+    assert torch.equal(fast.has_image, ref.has_image)
+    grow = feats.shape[1] + tokens.shape[0] - 1  # the placeholder becomes image + task rows
+    spliced_len = mask.sum(1) + grow * (torch.arange(5) != 3)
+    want = 0 if max_length is None else int((spliced_len - max_length).clamp(min=0).sum())
+    assert int(fast.num_truncated) == want
+
+
+def test_token_layout_and_labels(model):
+    ids, mask, labels, images, _, _ = tiny_batch(model, batch=2, placeholders=[3, 6],
+                                                 pad_from=[None, 20])
+    sp = model.splice(ids, mask, labels, images)
+    n_img, n_task = model.num_image_tokens, 4 * len(model.tasks)
+    assert sp.num_image_tokens == n_img and sp.num_task_tokens == n_task
+    for i, p in enumerate([3, 6]):
+        real = int(mask[i].sum())
+        assert int(sp.image_start[i]) == p
+        assert int(sp.attention_mask[i].sum()) == real - 1 + n_img + n_task
+        block = sp.labels[i, p: p + n_img + n_task]
+        assert (block == -100).all()
+        # The text after the placeholder keeps its labels, shifted by the inserted block.
+        assert torch.equal(sp.labels[i, p + n_img + n_task: real - 1 + n_img + n_task],
+                           labels[i, p + 1: real])
+        # The task tokens sit right after the image, in aux_mode order.
+        inserted = model.task_tokens.inserted()
+        assert torch.equal(sp.inputs_embeds[i, p + n_img: p + n_img + n_task], inserted)
+    # depth/seg insert means of equal groups of their query parameter (SPEC 1.5).
+    depth = model.task_tokens.parameter_for("depth")
+    off = model.task_tokens.offset("depth")
+    assert torch.allclose(inserted[off: off + 4], depth.view(4, 4, -1).mean(1))
+
+
+def test_left_padding_stays_left(model):
+    ids, mask, _, images, _, _ = tiny_batch(model, batch=2, placeholders=[6, 3])
+    mask[0, :3] = False  # left padding of 3
+    ids[0, :3] = 0
+    sp = model.splice(ids, mask, None, images)
+    assert not sp.attention_mask[0, :3].any() and sp.attention_mask[0, 3:].all()
+    assert sp.attention_mask[1].all()
+
+
+def test_static_length_pads_without_changing_content(model):
+    ids, mask, labels, images, _, _ = tiny_batch(model, batch=3, pad_from=[None, 15, 10])
+    a = model.splice(ids, mask, labels, images)
+    b = model.splice(ids, mask, labels, images, static_length=True)
+    n = a.inputs_embeds.shape[1]
+    assert b.inputs_embeds.shape[1] >= n
+    assert torch.equal(b.inputs_embeds[:, :n], a.inputs_embeds)
+    assert not b.attention_mask[:, n:].any()
+
+
+# ---- fused path == reference path ----
+
+
+def _run(model, batch, impl):
+    model.set_impl(impl)
+    model.zero_grad(set_to_none=True)
+    out = model(*batch)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+             if p.grad is not None}
+    model.set_impl("torch")
+    return out, grads
+
+
+@pytest.mark.parametrize("kind", ["llama", "phi3", "qwen2"])
+def test_fused_equals_reference_fp32(tmp, kind):
+    model = tiny_model(tmp, kind=kind)
+    model.llm.requires_grad_(False)  # pre-training: the LLM is frozen
+    batch = tiny_batch(model, batch=4, placeholders=[2, 4, 3, 5], text_only=(2,),
+                       pad_from=[None, 19, None, 16])
+    fast, g_fast = _run(model, batch, "torch")
+    ref, g_ref = _run(model, batch, "reference")
+    assert set(fast.components) == set(ref.components)
+    assert len(fast.components) == 1 + 3 + 2 * 6  # ntp, 3 task totals, 6 heads x 2 terms
+    for name, value in ref.components.items():
+        torch.testing.assert_close(fast.components[name], value, rtol=2e-5, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=2e-5, atol=1e-6)
+    assert set(g_fast) == set(g_ref)
+    trained = {n.split(".")[0] for n in g_fast}
+    assert trained == {"mm_projector", "task_tokens", "image_gen_heads", "image_depth_heads",
+                       "image_seg_heads", "gen_logit_scale", "depth_logit_scale",
+                       "seg_logit_scale"}
+    for name, grad in g_ref.items():
+        torch.testing.assert_close(g_fast[name], grad, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_fused_matches_float64_oracle_in_bf16(tmp):
+    """bf16 model: loss within k x eager-bf16 error of the float64 oracle."""
+    model = tiny_model(tmp)
+    batch = tiny_batch(model, batch=3, pad_from=[None, 18, None])
+    ref = model.double().set_impl("reference")(*[
+        t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in batch[:5]],
+        {k: v.double() for k, v in batch[5].items()})
+    model.to(torch.bfloat16)
+    bf16 = [t.bfloat16() if torch.is_tensor(t) and t.is_floating_point() else t
+            for t in batch[:5]]
+    targets = {k: v.bfloat16() for k, v in batch[5].items()}
+    eager = model.set_impl("reference")(*bf16, targets)
+    fast = model.set_impl("torch")(*bf16, targets)
+    fast.loss.backward()
+    assert torch.isfinite(fast.loss)
+    assert model.mm_projector[0].weight.grad is not None
+    assert_close_to_reference(fast.loss, ref.loss, eager.loss, name="bf16 loss", k=3.0,
+                              dtype=torch.bfloat16)
+
+
+def test_text_only_samples_do_not_count_in_embedding_losses(model):
+    ids, mask, labels, images, image_mask, targets = tiny_batch(
+        model, batch=4, text_only=(1, 3), pad_from=[None, 12, None, 10])
+    out = model(ids, mask, labels, images, image_mask, targets)
+    changed = {k: v.clone() for k, v in targets.items()}
+    for v in changed.values():
+        v[1] = 100.0  # a text-only sample's (meaningless) target
+        v[3] = -7.0
+    again = model(ids, mask, labels, images, image_mask, changed)
+    for name in out.components:
+        if name != "ntp":
+            torch.testing.assert_close(again.components[name], out.components[name])
+    # An all-text batch: no image features, embedding losses 0, next-token loss still trains.
+    ids_t = ids.masked_fill(ids == -200, 5)
+    out_t = model(ids_t, mask, labels, None, torch.zeros(4, dtype=torch.long), targets)
+    assert all(float(v) == 0.0 for k, v in out_t.components.items() if k != "ntp")
+    assert float(out_t.components["ntp"]) > 0
+
+
+def test_target_mask_overrides_image_mask(model):
+    batch = list(tiny_batch(model, batch=3))
+    out = model(*batch, target_mask=torch.tensor([1, 0, 1]))
+    batch[4] = torch.tensor([1, 0, 1])
+    same = model(*batch)
+    torch.testing.assert_close(out.loss, same.loss)
+
+
+# ---- seed compatibility: SPEC 10's arithmetic written out independently ----
+
+
+def test_seed_compat_equals_the_seed_arithmetic(tmp):
+    num_sys = 3
+    model = tiny_model(tmp, seed_compat=True, num_sys_tokens=num_sys)
+    ids, mask, labels, images, image_mask, targets = tiny_batch(
+        model, batch=3, placeholders=[num_sys] * 3, pad_from=[None, 20, 17])
+    out = model(ids, mask, labels, images, image_mask, targets)
+
+    # The seed: output_hidden_states, fixed offsets, padding attended, seed loss arithmetic.
+    sp = model.splice(ids, mask, labels, images)
+    hs = model.parts.decoder(inputs_embeds=sp.inputs_embeds,
+                             attention_mask=sp.attention_mask.long(),
+                             output_hidden_states=True).hidden_states
+    n_img = model.num_image_tokens
+    p = num_sys + n_img
+    end = p + 4 * len(model.tasks)
+    m = image_mask.float()
+    for task in model.tasks:
+        idx = model.tasks.index(task)
+        ts, te = p + 4 * idx, p + 4 * idx + 4
+        total = 0.0
+        for j, k in enumerate(model.layers[task]):
+            h = hs[k]
+            x = torch.cat([h[:, :p], h[:, ts:te], h[:, end:]], 1)
+            q = h[:, p: p + 4] if task == "gen" else \
+                model.task_tokens.parameter_for(task)[None].repeat(3, 1, 1)
+            y = model.heads(task)[j](x, q)
+            t = targets[task]
+            if task == "seg":  # the seed permutes the prediction to (B, C, h, w)
+                y = y.permute(0, 2, 1).reshape(t.shape)
+            sl1 = (F.smooth_l1_loss(y.float(), t.float(), reduction="none")
+                   * m.view(-1, *[1] * (t.dim() - 1))).mean()
+            logits = F.normalize(y.flatten(1), dim=-1) @ F.normalize(t.flatten(1), dim=-1).T
+            scale = model.logit_scale(task).exp().clamp(max=100)
+            ce = F.cross_entropy(logits * scale, torch.arange(3), reduction="none")
+            con = 0.3 * ce.mean() * m.mean()
+            torch.testing.assert_close(out.components[f"{task}/L{k}/smooth_l1"], sl1.detach(),
+                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out.components[f"{task}/L{k}/contrastive"],
+                                       con.detach(), rtol=1e-5, atol=1e-6)
+            total = total + sl1 + con
+        torch.testing.assert_close(out.components[task], 0.5 * total.detach(), rtol=1e-5,
+                                   atol=1e-6)
+    logits = model.parts.lm_head(hs[-1]).float()
+    ntp = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                          sp.labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.components["ntp"], ntp.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---- inference ----
+
+
+def test_generate_and_visual_interpretations(model):
+    ids, mask, _, images, _, _ = tiny_batch(model, batch=2, placeholders=[4, 4])
+    new = model.generate(ids, mask, images, max_new_tokens=3, do_sample=False)
+    assert new.shape[0] == 2 and 1 <= new.shape[1] <= 3
+    assert new.dtype == torch.long and (new >= 0).all()
+    preds = model.visual_interpretations(ids, mask, images)
+    assert set(preds) == set(model.tasks)
+    assert preds["depth"][2].shape == (2, 16, 16)
+    assert preds["seg"][1].shape == (2, 16, 12)
+    assert preds["gen"][3].shape == (2, 1, 16)
+
+
+def test_hooks_are_removed_after_forward(model):
+    batch = tiny_batch(model, batch=2)
+    model(*batch)
+    assert all(not layer._forward_hooks for layer in model.parts.layers)
+
+
+# ---- errors ----
+
+
+def test_bad_configs_fail_clearly(tmp):
+    with pytest.raises(ValueError, match="unknown task 'shape'"):
+        ModelConfig(aux_mode="gen-shape")
+    with pytest.raises(ValueError, match=r"layers \[9\] are outside the LLM's 4 blocks"):
+        tiny_model(tmp, tower=StandInTower(), layer_indices="d2-9_s1-3_g2-3")
+    with pytest.raises(ValueError, match="multiple of num_task_tokens"):
+        tiny_model(tmp, tower=StandInTower(), num_task_tokens=5)
+    with pytest.raises(ValueError, match="num_sys_tokens"):
+        ModelConfig(seed_compat=True)
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        tiny_model(tmp, tower=StandInTower(), llm=str(tmp / "nope"))
+
+
+def test_bad_batches_fail_clearly(model):
+    ids, mask, labels, images, image_mask, targets = tiny_batch(model, batch=2)
+    with pytest.raises(ValueError, match=r"targets: missing \['seg'\]"):
+        model(ids, mask, labels, images, image_mask, {k: targets[k] for k in ("gen", "depth")})
+    bad = dict(targets, depth=targets["depth"][:, :5])
+    with pytest.raises(ValueError, match=r"targets\['depth'\] must have shape"):
+        model(ids, mask, labels, images, image_mask, bad)
+    two = ids.clone()
+    two[0, 10] = -200
+    with pytest.raises(ValueError, match="at most one image placeholder"):
+        model(two, mask, labels, images, image_mask, targets)
+    with pytest.raises(ValueError, match="no images were given"):
+        model(ids, mask, labels, None, image_mask, targets)
