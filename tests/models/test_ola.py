@@ -4,12 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_ola import StandInTower, tiny_batch, tiny_model
 
 from olakernels.testing import assert_close_to_reference
 from olavlm.models.config import ModelConfig, parse_layer_indices, parse_loss_weights
 from olavlm.models.splice import splice_inputs, splice_reference
-
-from tiny_ola import StandInTower, tiny_batch, tiny_model
 
 
 @pytest.fixture(scope="module")
