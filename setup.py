@@ -11,7 +11,7 @@ DATA = ["transformers>=4.45", "tokenizers>=0.20", "pillow>=10.1"]
 TEACHERS = [*DATA, "safetensors>=0.4.3", "huggingface-hub>=0.23"]
 # olavlm.models: the LLMs and the CLIP/SigLIP towers come from transformers; the ConvNeXt tower
 # is open_clip's (its timm trunk).
-MODEL = [*TEACHERS, "open_clip_torch>=2.24"]
+MODEL = [*TEACHERS, "open_clip_torch>=3.0"]
 
 setup(
     name="olavlm",

@@ -1,4 +1,4 @@
-# Command line: `olavlm data synth|check` (datasets) and `olavlm targets extract|verify` (cache).
+# Command line: `olavlm data synth|check`, `olavlm targets extract|verify`, `olavlm train`.
 """The ``olavlm`` command (also ``python -m olavlm``).
 
     olavlm data synth --out DIR --num N [--num-val M] [--seed S] [--size 128] [--workers W]
@@ -7,8 +7,11 @@
                            [--weights depth=DIR,seg=DIR,gen=DIR] [--storage bf16|fp8_e4m3]
     olavlm targets verify CACHE [--data DATA.jsonl]
 
+    olavlm train [--recipe NAME] [--config FILE] [--resume auto|none|PATH] [key=value ...]
+
 ``targets extract`` also runs under ``torchrun --nproc-per-node N -m olavlm targets extract
-...``: the ranks split the shards. Training and probing join here as their issues land.
+...``: the ranks split the shards. ``olavlm train`` runs under ``torchrun --nproc-per-node N
+-m olavlm.train ...`` (olavlm/train/cli.py).
 """
 from __future__ import annotations
 
@@ -101,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="targets_command", required=True)
     _add_extract(targets)
     _add_verify(targets)
+    from olavlm.train.cli import add_train_arguments
+
+    add_train_arguments(commands.add_parser(
+        "train", help="train (no arguments: the CPU demo recipe)",
+        description="Train OLA-VLM from a recipe, a config file and dotted overrides."))
     return parser
 
 
@@ -195,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         return _extract(args)
     if args.command == "targets" and args.targets_command == "verify":
         return _verify(args)
+    if args.command == "train":
+        from olavlm.train.cli import run_train
+
+        return run_train(args)
     raise AssertionError(f"unhandled command {args}")  # argparse rejects unknown commands
 
 

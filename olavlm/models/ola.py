@@ -173,11 +173,23 @@ class OlaVLM(nn.Module):
         return final, {k: (states[k] if k in hooked else final) for k in taps if k > 0}
 
     def _ntp(self, final: torch.Tensor, labels: torch.Tensor):
+        """Mean next-token loss over labelled positions. Distributed: each rank returns
+        world / N_global * (its sum), so the ranks' mean -- what FSDP's gradient averaging
+        computes -- is the mean over the global batch's tokens, exactly as one process on the
+        whole batch (a per-rank mean would weight ranks with few labels too much)."""
         head = self.parts.lm_head
-        return linear_cross_entropy(
+        group = self.process_group
+        reduction = "sum" if group is not None else "mean"
+        loss, num_valid, correct = linear_cross_entropy(
             final, head.weight, labels, bias=head.bias, ignore_index=IGNORE_INDEX,
-            shift_labels=True, return_stats=True,
+            shift_labels=True, return_stats=True, reduction=reduction,
             impl="reference" if self.impl == "reference" else self.impl)
+        if group is not None:
+            total = num_valid.detach().to(torch.float32).clone()
+            torch.distributed.all_reduce(total, group=group)
+            world = torch.distributed.get_world_size(group)
+            loss = loss * (world / total.clamp(min=1.0))
+        return loss, num_valid, correct
 
     def _head_forward(self, task: str, index: int, state: torch.Tensor,
                       spliced: SplicedInputs) -> torch.Tensor:

@@ -1,0 +1,191 @@
+# Building a run's parts from its Config: tokenizer, model, dataset and loader, teachers.
+"""Everything here fails before any training work starts: bad paths, an unknown teacher, heads
+whose target shapes disagree with the teachers' are reported with the config key to change.
+
+``model.llm`` / ``model.vision_tower`` may be ``"tiny:<kind>"`` (llama, phi3, qwen2 /
+clip, siglip, convnext): a tiny random-weight model of that real architecture is written under
+the run directory and loaded through the normal loading code (the demo recipe uses this).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from olavlm.models.config import ModelConfig
+from olavlm.models.ola import OlaVLM
+
+__all__ = ["build_data", "build_model", "build_teachers_for", "build_tokenizer",
+           "synthetic_dataset_dir"]
+
+logger = logging.getLogger("olavlm.train")
+
+TINY_LLM = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2)
+TINY_TOWER = dict(hidden_size=32, num_layers=2)
+
+
+def synthetic_dataset_dir(cfg, *, is_main: bool, barrier) -> Path:
+    """The built-in synthetic dataset for DataConfig.path == "": generated on first use (rank 0
+    writes, the others wait) under synthetic_dir, one folder per (num, size, seed)."""
+    d = cfg.data
+    root = Path(d.synthetic_dir).expanduser() / f"n{d.synthetic_num}-s{d.synthetic_size}-seed0"
+    if is_main and not (root / "meta.json").is_file():
+        from olavlm.data.synthetic import write_synthetic_dataset
+
+        logger.info("generating the synthetic dataset (%d samples) in %s", d.synthetic_num, root)
+        write_synthetic_dataset(root, d.synthetic_num, size=d.synthetic_size, seed=0,
+                                overwrite=root.exists())
+    barrier()
+    return root
+
+
+def _data_files(cfg, data_root: Path | None) -> tuple[list[Path], Path | None]:
+    if data_root is not None:
+        return [data_root / "train.jsonl"], data_root
+    paths = [Path(p).expanduser() for p in str(cfg.data.path).split(",") if p]
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"data.path: {str(p)!r} does not exist")
+    folder = Path(cfg.data.image_folder).expanduser() if cfg.data.image_folder else None
+    return paths, folder
+
+
+def build_tokenizer(cfg, data_root: Path | None):
+    from transformers import AutoTokenizer
+
+    path = cfg.data.tokenizer
+    if path is None:
+        if data_root is not None:
+            path = data_root / "tokenizer"
+        elif cfg.model.llm and not cfg.model.llm.startswith("tiny:"):
+            path = cfg.model.llm  # the LLM's own tokenizer
+        else:
+            raise ValueError("data.tokenizer: give a tokenizer folder (the data is not the "
+                             "built-in synthetic dataset, which ships its own)")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data.tokenizer: {str(path)!r} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"data.tokenizer: {path} has no pad token (the seed adds '<pad>' to "
+                         "Llama-3's tokenizer; add one and resize the embeddings)")
+    return tokenizer
+
+
+def _materialize(spec: str, kind: str, work: Path, tokenizer) -> str:
+    if not spec.startswith("tiny:"):
+        if not Path(spec).expanduser().exists():
+            raise FileNotFoundError(f"model.{kind}: {spec!r} does not exist (models are never "
+                                    "downloaded: give a local directory, or tiny:<arch>)")
+        return str(Path(spec).expanduser())
+    arch = spec.split(":", 1)[1]
+    if kind == "llm":
+        from olavlm.models.tiny_llm import TINY_LLM_KINDS, build_tiny_llm
+
+        if arch not in TINY_LLM_KINDS:
+            raise ValueError(f"model.llm: tiny:{arch} is unknown; use one of "
+                             f"{[f'tiny:{k}' for k in TINY_LLM_KINDS]}")
+        out = work / f"tiny-{arch}"
+        if not (out / "config.json").exists():
+            build_tiny_llm(arch, out, vocab_size=len(tokenizer),
+                           pad_token_id=tokenizer.pad_token_id, **TINY_LLM)
+        return str(out)
+    from olavlm.models.vision import VISION_TOWERS, build_tiny_vision_tower
+
+    if arch not in VISION_TOWERS:
+        raise ValueError(f"model.vision_tower: tiny:{arch} is unknown; use one of "
+                         f"{[f'tiny:{k}' for k in VISION_TOWERS]}")
+    size = 64 if arch != "convnext" else None
+    return str(build_tiny_vision_tower(arch, work, image_size=size,
+                                       **(TINY_TOWER if arch != "convnext" else {})))
+
+
+def build_model(cfg, tokenizer, work_dir: Path, *, is_main: bool, barrier) -> OlaVLM:
+    """The OlaVLM of cfg.model on the CPU (the trainer moves it); tiny:* parts written first."""
+    mc: ModelConfig = cfg.model
+    work_dir = Path(work_dir) / "models"
+    if is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        llm = _materialize(mc.llm, "llm", work_dir, tokenizer)
+        tower = _materialize(mc.vision_tower, "vision_tower", work_dir, tokenizer)
+    barrier()
+    if not is_main:
+        llm = _materialize(mc.llm, "llm", work_dir, tokenizer)
+        tower = _materialize(mc.vision_tower, "vision_tower", work_dir, tokenizer)
+    from dataclasses import replace
+
+    from olavlm.models.vision import build_vision_tower
+
+    resolved = replace(mc, llm=llm, vision_tower=tower)
+    vision = build_vision_tower(tower, kind=mc.vision_kind, select_layer=mc.vision_select_layer,
+                                dtype=torch.float32)
+    model = OlaVLM(resolved, vision_tower=vision)
+    rows = model.parts.embed_tokens.num_embeddings
+    if rows < len(tokenizer):
+        raise ValueError(f"model.llm: the embedding table has {rows} rows but the tokenizer "
+                         f"has {len(tokenizer)} tokens")
+    return model
+
+
+def build_teachers_for(cfg, model: OlaVLM, device: torch.device):
+    """OnlineTargets for teachers.mode == "online" (None otherwise), checked against the heads."""
+    tc = cfg.teachers
+    if tc.mode not in ("online", "cache", "none"):
+        raise ValueError(f"teachers.mode must be online, cache or none, got {tc.mode!r}")
+    if tc.mode != "online" or not model.tasks:
+        return None
+    from olavlm.teachers import OnlineTargets, build_teachers
+
+    names = [n.strip() for n in tc.names.split(",") if n.strip()]
+    kwargs = dict(getattr(tc, "synthetic", None) or {}) if names == ["synthetic"] else {}
+    teachers = build_teachers(names, tc.weights or None, device=device, **kwargs)
+    online = OnlineTargets(teachers, compile=tc.compile, side_stream=tc.side_stream)
+    _check_shapes(model, online.tasks, "teachers")
+    return online
+
+
+def _check_shapes(model: OlaVLM, shapes: dict, source: str) -> None:
+    for task in model.tasks:
+        if task not in shapes:
+            raise ValueError(f"{source}: no {task!r} target, but model.aux_mode "
+                             f"{model.config.aux_mode!r} trains a {task} head; targets: "
+                             f"{sorted(shapes)}")
+        want = tuple(model.config.heads[task].target_shape)
+        if tuple(shapes[task]) != want:
+            raise ValueError(f"{source}: the {task} target is {tuple(shapes[task])} per sample "
+                             f"but model.heads.{task}.target_shape is {want}")
+
+
+def build_data(cfg, model: OlaVLM, tokenizer, data_root: Path | None, *, rank: int,
+               world_size: int, run_dir: Path, online=None):
+    """(dataset, loader) for this rank; the image view follows the vision tower."""
+    from olavlm.data import ImageView, LlavaDataset, ResumableLoader
+
+    files, image_folder = _data_files(cfg, data_root)
+    tower = model.vision_tower
+    view = ImageView(size=tower.image_size, aspect=cfg.data.aspect, mean=tuple(tower.mean),
+                     std=tuple(tower.std))
+    cache = None
+    if cfg.teachers.mode == "cache" and model.tasks:
+        from olavlm.teachers import TargetCache
+
+        if not cfg.teachers.cache_dir:
+            raise ValueError("teachers.mode=cache needs teachers.cache_dir (written by "
+                             "`olavlm targets extract`)")
+        cache = TargetCache(Path(cfg.teachers.cache_dir).expanduser(), tasks=model.tasks)
+        _check_shapes(model, cache.tasks, "teachers.cache_dir")
+    needs_maps = online is not None and any(t.needs_maps for t in online.teachers)
+    needs_images = online is not None and any(t.needs_images for t in online.teachers)
+    num_inserted = model.num_image_tokens + model.config.num_task_tokens * len(model.tasks)
+    dataset = LlavaDataset(
+        files, tokenizer, image_folder=image_folder, template=cfg.data.template,
+        image_view=view, keep_raw_image=needs_images, max_length=cfg.model.max_length,
+        num_image_tokens=num_inserted, on_bad_sample=cfg.data.on_bad_sample, targets=cache,
+        on_missing_target=cfg.teachers.on_missing_target, keep_maps=needs_maps)
+    loader = ResumableLoader(
+        dataset, batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle, seed=cfg.train.seed,
+        rank=rank, world_size=world_size, num_workers=cfg.data.num_workers,
+        group_by_modality_length=cfg.data.group_by_modality_length,
+        rejects_path=run_dir / "rejects.jsonl")
+    return dataset, loader

@@ -1,0 +1,73 @@
+# `olavlm train` and `python -m olavlm.train` (also under torchrun).
+"""``olavlm train [--recipe NAME] [--config FILE] [--resume auto|none|PATH] [key=value ...]``
+
+With no arguments it runs the ``demo`` recipe (CPU, a few minutes). Exit status: 0 done (or
+stopped by SIGTERM/SIGINT after writing a checkpoint), 1 stopped by non-finite losses,
+2 bad configuration (reported before any work starts).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+__all__ = ["add_train_arguments", "main", "run_train"]
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default=None,
+                   help="a recipe name (default: demo, or the config file's 'recipe')")
+    p.add_argument("--config", default=None, help="a YAML or JSON config file")
+    p.add_argument("--resume", default=None,
+                   help="auto (the latest valid checkpoint), none, or a checkpoint path "
+                        "(same as checkpoint.resume=...)")
+    p.add_argument("--list-recipes", action="store_true", help="print the recipes and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. optim.lr=2e-5 train.max_steps=50")
+
+
+def run_train(args) -> int:
+    from olavlm.recipes import RECIPES
+
+    from olavlm.config import resolve_config
+
+    if args.list_recipes:
+        print("\n".join(sorted(RECIPES)))
+        return 0
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    try:
+        cfg = resolve_config(args.recipe, args.config, overrides)
+    except (ValueError, FileNotFoundError, TypeError) as exc:
+        print(f"olavlm train: {exc}", file=sys.stderr)
+        return 2
+    from .trainer import NonFiniteLossError, Trainer
+
+    try:
+        trainer = Trainer(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"olavlm train: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.train()
+    except NonFiniteLossError as exc:
+        trainer.metrics.close()
+        print(f"olavlm train: {exc}", file=sys.stderr)
+        trainer.close()
+        return 1
+    if result.summary:
+        print(result.summary)
+    if result.stopped:
+        print(f"stopped by {result.stopped} at step {result.steps}; rerun the same command "
+              "to resume")
+    trainer.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="olavlm train", description=__doc__.splitlines()[0])
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_train(args)

@@ -1,0 +1,97 @@
+# Optimizer groups and the learning-rate schedule (SPEC 5.1: AdamW, cosine with warm-up).
+"""AdamW over the trainable parameters, in groups:
+
+- weight decay only on matrices: biases, norm weights, scalars (logit scales) and other 1-D
+  parameters get none (LLaVATrainer.create_optimizer's rule);
+- ``projector_lr`` for ``mm_projector``, ``head_lr`` for the heads, task tokens and logit scales
+  (None: the base ``lr``).
+
+The implementation is torch's fused AdamW on CUDA (``fused="auto"|"on"``), apex's FusedAdam
+when it is installed and asked for (``fused="apex"``), else the foreach one. The schedule is
+linear warm-up over ``ceil(warmup_ratio * total_steps)`` steps, then cosine to 0 (HF's
+``get_cosine_schedule_with_warmup``), or constant after warm-up.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["build_optimizer", "build_scheduler", "parameter_groups", "warmup_steps"]
+
+HEAD_PREFIXES = ("image_", "task_tokens", "gen_logit_scale", "depth_logit_scale",
+                 "seg_logit_scale")
+
+
+def _role(name: str) -> str:
+    name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+    if name.startswith("mm_projector"):
+        return "projector"
+    if name.startswith(HEAD_PREFIXES):
+        return "heads"
+    return "llm"
+
+
+def _no_decay(name: str, param: torch.Tensor) -> bool:
+    return param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
+
+
+def parameter_groups(model: nn.Module, cfg) -> list[dict]:
+    """Trainable parameters grouped by (role, decay). Frozen ones are left out."""
+    lrs = {"llm": cfg.lr, "projector": cfg.projector_lr or cfg.lr, "heads": cfg.head_lr or cfg.lr}
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        role, nd = _role(name), _no_decay(name, param)
+        group = groups.setdefault((role, nd), {
+            "params": [], "names": [], "lr": lrs[role], "role": role,
+            "weight_decay": 0.0 if nd else cfg.weight_decay})
+        group["params"].append(param)
+        group["names"].append(name)
+    if not groups:
+        raise ValueError("the model has no trainable parameters: check train.stage")
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg)
+    for g in groups:
+        g.pop("names")
+    if cfg.fused not in ("auto", "on", "off", "apex"):
+        raise ValueError(f"optim.fused must be auto, on, off or apex, got {cfg.fused!r}")
+    if cfg.fused == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError as exc:
+            raise ValueError("optim.fused=apex needs NVIDIA apex (not on PyPI; build it from "
+                             "github.com/NVIDIA/apex), which is not installed") from exc
+        return FusedAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                         adam_w_mode=True, weight_decay=cfg.weight_decay)
+    fused = device.type == "cuda" and cfg.fused in ("auto", "on")
+    if cfg.fused == "on" and device.type != "cuda":
+        raise ValueError(f"optim.fused=on needs a CUDA device, the run is on {device}")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, fused=fused or None,
+                             foreach=None if fused else True)
+
+
+def warmup_steps(cfg, total_steps: int) -> int:
+    return math.ceil(cfg.warmup_ratio * total_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int):
+    if cfg.schedule not in ("cosine", "constant"):
+        raise ValueError(f"optim.schedule must be cosine or constant, got {cfg.schedule!r}")
+    warm = warmup_steps(cfg, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / max(1, warm)  # the first step already uses a small lr
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total_steps - warm)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

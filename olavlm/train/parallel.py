@@ -1,0 +1,224 @@
+# Process group, device, and the performance switches: FSDP2, checkpointing, compile, float8.
+"""Everything that changes how (not what) the model computes, each switch off-able:
+
+- ``init_distributed``: torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) -> process group (NCCL on
+  CUDA, gloo on CPU) and the device of this rank.
+- ``apply_liger``: liger-kernel's RMSNorm and SwiGLU MLP swapped in *as modules* (the decoder's
+  norm / mlp submodules are replaced; no library forward is reassigned). RoPE is a function in
+  Hugging Face decoders, not a module, so it is left alone (reassigning it would patch the
+  library). CUDA only.
+- ``apply_float8``: torchao ``convert_to_float8_training`` on the decoder blocks' Linear layers
+  whose dims are multiples of 16 (tensorwise or rowwise scaling); H100/MI300X class GPUs
+  (compute capability >= 8.9 / gfx942); on CPU it runs for numerics only (a warning says so).
+- ``apply_activation_checkpointing``: "full" wraps every decoder block, "selective" every other
+  block (torchtitan's layer-selective option: about half the recompute for half the saving).
+- ``apply_compile``: ``torch.compile`` per decoder block (blocks are identical: one compile).
+- ``apply_fsdp``: FSDP2 ``fully_shard`` per decoder block, the vision tower as its own unit,
+  the root last; ``MixedPrecisionPolicy(param_dtype, reduce_dtype=fp32)``. Frozen parameters
+  are sharded like the others (no gradients are reduced for them).
+
+The order matters and is the one ``apply_parallelism`` uses: liger, float8, checkpointing,
+compile, FSDP (each wraps what the previous produced).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+from torch import nn
+
+__all__ = ["DistInfo", "apply_parallelism", "init_distributed", "resolve_device"]
+
+logger = logging.getLogger("olavlm.train")
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class DistInfo:
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                 device: torch.device | None = None) -> None:
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.device = device or torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is available; use "
+                             "train.device=cpu (or auto)")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise ValueError(f"train.device must be auto, cpu or cuda, got {name!r}")
+    return torch.device("cpu")
+
+
+def init_distributed(device_name: str, backend: str = "auto") -> DistInfo:
+    """Join torchrun's process group when WORLD_SIZE > 1; a single process needs none."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local)
+    if world > 1 and not torch.distributed.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        torch.distributed.init_process_group(backend=backend, **kwargs)
+    return DistInfo(rank, world, local, device)
+
+
+# ---- switches ---------------------------------------------------------------------------------
+
+
+def apply_liger(model: nn.Module, device: torch.device) -> int:
+    """Swap RMSNorm and SwiGLU MLP modules of the decoder for liger-kernel's. Returns the count."""
+    if device.type != "cuda":
+        raise ValueError("parallel.liger=true needs a CUDA GPU (liger-kernel's Triton kernels); "
+                         f"this run is on {device}")
+    try:
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+        from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    except ImportError as exc:
+        raise ValueError("parallel.liger=true needs liger-kernel (pip install liger-kernel)") \
+            from exc
+    swapped = 0
+    for parent in list(model.llm.modules()):
+        for name, child in list(parent.named_children()):
+            kind = type(child).__name__
+            if kind.endswith("RMSNorm") and hasattr(child, "weight"):
+                eps = getattr(child, "variance_epsilon", getattr(child, "eps", 1e-6))
+                new = LigerRMSNorm(child.weight.shape[0], eps=eps).to(child.weight)
+                new.weight.data.copy_(child.weight.data)
+                new.weight.requires_grad_(child.weight.requires_grad)
+            elif kind.endswith("MLP") and all(hasattr(child, a) for a in
+                                              ("gate_proj", "up_proj", "down_proj")):
+                new = LigerSwiGLUMLP(child.config) if hasattr(child, "config") else None
+                if new is None:
+                    continue
+                new.load_state_dict(child.state_dict())
+                new.to(child.gate_proj.weight).requires_grad_(child.gate_proj.weight.requires_grad)
+            else:
+                continue
+            setattr(parent, name, new)
+            swapped += 1
+    return swapped
+
+
+def apply_float8(model: nn.Module, recipe: str, device: torch.device) -> int:
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as exc:
+        raise ValueError("parallel.float8 needs torchao (pip install torchao)") from exc
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if torch.version.hip is None and (major, minor) < (8, 9):
+            raise ValueError(
+                f"parallel.float8={recipe} needs an H100-class GPU (compute capability >= 8.9; "
+                f"MI300X on ROCm), this one is {torch.cuda.get_device_name(device)} "
+                f"(sm_{major}{minor}); use parallel.float8=none")
+    else:
+        warnings.warn("parallel.float8 on CPU runs for numerics only (no speed-up)", stacklevel=2)
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    count = 0
+
+    def suitable(module: nn.Module, fqn: str) -> bool:
+        nonlocal count
+        ok = (isinstance(module, nn.Linear) and ".layers." in fqn
+              and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+        count += ok
+        return ok
+
+    convert_to_float8_training(model.llm, config=config, module_filter_fn=suitable)
+    return count
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
+    if mode == "none":
+        return 0
+    if mode not in ("full", "selective"):
+        raise ValueError(f"parallel.activation_checkpointing must be none, selective or full, "
+                         f"got {mode!r}")
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.parts.layers
+    every = 1 if mode == "full" else 2
+    wrapped = 0
+    for i in range(len(layers)):
+        if i % every == 0:
+            layers[i] = checkpoint_wrapper(layers[i], preserve_rng_state=False)
+            wrapped += 1
+    return wrapped
+
+
+def apply_compile(model: nn.Module) -> None:
+    for layer in model.parts.layers:
+        layer.compile()
+
+
+def apply_fsdp(model: nn.Module, mixed_precision: str, reduce_dtype: str) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=_DTYPES[mixed_precision],
+                                  reduce_dtype=_DTYPES[reduce_dtype])
+    for layer in model.parts.layers:
+        fully_shard(layer, mp_policy=policy)
+    if any(True for _ in model.vision_tower.parameters()):
+        fully_shard(model.vision_tower, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def apply_parallelism(model: nn.Module, cfg, dist_info: DistInfo) -> dict:
+    """Apply the ParallelConfig switches in order; returns what was done (for the run log)."""
+    done: dict = {}
+    device = dist_info.device
+    if cfg.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.liger:
+        done["liger_modules"] = apply_liger(model, device)
+    if cfg.float8 != "none":
+        done["float8_linears"] = apply_float8(model, cfg.float8, device)
+    done["checkpointed_blocks"] = apply_activation_checkpointing(model,
+                                                                 cfg.activation_checkpointing)
+    if cfg.compile:
+        apply_compile(model)
+        done["compiled_blocks"] = len(model.parts.layers)
+    use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and dist_info.distributed)
+    if use_fsdp:
+        apply_fsdp(model, cfg.mixed_precision, cfg.reduce_dtype)
+        done["fsdp"] = f"{dist_info.world_size} ranks, params {cfg.mixed_precision}, reduce " \
+                       f"{cfg.reduce_dtype}"
+    elif cfg.mixed_precision != "fp32":
+        model.to(_DTYPES[cfg.mixed_precision])  # single process: cast the parameters
+        done["dtype"] = cfg.mixed_precision
+    if cfg.sdpa_backend != "auto":
+        done["sdpa_backend"] = cfg.sdpa_backend
+    return done
+
+
+def sdpa_context(backend: str):
+    """A context selecting SDPA's backend for the forward ("auto": PyTorch's choice)."""
+    from contextlib import nullcontext
+
+    if backend == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    if backend not in names:
+        raise ValueError(f"parallel.sdpa_backend must be auto or one of {sorted(names)}, got "
+                         f"{backend!r}")
+    return sdpa_kernel(names[backend])

@@ -1,0 +1,324 @@
+# The training loop: build -> (resume) -> steps with accumulation, guards, metrics, checkpoints.
+"""``Trainer(cfg).train()`` runs one training job end to end (``olavlm train`` calls it).
+
+A step: ``grad_accum`` micro-batches (targets from the online teachers or the cache), each
+``model.forward_batch`` + backward of ``loss / grad_accum``; gradient clipping; then ONE host
+read of a small tensor holding the logged scalars and the finiteness flag. A non-finite loss or
+gradient norm skips the optimizer step (counted); ``train.nonfinite_limit`` in a row stops the
+run with the step and the component that went bad. SIGTERM/SIGINT finish the current step,
+write a checkpoint and exit; ``checkpoint.every_steps`` writes periodic ones. A resumed run
+continues exactly where the checkpoint was taken (model, optimizer, schedule, data position,
+RNG).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from olavlm.config import Config, config_to_dict, save_resolved_config
+
+from . import build as B
+from .checkpoint import Checkpointer, CheckpointError, StopSignals
+from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_losses, summarize_run
+from .optim import build_optimizer, build_scheduler
+from .parallel import apply_parallelism, init_distributed, sdpa_context
+from .stages import apply_stage, trainable_report
+
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer"]
+
+logger = logging.getLogger("olavlm.train")
+
+FINISHED = "FINISHED"
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class TrainResult:
+    def __init__(self, run_dir: Path, steps: int, stopped: str | None, summary: str):
+        self.run_dir, self.steps, self.stopped, self.summary = run_dir, steps, stopped, summary
+
+
+def _barrier(dist_info):
+    if dist_info.distributed:
+        torch.distributed.barrier()
+
+
+def _run_dir(cfg: Config, dist_info) -> Path:
+    """output_dir/run_name. Without a run_name: continue the newest unfinished run of this
+    recipe when checkpoint.resume is "auto" (a crashed job restarts where it stopped), else a
+    new timestamped folder. Chosen on rank 0 and broadcast."""
+    out = Path(cfg.train.output_dir).expanduser()
+    name = cfg.train.run_name
+    if dist_info.is_main and name is None:
+        previous = sorted(p for p in out.glob(f"{cfg.recipe}-*") if p.is_dir()
+                          and (p / "checkpoints").is_dir() and not (p / FINISHED).exists())
+        if cfg.checkpoint.resume == "auto" and previous:
+            name = previous[-1].name
+        else:
+            name = f"{cfg.recipe}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    if dist_info.distributed:
+        box = [name]
+        torch.distributed.broadcast_object_list(box, src=0)
+        name = box[0]
+    run_dir = out / name
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _barrier(dist_info)
+    return run_dir
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.dist = init_distributed(cfg.train.device, cfg.parallel.backend)
+        d = self.dist
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        self.run_dir = _run_dir(cfg, d)
+        if d.is_main:
+            save_resolved_config(cfg, self.run_dir)
+        barrier = lambda: _barrier(d)  # noqa: E731
+        data_root = None
+        if not cfg.data.path:
+            data_root = B.synthetic_dataset_dir(cfg, is_main=d.is_main, barrier=barrier)
+        self.tokenizer = B.build_tokenizer(cfg, data_root)
+        model = B.build_model(cfg, self.tokenizer, self.run_dir, is_main=d.is_main,
+                              barrier=barrier)
+        apply_stage(model, cfg.train.stage)
+        self.trainable = trainable_report(model)
+        model.to(d.device)
+        self.teachers = B.build_teachers_for(cfg, model, d.device) \
+            if cfg.train.stage == "pt" else None
+        self.dataset, self.loader = B.build_data(
+            cfg, model, self.tokenizer, data_root, rank=d.rank, world_size=d.world_size,
+            run_dir=self.run_dir, online=self.teachers)
+        self.parallel_done = apply_parallelism(model, cfg.parallel, d)
+        if d.distributed:
+            model.process_group = torch.distributed.group.WORLD
+        self.model = model
+        accum = cfg.optim.grad_accum
+        if accum < 1:
+            raise ValueError(f"optim.grad_accum must be >= 1, got {accum}")
+        per_epoch = max(1, len(self.loader) // accum)
+        self.total_steps = cfg.train.max_steps or per_epoch * max(1, cfg.train.epochs)
+        self.optimizer = build_optimizer(model, cfg.optim, d.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
+        self.checkpointer = Checkpointer(self.run_dir, keep_last=cfg.checkpoint.keep_last)
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        resume = self.checkpointer.resolve_resume(cfg.checkpoint.resume)
+        if resume is not None:
+            extra = self.checkpointer.load(resume, self._state())
+            self.step = int(extra["step"])
+            self.nonfinite_total = int(extra.get("nonfinite_total", 0))
+            logger.info("resumed from %s at step %d", resume, self.step)
+        self.resumed_from = resume
+        lc = cfg.logging
+        self.metrics = MetricsLogger(
+            self.run_dir, rank=d.rank, total_steps=self.total_steps, jsonl=lc.jsonl,
+            tensorboard=lc.tensorboard, wandb=lc.wandb, wandb_project=lc.wandb_project,
+            config_dict=config_to_dict(cfg), progress=lc.progress)
+        self._flops_token = None
+        if d.is_main:
+            self._log_setup()
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return {"model": self.model, "optim": self.optimizer, "scheduler": self.scheduler,
+                "loader": self.loader, "rng": True,
+                "extra": {"step": self.step, "nonfinite_total": self.nonfinite_total,
+                          "recipe": self.cfg.recipe}}
+
+    def save_checkpoint(self) -> Path | None:
+        try:
+            path = self.checkpointer.save(self.step, self._state())
+        except CheckpointError as exc:  # out of disk: the previous checkpoint is intact
+            logger.error("checkpoint at step %d failed: %s", self.step, exc)
+            return None
+        if self.dist.is_main:
+            logger.info("checkpoint written: %s", path)
+        return path
+
+    def _log_setup(self) -> None:
+        rows = "\n".join(f"  {name:24s} trainable {t:>12,d}  frozen {f:>12,d}"
+                         for name, t, f in self.trainable)
+        logger.info("run directory: %s", self.run_dir)
+        logger.info("stage %s, parameters per module:\n%s", self.cfg.train.stage, rows)
+        logger.info("parallel: %s", self.parallel_done or "single process, no switches")
+        logger.info("%d optimizer steps of %d x %d samples (x %d ranks)", self.total_steps,
+                    self.cfg.optim.grad_accum, self.cfg.data.batch_size, self.dist.world_size)
+        (self.run_dir / "trainable.json").write_text(json.dumps(
+            [{"module": n, "trainable": t, "frozen": f} for n, t, f in self.trainable],
+            indent=1))
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def _batches(self):
+        while True:
+            got = False
+            for batch in self.loader:
+                got = True
+                yield batch
+            if not got:
+                raise RuntimeError("the data loader yields no batches (empty dataset?)")
+
+    def _micro_step(self, batch, scale: float):
+        dev = self.dist.device
+        targets, target_mask = None, batch.target_mask
+        if self.teachers is not None:
+            result = self.teachers(batch)
+            targets, target_mask = result.targets, result.mask
+        elif batch.targets:
+            targets = batch.targets
+        b = batch.to(dev)
+        with sdpa_context(self.cfg.parallel.sdpa_backend):
+            out = self.model(
+                b.input_ids, b.attention_mask, b.labels, b.images, b.image_mask,
+                None if targets is None else {k: v.to(dev) for k, v in targets.items()},
+                None if target_mask is None else target_mask.to(dev))
+        (out.loss * scale).backward()
+        return out
+
+    def _tokens(self, batch) -> tuple[int, int]:
+        """(samples, real tokens after splicing), from the host copy: no device sync."""
+        inserted = self.model.num_image_tokens + \
+            self.model.config.num_task_tokens * len(self.model.tasks) - 1
+        tokens = int(batch.attention_mask.sum()) + inserted * int(batch.image_mask.sum())
+        return len(batch), tokens
+
+    def train(self) -> TrainResult:
+        cfg, d = self.cfg, self.dist
+        accum = cfg.optim.grad_accum
+        batches = self._batches()
+        stopped = None
+        t_last = time.perf_counter()
+        window = {"samples": 0, "tokens": 0, "steps": 0}
+        with StopSignals() as signals:
+            while self.step < self.total_steps:
+                self.model.train()
+                sums = None
+                for micro in range(accum):
+                    batch = next(batches)
+                    n, tok = self._tokens(batch)
+                    window["samples"] += n
+                    window["tokens"] += tok
+                    sync = micro == accum - 1
+                    if hasattr(self.model, "set_requires_gradient_sync"):
+                        self.model.set_requires_gradient_sync(sync)
+                    out = self._micro_step(batch, 1.0 / accum)
+                    parts = torch.stack([out.loss.detach().float()]
+                                        + list(out.components.values()))
+                    sums = parts / accum if sums is None else sums + parts / accum
+                names = ["loss"] + list(out.components)
+                grad_norm = self._clip()
+                finite = torch.isfinite(sums).all() & torch.isfinite(grad_norm)
+                # The one host read of the step: logged scalars + the finiteness flag.
+                values = torch.cat([sums, grad_norm.float().reshape(1),
+                                    finite.float().reshape(1)]).tolist()
+                scalars = dict(zip(names, values[:-2], strict=True))
+                scalars["grad_norm"] = values[-2]
+                if values[-1] < 0.5:
+                    self._skip_nonfinite(scalars)
+                else:
+                    self.nonfinite_run = 0
+                    self.optimizer.step()
+                    self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                window["steps"] += 1
+                if self.step % cfg.logging.every_steps == 0 or self.step == self.total_steps:
+                    t_now = time.perf_counter()
+                    self._log(scalars, window, t_now - t_last)
+                    t_last = t_now
+                    window = {"samples": 0, "tokens": 0, "steps": 0}
+                every = cfg.checkpoint.every_steps
+                if signals.requested:
+                    stopped = signals.signal_name
+                    logger.warning("%s received: writing a checkpoint at step %d and stopping",
+                                   stopped, self.step)
+                    self.save_checkpoint()
+                    break
+                if every and self.step % every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        if stopped is None:
+            if cfg.checkpoint.at_end:
+                self.save_checkpoint()
+            if d.is_main:
+                (self.run_dir / FINISHED).write_text(f"{self.step}\n")
+        return self._finish(stopped)
+
+    def _clip(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.dist.device)
+        clip = self.cfg.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf,
+                                              foreach=True)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+            norm = norm.full_tensor()
+        return norm
+
+    def _skip_nonfinite(self, scalars: dict) -> None:
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        bad = [k for k, v in scalars.items() if not math.isfinite(v)]
+        logger.warning("step %d: non-finite %s; optimizer step skipped (%d in a row, %d total)",
+                       self.step + 1, ", ".join(bad), self.nonfinite_run, self.nonfinite_total)
+        limit = self.cfg.train.nonfinite_limit
+        if limit and self.nonfinite_run >= limit:
+            raise NonFiniteLossError(
+                f"stopping at step {self.step + 1}: {self.nonfinite_run} non-finite steps in a "
+                f"row (last: {', '.join(bad)}); the last checkpoint is in "
+                f"{self.run_dir / 'checkpoints'}; lower optim.lr or check the data")
+
+    def _log(self, scalars: dict, window: dict, seconds: float) -> None:
+        d = self.dist
+        steps = max(1, window["steps"])
+        rate = 1.0 / max(seconds, 1e-9)
+        lr = self.scheduler.get_last_lr()
+        logged = dict(scalars)
+        logged.update({
+            "lr": lr[0], "step_time_s": seconds / steps,
+            "samples_per_s": window["samples"] * d.world_size * rate,
+            "tokens_per_s": window["tokens"] * d.world_size * rate,
+            "nonfinite_total": self.nonfinite_total,
+        })
+        if self.teachers is not None:
+            logged.update({k: v for k, v in self.teachers.metrics().items() if v is not None})
+        if d.device.type == "cuda":
+            logged["peak_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+        peak = peak_flops(d.device, self.cfg.parallel.mixed_precision)
+        if peak:
+            if self._flops_token is None:
+                seq = window["tokens"] / max(1, window["samples"])
+                self._flops_token = flops_per_token(
+                    self.model.llm.config, seq_len=int(seq),
+                    weights_trainable=self.cfg.train.stage != "pt")
+            logged["mfu"] = logged["tokens_per_s"] * self._flops_token / (peak * d.world_size)
+        self.metrics.log(self.step, logged)
+
+    def _finish(self, stopped: str | None) -> TrainResult:
+        self.metrics.close()
+        summary = ""
+        if self.dist.is_main:
+            if self.cfg.logging.plot:
+                with contextlib.suppress(Exception):  # a missing matplotlib is not fatal
+                    plot_losses(self.run_dir)
+            summary = summarize_run(self.run_dir)
+            (self.run_dir / "summary.txt").write_text(summary + "\n")
+        return TrainResult(self.run_dir, self.step, stopped, summary)
+
+    def close(self) -> None:
+        if self.dist.distributed and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,86 @@
+# What each stage trains, the optimizer's groups and the schedule's shape.
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from tiny_ola import StandInTower, tiny_model  # noqa: E402
+
+from olavlm.config import OptimConfig  # noqa: E402
+from olavlm.train.optim import build_optimizer, build_scheduler, parameter_groups  # noqa: E402
+from olavlm.train.stages import apply_stage, trainable_report  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("stages"), tower=StandInTower())
+
+
+def _trained(model):
+    return {name for name, trainable, _ in trainable_report(model) if trainable}
+
+
+def test_pretraining_trains_projector_heads_tokens_and_scales_only(model):
+    apply_stage(model, "pt")
+    assert _trained(model) == {"mm_projector", "task_tokens", "image_gen_heads",
+                               "image_depth_heads", "image_seg_heads", "gen_logit_scale",
+                               "depth_logit_scale", "seg_logit_scale"}
+    assert not any(p.requires_grad for p in model.llm.parameters())
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+
+
+@pytest.mark.parametrize("stage", ["vpt", "ift"])
+def test_instruction_stages_train_llm_and_projector(model, stage):
+    apply_stage(model, stage)
+    assert _trained(model) == {"llm", "mm_projector"}
+    assert not model.task_tokens.special_depth_tokens.requires_grad
+
+
+def test_unknown_stage(model):
+    with pytest.raises(ValueError, match="train.stage must be one of"):
+        apply_stage(model, "sft")
+
+
+def test_groups_lrs_and_no_decay_on_biases_norms_scalars(model):
+    apply_stage(model, "pt")
+    cfg = OptimConfig(lr=1e-3, projector_lr=2e-3, head_lr=5e-4, weight_decay=0.1)
+    groups = parameter_groups(model, cfg)
+    by = {(g["role"], g["weight_decay"] > 0): g for g in groups}
+    assert by[("projector", True)]["lr"] == 2e-3 and by[("heads", True)]["lr"] == 5e-4
+    no_decay = [n for g in groups if g["weight_decay"] == 0 for n in g["names"]]
+    decay = [n for g in groups if g["weight_decay"] > 0 for n in g["names"]]
+    assert "mm_projector.0.bias" in no_decay and "gen_logit_scale" in no_decay
+    assert any("norm" in n for n in no_decay)
+    assert "mm_projector.0.weight" in decay
+    assert not any(n.endswith(".bias") or "norm" in n for n in decay)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in groups for p in g["params"]) == n_trainable
+
+
+def test_cosine_schedule_with_warmup():
+    p = torch.nn.Parameter(torch.zeros(2))
+    cfg = OptimConfig(lr=1.0, warmup_ratio=0.1)
+    opt = torch.optim.AdamW([p], lr=1.0)
+    sched = build_scheduler(opt, cfg, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+
+
+def test_fused_on_needs_cuda(model):
+    apply_stage(model, "pt")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        build_optimizer(model, OptimConfig(fused="on"), torch.device("cpu"))
+    opt = build_optimizer(model, OptimConfig(), torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW)
