@@ -1,0 +1,707 @@
+# Checkpoints: import the seed's weights (SPEC 11), export HF-format safetensors, atomically.
+"""Read and write OLA-VLM weights.
+
+- ``load_seed_checkpoint(seed_dir, vision_tower_path)``: a seed checkpoint directory (HF
+  ``config.json`` of an ``OlaLlava{Llama,Phi3}ForCausalLM`` plus safetensors, one file or shards
+  with ``model.safetensors.index.json``) -> :class:`OlaVLM`. The LLM is built **in memory** from
+  the seed's keys (``model.embed_tokens/layers/norm``, ``lm_head``) and the config minus its
+  LLaVA/OLA keys; pass ``llm_out`` to also write it as a plain HF checkpoint (and point
+  ``config.llm`` at it). ``read_seed_checkpoint`` is the lower level: config + renamed tensors.
+- ``export_hf(model, out_dir)`` / ``load_exported(out_dir)``: ``out_dir/llm`` (``save_pretrained``:
+  a plain HF causal LM), ``olavlm.safetensors`` (projector, task tokens, heads, logit scales),
+  ``olavlm_config.json`` (``ModelConfig.to_dict()``, ``llm`` relative to ``out_dir``) and, when
+  asked, ``vision_tower.safetensors``.
+- ``export_seed_layout(model, out_dir)``: the seed's own layout (SPEC 11 keys, a ``config.json``
+  with the seed's keys), so that ``load_seed_checkpoint(export_seed_layout(m))`` equals ``m``.
+
+Key map (seed -> ours): ``model.{embed_tokens,layers,norm}.*``, ``lm_head.*`` -> ``llm.*``;
+``model.mm_projector.*`` -> ``mm_projector.*``; ``model.special_{t}_tokens`` ->
+``task_tokens.special_{t}_tokens``; ``model.vision_tower.*`` -> ``vision_tower.*``;
+``image_{t}_heads.*`` and ``{t}_logit_scale`` unchanged; ``da_v2_head.*`` (the frozen DPT head,
+visualisation only) ignored. Tower keys: transformers 5 builds ``CLIPVisionModel`` /
+``SiglipVisionModel`` without the ``vision_model.`` level the seed's (transformers 4) files have,
+and our ViT towers hold only the blocks up to ``select_layer``: the seed's keys of the cut
+blocks (and SigLIP's pooling head) are dropped. A checkpoint without any tower key keeps the
+tower's own weights (the seed's towers are frozen copies of the hub's).
+
+Loading is strict: every key the model built from the config needs must be there, every key
+given must be used (except the ignored ones above, and the task tokens/heads/logit scales of a
+task outside ``aux_mode``, dropped with a warning), and every shape must match; the errors list
+the keys in the checkpoint's own names. Every write goes to a temporary directory beside the
+target, renamed into place at the end: a crash never leaves a checkpoint that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .config import HeadConfig, ModelConfig, parse_aux_mode
+from .ola import OlaVLM
+
+__all__ = [
+    "SEED_TASK_PREFIX",
+    "SeedCheckpoint",
+    "export_hf",
+    "export_seed_layout",
+    "load_exported",
+    "load_seed_checkpoint",
+    "ola_key_to_seed",
+    "read_safetensors_dir",
+    "read_seed_checkpoint",
+    "seed_config_dict",
+    "seed_key_to_ola",
+    "seed_llm_config",
+    "seed_model_config",
+]
+
+SEED_TASK_PREFIX = {"gen": "img", "depth": "depth", "seg": "seg"}  # image_gen["img_layer_indices"]
+EXPORT_CONFIG = "olavlm_config.json"
+EXPORT_WEIGHTS = "olavlm.safetensors"
+EXPORT_TOWER = "vision_tower.safetensors"
+_IGNORED = ("da_v2_head.",)
+# LLaVA / OLA keys of the seed's config.json that are not the LLM's (besides mm_*, image_*).
+_OLA_CONFIG_KEYS = frozenset({
+    "aux_mode", "num_task_tokens", "contrastive_loss_weight", "tokenizer_model_max_length",
+    "tokenizer_padding_side", "freeze_mm_mlp_adapter", "freeze_mm_vision_resampler",
+    "tune_mm_mlp_adapter", "tune_mm_vision_resampler", "unfreeze_mm_vision_tower", "use_mm_proj",
+    "pass_text_to_aux", "use_contrastive", "use_ce", "image_generator", "image_segmentor",
+    "depth_estimator", "task_token_format", "probe_mode", "freeze_task_token"})
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MAX_LISTED = 12
+_TASK_KEY = re.compile(r"(?:task_tokens\.special_|image_)?(gen|depth|seg)_"
+                       r"(?:tokens$|heads\.|logit_scale$)")
+
+
+# ---- key names ------------------------------------------------------------------------------
+
+def seed_key_to_ola(key: str) -> str | None:
+    """The OlaVLM state_dict key of a seed checkpoint key (None: ignored, ``da_v2_head.*``).
+    Tower keys keep the seed's inner layout (see ``_fit_tower_keys``); unknown keys come back
+    unchanged and fail the strict check."""
+    if key.startswith(_IGNORED):
+        return None
+    if key.startswith(("model.mm_projector.", "model.vision_tower.")):
+        return key[len("model."):]
+    match = re.fullmatch(r"model\.(special_(?:gen|depth|seg)_tokens)", key)
+    if match:
+        return f"task_tokens.{match.group(1)}"
+    if key.startswith(("model.", "lm_head.")):
+        return f"llm.{key}"
+    return key
+
+
+def ola_key_to_seed(key: str, tower_prefix: str = "") -> str:
+    """The seed checkpoint key of an OlaVLM state_dict key (inverse of ``seed_key_to_ola``);
+    ``tower_prefix`` ("vision_model." for transformers-5 CLIP/SigLIP) re-inserts the level the
+    seed's files have under ``vision_tower.vision_tower.``."""
+    if key.startswith("llm."):
+        return key[len("llm."):]
+    if key.startswith("task_tokens."):
+        return f"model.{key[len('task_tokens.'):]}"
+    if key.startswith("mm_projector."):
+        return f"model.{key}"
+    if key.startswith("vision_tower."):
+        rest = key[len("vision_tower."):]
+        if tower_prefix and rest.startswith("vision_tower."):
+            rest = f"vision_tower.{tower_prefix}{rest[len('vision_tower.'):]}"
+        return f"model.vision_tower.{rest}"
+    return key
+
+
+def _task_of(key: str) -> str | None:
+    """The task an OlaVLM key belongs to (special tokens, heads, logit scale), else None."""
+    match = _TASK_KEY.match(key)
+    return match.group(1) if match else None
+
+
+def _tower_prefix(tower: nn.Module) -> str:
+    inner = getattr(tower, "vision_tower", None)
+    if getattr(tower, "kind", None) in ("clip", "siglip") and inner is not None and \
+            not hasattr(inner, "vision_model"):
+        return "vision_model."
+    return ""
+
+
+def _is_cut_tower_key(tower: nn.Module, rest: str) -> bool:
+    """Whether a tower key (inside ``tower.vision_tower``) belongs to a part our tower cut away:
+    a ViT block after ``select_layer``, SigLIP's pooling head."""
+    blocks = getattr(tower, "num_blocks", None)
+    match = re.match(r"(?:vision_model\.)?encoder\.layers\.(\d+)\.", rest)
+    if blocks is not None and match and int(match.group(1)) >= blocks:
+        return True
+    return getattr(tower, "kind", None) == "siglip" and \
+        re.match(r"(?:vision_model\.)?head\.", rest) is not None
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+def _existing_dir(path, what: str) -> Path:
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise TypeError(f"{what} must be a non-empty str or Path, got {path!r}")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what}: {str(folder)!r} is not a directory")
+    return folder
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from None
+
+
+def read_safetensors_dir(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF checkpoint directory: ``model.safetensors`` or the shards named by
+    ``model.safetensors.index.json`` (every shard must exist; a key may not repeat)."""
+    from safetensors.torch import load_file
+
+    folder = _existing_dir(folder, "checkpoint")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{str(index)!r} has no 'weight_map'")
+        files = sorted(set(weight_map.values()))
+    elif (folder / "model.safetensors").is_file():
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+        raise FileNotFoundError(f"{str(folder)!r} holds neither model.safetensors nor "
+                                f"model.safetensors.index.json (found {found}); only safetensors "
+                                "checkpoints are read")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(path)!r}, a shard named by the index, does not exist")
+        part = load_file(str(path))
+        repeated = sorted(set(part) & set(tensors))
+        if repeated:
+            raise ValueError(f"{str(path)!r} repeats keys of another shard: {repeated[:5]}")
+        tensors.update(part)
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(tensors))
+        if absent:
+            raise ValueError(f"{str(index)!r} names keys its shards lack: {_listed(absent)}")
+    return tensors
+
+
+def _base_model_type(seed_config: Mapping) -> str:
+    """"ola_llama" / "llava_phi3" / "OlaLlavaPhi3ForCausalLM" -> the transformers model type."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = str(seed_config.get("model_type", ""))
+    candidates = [model_type, re.sub(r"^(?:(?:ola|llava)_)+", "", model_type)]
+    for arch in seed_config.get("architectures") or []:
+        name = re.sub(r"ForCausalLM$", "", re.sub(r"^(?:Ola|Llava)+", "", str(arch)))
+        candidates.append(name.lower())
+    for candidate in candidates:
+        if candidate in CONFIG_MAPPING:
+            return candidate
+    raise ValueError(f"config.json: cannot tell the LLM type from model_type {model_type!r} and "
+                     f"architectures {seed_config.get('architectures')!r}; expected e.g. "
+                     "'ola_llama' / 'OlaLlavaPhi3ForCausalLM'")
+
+
+def seed_llm_config(seed_config: Mapping):
+    """The plain transformers config of the seed's LLM: ``config.json`` minus the LLaVA/OLA
+    keys (``mm_*``, ``image_*`` and ``_OLA_CONFIG_KEYS``), with the base model type."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    base = _base_model_type(seed_config)
+    kept = {k: v for k, v in seed_config.items()
+            if not k.startswith(("mm_", "image_")) and k not in _OLA_CONFIG_KEYS
+            and k not in ("model_type", "architectures", "_name_or_path", "transformers_version")}
+    if "torch_dtype" in kept:  # transformers 4 name
+        kept.setdefault("dtype", kept.pop("torch_dtype"))
+    config = CONFIG_MAPPING[base](**kept)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"config.json: transformers has no causal LM for model type {base!r}")
+    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__]
+    return config
+
+
+def _seed_head(task: str, head: Mapping) -> tuple[HeadConfig, list[int], float]:
+    prefix = SEED_TASK_PREFIX[task]
+    needed = ("depth", "dim_head", "num_heads", "num_tokens", "output_dim", "ff_mult",
+              f"{prefix}_layer_indices", f"{prefix}_loss_weight")
+    absent = [k for k in needed if k not in head]
+    if absent:
+        raise ValueError(f"config.json: image_{task} lacks {absent}; it has {sorted(head)}")
+    queries, out = int(head["num_tokens"]), int(head["output_dim"])
+    side = round(queries ** 0.5)
+    # The teacher's target per sample is not in the seed's config: seg's is a (C, h, w) map of
+    # the h*w query grid (SPEC 2.3); gen's and depth's are the head's own (queries, C).
+    target = (out, side, side) if task == "seg" and side * side == queries else (queries, out)
+    mlps = 3 if task == "depth" and head.get("use_intermediate_depth", True) else 0
+    config = HeadConfig(num_queries=queries, output_dim=out, target_shape=target,
+                        depth=int(head["depth"]), dim_head=int(head["dim_head"]),
+                        heads=int(head["num_heads"]), ff_mult=int(head["ff_mult"]),
+                        num_mlps=mlps)
+    # The seed splits the string on "-" and keeps every number (1-based blocks, 0 = final).
+    layers = [int(n) for n in str(head[f"{prefix}_layer_indices"]).split("-") if n != ""]
+    return config, layers, float(head[f"{prefix}_loss_weight"])
+
+
+def seed_num_sys_tokens(seed_config: Mapping) -> int | None:
+    """The seed's hard-coded image offset (SPEC 1.3): Llama 38 (vocab >= 128000) or 26, Phi-3
+    13; None for other LLMs."""
+    base = _base_model_type(seed_config)
+    if base == "llama":
+        return 38 if int(seed_config.get("vocab_size", 0)) >= 128000 else 26
+    return 13 if base == "phi3" else None
+
+
+def seed_model_config(seed_config: Mapping, **overrides) -> ModelConfig:
+    """The :class:`ModelConfig` of a seed ``config.json`` (a dict); ``overrides`` replace any
+    field (``impl``, ``seed_compat``, ``vision_tower``, ...). ``seed_compat=True`` without
+    ``num_sys_tokens`` takes the seed's value for the LLM (``seed_num_sys_tokens``). ``llm`` is
+    "" (the LLM comes from the checkpoint's tensors)."""
+    aux_mode = overrides.get("aux_mode", seed_config.get("aux_mode", "gen-depth-seg"))
+    tasks = parse_aux_mode(aux_mode)
+    heads, layers, weights = {}, {}, {}
+    for task in tasks:
+        if not isinstance(seed_config.get(f"image_{task}"), Mapping):
+            raise NotImplementedError(
+                f"config.json: aux_mode {aux_mode!r} names {task!r} but there is no image_{task} "
+                "head config (the seed then inserts the task's tokens but trains no head); pass "
+                "aux_mode= without that task")
+        heads[task], layers[task], weights[task] = _seed_head(task, seed_config[f"image_{task}"])
+    num_task_tokens = int(seed_config.get("num_task_tokens", 0) or 0)
+    if tasks and num_task_tokens == 0:
+        raise NotImplementedError("config.json: num_task_tokens is absent or 0: the seed's heads "
+                                  "with learned latents (GenHead, DepthHead, probes) are not "
+                                  "implemented; OlaVLM has the task-token heads only")
+    if tasks and seed_config.get("use_contrastive", True) is False:
+        raise NotImplementedError("config.json: use_contrastive=false (no logit scales) is not "
+                                  "implemented")
+    dtype = seed_config.get("dtype") or seed_config.get("torch_dtype")
+    values = dict(
+        llm="", vision_tower=str(seed_config.get("mm_vision_tower", "")),
+        vision_kind=_seed_tower_kind(seed_config),
+        vision_select_layer=int(seed_config.get("mm_vision_select_layer", -2)),
+        projector=seed_config.get("mm_projector_type", "linear"),  # LLaVA's default
+        aux_mode=aux_mode, num_task_tokens=num_task_tokens, layer_indices=layers,
+        loss_weights=weights, heads=heads,
+        contrastive_weight=float(seed_config.get("contrastive_loss_weight", 0.3)),
+        pass_text_to_aux=bool(seed_config.get("pass_text_to_aux", True)),
+        max_length=int(seed_config.get("tokenizer_model_max_length", 4096)),
+        dtype=dtype if dtype in _DTYPES else "float32")
+    values.update(overrides)
+    if values.get("seed_compat") and values.get("num_sys_tokens") is None:
+        values["num_sys_tokens"] = seed_num_sys_tokens(seed_config)
+    return ModelConfig.from_dict(values)
+
+
+def _seed_tower_kind(seed_config: Mapping) -> str | None:
+    """The seed picks the tower class by the name in ``mm_vision_tower`` (SPEC 1.1); keep that
+    kind when a local folder of another name is passed."""
+    from .vision import tower_kind
+
+    try:
+        return tower_kind(seed_config.get("mm_vision_tower", ""))
+    except ValueError:
+        return None
+
+
+class SeedCheckpoint(NamedTuple):
+    """config: the model's; llm_config: the LLM's transformers config; state_dict: the tensors
+    under OlaVLM's names (tower keys still in the seed's inner layout); ignored: seed keys
+    dropped (``da_v2_head.*``, tasks outside aux_mode)."""
+
+    config: ModelConfig
+    llm_config: object
+    state_dict: dict[str, torch.Tensor]
+    ignored: list[str]
+
+
+def read_seed_checkpoint(seed_dir: str | Path, **overrides) -> SeedCheckpoint:
+    """Config and renamed tensors of a seed checkpoint directory; no model is built."""
+    folder = _existing_dir(seed_dir, "seed_dir")
+    seed_config = _read_json(folder / "config.json")
+    config = seed_model_config(seed_config, **overrides)
+    llm_config = seed_llm_config(seed_config)
+    state, ignored, other_tasks = {}, [], []
+    for key, tensor in read_safetensors_dir(folder).items():
+        new = seed_key_to_ola(key)
+        if new is None:
+            ignored.append(key)
+        elif _task_of(new) is not None and _task_of(new) not in config.tasks:
+            other_tasks.append(key)
+        else:
+            state[new] = tensor
+    if other_tasks:
+        warnings.warn(f"{folder}: dropping {len(other_tasks)} weights of tasks outside aux_mode "
+                      f"{config.aux_mode!r}: {_listed(sorted(other_tasks))}", stacklevel=2)
+    return SeedCheckpoint(config, llm_config, state, sorted(ignored + other_tasks))
+
+
+# ---- checking --------------------------------------------------------------------------------
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+
+
+def _check_state(given: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], *,
+                 optional: set[str], name, where: str) -> None:
+    """ValueError listing missing / unexpected keys, then the first wrong shape; ``name`` turns
+    an OlaVLM key into the checkpoint's own name for the message."""
+    missing = sorted(name(k) for k in expected if k not in given and k not in optional)
+    unexpected = sorted(name(k) for k in given if k not in expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys: {_listed(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys: {_listed(unexpected)}")
+        raise ValueError(f"{where}: the checkpoint does not match the model its config describes; "
+                         + "; ".join(parts))
+    for key, tensor in given.items():
+        if tuple(tensor.shape) != tuple(expected[key]):
+            raise ValueError(f"{where}: {name(key)!r} must have shape {tuple(expected[key])} "
+                             f"(from the config), got {tuple(tensor.shape)}")
+
+
+def _fit_tower_keys(state: dict[str, torch.Tensor], tower: nn.Module, ignored: list[str]
+                    ) -> tuple[dict[str, torch.Tensor], bool]:
+    """Seed tower keys -> our tower's (drop the ``vision_model.`` level our module lacks, and
+    the cut blocks). Returns the new state and whether it holds any tower weight."""
+    prefix, inner = _tower_prefix(tower), "vision_tower.vision_tower."
+    out, has_tower = {}, False
+    for key, tensor in state.items():
+        if not key.startswith("vision_tower."):
+            out[key] = tensor
+            continue
+        has_tower = True
+        if key.startswith(inner):
+            rest = key[len(inner):]
+            if _is_cut_tower_key(tower, rest):
+                ignored.append(ola_key_to_seed(key))
+                continue
+            if prefix and rest.startswith(prefix):
+                key = inner + rest[len(prefix):]
+        out[key] = tensor
+    return out, has_tower
+
+
+def _tied_aliases(module: nn.Module, prefix: str) -> set[str]:
+    """Names of parameters that are another parameter (tied embeddings): optional in files."""
+    seen, aliases = set(), set()
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            aliases.add(prefix + name)
+        seen.add(id(param))
+    return aliases
+
+
+def _expected_state(config: ModelConfig, llm_config, tower: nn.Module):
+    """Key -> shape of the OlaVLM the config describes, built on the meta device (no memory),
+    and the tied aliases of its LLM."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    with torch.device("meta"):
+        llm = MODEL_FOR_CAUSAL_LM_MAPPING[type(llm_config)](llm_config)
+        model = OlaVLM(config, llm=llm, vision_tower=tower)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    return shapes, _tied_aliases(llm, "llm.")
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+def _build_llm(llm_config, state: dict[str, torch.Tensor], config: ModelConfig) -> nn.Module:
+    """The HF causal LM from in-memory tensors (transformers' own loading path: meta init, dtype,
+    tied weights, non-persistent buffers)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(llm_config)]
+    llm, info = cls.from_pretrained(
+        None, config=llm_config, state_dict=state, dtype=_DTYPES[config.dtype],
+        attn_implementation=config.attn_implementation, output_loading_info=True)
+    problems = {k: sorted(map(str, v)) for k, v in info.items() if v}
+    assert not problems, f"transformers reports {problems} after the strict check"
+    return llm
+
+
+def load_seed_checkpoint(seed_dir: str | Path, vision_tower_path: str | Path | None = None, *,
+                         tower: nn.Module | None = None, llm_out: str | Path | None = None,
+                         overwrite: bool = False, **overrides) -> OlaVLM:
+    """The :class:`OlaVLM` of a seed checkpoint directory (SPEC 11).
+
+    vision_tower_path: the tower's local folder (default: config.json's ``mm_vision_tower``,
+    resolved in the local hub cache only); its architecture comes from there, its weights from
+    the checkpoint when it has them. tower: an already built tower module instead. llm_out:
+    also write the LLM as a plain HF checkpoint there (then ``model.config.llm`` names it; the
+    tokenizer files of ``seed_dir`` are copied along). overrides: ModelConfig fields.
+    """
+    if vision_tower_path is not None:
+        if "vision_tower" in overrides:
+            raise ValueError("pass vision_tower_path or vision_tower=, not both")
+        overrides["vision_tower"] = str(vision_tower_path)
+    ckpt = read_seed_checkpoint(seed_dir, **overrides)
+    config, ignored = ckpt.config, list(ckpt.ignored)
+    if tower is None:
+        if not config.vision_tower:
+            raise ValueError("config.json has no mm_vision_tower; pass vision_tower_path")
+        from .vision import build_vision_tower
+
+        tower = build_vision_tower(config.vision_tower, kind=config.vision_kind,
+                                   select_layer=config.vision_select_layer)
+    state, has_tower = _fit_tower_keys(ckpt.state_dict, tower, ignored)
+    expected, optional = _expected_state(config, ckpt.llm_config, tower)
+    tower_keys = {k for k in expected if k.startswith("vision_tower.")}
+    if not has_tower:
+        optional |= tower_keys
+    prefix = _tower_prefix(tower)
+    _check_state(state, expected, optional=optional, where=str(seed_dir),
+                 name=lambda k: ola_key_to_seed(k, prefix))
+    llm = _build_llm(ckpt.llm_config, {k[len("llm."):]: v for k, v in state.items()
+                                       if k.startswith("llm.")}, config)
+    if llm_out is not None:
+        _save_llm(llm, llm_out, overwrite=overwrite, tokenizer_from=Path(seed_dir))
+        config.llm = str(Path(llm_out))
+    model = OlaVLM(config, llm=llm, vision_tower=tower)
+    rest = {k: v for k, v in state.items() if not k.startswith("llm.")}
+    result = model.load_state_dict(rest, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert all(k.startswith("llm.") or (k in tower_keys and not has_tower)
+               for k in result.missing_keys), result.missing_keys
+    model.ignored_checkpoint_keys = sorted(ignored)  # for the caller's log
+    return model
+
+
+def _save_llm(llm: nn.Module, out: str | Path, *, overwrite: bool, tokenizer_from: Path) -> None:
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+             "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+    with _atomic_dir(out, overwrite) as tmp:
+        llm.save_pretrained(tmp)
+        for name in names:
+            if (tokenizer_from / name).is_file():
+                shutil.copy2(tokenizer_from / name, tmp / name)
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+@contextmanager
+def _atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out_dir``; on success fsync it and rename it
+    to ``out_dir`` (replacing it only with ``overwrite``); on failure remove it."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{str(out)!r} is not empty; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+        _fsync_dir(out.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform opens directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _saveable(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous, CPU tensors that share no storage (safetensors refuses sharing)."""
+    out, seen = {}, set()
+    for key, tensor in state.items():
+        t = tensor.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[key] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
+def _write_safetensors(state: Mapping[str, torch.Tensor], folder: Path,
+                       max_shard_size: int | None) -> None:
+    """``model.safetensors``, or shards of at most ``max_shard_size`` bytes (a tensor larger
+    than that gets a shard of its own) plus ``model.safetensors.index.json``."""
+    from safetensors.torch import save_file
+
+    state = _saveable(state)
+    sizes = {k: t.numel() * t.element_size() for k, t in state.items()}
+    total = sum(sizes.values())
+    if max_shard_size is None or total <= max_shard_size:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key in state:
+        if shards[-1] and used + sizes[key] > max_shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += sizes[key]
+    weight_map = {}
+    for i, keys in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: state[k] for k in keys}, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _llm_dtype_name(model: OlaVLM) -> str:
+    dtype = next(model.llm.parameters()).dtype
+    return next((name for name, d in _DTYPES.items() if d == dtype), model.config.dtype)
+
+
+def _own_state(model: OlaVLM) -> dict[str, torch.Tensor]:
+    """The trainable non-LLM parts: projector, task tokens, heads, logit scales."""
+    return {k: v for k, v in model.state_dict().items()
+            if not k.startswith(("llm.", "vision_tower."))}
+
+
+def export_hf(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
+              include_vision_tower: bool = False) -> Path:
+    """Write ``out_dir/llm`` (the LLM's ``save_pretrained``), ``olavlm.safetensors`` (the
+    projector, task tokens, heads and logit scales under OlaVLM's keys), ``olavlm_config.json``
+    (``ModelConfig.to_dict()`` with ``llm: "llm"`` and the LLM's actual dtype) and, with
+    ``include_vision_tower``, ``vision_tower.safetensors`` (the tower's kept blocks). Returns
+    ``out_dir``. Read it back with :func:`load_exported`."""
+    from safetensors.torch import save_file
+
+    config = model.config.to_dict()
+    config.update(llm="llm", dtype=_llm_dtype_name(model))
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        model.llm.save_pretrained(tmp / "llm")
+        save_file(_saveable(_own_state(model)), str(tmp / EXPORT_WEIGHTS),
+                  metadata={"format": "pt", "olavlm_export": "1"})
+        if include_vision_tower:
+            save_file(_saveable(model.vision_tower.state_dict()), str(tmp / EXPORT_TOWER),
+                      metadata={"format": "pt"})
+        (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+    return Path(out_dir)
+
+
+def load_exported(out_dir: str | Path, vision_tower_path: str | Path | None = None, *,
+                  tower: nn.Module | None = None, **overrides) -> OlaVLM:
+    """The :class:`OlaVLM` that :func:`export_hf` wrote. The tower is ``tower`` if given, else
+    built from ``vision_tower_path`` or the config's ``vision_tower``; ``vision_tower.safetensors``
+    (if present) overrides its weights. ``overrides``: ModelConfig fields."""
+    from safetensors.torch import load_file
+
+    folder = _existing_dir(out_dir, "out_dir")
+    values = _read_json(folder / EXPORT_CONFIG)
+    llm = Path(values.get("llm") or "llm")
+    values["llm"] = str(llm if llm.is_absolute() else folder / llm)
+    if vision_tower_path is not None:
+        values["vision_tower"] = str(vision_tower_path)
+    values.update(overrides)
+    config = ModelConfig.from_dict(values)
+    if tower is None and not config.vision_tower:
+        raise ValueError(f"{str(folder)!r}: the config names no vision tower; pass "
+                         "vision_tower_path or tower=")
+    weights = folder / EXPORT_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{str(weights)!r} does not exist")
+    state = load_file(str(weights))
+    model = OlaVLM(config, vision_tower=tower)
+    expected = {k: v.shape for k, v in _own_state(model).items()}
+    _check_state(state, expected, optional=set(), name=str, where=str(weights))
+    if (folder / EXPORT_TOWER).is_file():
+        tower_state = load_file(str(folder / EXPORT_TOWER))
+        want = {k: v.shape for k, v in model.vision_tower.state_dict().items()}
+        _check_state(tower_state, want, optional=set(), name=str, where=str(folder / EXPORT_TOWER))
+        model.vision_tower.load_state_dict(tower_state)
+    result = model.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    return model
+
+
+def seed_config_dict(model: OlaVLM, *, image_aspect_ratio: str = "pad") -> dict:
+    """The seed's ``config.json`` for ``model``: the LLM's config with ``model_type``
+    ``ola_<type>`` and ``OlaLlava<Type>ForCausalLM``, plus the SPEC 11 keys. Run settings the
+    seed's config has no key for (impl, seed_compat, smooth_l1_beta, ...) are not written."""
+    cfg = model.config
+    data = model.llm.config.to_dict()
+    base_cls = type(model.llm).__name__.removesuffix("ForCausalLM")
+    data.update(model_type=f"ola_{data['model_type']}",
+                architectures=[f"OlaLlava{base_cls}ForCausalLM"])
+    data["torch_dtype"] = data["dtype"] = _llm_dtype_name(model)  # transformers 4 and 5 names
+    data.update(
+        aux_mode=cfg.aux_mode, num_task_tokens=cfg.num_task_tokens,
+        contrastive_loss_weight=cfg.contrastive_weight, use_contrastive=True,
+        mm_hidden_size=model.vision_tower.hidden_size, mm_vision_tower=cfg.vision_tower,
+        mm_vision_select_layer=cfg.vision_select_layer, mm_vision_select_feature="patch",
+        mm_projector_type=cfg.projector, mm_patch_merge_type="flat", use_mm_proj=True,
+        image_aspect_ratio=image_aspect_ratio, tokenizer_model_max_length=cfg.max_length,
+        pass_text_to_aux=cfg.pass_text_to_aux)
+    for task in model.tasks:
+        data[f"image_{task}"] = _seed_head_dict(task, cfg.heads[task], model.layers[task],
+                                                model.loss_weights[task])
+    return data
+
+
+def _seed_head_dict(task: str, head: HeadConfig, layers: list[int], weight: float) -> dict:
+    if head.dim is not None:
+        raise ValueError(f"heads[{task!r}].dim={head.dim} has no key in the seed's config (it "
+                         "always uses output_dim, or the LLM width for depth); cannot export")
+    if head.num_mlps not in ((0, 3) if task == "depth" else (0,)):
+        raise ValueError(f"heads[{task!r}].num_mlps={head.num_mlps} has no seed equivalent "
+                         "(depth: 3 or 0, others: 0)")
+    prefix = SEED_TASK_PREFIX[task]
+    out = {"depth": head.depth, "dim_head": head.dim_head, "num_heads": head.heads,
+           "num_tokens": head.num_queries, "output_dim": head.output_dim,
+           "ff_mult": head.ff_mult, f"{prefix}_layer_indices": "-".join(map(str, layers)),
+           f"{prefix}_loss_weight": weight}
+    if task == "depth":
+        out["use_intermediate_depth"] = head.num_mlps == 3
+    return out
+
+
+def export_seed_layout(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
+                       max_shard_size: int | None = None, include_vision_tower: bool = True,
+                       image_aspect_ratio: str = "pad") -> Path:
+    """Write ``model`` in the seed's layout (SPEC 11 keys, ``seed_config_dict`` as
+    ``config.json``), sharded above ``max_shard_size`` bytes. The tower's keys are those of
+    the blocks it holds (the seed's files have every block; our importer accepts either).
+    Tied LM heads are not written (HF convention). Returns ``out_dir``."""
+    prefix = _tower_prefix(model.vision_tower)
+    tied = _tied_aliases(model.llm, "llm.")
+    state = {ola_key_to_seed(k, prefix): v for k, v in model.state_dict().items()
+             if k not in tied and (include_vision_tower or not k.startswith("vision_tower."))}
+    config = seed_config_dict(model, image_aspect_ratio=image_aspect_ratio)
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        _write_safetensors(state, tmp, max_shard_size)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    return Path(out_dir)
