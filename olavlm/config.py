@@ -6,11 +6,28 @@ with the valid choices named) lives in the functions at the bottom of this modul
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import json
+import os
+import socket
+import subprocess
+import sys
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Union
 
-from olavlm.models.config import ModelConfig
+from olavlm.models.config import IMPLS, TASKS, HeadConfig, ModelConfig
 
 __all__ = [
+    "CHOICES",
+    "KEY_CHOICES",
+    "RANGES",
     "CheckpointConfig",
     "Config",
     "DataConfig",
@@ -19,6 +36,13 @@ __all__ = [
     "ParallelConfig",
     "TeachersConfig",
     "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "environment_record",
+    "load_config_file",
+    "resolve_config",
+    "save_resolved_config",
 ]
 
 
@@ -29,7 +53,7 @@ class DataConfig:
 
     path: str = ""
     image_folder: str | None = None
-    tokenizer: str | None = None  # None: the dataset directory's tokenizer/ (synthetic)
+    tokenizer: str | None = None  # None: the synthetic dataset's tokenizer/, else model.llm's
     template: str = "llava_llama_3"
     batch_size: int = 8  # per rank, per micro-step
     num_workers: int = 0
@@ -37,6 +61,7 @@ class DataConfig:
     group_by_modality_length: bool = False
     aspect: str = "square"  # square (PT) | pad (VPT/IFT), SPEC 1.1
     on_bad_sample: str = "skip"
+    image_size: int | None = None  # the tower's input side; None: the tower's own (CLIP 336)
     synthetic_dir: str = "~/.cache/olavlm/synthetic"
     synthetic_num: int = 512
     synthetic_size: int = 64
@@ -54,6 +79,9 @@ class TeachersConfig:
     on_missing_target: str = "mask"
     compile: bool = False
     side_stream: bool = False
+    # Options of the synthetic teacher (grid, depth_dim, seg_dim, gen_dim, seed); {} = its
+    # defaults, the real targets' shapes (24 x 24 grid, 1024 / 1536 / 1024).
+    synthetic: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,6 +133,9 @@ class CheckpointConfig:
     every_steps: int = 100  # 0: only at the end and on SIGTERM/SIGINT
     keep_last: int = 3
     resume: str = "auto"  # auto (latest valid in the run dir) | none | <checkpoint path>
+    # Weights to start from (VPT from PT, IFT from VPT): model weights only, no optimizer or
+    # data state; resume wins over it when the run directory already holds a checkpoint.
+    init_from: str | None = None
     at_end: bool = True
 
 
@@ -130,3 +161,448 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# -- the values each enumerated field accepts, by dotted path (the trainer reuses these) ------
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.vision_kind": ("clip", "convnext", "siglip"),  # or None: from the path's name
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.impl": IMPLS,
+    "data.template": ("llava_llama_3", "llava_phi_3", "plain"),  # olavlm.data.templates
+    "data.aspect": ("square", "pad", "stretch"),  # olavlm.data.images.ASPECTS
+    "data.on_bad_sample": ("skip", "raise"),
+    "teachers.mode": ("online", "cache", "none"),
+    "teachers.on_missing_target": ("mask", "raise"),
+    "parallel.fsdp": ("auto", "on", "off"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "parallel.mixed_precision": ("fp32", "bf16"),
+    "parallel.reduce_dtype": ("fp32", "bf16"),
+    "parallel.activation_checkpointing": ("none", "selective", "full"),
+    "parallel.float8": ("none", "tensorwise", "rowwise"),
+    "parallel.sdpa_backend": ("auto", "flash", "efficient", "cudnn", "math"),
+    "optim.schedule": ("cosine", "constant"),
+    "optim.fused": ("auto", "on", "off", "apex"),
+    "train.stage": ("pt", "vpt", "ift"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+# Closed sets of keys of dict-typed fields (other dict fields take any string key).
+KEY_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.heads": TASKS,
+    "teachers.synthetic": ("grid", "depth_dim", "seg_dim", "gen_dim", "seed"),
+}
+# Inclusive (low, high) bounds of numeric fields; None: unbounded on that side.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "data.batch_size": (1, None),
+    "data.num_workers": (0, None),
+    "data.image_size": (1, None),
+    "data.synthetic_num": (1, None),
+    "data.synthetic_size": (8, None),
+    "optim.lr": (0.0, None),
+    "optim.projector_lr": (0.0, None),
+    "optim.head_lr": (0.0, None),
+    "optim.weight_decay": (0.0, None),
+    "optim.eps": (0.0, None),
+    "optim.warmup_ratio": (0.0, 1.0),
+    "optim.grad_clip": (0.0, None),  # 0: no clipping
+    "optim.grad_accum": (1, None),
+    "train.max_steps": (0, None),
+    "train.epochs": (1, None),
+    "train.nonfinite_limit": (1, None),
+    "checkpoint.every_steps": (0, None),
+    "checkpoint.keep_last": (1, None),
+    "logging.every_steps": (1, None),
+    "model.num_task_tokens": (0, None),
+    "model.max_length": (1, None),
+}
+# Fields whose annotation is looser than what they hold.
+_FIELD_TYPES: dict[tuple[type, str], Any] = {(ModelConfig, "heads"): dict[str, HeadConfig]}
+
+
+# -- dict -> typed Config ---------------------------------------------------------------------
+class _TypeMismatch(ValueError):
+    """A value of the wrong type (a union tries its next member on this one only)."""
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if tp is type(None):
+        return "None"
+    if origin is not None:
+        inner = ", ".join("..." if a is Ellipsis else _type_name(a) for a in args)
+        return f"{origin.__name__}[{inner}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _unknown(path: str, key: Any, valid: list[str], what: str = "config key") -> ValueError:
+    match = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+    hint = f" (did you mean {_join(path, match[0])!r}?)" if match else ""
+    if not match and "." not in path:  # "lr" at the top level or in the wrong section
+        owners = [f"{name}.{key}" for name, tp in _hints(Config).items()
+                  if dataclasses.is_dataclass(tp) and name != path and key in _field_names(tp)]
+        hint = f" (did you mean {owners[0]!r}?)" if owners else ""
+    where = f"in {path}" if path else "at the top level"
+    return ValueError(f"unknown {what} {_join(path, str(key))!r}{hint}; valid keys {where}: "
+                      f"{', '.join(valid)}")
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        hints = typing.get_type_hints(cls, globalns=vars(sys.modules[cls.__module__]))
+        _HINTS[cls] = {name: _FIELD_TYPES.get((cls, name), hints[name])
+                       for name in _field_names(cls)}
+    return _HINTS[cls]
+
+
+def _check_value(path: str, value: Any) -> None:
+    choices = CHOICES.get(path)
+    if choices is not None and value is not None and value not in choices:
+        match = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+        hint = f" (did you mean {match[0]!r}?)" if match else ""
+        raise ValueError(f"{path}: expected one of {', '.join(choices)}, got {value!r}{hint}")
+    low, high = RANGES.get(path, (None, None))
+    if value is not None and ((low is not None and value < low) or
+                              (high is not None and value > high)):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{path}: expected a value {bounds}, got {value!r}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    """``cls(**data)`` with every key known and every value coerced to its annotation."""
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        data = dataclasses.asdict(data)
+    if not isinstance(data, Mapping):
+        raise _TypeMismatch(f"{path or 'config'}: expected a mapping of {cls.__name__} keys, "
+                            f"got {_show(data)}")
+    hints, kwargs = _hints(cls), {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown(path, key, list(hints))
+        sub = _join(path, key)
+        kwargs[key] = _coerce(value, hints[key], sub)
+        _check_value(sub, kwargs[key])
+    required = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
+                and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    if required:
+        raise ValueError(f"{path or 'config'}: missing required keys {required}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}" if path else str(e)) from e
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """``value`` as the annotation ``tp`` says, or a ValueError naming ``path``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def mismatch(extra: str = "") -> _TypeMismatch:
+        return _TypeMismatch(f"{path}: expected {_type_name(tp)}{extra}, got {_show(value)}")
+
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg, path)
+                except _TypeMismatch:
+                    continue
+        raise mismatch()
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is dict or origin is dict:
+        if not isinstance(value, Mapping):
+            raise mismatch()
+        key_tp, value_tp = args or (Any, Any)
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise _TypeMismatch(f"{path}: keys must be str, got {_show(k)}")
+            if path in KEY_CHOICES and k not in KEY_CHOICES[path]:
+                raise _unknown(path, k, list(KEY_CHOICES[path]), "key")
+            out[k] = _coerce(v, value_tp, _join(path, k))
+        return out
+    if tp in (tuple, list) or origin in (tuple, list):
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+            raise mismatch(" (a list)")
+        kind = origin or tp
+        if kind is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise mismatch(f" (a list of {len(args)})")
+            return tuple(_coerce(v, a, f"{path}[{i}]")
+                         for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        item_tp = args[0] if args else Any
+        return kind(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise mismatch()
+    if tp is int:
+        if isinstance(value, bool):
+            raise mismatch()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise mismatch()
+    if tp is float:
+        if isinstance(value, bool):
+            raise mismatch()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise mismatch()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):  # run_name=2024
+            return str(value)
+        raise mismatch()
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise mismatch()
+
+
+def _check_config(cfg: Config) -> None:
+    """Rules that tie two fields together."""
+    if cfg.teachers.mode == "cache" and not cfg.teachers.cache_dir:
+        raise ValueError("teachers.mode: 'cache' needs teachers.cache_dir (a cache written by "
+                         "`olavlm targets extract`); set it, or teachers.mode=online")
+
+
+def config_from_dict(data: Mapping) -> Config:
+    """The typed :class:`Config` of a nested mapping (a loaded file, a recipe's dict).
+
+    Every key must be a field (an unknown one raises ValueError naming its dotted path, the
+    valid keys and the closest one); every value is checked against its annotation: ints are
+    taken for floats, strings that parse are taken for numbers ("1e-3") and booleans ("true"),
+    a bool is never an int, lists become tuples, mappings become the nested dataclasses
+    (``model.heads.<task>`` -> HeadConfig). Enumerated strings must be one of ``CHOICES``,
+    numbers within ``RANGES``. Keys left out keep the dataclass defaults.
+    """
+    try:
+        cfg = _build(Config, data, "")
+    except _TypeMismatch as e:  # the private class only steers unions
+        raise ValueError(str(e)) from None
+    _check_config(cfg)
+    return cfg
+
+
+# -- files, overrides, recipes ----------------------------------------------------------------
+def _yaml():
+    try:
+        import yaml
+    except ImportError:
+        return None
+    return yaml
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """The mapping in a .yaml/.yml (PyYAML) or .json file."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    suffix = file.suffix.lower()
+    text = file.read_text(encoding="utf-8")
+    if suffix in (".yaml", ".yml"):
+        yaml = _yaml()
+        if yaml is None:
+            raise ValueError(f"config file {str(path)!r}: reading YAML needs PyYAML "
+                             "(pip install pyyaml); or write the config as .json")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {str(path)!r} is not valid JSON: {e}") from e
+    else:
+        raise ValueError(f"config file {str(path)!r}: expected a .yaml, .yml or .json file, "
+                         f"got {suffix or 'no extension'!r}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of sections "
+                         f"(model, data, ...), got {type(data).__name__}")
+    return data
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def apply_overrides(data: Mapping, overrides: list[str]) -> dict:
+    """A copy of ``data`` with each ``dotted.key=value`` set, in order.
+
+    Values are JSON when they parse as JSON (``2e-5``, ``true``, ``null``, ``[0.9,0.95]``,
+    ``{"depth": [2, 4]}``), else the raw string (``d18-20_s10-18_g12-20``, paths). Missing
+    sections are created; unknown keys are left for :func:`config_from_dict` to reject.
+    """
+    out = _jsonable(data)  # a deep copy, mappings as dicts
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ValueError(f"malformed override {item!r}: expected dotted.key=value, e.g. "
+                             "optim.lr=2e-5 or model.heads.gen.output_dim=512")
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a "
+                                 f"section, it holds {child!r}")
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return out
+
+
+def _merge(base: dict, top: Mapping) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config(recipe: str | None, config_file: str | os.PathLike | None,
+                   overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The run's Config: the recipe's defaults <- the file <- the overrides.
+
+    The recipe is ``recipe``, else the file's ``recipe`` key, else "demo"; unknown names raise
+    ValueError listing the recipes. Sections merge key by key (a file that sets only
+    ``optim.lr`` keeps the recipe's other optimizer settings).
+    """
+    from olavlm.recipes import get_recipe
+
+    file_data = load_config_file(config_file) if config_file is not None else {}
+    name = recipe or file_data.get("recipe") or "demo"
+    if not isinstance(name, str):
+        raise ValueError(f"recipe: expected str, got {_show(name)}")
+    merged = _merge(config_to_dict(get_recipe(name)), file_data)
+    merged["recipe"] = name
+    return config_from_dict(apply_overrides(merged, list(overrides)))
+
+
+# -- dumping the resolved run -----------------------------------------------------------------
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The config as plain JSON-safe data (tuples as lists); ``config_from_dict`` inverts it."""
+    return _jsonable(dataclasses.asdict(cfg))
+
+
+def _git_sha() -> dict:
+    if os.environ.get("OLAVLM_GIT_SHA"):  # copies without .git (the GPU machines)
+        return {"git_sha": os.environ["OLAVLM_GIT_SHA"], "git_dirty": None}
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": None, "git_dirty": None}
+    return {"git_sha": sha or None, "git_dirty": dirty}
+
+
+def _devices() -> dict:
+    try:
+        import torch
+    except ImportError:
+        return {"devices": "cpu", "num_devices": 0}
+    info: dict[str, Any] = {"cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None)}
+    if not torch.cuda.is_available():
+        return info | {"devices": "cpu", "num_devices": 0}
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    info |= {"devices": names, "num_devices": len(names)}
+    try:  # driver and memory as the tool reports them (absent on ROCm)
+        info["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv"],
+            capture_output=True, text=True, timeout=20, check=True).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def environment_record() -> dict:
+    """Versions, git sha, host, devices, ranks, command line and time of this process."""
+    versions = {}
+    for dist in ("torch", "triton", "transformers", "olavlm"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "versions": versions,
+        **_git_sha(),
+        "hostname": socket.gethostname(),
+        **_devices(),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "rank": int(os.environ.get("RANK", "0")),
+        "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+        "argv": list(sys.argv),
+        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save_resolved_config(cfg: Config, run_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``config.yaml`` (``config.json`` without PyYAML) and ``environment.json`` into
+    ``run_dir`` (created); call it on rank 0 only. Returns both paths."""
+    out = Path(run_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    data, yaml = config_to_dict(cfg), _yaml()
+    if yaml is not None:
+        config_path = out / "config.yaml"
+        config_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    else:
+        config_path = out / "config.json"
+        config_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    env_path = out / "environment.json"
+    env_path.write_text(json.dumps(environment_record(), indent=2) + "\n", encoding="utf-8")
+    return config_path, env_path

@@ -1,0 +1,294 @@
+# olavlm.config and olavlm.recipes: typed loading, layering, overrides, errors, the run record.
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from olavlm.config import (
+    CHOICES,
+    Config,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config_file,
+    resolve_config,
+    save_resolved_config,
+)
+from olavlm.models.config import HeadConfig
+from olavlm.recipes import RECIPES, get_recipe
+
+
+# -- recipes ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_every_recipe_resolves_and_round_trips(name):
+    cfg = resolve_config(name, None, [])
+    assert cfg.recipe == name
+    data = config_to_dict(cfg)
+    json.dumps(data)  # JSON-safe
+    assert config_from_dict(data) == cfg
+    assert config_from_dict(json.loads(json.dumps(data))) == cfg
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(data))) == cfg
+
+
+def test_recipe_families_and_aliases():
+    stages = ("pt", "vpt", "ift")
+    for llm in ("llama3_8b", "phi3_mini"):
+        for vision in ("clip", "convnext"):
+            for stage in stages:
+                assert f"{llm}_{vision}_{stage}" in RECIPES
+    for stage in stages:
+        alias, full = get_recipe(stage), get_recipe(f"llama3_8b_clip_{stage}")
+        alias.recipe = full.recipe
+        assert alias == full
+
+
+@pytest.mark.parametrize("vision", ["clip", "convnext"])
+@pytest.mark.parametrize("llm", ["llama3_8b", "phi3_mini"])
+def test_llava_recipes_follow_spec_5_1(llm, vision):
+    pt, vpt, ift = (get_recipe(f"{llm}_{vision}_{s}") for s in ("pt", "vpt", "ift"))
+    assert (pt.optim.lr, vpt.optim.lr, ift.optim.lr) == (1e-3, 2e-5, 2e-5)
+    assert (pt.data.batch_size, vpt.data.batch_size, ift.data.batch_size) == (32, 16, 16)
+    assert (pt.data.aspect, vpt.data.aspect) == ("square", "pad")
+    assert not pt.data.group_by_modality_length and vpt.data.group_by_modality_length
+    assert pt.teachers.mode == "online" and pt.teachers.names == "depth,seg,gen"
+    assert vpt.teachers.mode == ift.teachers.mode == "none"
+    assert [c.train.stage for c in (pt, vpt, ift)] == ["pt", "vpt", "ift"]
+    assert vpt.checkpoint.init_from and ift.checkpoint.init_from and not pt.checkpoint.init_from
+    for c in (pt, vpt, ift):
+        assert (c.optim.schedule, c.optim.warmup_ratio, c.optim.weight_decay) == ("cosine", 0.03,
+                                                                                  0.0)
+        assert c.optim.betas == (0.9, 0.999) and c.optim.eps == 1e-8
+        assert c.parallel.mixed_precision == "bf16"
+        assert c.parallel.activation_checkpointing == "selective"
+        assert (c.train.epochs, c.train.max_steps) == (1, 0)
+        assert c.model.layer_indices == "d18-20_s10-18_g12-20"
+        assert c.model.loss_weights == "d0.5_s0.5_g0.5" and c.model.contrastive_weight == 0.3
+        assert c.model.aux_mode == "gen-depth-seg" and c.model.num_task_tokens == 8
+        assert c.data.template == {"llama3_8b": "llava_llama_3", "phi3_mini": "llava_phi_3"}[llm]
+        assert c.model.vision_kind == vision
+        assert c.data.image_size == {"clip": None, "convnext": 768}[vision]
+
+
+def test_demo_heads_match_the_synthetic_teacher():
+    from olavlm.teachers.synthetic import SyntheticTeacher
+
+    cfg = get_recipe("demo")
+    assert (cfg.model.llm, cfg.model.vision_tower) == ("tiny:llama", "tiny:clip")
+    assert cfg.data.path == "" and cfg.teachers.names == "synthetic"
+    assert cfg.train.stage == "pt" and cfg.parallel.mixed_precision == "fp32"
+    shapes = SyntheticTeacher(**cfg.teachers.synthetic).target_shapes()
+    assert {t: h.target_shape for t, h in cfg.model.heads.items()} == shapes
+    assert all(max(layers) <= 4 for layers in cfg.model.layers_per_task.values())
+
+
+def test_recipes_import_nothing_heavy():
+    # recipes only build dataclasses: importing them adds no module beyond olavlm.config's
+    # (which, through olavlm.models' package __init__, currently brings torch itself)
+    code = ("import sys, olavlm.config; before = set(sys.modules); import olavlm.recipes; "
+            "print(sorted(set(sys.modules) - before))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    added = eval(out.stdout)
+    assert all(m.startswith("olavlm.recipes") for m in added), added
+
+
+def test_choices_match_the_code_they_guard():
+    from olavlm.data.bad_data import BAD_SAMPLE_POLICIES
+    from olavlm.data.images import ASPECTS
+    from olavlm.data.llava import MISSING_TARGET_POLICIES
+    from olavlm.data.templates import TEMPLATES
+
+    assert set(CHOICES["data.template"]) == set(TEMPLATES)
+    assert set(CHOICES["data.aspect"]) == set(ASPECTS)
+    assert set(CHOICES["data.on_bad_sample"]) == set(BAD_SAMPLE_POLICIES)
+    assert set(CHOICES["teachers.on_missing_target"]) == set(MISSING_TARGET_POLICIES)
+    for path in CHOICES:  # every entry names a real field
+        section, key = path.split(".")
+        assert hasattr(getattr(Config(), section), key), path
+
+
+# -- layering: recipe < file < command line ---------------------------------------------------
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_file_then_overrides_win(tmp_path, suffix):
+    data = {"optim": {"lr": 5e-4, "grad_accum": 2}, "train": {"max_steps": 7},
+            "model": {"heads": {"gen": {"output_dim": 48, "target_shape": [1, 48]}}}}
+    path = tmp_path / f"run{suffix}"
+    path.write_text(yaml.safe_dump(data) if suffix == ".yaml" else json.dumps(data))
+    assert load_config_file(path) == data
+    cfg = resolve_config("demo", str(path), ["optim.lr=2e-5", "model.heads.gen.dim_head=16"])
+    assert cfg.optim.lr == 2e-5  # CLI over file
+    assert cfg.optim.grad_accum == 2 and cfg.train.max_steps == 7  # file over recipe
+    assert cfg.checkpoint.every_steps == 100 and cfg.data.synthetic_num == 256  # recipe kept
+    gen = cfg.model.heads["gen"]
+    assert (gen.output_dim, gen.target_shape, gen.dim_head) == (48, (1, 48), 16)
+    assert cfg.model.heads["depth"] == get_recipe("demo").model.heads["depth"]
+
+
+def test_file_names_the_recipe(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: phi3_mini_clip_vpt\noptim:\n  lr: 1e-5\n")  # YAML reads a str
+    cfg = resolve_config(None, str(path), [])
+    assert cfg.recipe == "phi3_mini_clip_vpt" and cfg.optim.lr == 1e-5
+    assert cfg.data.template == "llava_phi_3"
+    assert resolve_config("demo", str(path), []).model.llm == "tiny:llama"  # --recipe wins
+    assert resolve_config(None, None, []).recipe == "demo"
+
+
+def test_overrides_parse_values():
+    out = apply_overrides({"optim": {"lr": 1.0}}, [
+        "optim.lr=2e-5", "model.layer_indices=d18-20_s10-18_g12-20",
+        "model.heads.gen.output_dim=512", "optim.betas=[0.9,0.95]", "train.run_name=null",
+        "logging.wandb=true", "model.llm=/w/llama=3", 'model.loss_weights={"gen": 1.0}'])
+    assert out == {
+        "optim": {"lr": 2e-5, "betas": [0.9, 0.95]},
+        "model": {"layer_indices": "d18-20_s10-18_g12-20", "heads": {"gen": {"output_dim": 512}},
+                  "llm": "/w/llama=3", "loss_weights": {"gen": 1.0}},
+        "train": {"run_name": None}, "logging": {"wandb": True}}
+
+
+def test_overrides_reach_typed_fields():
+    cfg = resolve_config("pt", None, [
+        "optim.betas=[0.9,0.95]", "train.run_name=2024", "model.num_task_tokens=4",
+        "model.layer_indices={\"depth\": [18], \"seg\": [10], \"gen\": [12]}",
+        "teachers.weights.depth=/w/dav2", "model.heads.seg.target_shape=[1536,24,24]",
+        "data.image_size=null"])
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.train.run_name == "2024"
+    assert cfg.model.layers_per_task == {"gen": [12], "depth": [18], "seg": [10]}
+    assert cfg.teachers.weights["depth"] == "/w/dav2"
+    assert isinstance(cfg.model.heads["seg"], HeadConfig)
+    assert cfg.model.heads["seg"].target_shape == (1536, 24, 24)
+
+
+def test_strings_parse_for_numbers_and_ints_for_floats():
+    cfg = config_from_dict({"optim": {"lr": "1e-3", "grad_clip": 2, "grad_accum": "4"},
+                            "logging": {"wandb": "false"}})
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.grad_clip, float)
+    assert cfg.optim.grad_accum == 4 and cfg.logging.wandb is False
+
+
+# -- errors -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("data, message", [
+    ({"optm": {}}, "unknown config key 'optm' (did you mean 'optim'?); valid keys at the top "
+                   "level: recipe, model, data"),
+    ({"lr": 1e-3}, "unknown config key 'lr' (did you mean 'optim.lr'?)"),
+    ({"optim": {"lrr": 1}}, "unknown config key 'optim.lrr' (did you mean 'optim.lr'?); valid "
+                            "keys in optim: lr, projector_lr"),
+    ({"optim": {"stage": "pt"}}, "unknown config key 'optim.stage' (did you mean "
+                                 "'train.stage'?)"),
+    ({"model": {"heads": {"gen": {"num_queries": 1, "output_dim": 8, "target_shape": [1, 8],
+                                  "dimhead": 8}}}},
+     "unknown config key 'model.heads.gen.dimhead' (did you mean 'model.heads.gen.dim_head'?)"),
+    ({"model": {"heads": {"genn": {}}}}, "unknown key 'model.heads.genn' (did you mean "
+                                         "'model.heads.gen'?); valid keys in model.heads: gen"),
+    ({"teachers": {"synthetic": {"grd": 4}}}, "unknown key 'teachers.synthetic.grd' (did you "
+                                              "mean 'teachers.synthetic.grid'?)"),
+    ({"optim": {"lr": "abc"}}, "optim.lr: expected float, got 'abc' (str)"),
+    ({"train": {"max_steps": True}}, "train.max_steps: expected int, got True (bool)"),
+    ({"train": {"max_steps": 2.5}}, "train.max_steps: expected int, got 2.5 (float)"),
+    ({"logging": {"wandb": 1}}, "logging.wandb: expected bool, got 1 (int)"),
+    ({"train": {"run_name": 3.5}}, "train.run_name: expected str | None, got 3.5 (float)"),
+    ({"optim": {"betas": [0.9]}}, "optim.betas: expected tuple[float, float] (a list of 2), "
+                                  "got [0.9] (list)"),
+    ({"optim": {"betas": [0.9, "x"]}}, "optim.betas[1]: expected float, got 'x' (str)"),
+    ({"optim": 3}, "optim: expected a mapping of OptimConfig keys, got 3 (int)"),
+    ({"model": {"layer_indices": [1, 2]}}, "model.layer_indices: expected str | dict"),
+    ({"model": {"heads": {"gen": {"output_dim": 8}}}},
+     "model.heads.gen: missing required keys ['num_queries', 'target_shape']"),
+    ({"model": {"heads": {"gen": {"num_queries": 1, "output_dim": 8, "target_shape": "1x8"}}}},
+     "model.heads.gen.target_shape: expected tuple[int, ...] (a list), got '1x8' (str)"),
+    ({"train": {"stage": "sft"}}, "train.stage: expected one of pt, vpt, ift, got 'sft'"),
+    ({"parallel": {"activation_checkpointing": "partial"}},
+     "parallel.activation_checkpointing: expected one of none, selective, full"),
+    ({"parallel": {"float8": "on"}}, "parallel.float8: expected one of none, tensorwise, rowwise"),
+    ({"parallel": {"fsdp": "yes"}}, "parallel.fsdp: expected one of auto, on, off"),
+    ({"parallel": {"mixed_precision": "fp16"}}, "parallel.mixed_precision: expected one of"),
+    ({"teachers": {"mode": "offline"}}, "teachers.mode: expected one of online, cache, none"),
+    ({"optim": {"schedule": "linear"}}, "optim.schedule: expected one of cosine, constant"),
+    ({"optim": {"warmup_ratio": 1.5}}, "optim.warmup_ratio: expected a value in [0.0, 1.0]"),
+    ({"data": {"batch_size": 0}}, "data.batch_size: expected a value >= 1, got 0"),
+    ({"teachers": {"mode": "cache"}}, "teachers.mode: 'cache' needs teachers.cache_dir"),
+    ({"model": {"num_task_tokens": 5}}, "model: ModelConfig.heads['depth'].num_queries (576) "
+                                        "must be a multiple of num_task_tokens (5)"),
+])
+def test_bad_config_is_rejected(data, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        config_from_dict(data)
+    assert type(info.value) is ValueError
+
+
+def test_resume_is_free_form():
+    assert config_from_dict({"checkpoint": {"resume": "/runs/x/step_100"}}).checkpoint.resume \
+        == "/runs/x/step_100"
+
+
+@pytest.mark.parametrize("item", ["optim.lr", "=1", "optim..lr=1", ".lr=1", "optim.lr.=1"])
+def test_malformed_override(item):
+    with pytest.raises(ValueError, match=re.escape(f"malformed override {item!r}")):
+        apply_overrides({}, [item])
+
+
+def test_override_through_a_value():
+    with pytest.raises(ValueError, match=re.escape("override 'optim.lr.x=1': optim.lr is not a "
+                                                   "section")):
+        apply_overrides({"optim": {"lr": 0.1}}, ["optim.lr.x=1"])
+
+
+def test_unknown_override_key_is_rejected_with_its_path():
+    with pytest.raises(ValueError, match=re.escape("'optim.lrate' (did you mean 'optim.lr")):
+        resolve_config("demo", None, ["optim.lrate=1e-4"])
+
+
+def test_unknown_recipe():
+    with pytest.raises(ValueError, match=r"unknown recipe 'ptt' \(did you mean 'pt'\?\); "
+                                         r"recipes are: demo, llama3_8b_clip_pt"):
+        resolve_config("ptt", None, [])
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        resolve_config("demo", str(tmp_path / "nope.yaml"), [])
+    bad = tmp_path / "run.toml"
+    bad.write_text("x = 1")
+    with pytest.raises(ValueError, match=r"expected a \.yaml, \.yml or \.json file"):
+        load_config_file(bad)
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="must hold a mapping of sections"):
+        load_config_file(bad)
+    bad = tmp_path / "broken.json"
+    bad.write_text("{")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        load_config_file(bad)
+    empty = tmp_path / "empty.yml"
+    empty.write_text("")
+    assert load_config_file(empty) == {}
+
+
+# -- the run record ---------------------------------------------------------------------------
+def test_save_resolved_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    cfg = resolve_config("phi3_mini_convnext_pt", None, ["optim.lr=3e-4"])
+    config_path, env_path = save_resolved_config(cfg, tmp_path / "run")
+    assert config_path == tmp_path / "run" / "config.yaml"
+    assert resolve_config(None, str(config_path), []) == cfg  # reloads to the same run
+    env = json.loads(env_path.read_text())
+    for key in ("python", "versions", "git_sha", "hostname", "devices", "num_devices",
+                "world_size", "rank", "argv", "time_utc"):
+        assert key in env, key
+    assert {"torch", "triton", "transformers"} <= set(env["versions"])
+    assert (env["world_size"], env["rank"]) == (2, 1)
+    assert env["argv"] == sys.argv
+    assert env["devices"] == "cpu" or isinstance(env["devices"], list)
+
+
+def test_save_without_yaml_writes_json(tmp_path, monkeypatch):
+    import olavlm.config as config
+
+    monkeypatch.setattr(config, "_yaml", lambda: None)
+    config_path, _ = save_resolved_config(get_recipe("demo"), tmp_path)
+    assert config_path.name == "config.json"
+    assert config_from_dict(json.loads(config_path.read_text())) == get_recipe("demo")
