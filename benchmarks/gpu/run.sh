@@ -25,7 +25,7 @@ T0=$(date +%s)
 # OLAVLM_STAGES picks stages (default below), e.g. OLAVLM_STAGES="bench gpu_tests";
 # OLAVLM_BENCH_K narrows the benchmarks (a pytest -k expression, e.g. "triton").
 # bench_compile (torch.compile baselines) only when asked for: compiling eats the window.
-STAGES=${OLAVLM_STAGES:-"ceilings bench bench_lce bench_perceiver gpu_tests"}  # + bench_teachers profile profile_lce
+STAGES=${OLAVLM_STAGES:-"ceilings bench bench_lce bench_perceiver gpu_tests"}  # + bench_step bench_teachers profile profile_lce
 
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log it, never abort the script
   local name=$1 limit=$2
@@ -66,6 +66,12 @@ stage bench_lce "${OLAVLM_LCE_LIMIT:-150}" "${PYTEST[@]}" \
   benchmarks/bench_linear_cross_entropy.py --benchmark-only -k "${OLAVLM_LCE_K:-not compile}"
 stage bench_perceiver "${OLAVLM_PERCEIVER_LIMIT:-90}" "${PYTEST[@]}" \
   benchmarks/bench_perceiver.py --benchmark-only
+# One OLA-VLM pre-training step, reference vs fused (opt-in: OLAVLM_STAGES="... bench_step").
+# Default llama3_8b at B=8 (~60-70 GB on the reference path: prefer an H200; llama3_2l is the
+# same widths with 4 blocks); OLAVLM_STEP_PRESET / OLAVLM_STEP_BATCH (e.g. "8,16") override.
+# Without CUDA the script picks its tiny preset (dry run).
+stage bench_step "${OLAVLM_STEP_LIMIT:-180}" $PY benchmarks/bench_step.py \
+  ${OLAVLM_STEP_PRESET:+--preset "$OLAVLM_STEP_PRESET"} --batch "${OLAVLM_STEP_BATCH:-8}"
 # Teachers: per-image vs batched vs cache reads (opt-in: OLAVLM_STAGES="... bench_teachers").
 # (its default preset: real model sizes on a GPU, tiny ones on the CPU dry run)
 stage bench_teachers "${OLAVLM_TEACHERS_LIMIT:-120}" $PY benchmarks/bench_teachers.py
