@@ -12,6 +12,8 @@ TEACHERS = [*DATA, "safetensors>=0.4.3", "huggingface-hub>=0.23"]
 # olavlm.models: the LLMs and the CLIP/SigLIP towers come from transformers; the ConvNeXt tower
 # is open_clip's (its timm trunk).
 MODEL = [*TEACHERS, "open_clip_torch>=3.0"]
+# olavlm.train: run configs are YAML (JSON works without it).
+TRAIN = [*MODEL, "pyyaml>=6"]
 
 setup(
     name="olavlm",
@@ -41,10 +43,12 @@ setup(
         # liger-kernel: the parity test of linear_cross_entropy (it runs in the interpreter).
         # (liger-kernel imports packaging without declaring it.)
         "model": MODEL,
+        # The training job: model + data + teachers + YAML configs + the loss plot.
+        "train": [*TRAIN, "matplotlib>=3.7"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "liger-kernel", "packaging",
-                 *MODEL],
-        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", *MODEL],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "ruff", *MODEL],
+                 *TRAIN],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7", *TRAIN],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "ruff", *TRAIN],
     },
     entry_points={"console_scripts": ["olavlm=olavlm.cli:main"]},
     classifiers=[

@@ -115,11 +115,16 @@ def build_model(cfg, tokenizer, work_dir: Path, *, is_main: bool, barrier) -> Ol
         tower = _materialize(mc.vision_tower, "vision_tower", work_dir, tokenizer)
     from dataclasses import replace
 
-    from olavlm.models.vision import build_vision_tower
+    from olavlm.models.vision import build_vision_tower, tower_kind
 
     resolved = replace(mc, llm=llm, vision_tower=tower)
+    options = {"image_size": cfg.data.image_size} if cfg.data.image_size and \
+        (mc.vision_kind or tower_kind(tower)) == "convnext" else {}
     vision = build_vision_tower(tower, kind=mc.vision_kind, select_layer=mc.vision_select_layer,
-                                dtype=torch.float32)
+                                dtype=torch.float32, **options)
+    if cfg.data.image_size and vision.image_size != cfg.data.image_size:
+        raise ValueError(f"data.image_size is {cfg.data.image_size} but the vision tower "
+                         f"{tower} takes {vision.image_size} px images")
     model = OlaVLM(resolved, vision_tower=vision)
     rows = model.parts.embed_tokens.num_embeddings
     if rows < len(tokenizer):
@@ -189,3 +194,48 @@ def build_data(cfg, model: OlaVLM, tokenizer, data_root: Path | None, *, rank: i
         group_by_modality_length=cfg.data.group_by_modality_length,
         rejects_path=run_dir / "rejects.jsonl")
     return dataset, loader
+
+
+def load_initial_weights(model: OlaVLM, path: str) -> list[str]:
+    """checkpoint.init_from: start a stage from an earlier one's weights (VPT from PT, IFT from
+    VPT). Accepts an ``export_hf`` folder (``llm/`` + ``olavlm.safetensors``) or a seed
+    checkpoint folder (SPEC 11 keys). Every parameter of the LLM, the projector and the task
+    tokens must be there; heads and logit scales may be missing (VPT/IFT do not use them).
+    Returns the keys that kept their fresh initialization."""
+    from olavlm.models.checkpoint_io import read_safetensors_dir, seed_key_to_ola
+
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint.init_from: {str(root)!r} is not a directory")
+    if (root / "olavlm_config.json").is_file():
+        state = {f"llm.{k}": v for k, v in read_safetensors_dir(root / "llm").items()}
+        from safetensors.torch import load_file
+
+        state.update(load_file(str(root / "olavlm.safetensors")))
+    elif (root / "config.json").is_file():
+        state = {}
+        for key, value in read_safetensors_dir(root).items():
+            mapped = seed_key_to_ola(key)
+            if mapped is not None:
+                state[mapped] = value
+    else:
+        raise FileNotFoundError(f"checkpoint.init_from: {root} holds neither an export_hf "
+                                "folder (olavlm_config.json) nor a seed checkpoint (config.json)")
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if not k.startswith("vision_tower.")}
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise ValueError(f"checkpoint.init_from: {len(unexpected)} keys the model does not have, "
+                         f"e.g. {unexpected[:5]}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(f"checkpoint.init_from: {key!r} has shape {tuple(value.shape)}, the "
+                             f"model's is {tuple(own[key].shape)}")
+    kept = sorted(k for k in own if k not in state and not k.startswith("vision_tower."))
+    required = [k for k in kept if k.startswith(("llm.", "mm_projector", "task_tokens"))
+                and "rotary_emb" not in k]
+    if required:
+        raise ValueError(f"checkpoint.init_from: {root} lacks {len(required)} weights the stage "
+                         f"needs, e.g. {required[:5]}")
+    model.load_state_dict(state, strict=False)
+    return kept

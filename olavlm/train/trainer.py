@@ -92,6 +92,10 @@ class Trainer:
         self.tokenizer = B.build_tokenizer(cfg, data_root)
         model = B.build_model(cfg, self.tokenizer, self.run_dir, is_main=d.is_main,
                               barrier=barrier)
+        if cfg.checkpoint.init_from:
+            kept = B.load_initial_weights(model, cfg.checkpoint.init_from)
+            logger.info("initialized from %s (%d tensors kept their fresh init)",
+                        cfg.checkpoint.init_from, len(kept))
         apply_stage(model, cfg.train.stage)
         self.trainable = trainable_report(model)
         model.to(d.device)

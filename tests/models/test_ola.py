@@ -295,3 +295,33 @@ def test_bad_batches_fail_clearly(model):
         model(two, mask, labels, images, image_mask, targets)
     with pytest.raises(ValueError, match="no images were given"):
         model(ids, mask, labels, None, image_mask, targets)
+
+
+# ---- GPU: the fused path with compiled Triton kernels against the float64 oracle ----
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_fused_matches_float64_oracle(tmp, dtype):
+    import copy
+
+    model = tiny_model(tmp, impl="auto").cuda()
+    model.llm.requires_grad_(False)
+    batch = tiny_batch(model, batch=4, placeholders=[2, 4, 3, 5], text_only=(2,),
+                       pad_from=[None, 19, None, 16])
+
+    def on(dt):
+        return [t.cuda().to(dt) if torch.is_tensor(t) and t.is_floating_point() else
+                t.cuda() if torch.is_tensor(t) else {k: v.cuda().to(dt) for k, v in t.items()}
+                for t in batch]
+
+    oracle, g_oracle = _run(copy.deepcopy(model).double(), on(torch.float64), "reference")
+    model.to(dtype)
+    eager, g_eager = _run(model, on(dtype), "reference")
+    fast, g_fast = _run(model, on(dtype), "auto")
+    for name, value in oracle.components.items():
+        assert_close_to_reference(fast.components[name], value, eager.components[name],
+                                  name=name, k=3.0, dtype=dtype)
+    for name, grad in g_oracle.items():
+        assert_close_to_reference(g_fast[name], grad, g_eager[name], name=f"grad {name}",
+                                  k=3.0, reduction_size=64)
