@@ -1,0 +1,629 @@
+# Atomic training checkpoints (torch.distributed.checkpoint), resume, and stop signals.
+"""Save and resume a training run exactly.
+
+A checkpoint is a directory ``run_dir/checkpoints/step_000100/`` holding:
+
+- ``.metadata`` + ``__<rank>_0.distcp``: the model and optimizer through
+  ``torch.distributed.checkpoint`` (DCP). ``get_state_dict``/``set_state_dict`` make this work
+  for plain modules and for FSDP2-sharded ones (each rank writes its shards; a different world
+  size can load them). Without a process group DCP runs in single-process mode (measured on
+  torch 2.14: save/load restore model and AdamW state bit-identically), so there is no
+  separate non-distributed format.
+- ``rank_00000.pt`` (one per rank): scheduler, data-loader state, RNG states, ``extra``; plain
+  containers and tensors only, read back with ``torch.load(weights_only=True)``.
+- ``COMPLETE``: JSON written last by rank 0 (step, time, world size, the file list with sizes).
+
+Atomicity: everything is written into ``checkpoints/.tmp-step_000100-<random>/``; only when
+every rank has written its files does rank 0 write ``COMPLETE`` and ``os.replace`` the directory
+to its final name. A crash at any point leaves either the previous checkpoints plus a ``.tmp-*``
+directory (ignored, deleted by the next successful save) or the new complete checkpoint.
+``latest()`` scans for directories whose ``COMPLETE`` marker parses and whose listed files exist
+with their recorded sizes; no symlinks. Disk errors (ENOSPC...) while writing delete the
+temporary directory and raise :class:`CheckpointError` naming the previous checkpoint, which is
+untouched (old checkpoints are pruned only after a new one is complete).
+
+Typical use (the trainer's)::
+
+    ckpt = Checkpointer(run_dir, keep_last=3)
+    state = {"model": model, "optim": optimizer, "scheduler": scheduler, "loader": loader,
+             "rng": True, "extra": {"step": step}}
+    path = ckpt.resolve_resume("auto")              # latest valid one, or None
+    if path is not None:
+        extra = ckpt.load(path, state)               # restores everything in place
+    ...
+    with StopSignals() as stop:
+        ...  # step
+        if stop.requested:
+            ckpt.save(step, state); break
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "StopSignals",
+    "checkpoint_problem",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "rng_state",
+    "set_rng_state",
+]
+
+logger = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+FORMAT_VERSION = 1
+STATE_KEYS = ("model", "optim", "scheduler", "loader", "rng", "extra")
+_NAME_RE = re.compile(r"^step_(\d+)$")
+_TMP_PREFIX = ".tmp-"
+_DCP_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error) or is not a valid checkpoint.
+    When raised by ``save``, the previous checkpoints are intact and the message names the
+    newest one."""
+
+
+# ---- RNG --------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """This process's RNG states: Python ``random``, numpy's global generator, torch CPU, and
+    every CUDA device's when CUDA is initialized (not initializing it on CPU runs). Plain
+    containers and tensors only, so ``torch.load(weights_only=True)`` reads it back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`'s output: the next random draws equal those after the save."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            warnings.warn(f"the checkpoint holds CUDA RNG states for {len(cuda)} devices, this "
+                          f"process sees {torch.cuda.device_count()}: CUDA RNG not restored",
+                          stacklevel=2)
+
+
+# ---- scanning ---------------------------------------------------------------------------------
+
+
+def _step_of(path: Path) -> int | None:
+    m = _NAME_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """None when ``path`` is a complete checkpoint, else what is wrong with it (one line)."""
+    path = Path(path)
+    if not path.is_dir():
+        return "no such directory" if not path.exists() else "not a directory"
+    marker = path / MARKER
+    if not marker.is_file():
+        return (f"the {MARKER} marker is missing (an interrupted write, or not a checkpoint "
+                "directory)")
+    try:
+        info = json.loads(marker.read_text())
+        files = info["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"the {MARKER} marker is unreadable ({exc})"
+    missing, wrong = [], []
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            missing.append(name)
+        elif f.stat().st_size != size:
+            wrong.append(f"{name} ({f.stat().st_size} bytes, expected {size})")
+    if missing:
+        return f"files listed in {MARKER} are missing: {', '.join(sorted(missing))}"
+    if wrong:
+        return f"files have the wrong size: {', '.join(wrong)}"
+    return None
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints under ``run_dir/checkpoints``, oldest step first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(s, p) for p in root.iterdir() if (s := _step_of(p)) is not None]
+    return [p for _, p in sorted(found) if checkpoint_problem(p) is None]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of ``run_dir``, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+# ---- writers (module functions so tests can make them fail) -----------------------------------
+
+
+def _write_dcp(path: Path, state_dict: dict, *, process_group) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DCP_WARNING)
+        dcp.save(state_dict, checkpoint_id=str(path), process_group=process_group,
+                 no_dist=no_dist)
+
+
+def _read_dcp(path: Path, state_dict: dict, *, process_group) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    no_dist = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_DCP_WARNING)
+        dcp.load(state_dict, checkpoint_id=str(path), process_group=process_group,
+                 no_dist=no_dist)
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_rank_file(path: Path, payload: dict) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    _fsync_write(path, buf.getvalue())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _failure(exc: BaseException) -> tuple[str, str]:
+    """(kind, text): kind "os" for I/O errors (also inside DCP's CheckpointException)."""
+    inner = [exc]
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict):
+        inner = [pair[0] if isinstance(pair, tuple) else pair for pair in failures.values()]
+    kind = "os" if all(isinstance(e, OSError) for e in inner) else "other"
+    return kind, "; ".join(f"{type(e).__name__}: {e}" for e in inner)
+
+
+# ---- the checkpointer -------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Writes and reads ``run_dir/checkpoints/step_<N>/`` (see the module docstring).
+
+    ``keep_last``: complete checkpoints kept after a save (0 or less: all). ``process_group``:
+    the group DCP and the rank agreement use (None: the default group when one is initialized,
+    else single-process). All ranks call ``save``/``load`` together; ``run_dir`` must be on a
+    filesystem every rank sees.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, keep_last: int = 3,
+                 process_group=None) -> None:
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "checkpoints"
+        self.keep_last = int(keep_last)
+        self.process_group = process_group
+
+    # -- process group helpers
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.process_group) if self.distributed else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.process_group) if self.distributed else 1
+
+    def _broadcast(self, obj: Any) -> Any:
+        if not self.distributed:
+            return obj
+        box = [obj]
+        src = 0 if self.process_group is None else dist.get_global_rank(self.process_group, 0)
+        dist.broadcast_object_list(box, src=src, group=self.process_group)
+        return box[0]
+
+    def _gather(self, obj: Any) -> list:
+        if not self.distributed:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.process_group)
+        return out
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.process_group)
+
+    # -- queries
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        return list_checkpoints(self.run_dir)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        return latest_checkpoint(self.run_dir)
+
+    def resolve_resume(self, resume: str | os.PathLike | None) -> Path | None:
+        """``CheckpointConfig.resume``: "auto" = the latest complete checkpoint (None when there
+        is none), "none" (or None / "") = None, anything else = that checkpoint directory, which
+        must be complete (CheckpointError naming the path and what is missing otherwise)."""
+        if resume is None or str(resume).strip().lower() in ("", "none"):
+            return None
+        if str(resume).strip().lower() == "auto":
+            return self.latest()
+        path = Path(resume).expanduser()
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            hint = ""
+            if path.is_dir() and (path / "checkpoints").is_dir():
+                hint = (f" (this looks like a run directory; use resume=auto with it as the "
+                        f"run directory, or one of {path / 'checkpoints'}/step_*)")
+            raise CheckpointError(f"checkpoint.resume={str(resume)!r} is not a valid "
+                                  f"checkpoint: {path}: {problem}{hint}")
+        return path
+
+    def _previous_text(self) -> str:
+        prev = self.latest()
+        if prev is None:
+            return f"there is no previous checkpoint in {self.dir}"
+        return f"the previous checkpoint {prev.name} ({prev}) is intact"
+
+    # -- save
+    def save(self, step: int, state: dict) -> Path:
+        """Write ``state`` as checkpoint ``step`` and return its directory (all ranks call it).
+
+        ``state`` keys (all optional): "model" (nn.Module, plain or FSDP2), "optim" (its
+        optimizer; needs "model"), "scheduler" and "loader" (objects with
+        ``state_dict``/``load_state_dict``), "rng" (True: this process's RNG states; or an
+        :func:`rng_state` dict taken earlier), "extra" (a JSON-able dict, returned by ``load``).
+        A complete checkpoint for ``step`` that already exists is returned as is. Raises
+        CheckpointError on disk errors (the temporary files are removed, previous checkpoints
+        untouched); programming errors (an unpicklable state...) propagate after the cleanup.
+        """
+        _check_state(state)
+        name = f"step_{int(step):06d}"
+        final = self.dir / name
+        plan: tuple[str, str] | None = None
+        if self.rank == 0:
+            plan = self._prepare(name, final)
+        kind, tmp_name = self._broadcast(plan)
+        if kind == "exists":
+            logger.info("checkpoint %s already exists; not rewritten", final)
+            return final
+        if kind == "error":
+            raise CheckpointError(f"cannot create a checkpoint directory in {self.dir} "
+                                  f"({tmp_name}); {self._previous_text()}")
+        tmp = self.dir / tmp_name
+        own: tuple[str, str] | None = None
+        own_exc: BaseException | None = None
+        try:
+            if "model" in state:
+                to_save = state if _optim_in_dcp(state) else {"model": state["model"]}
+                _write_dcp(tmp, _model_optim_state(to_save), process_group=self.process_group)
+            tmp.mkdir(parents=True, exist_ok=True)
+            _write_rank_file(tmp / f"rank_{self.rank:05d}.pt", _rank_payload(state))
+        except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
+            own, own_exc = _failure(exc), exc
+        failures = [(r, f) for r, f in enumerate(self._gather(own)) if f is not None]
+        if not failures and self.rank == 0:
+            try:
+                self._publish(tmp, final, step)
+            except OSError as exc:
+                own, own_exc = _failure(exc), exc
+                failures = [(0, own)]
+        failures = self._broadcast(failures)
+        if failures:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._barrier()
+            text = "; ".join(f"rank {r}: {t}" for r, (_, t) in failures)
+            if any(k != "os" for _, (k, _) in failures):
+                if own_exc is not None and own is not None and own[0] != "os":
+                    raise own_exc
+                raise RuntimeError(f"checkpoint {name} failed on another rank: {text}")
+            raise CheckpointError(
+                f"could not write checkpoint {name} in {self.dir} ({text}); removed the partial "
+                f"files; {self._previous_text()}") from own_exc
+        if self.rank == 0:
+            newer = [p.name for p in self.checkpoints() if (_step_of(p) or 0) > int(step)]
+            if newer:
+                warnings.warn(f"{self.dir} holds checkpoints of later steps ({', '.join(newer)}, "
+                              f"from a run this one branched off) besides the new {name}: "
+                              "resume=auto would pick them; delete them if they are stale",
+                              stacklevel=2)
+            self._prune(keep=final)
+        self._barrier()
+        return final
+
+    def _prepare(self, name: str, final: Path) -> tuple[str, str]:
+        """Rank 0: ("exists", "") | ("write", tmp name) | ("error", reason)."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                if checkpoint_problem(final) is None:
+                    return ("exists", "")
+                # Not ours to trust (a partial copy?): moved aside, pruned like a crash leftover.
+                aside = self.dir / f"{_TMP_PREFIX}{name}-invalid-{secrets.token_hex(4)}"
+                warnings.warn(f"{final} is not a complete checkpoint "
+                              f"({checkpoint_problem(final)}); moved to {aside.name}",
+                              stacklevel=3)
+                os.replace(final, aside)
+            tmp_name = f"{_TMP_PREFIX}{name}-{secrets.token_hex(4)}"
+            (self.dir / tmp_name).mkdir()
+            return ("write", tmp_name)
+        except OSError as exc:
+            return ("error", f"{type(exc).__name__}: {exc}")
+
+    def _publish(self, tmp: Path, final: Path, step: int) -> None:
+        """Rank 0, after every rank wrote: the marker, then the atomic rename."""
+        files = {str(p.relative_to(tmp)): p.stat().st_size
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        info = {"format": FORMAT_VERSION, "step": int(step), "time": time.time(),
+                "world_size": self.world_size, "torch": torch.__version__, "files": files}
+        _fsync_write(tmp / MARKER, json.dumps(info, indent=1).encode())
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(self.dir)
+
+    def _prune(self, keep: Path) -> None:
+        """Rank 0: delete crash leftovers (.tmp-*) and complete checkpoints beyond keep_last."""
+        for p in self.dir.glob(f"{_TMP_PREFIX}*"):
+            logger.info("removing the leftover of an interrupted checkpoint: %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+        if self.keep_last <= 0:
+            return
+        complete = [p for p in self.checkpoints() if p != keep]
+        for p in complete[:max(0, len(complete) - (self.keep_last - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    # -- load
+    def load(self, path: str | os.PathLike | None, state: dict) -> dict:
+        """Restore ``state``'s objects in place from ``path`` (None: the latest) and return the
+        checkpoint's ``extra`` dict. Same keys as ``save``; "rng" truthy restores this
+        process's RNG states. Raises CheckpointError when the checkpoint is invalid or lacks a
+        component ``state`` asks for."""
+        _check_state(state, loading=True)
+        path = self.latest() if path is None else Path(path)
+        if path is None:
+            raise CheckpointError(f"no complete checkpoint in {self.dir}")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise CheckpointError(f"{path} is not a valid checkpoint: {problem}")
+        info = json.loads((path / MARKER).read_text())
+        payload = self._read_rank_file(path, info)
+        if "model" in state:
+            self._load_model_optim(path, state, payload)
+        for key in ("scheduler", "loader"):
+            if key in state and state[key] is not None:
+                if key not in payload:
+                    raise CheckpointError(f"{path} holds no {key!r} state (saved without it)")
+                state[key].load_state_dict(payload[key])
+        if state.get("rng"):
+            if "rng" not in payload:
+                raise CheckpointError(f"{path} holds no RNG state (saved without 'rng')")
+            set_rng_state(payload["rng"])
+        return json.loads(payload.get("extra", "{}"))
+
+    def _load_model_optim(self, path: Path, state: dict, payload: dict) -> None:
+        if not (path / ".metadata").is_file():
+            raise CheckpointError(f"{path} holds no model state (no .metadata); it was saved "
+                                  "without 'model'")
+        optim = state.get("optim")
+        groups_only = optim is not None and "optim_param_groups" in payload
+        with_optim = {"model": state["model"], "optim": None if groups_only else optim}
+        sd = _model_optim_state(with_optim)
+        if "optim" in sd:
+            saved = _saved_keys(path)
+            if not any(k.startswith("optim.") for k in saved):
+                raise CheckpointError(f"{path} holds no optimizer state (saved without 'optim')")
+            # A fresh optimizer's template holds state for every parameter (DCP initializes it
+            # with a zero-lr step); the checkpoint only for those that had gradients. Those
+            # without stay without, as in the uninterrupted run (AdamW's bias correction
+            # starts at their first gradient).
+            opt_state = sd["optim"]["state"]
+            for fqn in list(opt_state):
+                if not any(f"optim.state.{fqn}.{name}" in saved for name in opt_state[fqn]):
+                    del opt_state[fqn]
+        try:
+            _read_dcp(path, sd, process_group=self.process_group)
+        except CheckpointException as exc:
+            raise CheckpointError(f"could not load the model/optimizer from {path}: "
+                                  f"{_failure(exc)[1]}") from None
+        _set_model_optim_state(with_optim, sd)
+        if groups_only:  # saved before the optimizer's first step: no state, only its groups
+            optim.load_state_dict({"state": {}, "param_groups": payload["optim_param_groups"]})
+
+    def _read_rank_file(self, path: Path, info: dict) -> dict:
+        saved_world = int(info.get("world_size", 1))
+        rank = self.rank
+        if saved_world != self.world_size:
+            warnings.warn(f"{path} was written by {saved_world} ranks, this run has "
+                          f"{self.world_size}: model/optimizer are resharded, but RNG and "
+                          "per-rank loader states come from rank "
+                          f"{rank if rank < saved_world else 0}'s file, so the continuation "
+                          "is not bit-exact", stacklevel=3)
+            if rank >= saved_world:
+                rank = 0
+        f = path / f"rank_{rank:05d}.pt"
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling errors have several types across torch versions
+            raise CheckpointError(f"cannot read {f}: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_state(state: dict, *, loading: bool = False) -> None:
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    unknown = sorted(set(state) - set(STATE_KEYS))
+    if unknown:
+        raise ValueError(f"state has unknown keys {unknown}; valid keys: {list(STATE_KEYS)}")
+    if "optim" in state and "model" not in state:
+        raise ValueError("state['optim'] needs state['model'] (the optimizer's parameters are "
+                         "named after the model's)")
+    if "model" in state and not isinstance(state["model"], torch.nn.Module):
+        raise TypeError(f"state['model'] must be an nn.Module, got "
+                        f"{type(state['model']).__name__}")
+    for key in ("scheduler", "loader"):
+        obj = state.get(key)
+        if obj is not None and not (hasattr(obj, "state_dict") and
+                                    hasattr(obj, "load_state_dict")):
+            raise TypeError(f"state[{key!r}] must have state_dict/load_state_dict, got "
+                            f"{type(obj).__name__}")
+    if not loading and "extra" in state:
+        try:
+            json.dumps(state["extra"])
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"state['extra'] must be JSON-serializable: {exc}") from None
+
+
+def _saved_keys(path: Path) -> set[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def _optim_in_dcp(state: dict) -> bool:
+    """The optimizer goes through DCP once it has state. Before its first step it has none and
+    get_state_dict would create some with a zero-lr step, changing the run: then only its
+    param_groups are saved (in the rank file)."""
+    return state.get("optim") is not None and bool(state["optim"].state)
+
+
+def _model_optim_state(state: dict) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if state.get("optim") is not None:
+        msd, osd = get_state_dict(state["model"], state["optim"])
+        return {"model": msd, "optim": osd}
+    return {"model": get_model_state_dict(state["model"])}
+
+
+def _set_model_optim_state(state: dict, sd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    set_model_state_dict(state["model"], sd["model"])  # strict: every key must be there
+    if state.get("optim") is not None:
+        # Not strict: parameters that never had a gradient have no optimizer state (see
+        # Checkpointer._load_model_optim); they get none, as in the uninterrupted run.
+        set_optimizer_state_dict(state["model"], state["optim"], sd["optim"],
+                                 options=StateDictOptions(strict=False))
+
+
+def _rank_payload(state: dict) -> dict:
+    payload: dict = {}
+    if state.get("optim") is not None and not _optim_in_dcp(state):
+        payload["optim_param_groups"] = state["optim"].state_dict()["param_groups"]
+    for key in ("scheduler", "loader"):
+        if state.get(key) is not None:
+            payload[key] = state[key].state_dict()
+    rng = state.get("rng")
+    if rng:
+        payload["rng"] = rng if isinstance(rng, dict) else rng_state()
+    if "extra" in state:
+        payload["extra"] = json.dumps(state["extra"])
+    return payload
+
+
+# ---- stop signals -----------------------------------------------------------------------------
+
+
+class StopSignals:
+    """Turns SIGTERM/SIGINT into a request to stop at the end of the current step.
+
+    Inside the ``with`` block a signal sets ``requested`` (and ``signal_name``, e.g.
+    "SIGTERM") instead of ending the process; the loop checks the flag after each step, writes
+    a checkpoint and exits. A second SIGINT (Ctrl-C twice) restores the default handler and
+    raises KeyboardInterrupt at once. Signals ignored on entry (SIG_IGN, e.g. SIGINT of a
+    background job) stay ignored. The previous handlers come back on exit. Handlers can only
+    be installed from the main thread; elsewhere the block warns once and never sets the flag.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.signals = tuple(signals)
+        self.requested = False
+        self.signal_name: str | None = None
+        self.count = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            warnings.warn("StopSignals: not in the main thread; SIGTERM/SIGINT keep their "
+                          "default behaviour (no checkpoint on stop)", stacklevel=2)
+            return self
+        for sig in self.signals:
+            previous = signal.getsignal(sig)
+            if previous is signal.SIG_IGN:
+                continue
+            self._previous[sig] = previous
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        self.count += 1
+        if self.requested and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._previous.pop(signal.SIGINT, None)
+            raise KeyboardInterrupt(f"second {name}: stopping now")
+        if not self.requested:
+            logger.warning("%s received: finishing the current step, writing a checkpoint, "
+                           "then stopping (Ctrl-C again stops at once)", name)
+        self.requested = True
+        self.signal_name = self.signal_name or name
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
