@@ -29,7 +29,7 @@ def _signature(fn, pointers: dict[str, str], floats=(), constexprs=()):
     return sig
 
 
-def _compile(kernel, pointers, floats, constexprs: dict, target):
+def _compile(kernel, pointers, floats, constexprs: dict, target, num_warps=4, num_stages=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -41,7 +41,10 @@ def _compile(kernel, pointers, floats, constexprs: dict, target):
     sig = _signature(fn.fn, pointers, floats, constexprs)
     consts = {(names.index(k),): v for k, v in constexprs.items()}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    triton.compile(src, target=GPUTarget(*target), options={"num_warps": 4})
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    triton.compile(src, target=GPUTarget(*target), options=options)
 
 
 def compile_embedding_loss_kernels(target) -> int:
@@ -82,32 +85,37 @@ def compile_embedding_loss_kernels(target) -> int:
 
 def compile_linear_cross_entropy_kernels(target) -> int:
     from olakernels.linear_cross_entropy.impl import triton_kernels as k
+    from olakernels.linear_cross_entropy.impl.triton import GPU_BLOCKS, ROCM_BLOCKS
 
+    # The launchers' own tile sizes, warps and stages for this target.
+    blk = GPU_BLOCKS if target[0] == "cuda" else ROCM_BLOCKS
+    launch = {"num_warps": blk["num_warps"], "num_stages": blk["num_stages"]}
     count = 0
     ints = {"ORDER": "*i32", "LABELS": "*i64", "COUNT": "*i32"}
     for dt, native in (("bf16", True), ("fp32", False)):
         for bias, cap in ((True, True), (False, False)):
             tensors = {"HID": "*" + dt, "W": "*" + dt, "BIAS": "*" + dt}
             parts = {n: "*fp32" for n in ("PART_M", "PART_S", "PART_ZY", "PART_SZ", "PART_BEST")}
-            tiles = {"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_K": 64}
+            tiles = {"BLOCK_N": blk["n"], "BLOCK_V": blk["v"], "BLOCK_K": blk["k"]}
             flags = {"HAS_BIAS": bias, "HAS_SOFTCAP": cap, "DOT_NATIVE": native}
             _compile(k._lce_fwd_kernel, {**tensors, **ints, **parts, "PART_IDX": "*i32"},
-                     ("softcap",), {**flags, **tiles}, target)
+                     ("softcap",), {**flags, **tiles}, target, **launch)
             _compile(k._lce_dlogits_kernel,
                      {**tensors, **ints, "LSE": "*fp32", "GRAD_LOSS": "*fp32",
                       "DLOGITS": "*" + dt},
-                     ("softcap", "label_smoothing", "z_loss_weight"), {**flags, **tiles}, target)
+                     ("softcap", "label_smoothing", "z_loss_weight"), {**flags, **tiles}, target,
+                     **launch)
             count += 2
-        mm = {"BLOCK_M": 128, "BLOCK_H": 128, "BLOCK_K": 64}
+        mm = {"BLOCK_M": blk["m"], "BLOCK_H": blk["h"], "BLOCK_K": blk["k"]}
         _compile(k._lce_dhidden_kernel,
                  {"DLOGITS": "*" + dt, "W": "*" + dt, **ints, "GRAD_HID": "*" + dt}, (),
-                 {"DOT_NATIVE": native, **mm}, target)
+                 {"DOT_NATIVE": native, **mm}, target, **launch)
         for acc in (False, True):
             _compile(k._lce_dweight_kernel,
                      {"DLOGITS": "*" + dt, "HID": "*" + dt, **ints, "GRAD_W": "*fp32",
                       "GRAD_B": "*fp32"}, (),
                      {"ACCUMULATE": acc, "HAS_WEIGHT_GRAD": True, "HAS_BIAS": acc,
-                      "DOT_NATIVE": native, **mm}, target)
+                      "DOT_NATIVE": native, **mm}, target, **launch)
         count += 3
     parts = {n: "*fp32" for n in ("PART_M", "PART_S", "PART_ZY", "PART_SZ", "PART_BEST", "LSE",
                                   "LOSS")}

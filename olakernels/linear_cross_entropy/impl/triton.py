@@ -33,14 +33,19 @@ DLOGITS_BUDGET_BYTES = 512 * 2**20
 # Tile sizes on a GPU. n x v: the logits tile of the forward and dlogits kernels; m x h: the
 # output tile of dhidden/dweight; k: the reduction step of all. BLOCKS_OVERRIDE (a dict with
 # some of these keys) lets benchmarks/gpu/profile_lce.py sweep tiles without editing code.
-GPU_BLOCKS = dict(n=64, v=128, k=64, m=128, h=128, num_warps=8, num_stages=3)
+# CUDA: the best of the sweep on an H200 (docs/PERF.md, linear_cross_entropy run 5): 1.7x the
+# first tiles (64 x 128) at 0% ignored, 1.16x at 90%. ROCm: smaller tiles with 2 stages so the
+# operands fit MI300X's 64 KiB of LDS (not measured on an MI300X).
+GPU_BLOCKS = dict(n=128, v=256, k=64, m=128, h=256, num_warps=8, num_stages=3)
+ROCM_BLOCKS = dict(n=64, v=128, k=64, m=128, h=128, num_warps=8, num_stages=2)
 BLOCKS_OVERRIDE: dict = {}
 
 
 def _blocks() -> dict:
     if interpreter_enabled():  # small tiles: the interpreter runs programs one by one
         return dict(n=16, v=32, k=32, m=16, h=32, num_warps=4, num_stages=1)
-    return {**GPU_BLOCKS, **BLOCKS_OVERRIDE}
+    base = ROCM_BLOCKS if torch.version.hip else GPU_BLOCKS
+    return {**base, **BLOCKS_OVERRIDE}
 
 
 def _dot_native(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
