@@ -345,7 +345,8 @@ def read_seed_checkpoint(seed_dir: str | Path, **overrides) -> SeedCheckpoint:
         elif _task_of(new) is not None and _task_of(new) not in config.tasks:
             other_tasks.append(key)
         else:
-            state[new] = tensor
+            # The seed's logit scales are 0-d; ours are (1,) (FSDP2 shards no 0-d parameter).
+            state[new] = tensor.reshape(1) if new.endswith("_logit_scale") else tensor
     if other_tasks:
         warnings.warn(f"{folder}: dropping {len(other_tasks)} weights of tasks outside aux_mode "
                       f"{config.aux_mode!r}: {_listed(sorted(other_tasks))}", stacklevel=2)
@@ -698,7 +699,8 @@ def export_seed_layout(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = 
     Tied LM heads are not written (HF convention). Returns ``out_dir``."""
     prefix = _tower_prefix(model.vision_tower)
     tied = _tied_aliases(model.llm, "llm.")
-    state = {ola_key_to_seed(k, prefix): v for k, v in model.state_dict().items()
+    state = {ola_key_to_seed(k, prefix): v.reshape(()) if k.endswith("_logit_scale") else v
+             for k, v in model.state_dict().items()
              if k not in tied and (include_vision_tower or not k.startswith("vision_tower."))}
     config = seed_config_dict(model, image_aspect_ratio=image_aspect_ratio)
     with _atomic_dir(out_dir, overwrite) as tmp:

@@ -101,8 +101,10 @@ class OlaVLM(nn.Module):
         for task in self.tasks:
             setattr(self, f"image_{task}_heads", build_task_heads(
                 task, config.heads[task], len(self.layers[task]), hidden, config.impl))
+            # Shape (1,), not 0-d: FSDP2 cannot shard 0-d parameters (seed checkpoints hold
+            # 0-d ones; checkpoint_io reshapes).
             setattr(self, f"{task}_logit_scale",
-                    nn.Parameter(torch.tensor(float(config.logit_scale_init))))
+                    nn.Parameter(torch.full((1,), float(config.logit_scale_init))))
         dtype = next(self.llm.parameters()).dtype
         for module in (self.mm_projector, self.task_tokens,
                        *(self.heads(t) for t in self.tasks)):
@@ -292,7 +294,7 @@ class OlaVLM(nn.Module):
                             gathered = gather_targets(target.reshape(target.shape[0], -1),
                                                       mask, self.process_group)
                     loss, sl1, con = embedding_distill_loss(
-                        pred, target, mask, self.logit_scale(task),
+                        pred, target, mask, self.logit_scale(task).reshape(()),
                         beta=self.config.smooth_l1_beta,
                         contrastive_weight=self.config.contrastive_weight,
                         mask_mode="seed" if self.config.seed_compat else "per_sample",

@@ -32,8 +32,9 @@ def build_tiny_llm(kind: str, out_dir: str | Path, *, vocab_size: int = 512,
         config, cls = tf.Qwen2Config(**common), tf.Qwen2ForCausalLM
     else:
         raise ValueError(f"kind must be one of {TINY_LLM_KINDS}, got {kind!r}")
-    torch.manual_seed(seed)
-    model = cls(config)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left alone
+        torch.manual_seed(seed)
+        model = cls(config)
     out = Path(out_dir)
     model.save_pretrained(out)
     return out

@@ -125,6 +125,9 @@ def build_model(cfg, tokenizer, work_dir: Path, *, is_main: bool, barrier) -> Ol
     if cfg.data.image_size and vision.image_size != cfg.data.image_size:
         raise ValueError(f"data.image_size is {cfg.data.image_size} but the vision tower "
                          f"{tower} takes {vision.image_size} px images")
+    # Every rank must draw the same initial weights (FSDP2 shards each rank's own copy), and
+    # whether a rank wrote the tiny models or the dataset above must not change the draws.
+    torch.manual_seed(cfg.train.seed)
     model = OlaVLM(resolved, vision_tower=vision)
     rows = model.parts.embed_tokens.num_embeddings
     if rows < len(tokenizer):

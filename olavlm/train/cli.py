@@ -27,9 +27,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
-    from olavlm.recipes import RECIPES
-
     from olavlm.config import resolve_config
+    from olavlm.recipes import RECIPES
 
     if args.list_recipes:
         print("\n".join(sorted(RECIPES)))

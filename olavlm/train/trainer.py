@@ -225,13 +225,19 @@ class Trainer:
                     sums = parts / accum if sums is None else sums + parts / accum
                 names = ["loss"] + list(out.components)
                 grad_norm = self._clip()
-                finite = torch.isfinite(sums).all() & torch.isfinite(grad_norm)
-                # The one host read of the step: logged scalars + the finiteness flag.
-                values = torch.cat([sums, grad_norm.float().reshape(1),
-                                    finite.float().reshape(1)]).tolist()
-                scalars = dict(zip(names, values[:-2], strict=True))
-                scalars["grad_norm"] = values[-2]
-                if values[-1] < 0.5:
+                # Flags every rank must agree on: "some rank saw a non-finite value" and "some
+                # rank got SIGTERM/SIGINT" (MAX over ranks), so all skip or stop together.
+                bad = ~(torch.isfinite(sums).all() & torch.isfinite(grad_norm))
+                flags = torch.stack([bad.float(), torch.tensor(float(signals.requested),
+                                                               device=bad.device)])
+                if d.distributed:
+                    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+                # The one host read of the step: logged scalars + the two flags.
+                values = torch.cat([sums, grad_norm.float().reshape(1), flags]).tolist()
+                scalars = dict(zip(names, values[:-3], strict=True))
+                scalars["grad_norm"] = values[-3]
+                stop_requested = values[-1] > 0.5
+                if values[-2] > 0.5:
                     self._skip_nonfinite(scalars)
                 else:
                     self.nonfinite_run = 0
@@ -246,8 +252,9 @@ class Trainer:
                     t_last = t_now
                     window = {"samples": 0, "tokens": 0, "steps": 0}
                 every = cfg.checkpoint.every_steps
-                if signals.requested:
-                    stopped = signals.signal_name
+                # One process: act on a signal that came during this step's logging too.
+                if stop_requested or (not d.distributed and signals.requested):
+                    stopped = signals.signal_name or "a signal on another rank"
                     logger.warning("%s received: writing a checkpoint at step %d and stopping",
                                    stopped, self.step)
                     self.save_checkpoint()
@@ -301,7 +308,8 @@ class Trainer:
             logged.update({k: v for k, v in self.teachers.metrics().items() if v is not None})
         if d.device.type == "cuda":
             logged["peak_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
-        peak = peak_flops(d.device, self.cfg.parallel.mixed_precision)
+        peak = peak_flops(d.device, self.cfg.parallel.mixed_precision,
+                          tf32=self.cfg.parallel.tf32)
         if peak:
             if self._flops_token is None:
                 seq = window["tokens"] / max(1, window["samples"])

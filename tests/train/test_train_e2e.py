@@ -1,0 +1,152 @@
+# The training job end to end on CPU: demo losses fall, exact resume, SIGTERM, non-finite guard.
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from olavlm.config import resolve_config
+from olavlm.train.cli import main as train_main
+from olavlm.train.metrics import read_metrics
+from olavlm.train.trainer import NonFiniteLossError, Trainer
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic")
+
+
+def _cfg(tmp_path, synth_dir, *overrides):
+    base = [f"train.output_dir={tmp_path / 'runs'}", f"data.synthetic_dir={synth_dir}",
+            "data.synthetic_num=48", "logging.progress=false", "logging.plot=false"]
+    return resolve_config("demo", None, base + list(overrides))
+
+
+def _losses(run_dir):
+    return {row["step"]: row for row in read_metrics(run_dir)}
+
+
+@pytest.mark.slow
+def test_demo_losses_decrease(tmp_path, synth_dir):
+    cfg = _cfg(tmp_path, synth_dir, "train.max_steps=60", "checkpoint.every_steps=0",
+               "logging.plot=true")
+    trainer = Trainer(cfg)
+    result = trainer.train()
+    rows = read_metrics(result.run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    keys = ["ntp"] + [t for t in ("gen", "depth", "seg")]
+    for key in keys:
+        first = sum(r[key] for r in rows[:10]) / 10
+        last = sum(r[key] for r in rows[-10:]) / 10
+        assert last < first, f"{key}: {first:.4f} -> {last:.4f} did not decrease"
+    for name in ("config.yaml", "environment.json", "summary.txt", "FINISHED"):
+        assert (result.run_dir / name).exists() or (
+            name == "config.yaml" and (result.run_dir / "config.json").exists()), name
+    assert list(result.run_dir.glob("*.png")), "no loss plot"
+    assert "ntp" in result.summary
+    assert trainer.checkpointer.latest() is not None  # the final checkpoint
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, synth_dir):
+    common = ("train.max_steps=8", "checkpoint.every_steps=4", "data.batch_size=4")
+    full = Trainer(_cfg(tmp_path / "a", synth_dir, *common))
+    full.train()
+    want = _losses(full.run_dir)
+
+    crashing = Trainer(_cfg(tmp_path / "b", synth_dir, *common, "train.run_name=job"))
+    save = crashing.save_checkpoint
+
+    def save_then_crash():
+        path = save()
+        if crashing.step == 4:
+            raise _Crash("killed right after the step-4 checkpoint")
+        return path
+
+    crashing.save_checkpoint = save_then_crash
+    with pytest.raises(_Crash):
+        crashing.train()
+    resumed = Trainer(_cfg(tmp_path / "b", synth_dir, *common, "train.run_name=job"))
+    assert resumed.step == 4 and resumed.resumed_from is not None
+    resumed.train()
+    got = _losses(resumed.run_dir)
+    for step in range(5, 9):
+        for key in ("loss", "ntp", "gen", "depth", "seg", "grad_norm"):
+            assert got[step][key] == want[step][key], (step, key, got[step][key],
+                                                        want[step][key])
+
+
+def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, synth_dir):
+    trainer = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=50", "checkpoint.every_steps=0",
+                           "train.run_name=sig"))
+    log = trainer._log
+
+    def log_and_signal(scalars, window, seconds):
+        log(scalars, window, seconds)
+        if trainer.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer._log = log_and_signal
+    result = trainer.train()
+    assert result.stopped == "SIGTERM" and result.steps == 3
+    latest = trainer.checkpointer.latest()
+    assert latest is not None and latest.name.endswith("3")
+    assert not (trainer.run_dir / "FINISHED").exists()
+
+
+def _poison(trainer, steps):
+    forward = trainer.model.forward
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if trainer.step + 1 in steps:
+            out.loss = out.loss * float("nan")
+            out.components["depth"] = out.components["depth"] * float("nan")
+        return out
+
+    trainer.model.forward = poisoned
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, synth_dir):
+    trainer = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=6", "checkpoint.every_steps=0",
+                           "train.nonfinite_limit=3"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+              if p.requires_grad}
+    _poison(trainer, {1})
+    trainer.train()
+    rows = _losses(trainer.run_dir)
+    assert rows[1]["nonfinite_total"] == 1 and rows[6]["nonfinite_total"] == 1
+    assert trainer.nonfinite_total == 1
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters()
+               if n in before)
+
+    stuck = Trainer(_cfg(tmp_path / "stuck", synth_dir, "train.max_steps=6",
+                         "checkpoint.every_steps=0", "train.nonfinite_limit=3"))
+    _poison(stuck, set(range(1, 7)))
+    with pytest.raises(NonFiniteLossError, match=r"step 3: 3 non-finite steps in a row.*depth"):
+        stuck.train()
+
+
+def test_config_errors_fail_before_any_work(tmp_path, capsys):
+    out = str(tmp_path / "runs")
+    assert train_main(["--recipe", "nope", f"train.output_dir={out}"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert train_main([f"train.output_dir={out}", "optim.lrr=1"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+    assert train_main([f"train.output_dir={out}", "model.llm=/no/such/model"]) == 2
+    assert "/no/such/model" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
+
+
+def test_resolved_config_is_saved(tmp_path, synth_dir):
+    trainer = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=1"))
+    env = json.loads((trainer.run_dir / "environment.json").read_text())
+    assert "torch" in json.dumps(env)
+    trainable = json.loads((trainer.run_dir / "trainable.json").read_text())
+    assert {row["module"] for row in trainable if row["trainable"]} >= {"mm_projector"}
