@@ -12,8 +12,8 @@ TEACHERS = [*DATA, "safetensors>=0.4.3", "huggingface-hub>=0.23"]
 # olavlm.models: the LLMs and the CLIP/SigLIP towers come from transformers; the ConvNeXt tower
 # is open_clip's (its timm trunk).
 MODEL = [*TEACHERS, "open_clip_torch>=3.0"]
-# olavlm.train: run configs are YAML (JSON works without it).
-TRAIN = [*MODEL, "pyyaml>=6"]
+# olavlm.train: run configs are YAML (JSON works without it); torchao for parallel.float8.
+TRAIN = [*MODEL, "pyyaml>=6", "torchao>=0.10"]
 
 setup(
     name="olavlm",
