@@ -8,6 +8,7 @@
     olavlm targets verify CACHE [--data DATA.jsonl]
 
     olavlm train [--recipe NAME] [--config FILE] [--resume auto|none|PATH] [key=value ...]
+    olavlm export RUN_DIR_OR_CHECKPOINT --out DIR [--format hf|seed]
 
 ``targets extract`` also runs under ``torchrun --nproc-per-node N -m olavlm targets extract
 ...``: the ranks split the shards. ``olavlm train`` runs under ``torchrun --nproc-per-node N
@@ -109,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(commands.add_parser(
         "train", help="train (no arguments: the CPU demo recipe)",
         description="Train OLA-VLM from a recipe, a config file and dotted overrides."))
+    from olavlm.train.export import add_export_arguments
+
+    add_export_arguments(commands.add_parser(
+        "export", help="a training checkpoint -> HF-format safetensors or the seed's layout",
+        description="Export a run's checkpoint for inference (hf) or in the seed's layout."))
     return parser
 
 
@@ -207,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         from olavlm.train.cli import run_train
 
         return run_train(args)
+    if args.command == "export":
+        from olavlm.train.export import run_export
+
+        return run_export(args)
     raise AssertionError(f"unhandled command {args}")  # argparse rejects unknown commands
 
 

@@ -118,7 +118,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    stage: str = "pt"  # pt | vpt | ift: what is trainable (SPEC 5.1)
+    stage: str = "pt"  # pt | vpt | ift: what is trainable (SPEC 5.1); full: all but the tower
     max_steps: int = 200  # optimizer steps; 0: one epoch
     epochs: int = 1
     seed: int = 0
@@ -182,7 +182,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.sdpa_backend": ("auto", "flash", "efficient", "cudnn", "math"),
     "optim.schedule": ("cosine", "constant"),
     "optim.fused": ("auto", "on", "off", "apex"),
-    "train.stage": ("pt", "vpt", "ift"),
+    "train.stage": ("pt", "vpt", "ift", "full"),
     "train.device": ("auto", "cpu", "cuda"),
 }
 # Closed sets of keys of dict-typed fields (other dict fields take any string key).

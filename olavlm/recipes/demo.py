@@ -15,7 +15,9 @@ scenes with exact depth and segmentation maps), generated into ``data.synthetic_
 Targets: the synthetic teacher, online, at a 4 x 4 grid: depth (16, 32), seg (24, 4, 4),
 gen (1, 64) (its feature counts 12, 19 and 58 fit in those widths); the heads' target shapes
 match. 256 samples / batch 8 = 32 steps an epoch; 300 steps (about 10 epochs) at lr 1e-3 show
-every loss falling. fp32, one process, a checkpoint every 100 steps.
+every loss falling. Stage ``full``: the tiny LLM is random, so it trains too (frozen, as in
+PT, the next-token loss could not fall); everything else is PT. fp32, one process, a checkpoint
+every 100 steps.
 """
 from __future__ import annotations
 
@@ -63,6 +65,6 @@ def demo() -> Config:
                                            "seg_dim": SEG_DIM, "gen_dim": GEN_DIM}),
         parallel=ParallelConfig(mixed_precision="fp32", activation_checkpointing="none"),
         optim=OptimConfig(lr=1e-3, weight_decay=0.0, warmup_ratio=0.03, schedule="cosine"),
-        train=TrainConfig(stage="pt", max_steps=300, epochs=10, device="auto"),
+        train=TrainConfig(stage="full", max_steps=300, epochs=10, device="auto"),
         checkpoint=CheckpointConfig(every_steps=100, keep_last=3),
     )

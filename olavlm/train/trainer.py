@@ -100,7 +100,7 @@ class Trainer:
         self.trainable = trainable_report(model)
         model.to(d.device)
         self.teachers = B.build_teachers_for(cfg, model, d.device) \
-            if cfg.train.stage == "pt" else None
+            if cfg.train.stage in ("pt", "full") else None
         self.dataset, self.loader = B.build_data(
             cfg, model, self.tokenizer, data_root, rank=d.rank, world_size=d.world_size,
             run_dir=self.run_dir, online=self.teachers)

@@ -1,0 +1,83 @@
+# `olavlm export`: a training checkpoint -> HF-format safetensors (inference) or the seed's layout.
+"""``olavlm export RUN_DIR_OR_CHECKPOINT --out DIR [--format hf|seed] [--overwrite]``
+
+Rebuilds the run's model from its saved ``config.yaml`` (the same build as training, on the
+CPU, one process), loads the model weights of the checkpoint (the latest complete one of a run
+directory), and writes them with ``olavlm.models.checkpoint_io``: ``hf`` = ``export_hf``
+(``llm/`` for ``from_pretrained`` + ``olavlm.safetensors``), ``seed`` = ``export_seed_layout``
+(the released OLA-VLM checkpoints' keys and config.json). Sharded (FSDP2) checkpoints load too.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["add_export_arguments", "export_checkpoint", "run_export"]
+
+
+def _locate(path: Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint directory) from either."""
+    from .checkpoint import checkpoint_problem, latest_checkpoint
+
+    path = path.expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} does not exist")
+    if (path / "checkpoints").is_dir() or (path / "config.yaml").exists():
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"{path} holds no complete checkpoint")
+        return path, ckpt
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"{path} is neither a run directory nor a valid checkpoint: {problem}")
+    return path.parent.parent, path
+
+
+def export_checkpoint(source: str | Path, out: str | Path, *, fmt: str = "hf",
+                      overwrite: bool = False) -> Path:
+    from dataclasses import replace
+
+    from olavlm.config import resolve_config
+    from olavlm.models.checkpoint_io import export_hf, export_seed_layout
+
+    from . import build as B
+    from .checkpoint import Checkpointer
+
+    if fmt not in ("hf", "seed"):
+        raise ValueError(f"--format must be hf or seed, got {fmt!r}")
+    run_dir, ckpt = _locate(Path(source))
+    config_file = next((run_dir / n for n in ("config.yaml", "config.json")
+                        if (run_dir / n).is_file()), None)
+    if config_file is None:
+        raise FileNotFoundError(f"{run_dir} holds no config.yaml/config.json (not a run dir)")
+    cfg = resolve_config(None, str(config_file), ["train.device=cpu", "parallel.fsdp=off"])
+    cfg = replace(cfg, parallel=replace(cfg.parallel, mixed_precision="fp32"))
+    data_root = None
+    if not cfg.data.path:
+        data_root = B.synthetic_dataset_dir(cfg, is_main=True, barrier=lambda: None)
+    tokenizer = B.build_tokenizer(cfg, data_root)
+    model = B.build_model(cfg, tokenizer, run_dir, is_main=True, barrier=lambda: None)
+    Checkpointer(run_dir).load(ckpt, {"model": model})
+    if fmt == "hf":
+        return export_hf(model, out, overwrite=overwrite)
+    return export_seed_layout(model, out, overwrite=overwrite)
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="a run directory (its latest checkpoint) or a checkpoint")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", default="hf", choices=["hf", "seed"])
+    p.add_argument("--overwrite", action="store_true")
+
+
+def run_export(args) -> int:
+    import sys
+
+    try:
+        out = export_checkpoint(args.source, args.out, fmt=args.format,
+                                overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"olavlm export: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {args.source} ({args.format}) to {out}")
+    return 0

@@ -1,0 +1,55 @@
+# `olavlm export`: a trained run's checkpoint -> HF-format and seed-layout folders, loadable.
+from __future__ import annotations
+
+import pytest
+import torch
+
+from olavlm.config import resolve_config
+from olavlm.models.checkpoint_io import load_exported, load_seed_checkpoint
+from olavlm.train.export import export_checkpoint
+from olavlm.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = resolve_config("demo", None, [
+        f"train.output_dir={tmp / 'runs'}", f"data.synthetic_dir={tmp / 'synth'}",
+        "data.synthetic_num=24", "train.max_steps=2", "logging.progress=false",
+        "logging.plot=false"])
+    trainer = Trainer(cfg)
+    trainer.train()
+    return trainer, tmp
+
+
+def _assert_same(model, trainer):
+    want = trainer.model.state_dict()
+    got = model.state_dict()
+    for key, value in want.items():
+        if key.startswith("vision_tower."):
+            continue
+        assert torch.equal(got[key], value), key
+
+
+def test_export_hf_round_trip(trained):
+    trainer, tmp = trained
+    out = export_checkpoint(trainer.run_dir, tmp / "hf")
+    tower = trainer.model.vision_tower
+    _assert_same(load_exported(out, tower=tower), trainer)
+
+
+def test_export_seed_layout_round_trip(trained):
+    trainer, tmp = trained
+    ckpt = trainer.checkpointer.latest()
+    out = export_checkpoint(ckpt, tmp / "seed", fmt="seed")
+    model = load_seed_checkpoint(out, tower=trainer.model.vision_tower,
+                                 heads=trainer.model.config.heads)
+    _assert_same(model, trainer)
+
+
+def test_export_errors(trained, tmp_path):
+    trainer, tmp = trained
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_checkpoint(tmp_path / "nope", tmp_path / "out")
+    with pytest.raises(ValueError, match="--format must be hf or seed"):
+        export_checkpoint(trainer.run_dir, tmp_path / "out", fmt="onnx")
