@@ -78,7 +78,7 @@ def test_demo_heads_match_the_synthetic_teacher():
     cfg = get_recipe("demo")
     assert (cfg.model.llm, cfg.model.vision_tower) == ("tiny:llama", "tiny:clip")
     assert cfg.data.path == "" and cfg.teachers.names == "synthetic"
-    assert cfg.train.stage == "pt" and cfg.parallel.mixed_precision == "fp32"
+    assert cfg.train.stage == "full" and cfg.parallel.mixed_precision == "fp32"
     shapes = SyntheticTeacher(**cfg.teachers.synthetic).target_shapes()
     assert {t: h.target_shape for t, h in cfg.model.heads.items()} == shapes
     assert all(max(layers) <= 4 for layers in cfg.model.layers_per_task.values())
@@ -199,7 +199,7 @@ def test_strings_parse_for_numbers_and_ints_for_floats():
      "model.heads.gen: missing required keys ['num_queries', 'target_shape']"),
     ({"model": {"heads": {"gen": {"num_queries": 1, "output_dim": 8, "target_shape": "1x8"}}}},
      "model.heads.gen.target_shape: expected tuple[int, ...] (a list), got '1x8' (str)"),
-    ({"train": {"stage": "sft"}}, "train.stage: expected one of pt, vpt, ift, got 'sft'"),
+    ({"train": {"stage": "sft"}}, "train.stage: expected one of pt, vpt, ift, full, got 'sft'"),
     ({"parallel": {"activation_checkpointing": "partial"}},
      "parallel.activation_checkpointing: expected one of none, selective, full"),
     ({"parallel": {"float8": "on"}}, "parallel.float8: expected one of none, tensorwise, rowwise"),

@@ -64,6 +64,9 @@ def test_two_process_fsdp_equals_one_process(tmp_path):
              nprocs=2, join=True)
     got = torch.load(out_file)
     assert set(got) == set(want)
+    # fp32 with reductions in another order: gradients agree to ~1e-7; Adam divides by
+    # sqrt(v), so a near-zero gradient's update can move by a visible fraction of one step
+    # (lr 1e-3): 2e-5 absolute is 2% of a step.
     for name, value in want.items():
-        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-6,
+        torch.testing.assert_close(got[name], value, rtol=1e-4, atol=2e-5,
                                    msg=lambda m, n=name: f"{n}: {m}")
