@@ -67,10 +67,33 @@ def build_tokenizer(cfg, data_root: Path | None):
     if not path.exists():
         raise FileNotFoundError(f"data.tokenizer: {str(path)!r} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    if tokenizer.pad_token_id is None:
-        raise ValueError(f"data.tokenizer: {path} has no pad token (the seed adds '<pad>' to "
-                         "Llama-3's tokenizer; add one and resize the embeddings)")
+    ensure_pad_token(tokenizer)
     return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> bool:
+    """Llama-3's tokenizer has no pad token: the seed adds "<pad>" (vocabulary 128256 ->
+    128257, SPEC 1.3) and build_model grows the embeddings to match. True if one was added."""
+    if tokenizer.pad_token_id is not None:
+        return False
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    logger.info("the tokenizer has no pad token: added '<pad>' (id %d), as the seed does",
+                tokenizer.pad_token_id)
+    return True
+
+
+def resize_embeddings_like_seed(llm, num_tokens: int) -> int:
+    """Grow the input and output embeddings to ``num_tokens`` rows, each new row the mean of the
+    old ones (the seed's ``smart_tokenizer_and_embedding_resize``). Returns rows added."""
+    old = llm.get_input_embeddings().num_embeddings
+    if num_tokens <= old:
+        return 0
+    llm.resize_token_embeddings(num_tokens, mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(e): e for e in (llm.get_input_embeddings(),
+                                       llm.get_output_embeddings()) if e is not None}.values():
+            emb.weight[old:] = emb.weight[:old].mean(0, keepdim=True)
+    return num_tokens - old
 
 
 def _materialize(spec: str, kind: str, work: Path, tokenizer) -> str:
@@ -129,10 +152,11 @@ def build_model(cfg, tokenizer, work_dir: Path, *, is_main: bool, barrier) -> Ol
     # whether a rank wrote the tiny models or the dataset above must not change the draws.
     torch.manual_seed(cfg.train.seed)
     model = OlaVLM(resolved, vision_tower=vision)
-    rows = model.parts.embed_tokens.num_embeddings
-    if rows < len(tokenizer):
-        raise ValueError(f"model.llm: the embedding table has {rows} rows but the tokenizer "
-                         f"has {len(tokenizer)} tokens")
+    added = resize_embeddings_like_seed(model.llm, len(tokenizer))
+    if added:
+        model.llm.config.pad_token_id = tokenizer.pad_token_id
+        logger.info("grew the LLM's embeddings by %d rows (mean-initialized) to the tokenizer's "
+                    "%d tokens", added, len(tokenizer))
     return model
 
 

@@ -90,6 +90,8 @@ class Trainer:
         if not cfg.data.path:
             data_root = B.synthetic_dataset_dir(cfg, is_main=d.is_main, barrier=barrier)
         self.tokenizer = B.build_tokenizer(cfg, data_root)
+        if d.is_main:  # the tokenizer the run trained with (pad token included), for inference
+            self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
         model = B.build_model(cfg, self.tokenizer, self.run_dir, is_main=d.is_main,
                               barrier=barrier)
         if cfg.checkpoint.init_from:

@@ -84,3 +84,28 @@ def test_fused_on_needs_cuda(model):
         build_optimizer(model, OptimConfig(fused="on"), torch.device("cpu"))
     opt = build_optimizer(model, OptimConfig(), torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_pad_token_added_and_embeddings_grown_like_the_seed(tmp_path):
+    from transformers import AutoTokenizer
+
+    from olavlm.data.synthetic import write_synthetic_dataset
+    from olavlm.models.llm import load_llm
+    from olavlm.models.tiny_llm import build_tiny_llm
+    from olavlm.train.build import ensure_pad_token, resize_embeddings_like_seed
+
+    write_synthetic_dataset(tmp_path / "d", 4, size=32)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "d" / "tokenizer"))
+    assert not ensure_pad_token(tok)  # it has one
+    tok.pad_token = None
+    assert ensure_pad_token(tok) and tok.pad_token == "<pad>"
+    llm = load_llm(build_tiny_llm("llama", tmp_path / "llm", vocab_size=40, hidden_size=16,
+                                  num_layers=1, num_heads=2, num_kv_heads=1))
+    before_in = llm.get_input_embeddings().weight.detach().clone()
+    before_out = llm.get_output_embeddings().weight.detach().clone()
+    assert resize_embeddings_like_seed(llm, 42) == 2
+    for now, before in ((llm.get_input_embeddings().weight, before_in),
+                        (llm.get_output_embeddings().weight, before_out)):
+        assert now.shape[0] == 42 and torch.equal(now[:40], before)
+        torch.testing.assert_close(now[40:], before.mean(0, keepdim=True).expand(2, -1))
+    assert resize_embeddings_like_seed(llm, 42) == 0
