@@ -29,7 +29,7 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["DistInfo", "apply_parallelism", "init_distributed", "resolve_device"]
+__all__ = ["DistInfo", "apply_parallelism", "init_distributed", "resolve_device", "wants_fsdp"]
 
 logger = logging.getLogger("olavlm.train")
 
@@ -65,18 +65,44 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_name: str, backend: str = "auto") -> DistInfo:
-    """Join torchrun's process group when WORLD_SIZE > 1; a single process needs none."""
+def init_distributed(device_name: str, backend: str = "auto", *,
+                     single_group: bool = False) -> DistInfo:
+    """Join torchrun's process group when WORLD_SIZE > 1. A single process needs none, except
+    for FSDP2 (``single_group``: a 1-rank group on a free local port), which is how a single
+    process trains in bf16 with fp32 master weights."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local)
-    if world > 1 and not torch.distributed.is_initialized():
+    if (world > 1 or single_group) and not torch.distributed.is_initialized():
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            kwargs.update(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         torch.distributed.init_process_group(backend=backend, **kwargs)
     return DistInfo(rank, world, local, device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wants_fsdp(cfg, world_size: int) -> bool:
+    """FSDP2 when asked, when several processes run, or for mixed precision (fp32 master
+    weights, bf16 compute: what FSDP2's MixedPrecisionPolicy gives, also on one process)."""
+    if cfg.fsdp not in ("auto", "on", "off"):
+        raise ValueError(f"parallel.fsdp must be auto, on or off, got {cfg.fsdp!r}")
+    if cfg.fsdp == "off":
+        if cfg.mixed_precision != "fp32":
+            raise ValueError("parallel.mixed_precision=bf16 needs FSDP2 (fp32 master weights, "
+                             "bf16 compute); set parallel.fsdp=auto or on")
+        return False
+    return cfg.fsdp == "on" or world_size > 1 or cfg.mixed_precision != "fp32"
 
 
 # ---- switches ---------------------------------------------------------------------------------
@@ -195,14 +221,10 @@ def apply_parallelism(model: nn.Module, cfg, dist_info: DistInfo) -> dict:
     if cfg.compile:
         apply_compile(model)
         done["compiled_blocks"] = len(model.parts.layers)
-    use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and dist_info.distributed)
-    if use_fsdp:
+    if wants_fsdp(cfg, dist_info.world_size):
         apply_fsdp(model, cfg.mixed_precision, cfg.reduce_dtype)
         done["fsdp"] = f"{dist_info.world_size} ranks, params {cfg.mixed_precision}, reduce " \
                        f"{cfg.reduce_dtype}"
-    elif cfg.mixed_precision != "fp32":
-        model.to(_DTYPES[cfg.mixed_precision])  # single process: cast the parameters
-        done["dtype"] = cfg.mixed_precision
     if cfg.sdpa_backend != "auto":
         done["sdpa_backend"] = cfg.sdpa_backend
     return done

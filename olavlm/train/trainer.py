@@ -17,6 +17,7 @@ import datetime as _dt
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from . import build as B
 from .checkpoint import Checkpointer, CheckpointError, StopSignals
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_losses, summarize_run
 from .optim import build_optimizer, build_scheduler
-from .parallel import apply_parallelism, init_distributed, sdpa_context
+from .parallel import apply_parallelism, init_distributed, sdpa_context, wants_fsdp
 from .stages import apply_stage, trainable_report
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer"]
@@ -79,7 +80,9 @@ def _run_dir(cfg: Config, dist_info) -> Path:
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.dist = init_distributed(cfg.train.device, cfg.parallel.backend)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.dist = init_distributed(cfg.train.device, cfg.parallel.backend,
+                                     single_group=wants_fsdp(cfg.parallel, world))
         d = self.dist
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.run_dir = _run_dir(cfg, d)
@@ -107,7 +110,7 @@ class Trainer:
             cfg, model, self.tokenizer, data_root, rank=d.rank, world_size=d.world_size,
             run_dir=self.run_dir, online=self.teachers)
         self.parallel_done = apply_parallelism(model, cfg.parallel, d)
-        if d.distributed:
+        if d.distributed:  # (a 1-rank FSDP group needs no gathers)
             model.process_group = torch.distributed.group.WORLD
         self.model = model
         accum = cfg.optim.grad_accum
@@ -333,6 +336,7 @@ class Trainer:
         return TrainResult(self.run_dir, self.step, stopped, summary)
 
     def close(self) -> None:
-        if self.dist.distributed and torch.distributed.is_initialized():
+        """Leave the process group (torchrun's, or the 1-rank one of single-process FSDP2)."""
+        if torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()

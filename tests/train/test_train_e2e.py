@@ -150,3 +150,21 @@ def test_resolved_config_is_saved(tmp_path, synth_dir):
     assert "torch" in json.dumps(env)
     trainable = json.loads((trainer.run_dir / "trainable.json").read_text())
     assert {row["module"] for row in trainable if row["trainable"]} >= {"mm_projector"}
+
+
+@pytest.mark.slow
+def test_single_process_bf16_keeps_fp32_master_weights(tmp_path, synth_dir):
+    trainer = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=3", "checkpoint.every_steps=0",
+                           "parallel.mixed_precision=bf16"))
+    try:
+        assert "fsdp" in trainer.parallel_done
+        result = trainer.train()
+        rows = read_metrics(result.run_dir)
+        assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+        # The optimizer updates fp32 parameters; FSDP2 casts them to bf16 for compute.
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    finally:
+        trainer.close()
+    with pytest.raises(ValueError, match="needs FSDP2"):
+        Trainer(_cfg(tmp_path / "off", synth_dir, "parallel.mixed_precision=bf16",
+                     "parallel.fsdp=off"))
