@@ -168,3 +168,12 @@ def test_single_process_bf16_keeps_fp32_master_weights(tmp_path, synth_dir):
     with pytest.raises(ValueError, match="needs FSDP2"):
         Trainer(_cfg(tmp_path / "off", synth_dir, "parallel.mixed_precision=bf16",
                      "parallel.fsdp=off"))
+
+
+def test_gradient_accumulation_consumes_micro_batches(tmp_path, synth_dir):
+    trainer = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=3", "checkpoint.every_steps=0",
+                           "optim.grad_accum=2", "data.batch_size=4", "data.shuffle=false"))
+    trainer.train()
+    assert [r["step"] for r in read_metrics(trainer.run_dir)] == [1, 2, 3]
+    state = trainer.loader.state_dict()
+    assert state["epoch"] * 48 + state["position"] == 3 * 2 * 4  # 6 micro-batches of 4

@@ -30,13 +30,13 @@ def _trained_params(model):
     return out
 
 
-def _worker(rank, world, port, tmp, synth, out_file):
+def _worker(rank, world, port, tmp, synth, out_file, stage):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
 
-    trainer = Trainer(resolve_config("demo", None, _overrides(tmp, synth, 4,
-                                                              "parallel.fsdp=on")))
+    trainer = Trainer(resolve_config("demo", None, _overrides(
+        tmp, synth, 4, "parallel.fsdp=on", f"train.stage={stage}")))
     trainer.train()
     params = _trained_params(trainer.model)  # collective: every rank takes part
     if rank == 0:
@@ -54,14 +54,16 @@ def _free_port() -> int:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_two_process_fsdp_equals_one_process(tmp_path):
+@pytest.mark.parametrize("stage", ["full", "pt"])  # pt: a frozen, sharded LLM
+def test_two_process_fsdp_equals_one_process(tmp_path, stage):
     synth = tmp_path / "synthetic"
-    single = Trainer(resolve_config("demo", None, _overrides(tmp_path / "one", synth, 8)))
+    single = Trainer(resolve_config("demo", None, _overrides(tmp_path / "one", synth, 8,
+                                                             f"train.stage={stage}")))
     single.train()
     want = _trained_params(single.model)
     out_file = tmp_path / "fsdp.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), str(synth), str(out_file)),
-             nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), str(synth), str(out_file),
+                            stage), nprocs=2, join=True)
     got = torch.load(out_file)
     assert set(got) == set(want)
     # fp32 with reductions in another order: gradients agree to ~1e-7; Adam divides by
