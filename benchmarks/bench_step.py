@@ -1,10 +1,38 @@
-# Benchmark of one OLA-VLM pre-training step (fwd + bwd): the seed's reference path vs the fused.
-"""One OLA-VLM pre-training forward + backward, ``set_impl("reference")`` vs ``set_impl("auto")``.
+# Benchmark of one OLA-VLM pre-training step (fwd + bwd): the seed's path vs ours, per switch.
+"""One OLA-VLM pre-training forward + backward per mode: the seed-faithful eager step (teachers
+online, one image at a time) vs our kernels with online or cached targets and the switches.
 
-    python benchmarks/bench_step.py --preset llama3_8b --batch 8 --providers reference,fused
+    python benchmarks/bench_step.py --preset llama3_8b --batch 8 --providers seed,fused_cached
     python benchmarks/bench_step.py --preset llama3_2l --batch 8,16   # if the 8B does not fit
-    python benchmarks/bench_step.py                # llama3_8b on a GPU, tiny on the CPU
+    python benchmarks/bench_step.py                # all modes, llama3_8b on a GPU, tiny on CPU
     pytest benchmarks/bench_step.py --benchmark-only   # llama3_8b B=8 on GPU, tiny on CPU
+
+Modes (``--providers``, comma-separated or "all"; they run in this order, whatever the order
+given, so that the model-changing switches come last):
+
+- ``seed``: the seed-faithful eager step: ``set_impl("reference")`` (eager losses, full-vocab
+  logits, per-sample loops) plus the three teachers run inside the step one image at a time,
+  as the seed does: per image and teacher, PIL resize and float32 normalization on the host,
+  a float32 copy, a batch-1 forward (``bench_teachers.seed_input``); the step trains on them.
+- ``fused_cached``: ``set_impl("auto")`` (our kernels) with the targets given, as read from the
+  target cache. Records before the modes existed call it ``fused`` (still accepted here).
+- ``fused_online``: our kernels, the teachers batched once per step (``OnlineTargets``: uint8
+  images copied to the device, resized there, one forward per teacher; inline, no side stream).
+- ``reference``: the seed's math with cached targets (the model issue's baseline).
+- ``fused_cached_ac``: + activation checkpointing "selective" (every other block): memory vs
+  speed.
+- ``fused_cached_compile``: + ``apply_compile`` (``torch.compile`` per decoder block). Its first
+  call is timed on its own and printed as the compile time, then the usual warm-up.
+- ``fused_cached_float8``: + ``apply_float8(model, "tensorwise")`` on the decoder Linears, then
+  per-block compile as above (torchao's float8 casts are fast only compiled). Needs torchao and
+  an sm_89+ GPU (else a row with ms nan and a "skipped" note); on CPU it runs for numerics.
+
+The model is built once and reconfigured per mode (impl switch; checkpointing wrapped and
+unwrapped); compile and float8 cannot be undone, so a later mode after them gets a fresh build.
+The teachers (random weights at the real sizes: DINOv2-L depth at 336 px, Swin-L seg at 800 px,
+CLIP ViT-H/14 gen at 224 px; tiny ones whose targets fit the tiny heads on the tiny preset) are
+built directly on the device on first use and dropped after the last online mode. Their input
+is B photo-like uint8 images (``bench_teachers.photos``, 640x480; tiny 160x120).
 
 Model (random weights, built directly on the device in bf16: no save/load, no CPU init):
 Llama-3-8B-shaped decoder (H=4096, 32 layers, 32 heads / 8 kv heads, I=14336, V=128257),
@@ -17,24 +45,35 @@ spliced image features and task tokens); projector, task tokens, heads and logit
 
 Batch (per sample): ~35 system tokens, the image placeholder (-> 576 image + 24 task tokens),
 5 prompt tokens, a caption of 24..36 tokens (right padding) whose tokens alone carry labels:
-L = 35 + 600 + 5 + 36 = 676 positions, ~95% of them ignored, as in LLaVA pre-training. Targets
-are random bf16 of the teachers' shapes: gen (B, 1, 1024), depth (B, 576, 1024),
-seg (B, 1536, 24, 24).
+L = 35 + 600 + 5 + 36 = 676 positions, ~95% of them ignored, as in LLaVA pre-training. Cached
+targets are random bf16 of the teachers' shapes: gen (B, 1, 1024), depth (B, 576, 1024),
+seg (B, 1536, 24, 24); the online modes compute them from the photos instead.
 
-Measured per provider ("reference": the seed's math end to end; "fused": impl="auto"):
-- ms: device time of ``loss = model(batch).loss; loss.backward()`` (``common.do_bench``: CUDA
-  events, grads set to None untimed before each call; perf_counter on the CPU);
+Measured per mode:
+- ms: device time of ``targets = <mode's targets>; loss = model(batch, targets).loss;
+  loss.backward()`` (``common.do_bench``: CUDA events, grads set to None untimed before each
+  call; perf_counter on the CPU). The seed's host work (PIL, synchronous pageable copies) is
+  timed too: the GPU idles on it between the events, beyond the harness's 2 ms spin;
 - samples/s = B / step time; tokens/s = real (non-padding) positions of the spliced sequence
   per second;
-- peak_mib: allocator peak of one step above what was allocated before it (weights excluded);
-- TFLOP/s on the *useful* FLOPs of the step (the same count for both providers, see
-  ``step_flops``): decoder GEMMs forward + input-gradient backward (weights frozen: no dW) =
-  4 * P_block * tokens per block, causal attention 2 * l^2 * H per sample and block forward and
-  2.5x that backward, the LM head on the labelled positions only (fwd + dX: 4 * H * V per
-  label), the tower forward only (no grad), the projector 3x its forward, the heads 3x
-  ``bench_perceiver.forward_flops``. At llama3_8b B=8 that is ~160 TFLOP, 96% of it decoder.
-A CUDA out-of-memory error is recorded as a row with ms = nan and note "OOM".
-Rows go to benchmarks/results/ola_step.csv (op "ola_step", mode "fwd_bwd").
+- MFU of the LLM part: tokens/s x ``olavlm.train.metrics.flops_per_token(llm config,
+  seq_len=sum(l^2)/sum(l), weights_trainable=False)`` / ``peak_flops(device, "bf16")`` (float8
+  too is read against the bf16 peak); not reported on CPU;
+- peak_mib: allocator peak of one step above what was allocated before it (model and teacher
+  weights excluded; teacher activations and outputs included);
+- TFLOP/s on the *useful* FLOPs of the step (the same count for every mode, teachers not
+  counted, see ``step_flops``): decoder GEMMs forward + input-gradient backward (weights
+  frozen: no dW) = 4 * P_block * tokens per block, causal attention 2 * l^2 * H per sample and
+  block forward and 2.5x that backward, the LM head on the labelled positions only (fwd + dX:
+  4 * H * V per label), the tower forward only (no grad), the projector 3x its forward, the
+  heads 3x ``bench_perceiver.forward_flops``. At llama3_8b B=8 that is ~160 TFLOP, 96% of it
+  decoder.
+A CUDA out-of-memory error is recorded as a row with ms = nan and note "OOM"; each row is
+appended as soon as it is measured (a timeout keeps the finished modes). The table at the end
+gives each mode's speedup and memory ratio over ``seed`` and the goals:
+training issue (H100): fused_cached >= 3x seed's samples/s, LLM MFU >= 45% (bf16); model
+issue: fused_cached >= 1.5x reference's samples/s at <= 0.70x its peak memory.
+Rows go to benchmarks/results/ola_step.csv (op "ola_step", mode "fwd_bwd", provider = mode).
 """
 from __future__ import annotations
 
@@ -45,9 +84,12 @@ import math
 import os
 import sys
 import time
+import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,17 +100,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 if not torch.cuda.is_available():  # before triton is imported: kernels run in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import bench_teachers  # noqa: E402
 import common  # noqa: E402
 from bench_perceiver import Case as HeadCase  # noqa: E402
 from bench_perceiver import forward_flops as head_forward_flops  # noqa: E402
 
 from olavlm.models.config import HeadConfig, ModelConfig, default_heads  # noqa: E402
 from olavlm.models.ola import IGNORE_INDEX, IMAGE_TOKEN_INDEX, OlaVLM  # noqa: E402
+from olavlm.train.metrics import flops_per_token, mfu, peak_flops  # noqa: E402
 
 DEVICE = common.bench_device()
 OP = "ola_step"
-PROVIDERS = ("reference", "fused")
-IMPL = {"reference": "reference", "fused": "auto"}
+
+
+@dataclass(frozen=True)
+class Mode:
+    impl: str  # model.set_impl
+    targets: str  # "per_image" (the seed's teachers) | "batched" (OnlineTargets) | "cached"
+    switches: tuple[str, ...] = ()  # of "float8", "ac", "compile", in apply_parallelism's order
+
+
+MODES = {
+    "seed": Mode("reference", "per_image"),
+    "fused_cached": Mode("auto", "cached"),
+    "fused_online": Mode("auto", "batched"),
+    "reference": Mode("reference", "cached"),
+    "fused_cached_ac": Mode("auto", "cached", ("ac",)),
+    "fused_cached_compile": Mode("auto", "cached", ("compile",)),
+    "fused_cached_float8": Mode("auto", "cached", ("float8", "compile")),
+}
+PROVIDERS = tuple(MODES)  # the run order
+ALIASES = {"fused": "fused_cached"}  # the name of fused_cached in records before the modes
+CPU_DEFAULT = tuple(p for p in PROVIDERS if "compile" not in MODES[p].switches)
+IMPL = {name: m.impl for name, m in MODES.items()} | {"fused": "auto"}
+AC_MODE = "selective"
+FLOAT8_RECIPE = "tensorwise"
 
 LLAMA3_8B = dict(vocab_size=128257, hidden_size=4096, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
@@ -100,6 +166,8 @@ class Preset:
     caption: tuple[int, int] = (24, 36)  # labelled caption length, min and max
     batches: tuple[int, ...] = (8, 16, 32)  # --batch all; larger ones only if memory allows
     dtype: torch.dtype = torch.bfloat16
+    teachers: str = "full"  # TEACHERS key: the real sizes, or tiny ones fitting the heads
+    photo_size: tuple[int, int] = (640, 480)  # the teachers' input photos, width x height
 
 
 PRESETS = {
@@ -115,7 +183,8 @@ PRESETS = {
                    dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
                         intermediate_size=64, image_size=32, patch_size=8),
                    "d2-4_s1-3_g2-3", heads=_tiny_heads(), num_task_tokens=4, num_sys_tokens=6,
-                   num_prompt_tokens=2, caption=(4, 8), batches=(2, 4)),
+                   num_prompt_tokens=2, caption=(4, 8), batches=(2, 4), teachers="tiny",
+                   photo_size=(160, 120)),
 }
 
 
@@ -255,6 +324,7 @@ class Batch:
     targets: dict[str, torch.Tensor]
     lengths: list[int]  # real positions per sample after the splice (NI + NT - 1 more)
     num_labels: int  # labelled positions (the caption tokens)
+    photos: list[torch.Tensor] | None = None  # (3, H, W) uint8 on the host: teachers' input
 
     @property
     def batch(self) -> int:
@@ -318,12 +388,102 @@ def step_flops(model: OlaVLM, preset: Preset, batch: Batch) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Teachers
+# --------------------------------------------------------------------------------------------
+
+# Per teacher: (transformers config kwargs, Teacher kwargs). "full": bench_teachers' real sizes
+# at the seed's input sizes; "tiny": toy teachers whose targets have the tiny heads' shapes
+# (depth (16, 16), seg (12, 4, 4), gen (1, 16)).
+TEACHERS = {
+    "full": {name: (bench_teachers.CONFIGS["full"][name], {}) for name in ("depth", "seg", "gen")},
+    "tiny": {
+        "depth": (dict(hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                       intermediate_size=32, image_size=56, patch_size=14,
+                       out_indices=[1, 2, 3, 4], apply_layernorm=True,
+                       reshape_hidden_states=False), dict(input_size=56)),
+        "seg": (dict(image_size=64, patch_size=4, embed_dim=6, depths=[1, 1], num_heads=[1, 2],
+                     window_size=4, out_features=["stage1", "stage2"]),
+                dict(input_size=64, seed_view_size=64, grid=4)),
+        "gen": (dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, image_size=28, patch_size=14, projection_dim=16),
+                {}),
+    },
+}
+
+
+def build_teachers(preset: Preset, device: str, heads: dict[str, HeadConfig]) -> list:
+    """The depth, seg and gen teachers of ``preset.teachers`` with random weights, created on
+    ``device`` in the preset's dtype (nothing is downloaded); their targets must fit ``heads``."""
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+        Dinov2Backbone,
+        Dinov2Config,
+        SwinBackbone,
+        SwinConfig,
+    )
+
+    from olavlm.teachers import DepthTeacher, GenTeacher, SegTeacher  # noqa: PLC0415
+
+    kinds = {"depth": (DepthTeacher, Dinov2Backbone, Dinov2Config),
+             "seg": (SegTeacher, SwinBackbone, SwinConfig),
+             "gen": (GenTeacher, CLIPVisionModelWithProjection, CLIPVisionConfig)}
+    torch.manual_seed(1)
+    teachers = []
+    for name, (teacher_cls, model_cls, config_cls) in kinds.items():
+        config, kwargs = TEACHERS[preset.teachers][name]
+        with _default_dtype(preset.dtype), torch.device(device):
+            backbone = model_cls(config_cls(**config))
+        teacher = teacher_cls(backbone, device=device, dtype=preset.dtype, **kwargs)
+        for task, shape in teacher.target_shapes().items():
+            if tuple(shape) != tuple(heads[task].target_shape):
+                raise ValueError(f"teachers {preset.teachers!r}: the {task} teacher gives "
+                                 f"{tuple(shape)}, the heads want "
+                                 f"{tuple(heads[task].target_shape)}")
+        teachers.append(teacher)
+    return teachers
+
+
+def per_image_targets(teachers: list, photos: list[torch.Tensor], device: str,
+                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The seed's targets: for each image and teacher, PIL + float32 preprocessing on the
+    host, a float32 (pageable) copy and a batch-1 forward; {task: (B, *shape)} in ``dtype``."""
+    from PIL import Image  # noqa: PLC0415
+
+    parts: dict[str, list[torch.Tensor]] = {}
+    with torch.inference_mode():
+        for image in photos:
+            pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+            for teacher in teachers:
+                pixels = bench_teachers.seed_input(teacher, pil).to(device)
+                for task, target in teacher.encode(pixels.to(teacher.dtype)).items():
+                    parts.setdefault(task, []).append(target)
+    # Outside inference mode: cat makes normal tensors, which the losses may save for backward.
+    return {task: torch.cat(ts).to(dtype) for task, ts in parts.items()}
+
+
+def float8_unavailable(device: str) -> str:
+    """Why the float8 mode cannot run here ("" if it can)."""
+    import importlib.util  # noqa: PLC0415
+
+    if importlib.util.find_spec("torchao") is None:
+        return "skipped: float8 needs torchao (not installed)"
+    if torch.device(device).type == "cuda" and torch.version.hip is None:
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < (8, 9):
+            return (f"skipped: float8 needs sm_89+, {torch.cuda.get_device_name()} is "
+                    f"sm_{major}{minor}")
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------------------------
 
 
-def _free(model: OlaVLM, device: str) -> None:
-    model.zero_grad(set_to_none=True)
+def _free(model: OlaVLM | None, device: str) -> None:
+    if model is not None:
+        model.zero_grad(set_to_none=True)
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -335,26 +495,61 @@ def _is_oom(err: RuntimeError) -> bool:
         "ALLOC_FAILED" in text
 
 
-def measure(model: OlaVLM, preset: Preset, provider: str, batch: Batch, *, device: str,
-            warmup: int, rep: int, extra_note: str = ""):
-    """(record, step, setup) of ``provider`` on ``batch``; an OOM gives a record with ms nan
-    (and step None)."""
-    model.set_impl(IMPL[provider])
-    b = batch.batch
+def _shape(model: OlaVLM, preset: Preset, batch: Batch) -> str:
     length = batch.input_ids.shape[1] - 1 + model.num_image_tokens + \
         len(model.tasks) * model.config.num_task_tokens
-    shape = f"{preset.name}-B{b}-L{length}"
+    return f"{preset.name}-B{batch.batch}-L{length}"
+
+
+def llm_mfu(preset: Preset, batch: Batch, ms: float, device: str) -> float | None:
+    """MFU of the LLM part (module docstring); None where the device's peak is unknown."""
+    lengths = batch.lengths
+    seq = sum(n * n for n in lengths) / sum(lengths)  # attention's T, averaged over tokens
+    per_token = flops_per_token(preset.llm, seq_len=seq, weights_trainable=False)
+    return mfu(sum(lengths) / (ms * 1e-3), per_token, peak_flops(device, "bf16"))
+
+
+def _compile_call(step, setup, device: str) -> tuple[float, int]:
+    """Seconds of the first (compiling) call and the graphs compiled during it."""
+    from torch._dynamo.utils import counters  # noqa: PLC0415
+
+    graphs = counters["stats"]["unique_graphs"]
+    setup()
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - t0, counters["stats"]["unique_graphs"] - graphs
+
+
+def measure(model: OlaVLM, preset: Preset, provider: str, batch: Batch, *, device: str,
+            warmup: int, rep: int, extra_note: str = "",
+            targets: Callable[[], dict[str, torch.Tensor]] | None = None):
+    """(record, step, setup) of ``provider`` (a mode; its switches already applied) on
+    ``batch``; ``targets()`` runs inside the step (None: the batch's cached targets). An OOM
+    gives a record with ms nan (and step None)."""
+    provider = ALIASES.get(provider, provider)
+    mode = MODES[provider]
+    model.set_impl(mode.impl)
+    b = batch.batch
+    shape = _shape(model, preset, batch)
 
     def setup():
         model.zero_grad(set_to_none=True)
 
     def step():
+        step_targets = batch.targets if targets is None else targets()
         out = model(batch.input_ids, batch.attention_mask, batch.labels, batch.images,
-                    batch.image_mask, batch.targets)
+                    batch.image_mask, step_targets)
         out.loss.backward()
 
-    timing, peak, oom = None, None, ""
+    timing, peak, oom, compiled = None, None, "", ""
     try:
+        if "compile" in mode.switches:  # its own warm-up: the first call compiles
+            seconds, graphs = _compile_call(step, setup, device)
+            compiled = f"; compile {seconds:.1f}s (first call, {graphs} graphs)"
+            print(f"[{preset.name}] B={b} {provider}: compile {seconds:.1f}s (first call, "
+                  f"{graphs} graphs)", flush=True)
+            warmup = max(warmup, 1)
         timing = common.do_bench(step, setup=setup, warmup=warmup, rep=rep, device=device)
         peak = common.peak_memory_delta(step, device=device, setup=setup)
     except RuntimeError as err:  # torch.OutOfMemoryError, or cuBLAS failing to allocate
@@ -363,72 +558,219 @@ def measure(model: OlaVLM, preset: Preset, provider: str, batch: Batch, *, devic
         oom = str(err).split("\n")[0][:160]
     _free(model, device)  # outside the except block: its traceback no longer holds tensors
     tokens = sum(batch.lengths)
+    alias = "; = 'fused' in earlier rows" if provider == "fused_cached" else ""
+    about = f"impl={mode.impl}; targets={mode.targets}{alias}"
     if oom:
-        nan = float("nan")
-        record = common.make_record(op=OP, provider=provider, mode="fwd_bwd", shape=shape,
-                                    dtype=preset.dtype, timing=common.Timing(nan, nan, nan, 0),
-                                    note=f"OOM: {oom}{extra_note}")
-        return record, None, setup
+        return skipped_record(preset, provider, shape, f"OOM: {oom}; {about}{extra_note}"), \
+            None, setup
     seconds = timing.median_ms * 1e-3
+    util = llm_mfu(preset, batch, timing.median_ms, device)
     note = (f"{b / seconds:.2f} samples/s; {tokens / seconds:.0f} tokens/s; {tokens} tokens; "
-            f"impl={IMPL[provider]}{extra_note}")
+            f"MFU {'n/a' if util is None else f'{util:.1%}'}; {about}{compiled}{extra_note}")
     record = common.make_record(
         op=OP, provider=provider, mode="fwd_bwd", shape=shape, dtype=preset.dtype,
         timing=timing, num_flops=step_flops(model, preset, batch), peak_bytes=peak, note=note)
     return record, step, setup
 
 
-def summary_rows(records: list[common.Record], batches: dict[str, Batch]) -> list[dict]:
-    """Table rows with samples/s, tokens/s and fused's speedup / memory ratio vs reference."""
-    base = {r.shape: r for r in records if r.provider == "reference"}
+def skipped_record(preset: Preset, provider: str, shape: str, note: str) -> common.Record:
+    nan = float("nan")
+    return common.make_record(op=OP, provider=provider, mode="fwd_bwd", shape=shape,
+                              dtype=preset.dtype, timing=common.Timing(nan, nan, nan, 0),
+                              note=note)
+
+
+class StepBench:
+    """One preset on one device: the model (built once, reconfigured per mode), the teachers
+    (built on first use) and one batch (with its photos) per batch size."""
+
+    def __init__(self, preset: Preset, device: str) -> None:
+        self.preset, self.device = preset, device
+        self.model, self.seconds = build_model(preset, device)
+        self.switches: tuple[str, ...] = ()
+        self.switch_note = ""
+        self._blocks: list[nn.Module] | None = None  # the unwrapped blocks while AC is on
+        self.teachers: list | None = None
+        self._batches: dict[int, Batch] = {}
+
+    def batch(self, size: int) -> Batch:
+        if size not in self._batches:
+            batch = make_batch(self.model, self.preset, size, self.device)
+            width, height = self.preset.photo_size
+            photos = bench_teachers.photos(size, width, height)
+            if torch.device(self.device).type == "cuda":  # as a loader's pinned buffers
+                photos = [p.pin_memory() for p in photos]
+            batch.photos = photos
+            self._batches[size] = batch
+        return self._batches[size]
+
+    def get_teachers(self) -> list:
+        if self.teachers is None:
+            t0 = time.perf_counter()
+            self.teachers = build_teachers(self.preset, self.device, self.model.config.heads)
+            _sync(self.device)
+            gib = sum(t.param_bytes() for t in self.teachers) / 2**30
+            print(f"[{self.preset.name}] teachers ({self.preset.teachers}) built on "
+                  f"{self.device} in {time.perf_counter() - t0:.1f}s ({gib:.2f} GiB)", flush=True)
+        return self.teachers
+
+    def drop_teachers(self) -> None:
+        self.teachers = None
+        _free(None, self.device)
+
+    def targets(self, mode: Mode, batch: Batch) -> Callable[[], dict] | None:
+        """What the step calls for its targets; None: the batch's cached targets."""
+        if mode.targets == "cached":
+            return None
+        teachers, dtype = self.get_teachers(), self.preset.dtype
+        if mode.targets == "per_image":
+            return lambda: per_image_targets(teachers, batch.photos, self.device, dtype)
+        from olavlm.teachers.online import OnlineTargets  # noqa: PLC0415
+
+        online = OnlineTargets(teachers, measure_memory_steps=0)
+        view = SimpleNamespace(raw_images=batch.photos, teacher_views={}, maps=None,
+                               image_mask=batch.image_mask)
+        return lambda: {k: v.to(dtype) for k, v in online(view).targets.items()}
+
+    def configure(self, mode: Mode) -> str:
+        """Apply ``mode``'s switches (undoing the previous mode's); returns what was done."""
+        from olavlm.train.parallel import (  # noqa: PLC0415
+            apply_activation_checkpointing,
+            apply_compile,
+            apply_float8,
+        )
+
+        if mode.switches != self.switches:
+            if {"compile", "float8"} & set(self.switches):  # not undoable: a fresh model
+                torch._dynamo.reset()  # compiled code must not keep the old model alive
+                self.model = None
+                self._blocks = None
+                _free(None, self.device)
+                t0 = time.perf_counter()
+                self.model, _ = build_model(self.preset, self.device)
+                print(f"[{self.preset.name}] model rebuilt in {time.perf_counter() - t0:.1f}s "
+                      f"(after {'+'.join(self.switches)})", flush=True)
+            elif self._blocks is not None:  # unwrap the checkpointed blocks
+                for i, block in enumerate(self._blocks):
+                    self.model.parts.layers[i] = block
+                self._blocks = None
+            notes, num = [], len(self.model.parts.layers)
+            if "float8" in mode.switches:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="parallel.float8 on CPU")
+                    count = apply_float8(self.model, FLOAT8_RECIPE, torch.device(self.device))
+                cpu = " (CPU: numerics only)" if self.device == "cpu" else ""
+                notes.append(f"float8 {FLOAT8_RECIPE} on {count} linears{cpu}")
+            if "ac" in mode.switches:
+                self._blocks = list(self.model.parts.layers)
+                count = apply_activation_checkpointing(self.model, AC_MODE)
+                notes.append(f"AC {AC_MODE}: {count}/{num} blocks")
+            if "compile" in mode.switches:
+                torch._dynamo.reset()  # a fresh compile: its time is this mode's
+                apply_compile(self.model)
+                notes.append(f"compiled {num} blocks")
+            self.switches, self.switch_note = mode.switches, "; ".join(notes)
+        self.model.set_impl(mode.impl)
+        return self.switch_note
+
+    def measure(self, provider: str, batch: Batch, *, warmup: int, rep: int):
+        """``measure`` of ``provider`` after configuring the model and the targets for it."""
+        mode = MODES[ALIASES.get(provider, provider)]
+        switched = self.configure(mode)
+        note = f"; {switched}" if switched else ""
+        return measure(self.model, self.preset, provider, batch, device=self.device,
+                       warmup=warmup, rep=rep, targets=self.targets(mode, batch),
+                       extra_note=f"{note}; build {self.seconds['llm']:.1f}s")
+
+
+def summary_rows(records: list[common.Record], batches: dict[str, Batch],
+                 preset: Preset) -> list[dict]:
+    """Table rows: samples/s, tokens/s, LLM MFU, and each mode's speedup and memory ratio over
+    ``seed`` (over ``reference`` where seed was not run)."""
+    ok = {(r.shape, r.provider): r for r in records if not math.isnan(r.ms)}
     rows = []
     for r in records:
-        ok = not math.isnan(r.ms)
-        b = batches[r.shape].batch
-        row = {"shape": r.shape, "provider": r.provider, "ms": r.ms if ok else None,
-               "samples_s": b / r.ms * 1e3 if ok else None,
-               "tokens_s": sum(batches[r.shape].lengths) / r.ms * 1e3 if ok else None,
-               "tflops": r.tflops if ok else None, "peak_mib": r.peak_mib,
-               "note": "OOM" if not ok else ""}
-        ref = base.get(r.shape)
-        if ref is not None and r is not ref and ok and not math.isnan(ref.ms):
-            row["speedup"] = f"{ref.ms / r.ms:.2f}x"
-            if r.peak_mib and ref.peak_mib:
-                row["mem_ratio"] = f"{r.peak_mib / ref.peak_mib:.2f}"
+        batch = batches[r.shape]
+        row = {"shape": r.shape, "provider": r.provider, "peak_mib": r.peak_mib}
+        if (r.shape, r.provider) not in ok:
+            row["note"] = r.note.split(":")[0]  # OOM / skipped
+            rows.append(row)
+            continue
+        util = llm_mfu(preset, batch, r.ms, DEVICE)
+        row |= {"ms": r.ms, "samples_s": batch.batch / r.ms * 1e3,
+                "tokens_s": sum(batch.lengths) / r.ms * 1e3, "tflops": r.tflops,
+                "mfu": None if util is None else f"{util:.1%}"}
+        base = ok.get((r.shape, "seed")) or ok.get((r.shape, "reference"))
+        if base is not None and base is not r:
+            row["speedup"] = f"{base.ms / r.ms:.2f}x {base.provider}"
+            if r.peak_mib and base.peak_mib:
+                row["mem_ratio"] = f"{r.peak_mib / base.peak_mib:.2f}"
+        compiled = r.note.split("; compile ")
+        if len(compiled) > 1:
+            row["note"] = "compile " + compiled[1].split(" (")[0]
         rows.append(row)
     return rows
 
 
-TABLE = ("shape", "provider", "ms", "samples_s", "tokens_s", "tflops", "peak_mib", "speedup",
-         "mem_ratio", "note")
-HEADERS = {"samples_s": "samples/s", "tokens_s": "tokens/s", "tflops": "TFLOP/s",
-           "peak_mib": "peak MiB", "mem_ratio": "mem fused/ref"}
+def goal_lines(records: list[common.Record], batches: dict[str, Batch],
+               preset: Preset) -> list[str]:
+    """The issues' goals, and what this run measured against them."""
+    ok = {(r.shape, r.provider): r for r in records if not math.isnan(r.ms)}
+    gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu: not a measurement"
+    lines = [f"goals (on an H100; this run: {gpu}):",
+             "  training issue: fused_cached >= 3x seed's samples/s; LLM-part MFU >= 45% (bf16)",
+             "  model issue: fused_cached >= 1.5x reference's samples/s at <= 0.70x its peak "
+             "memory"]
+    for shape in dict.fromkeys(r.shape for r in records):
+        fused, got = ok.get((shape, "fused_cached")), []
+        for name in ("seed", "reference"):
+            base = ok.get((shape, name))
+            if fused and base:
+                mem = (f" at {fused.peak_mib / base.peak_mib:.2f}x its memory"
+                       if fused.peak_mib and base.peak_mib else "")
+                got.append(f"{base.ms / fused.ms:.2f}x {name}{mem}")
+        mfus = {p: llm_mfu(preset, batches[s], r.ms, DEVICE) for (s, p), r in ok.items()
+                if s == shape}
+        mfus = {p: v for p, v in mfus.items() if v is not None}
+        if mfus:
+            best = max(mfus, key=mfus.get)
+            here = f"{mfus['fused_cached']:.1%}, " if "fused_cached" in mfus else ""
+            got.append(f"LLM MFU {here}best {mfus[best]:.1%} ({best})")
+        if got:
+            lines.append(f"  {shape}: fused_cached {'; '.join(got)}")
+    return lines
+
+
+TABLE = ("shape", "provider", "ms", "samples_s", "tokens_s", "mfu", "tflops", "peak_mib",
+         "speedup", "mem_ratio", "note")
+HEADERS = {"samples_s": "samples/s", "tokens_s": "tokens/s", "mfu": "LLM MFU",
+           "tflops": "TFLOP/s", "peak_mib": "peak MiB", "speedup": "speedup over",
+           "mem_ratio": "mem ratio"}
 
 
 # --------------------------------------------------------------------------------------------
 # pytest-benchmark entry (llama3_8b B=8 on a GPU, tiny on the CPU; the model is built once)
 # --------------------------------------------------------------------------------------------
 
-_MODELS: dict[str, OlaVLM] = {}
+_RUNNERS: dict[str, StepBench] = {}
 
 
-def _cached_model(name: str) -> OlaVLM:
-    if name not in _MODELS:
-        _MODELS.clear()
-        _MODELS[name] = build_model(PRESETS[name], DEVICE)[0]
-    return _MODELS[name]
+def _cached_runner(name: str) -> StepBench:
+    if name not in _RUNNERS:
+        _RUNNERS.clear()
+        _RUNNERS[name] = StepBench(PRESETS[name], DEVICE)
+    return _RUNNERS[name]
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", ("seed", "fused_cached", "fused_online", "reference"))
 def test_ola_step(benchmark, request, provider):
     from conftest import bench_preset  # noqa: PLC0415
 
     preset = PRESETS["llama3_8b" if bench_preset(request.config) == "full" else "tiny"]
-    model = _cached_model(preset.name)
-    batch = make_batch(model, preset, preset.batches[0], DEVICE)
+    runner = _cached_runner(preset.name)
     warmup, rep = common.bench_reps((2, 5))
-    record, step, setup = measure(model, preset, provider, batch, device=DEVICE, warmup=warmup,
-                                  rep=rep)
+    record, step, setup = runner.measure(provider, runner.batch(preset.batches[0]),
+                                         warmup=warmup, rep=rep)
     if step is None:
         common.append_records([record])
         pytest.skip(record.note)
@@ -441,6 +783,20 @@ def test_ola_step(benchmark, request, provider):
 # --------------------------------------------------------------------------------------------
 
 
+def parse_providers(text: str | None) -> list[str]:
+    """``--providers``: names (or aliases) separated by commas, or "all"; in run order."""
+    if text is None:
+        return list(PROVIDERS if DEVICE == "cuda" else CPU_DEFAULT)
+    names = [ALIASES.get(p, p) for p in text.split(",") if p]
+    if names == ["all"]:
+        return list(PROVIDERS)
+    unknown = sorted(set(names) - set(PROVIDERS))
+    if unknown or not names:
+        raise ValueError(f"--providers: unknown {unknown}; choose from {PROVIDERS}, their "
+                         f"aliases {sorted(ALIASES)} or 'all', got {text!r}")
+    return [p for p in PROVIDERS if p in names]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default=default_preset(),
@@ -448,14 +804,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", default=None,
                         help="batch sizes, comma-separated, or 'all' for the preset's list "
                              "(default: the preset's first, 8 on the GPU presets)")
-    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--providers", default=None,
+                        help=f"modes, comma-separated, or 'all': {', '.join(PROVIDERS)} "
+                             "('fused' = fused_cached); default all on a GPU, the uncompiled "
+                             "ones on the CPU")
     parser.add_argument("--warmup", type=int, default=None, help="default 2 (GPU), 0 (CPU)")
     parser.add_argument("--rep", type=int, default=None, help="default 5 (GPU), 1 (CPU)")
     args = parser.parse_args(argv)
-    args.providers = [p for p in args.providers.split(",") if p]
-    unknown = sorted(set(args.providers) - set(PROVIDERS))
-    if unknown or not args.providers:
-        parser.error(f"--providers: unknown {unknown}; choose from {PROVIDERS}")
+    try:
+        args.providers = parse_providers(args.providers)
+    except ValueError as err:
+        parser.error(str(err))
     preset = PRESETS[args.preset]
     if args.batch is None:
         args.batch = [preset.batches[0]]
@@ -479,34 +838,50 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     preset = PRESETS[args.preset]
     t0 = time.perf_counter()
-    model, seconds = build_model(preset, DEVICE)
-    built = ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
+    runner = StepBench(preset, DEVICE)
+    built = ", ".join(f"{k} {v:.1f}s" for k, v in runner.seconds.items())
     weights = ""
     if DEVICE == "cuda":
         weights = f"; {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated"
     print(f"[{preset.name}] built on {DEVICE} in {time.perf_counter() - t0:.1f}s ({built})"
           f"{weights}", flush=True)
-    print(f"[{preset.name}] {trainable_summary(model)}", flush=True)
+    print(f"[{preset.name}] {trainable_summary(runner.model)}", flush=True)
+    print(f"[{preset.name}] modes: {', '.join(args.providers)}", flush=True)
+    online = [p for p in args.providers if MODES[p].targets != "cached"]
     records, batches, failed = [], {}, set()
-    for b in sorted(args.batch):
-        batch = make_batch(model, preset, b, DEVICE)
-        for provider in args.providers:
+    for provider in args.providers:
+        mode = MODES[provider]
+        unavailable = float8_unavailable(DEVICE) if "float8" in mode.switches else ""
+        for b in sorted(args.batch):
+            batch = runner.batch(b)
             if provider in failed:  # it ran out of memory at a smaller batch
                 print(f"[{preset.name}] B={b} {provider}: skipped (OOM at a smaller batch)")
                 continue
             t1 = time.perf_counter()
-            record, _, _ = measure(model, preset, provider, batch, device=DEVICE,
-                                   warmup=args.warmup, rep=args.rep,
-                                   extra_note=f"; build {seconds['llm']:.1f}s")
+            if unavailable:
+                record = skipped_record(preset, provider, _shape(runner.model, preset, batch),
+                                        unavailable)
+            else:
+                try:  # the step is dropped at once: it holds the model (rebuilt by compile)
+                    record = runner.measure(provider, batch, warmup=args.warmup,
+                                            rep=args.rep)[0]
+                except Exception as err:  # one mode's failure must not end the GPU window
+                    traceback.print_exc()
+                    first = (str(err).splitlines() or [""])[0][:160]
+                    record = skipped_record(preset, provider,
+                                            _shape(runner.model, preset, batch),
+                                            f"error: {type(err).__name__}: {first}")
             batches[record.shape] = batch
             common.append_records([record])  # now: a later timeout keeps what was measured
             records.append(record)
-            if math.isnan(record.ms):
+            if math.isnan(record.ms) and not unavailable:
                 failed.add(provider)
             print(f"[{preset.name}] B={b} {provider}: {record.ms:.1f} ms, "
                   f"{time.perf_counter() - t1:.1f}s wall ({record.note})", flush=True)
-    print(common.format_table(summary_rows(records, batches), TABLE, HEADERS))
-    print("goal (issue): fused >= 1.5x the reference's samples/s at <= 0.70x its peak memory")
+        if online and provider == online[-1]:
+            runner.drop_teachers()  # no online mode left: free their memory
+    print(common.format_table(summary_rows(records, batches, preset), TABLE, HEADERS))
+    print("\n".join(goal_lines(records, batches, preset)))
     print(f"total {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -66,12 +66,17 @@ stage bench_lce "${OLAVLM_LCE_LIMIT:-150}" "${PYTEST[@]}" \
   benchmarks/bench_linear_cross_entropy.py --benchmark-only -k "${OLAVLM_LCE_K:-not compile}"
 stage bench_perceiver "${OLAVLM_PERCEIVER_LIMIT:-90}" "${PYTEST[@]}" \
   benchmarks/bench_perceiver.py --benchmark-only
-# One OLA-VLM pre-training step, reference vs fused (opt-in: OLAVLM_STAGES="... bench_step").
-# Default llama3_8b at B=8 (~60-70 GB on the reference path: prefer an H200; llama3_2l is the
-# same widths with 4 blocks); OLAVLM_STEP_PRESET / OLAVLM_STEP_BATCH (e.g. "8,16") override.
+# One OLA-VLM pre-training step per mode (opt-in: OLAVLM_STAGES="... bench_step"): the
+# seed-faithful step (reference math + per-image online teachers) vs ours with cached or batched
+# online targets. OLAVLM_STEP_PROVIDERS picks modes (default below: ~100-150 s on an H200 at
+# llama3_8b B=8); add fused_cached_compile / fused_cached_float8 (+ ~60-90 s each for building
+# and compiling; raise OLAVLM_STEP_LIMIT), reference, fused_cached_ac, or "all".
+# Default llama3_8b at B=8 (~55 GB on the seed path: prefer an H200; llama3_2l is the same
+# widths with 4 blocks); OLAVLM_STEP_PRESET / OLAVLM_STEP_BATCH (e.g. "8,16") override.
 # Without CUDA the script picks its tiny preset (dry run).
 stage bench_step "${OLAVLM_STEP_LIMIT:-180}" $PY benchmarks/bench_step.py \
-  ${OLAVLM_STEP_PRESET:+--preset "$OLAVLM_STEP_PRESET"} --batch "${OLAVLM_STEP_BATCH:-8}"
+  ${OLAVLM_STEP_PRESET:+--preset "$OLAVLM_STEP_PRESET"} --batch "${OLAVLM_STEP_BATCH:-8}" \
+  --providers "${OLAVLM_STEP_PROVIDERS:-seed,fused_cached,fused_online}"
 # Teachers: per-image vs batched vs cache reads (opt-in: OLAVLM_STAGES="... bench_teachers").
 # (its default preset: real model sizes on a GPU, tiny ones on the CPU dry run)
 stage bench_teachers "${OLAVLM_TEACHERS_LIMIT:-120}" $PY benchmarks/bench_teachers.py

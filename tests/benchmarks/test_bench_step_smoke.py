@@ -2,35 +2,42 @@
 import csv
 import math
 
+import pytest
 import torch
 
 
 def test_bench_step_cli_tiny_writes_records(tmp_path, monkeypatch, load_bench, capsys):
+    # seed (online per-image teachers), fused_cached (given as its old name) and one switch.
     monkeypatch.setenv("OLAVLM_RESULTS_DIR", str(tmp_path))
     bench = load_bench("bench_step")
-    assert bench.main(["--preset", "tiny", "--batch", "2"]) == 0
+    assert bench.main(["--preset", "tiny", "--batch", "2",
+                       "--providers", "fused_cached_ac,fused,seed"]) == 0
     rows = list(csv.DictReader((tmp_path / "ola_step.csv").open()))
-    assert [r["provider"] for r in rows] == list(bench.PROVIDERS)
+    assert [r["provider"] for r in rows] == ["seed", "fused_cached", "fused_cached_ac"]
     for r in rows:
         assert r["op"] == "ola_step" and r["mode"] == "fwd_bwd" and r["dtype"] == "bfloat16"
         assert r["shape"].startswith("tiny-B2-L")
         assert math.isfinite(float(r["ms"])) and float(r["ms"]) > 0
         assert math.isfinite(float(r["tflops"])) and float(r["tflops"]) > 0
-        assert "samples/s" in r["note"] and "tokens/s" in r["note"]
-    assert "speedup" in capsys.readouterr().out
+        assert "samples/s" in r["note"] and "tokens/s" in r["note"] and "MFU n/a" in r["note"]
+    assert "targets=per_image" in rows[0]["note"] and "impl=reference" in rows[0]["note"]
+    assert "'fused' in earlier rows" in rows[1]["note"]
+    assert "AC selective: 2/4 blocks" in rows[2]["note"]
+    out = capsys.readouterr().out
+    assert "speedup" in out and "x seed" in out and "training issue" in out
 
 
-def test_both_providers_train_the_same_parameters_on_the_same_loss(load_bench):
-    # The comparison is fair only if both paths compute the same step: same loss (bf16
-    # rounding aside) and gradients on exactly the pre-training parameters.
+def test_modes_train_the_same_parameters_on_the_same_targets(load_bench):
+    # The comparison is fair only if every mode computes the same step: same loss (bf16
+    # rounding aside), gradients on exactly the pre-training parameters, and targets from the
+    # online teachers (per image or batched) of the cached ones' shapes and of equal values.
     bench = load_bench("bench_step")
-    preset = bench.PRESETS["tiny"]
-    model, _ = bench.build_model(preset, "cpu")
-    batch = bench.make_batch(model, preset, 3, "cpu")
+    runner = bench.StepBench(bench.PRESETS["tiny"], "cpu")
+    model, batch = runner.model, runner.batch(3)
     assert not any(p.requires_grad for p in model.llm.parameters())
     assert not any(p.requires_grad for p in model.vision_tower.parameters())
     losses, grads = {}, {}
-    for provider in bench.PROVIDERS:
+    for provider in ("reference", "fused"):
         model.set_impl(bench.IMPL[provider])
         model.zero_grad(set_to_none=True)
         out = model(batch.input_ids, batch.attention_mask, batch.labels, batch.images,
@@ -45,7 +52,15 @@ def test_both_providers_train_the_same_parameters_on_the_same_loss(load_bench):
         "image_seg_heads", "gen_logit_scale", "depth_logit_scale", "seg_logit_scale"}
     # Labels on the caption only: > 80% of the spliced positions are ignored, as in pre-training.
     assert int((batch.labels != -100).sum()) < 0.2 * sum(batch.lengths)
-    assert bench.step_flops(model, preset, batch) > 0
+    assert bench.step_flops(model, bench.PRESETS["tiny"], batch) > 0
+    seed = runner.targets(bench.MODES["seed"], batch)()
+    online = runner.targets(bench.MODES["fused_online"], batch)()
+    for task, cached in batch.targets.items():
+        assert seed[task].shape == online[task].shape == cached.shape, task
+        assert seed[task].dtype == online[task].dtype == cached.dtype, task
+        cos = torch.nn.functional.cosine_similarity(seed[task].float().flatten(1),
+                                                    online[task].float().flatten(1))
+        assert cos.min() > 0.999, (task, cos)  # PIL vs device resize, bf16 forwards
 
 
 def test_out_of_memory_is_recorded_and_larger_batches_skipped(tmp_path, monkeypatch, load_bench,
@@ -66,11 +81,51 @@ def test_out_of_memory_is_recorded_and_larger_batches_skipped(tmp_path, monkeypa
 
     monkeypatch.setattr(bench, "build_model", build_model)
     monkeypatch.setattr(bench.common, "do_bench", do_bench)
-    assert bench.main(["--preset", "tiny", "--batch", "2,3"]) == 0
+    assert bench.main(["--preset", "tiny", "--batch", "2,3",
+                       "--providers", "reference,fused_cached"]) == 0
     rows = list(csv.DictReader((tmp_path / "ola_step.csv").open()))
-    # reference: OOM at B=2 (recorded), not run at B=3; fused: both batches measured.
+    # fused_cached: both batches measured; reference: OOM at B=2 (recorded), not run at B=3.
     assert [(r["provider"], r["shape"].split("-")[1]) for r in rows] == [
-        ("reference", "B2"), ("fused", "B2"), ("fused", "B3")]
-    assert math.isnan(float(rows[0]["ms"])) and rows[0]["note"].startswith("OOM")
-    assert all(math.isfinite(float(r["ms"])) for r in rows[1:])
+        ("fused_cached", "B2"), ("fused_cached", "B3"), ("reference", "B2")]
+    assert math.isnan(float(rows[2]["ms"])) and rows[2]["note"].startswith("OOM")
+    assert all(math.isfinite(float(r["ms"])) for r in rows[:2])
     assert "skipped (OOM at a smaller batch)" in capsys.readouterr().out
+
+
+def test_providers_switches_and_an_unavailable_float8(tmp_path, monkeypatch, load_bench):
+    monkeypatch.setenv("OLAVLM_RESULTS_DIR", str(tmp_path))
+    bench = load_bench("bench_step")
+    # Run order whatever the order given; aliases; the CPU default leaves compiling out.
+    assert bench.parse_providers("fused_cached_float8,fused,seed") == [
+        "seed", "fused_cached", "fused_cached_float8"]
+    assert bench.parse_providers("all") == list(bench.PROVIDERS)
+    assert "fused_cached_compile" not in bench.parse_providers(None)
+    with pytest.raises(ValueError, match="unknown"):
+        bench.parse_providers("seed,fastest")
+    # Checkpointing is undone for the next mode: the original blocks come back.
+    runner = bench.StepBench(bench.PRESETS["tiny"], "cpu")
+    blocks = list(runner.model.parts.layers)
+    assert "2/4 blocks" in runner.configure(bench.MODES["fused_cached_ac"])
+    assert list(runner.model.parts.layers) != blocks
+    assert runner.configure(bench.MODES["fused_cached"]) == ""
+    assert list(runner.model.parts.layers) == blocks
+    # float8 without torchao or on a GPU before sm_89: a recorded row, not a failure.
+    monkeypatch.setattr(bench, "float8_unavailable", lambda device: "skipped: no torchao")
+    assert bench.main(["--preset", "tiny", "--batch", "2",
+                       "--providers", "fused_cached_float8"]) == 0
+    rows = list(csv.DictReader((tmp_path / "ola_step.csv").open()))
+    assert [(r["provider"], r["note"]) for r in rows] == [
+        ("fused_cached_float8", "skipped: no torchao")]
+    assert math.isnan(float(rows[0]["ms"]))
+    # Any other failure of a mode is recorded too, and the run goes on (one GPU window).
+    import olavlm.train.parallel as parallel
+
+    def broken(*args):
+        raise RuntimeError("float8 broke\nsecond line")
+
+    monkeypatch.setattr(bench, "float8_unavailable", lambda device: "")
+    monkeypatch.setattr(parallel, "apply_float8", broken)
+    assert bench.main(["--preset", "tiny", "--batch", "2",
+                       "--providers", "fused_cached_float8"]) == 0
+    rows = list(csv.DictReader((tmp_path / "ola_step.csv").open()))
+    assert rows[-1]["note"] == "error: RuntimeError: float8 broke"
