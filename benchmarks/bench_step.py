@@ -21,6 +21,8 @@ given, so that the model-changing switches come last):
 - ``reference``: the seed's math with cached targets (the model issue's baseline).
 - ``fused_cached_ac``: + activation checkpointing "selective" (every other block): memory vs
   speed.
+- ``fused_cached_liger``: + liger-kernel's RMSNorm and SwiGLU modules (``apply_liger``; CUDA
+  only, carry its wheel): SwiGLU saving gate/up only is the next activation-memory lever.
 - ``fused_cached_compile``: + ``apply_compile`` (``torch.compile`` per decoder block). Its first
   call is timed on its own and printed as the compile time, then the usual warm-up.
 - ``fused_cached_float8``: + ``apply_float8(model, "tensorwise")`` on the decoder Linears, then
@@ -28,7 +30,7 @@ given, so that the model-changing switches come last):
   an sm_89+ GPU (else a row with ms nan and a "skipped" note); on CPU it runs for numerics.
 
 The model is built once and reconfigured per mode (impl switch; checkpointing wrapped and
-unwrapped); compile and float8 cannot be undone, so a later mode after them gets a fresh build.
+unwrapped); compile, float8 and liger cannot be undone, so a later mode gets a fresh build.
 The teachers (random weights at the real sizes: DINOv2-L depth at 336 px, Swin-L seg at 800 px,
 CLIP ViT-H/14 gen at 224 px; tiny ones whose targets fit the tiny heads on the tiny preset) are
 built directly on the device on first use and dropped after the last online mode. Their input
@@ -117,7 +119,7 @@ OP = "ola_step"
 class Mode:
     impl: str  # model.set_impl
     targets: str  # "per_image" (the seed's teachers) | "batched" (OnlineTargets) | "cached"
-    switches: tuple[str, ...] = ()  # of "float8", "ac", "compile", in apply_parallelism's order
+    switches: tuple[str, ...] = ()  # of "float8", "liger", "ac", "compile" (apply order)
 
 
 MODES = {
@@ -126,12 +128,15 @@ MODES = {
     "fused_online": Mode("auto", "batched"),
     "reference": Mode("reference", "cached"),
     "fused_cached_ac": Mode("auto", "cached", ("ac",)),
+    # liger-kernel's SwiGLU keeps gate and up only (recomputes silu): ~1/3 less MLP activation
+    # memory in the frozen decoder; its RMSNorm too. CUDA only (its kernels need a GPU).
+    "fused_cached_liger": Mode("auto", "cached", ("liger",)),
     "fused_cached_compile": Mode("auto", "cached", ("compile",)),
     "fused_cached_float8": Mode("auto", "cached", ("float8", "compile")),
 }
 PROVIDERS = tuple(MODES)  # the run order
 ALIASES = {"fused": "fused_cached"}  # the name of fused_cached in records before the modes
-CPU_DEFAULT = tuple(p for p in PROVIDERS if "compile" not in MODES[p].switches)
+CPU_DEFAULT = tuple(p for p in PROVIDERS if not {"compile", "liger"} & set(MODES[p].switches))
 IMPL = {name: m.impl for name, m in MODES.items()} | {"fused": "auto"}
 AC_MODE = "selective"
 FLOAT8_RECIPE = "tensorwise"
@@ -638,10 +643,11 @@ class StepBench:
             apply_activation_checkpointing,
             apply_compile,
             apply_float8,
+            apply_liger,
         )
 
         if mode.switches != self.switches:
-            if {"compile", "float8"} & set(self.switches):  # not undoable: a fresh model
+            if {"compile", "float8", "liger"} & set(self.switches):  # not undoable: rebuild
                 torch._dynamo.reset()  # compiled code must not keep the old model alive
                 self.model = None
                 self._blocks = None
@@ -661,6 +667,9 @@ class StepBench:
                     count = apply_float8(self.model, FLOAT8_RECIPE, torch.device(self.device))
                 cpu = " (CPU: numerics only)" if self.device == "cpu" else ""
                 notes.append(f"float8 {FLOAT8_RECIPE} on {count} linears{cpu}")
+            if "liger" in mode.switches:
+                count = apply_liger(self.model, torch.device(self.device))
+                notes.append(f"liger: {count} RMSNorm/SwiGLU modules")
             if "ac" in mode.switches:
                 self._blocks = list(self.model.parts.layers)
                 count = apply_activation_checkpointing(self.model, AC_MODE)

@@ -70,6 +70,27 @@ def test_liger_needs_a_gpu(model):
         apply_liger(copy.deepcopy(model), torch.device("cpu"))
 
 
+def test_liger_swaps_norms_and_mlps_as_modules_with_their_weights(model):
+    """liger's kernels do not run in the interpreter; the swap itself is checked here (a
+    stand-in CUDA device passes the device check), the numerics by its own test suite."""
+    pytest.importorskip("liger_kernel")
+
+    class FakeCuda:
+        type = "cuda"
+
+    swapped = copy.deepcopy(model)
+    assert apply_liger(swapped, FakeCuda()) == 4 * 3 + 1  # 2 norms + MLP per block, final norm
+    for old, new in zip(model.parts.layers, swapped.llm.get_decoder().layers, strict=True):
+        assert type(new.mlp).__name__ == "LigerSwiGLUMLP"
+        assert type(new.input_layernorm).__name__ == "LigerRMSNorm"
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            assert torch.equal(getattr(new.mlp, name).weight, getattr(old.mlp, name).weight)
+        assert torch.equal(new.post_attention_layernorm.weight,
+                           old.post_attention_layernorm.weight)
+    # The LLM's own forward is untouched: only submodules were replaced.
+    assert type(swapped.llm).forward is type(model.llm).forward
+
+
 def test_sdpa_backend_choice(model):
     batch = tiny_batch(model, batch=2)
     with torch.no_grad():
