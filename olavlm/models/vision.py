@@ -201,8 +201,16 @@ class _HFViTTower(VisionTower):
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{cls.kind} vision tower: {str(path)!r} holds no "
                                     "config.json; it must be a saved transformers model folder")
-        model, info = getattr(transformers, cls.model_class).from_pretrained(
-            str(folder), local_files_only=True, output_loading_info=True)
+        # A full CLIP/SigLIP folder (the hub's layout) holds the text tower too: transformers
+        # prints a long "UNEXPECTED keys" report for it. Quiet it; the missing keys, the only
+        # ones that matter for a frozen tower, are checked below.
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            model, info = getattr(transformers, cls.model_class).from_pretrained(
+                str(folder), local_files_only=True, output_loading_info=True)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
         mean, std = _processor_mean_std(folder)
         tower = cls(model, name=str(path), select_layer=select_layer,
                     select_feature=select_feature, mean=mean, std=std, dtype=dtype,
