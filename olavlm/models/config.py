@@ -76,6 +76,8 @@ class ModelConfig:
     pass_text_to_aux: the heads also read the text after the task tokens (SPEC 1.6).
     seed_compat: the seed's fixed offsets (num_sys_tokens), unmasked padding in the heads and
         its loss arithmetic (mask_mode "seed"), to compare with seed checkpoints.
+    lean_mlp: the decoder's SwiGLU MLPs save 2 of their 3 activations (lean_mlp.py); off on
+        the reference path.
     impl: "auto" | "triton" | "torch" | "reference" for every op; "reference" runs the seed's
         math end to end (per-sample splice loop, output_hidden_states, full logits): the oracle.
     """
@@ -99,6 +101,7 @@ class ModelConfig:
     max_length: int = 4096
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
+    lean_mlp: bool = True
     impl: str = "auto"
 
     def __post_init__(self) -> None:

@@ -29,6 +29,7 @@ from olakernels.linear_cross_entropy import linear_cross_entropy
 
 from .config import IMPLS, ModelConfig
 from .heads import build_task_heads
+from .lean_mlp import LeanSwiGLUMLP, make_mlps_lean
 from .llm import DecoderParts, LayerTaps, load_llm
 from .projector import build_projector
 from .splice import (
@@ -87,6 +88,8 @@ class OlaVLM(nn.Module):
                                               select_layer=config.vision_select_layer)
         self.vision_tower = vision_tower
         self.parts = DecoderParts(self.llm)
+        if config.lean_mlp:  # same parameters and keys; 1/3 less MLP activation memory
+            make_mlps_lean(self.parts.layers)
         hidden = self.parts.embed_tokens.embedding_dim
         self.hidden_size = hidden
         self.tasks = config.tasks
@@ -109,7 +112,7 @@ class OlaVLM(nn.Module):
         for module in (self.mm_projector, self.task_tokens,
                        *(self.heads(t) for t in self.tasks)):
             module.to(dtype)
-        self.impl = config.impl
+        self.set_impl(config.impl)
         self.process_group = None  # set by the trainer for the contrastive targets' gather
 
     # ---- construction helpers -------------------------------------------------------------
@@ -127,7 +130,10 @@ class OlaVLM(nn.Module):
         self.impl = impl
         for task in self.tasks:
             for head in self.heads(task):
-                head.projector.impl = impl if impl != "auto" else "auto"
+                head.projector.impl = impl
+        for module in self.llm.modules():  # the seed's reference keeps eager SwiGLU memory
+            if isinstance(module, LeanSwiGLUMLP):
+                module.lean = impl != "reference"
         return self
 
     @property
