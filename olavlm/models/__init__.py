@@ -1,5 +1,8 @@
-# olavlm.models: the OLA-VLM model parts (vision towers so far).
-"""Model building blocks; see docs/model.md."""
+# olavlm.models: the OLA-VLM model and its parts.
+"""The model (``OlaVLM``, ``ModelConfig``) and its parts; checkpoint import/export lives in
+``olavlm.models.checkpoint_io``. See docs/model.md."""
+from .config import HeadConfig, ModelConfig
+from .ola import OlaOutput, OlaVLM
 from .vision import (
     VISION_TOWERS,
     ClipVisionTower,
@@ -12,6 +15,10 @@ from .vision import (
 )
 
 __all__ = [
+    "HeadConfig",
+    "ModelConfig",
+    "OlaOutput",
+    "OlaVLM",
     "VISION_TOWERS",
     "ClipVisionTower",
     "ConvNextVisionTower",
