@@ -27,12 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from olakernels.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from olakernels.linear_cross_entropy.impl import triton as lce_triton  # noqa: E402
 
-CONFIGS = {  # n, v: logits tile; m, h: dhidden/dweight output tile; k: reduction step
+CONFIGS = {  # n, v: logits tile; m, h: dhidden/dweight output tile; k: reduction step;
+    # dw_*: the dW kernel's own tiles (the H200 sweep's weak kernel), on top of GPU_BLOCKS
     "current": {},
-    "n128": dict(n=128, v=128, k=64, m=128, h=128, num_warps=8, num_stages=3),
-    "n128v256": dict(n=128, v=256, k=64, m=128, h=256, num_warps=8, num_stages=3),
-    "n128s4w4": dict(n=128, v=128, k=64, m=128, h=128, num_warps=4, num_stages=4),
-    "n64v256": dict(n=64, v=256, k=64, m=128, h=256, num_warps=8, num_stages=4),
+    "dw256x128": dict(dw_m=256, dw_h=128),
+    "dw_k128": dict(dw_k=128, dw_stages=3),
+    "dw_s4": dict(dw_stages=4),
+    "dw128x128w4": dict(dw_m=128, dw_h=128, dw_warps=4, dw_stages=4),
 }
 
 KERNEL_GEMMS = {"fwd": 1, "dlogits": 1, "dhidden": 1, "dweight": 1}

@@ -268,3 +268,13 @@ def test_gpu_real_vocabularies(case, monkeypatch):
     monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 256 * v * 4)
     inputs = make_lm_head_inputs(leading, h, v, dtype=dtype, device="cuda", ignored=ignored)
     _check("triton", inputs, label_smoothing=0.05, z_loss_weight=1e-4)
+
+
+def test_dweight_tile_overrides_give_the_same_gradients(monkeypatch):
+    """The dW kernel's own tiles (dw_*, swept by benchmarks/gpu/profile_lce.py) change the
+    schedule, not the result."""
+    inputs = make_lm_head_inputs(*SHAPES["ragged"], ignored=0.3)
+    _, base = _run("triton", *inputs[:3], inputs[3])
+    monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", {"dw_m": 32, "dw_h": 16, "dw_k": 16})
+    _, tiled = _run("triton", *inputs[:3], inputs[3])
+    torch.testing.assert_close(tiled["weight"], base["weight"], rtol=1e-5, atol=1e-7)

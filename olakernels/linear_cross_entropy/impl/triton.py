@@ -32,7 +32,9 @@ DLOGITS_BUDGET_BYTES = 512 * 2**20
 
 # Tile sizes on a GPU. n x v: the logits tile of the forward and dlogits kernels; m x h: the
 # output tile of dhidden/dweight; k: the reduction step of all. BLOCKS_OVERRIDE (a dict with
-# some of these keys) lets benchmarks/gpu/profile_lce.py sweep tiles without editing code.
+# some of these keys) lets benchmarks/gpu/profile_lce.py sweep tiles without editing code;
+# dw_m / dw_h / dw_k / dw_warps / dw_stages give the dW kernel its own tiles (default: m, h, k,
+# num_warps, num_stages), since it is the one the H200 sweep left behind.
 # CUDA: the best of the sweep on an H200 (docs/PERF.md, linear_cross_entropy run 5): 1.7x the
 # first tiles (64 x 128) at 0% ignored, 1.16x at 90%. ROCm: smaller tiles with 2 stages so the
 # operands fit MI300X's 64 KiB of LDS (not measured on an MI300X).
@@ -43,8 +45,9 @@ BLOCKS_OVERRIDE: dict = {}
 
 def _blocks() -> dict:
     if interpreter_enabled():  # small tiles: the interpreter runs programs one by one
-        return dict(n=16, v=32, k=32, m=16, h=32, num_warps=4, num_stages=1)
-    base = ROCM_BLOCKS if torch.version.hip else GPU_BLOCKS
+        base = dict(n=16, v=32, k=32, m=16, h=32, num_warps=4, num_stages=1)
+    else:
+        base = ROCM_BLOCKS if torch.version.hip else GPU_BLOCKS
     return {**base, **BLOCKS_OVERRIDE}
 
 
@@ -139,15 +142,17 @@ def lce_backward(hidden, weight, bias, labels, order, count, lse, grad_loss, lab
                 num_warps=blk["num_warps"], num_stages=blk["num_stages"],
             )
         if need_weight or grad_b32 is not None:
-            _lce_dweight_kernel[(triton.cdiv(v, blk["m"]), triton.cdiv(h, blk["h"]))](
+            dw_m, dw_h = blk.get("dw_m", blk["m"]), blk.get("dw_h", blk["h"])
+            _lce_dweight_kernel[(triton.cdiv(v, dw_m), triton.cdiv(h, dw_h))](
                 dlogits, hidden, order, count,
                 grad_w32 if grad_w32 is not None else dlogits,
                 grad_b32 if grad_b32 is not None else dlogits,
                 start, chunk, v, h,
                 ACCUMULATE=start > 0, HAS_WEIGHT_GRAD=need_weight,
                 HAS_BIAS=grad_b32 is not None, DOT_NATIVE=native,
-                BLOCK_M=blk["m"], BLOCK_H=blk["h"], BLOCK_K=blk["k"],
-                num_warps=blk["num_warps"], num_stages=blk["num_stages"],
+                BLOCK_M=dw_m, BLOCK_H=dw_h, BLOCK_K=blk.get("dw_k", blk["k"]),
+                num_warps=blk.get("dw_warps", blk["num_warps"]),
+                num_stages=blk.get("dw_stages", blk["num_stages"]),
             )
     grad_w = None if grad_w32 is None else grad_w32.to(weight.dtype)
     grad_b = None if grad_b32 is None else grad_b32.to(bias.dtype)
