@@ -76,6 +76,9 @@ class ModelConfig:
     pass_text_to_aux: the heads also read the text after the task tokens (SPEC 1.6).
     seed_compat: the seed's fixed offsets (num_sys_tokens), unmasked padding in the heads and
         its loss arithmetic (mask_mode "seed"), to compare with seed checkpoints.
+    dtype: the LLM's parameter dtype as loaded. trainable_dtype: the projector's, task tokens',
+        heads' and logit scales' (None: the LLM's). Pre-training keeps a frozen LLM in bf16 (half
+        the memory) and the parts it trains in fp32, so the optimizer updates fp32 weights.
     lean_mlp: the decoder's SwiGLU MLPs save 2 of their 3 activations (lean_mlp.py); off on
         the reference path.
     impl: "auto" | "triton" | "torch" | "reference" for every op; "reference" runs the seed's
@@ -102,6 +105,7 @@ class ModelConfig:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     lean_mlp: bool = True
+    trainable_dtype: str | None = None
     impl: str = "auto"
 
     def __post_init__(self) -> None:
@@ -112,9 +116,12 @@ class ModelConfig:
         if self.num_task_tokens < 0:
             raise ValueError(f"ModelConfig.num_task_tokens must be >= 0, got "
                              f"{self.num_task_tokens}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"ModelConfig.dtype must be float32, bfloat16 or float16, got "
-                             f"{self.dtype!r}")
+        for name in ("dtype", "trainable_dtype"):
+            value = getattr(self, name)
+            if value not in ("float32", "bfloat16", "float16") and \
+                    not (name == "trainable_dtype" and value is None):
+                raise ValueError(f"ModelConfig.{name} must be float32, bfloat16 or float16, "
+                                 f"got {value!r}")
         for task in self.tasks:
             if task not in self.heads:
                 raise ValueError(f"ModelConfig.heads has no entry for task {task!r} of aux_mode "

@@ -104,11 +104,13 @@ class OlaVLM(nn.Module):
         for task in self.tasks:
             setattr(self, f"image_{task}_heads", build_task_heads(
                 task, config.heads[task], len(self.layers[task]), hidden, config.impl))
+            # fp32 whatever the LLM's dtype (a scalar in bf16 could not learn at lr 1e-3).
             # Shape (1,), not 0-d: FSDP2 cannot shard 0-d parameters (seed checkpoints hold
             # 0-d ones; checkpoint_io reshapes).
             setattr(self, f"{task}_logit_scale",
                     nn.Parameter(torch.full((1,), float(config.logit_scale_init))))
-        dtype = next(self.llm.parameters()).dtype
+        dtype = getattr(torch, config.trainable_dtype) if config.trainable_dtype \
+            else next(self.llm.parameters()).dtype
         for module in (self.mm_projector, self.task_tokens,
                        *(self.heads(t) for t in self.tasks)):
             module.to(dtype)
@@ -205,6 +207,8 @@ class OlaVLM(nn.Module):
         n_task = cfg.num_task_tokens
         offset = self.task_tokens.offset(task)
         head = self.heads(task)[index]
+        head_dtype = next(head.parameters()).dtype  # (bf16 under FSDP2 mixed precision)
+        state = state.to(head_dtype)
         fixed = cfg.num_sys_tokens if cfg.seed_compat else None
         if task == "gen":
             if fixed is not None:

@@ -79,7 +79,10 @@ def llava_recipe(llm: str, vision: str, stage: str) -> Config:
             llm=llm_path, vision_tower=tower_path, vision_kind=vision_kind,
             projector="mlp2x_gelu", aux_mode="gen-depth-seg", num_task_tokens=8,
             layer_indices="d18-20_s10-18_g12-20", loss_weights="d0.5_s0.5_g0.5",
-            contrastive_weight=0.3, heads=default_heads(), max_length=4096),
+            contrastive_weight=0.3, heads=default_heads(), max_length=4096,
+            # PT: the frozen LLM stored in bf16 (half the host and GPU memory), what the
+            # optimizer updates in fp32. VPT/IFT train the LLM: fp32 master weights.
+            dtype="bfloat16" if pt else "float32", trainable_dtype="float32"),
         data=DataConfig(
             path=data_path, image_folder=image_folder, template=template,
             batch_size=32 if pt else 16, num_workers=4, group_by_modality_length=not pt,

@@ -325,3 +325,22 @@ def test_gpu_fused_matches_float64_oracle(tmp, dtype):
     for name, grad in g_oracle.items():
         assert_close_to_reference(g_fast[name], grad, g_eager[name], name=f"grad {name}",
                                   k=3.0, reduction_size=64)
+
+
+def test_bf16_llm_with_fp32_trainable_parts(tmp):
+    """Pre-training's layout: the frozen LLM stored in bf16, what the optimizer updates in fp32."""
+    model = tiny_model(tmp, dtype="bfloat16", trainable_dtype="float32")
+    assert next(model.llm.parameters()).dtype == torch.bfloat16
+    for module in (model.mm_projector, model.task_tokens, model.heads("depth")):
+        assert all(p.dtype == torch.float32 for p in module.parameters())
+    model.llm.requires_grad_(False)
+    batch = tiny_batch(model, batch=3, pad_from=[None, 18, None])
+    out = model(*batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    # (the depth head's linear_2/3 feed no loss, as in the seed: no gradient)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert "mm_projector.0.weight" in grads and "task_tokens.special_seg_tokens" in grads
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    with pytest.raises(ValueError, match="trainable_dtype must be"):
+        ModelConfig(trainable_dtype="fp8")

@@ -153,16 +153,20 @@ def test_resolved_config_is_saved(tmp_path, synth_dir):
 
 
 @pytest.mark.slow
-def test_single_process_bf16_keeps_fp32_master_weights(tmp_path, synth_dir):
+@pytest.mark.parametrize("stage,llm_dtype", [("full", "float32"), ("pt", "bfloat16")])
+def test_single_process_bf16_keeps_fp32_master_weights(tmp_path, synth_dir, stage, llm_dtype):
+    """bf16 compute through a 1-rank FSDP2 group; PT's layout stores the frozen LLM in bf16."""
     trainer = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=3", "checkpoint.every_steps=0",
-                           "parallel.mixed_precision=bf16"))
+                           "parallel.mixed_precision=bf16", f"train.stage={stage}",
+                           f"model.dtype={llm_dtype}", "model.trainable_dtype=float32"))
     try:
         assert "fsdp" in trainer.parallel_done
         result = trainer.train()
         rows = read_metrics(result.run_dir)
         assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
         # The optimizer updates fp32 parameters; FSDP2 casts them to bf16 for compute.
-        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+        trained = [p for p in trainer.model.parameters() if p.requires_grad]
+        assert trained and all(p.dtype == torch.float32 for p in trained)
     finally:
         trainer.close()
     with pytest.raises(ValueError, match="needs FSDP2"):
