@@ -237,6 +237,10 @@ class Trainer:
                                                                device=bad.device)])
                 if d.distributed:
                     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+                    # Each rank's losses are its share scaled to the global batch (the model's
+                    # distributed weighting): their mean over ranks is the global loss to log.
+                    torch.distributed.all_reduce(sums)
+                    sums = sums / d.world_size
                 # The one host read of the step: logged scalars + the two flags.
                 values = torch.cat([sums, grad_norm.float().reshape(1), flags]).tolist()
                 scalars = dict(zip(names, values[:-3], strict=True))

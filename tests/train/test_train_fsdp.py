@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from olavlm.config import resolve_config
+from olavlm.train.metrics import read_metrics
 from olavlm.train.trainer import Trainer
 
 STEPS = 3
@@ -65,6 +66,11 @@ def test_two_process_fsdp_equals_one_process(tmp_path, stage):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), str(synth), str(out_file),
                             stage), nprocs=2, join=True)
     got = torch.load(out_file)
+    # Logged losses are global means (ranks' shares averaged): the same numbers as 1 process.
+    one = read_metrics(single.run_dir)
+    two = read_metrics(tmp_path / "two" / "job")
+    for key in ("loss", "ntp", "gen", "depth", "seg"):
+        assert two[0][key] == pytest.approx(one[0][key], rel=1e-5), key
     assert set(got) == set(want)
     # fp32 with reductions in another order: gradients agree to ~1e-7; Adam divides by
     # sqrt(v), so a near-zero gradient's update can move by a visible fraction of one step
