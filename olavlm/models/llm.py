@@ -20,8 +20,13 @@ __all__ = ["DecoderParts", "LayerTaps", "decoder_parts", "load_llm"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_llm(path: str | Path, *, dtype: str = "float32", attn_implementation: str = "sdpa"):
-    """``AutoModelForCausalLM`` from a local directory (never a download)."""
+def load_llm(path: str | Path, *, dtype: str = "float32", attn_implementation: str = "sdpa",
+             device: torch.device | str | None = None):
+    """``AutoModelForCausalLM`` from a local directory (never a download). ``device`` (a GPU)
+    loads the weights straight onto it (``device_map``, needs accelerate): with several ranks
+    per node, no rank holds a CPU copy of the whole LLM."""
+    import importlib.util
+
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -29,8 +34,13 @@ def load_llm(path: str | Path, *, dtype: str = "float32", attn_implementation: s
         raise FileNotFoundError(
             f"llm: {str(path)!r} is not a local Hugging Face model directory (no config.json); "
             "models are never downloaded, pass a local path")
+    extra = {}
+    if device is not None and torch.device(device).type == "cuda" and \
+            importlib.util.find_spec("accelerate") is not None:
+        extra["device_map"] = {"": torch.device(device)}
     return AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, dtype=_DTYPES[dtype], attn_implementation=attn_implementation)
+        path, local_files_only=True, dtype=_DTYPES[dtype], attn_implementation=attn_implementation,
+        **extra)
 
 
 class DecoderParts:

@@ -124,8 +124,10 @@ def _materialize(spec: str, kind: str, work: Path, tokenizer) -> str:
                                        **(TINY_TOWER if arch != "convnext" else {})))
 
 
-def build_model(cfg, tokenizer, work_dir: Path, *, is_main: bool, barrier) -> OlaVLM:
-    """The OlaVLM of cfg.model on the CPU (the trainer moves it); tiny:* parts written first."""
+def build_model(cfg, tokenizer, work_dir: Path, *, is_main: bool, barrier,
+                device: torch.device | None = None) -> OlaVLM:
+    """The OlaVLM of cfg.model (the trainer moves it to ``device``; the LLM's weights are loaded
+    straight onto a GPU ``device`` when accelerate is installed); tiny:* parts written first."""
     mc: ModelConfig = cfg.model
     work_dir = Path(work_dir) / "models"
     if is_main:
@@ -150,8 +152,12 @@ def build_model(cfg, tokenizer, work_dir: Path, *, is_main: bool, barrier) -> Ol
                          f"{tower} takes {vision.image_size} px images")
     # Every rank must draw the same initial weights (FSDP2 shards each rank's own copy), and
     # whether a rank wrote the tiny models or the dataset above must not change the draws.
+    from olavlm.models.llm import load_llm
+
+    llm_model = load_llm(llm, dtype=mc.dtype, attn_implementation=mc.attn_implementation,
+                         device=device)
     torch.manual_seed(cfg.train.seed)
-    model = OlaVLM(resolved, vision_tower=vision)
+    model = OlaVLM(resolved, llm=llm_model, vision_tower=vision)
     added = resize_embeddings_like_seed(model.llm, len(tokenizer))
     if added:
         model.llm.config.pad_token_id = tokenizer.pad_token_id

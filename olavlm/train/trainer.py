@@ -96,7 +96,7 @@ class Trainer:
         if d.is_main:  # the tokenizer the run trained with (pad token included), for inference
             self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
         model = B.build_model(cfg, self.tokenizer, self.run_dir, is_main=d.is_main,
-                              barrier=barrier)
+                              barrier=barrier, device=d.device)
         if cfg.checkpoint.init_from:
             kept = B.load_initial_weights(model, cfg.checkpoint.init_from)
             logger.info("initialized from %s (%d tensors kept their fresh init)",
