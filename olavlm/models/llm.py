@@ -71,7 +71,12 @@ def decoder_parts(llm: nn.Module) -> DecoderParts:
 
 
 class LayerTaps:
-    """Forward hooks that keep the outputs of the given 1-based blocks during one forward."""
+    """Forward hooks that keep the outputs of the given 1-based blocks during one forward.
+
+    The hooks are installed once (``install``) and stay: only ``capture(layers)`` makes them
+    store anything, so the blocks' hook set never changes between steps (per-block
+    ``torch.compile`` guards on it) and wrappers added later (FSDP2, activation checkpointing)
+    keep calling them."""
 
     def __init__(self, parts: DecoderParts, layers: set[int]) -> None:
         bad = sorted(k for k in layers if not 0 <= k <= parts.num_layers)
@@ -81,22 +86,46 @@ class LayerTaps:
         self.parts = parts
         self.layers = sorted(k for k in layers if k > 0)
         self.states: dict[int, torch.Tensor] = {}
+        self.wanted: frozenset[int] = frozenset()
+        self.handles: list = []
+
+    def install(self) -> LayerTaps:
+        if not self.handles:
+            for k in self.layers:
+                block = self.parts.layers[k - 1]
+                owner = getattr(block, "_ola_taps", None)
+                if owner is not None and owner is not self:
+                    raise ValueError("llm: this decoder instance already feeds another OlaVLM "
+                                     "(its blocks carry that model's layer taps); load or "
+                                     "copy a separate LLM for each model")
+                # The hook finds its taps through the block, not a closure: a deep copy of the
+                # model (copy.deepcopy) then taps into the copy's own LayerTaps.
+                block._ola_taps, block._ola_tap_layer = self, k
+                self.handles.append(block.register_forward_hook(_store_tap))
+        return self
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
     @contextmanager
-    def capture(self):
+    def capture(self, layers=None):
+        """Collect the outputs of ``layers`` (default: all installed) during the block."""
+        self.install()
         self.states = {}
-        handles = [self.parts.layers[k - 1].register_forward_hook(self._hook(k))
-                   for k in self.layers]
+        self.wanted = frozenset(self.layers if layers is None else layers)
         try:
             yield self.states
-        finally:
-            for h in handles:
-                h.remove()
+        finally:  # the caller keeps its dict; the module holds no activations afterwards
+            self.wanted = frozenset()
+            self.states = {}
 
-    def _hook(self, k: int):
-        def hook(_module, _args, output):
-            # Blocks return a tensor or a tuple whose first item is the hidden state. Under
-            # activation checkpointing the hook fires again in the recompute: keep the first.
-            if k not in self.states:
-                self.states[k] = output[0] if isinstance(output, (tuple, list)) else output
-        return hook
+
+def _store_tap(module, _args, output) -> None:
+    """Forward hook of a tapped block: keep its output while its LayerTaps captures."""
+    taps, k = module._ola_taps, module._ola_tap_layer
+    # Blocks return a tensor or a tuple whose first item is the hidden state. Under activation
+    # checkpointing the hook fires again in the recompute: keep the first.
+    if k in taps.wanted and k not in taps.states:
+        taps.states[k] = output[0] if isinstance(output, (tuple, list)) else output

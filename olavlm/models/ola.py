@@ -96,7 +96,12 @@ class OlaVLM(nn.Module):
         self.layers = config.layers_per_task
         self.loss_weights = config.weights_per_task
         # Validate layer numbers against the decoder now, not at the first forward.
-        self._taps = LayerTaps(self.parts, {k for ls in self.layers.values() for k in ls})
+        # Hooks on the tapped blocks (except the last: its state is the final one), installed
+        # once; layer numbers are validated against the decoder here.
+        taps = {k for ls in self.layers.values() for k in ls}
+        LayerTaps(self.parts, taps)  # raises on a layer beyond the decoder
+        self._taps = LayerTaps(self.parts, {k for k in taps
+                                            if 0 < k < self.parts.num_layers}).install()
         self.mm_projector = build_projector(config.projector, vision_tower.hidden_size, hidden)
         self.task_tokens = TaskTokens(
             self.tasks, hidden, config.num_task_tokens,
@@ -174,8 +179,7 @@ class OlaVLM(nn.Module):
         # Block n's entry of the seed's hidden_states tuple is the *normed* final state (HF
         # appends norm(h) last), so a tap on the last block reads the final state, as the seed.
         hooked = {k for k in taps if 0 < k < n}
-        tapper = LayerTaps(self.parts, hooked)
-        with tapper.capture() as states:
+        with self._taps.capture(hooked) as states:
             out = self.parts.decoder(inputs_embeds=spliced.inputs_embeds,
                                      attention_mask=spliced.attention_mask.long(),
                                      use_cache=False)

@@ -260,10 +260,19 @@ def test_generate_and_visual_interpretations(model):
     assert preds["gen"][3].shape == (2, 1, 16)
 
 
-def test_hooks_are_removed_after_forward(model):
+def test_layer_taps_keep_nothing_outside_a_forward(model):
+    """The hooks stay installed (a stable hook set for per-block compile) but store only while
+    the model's forward asks, and only the layers it asks for."""
+    hooked = [i + 1 for i, layer in enumerate(model.parts.layers) if layer._forward_hooks]
+    assert hooked == sorted({k for ls in model.layers.values() for k in ls} - {4, 0})
     batch = tiny_batch(model, batch=2)
     model(*batch)
-    assert all(not layer._forward_hooks for layer in model.parts.layers)
+    before = [dict(layer._forward_hooks) for layer in model.parts.layers]
+    model(*batch)  # no hook added or removed by a forward
+    assert [dict(layer._forward_hooks) for layer in model.parts.layers] == before
+    assert model._taps.states == {} and not model._taps.wanted  # no activations kept
+    model.llm(input_ids=batch[0].clamp(min=0))  # a plain LLM call: nothing captured
+    assert not model._taps.wanted
 
 
 # ---- errors ----
