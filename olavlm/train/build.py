@@ -119,6 +119,9 @@ def _materialize(spec: str, kind: str, work: Path, tokenizer) -> str:
     if arch not in VISION_TOWERS:
         raise ValueError(f"model.vision_tower: tiny:{arch} is unknown; use one of "
                          f"{[f'tiny:{k}' for k in VISION_TOWERS]}")
+    folder = work / f"tiny-{arch}"  # (build_tiny_vision_tower's layout)
+    if any((folder / name).is_file() for name in ("config.json", "open_clip_config.json")):
+        return str(folder)  # written already (by rank 0, or an earlier run in this folder)
     size = 64 if arch != "convnext" else None
     return str(build_tiny_vision_tower(arch, work, image_size=size,
                                        **(TINY_TOWER if arch != "convnext" else {})))
