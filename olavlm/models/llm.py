@@ -84,7 +84,9 @@ class LayerTaps:
             raise ValueError(f"layer_indices: layers {bad} are outside the LLM's "
                              f"{parts.num_layers} blocks (1-based; 0 = the final normed state)")
         self.parts = parts
-        self.layers = sorted(k for k in layers if k > 0)
+        # Hooks on blocks 1..n-1 only: block n's state, as the seed reads it, is the decoder's
+        # final normed output, which the caller has anyway (0 means the same).
+        self.layers = sorted(k for k in layers if 0 < k < parts.num_layers)
         self.states: dict[int, torch.Tensor] = {}
         self.wanted: frozenset[int] = frozenset()
         self.handles: list = []

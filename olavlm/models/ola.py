@@ -96,12 +96,9 @@ class OlaVLM(nn.Module):
         self.layers = config.layers_per_task
         self.loss_weights = config.weights_per_task
         # Validate layer numbers against the decoder now, not at the first forward.
-        # Hooks on the tapped blocks (except the last: its state is the final one), installed
-        # once; layer numbers are validated against the decoder here.
-        taps = {k for ls in self.layers.values() for k in ls}
-        LayerTaps(self.parts, taps)  # raises on a layer beyond the decoder
-        self._taps = LayerTaps(self.parts, {k for k in taps
-                                            if 0 < k < self.parts.num_layers}).install()
+        # Hooks on the tapped blocks, installed once; raises on a layer beyond the decoder.
+        self._taps = LayerTaps(self.parts,
+                               {k for ls in self.layers.values() for k in ls}).install()
         self.mm_projector = build_projector(config.projector, vision_tower.hidden_size, hidden)
         self.task_tokens = TaskTokens(
             self.tasks, hidden, config.num_task_tokens,
