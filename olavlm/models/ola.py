@@ -34,6 +34,7 @@ from .llm import DecoderParts, LayerTaps, load_llm
 from .projector import build_projector
 from .splice import (
     SplicedInputs,
+    count_supervised_tokens,
     head_key_mask,
     splice_inputs,
     splice_reference,
@@ -144,6 +145,19 @@ class OlaVLM(nn.Module):
     def num_image_tokens(self) -> int:
         return self.vision_tower.num_tokens
 
+    @property
+    def num_inserted_tokens(self) -> int:
+        """Rows that replace an image placeholder: the image tokens, then every task's tokens."""
+        return self.num_image_tokens + self.config.num_task_tokens * len(self.tasks)
+
+    def count_supervised_tokens(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        """The positions this model's next-token loss scores for a raw batch, without splicing
+        (on the batch's device: a host batch costs no GPU sync). See ``ntp_tokens``."""
+        return count_supervised_tokens(
+            input_ids, attention_mask, labels, self.num_inserted_tokens,
+            image_token_index=IMAGE_TOKEN_INDEX, ignore_index=IGNORE_INDEX,
+            max_length=self.config.max_length)
+
     # ---- forward pieces ------------------------------------------------------------------
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -183,22 +197,27 @@ class OlaVLM(nn.Module):
         final = out.last_hidden_state
         return final, {k: (states[k] if k in hooked else final) for k in taps if k > 0}
 
-    def _ntp(self, final: torch.Tensor, labels: torch.Tensor):
+    def _ntp(self, final: torch.Tensor, labels: torch.Tensor, ntp_tokens=None):
         """Mean next-token loss over labelled positions. Distributed: each rank returns
         world / N_global * (its sum), so the ranks' mean -- what FSDP's gradient averaging
         computes -- is the mean over the global batch's tokens, exactly as one process on the
-        whole batch (a per-rank mean would weight ranks with few labels too much)."""
+        whole batch (a per-rank mean would weight ranks with few labels too much).
+        ``ntp_tokens`` given: the sum is divided by it instead (times world when distributed),
+        the trainer's way to make accumulated micro-batches weigh every token equally."""
         head = self.parts.lm_head
         group = self.process_group
-        reduction = "sum" if group is not None else "mean"
+        reduction = "sum" if (group is not None or ntp_tokens is not None) else "mean"
         loss, num_valid, correct = linear_cross_entropy(
             final, head.weight, labels, bias=head.bias, ignore_index=IGNORE_INDEX,
             shift_labels=True, return_stats=True, reduction=reduction,
             impl="reference" if self.impl == "reference" else self.impl)
-        if group is not None:
+        world = 1 if group is None else torch.distributed.get_world_size(group)
+        if ntp_tokens is not None:
+            total = torch.as_tensor(ntp_tokens, dtype=torch.float32, device=loss.device)
+            loss = loss * (world / total.clamp(min=1.0))
+        elif group is not None:
             total = num_valid.detach().to(torch.float32).clone()
             torch.distributed.all_reduce(total, group=group)
-            world = torch.distributed.get_world_size(group)
             loss = loss * (world / total.clamp(min=1.0))
         return loss, num_valid, correct
 
@@ -263,11 +282,15 @@ class OlaVLM(nn.Module):
         *,
         return_predictions: bool = False,
         static_length: bool = False,
+        ntp_tokens: torch.Tensor | float | None = None,
     ) -> OlaOutput:
         """Loss and its components. ``labels`` None: no next-token loss. ``targets`` None: no
         embedding losses (VPT/IFT); given, it must hold every task of aux_mode. The embedding
         losses' per-sample mask is ``target_mask`` if given, else ``image_mask``, else whether
-        the sample has an image placeholder."""
+        the sample has an image placeholder. ``ntp_tokens``: the count the next-token loss's sum
+        is divided by (default: this batch's labelled tokens, over all ranks when distributed);
+        with gradient accumulation, the step's count (``count_supervised_tokens`` over its
+        micro-batches and ranks) divided by the number of micro-batches."""
         spliced = self.splice(input_ids, attention_mask, labels, images,
                               static_length=static_length)
         want_heads = bool(self.tasks) and (targets is not None or return_predictions)
@@ -279,7 +302,7 @@ class OlaVLM(nn.Module):
         zero = torch.zeros((), device=dev)
         components: dict[str, torch.Tensor] = {}
         if labels is not None:
-            ntp, num_valid, correct = self._ntp(final, spliced.labels)
+            ntp, num_valid, correct = self._ntp(final, spliced.labels, ntp_tokens)
             accuracy = correct.sum() / num_valid.clamp(min=1)
         else:
             ntp, num_valid, accuracy = zero, zero.long(), zero

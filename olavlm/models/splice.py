@@ -26,8 +26,8 @@ from torch import nn
 
 from olakernels._checks import fail_if_any
 
-__all__ = ["SplicedInputs", "head_key_mask", "splice_inputs", "splice_reference",
-           "task_token_positions"]
+__all__ = ["SplicedInputs", "count_supervised_tokens", "head_key_mask", "splice_inputs",
+           "splice_reference", "task_token_positions"]
 
 
 @dataclass
@@ -146,6 +146,38 @@ def splice_inputs(
     total = text.sum() + (has_image.long() * (n_img + n_task)).sum()
     return SplicedInputs(embeds, written, new_labels, start, has_image, n_img, n_task,
                          total - kept)
+
+
+def count_supervised_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    num_inserted: int,
+    *,
+    image_token_index: int = -200,
+    ignore_index: int = -100,
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """How many positions the next-token loss scores after ``splice_inputs``, computed from the
+    raw batch (on whatever device it lives: the trainer counts its host copy, no GPU sync).
+
+    ``num_inserted``: the rows that replace an image placeholder (NI + NT). A text token at raw
+    position p lands at p (before the placeholder) or p + num_inserted - 1 (after it); it is
+    scored when its label is not ignored, it survives ``max_length``, and it is not the
+    sequence's first position (the causal shift predicts position t + 1 from t). Returns a 0-d
+    int64 tensor; equal to ``(spliced.labels[:, 1:] != ignore_index).sum()``."""
+    b, t = input_ids.shape
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None \
+        else attention_mask.bool()
+    is_img = (input_ids == image_token_index) & real
+    has_image = is_img.any(1)
+    first = torch.where(has_image, is_img.int().argmax(1), t)
+    pos = torch.arange(t, device=input_ids.device)[None, :]
+    new_pos = pos + torch.where(pos > first[:, None], num_inserted - 1, 0)
+    scored = real & ~is_img & (labels != ignore_index) & (new_pos >= 1)
+    if max_length is not None:
+        scored &= new_pos < max_length
+    return scored.sum()
 
 
 def splice_reference(

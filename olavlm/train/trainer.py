@@ -2,7 +2,8 @@
 """``Trainer(cfg).train()`` runs one training job end to end (``olavlm train`` calls it).
 
 A step: ``grad_accum`` micro-batches (targets from the online teachers or the cache), each
-``model.forward_batch`` + backward of ``loss / grad_accum``; gradient clipping; then ONE host
+``model.forward_batch`` + backward of ``loss / grad_accum``, the next-token loss normalized by
+the whole step's supervised tokens (``_step_ntp_tokens``); gradient clipping; then ONE host
 read of a small tensor holding the logged scalars and the finiteness flag. A non-finite loss or
 gradient norm skips the optimizer step (counted); ``train.nonfinite_limit`` in a row stops the
 run with the step and the component that went bad. SIGTERM/SIGINT finish the current step,
@@ -181,7 +182,7 @@ class Trainer:
             if not got:
                 raise RuntimeError("the data loader yields no batches (empty dataset?)")
 
-    def _micro_step(self, batch, scale: float):
+    def _micro_step(self, batch, scale: float, ntp_tokens: torch.Tensor):
         dev = self.dist.device
         targets, target_mask = None, batch.target_mask
         if self.teachers is not None:
@@ -194,16 +195,30 @@ class Trainer:
             out = self.model(
                 b.input_ids, b.attention_mask, b.labels, b.images, b.image_mask,
                 None if targets is None else {k: v.to(dev) for k, v in targets.items()},
-                None if target_mask is None else target_mask.to(dev))
+                None if target_mask is None else target_mask.to(dev), ntp_tokens=ntp_tokens)
         (out.loss * scale).backward()
         return out
 
     def _tokens(self, batch) -> tuple[int, int]:
         """(samples, real tokens after splicing), from the host copy: no device sync."""
-        inserted = self.model.num_image_tokens + \
-            self.model.config.num_task_tokens * len(self.model.tasks) - 1
+        inserted = self.model.num_inserted_tokens - 1
         tokens = int(batch.attention_mask.sum()) + inserted * int(batch.image_mask.sum())
         return len(batch), tokens
+
+    def _step_ntp_tokens(self, micro_batches) -> tuple[torch.Tensor, int]:
+        """The next-token loss's divisor for each micro-batch, and this rank's count.
+
+        Every token of the optimizer step weighs the same, however the labels fall across
+        micro-batches and ranks: each micro-batch divides its loss sum by (the step's supervised
+        tokens over all ranks) / grad_accum, so the accumulated ``loss / grad_accum`` is the
+        mean over the step's tokens (a mean of micro-batch means would not be). Counted on the
+        host copies (``count_supervised_tokens``), summed over ranks on the device: no sync."""
+        local = sum(int(self.model.count_supervised_tokens(b.input_ids, b.attention_mask,
+                                                            b.labels)) for b in micro_batches)
+        total = torch.tensor(float(local), device=self.dist.device)
+        if self.dist.distributed:
+            torch.distributed.all_reduce(total)
+        return total / len(micro_batches), local
 
     def train(self) -> TrainResult:
         cfg, d = self.cfg, self.dist
@@ -216,18 +231,22 @@ class Trainer:
             while self.step < self.total_steps:
                 self.model.train()
                 sums = None
-                for micro in range(accum):
-                    batch = next(batches)
+                micro_batches = [next(batches) for _ in range(accum)]
+                ntp_tokens, counted = self._step_ntp_tokens(micro_batches)
+                scored = torch.zeros((), device=d.device)
+                for micro, batch in enumerate(micro_batches):
                     n, tok = self._tokens(batch)
                     window["samples"] += n
                     window["tokens"] += tok
                     sync = micro == accum - 1
                     if hasattr(self.model, "set_requires_gradient_sync"):
                         self.model.set_requires_gradient_sync(sync)
-                    out = self._micro_step(batch, 1.0 / accum)
+                    out = self._micro_step(batch, 1.0 / accum, ntp_tokens)
                     parts = torch.stack([out.loss.detach().float()]
                                         + list(out.components.values()))
                     sums = parts / accum if sums is None else sums + parts / accum
+                    scored = scored + out.num_valid_tokens.float()
+                del micro_batches
                 names = ["loss"] + list(out.components)
                 grad_norm = self._clip()
                 # Flags every rank must agree on: "some rank saw a non-finite value" and "some
@@ -241,9 +260,16 @@ class Trainer:
                     # distributed weighting): their mean over ranks is the global loss to log.
                     torch.distributed.all_reduce(sums)
                     sums = sums / d.world_size
-                # The one host read of the step: logged scalars + the two flags.
-                values = torch.cat([sums, grad_norm.float().reshape(1), flags]).tolist()
-                scalars = dict(zip(names, values[:-3], strict=True))
+                # The one host read of the step: logged scalars, the tokens the loss scored
+                # (checked against the host count the divisor came from), the two flags.
+                values = torch.cat([sums, scored.reshape(1), grad_norm.float().reshape(1),
+                                    flags]).tolist()
+                scalars = dict(zip(names, values[:-4], strict=True))
+                if int(values[-4]) != counted:
+                    raise RuntimeError(
+                        f"step {self.step + 1}: the next-token loss scored {int(values[-4])} "
+                        f"tokens but count_supervised_tokens counted {counted}; the loss "
+                        "normalization would be wrong (a splice/count mismatch: please report)")
                 scalars["grad_norm"] = values[-3]
                 stop_requested = values[-1] > 0.5
                 if values[-2] > 0.5:

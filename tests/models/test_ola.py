@@ -109,6 +109,63 @@ def test_static_length_pads_without_changing_content(model):
     assert not b.attention_mask[:, n:].any()
 
 
+@pytest.mark.parametrize("max_length", [None, 30, 12])
+def test_count_supervised_tokens_equals_what_the_loss_scores(model, max_length):
+    ids, mask, labels, images, _, _ = tiny_batch(
+        model, batch=5, placeholders=[2, 5, 3, 7, 0], text_only=(3,),
+        pad_from=[None, 18, 12, 20, None])
+    g = torch.Generator().manual_seed(1)
+    labels = torch.where(torch.rand(ids.shape, generator=g) < 0.6, ids.clamp(min=1), -100)
+    labels[~mask] = -100
+    labels[:, 0] = 7  # scored by nothing: position 0 has no predecessor
+    labels[ids == -200] = 3  # the placeholder's own label never reaches the sequence
+    mask[1, :2] = False  # left padding on one sample
+    model.config.max_length, kept = max_length, model.config.max_length
+    try:
+        sp = model.splice(ids, mask, labels, images)
+        want = int((sp.labels[:, 1:] != -100).sum())
+        assert int(model.count_supervised_tokens(ids, mask, labels)) == want
+        text = ids.masked_fill(ids == -200, 5)  # a text-only batch: nothing inserted
+        sp = model.splice(text, mask, labels, None)
+        want = int((sp.labels[:, 1:] != -100).sum())
+        assert int(model.count_supervised_tokens(text, mask, labels)) == want
+    finally:
+        model.config.max_length = kept
+
+
+def test_ntp_tokens_make_accumulated_micro_batches_equal_one_batch(model):
+    """Micro-batches with different label counts: dividing each one's sum by the step's count
+    / 2 and accumulating loss / 2 gives the whole batch's mean-over-tokens gradient."""
+    ids, mask, labels, images, image_mask, _ = tiny_batch(
+        model, batch=4, pad_from=[None, 9, None, 14])
+    labels[0, 8:] = -100  # the micro-batches' label counts differ a lot
+    whole = (ids, mask, labels, images, image_mask)
+    halves = [tuple(t[i: i + 2] for t in whole) for i in (0, 2)]
+
+    def grads_of(steps):
+        model.zero_grad(set_to_none=True)
+        losses = []
+        for batch, ntp_tokens, scale in steps:
+            out = model(*batch, ntp_tokens=ntp_tokens)
+            (out.loss * scale).backward()
+            losses.append(out.loss.detach() * scale)
+        return sum(losses), {n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None}
+
+    loss_ref, ref = grads_of([(whole, None, 1.0)])
+    total = sum(model.count_supervised_tokens(*b[:3]) for b in halves)
+    loss_acc, acc = grads_of([(b, total / 2, 0.5) for b in halves])
+    _, mean_of_means = grads_of([(b, None, 0.5) for b in halves])
+    torch.testing.assert_close(loss_acc, loss_ref)
+    assert ref.keys() == acc.keys() and ref
+    for name in ref:
+        torch.testing.assert_close(acc[name], ref[name], msg=name)
+    # The old way (a mean of the micro-batches' means) weighs tokens unequally: not equal.
+    w = "llm.lm_head.weight"
+    assert not torch.allclose(mean_of_means[w], ref[w], rtol=1e-3, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+
+
 # ---- fused path == reference path ----
 
 

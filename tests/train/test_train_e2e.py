@@ -181,3 +181,23 @@ def test_gradient_accumulation_consumes_micro_batches(tmp_path, synth_dir):
     assert [r["step"] for r in read_metrics(trainer.run_dir)] == [1, 2, 3]
     state = trainer.loader.state_dict()
     assert state["epoch"] * 48 + state["position"] == 3 * 2 * 4  # 6 micro-batches of 4
+
+
+def test_accumulated_next_token_loss_is_the_mean_over_the_step_tokens(tmp_path, synth_dir):
+    """2 micro-batches of 2 score their next-token loss as the 4-sample batch does (every token
+    of the step weighs the same); the synthetic samples' label counts differ."""
+    common = ("train.max_steps=1", "checkpoint.every_steps=0", "checkpoint.at_end=false",
+              "data.shuffle=false", "train.stage=pt")
+    one = Trainer(_cfg(tmp_path / "one", synth_dir, *common, "data.batch_size=4"))
+    one.train()
+    two = Trainer(_cfg(tmp_path / "two", synth_dir, *common, "data.batch_size=2",
+                       "optim.grad_accum=2"))
+    state = two.loader.state_dict()
+    it = iter(two.loader)
+    counts = [int(two.model.count_supervised_tokens(x.input_ids, x.attention_mask, x.labels))
+              for x in (next(it), next(it))]
+    assert counts[0] != counts[1]  # else a mean of the micro-batch means would pass too
+    two.loader.load_state_dict(state)  # the step starts from the first batch again
+    two.train()
+    a, b = _losses(one.run_dir)[1], _losses(two.run_dir)[1]
+    assert a["ntp"] == pytest.approx(b["ntp"], rel=1e-5)
