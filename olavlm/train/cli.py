@@ -26,6 +26,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="dotted overrides, e.g. optim.lr=2e-5 train.max_steps=50")
 
 
+def quiet_third_party() -> None:
+    """Keep the console to the run's own log and progress bar: torch's pytree deprecation
+    notices that importing torchao triggers (harmless), and transformers' progress bars for
+    every model save/load (the log says what is loaded)."""
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+
+
 def run_train(args) -> int:
     from olavlm.config import resolve_config
     from olavlm.recipes import RECIPES
@@ -41,6 +53,7 @@ def run_train(args) -> int:
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"olavlm train: {exc}", file=sys.stderr)
         return 2
+    quiet_third_party()
     from .trainer import NonFiniteLossError, Trainer
 
     try:

@@ -69,4 +69,8 @@ def test_sigterm_to_a_running_job_then_rerun_resumes(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300, env=_env())
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
+    # The console carries the run's own log, not third-party noise (pytree notices that
+    # importing torchao triggers, transformers' progress bars for the tiny models' save/load).
+    for noise in ("_pytree", "Writing model shards", "Loading weights"):
+        assert noise not in err + again.stderr, noise
     assert _steps(tmp_path)[-3:] == [stopped_at + 1, stopped_at + 2, stopped_at + 3]
