@@ -2,13 +2,16 @@
 """Per-kernel device time and TFLOP/s of linear_cross_entropy's Triton path, over tile configs.
 
     python benchmarks/gpu/profile_lce.py           # GPU: Llama-3 head, N=8192, 0% and 90% ignored
-    python benchmarks/gpu/profile_lce.py --tiny    # CPU dry run (interpreter, one config)
+    python benchmarks/gpu/profile_lce.py --configs current,dw_torch   # Triton dW vs cuBLAS dW
+    python benchmarks/gpu/profile_lce.py --tiny    # CPU dry run (interpreter, both dW backends)
 
 For each tile config (olakernels.linear_cross_entropy.impl.triton.BLOCKS_OVERRIDE) it runs one
 warm-up fwd+bwd (compiles), then profiles one more and prints each kernel's device time and its
 rate against the GEMM it performs on the labelled rows (2 * rows * V * H FLOPs). A config whose
 warm-up takes over --max-seconds is reported and the sweep moves on. cuBLAS's rate on the same
-GEMM (torch.matmul) is printed first as the ceiling.
+GEMM (torch.matmul) is printed first as the ceiling. With dw_backend="torch" the dW GEMMs are
+aten::mm (first chunk) + aten::addmm (the others): one "dweight (cuBLAS)" line sums them, its
+rate still on the labelled rows' FLOPs, so it shows what the ignored rows of each chunk cost.
 """
 from __future__ import annotations
 
@@ -30,6 +33,9 @@ from olakernels.linear_cross_entropy.impl import triton as lce_triton  # noqa: E
 CONFIGS = {  # n, v: logits tile; m, h: dhidden/dweight output tile; k: reduction step;
     # dw_*: the dW kernel's own tiles (the H200 sweep's weak kernel), on top of GPU_BLOCKS
     "current": {},
+    # grad_weight by cuBLAS (fp32 output) on whole chunks: second, so that a stage cut short by
+    # its time limit still compares the two dW backends at 0% and 90% ignored.
+    "dw_torch": dict(dw_backend="torch"),
     "dw256x128": dict(dw_m=256, dw_h=128),
     "dw_k128": dict(dw_k=128, dw_stages=3),
     "dw_s4": dict(dw_stages=4),
@@ -37,6 +43,7 @@ CONFIGS = {  # n, v: logits tile; m, h: dhidden/dweight output tile; k: reductio
 }
 
 KERNEL_GEMMS = {"fwd": 1, "dlogits": 1, "dhidden": 1, "dweight": 1}
+TORCH_GEMMS = ("aten::mm", "aten::addmm")  # dw_backend="torch": the per-chunk dW GEMMs
 
 
 def sync(device):
@@ -68,7 +75,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tiny = args.tiny or device == "cpu"
     n, h, v = (64, 32, 200) if tiny else (8192, 4096, 128256)
-    names = ["current"] if tiny else args.configs.split(",")
+    names = ["current", "dw_torch"] if tiny else args.configs.split(",")
     print(f"shape N={n} H={h} V={v} bf16; cuBLAS bf16 N x V x H: "
           f"{cublas_rate(n, v, h, device):.0f} TFLOP/s")
     from torch.profiler import ProfilerActivity, profile
@@ -121,6 +128,12 @@ def main() -> None:
                 kind = next((k for k in KERNEL_GEMMS if f"_lce_{k}_kernel" in evt.key), None)
                 rate = f"{flop / (us * 1e-6) / 1e12:7.1f} TFLOP/s" if kind else ""
                 print(f"  {us / 1e3:9.3f} ms x{evt.count:<3d} {rate:17s} {evt.key[:70]}")
+            if CONFIGS[name].get("dw_backend") == "torch":
+                us = sum(e.device_time_total or 0.0 for e in prof.key_averages()
+                         if e.key in TORCH_GEMMS)  # the aten ops, not their kernels: no double
+                rate = flop / (us * 1e-6) / 1e12 if us > 0 else float("nan")
+                print(f"  {us / 1e3:9.3f} ms      {rate:7.1f} TFLOP/s dweight (cuBLAS, "
+                      f"mm + addmm); fp32-output GEMM ran: {dict(lce_triton._FP32_OUT_GEMM)}")
     lce_triton.BLOCKS_OVERRIDE.clear()
 
 

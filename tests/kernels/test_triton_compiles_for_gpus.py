@@ -103,8 +103,8 @@ def compile_linear_cross_entropy_kernels(target) -> int:
             _compile(k._lce_dlogits_kernel,
                      {**tensors, **ints, "LSE": "*fp32", "GRAD_LOSS": "*fp32",
                       "DLOGITS": "*" + dt},
-                     ("softcap", "label_smoothing", "z_loss_weight"), {**flags, **tiles}, target,
-                     **launch)
+                     ("softcap", "label_smoothing", "z_loss_weight"),
+                     {**flags, **tiles, "ZERO_PAST_COUNT": cap}, target, **launch)
             count += 2
         mm = {"BLOCK_M": blk["m"], "BLOCK_H": blk["h"], "BLOCK_K": blk["k"]}
         _compile(k._lce_dhidden_kernel,

@@ -4,12 +4,16 @@
 Forward: compaction on the device (labelled positions first, their count as a device scalar),
 then _lce_fwd_kernel + _lce_combine_kernel: per-token loss, lse and argmax-correctness with
 O(splits x N) extra memory. Backward, per chunk of CHUNK compacted rows (a host loop over the
-upper bound N; chunks past the labelled count return at once on the device): dlogits for the
+upper bound N; chunks past the labelled count return at once on the device, or write zero
+dlogits for dw_backend="torch", whose GEMM cannot stop at the count): dlogits for the
 chunk (CHUNK x V, the only large temporary: O(chunk x V)), then grad_hidden = dlogits @ W
-scattered to the rows, and grad_weight (fp32) += dlogits^T @ hidden. A frozen weight skips the
-grad_weight GEMM, hidden without grad skips grad_hidden.
+scattered to the rows, and grad_weight (fp32) += dlogits^T @ hidden (a Triton kernel, or
+cuBLAS/hipBLAS with the tile knob dw_backend="torch"). A frozen weight skips the grad_weight
+GEMM, hidden without grad skips grad_hidden.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import triton
@@ -35,20 +39,35 @@ DLOGITS_BUDGET_BYTES = 512 * 2**20
 # some of these keys) lets benchmarks/gpu/profile_lce.py sweep tiles without editing code;
 # dw_m / dw_h / dw_k / dw_warps / dw_stages give the dW kernel its own tiles (default: m, h, k,
 # num_warps, num_stages), since it is the one the H200 sweep left behind.
+# dw_backend: who computes grad_weight (and grad_bias). "triton": _lce_dweight_kernel, which
+# reads only the labelled rows of each chunk (chunks past the count cost nothing) but reached
+# only ~260 TFLOP/s on the H200. "torch": one cuBLAS/hipBLAS GEMM per chunk on the whole
+# (chunk, V) buffer; the chunk count is a host loop over the upper bound N and the host never
+# reads the labelled count (sync-free), so it also multiplies the ignored rows of every chunk
+# (zeros): predicted to win at 0% ignored and to lose at ~90% (docs/PERF.md; NOT measured yet,
+# hence not the default, and no "auto": the choice depends on the ignored fraction, which only
+# the device knows).
 # CUDA: the best of the sweep on an H200 (docs/PERF.md, linear_cross_entropy run 5): 1.7x the
 # first tiles (64 x 128) at 0% ignored, 1.16x at 90%. ROCm: smaller tiles with 2 stages so the
 # operands fit MI300X's 64 KiB of LDS (not measured on an MI300X).
-GPU_BLOCKS = dict(n=128, v=256, k=64, m=128, h=256, num_warps=8, num_stages=3)
-ROCM_BLOCKS = dict(n=64, v=128, k=64, m=128, h=128, num_warps=8, num_stages=2)
+GPU_BLOCKS = dict(n=128, v=256, k=64, m=128, h=256, num_warps=8, num_stages=3,
+                  dw_backend="triton")
+ROCM_BLOCKS = dict(n=64, v=128, k=64, m=128, h=128, num_warps=8, num_stages=2,
+                   dw_backend="triton")
 BLOCKS_OVERRIDE: dict = {}
+DW_BACKENDS = ("triton", "torch")
 
 
 def _blocks() -> dict:
     if interpreter_enabled():  # small tiles: the interpreter runs programs one by one
-        base = dict(n=16, v=32, k=32, m=16, h=32, num_warps=4, num_stages=1)
+        base = dict(n=16, v=32, k=32, m=16, h=32, num_warps=4, num_stages=1, dw_backend="triton")
     else:
         base = ROCM_BLOCKS if torch.version.hip else GPU_BLOCKS
-    return {**base, **BLOCKS_OVERRIDE}
+    blk = {**base, **BLOCKS_OVERRIDE}
+    if blk.get("dw_backend", "triton") not in DW_BACKENDS:
+        raise ValueError(f"BLOCKS_OVERRIDE['dw_backend'] must be one of {DW_BACKENDS}, "
+                         f"got {blk['dw_backend']!r}")
+    return blk
 
 
 def _dot_native(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -107,6 +126,62 @@ def chunk_rows(n: int, v: int, itemsize: int, multiple: int) -> int:
     return max(multiple, rows // multiple * multiple)
 
 
+# (device type, operand dtype, accumulate) -> whether torch.mm/addmm with out_dtype=float32
+# ran there; absent: not tried yet. The .dtype overloads exist for CUDA (half/bf16 operands,
+# fp32 output), not for CPU; older torch wants addmm's `self` in the operand dtype.
+_FP32_OUT_GEMM: dict[tuple[str, torch.dtype, bool], bool] = {}
+
+
+def _gemm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool):
+    """acc (+)= a @ b with fp32 accumulation and output; a, b in one dtype, acc fp32."""
+    key = (a.device.type, a.dtype, accumulate)
+    if a.dtype in _HALF and a.device.type == "cuda" and _FP32_OUT_GEMM.get(key, True):
+        try:  # half operands straight into the fp32 accumulator: no fp32 copies, one pass
+            if accumulate:
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            else:
+                torch.mm(a, b, out_dtype=torch.float32, out=acc)
+            _FP32_OUT_GEMM[key] = True
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError) as exc:  # NotImplementedError is a RuntimeError
+            if _FP32_OUT_GEMM.get(key):  # it ran before: this is a real error
+                raise
+            _FP32_OUT_GEMM[key] = False
+            op = "addmm" if accumulate else "mm"
+            warnings.warn(f"linear_cross_entropy dw_backend='torch': torch.{op}(out_dtype="
+                          f"float32) failed on {a.device.type} {a.dtype} ({exc}); upcasting the "
+                          "operands to fp32 instead (slower)", stacklevel=2)
+    # CPU, fp32 operands, or no fp32-output GEMM: upcast (exact: half products are exact in fp32).
+    a32, b32 = a.float(), b.float()
+    if accumulate:
+        acc.addmm_(a32, b32)
+    else:
+        torch.mm(a32, b32, out=acc)
+
+
+def _dweight_torch(dlogits, hidden, order, count, grad_w32, grad_b32, start, rows):
+    """dw_backend="torch": grad_w32 (+)= dlogits^T @ hidden[order[start:start+rows]] (fp32) and
+    grad_b32 (+)= dlogits.sum(0), over all `rows` rows (their dlogits past the count are 0)."""
+    dl = dlogits[:rows]
+    accumulate = start > 0
+    if grad_w32 is not None:
+        h_rows = hidden.index_select(0, order[start:start + rows])
+        # Ignored rows have dlogits 0, but 0 x inf/NaN in their hidden state would still poison
+        # grad_weight (the Triton kernel never reads them): zero them (chunk x H, cheap).
+        live = torch.arange(start, start + rows, device=hidden.device, dtype=torch.int32) < count
+        h_rows.masked_fill_(~live[:, None], 0)
+        if dl.dtype != h_rows.dtype:  # fp32 dlogits (interpreter, mixed dtypes): exact upcast
+            dl, h_rows = dl.float(), h_rows.float()
+        _gemm_into_fp32(grad_w32, dl.t(), h_rows, accumulate)
+    if grad_b32 is not None:
+        if accumulate:
+            grad_b32 += dl.sum(0, dtype=torch.float32)
+        else:
+            torch.sum(dl, 0, dtype=torch.float32, out=grad_b32)
+
+
 def lce_backward(hidden, weight, bias, labels, order, count, lse, grad_loss, label_smoothing,
                  z_loss_weight, softcap, need_hidden, need_weight, need_bias):
     """Returns (grad_hidden | None, grad_weight | None, grad_bias | None)."""
@@ -125,6 +200,7 @@ def lce_backward(hidden, weight, bias, labels, order, count, lse, grad_loss, lab
         if (need_bias and bias is not None) else None
     has_softcap = softcap > 0
     grad_loss = grad_loss.contiguous().float()
+    torch_dw = blk["dw_backend"] == "torch" and (need_weight or grad_b32 is not None)
     for start in range(0, n, chunk):
         _lce_dlogits_kernel[(chunk // blk["n"], triton.cdiv(v, blk["v"]))](
             hidden, weight, bias if bias is not None else weight, order, labels, count, lse,
@@ -132,7 +208,7 @@ def lce_backward(hidden, weight, bias, labels, order, count, lse, grad_loss, lab
             start, v, h, float(softcap) if has_softcap else 1.0, float(label_smoothing),
             float(z_loss_weight),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap, DOT_NATIVE=native,
-            BLOCK_N=blk["n"], BLOCK_V=blk["v"], BLOCK_K=blk["k"],
+            BLOCK_N=blk["n"], BLOCK_V=blk["v"], BLOCK_K=blk["k"], ZERO_PAST_COUNT=torch_dw,
             num_warps=blk["num_warps"], num_stages=blk["num_stages"],
         )
         if need_hidden:
@@ -141,7 +217,10 @@ def lce_backward(hidden, weight, bias, labels, order, count, lse, grad_loss, lab
                 DOT_NATIVE=native, BLOCK_M=blk["m"], BLOCK_H=blk["h"], BLOCK_K=blk["k"],
                 num_warps=blk["num_warps"], num_stages=blk["num_stages"],
             )
-        if need_weight or grad_b32 is not None:
+        if torch_dw:
+            _dweight_torch(dlogits, hidden, order, count, grad_w32, grad_b32, start,
+                           min(chunk, n - start))
+        elif need_weight or grad_b32 is not None:
             dw_m, dw_h = blk.get("dw_m", blk["m"]), blk.get("dw_h", blk["h"])
             _lce_dweight_kernel[(triton.cdiv(v, dw_m), triton.cdiv(h, dw_h))](
                 dlogits, hidden, order, count,

@@ -11,7 +11,8 @@ COUNT (no synchronization: safe under CUDA graphs and torch.compile).
                            the label's logit, the sum of logits (label smoothing) and the argmax.
     _lce_combine_kernel    grid (row blocks): partials -> lse, per-token loss, argmax == label.
     _lce_dlogits_kernel    grid (chunk row blocks, V blocks): recomputes a logits tile and writes
-                           d loss / d logits for one chunk of rows into a (chunk, V) buffer.
+                           d loss / d logits for one chunk of rows into a (chunk, V) buffer
+                           (ZERO_PAST_COUNT: rows past COUNT get 0 instead of being skipped).
     _lce_dhidden_kernel    grid (chunk row blocks, H blocks): dlogits @ W, scattered to the rows.
     _lce_dweight_kernel    grid (V blocks, H blocks): dW (+)= dlogits^T @ h over the chunk's rows,
                            in fp32, and the bias gradient.
@@ -163,12 +164,21 @@ def _lce_dlogits_kernel(
     chunk_start, V, H, softcap, label_smoothing, z_loss_weight,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_NATIVE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    # dw_backend="torch" multiplies the whole (chunk, V) buffer with cuBLAS, which cannot stop at
+    # the device-side COUNT: rows past it must hold 0, not whatever the buffer held before.
+    ZERO_PAST_COUNT: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     count = tl.load(COUNT)
     start = chunk_start + pid_n * BLOCK_N
     if start >= count:
+        if ZERO_PAST_COUNT:  # a store of zeros costs chunk x V x 2 bytes, no GEMM
+            cols0 = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+            local0 = (start - chunk_start + tl.arange(0, BLOCK_N)).to(tl.int64)
+            tl.store(DLOGITS + local0[:, None] * V + cols0[None, :],
+                     tl.zeros([BLOCK_N, BLOCK_V], dtype=DLOGITS.dtype.element_ty),
+                     mask=(cols0 < V)[None, :])
         return
     rc = start + tl.arange(0, BLOCK_N)
     ok = rc < count
@@ -189,8 +199,11 @@ def _lce_dlogits_kernel(
         dz *= 1.0 - zc * zc
     dz = tl.where(ok[:, None] & ok_c[None, :], dz * g[:, None], 0.0)
     local = (rc - chunk_start).to(tl.int64)
+    store_rows = ok
+    if ZERO_PAST_COUNT:  # rows past the count in this block: the 0 from the tl.where above
+        store_rows = rc >= 0
     tl.store(DLOGITS + local[:, None] * V + cols[None, :], dz.to(DLOGITS.dtype.element_ty),
-             mask=ok[:, None] & ok_c[None, :])
+             mask=store_rows[:, None] & ok_c[None, :])
 
 
 @triton.jit
