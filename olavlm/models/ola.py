@@ -34,6 +34,7 @@ from .llm import DecoderParts, LayerTaps, load_llm
 from .projector import build_projector
 from .splice import (
     SplicedInputs,
+    align_right,
     count_supervised_tokens,
     head_key_mask,
     splice_inputs,
@@ -382,14 +383,19 @@ class OlaVLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, images=None, **generate_kwargs):
-        """Chat generation with the KV cache; the heads are skipped. Batches must be left-padded
-        (the splice keeps padding where it is). Returns the new tokens only (HF behaviour with
+        """Chat generation with the KV cache; the heads are skipped. Batches may mix image and
+        text-only prompts, padded on either side: after splicing every row is aligned to the
+        right (``align_right``). Returns the new tokens only (HF behaviour with
         inputs_embeds)."""
         spliced = self.splice(input_ids, attention_mask, None, images)
-        generate_kwargs.setdefault("pad_token_id", getattr(self.llm.config, "pad_token_id", None)
-                                   or getattr(self.llm.config, "eos_token_id", None))
-        return self.llm.generate(inputs_embeds=spliced.inputs_embeds,
-                                 attention_mask=spliced.attention_mask.long(), **generate_kwargs)
+        embeds, mask = align_right(spliced.inputs_embeds, spliced.attention_mask)
+        if "pad_token_id" not in generate_kwargs:
+            pad = getattr(self.llm.config, "pad_token_id", None)
+            if pad is None:  # (0 is a valid pad id: test for None, not falsiness)
+                pad = getattr(self.llm.config, "eos_token_id", None)
+            generate_kwargs["pad_token_id"] = pad
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=mask.long(),
+                                 **generate_kwargs)
 
 
 def _align_target(task: str, target: torch.Tensor, pred_shape: torch.Size) -> torch.Tensor:

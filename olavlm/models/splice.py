@@ -26,8 +26,8 @@ from torch import nn
 
 from olakernels._checks import fail_if_any
 
-__all__ = ["SplicedInputs", "count_supervised_tokens", "head_key_mask", "splice_inputs",
-           "splice_reference", "task_token_positions"]
+__all__ = ["SplicedInputs", "align_right", "count_supervised_tokens", "head_key_mask",
+           "splice_inputs", "splice_reference", "task_token_positions"]
 
 
 @dataclass
@@ -146,6 +146,26 @@ def splice_inputs(
     total = text.sum() + (has_image.long() * (n_img + n_task)).sum()
     return SplicedInputs(embeds, written, new_labels, start, has_image, n_img, n_task,
                          total - kept)
+
+
+def align_right(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor):
+    """Shift each row so that its last real position is the buffer's last (left padding).
+
+    Generation continues every row from the buffer's last position, so each row's prompt must
+    end there. Splicing grows only the rows with an image, which leaves a text-only row of a
+    mixed batch with padding on its right even when the raw ids were left-padded; right-padded
+    ids have the same problem. Rows' real tokens are contiguous after splicing, so a per-row
+    shift (one gather) fixes both. Returns (inputs_embeds, attention_mask)."""
+    b, length = attention_mask.shape
+    pos = torch.arange(length, device=attention_mask.device)
+    last = torch.where(attention_mask, pos[None, :], -1).amax(1)
+    shift = length - 1 - last  # a row with no real token gets `length`: all padding
+    src = pos[None, :] - shift[:, None]
+    inside = src >= 0
+    src = src.clamp(min=0)
+    mask = attention_mask.gather(1, src) & inside
+    embeds = inputs_embeds.gather(1, src[..., None].expand(-1, -1, inputs_embeds.shape[-1]))
+    return embeds * mask[..., None].to(embeds.dtype), mask
 
 
 def count_supervised_tokens(

@@ -317,6 +317,30 @@ def test_generate_and_visual_interpretations(model):
     assert preds["gen"][3].shape == (2, 1, 16)
 
 
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_generate_mixed_text_and_image_prompts_equals_one_at_a_time(model, padding):
+    """A text-only prompt batched with an image prompt generates what it generates alone:
+    the splice grows only the image row, so the text row must be re-aligned to the right."""
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(1, 90, (1, 10), generator=g)
+    with_image = torch.randint(1, 90, (1, 12 if padding != "none" else 10), generator=g)
+    with_image[0, 2] = -200
+    size = model.vision_tower.image_size
+    images = torch.randn(2, 3, size, size, generator=g)
+    ids = torch.zeros(2, with_image.shape[1], dtype=torch.long)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    lo = ids.shape[1] - 10 if padding == "left" else 0
+    ids[0, lo: lo + 10], mask[0, lo: lo + 10] = text[0], True
+    ids[1], mask[1] = with_image[0], True
+    kw = dict(max_new_tokens=5, do_sample=False)
+    batched = model.generate(ids, mask, images, **kw)
+    alone_text = model.generate(text, torch.ones_like(text, dtype=torch.bool), None, **kw)
+    alone_image = model.generate(with_image, torch.ones_like(with_image, dtype=torch.bool),
+                                 images[1:], **kw)
+    assert batched[0].tolist() == alone_text[0].tolist()
+    assert batched[1].tolist() == alone_image[0].tolist()
+
+
 def test_layer_taps_keep_nothing_outside_a_forward(model):
     """The hooks stay installed (a stable hook set for per-block compile) but store only while
     the model's forward asks, and only the layers it asks for."""
