@@ -257,9 +257,13 @@ class ResumableLoader:
         # No persistent workers: each pass starts its own (a fork costs milliseconds), so a
         # break or an error mid-epoch never leaves workers behind with a stale position.
         extra = {"prefetch_factor": prefetch_factor} if num_workers else {}
+        # Its own generator: every iter(DataLoader) draws a worker base seed, and from the global
+        # RNG that draw would happen at an epoch's start in one run but mid-epoch in a resumed
+        # one, so a model with dropout would not continue exactly after a resume.
         self._dataloader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self._batch_sampler, collate_fn=collator,
-            num_workers=num_workers, pin_memory=pin_memory, **extra)
+            num_workers=num_workers, pin_memory=pin_memory,
+            generator=torch.Generator().manual_seed(int(seed)), **extra)
 
     def _start_epoch_log(self) -> None:
         self.log.reset()

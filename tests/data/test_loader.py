@@ -81,6 +81,15 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_samples(dataset, num_work
     assert resumed.epoch == 1 and resumed.position == 0
 
 
+def test_iterating_leaves_the_global_rng_alone(dataset):
+    """A resumed run starts its pass mid-epoch: were the pass to draw from the global RNG (the
+    DataLoader's worker seed), dropout after a resume would differ from the run it continues."""
+    loader = ResumableLoader(dataset, batch_size=4, seed=1)
+    before = torch.get_rng_state()
+    next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_two_ranks_cover_the_dataset_once(dataset):
     ranks = [ResumableLoader(dataset, batch_size=4, rank=r, world_size=2, seed=3)
              for r in range(2)]
