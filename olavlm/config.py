@@ -99,6 +99,10 @@ class ParallelConfig:
     tf32: bool = True
     sdpa_backend: str = "auto"  # auto | flash | efficient | cudnn | math
     liger: bool = False  # liger-kernel RMSNorm / SwiGLU / RoPE modules
+    # rank0: with FSDP2 on several ranks, rank 0 alone loads the weights; the others build the
+    # model on the meta device and receive their shards from it (olavlm.train.load).
+    # every_rank: each rank loads the whole model, then shards it. One process: no effect.
+    load: str = "rank0"
 
 
 @dataclass
@@ -180,6 +184,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.activation_checkpointing": ("none", "selective", "full"),
     "parallel.float8": ("none", "tensorwise", "rowwise"),
     "parallel.sdpa_backend": ("auto", "flash", "efficient", "cudnn", "math"),
+    "parallel.load": ("rank0", "every_rank"),
     "optim.schedule": ("cosine", "constant"),
     "optim.fused": ("auto", "on", "off", "apex"),
     "train.stage": ("pt", "vpt", "ift", "full"),

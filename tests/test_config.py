@@ -205,6 +205,8 @@ def test_strings_parse_for_numbers_and_ints_for_floats():
     ({"parallel": {"float8": "on"}}, "parallel.float8: expected one of none, tensorwise, rowwise"),
     ({"parallel": {"fsdp": "yes"}}, "parallel.fsdp: expected one of auto, on, off"),
     ({"parallel": {"mixed_precision": "fp16"}}, "parallel.mixed_precision: expected one of"),
+    ({"parallel": {"load": "rank_0"}}, "parallel.load: expected one of rank0, every_rank, got "
+                                       "'rank_0' (did you mean 'rank0'?)"),
     ({"teachers": {"mode": "offline"}}, "teachers.mode: expected one of online, cache, none"),
     ({"optim": {"schedule": "linear"}}, "optim.schedule: expected one of cosine, constant"),
     ({"optim": {"warmup_ratio": 1.5}}, "optim.warmup_ratio: expected a value in [0.0, 1.0]"),

@@ -21,10 +21,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_llm(path: str | Path, *, dtype: str = "float32", attn_implementation: str = "sdpa",
-             device: torch.device | str | None = None):
+             device: torch.device | str | None = None, meta: bool = False):
     """``AutoModelForCausalLM`` from a local directory (never a download). ``device`` (a GPU)
-    loads the weights straight onto it (``device_map``, needs accelerate): with several ranks
-    per node, no rank holds a CPU copy of the whole LLM."""
+    loads the weights straight onto it (``device_map``, needs accelerate). ``meta``: the same
+    modules on the meta device, built from config.json alone (no weight is read or allocated):
+    the ranks that receive their shards from rank 0 (``parallel.load=rank0``)."""
     import importlib.util
 
     from transformers import AutoModelForCausalLM
@@ -34,6 +35,8 @@ def load_llm(path: str | Path, *, dtype: str = "float32", attn_implementation: s
         raise FileNotFoundError(
             f"llm: {str(path)!r} is not a local Hugging Face model directory (no config.json); "
             "models are never downloaded, pass a local path")
+    if meta:
+        return _meta_llm(path, _DTYPES[dtype], attn_implementation)
     extra = {}
     if device is not None and torch.device(device).type == "cuda" and \
             importlib.util.find_spec("accelerate") is not None:
@@ -41,6 +44,19 @@ def load_llm(path: str | Path, *, dtype: str = "float32", attn_implementation: s
     return AutoModelForCausalLM.from_pretrained(
         path, local_files_only=True, dtype=_DTYPES[dtype], attn_implementation=attn_implementation,
         **extra)
+
+
+def _meta_llm(path: Path, dtype: torch.dtype, attn_implementation: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+    # What from_pretrained does besides reading weights: eval mode, the generation config.
+    if (path / "generation_config.json").is_file() and model.can_generate():
+        model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    return model.eval()
 
 
 class DecoderParts:

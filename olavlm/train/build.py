@@ -8,6 +8,7 @@ the run directory and loaded through the normal loading code (the demo recipe us
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -128,9 +129,14 @@ def _materialize(spec: str, kind: str, work: Path, tokenizer) -> str:
 
 
 def build_model(cfg, tokenizer, work_dir: Path, *, is_main: bool, barrier,
-                device: torch.device | None = None) -> OlaVLM:
+                device: torch.device | None = None, meta: bool = False) -> OlaVLM:
     """The OlaVLM of cfg.model (the trainer moves it to ``device``; the LLM's weights are loaded
-    straight onto a GPU ``device`` when accelerate is installed); tiny:* parts written first."""
+    straight onto a GPU ``device`` when accelerate is installed); tiny:* parts written first.
+
+    ``meta``: the LLM, projector, task tokens, heads and logit scales on the meta device (no
+    storage; ``parallel.load=rank0`` fills them from rank 0 after sharding), built by the same
+    code as the real model, so their structure is the same (olavlm.train.load checks it). The
+    vision tower is loaded as usual: it is frozen and comparatively small."""
     mc: ModelConfig = cfg.model
     work_dir = Path(work_dir) / "models"
     if is_main:
@@ -158,10 +164,11 @@ def build_model(cfg, tokenizer, work_dir: Path, *, is_main: bool, barrier,
     from olavlm.models.llm import load_llm
 
     llm_model = load_llm(llm, dtype=mc.dtype, attn_implementation=mc.attn_implementation,
-                         device=device)
+                         device=None if meta else device, meta=meta)
     torch.manual_seed(cfg.train.seed)
-    model = OlaVLM(resolved, llm=llm_model, vision_tower=vision)
-    added = resize_embeddings_like_seed(model.llm, len(tokenizer))
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = OlaVLM(resolved, llm=llm_model, vision_tower=vision)
+        added = resize_embeddings_like_seed(model.llm, len(tokenizer))
     if added:
         model.llm.config.pad_token_id = tokenizer.pad_token_id
         logger.info("grew the LLM's embeddings by %d rows (mean-initialized) to the tokenizer's "
@@ -252,8 +259,8 @@ def load_initial_weights(model: OlaVLM, path: str) -> list[str]:
         state = {}
         for key, value in read_safetensors_dir(root).items():
             mapped = seed_key_to_ola(key)
-            if mapped is not None:
-                state[mapped] = value
+            if mapped is not None:  # the seed's logit scales are 0-d, ours (1,) (as checkpoint_io)
+                state[mapped] = value.reshape(1) if mapped.endswith("_logit_scale") else value
     else:
         raise FileNotFoundError(f"checkpoint.init_from: {root} holds neither an export_hf "
                                 "folder (olavlm_config.json) nor a seed checkpoint (config.json)")

@@ -130,7 +130,10 @@ def apply_liger(model: nn.Module, device: torch.device) -> int:
                 new.weight.requires_grad_(child.weight.requires_grad)
             elif kind.endswith("MLP") and all(hasattr(child, a) for a in
                                               ("gate_proj", "up_proj", "down_proj")):
-                new = LigerSwiGLUMLP(child.config) if hasattr(child, "config") else None
+                # Built where the old one lives: on the meta device on parallel.load=rank0's
+                # meta ranks (no full-size MLP allocated there).
+                with torch.device(child.down_proj.weight.device):
+                    new = LigerSwiGLUMLP(child.config) if hasattr(child, "config") else None
                 if new is None:
                     continue
                 new.load_state_dict(child.state_dict())

@@ -27,6 +27,7 @@ import torch
 from olavlm.config import Config, config_to_dict, save_resolved_config
 
 from . import build as B
+from . import load as L
 from .checkpoint import Checkpointer, CheckpointError, StopSignals
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_losses, summarize_run
 from .optim import build_optimizer, build_scheduler
@@ -96,23 +97,32 @@ class Trainer:
         self.tokenizer = B.build_tokenizer(cfg, data_root)
         if d.is_main:  # the tokenizer the run trained with (pad token included), for inference
             self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
+        # parallel.load=rank0: ranks other than 0 build on the meta device and get rank 0's
+        # weights after sharding (olavlm/train/load.py), so init_from is read by rank 0 only.
+        load = L.load_mode(cfg.parallel, d.world_size)
+        on_meta = load == "rank0" and not d.is_main
         model = B.build_model(cfg, self.tokenizer, self.run_dir, is_main=d.is_main,
-                              barrier=barrier, device=d.device)
-        if cfg.checkpoint.init_from:
+                              barrier=barrier, device=d.device, meta=on_meta)
+        if cfg.checkpoint.init_from and not on_meta:
             kept = B.load_initial_weights(model, cfg.checkpoint.init_from)
             logger.info("initialized from %s (%d tensors kept their fresh init)",
                         cfg.checkpoint.init_from, len(kept))
         apply_stage(model, cfg.train.stage)
         self.trainable = trainable_report(model)
-        model.to(d.device)
+        if not on_meta:
+            model.to(d.device)
+        # Before the teachers: the meta ranks take rank 0's RNG state here.
+        self.loading = L.prepare(model, load, d)
         self.teachers = B.build_teachers_for(cfg, model, d.device) \
             if cfg.train.stage in ("pt", "full") else None
         self.dataset, self.loader = B.build_data(
             cfg, model, self.tokenizer, data_root, rank=d.rank, world_size=d.world_size,
             run_dir=self.run_dir, online=self.teachers)
         self.parallel_done = apply_parallelism(model, cfg.parallel, d)
+        L.finish(model, self.loading, d.device)
         if d.distributed:  # (a 1-rank FSDP group needs no gathers)
             model.process_group = torch.distributed.group.WORLD
+            self.parallel_done["load"] = load
         self.model = model
         accum = cfg.optim.grad_accum
         if accum < 1:
@@ -130,6 +140,7 @@ class Trainer:
             extra = self.checkpointer.load(resume, self._state())
             self.step = int(extra["step"])
             self.nonfinite_total = int(extra.get("nonfinite_total", 0))
+            self.nonfinite_run = int(extra.get("nonfinite_run", 0))  # "in a row" spans a resume
             logger.info("resumed from %s at step %d", resume, self.step)
         self.resumed_from = resume
         lc = cfg.logging
@@ -147,7 +158,7 @@ class Trainer:
         return {"model": self.model, "optim": self.optimizer, "scheduler": self.scheduler,
                 "loader": self.loader, "rng": True,
                 "extra": {"step": self.step, "nonfinite_total": self.nonfinite_total,
-                          "recipe": self.cfg.recipe}}
+                          "nonfinite_run": self.nonfinite_run, "recipe": self.cfg.recipe}}
 
     def save_checkpoint(self) -> Path | None:
         try:
@@ -175,11 +186,15 @@ class Trainer:
 
     def _batches(self):
         while True:
+            # A pass that starts mid-epoch may have nothing left (a checkpoint taken right after
+            # an epoch's last batch, or a dropped last batch): it just closes the epoch. Only an
+            # epoch that yields nothing from its start means there is no data.
+            fresh = getattr(self.loader, "position", 0) == 0
             got = False
             for batch in self.loader:
                 got = True
                 yield batch
-            if not got:
+            if not got and fresh:
                 raise RuntimeError("the data loader yields no batches (empty dataset?)")
 
     def _micro_step(self, batch, scale: float, ntp_tokens: torch.Tensor):

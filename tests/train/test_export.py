@@ -53,3 +53,20 @@ def test_export_errors(trained, tmp_path):
         export_checkpoint(tmp_path / "nope", tmp_path / "out")
     with pytest.raises(ValueError, match="--format must be hf or seed"):
         export_checkpoint(trainer.run_dir, tmp_path / "out", fmt="onnx")
+
+
+@pytest.mark.parametrize("fmt", ["hf", "seed"])
+def test_init_from_an_export_starts_the_next_stage_from_its_weights(trained, tmp_path, fmt):
+    """checkpoint.init_from (VPT from PT): both export layouts, the seed's with its 0-d logit
+    scales, load into a fresh run's model before any step."""
+    trainer, tmp = trained
+    out = export_checkpoint(trainer.checkpointer.latest(), tmp_path / fmt, fmt=fmt)
+    cfg = resolve_config("demo", None, [
+        f"train.output_dir={tmp_path / 'runs'}", f"data.synthetic_dir={tmp / 'synth'}",
+        "data.synthetic_num=24", "train.max_steps=1", "logging.progress=false",
+        "logging.plot=false", f"checkpoint.init_from={out}"])
+    nxt = Trainer(cfg)
+    try:
+        _assert_same(nxt.model, trainer)
+    finally:
+        nxt.close()

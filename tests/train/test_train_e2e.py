@@ -54,8 +54,14 @@ class _Crash(RuntimeError):
     pass
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, synth_dir):
-    common = ("train.max_steps=8", "checkpoint.every_steps=4", "data.batch_size=4")
+@pytest.mark.parametrize("every,crash_at,max_steps", [(4, 4, 8), (12, 12, 15)],
+                         ids=["mid_epoch", "at_the_epoch_end"])
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, synth_dir, every, crash_at,
+                                                          max_steps):
+    # 48 samples / batch 4: 12 steps an epoch. A checkpoint right after an epoch's last batch
+    # holds position == dataset size; the resumed run must roll over into the next epoch.
+    common = (f"train.max_steps={max_steps}", f"checkpoint.every_steps={every}",
+              "data.batch_size=4")
     full = Trainer(_cfg(tmp_path / "a", synth_dir, *common))
     full.train()
     want = _losses(full.run_dir)
@@ -65,18 +71,18 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, synth_dir):
 
     def save_then_crash():
         path = save()
-        if crashing.step == 4:
-            raise _Crash("killed right after the step-4 checkpoint")
+        if crashing.step == crash_at:
+            raise _Crash(f"killed right after the step-{crash_at} checkpoint")
         return path
 
     crashing.save_checkpoint = save_then_crash
     with pytest.raises(_Crash):
         crashing.train()
     resumed = Trainer(_cfg(tmp_path / "b", synth_dir, *common, "train.run_name=job"))
-    assert resumed.step == 4 and resumed.resumed_from is not None
+    assert resumed.step == crash_at and resumed.resumed_from is not None
     resumed.train()
     got = _losses(resumed.run_dir)
-    for step in range(5, 9):
+    for step in range(crash_at + 1, max_steps + 1):
         for key in ("loss", "ntp", "gen", "depth", "seg", "grad_norm"):
             assert got[step][key] == want[step][key], (step, key, got[step][key],
                                                         want[step][key])
@@ -131,6 +137,29 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, synth_dir):
     _poison(stuck, set(range(1, 7)))
     with pytest.raises(NonFiniteLossError, match=r"step 3: 3 non-finite steps in a row.*depth"):
         stuck.train()
+
+
+def test_nonfinite_steps_in_a_row_count_across_a_resume(tmp_path, synth_dir):
+    common = ("train.max_steps=6", "checkpoint.every_steps=2", "train.nonfinite_limit=3",
+              "train.run_name=nf")
+    first = Trainer(_cfg(tmp_path, synth_dir, *common))
+    _poison(first, {1, 2})
+    save = first.save_checkpoint
+
+    def save_then_crash():
+        path = save()
+        if first.step == 2:
+            raise _Crash("killed after two non-finite steps and a checkpoint")
+        return path
+
+    first.save_checkpoint = save_then_crash
+    with pytest.raises(_Crash):
+        first.train()
+    resumed = Trainer(_cfg(tmp_path, synth_dir, *common))
+    assert resumed.step == 2 and resumed.nonfinite_run == 2
+    _poison(resumed, {3})
+    with pytest.raises(NonFiniteLossError, match=r"step 3: 3 non-finite steps in a row"):
+        resumed.train()
 
 
 def test_config_errors_fail_before_any_work(tmp_path, capsys):
@@ -201,3 +230,25 @@ def test_accumulated_next_token_loss_is_the_mean_over_the_step_tokens(tmp_path, 
     two.train()
     a, b = _losses(one.run_dir)[1], _losses(two.run_dir)[1]
     assert a["ntp"] == pytest.approx(b["ntp"], rel=1e-5)
+
+
+def test_batches_close_an_exhausted_epoch_but_reject_an_empty_dataset():
+    class Loader:  # the ResumableLoader protocol: `position`, one pass per iter()
+        def __init__(self, passes, position):
+            self.passes, self.position = passes, position
+
+        def __iter__(self):
+            batches = self.passes.pop(0)
+            yield from batches
+            self.position = 0
+
+    class Owner:
+        _batches = Trainer._batches
+
+    owner = Owner()
+    owner.loader = Loader([[], ["a", "b"]], position=16)  # resumed at the epoch's end
+    it = owner._batches()
+    assert [next(it), next(it)] == ["a", "b"]
+    owner.loader = Loader([[]], position=0)
+    with pytest.raises(RuntimeError, match="yields no batches"):
+        next(owner._batches())

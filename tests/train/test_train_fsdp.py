@@ -13,6 +13,7 @@ from olavlm.train.metrics import read_metrics
 from olavlm.train.trainer import Trainer
 
 STEPS = 3
+TIMING = ("time", "step_time_s", "samples_per_s", "tokens_per_s", "teachers/ms")
 
 
 def _overrides(tmp, synth, batch, *extra):
@@ -37,7 +38,8 @@ def _worker(rank, world, port, tmp, synth, out_file, stage):
     import torch.distributed as dist
 
     trainer = Trainer(resolve_config("demo", None, _overrides(
-        tmp, synth, 4, "parallel.fsdp=on", f"train.stage={stage}")))
+        tmp, synth, 4, "parallel.fsdp=on", f"train.stage={stage}", "parallel.load=rank0")))
+    assert trainer.loading.on_meta == (rank > 0)
     trainer.train()
     params = _trained_params(trainer.model)  # collective: every rank takes part
     if rank == 0:
@@ -57,6 +59,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["full", "pt"])  # pt: a frozen, sharded LLM
 def test_two_process_fsdp_equals_one_process(tmp_path, stage):
+    """With parallel.load=rank0 (rank 1 builds on the meta device and gets rank 0's weights)."""
     synth = tmp_path / "synthetic"
     single = Trainer(resolve_config("demo", None, _overrides(tmp_path / "one", synth, 8,
                                                              f"train.stage={stage}")))
@@ -78,3 +81,49 @@ def test_two_process_fsdp_equals_one_process(tmp_path, stage):
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=2e-5,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _load_worker(rank, world, port, tmp, synth, out_file):
+    """every_rank, then rank0 with a checkpoint at step 2, then a run resumed from it."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    results = {}
+    for name, extra in (
+            ("every_rank", ["parallel.load=every_rank"]),
+            ("rank0", ["parallel.load=rank0", "checkpoint.every_steps=2"]),
+            ("resumed", ["parallel.load=rank0", "checkpoint.resume="
+                         f"{tmp}/rank0/job/checkpoints/step_000002"])):
+        trainer = Trainer(resolve_config("demo", None, _overrides(
+            f"{tmp}/{name}", synth, 4, "parallel.fsdp=on", *extra)))
+        loading = [None] * world
+        dist.all_gather_object(loading, (trainer.loading.on_meta, trainer.loading.llm_bytes))
+        trainer.train()
+        results[name] = {"params": _trained_params(trainer.model), "loading": loading}
+    if rank == 0:
+        torch.save(results, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.distributed
+def test_rank0_load_trains_exactly_like_every_rank_and_resumes(tmp_path):
+    synth, out_file = tmp_path / "synthetic", tmp_path / "results.pt"
+    mp.spawn(_load_worker, args=(2, _free_port(), str(tmp_path), str(synth), str(out_file)),
+             nprocs=2, join=True)
+    got = torch.load(out_file)
+    # Rank 1 built the LLM on the meta device under rank0 (no LLM bytes before sharding).
+    full = got["every_rank"]["loading"][0][1]
+    assert full > 0 and got["every_rank"]["loading"] == [(False, full), (False, full)]
+    assert got["rank0"]["loading"] == got["resumed"]["loading"] == [(False, full), (True, 0)]
+    # Same weights and the same RNG state on every rank: the runs are identical bit for bit.
+    every, rank0, resumed = ([{k: v for k, v in r.items() if k not in TIMING}
+                              for r in read_metrics(tmp_path / n / "job")]
+                             for n in ("every_rank", "rank0", "resumed"))
+    assert len(every) == STEPS and rank0 == every
+    assert resumed == every[-1:]
+    for name, value in got["every_rank"]["params"].items():
+        assert torch.equal(got["rank0"]["params"][name], value), name
+        assert torch.equal(got["resumed"]["params"][name], value), name
