@@ -1,6 +1,7 @@
 # Functional entry point of the fused linear cross-entropy: validation and dispatch.
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -69,6 +70,8 @@ def linear_cross_entropy(
     """
     _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_weight,
               logit_softcap, impl)
+    # int64 before any comparison: in uint8, ignore_index=-100 and V would wrap around.
+    labels = labels.long()
     check_label_range(labels, weight.shape[0], ignore_index)
     if shift_labels:
         labels = shift_for_next_token(labels, ignore_index)
@@ -149,8 +152,9 @@ def _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_w
         raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if not z_loss_weight >= 0:
         raise ValueError(f"{name}: z_loss_weight must be >= 0, got {z_loss_weight}")
-    if logit_softcap is not None and not logit_softcap > 0:
-        raise ValueError(f"{name}: logit_softcap must be > 0 or None, got {logit_softcap}")
+    if logit_softcap is not None and not (0 < logit_softcap < math.inf):
+        raise ValueError(f"{name}: logit_softcap must be a finite number > 0, or None (no cap), "
+                         f"got {logit_softcap}")
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:

@@ -152,13 +152,16 @@ class ExtractReport:
         return text + ("" if self.complete else "\n  index not written yet (other ranks)")
 
 
-def _plan(teachers, items, storage: str, shard_size: int) -> dict:
+def _plan(teachers, items, storage: str, shard_size: int, resize: str) -> dict:
+    # Everything that changes the stored values: a resume with another plan must not mix
+    # shards (``resize`` moves the teachers' input pixels, so their targets, too).
     digest = hashlib.sha256("\n".join(k for k, _ in items).encode("utf-8")).hexdigest()
     tasks = {task: {"shape": list(shape), "teacher": t.name}
              for t in teachers for task, shape in t.target_shapes().items()}
     return {"format": FORMAT, "version": FORMAT_VERSION, "storage": storage,
             "shard_size": shard_size, "num_images": len(items), "keys_sha256": digest,
-            "tasks": tasks, "teachers": {t.name: t.fingerprint() for t in teachers}}
+            "resize": resize, "tasks": tasks,
+            "teachers": {t.name: t.fingerprint() for t in teachers}}
 
 
 def _clear_cache_files(out: Path) -> None:
@@ -379,7 +382,7 @@ def extract_targets(data, out, teachers: Sequence[Teacher], *, image_folder=None
     data = [data] if isinstance(data, (str, Path)) else list(data)
     index = LlavaIndex(data, on_bad_sample=on_bad_sample)
     items = image_items(index)
-    plan = _plan(teachers, items, storage, shard_size)
+    plan = _plan(teachers, items, storage, shard_size, resize)
     digest = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
     out = Path(out)
     _prepare(out, plan, overwrite, rank, barrier)

@@ -254,6 +254,19 @@ def test_gpu_real_shapes(case):
     _check_against_oracle("triton", pred, target, mask, torch.tensor(2.0, device="cuda"))
 
 
+@pytest.mark.parametrize("on_gpu", [False, pytest.param(True, marks=pytest.mark.gpu)],
+                         ids=["device", "gpu"])
+def test_fp32_pred_with_bf16_targets(on_gpu, device):
+    """Pre-training's mix: fp32 heads against bf16 cached targets. The backward's dot must not
+    round the fp32 coefficients to tf32 (~5e-4): the eager fp32 path is ~1e-7."""
+    dev = "cuda" if on_gpu else device
+    shape = (8, 576, 1024) if on_gpu else SHAPES["ragged"]
+    pred, target = make_embedding_pair(shape, dtype=torch.float32, device=dev, seed=41)
+    target = target.to(torch.bfloat16)
+    mask = make_sample_mask(shape[0], "mixed", device=dev)
+    _check_against_oracle("triton", pred, target, mask, torch.tensor(2.0, device=dev))
+
+
 @pytest.mark.gpu
 def test_gpu_deterministic_and_auto_is_triton():
     pred, target = make_embedding_pair((8, 1536, 24, 24), dtype=torch.bfloat16, device="cuda")

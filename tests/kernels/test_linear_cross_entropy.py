@@ -186,6 +186,8 @@ def _bad_cases():
     yield "bias", dict(hidden=h, weight=w, labels=y, bias=torch.randn(9)), "bias must have"
     yield "smoothing", dict(hidden=h, weight=w, labels=y, label_smoothing=1.5), "label_smoothing"
     yield "softcap", dict(hidden=h, weight=w, labels=y, logit_softcap=0.0), "logit_softcap"
+    yield "softcap_inf", dict(hidden=h, weight=w, labels=y, logit_softcap=float("inf")), \
+        "finite number > 0"
     yield "int_hidden", dict(hidden=h.long(), weight=w, labels=y), "hidden must be a floating"
     yield "empty", dict(hidden=h[:0], weight=w, labels=y[:0]), "at least one token"
 
@@ -195,6 +197,23 @@ def test_bad_input_errors(case):
     _, kwargs, message = case
     with pytest.raises(ValueError, match=re.escape(message)):
         linear_cross_entropy(**kwargs)
+
+
+@pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int16])
+def test_label_dtypes_other_than_int64(impl, dtype, device):
+    """Labels of any integer dtype mean what their int64 values mean (uint8 compared with
+    ignore_index=-100 or V must not wrap around)."""
+    hidden, weight, labels, _ = make_lm_head_inputs((37,), 16, 300, device=device, ignored=0.3)
+    labels = labels.clamp(max=250)  # (uint8 holds 0..255; -100 stays ignored in the others)
+    want = linear_cross_entropy(hidden, weight, labels, impl="reference", return_stats=True)
+    narrow = labels.to(dtype) if dtype != torch.uint8 else labels.clamp(min=0).to(dtype)
+    if dtype == torch.uint8:  # no -100 in uint8: nothing ignored
+        want = linear_cross_entropy(hidden, weight, labels.clamp(min=0), impl="reference",
+                                    return_stats=True)
+    got = linear_cross_entropy(hidden, weight, narrow, impl=impl, return_stats=True)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    assert int(got.num_valid) == int(want.num_valid)
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)

@@ -148,6 +148,11 @@ def test_plan_mismatch_needs_overwrite(teacher_synth_dir, tmp_path):
     report = extract_targets(data, tmp_path / "c", [SyntheticTeacher(grid=8)], num_workers=0,
                              overwrite=True)
     assert report.complete and TargetCache(tmp_path / "c").tasks["seg"] == (1536, 8, 8)
+    # The resize mode changes the teachers' input pixels: a resume must not mix the two
+    # (the cache above was made with the default, resize="device").
+    with pytest.raises(ValueError, match="overwrite"):
+        extract_targets(data, tmp_path / "c", [SyntheticTeacher(grid=8)], num_workers=0,
+                        resize="host")
     for bad, match in (({"storage": "fp16"}, "storage must be one of"),
                        ({"shard_size": 0}, "shard_size must be an int >= 1"),
                        ({"resize": "gpu"}, "resize must be")):

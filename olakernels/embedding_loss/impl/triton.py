@@ -257,7 +257,7 @@ def _embedding_distill_loss_bwd_kernel(
     B, BG, D,
     beta, inv_beta,
     WITH_DOT: tl.constexpr,
-    DOT_PREC: tl.constexpr,  # "tf32" when the targets are half precision (exact in tf32)
+    DOT_PREC: tl.constexpr,  # "tf32" when pred and the targets are half precision
     SHARED_TILE: tl.constexpr,  # the candidate rows are this program's target rows
     BLOCK_B: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -387,7 +387,11 @@ def embedding_distill_loss_triton_bwd(
     grad = torch.empty_like(pred)
     grad_ls = torch.zeros((), device=pred.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(numel, meta["BLOCK_D"]), triton.cdiv(batch, block_b))  # noqa: E731
-    prec = "tf32" if (others.dtype in _HALF and not interpreter_enabled()) else "ieee"
+    # tf32 rounds the fp32 coefficients to 10 mantissa bits (~5e-4 relative): below a half
+    # precision grad_pred's own rounding, but not an fp32 one's (fp32 heads against bf16 cached
+    # targets, as pre-training runs): ieee then. The dot's FLOPs are negligible either way.
+    half_io = others.dtype in _HALF and pred.dtype in _HALF
+    prec = "tf32" if (half_io and not interpreter_enabled()) else "ieee"
     block_g = _row_block(num_global, cap=32)
     shared = _shared_tile(gathered, with_dot, triton.cdiv(batch, block_b),
                           triton.cdiv(num_global, block_g), block_b, block_g)

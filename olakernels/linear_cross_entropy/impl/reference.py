@@ -37,7 +37,7 @@ def linear_cross_entropy_ref(
     if logit_softcap is not None:
         logits = logit_softcap * torch.tanh(logits / logit_softcap)
     flat = logits.reshape(-1, logits.shape[-1])
-    target = labels.reshape(-1)
+    target = labels.reshape(-1).long()  # (int32 labels: F.cross_entropy wants int64)
     valid = target != ignore_index
     per_token = F.cross_entropy(flat, target, ignore_index=ignore_index, reduction="none",
                                 label_smoothing=label_smoothing)
