@@ -59,17 +59,19 @@ Measured per mode:
 - samples/s = B / step time; tokens/s = real (non-padding) positions of the spliced sequence
   per second;
 - MFU of the LLM part: tokens/s x ``olavlm.train.metrics.flops_per_token(llm config,
-  seq_len=sum(l^2)/sum(l), weights_trainable=False)`` / ``peak_flops(device, "bf16")`` (float8
-  too is read against the bf16 peak); not reported on CPU;
+  seq_len=sum(l^2)/sum(l), weights_trainable=False, supervised_fraction=labels/tokens)`` /
+  ``peak_flops(device, "bf16")`` (causal attention, the LM head on the labelled positions only;
+  float8 too is read against the bf16 peak); not reported on CPU;
 - peak_mib: allocator peak of one step above what was allocated before it (model and teacher
   weights excluded; teacher activations and outputs included);
 - TFLOP/s on the *useful* FLOPs of the step (the same count for every mode, teachers not
   counted, see ``step_flops``): decoder GEMMs forward + input-gradient backward (weights
   frozen: no dW) = 4 * P_block * tokens per block, causal attention 2 * l^2 * H per sample and
-  block forward and 2.5x that backward, the LM head on the labelled positions only (fwd + dX:
-  4 * H * V per label), the tower forward only (no grad), the projector 3x its forward, the
-  heads 3x ``bench_perceiver.forward_flops``. At llama3_8b B=8 that is ~160 TFLOP, 96% of it
-  decoder.
+  block forward and 2x that backward, the LM head on the labelled positions only (fwd + dX:
+  4 * H * V per label), the tower forward only (no grad), the projector's first Linear 2x its
+  forward (no input gradient) and its second 3x, the heads 3x
+  ``bench_perceiver.forward_flops``. At llama3_8b B=8 that is ~161 TFLOP, ~95% of it in the
+  decoder's blocks.
 A CUDA out-of-memory error is recorded as a row with ms = nan and note "OOM"; each row is
 appended as soon as it is measured (a timeout keeps the finished modes). The table at the end
 gives each mode's speedup and memory ratio over ``seed`` and the goals:
@@ -194,7 +196,8 @@ def llm_mfu(preset: Preset, batch: Batch, ms: float, device: str) -> float | Non
     """MFU of the LLM part (module docstring); None where the device's peak is unknown."""
     lengths = batch.lengths
     seq = sum(n * n for n in lengths) / sum(lengths)  # attention's T, averaged over tokens
-    per_token = flops_per_token(preset.llm, seq_len=seq, weights_trainable=False)
+    per_token = flops_per_token(preset.llm, seq_len=seq, weights_trainable=False,
+                                supervised_fraction=batch.num_labels / sum(lengths))
     return mfu(sum(lengths) / (ms * 1e-3), per_token, peak_flops(device, "bf16"))
 
 

@@ -261,14 +261,17 @@ def step_flops(model: OlaVLM, preset: Preset, batch: Batch) -> int:
     n_layers = llm["num_hidden_layers"]
     block = h * (2 * h + 2 * kv) + 3 * h * inter  # q, o, k, v and the gated MLP
     flops = 4 * block * tokens * n_layers  # forward + input gradient (frozen weights)
-    flops += int(3.5 * 2 * sum(n * n for n in lengths) * h * n_layers)  # causal attention
+    # causal attention: 2 l^2 H forward, 2x that backward (dQ, dK, dV, dP; no recompute)
+    flops += 3 * 2 * sum(n * n for n in lengths) * h * n_layers
     flops += 4 * h * v * batch.num_labels  # LM head: labelled positions only
     c, ni = vis["hidden_size"], model.num_image_tokens
     vt = ni + 1  # + CLS
     num_blocks = vis["num_hidden_layers"] - 1  # hidden_states[-2]
     flops += b * num_blocks * (2 * vt * (4 * c * c + 2 * c * vis["intermediate_size"])
                                + 4 * vt * vt * c)  # tower forward only
-    flops += 3 * 2 * b * ni * (c * h + h * h)  # projector
+    # projector: its input (the frozen tower's output) needs no gradient, so the first Linear
+    # costs forward + dW (2x), the second forward + dX + dW (3x)
+    flops += 2 * b * ni * (2 * c * h + 3 * h * h)
     n_all = len(model.tasks) * model.config.num_task_tokens
     keys = sum(lengths) // b - n_all + model.config.num_task_tokens  # one task's tokens kept
     for task in model.tasks:

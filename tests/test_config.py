@@ -57,6 +57,11 @@ def test_llava_recipes_follow_spec_5_1(llm, vision):
     assert vpt.teachers.mode == ift.teachers.mode == "none"
     assert [c.train.stage for c in (pt, vpt, ift)] == ["pt", "vpt", "ift"]
     assert vpt.checkpoint.init_from and ift.checkpoint.init_from and not pt.checkpoint.init_from
+    # VPT starts from PT; IFT from PT too (finetune.sh), except the one model the seed trained
+    # PT+VPT+IFT (SPEC 7: Llama-3-8B + ConvNeXt-XXL), whose IFT starts from VPT.
+    assert vpt.checkpoint.init_from.endswith(f"{llm}_{vision}_pt")
+    before_ift = "vpt" if (llm, vision) == ("llama3_8b", "convnext") else "pt"
+    assert ift.checkpoint.init_from.endswith(f"{llm}_{vision}_{before_ift}")
     for c in (pt, vpt, ift):
         assert (c.optim.schedule, c.optim.warmup_ratio, c.optim.weight_decay) == ("cosine", 0.03,
                                                                                   0.0)

@@ -15,7 +15,8 @@ data.path=... data.image_folder=...`` (nothing is downloaded).
 - VPT (``*_vpt``): ALLaVA-Caption from the PT checkpoint (``checkpoint.init_from``), lr 2e-5,
   16 per device (x 8 = 128 global), padded images, batches grouped by modality length. Trains
   the LLM and the projector; NTP only (``teachers.mode=none``); task tokens still inserted.
-- IFT (``*_ift``): LLaVA-665K from the VPT checkpoint, otherwise as VPT.
+- IFT (``*_ift``): LLaVA-665K from the PT checkpoint (the seed's ``finetune.sh``; from the VPT
+  one for llama3_8b_convnext, the seed's released PT+VPT+IFT model), otherwise as VPT.
 
 All stages: 1 epoch (``train.max_steps=0``), cosine schedule with 3% warmup, AdamW (0.9,
 0.999), eps 1e-8, no weight decay, gradient clipping at 1.0, bf16 compute with fp32 master
@@ -53,6 +54,10 @@ VISION_TOWERS = {
                  "convnext", 768),
 }
 STAGES = ("pt", "vpt", "ift")
+# IFT starts from the PT checkpoint (the seed's finetune.sh), except where the seed released a
+# PT+VPT+IFT model (SPEC 7): Llama-3-8B with ConvNeXt-XXL, whose IFT starts from VPT
+# (vpt_ift.sh). Override with checkpoint.init_from=... .
+IFT_STARTS_FROM = {("llama3_8b", "convnext"): "vpt"}
 # stage -> (data file, image folder)
 DATA = {
     "pt": ("/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", "/data/LLaVA-Pretrain/images"),
@@ -72,7 +77,7 @@ def llava_recipe(llm: str, vision: str, stage: str) -> Config:
     tower_path, vision_kind, image_size = VISION_TOWERS[vision]
     data_path, image_folder = DATA[stage]
     pt = stage == "pt"
-    previous = {"vpt": "pt", "ift": "vpt"}.get(stage)
+    previous = {"vpt": "pt", "ift": IFT_STARTS_FROM.get((llm, vision), "pt")}.get(stage)
     return Config(
         recipe=f"{llm}_{vision}_{stage}",
         model=ModelConfig(

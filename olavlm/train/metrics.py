@@ -150,42 +150,53 @@ def _decoder_dims(cfg: Any) -> dict[str, int]:
 
 
 def llm_matmul_params(llm_config: Any) -> int:
-    """N: the parameters a token is multiplied with in a dense HF decoder.
+    """N: the parameters a token is multiplied with in a dense HF decoder, LM head included.
 
     Per layer: q and o projections ``2 d h d_h``, k and v ``2 d h_kv d_h``, the MLP
     ``3 d f`` (SwiGLU gate/up/down; ``2 d f`` for non-gated MLPs); plus the LM head ``d V``.
     The input embedding is a lookup (no FLOPs) and norms/biases are negligible, so both are left
-    out (a tied LM head still counts: its GEMM runs)."""
+    out. ``flops_per_token`` counts the head only where it runs (the labelled positions)."""
     k = _decoder_dims(llm_config)
     attn = 2 * k["d"] * k["h"] * k["d_h"] + 2 * k["d"] * k["h_kv"] * k["d_h"]
     mlp = k["mlp_mats"] * k["d"] * k["f"]
     return k["L"] * (attn + mlp) + k["d"] * k["V"]
 
 
-def flops_per_token(llm_config: Any, *, seq_len: int, weights_trainable: bool = True,
-                    trainable_fraction: float | None = None) -> float:
-    """Training FLOPs per token of the LLM (forward + backward), torchtitan/PaLM's estimate:
+def flops_per_token(llm_config: Any, *, seq_len: float, weights_trainable: bool = True,
+                    trainable_fraction: float | None = None,
+                    supervised_fraction: float = 1.0) -> float:
+    """Training FLOPs per token of the LLM (forward + backward) that the model's math needs:
 
-        flops = (4 + 2 * trainable_fraction) * N  +  12 * L * h * d_h * T
+        flops = (4 + 2 f) * (N_body + d V s)  +  6 * L * h * d_h * T
 
-    N = :func:`llm_matmul_params`. Each weight costs 2 FLOPs per token forward, 2 for the
-    input gradient in backward (needed whenever anything below the LLM trains, e.g. the
-    projector in pre-training) and 2 for the weight gradient only if the weight trains: 6N for
-    a trained LLM, 4N for a frozen one (``weights_trainable=False``, the "pt" stage).
-    ``trainable_fraction`` (0..1, overrides the flag) covers partly trained LLMs.
-    Attention scores and values: 4 * d_attn * T per token and layer forward, x3 with backward,
-    where T = ``seq_len``; the full T x T square is counted (not the causal half), as torchtitan
-    and PaLM do, so kernels that skip the masked half read as lower MFU. Vision tower,
-    projector and embedding heads are not included (MFU is that of the LLM)."""
+    N_body + d V = :func:`llm_matmul_params` (the blocks, then the LM head). Each weight costs 2
+    FLOPs per token forward, 2 for the input gradient in backward (needed whenever anything
+    below the LLM trains, e.g. the projector in pre-training) and 2 for the weight gradient
+    only if the weight trains: f = 1 for a trained LLM, 0 for a frozen one
+    (``weights_trainable=False``, the "pt" stage); ``trainable_fraction`` (0..1, overrides the
+    flag) covers partly trained LLMs. The LM head runs only on the ``supervised_fraction`` s of
+    the tokens that carry a label (``linear_cross_entropy`` never multiplies the others): a
+    count over every token would credit the run with FLOPs it does not need (~7% of Llama-3-8B's
+    at pre-training's ~5% labelled positions). Attention: causal, so per token and layer
+    ``2 * d_attn * T`` forward (scores and values over the half the mask keeps) and x3 with
+    backward (dQ, dK, dV, dP; FlashAttention's recompute is not useful work), with
+    T = ``seq_len`` the token-weighted mean sequence length ``sum(l^2) / sum(l)`` (a token's
+    cost grows with its own sample's length). torchtitan and PaLM count the full T x T square
+    (12 instead of 6) and the head on every token: their MFU reads higher for the same run.
+    Vision tower, projector and embedding heads are not included (MFU is that of the LLM)."""
     if seq_len < 0:
         raise ValueError(f"seq_len must be >= 0, got {seq_len}")
     frac = (1.0 if weights_trainable else 0.0) if trainable_fraction is None \
         else float(trainable_fraction)
     if not 0.0 <= frac <= 1.0:
         raise ValueError(f"trainable_fraction must be in [0, 1], got {trainable_fraction}")
+    if not 0.0 <= supervised_fraction <= 1.0:
+        raise ValueError(f"supervised_fraction must be in [0, 1], got {supervised_fraction}")
     k = _decoder_dims(llm_config)
-    dense = (4.0 + 2.0 * frac) * llm_matmul_params(llm_config)
-    attention = 12.0 * k["L"] * k["h"] * k["d_h"] * seq_len
+    head = k["d"] * k["V"]
+    body = llm_matmul_params(llm_config) - head
+    dense = (4.0 + 2.0 * frac) * (body + head * supervised_fraction)
+    attention = 6.0 * k["L"] * k["h"] * k["d_h"] * seq_len
     return dense + attention
 
 
@@ -194,8 +205,10 @@ def flops_per_token(llm_config: Any, *, seq_len: int, weights_trainable: bool = 
 # "H100 PCIe" wins over "H100".
 _PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
     ("H100 PCIe", {"bf16": 756e12, "tf32": 378e12, "fp32": 51.2e12}),
-    ("H200", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),
-    ("H100", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),  # SXM, NVL, GH200
+    ("H100 NVL", {"bf16": 835.5e12, "tf32": 417.5e12, "fp32": 60e12}),
+    ("H200 NVL", {"bf16": 835.5e12, "tf32": 417.5e12, "fp32": 60e12}),
+    ("H200", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),  # SXM, GH200
+    ("H100", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 66.9e12}),  # SXM
     ("A100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
     ("MI300X", {"bf16": 1307.4e12, "tf32": 653.7e12, "fp32": 163.4e12}),
 )

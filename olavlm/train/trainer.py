@@ -79,6 +79,11 @@ def _run_dir(cfg: Config, dist_info) -> Path:
     return run_dir
 
 
+def _new_window() -> dict:
+    """Counters of the steps since the last log line (this rank's share)."""
+    return {"samples": 0, "tokens": 0, "steps": 0, "sum_sq_len": 0, "supervised": 0}
+
+
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -148,7 +153,6 @@ class Trainer:
             self.run_dir, rank=d.rank, total_steps=self.total_steps, jsonl=lc.jsonl,
             tensorboard=lc.tensorboard, wandb=lc.wandb, wandb_project=lc.wandb_project,
             config_dict=config_to_dict(cfg), progress=lc.progress)
-        self._flops_token = None
         if d.is_main:
             self._log_setup()
 
@@ -214,11 +218,12 @@ class Trainer:
         (out.loss * scale).backward()
         return out
 
-    def _tokens(self, batch) -> tuple[int, int]:
-        """(samples, real tokens after splicing), from the host copy: no device sync."""
+    def _tokens(self, batch) -> tuple[int, int, int]:
+        """(samples, real tokens after splicing, the sum of the samples' squared spliced
+        lengths: attention's cost), from the host copy: no device sync."""
         inserted = self.model.num_inserted_tokens - 1
-        tokens = int(batch.attention_mask.sum()) + inserted * int(batch.image_mask.sum())
-        return len(batch), tokens
+        lengths = batch.attention_mask.sum(1) + inserted * (batch.image_mask > 0).long()
+        return len(batch), int(lengths.sum()), int((lengths * lengths).sum())
 
     def _step_ntp_tokens(self, micro_batches) -> tuple[torch.Tensor, int]:
         """The next-token loss's divisor for each micro-batch, and this rank's count.
@@ -241,7 +246,7 @@ class Trainer:
         batches = self._batches()
         stopped = None
         t_last = time.perf_counter()
-        window = {"samples": 0, "tokens": 0, "steps": 0}
+        window = _new_window()
         with StopSignals() as signals:
             while self.step < self.total_steps:
                 self.model.train()
@@ -249,10 +254,12 @@ class Trainer:
                 micro_batches = [next(batches) for _ in range(accum)]
                 ntp_tokens, counted = self._step_ntp_tokens(micro_batches)
                 scored = torch.zeros((), device=d.device)
+                window["supervised"] += counted
                 for micro, batch in enumerate(micro_batches):
-                    n, tok = self._tokens(batch)
+                    n, tok, sq = self._tokens(batch)
                     window["samples"] += n
                     window["tokens"] += tok
+                    window["sum_sq_len"] += sq
                     sync = micro == accum - 1
                     if hasattr(self.model, "set_requires_gradient_sync"):
                         self.model.set_requires_gradient_sync(sync)
@@ -300,7 +307,7 @@ class Trainer:
                     t_now = time.perf_counter()
                     self._log(scalars, window, t_now - t_last)
                     t_last = t_now
-                    window = {"samples": 0, "tokens": 0, "steps": 0}
+                    window = _new_window()
                 every = cfg.checkpoint.every_steps
                 # One process: act on a signal that came during this step's logging too.
                 if stop_requested or (not d.distributed and signals.requested):
@@ -361,12 +368,14 @@ class Trainer:
         peak = peak_flops(d.device, self.cfg.parallel.mixed_precision,
                           tf32=self.cfg.parallel.tf32)
         if peak:
-            if self._flops_token is None:
-                seq = window["tokens"] / max(1, window["samples"])
-                self._flops_token = flops_per_token(
-                    self.model.llm.config, seq_len=int(seq),
-                    weights_trainable=self.cfg.train.stage != "pt")
-            logged["mfu"] = logged["tokens_per_s"] * self._flops_token / (peak * d.world_size)
+            # This window's own lengths and labels: attention grows with sum(l^2) / sum(l),
+            # the LM head runs on the labelled positions only (flops_per_token's docstring).
+            tokens = max(1, window["tokens"])
+            per_token = flops_per_token(
+                self.model.llm.config, seq_len=window["sum_sq_len"] / tokens,
+                supervised_fraction=min(1.0, window["supervised"] / tokens),
+                weights_trainable=self.cfg.train.stage != "pt")
+            logged["mfu"] = logged["tokens_per_s"] * per_token / (peak * d.world_size)
         self.metrics.log(self.step, logged)
 
     def _finish(self, stopped: str | None) -> TrainResult:

@@ -35,10 +35,16 @@ def test_flops_per_token_by_hand():
     # q: 8x8, k: 8x4, v: 8x4, o: 8x8 -> 192; MLP: 3 * 8 * 20 = 480; per layer 672.
     n = 2 * 672 + 8 * 50
     assert llm_matmul_params(TINY) == n == 1744
-    attention = 12 * 2 * 4 * 2 * 16  # 12 L h d_h T with T = 16
+    attention = 6 * 2 * 4 * 2 * 16  # causal: 6 L h d_h T with T = 16
     assert flops_per_token(TINY, seq_len=16) == 6 * n + attention
     assert flops_per_token(TINY, seq_len=16, weights_trainable=False) == 4 * n + attention
     assert flops_per_token(TINY, seq_len=16, trainable_fraction=0.5) == 5 * n + attention
+    # The LM head (8 x 50) runs on the labelled tokens only: a quarter of them here.
+    body, head = 2 * 672, 8 * 50
+    assert flops_per_token(TINY, seq_len=16, weights_trainable=False,
+                           supervised_fraction=0.25) == 4 * (body + head / 4) + attention
+    with pytest.raises(ValueError, match="supervised_fraction"):
+        flops_per_token(TINY, seq_len=4, supervised_fraction=1.5)
     # A real HF config object and a multimodal wrapper with text_config give the same.
     from transformers import LlamaConfig
 
@@ -58,6 +64,8 @@ def test_peak_flops_table_and_mfu():
     assert peak_flops_for_name("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops_for_name("NVIDIA H100 PCIe", "bf16") == 756e12
     assert peak_flops_for_name("NVIDIA H200", torch.bfloat16) == 989e12
+    assert peak_flops_for_name("NVIDIA H100 NVL") == peak_flops_for_name("NVIDIA H200 NVL") \
+        == 835.5e12  # the NVL cards: lower clocks than SXM
     assert peak_flops_for_name("NVIDIA A100-SXM4-80GB", "fp16") == 312e12
     assert peak_flops_for_name("AMD Instinct MI300X") == 1307.4e12
     assert peak_flops_for_name("NVIDIA H100 80GB HBM3", "fp32") == 66.9e12
