@@ -182,57 +182,98 @@ def _dweight_torch(dlogits, hidden, order, count, grad_w32, grad_b32, start, row
             torch.sum(dl, 0, dtype=torch.float32, out=grad_b32)
 
 
-def lce_backward(hidden, weight, bias, labels, order, count, lse, grad_loss, label_smoothing,
-                 z_loss_weight, softcap, need_hidden, need_weight, need_bias):
-    """Returns (grad_hidden | None, grad_weight | None, grad_bias | None)."""
-    n, h = hidden.shape
-    v = weight.shape[0]
+def chunk_layout(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[dict, bool, torch.dtype,
+                                                                     int]:
+    """(tiles, native dot, dlogits dtype, rows per chunk) of the chunked gradient loop."""
     blk = _blocks()
     native = _dot_native(hidden, weight)
     dl_dtype = weight.dtype if native else torch.float32
     step = blk["n"] * blk["m"] // min(blk["n"], blk["m"])  # a multiple of both row tiles
-    chunk = chunk_rows(n, v, torch.finfo(dl_dtype).bits // 8, step)
-    dlogits = torch.empty((chunk, v), device=hidden.device, dtype=dl_dtype)
-    grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # unlabelled rows: 0
+    chunk = chunk_rows(hidden.shape[0], weight.shape[0], torch.finfo(dl_dtype).bits // 8, step)
+    return blk, native, dl_dtype, chunk
+
+
+def grad_buffers(hidden, weight, bias, need_hidden, need_weight, need_bias,
+                 hidden_dtype: torch.dtype | None = None):
+    """(grad_hidden zero-filled | None, grad_weight fp32 | None, grad_bias fp32 | None)."""
+    v, h = weight.shape
+    grad_hidden = torch.zeros(hidden.shape, device=hidden.device,  # unlabelled rows: 0
+                              dtype=hidden_dtype or hidden.dtype) if need_hidden else None
     grad_w32 = torch.empty((v, h), device=hidden.device, dtype=torch.float32) \
         if need_weight else None
     grad_b32 = torch.empty((v,), device=hidden.device, dtype=torch.float32) \
         if (need_bias and bias is not None) else None
+    return grad_hidden, grad_w32, grad_b32
+
+
+def uses_torch_dw(blk: dict, grad_w32, grad_b32) -> bool:
+    return blk["dw_backend"] == "torch" and (grad_w32 is not None or grad_b32 is not None)
+
+
+def launch_dlogits(blk, native, chunk, hidden, weight, bias, order, labels, count, lse,
+                   grad_loss, dlogits, start, softcap, label_smoothing, z_loss_weight,
+                   zero_past_count, write_logits=False):
+    """_lce_dlogits_kernel over one chunk (write_logits: the logits themselves)."""
+    v, h = weight.shape
     has_softcap = softcap > 0
-    grad_loss = grad_loss.contiguous().float()
-    torch_dw = blk["dw_backend"] == "torch" and (need_weight or grad_b32 is not None)
-    for start in range(0, n, chunk):
-        _lce_dlogits_kernel[(chunk // blk["n"], triton.cdiv(v, blk["v"]))](
-            hidden, weight, bias if bias is not None else weight, order, labels, count, lse,
-            grad_loss, dlogits,
-            start, v, h, float(softcap) if has_softcap else 1.0, float(label_smoothing),
-            float(z_loss_weight),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap, DOT_NATIVE=native,
-            BLOCK_N=blk["n"], BLOCK_V=blk["v"], BLOCK_K=blk["k"], ZERO_PAST_COUNT=torch_dw,
+    _lce_dlogits_kernel[(chunk // blk["n"], triton.cdiv(v, blk["v"]))](
+        hidden, weight, bias if bias is not None else weight, order, labels, count, lse,
+        grad_loss, dlogits,
+        start, v, h, float(softcap) if has_softcap else 1.0, float(label_smoothing),
+        float(z_loss_weight),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap, DOT_NATIVE=native,
+        BLOCK_N=blk["n"], BLOCK_V=blk["v"], BLOCK_K=blk["k"], ZERO_PAST_COUNT=zero_past_count,
+        WRITE_LOGITS=write_logits, num_warps=blk["num_warps"], num_stages=blk["num_stages"],
+    )
+
+
+def chunk_grads(blk, native, chunk, dlogits, hidden, weight, order, count, grad_hidden,
+                grad_w32, grad_b32, start):
+    """grad_hidden rows (+ scatter) and grad_weight/grad_bias (+)= from one chunk's dlogits."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    if grad_hidden is not None:
+        _lce_dhidden_kernel[(chunk // blk["m"], triton.cdiv(h, blk["h"]))](
+            dlogits, weight, order, count, grad_hidden, start, v, h,
+            DOT_NATIVE=native, BLOCK_M=blk["m"], BLOCK_H=blk["h"], BLOCK_K=blk["k"],
             num_warps=blk["num_warps"], num_stages=blk["num_stages"],
         )
-        if need_hidden:
-            _lce_dhidden_kernel[(chunk // blk["m"], triton.cdiv(h, blk["h"]))](
-                dlogits, weight, order, count, grad_hidden, start, v, h,
-                DOT_NATIVE=native, BLOCK_M=blk["m"], BLOCK_H=blk["h"], BLOCK_K=blk["k"],
-                num_warps=blk["num_warps"], num_stages=blk["num_stages"],
-            )
-        if torch_dw:
-            _dweight_torch(dlogits, hidden, order, count, grad_w32, grad_b32, start,
-                           min(chunk, n - start))
-        elif need_weight or grad_b32 is not None:
-            dw_m, dw_h = blk.get("dw_m", blk["m"]), blk.get("dw_h", blk["h"])
-            _lce_dweight_kernel[(triton.cdiv(v, dw_m), triton.cdiv(h, dw_h))](
-                dlogits, hidden, order, count,
-                grad_w32 if grad_w32 is not None else dlogits,
-                grad_b32 if grad_b32 is not None else dlogits,
-                start, chunk, v, h,
-                ACCUMULATE=start > 0, HAS_WEIGHT_GRAD=need_weight,
-                HAS_BIAS=grad_b32 is not None, DOT_NATIVE=native,
-                BLOCK_M=dw_m, BLOCK_H=dw_h, BLOCK_K=blk.get("dw_k", blk["k"]),
-                num_warps=blk.get("dw_warps", blk["num_warps"]),
-                num_stages=blk.get("dw_stages", blk["num_stages"]),
-            )
+    if grad_w32 is None and grad_b32 is None:
+        return
+    if uses_torch_dw(blk, grad_w32, grad_b32):
+        _dweight_torch(dlogits, hidden, order, count, grad_w32, grad_b32, start,
+                       min(chunk, n - start))
+        return
+    dw_m, dw_h = blk.get("dw_m", blk["m"]), blk.get("dw_h", blk["h"])
+    _lce_dweight_kernel[(triton.cdiv(v, dw_m), triton.cdiv(h, dw_h))](
+        dlogits, hidden, order, count,
+        grad_w32 if grad_w32 is not None else dlogits,
+        grad_b32 if grad_b32 is not None else dlogits,
+        start, chunk, v, h,
+        ACCUMULATE=start > 0, HAS_WEIGHT_GRAD=grad_w32 is not None,
+        HAS_BIAS=grad_b32 is not None, DOT_NATIVE=native,
+        BLOCK_M=dw_m, BLOCK_H=dw_h, BLOCK_K=blk.get("dw_k", blk["k"]),
+        num_warps=blk.get("dw_warps", blk["num_warps"]),
+        num_stages=blk.get("dw_stages", blk["num_stages"]),
+    )
+
+
+def lce_backward(hidden, weight, bias, labels, order, count, lse, grad_loss, label_smoothing,
+                 z_loss_weight, softcap, need_hidden, need_weight, need_bias):
+    """Returns (grad_hidden | None, grad_weight | None, grad_bias | None)."""
+    n = hidden.shape[0]
+    blk, native, dl_dtype, chunk = chunk_layout(hidden, weight)
+    dlogits = torch.empty((chunk, weight.shape[0]), device=hidden.device, dtype=dl_dtype)
+    grad_hidden, grad_w32, grad_b32 = grad_buffers(hidden, weight, bias, need_hidden,
+                                                   need_weight, need_bias)
+    grad_loss = grad_loss.contiguous().float()
+    torch_dw = uses_torch_dw(blk, grad_w32, grad_b32)
+    for start in range(0, n, chunk):
+        launch_dlogits(blk, native, chunk, hidden, weight, bias, order, labels, count, lse,
+                       grad_loss, dlogits, start, softcap, label_smoothing, z_loss_weight,
+                       zero_past_count=torch_dw)
+        chunk_grads(blk, native, chunk, dlogits, hidden, weight, order, count, grad_hidden,
+                    grad_w32, grad_b32, start)
     grad_w = None if grad_w32 is None else grad_w32.to(weight.dtype)
     grad_b = None if grad_b32 is None else grad_b32.to(bias.dtype)
     return grad_hidden, grad_w, grad_b

@@ -12,7 +12,10 @@ COUNT (no synchronization: safe under CUDA graphs and torch.compile).
     _lce_combine_kernel    grid (row blocks): partials -> lse, per-token loss, argmax == label.
     _lce_dlogits_kernel    grid (chunk row blocks, V blocks): recomputes a logits tile and writes
                            d loss / d logits for one chunk of rows into a (chunk, V) buffer
-                           (ZERO_PAST_COUNT: rows past COUNT get 0 instead of being skipped).
+                           (ZERO_PAST_COUNT: rows past COUNT get 0 instead of being skipped;
+                           WRITE_LOGITS: the logits themselves, for the grad-in-forward mode).
+    _lce_rows_grad_kernel  grid (chunk rows): grad-in-forward mode; one row of the logits buffer
+                           -> lse, loss, argmax == label, and d loss / d logits in place.
     _lce_dhidden_kernel    grid (chunk row blocks, H blocks): dlogits @ W, scattered to the rows.
     _lce_dweight_kernel    grid (V blocks, H blocks): dW (+)= dlogits^T @ h over the chunk's rows,
                            in fp32, and the bias gradient.
@@ -167,6 +170,9 @@ def _lce_dlogits_kernel(
     # dw_backend="torch" multiplies the whole (chunk, V) buffer with cuBLAS, which cannot stop at
     # the device-side COUNT: rows past it must hold 0, not whatever the buffer held before.
     ZERO_PAST_COUNT: tl.constexpr = False,
+    # grad-in-forward mode (impl/triton_fused_grad.py): store the (softcapped) logits, not
+    # dlogits; LSE and GRAD_LOSS are not read. Same tiles, early exit and zeroing as dlogits.
+    WRITE_LOGITS: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -183,21 +189,25 @@ def _lce_dlogits_kernel(
     rc = start + tl.arange(0, BLOCK_N)
     ok = rc < count
     rows = tl.load(ORDER + rc, mask=ok, other=0)
-    label = tl.load(LABELS + rows, mask=ok, other=-1)
-    lse = tl.load(LSE + rc, mask=ok, other=0.0)
-    g = tl.load(GRAD_LOSS + rows, mask=ok, other=0.0)  # d total / d loss[token]
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     ok_c = cols < V
     z = _logits_tile(HID, W, BIAS, rows, ok, cols, ok_c, H, softcap,
                      HAS_BIAS, HAS_SOFTCAP, DOT_NATIVE, BLOCK_N, BLOCK_V, BLOCK_K)
-    p = tl.exp(z - lse[:, None])
-    # d/dz [lse - (1-eps) z_y - eps mean(z) + zw lse^2] = p (1 + 2 zw lse) - (1-eps) [v=y] - eps/V
-    dz = p * (1.0 + 2.0 * z_loss_weight * lse)[:, None] - label_smoothing / V
-    dz -= tl.where(cols[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
-    if HAS_SOFTCAP:  # z = c tanh(u / c): dz/du = 1 - (z / c)^2
-        zc = z / softcap
-        dz *= 1.0 - zc * zc
-    dz = tl.where(ok[:, None] & ok_c[None, :], dz * g[:, None], 0.0)
+    if WRITE_LOGITS:
+        dz = tl.where(ok[:, None] & ok_c[None, :], z, 0.0)
+    else:
+        label = tl.load(LABELS + rows, mask=ok, other=-1)
+        lse = tl.load(LSE + rc, mask=ok, other=0.0)
+        g = tl.load(GRAD_LOSS + rows, mask=ok, other=0.0)  # d total / d loss[token]
+        p = tl.exp(z - lse[:, None])
+        # d/dz [lse - (1-eps) z_y - eps mean(z) + zw lse^2]
+        #   = p (1 + 2 zw lse) - (1-eps) [v=y] - eps/V
+        dz = p * (1.0 + 2.0 * z_loss_weight * lse)[:, None] - label_smoothing / V
+        dz -= tl.where(cols[None, :] == label[:, None], 1.0 - label_smoothing, 0.0)
+        if HAS_SOFTCAP:  # z = c tanh(u / c): dz/du = 1 - (z / c)^2
+            zc = z / softcap
+            dz *= 1.0 - zc * zc
+        dz = tl.where(ok[:, None] & ok_c[None, :], dz * g[:, None], 0.0)
     local = (rc - chunk_start).to(tl.int64)
     store_rows = ok
     if ZERO_PAST_COUNT:  # rows past the count in this block: the 0 from the tl.where above
@@ -205,6 +215,64 @@ def _lce_dlogits_kernel(
     tl.store(DLOGITS + local[:, None] * V + cols[None, :], dz.to(DLOGITS.dtype.element_ty),
              mask=store_rows[:, None] & ok_c[None, :])
 
+
+
+@triton.jit
+def _lce_rows_grad_kernel(
+    LOGITS,  # (chunk, V): logits of the chunk's compacted rows in, d loss / d logits out
+    ORDER, LABELS, COUNT,
+    LSE, LOSS, CORRECT,  # as _lce_combine_kernel's: LSE compact, LOSS/CORRECT by position
+    chunk_start, V, softcap, label_smoothing, z_loss_weight,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Grad-in-forward mode, one program per row of the chunk: the loss terms of
+    _lce_fwd_kernel + _lce_combine_kernel and the d loss / d logits of _lce_dlogits_kernel with
+    a per-token weight of 1 (the gradient of the "sum"), computed from the stored logits. The
+    row is read twice (online log-sum-exp, then the gradient) and written once, in place."""
+    pid = tl.program_id(0)
+    count = tl.load(COUNT)
+    rc = chunk_start + pid
+    if rc >= count:  # unlabelled row: its buffer row is not read by dhidden/dweight (or is 0)
+        return
+    row = tl.load(ORDER + rc)
+    label = tl.load(LABELS + row).to(tl.int32)
+    base = LOGITS + pid.to(tl.int64) * V
+    m = float("-inf")
+    s = 0.0
+    zy = 0.0
+    sz = 0.0
+    best = float("-inf")
+    best_idx = 0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok_c = cols < V
+        z = tl.load(base + cols, mask=ok_c, other=float("-inf")).to(tl.float32)
+        tile_max = tl.max(z, axis=0)
+        new_m = tl.maximum(m, tile_max)
+        s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
+        m = new_m
+        zy += tl.sum(tl.where(cols == label, z, 0.0), axis=0)
+        sz += tl.sum(tl.where(ok_c, z, 0.0), axis=0)
+        better = tile_max > best  # strict: the first maximum wins ties, as torch.argmax
+        best_idx = tl.where(better, v0 + tl.argmax(z, axis=0), best_idx)
+        best = tl.where(better, tile_max, best)
+    lse = m + tl.log(s)
+    loss = lse - (1.0 - label_smoothing) * zy - label_smoothing * sz / V
+    loss += z_loss_weight * lse * lse
+    tl.store(LSE + rc, lse)
+    tl.store(LOSS + row, loss)
+    tl.store(CORRECT + row, (best_idx == label).to(tl.int8))
+    coef = 1.0 + 2.0 * z_loss_weight * lse
+    for v0 in range(0, V, BLOCK_V):  # the same formula as _lce_dlogits_kernel, weight 1
+        cols = v0 + tl.arange(0, BLOCK_V)
+        ok_c = cols < V
+        z = tl.load(base + cols, mask=ok_c, other=0.0).to(tl.float32)
+        dz = tl.exp(z - lse) * coef - label_smoothing / V
+        dz -= tl.where(cols == label, 1.0 - label_smoothing, 0.0)
+        if HAS_SOFTCAP:
+            zc = z / softcap
+            dz *= 1.0 - zc * zc
+        tl.store(base + cols, dz.to(LOGITS.dtype.element_ty), mask=ok_c)
 
 @triton.jit
 def _lce_dhidden_kernel(
