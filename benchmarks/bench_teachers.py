@@ -85,6 +85,16 @@ CONFIGS = {
 
 def build(name: str, preset: str, device, dtype):
     """A teacher of the real architecture with random weights (nothing is downloaded)."""
+    torch.manual_seed(0)
+    return build_from_config(name, CONFIGS[preset][name], device=device, dtype=dtype)
+
+
+def build_from_config(name: str, config: dict, *, device, dtype, on_device: bool = False,
+                      **teacher_kwargs):
+    """The ``name`` teacher ("depth" | "seg" | "gen") around a random-weight backbone of
+    ``config`` (transformers' Dinov2 / Swin / CLIP vision configs). ``on_device``: create the
+    backbone's weights on ``device`` in ``dtype`` directly (no host copy of a full-size model:
+    the step benchmark builds three on the GPU)."""
     from transformers import (
         CLIPVisionConfig,
         CLIPVisionModelWithProjection,
@@ -94,14 +104,21 @@ def build(name: str, preset: str, device, dtype):
         SwinConfig,
     )
 
-    config = CONFIGS[preset][name]
-    torch.manual_seed(0)
-    if name == "depth":
-        return DepthTeacher(Dinov2Backbone(Dinov2Config(**config)), device=device, dtype=dtype)
-    if name == "seg":
-        return SegTeacher(SwinBackbone(SwinConfig(**config)), device=device, dtype=dtype)
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
-    return GenTeacher(encoder, device=device, dtype=dtype)
+    kinds = {"depth": (DepthTeacher, Dinov2Backbone, Dinov2Config),
+             "seg": (SegTeacher, SwinBackbone, SwinConfig),
+             "gen": (GenTeacher, CLIPVisionModelWithProjection, CLIPVisionConfig)}
+    teacher_cls, model_cls, config_cls = kinds[name]
+    if on_device:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                backbone = model_cls(config_cls(**config))
+        finally:
+            torch.set_default_dtype(previous)
+    else:
+        backbone = model_cls(config_cls(**config))
+    return teacher_cls(backbone, device=device, dtype=dtype, **teacher_kwargs)
 
 
 def photos(num: int, width: int, height: int, seed: int = 0) -> list[torch.Tensor]:

@@ -309,27 +309,12 @@ TEACHERS = {
 def build_teachers(preset: Preset, device: str, heads: dict[str, HeadConfig]) -> list:
     """The depth, seg and gen teachers of ``preset.teachers`` with random weights, created on
     ``device`` in the preset's dtype (nothing is downloaded); their targets must fit ``heads``."""
-    from transformers import (
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-        Dinov2Backbone,
-        Dinov2Config,
-        SwinBackbone,
-        SwinConfig,
-    )
-
-    from olavlm.teachers import DepthTeacher, GenTeacher, SegTeacher  # noqa: PLC0415
-
-    kinds = {"depth": (DepthTeacher, Dinov2Backbone, Dinov2Config),
-             "seg": (SegTeacher, SwinBackbone, SwinConfig),
-             "gen": (GenTeacher, CLIPVisionModelWithProjection, CLIPVisionConfig)}
     torch.manual_seed(1)
     teachers = []
-    for name, (teacher_cls, model_cls, config_cls) in kinds.items():
+    for name in ("depth", "seg", "gen"):
         config, kwargs = TEACHERS[preset.teachers][name]
-        with _default_dtype(preset.dtype), torch.device(device):
-            backbone = model_cls(config_cls(**config))
-        teacher = teacher_cls(backbone, device=device, dtype=preset.dtype, **kwargs)
+        teacher = bench_teachers.build_from_config(name, config, device=device,
+                                                   dtype=preset.dtype, on_device=True, **kwargs)
         for task, shape in teacher.target_shapes().items():
             if tuple(shape) != tuple(heads[task].target_shape):
                 raise ValueError(f"teachers {preset.teachers!r}: the {task} teacher gives "
