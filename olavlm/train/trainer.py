@@ -28,10 +28,11 @@ from olavlm.config import Config, config_to_dict, save_resolved_config
 
 from . import build as B
 from . import load as L
-from .checkpoint import Checkpointer, CheckpointError, StopSignals
+from .checkpoint import Checkpointer, CheckpointError
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_losses, summarize_run
 from .optim import build_optimizer, build_scheduler
 from .parallel import apply_parallelism, init_distributed, sdpa_context, wants_fsdp
+from .signals import StopSignals
 from .stages import apply_stage, trainable_report
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer"]

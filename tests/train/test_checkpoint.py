@@ -27,10 +27,10 @@ from olavlm.train.checkpoint import (
     MARKER,
     Checkpointer,
     CheckpointError,
-    StopSignals,
     rng_state,
     set_rng_state,
 )
+from olavlm.train.signals import StopSignals
 
 REPO = Path(__file__).resolve().parents[2]
 
