@@ -198,13 +198,15 @@ class OlaVLM(nn.Module):
         final = out.last_hidden_state
         return final, {k: (states[k] if k in hooked else final) for k in taps if k > 0}
 
-    def _ntp(self, final: torch.Tensor, labels: torch.Tensor, ntp_tokens=None):
+    def _ntp(self, final: torch.Tensor, labels: torch.Tensor, ntp_tokens=None,
+             ntp_micro_batches: int = 1):
         """Mean next-token loss over labelled positions. Distributed: each rank returns
         world / N_global * (its sum), so the ranks' mean -- what FSDP's gradient averaging
         computes -- is the mean over the global batch's tokens, exactly as one process on the
         whole batch (a per-rank mean would weight ranks with few labels too much).
-        ``ntp_tokens`` given: the sum is divided by it instead (times world when distributed),
-        the trainer's way to make accumulated micro-batches weigh every token equally."""
+        ``ntp_tokens`` given (the whole step's count): the sum is divided by
+        ntp_tokens / ntp_micro_batches instead (times world when distributed), the trainer's way
+        to make accumulated micro-batches weigh every token equally."""
         head = self.parts.lm_head
         group = self.process_group
         reduction = "sum" if (group is not None or ntp_tokens is not None) else "mean"
@@ -214,8 +216,8 @@ class OlaVLM(nn.Module):
             impl="reference" if self.impl == "reference" else self.impl)
         world = 1 if group is None else torch.distributed.get_world_size(group)
         if ntp_tokens is not None:
-            total = torch.as_tensor(ntp_tokens, dtype=torch.float32, device=loss.device)
-            loss = loss * (world / total.clamp(min=1.0))
+            total = torch.as_tensor(ntp_tokens, device=loss.device).to(torch.float32)
+            loss = loss * (world * ntp_micro_batches / total.clamp(min=1.0))
         elif group is not None:
             total = num_valid.detach().to(torch.float32).clone()
             torch.distributed.all_reduce(total, group=group)
@@ -283,15 +285,27 @@ class OlaVLM(nn.Module):
         *,
         return_predictions: bool = False,
         static_length: bool = False,
-        ntp_tokens: torch.Tensor | float | None = None,
+        ntp_tokens: torch.Tensor | int | None = None,
+        ntp_micro_batches: int = 1,
     ) -> OlaOutput:
         """Loss and its components. ``labels`` None: no next-token loss. ``targets`` None: no
         embedding losses (VPT/IFT); given, it must hold every task of aux_mode. The embedding
         losses' per-sample mask is ``target_mask`` if given, else ``image_mask``, else whether
-        the sample has an image placeholder. ``ntp_tokens``: the count the next-token loss's sum
-        is divided by (default: this batch's labelled tokens, over all ranks when distributed);
-        with gradient accumulation, the step's count (``count_supervised_tokens`` over its
-        micro-batches and ranks) divided by the number of micro-batches."""
+        the sample has an image placeholder. ``ntp_tokens``: with gradient accumulation, the
+        supervised token count of the whole optimizer step (``count_supervised_tokens`` summed
+        over its ``ntp_micro_batches`` micro-batches and over the ranks), an int or an integer
+        tensor; each micro-batch then divides its next-token sum by ntp_tokens /
+        ntp_micro_batches, so that the micro-batches' losses / ntp_micro_batches is the mean over
+        the step's tokens. Default: this batch's own count (over all ranks when distributed).
+        An integer, not a float tensor: FSDP2's mixed precision casts floating forward inputs to
+        bf16, which would round the divisor."""
+        if ntp_tokens is not None and isinstance(ntp_tokens, torch.Tensor) and \
+                ntp_tokens.is_floating_point():
+            raise ValueError("ntp_tokens must be an integer count (an int or an integer tensor), "
+                             f"got a {ntp_tokens.dtype} tensor: FSDP2's mixed precision would "
+                             "cast it to bf16 and round the loss's divisor")
+        if not isinstance(ntp_micro_batches, int) or ntp_micro_batches < 1:
+            raise ValueError(f"ntp_micro_batches must be an int >= 1, got {ntp_micro_batches!r}")
         spliced = self.splice(input_ids, attention_mask, labels, images,
                               static_length=static_length)
         want_heads = bool(self.tasks) and (targets is not None or return_predictions)
@@ -303,7 +317,8 @@ class OlaVLM(nn.Module):
         zero = torch.zeros((), device=dev)
         components: dict[str, torch.Tensor] = {}
         if labels is not None:
-            ntp, num_valid, correct = self._ntp(final, spliced.labels, ntp_tokens)
+            ntp, num_valid, correct = self._ntp(final, spliced.labels, ntp_tokens,
+                                                  ntp_micro_batches)
             accuracy = correct.sum() / num_valid.clamp(min=1)
         else:
             ntp, num_valid, accuracy = zero, zero.long(), zero

@@ -223,8 +223,25 @@ def _failure(exc: BaseException) -> tuple[str, str]:
     failures = getattr(exc, "failures", None)
     if isinstance(failures, dict):
         inner = [pair[0] if isinstance(pair, tuple) else pair for pair in failures.values()]
-    kind = "os" if all(isinstance(e, OSError) for e in inner) else "other"
-    return kind, "; ".join(f"{type(e).__name__}: {e}" for e in inner)
+    # A full disk rarely surfaces as the OSError itself: torch.save's writer reports
+    # "RuntimeError: ... unexpected pos" with the ENOSPC OSError as its __context__.
+    causes = [_os_error_in_chain(e) for e in inner]
+    kind = "os" if all(c is not None for c in causes) else "other"
+    text = "; ".join(f"{type(e).__name__}: {e}" + (f" (caused by {type(c).__name__}: {c})"
+                                                   if c is not None and c is not e else "")
+                     for e, c in zip(inner, causes, strict=True))
+    return kind, text
+
+
+def _os_error_in_chain(exc: BaseException) -> OSError | None:
+    """The first OSError among exc and its __cause__ / __context__ links."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 # ---- the checkpointer -------------------------------------------------------------------------

@@ -203,6 +203,9 @@ class Trainer:
                 raise RuntimeError("the data loader yields no batches (empty dataset?)")
 
     def _micro_step(self, batch, scale: float, ntp_tokens: torch.Tensor):
+        """Forward and backward of one micro-batch. The SDPA backend choice covers the backward
+        too: activation checkpointing recomputes attention there, and a recompute through
+        another backend saves tensors of other shapes (and other values)."""
         dev = self.dist.device
         targets, target_mask = None, batch.target_mask
         if self.teachers is not None:
@@ -215,8 +218,9 @@ class Trainer:
             out = self.model(
                 b.input_ids, b.attention_mask, b.labels, b.images, b.image_mask,
                 None if targets is None else {k: v.to(dev) for k, v in targets.items()},
-                None if target_mask is None else target_mask.to(dev), ntp_tokens=ntp_tokens)
-        (out.loss * scale).backward()
+                None if target_mask is None else target_mask.to(dev), ntp_tokens=ntp_tokens,
+                ntp_micro_batches=self.cfg.optim.grad_accum)
+            (out.loss * scale).backward()
         return out
 
     def _tokens(self, batch) -> tuple[int, int, int]:
@@ -227,19 +231,22 @@ class Trainer:
         return len(batch), int(lengths.sum()), int((lengths * lengths).sum())
 
     def _step_ntp_tokens(self, micro_batches) -> tuple[torch.Tensor, int]:
-        """The next-token loss's divisor for each micro-batch, and this rank's count.
+        """The step's supervised tokens over all ranks (an int64 device tensor), and this
+        rank's count.
 
         Every token of the optimizer step weighs the same, however the labels fall across
         micro-batches and ranks: each micro-batch divides its loss sum by (the step's supervised
-        tokens over all ranks) / grad_accum, so the accumulated ``loss / grad_accum`` is the
-        mean over the step's tokens (a mean of micro-batch means would not be). Counted on the
-        host copies (``count_supervised_tokens``), summed over ranks on the device: no sync."""
+        tokens over all ranks) / grad_accum (``ntp_tokens`` / ``ntp_micro_batches``), so the
+        accumulated ``loss / grad_accum`` is the mean over the step's tokens (a mean of
+        micro-batch means would not be). Counted on the host copies
+        (``count_supervised_tokens``), summed over ranks on the device: no sync. An integer
+        tensor, so that FSDP2's mixed precision does not cast it to bf16 on the way in."""
         local = sum(int(self.model.count_supervised_tokens(b.input_ids, b.attention_mask,
                                                             b.labels)) for b in micro_batches)
-        total = torch.tensor(float(local), device=self.dist.device)
+        total = torch.tensor(local, device=self.dist.device, dtype=torch.int64)
         if self.dist.distributed:
             torch.distributed.all_reduce(total)
-        return total / len(micro_batches), local
+        return total, local
 
     def train(self) -> TrainResult:
         cfg, d = self.cfg, self.dist

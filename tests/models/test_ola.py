@@ -146,7 +146,8 @@ def test_ntp_tokens_make_accumulated_micro_batches_equal_one_batch(model):
         model.zero_grad(set_to_none=True)
         losses = []
         for batch, ntp_tokens, scale in steps:
-            out = model(*batch, ntp_tokens=ntp_tokens)
+            micro = 1 if ntp_tokens is None else len(steps)
+            out = model(*batch, ntp_tokens=ntp_tokens, ntp_micro_batches=micro)
             (out.loss * scale).backward()
             losses.append(out.loss.detach() * scale)
         return sum(losses), {n: p.grad.clone() for n, p in model.named_parameters()
@@ -154,12 +155,14 @@ def test_ntp_tokens_make_accumulated_micro_batches_equal_one_batch(model):
 
     loss_ref, ref = grads_of([(whole, None, 1.0)])
     total = sum(model.count_supervised_tokens(*b[:3]) for b in halves)
-    loss_acc, acc = grads_of([(b, total / 2, 0.5) for b in halves])
+    loss_acc, acc = grads_of([(b, total, 0.5) for b in halves])
     _, mean_of_means = grads_of([(b, None, 0.5) for b in halves])
     torch.testing.assert_close(loss_acc, loss_ref)
     assert ref.keys() == acc.keys() and ref
     for name in ref:
         torch.testing.assert_close(acc[name], ref[name], msg=name)
+    with pytest.raises(ValueError, match="integer count"):  # FSDP2 would cast it to bf16
+        model(*halves[0], ntp_tokens=total.float(), ntp_micro_batches=2)
     # The old way (a mean of the micro-batches' means) weighs tokens unequally: not equal.
     w = "llm.lm_head.weight"
     assert not torch.allclose(mean_of_means[w], ref[w], rtol=1e-3, atol=1e-6)

@@ -252,3 +252,13 @@ def test_batches_close_an_exhausted_epoch_but_reject_an_empty_dataset():
     owner.loader = Loader([[]], position=0)
     with pytest.raises(RuntimeError, match="yields no batches"):
         next(owner._batches())
+
+
+def test_sdpa_backend_with_activation_checkpointing_trains(tmp_path, synth_dir):
+    """The checkpointed blocks recompute attention in the backward: it must run under the same
+    SDPA backend as the forward (another one saves tensors of other shapes)."""
+    trainer = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=1", "checkpoint.at_end=false",
+                           "parallel.sdpa_backend=math",
+                           "parallel.activation_checkpointing=full"))
+    trainer.train()
+    assert torch.isfinite(torch.tensor(_losses(trainer.run_dir)[1]["loss"]))
