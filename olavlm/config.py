@@ -136,7 +136,7 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 100  # 0: only at the end and on SIGTERM/SIGINT
     keep_last: int = 3
-    resume: str = "auto"  # auto (latest valid in the run dir) | none | <checkpoint path>
+    resume: str | None = "auto"  # auto (latest valid in the run dir) | none (or null) | <path>
     # Weights to start from (VPT from PT, IFT from VPT): model weights only, no optimizer or
     # data state; resume wins over it when the run directory already holds a checkpoint.
     init_from: str | None = None
@@ -201,7 +201,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.num_workers": (0, None),
     "data.image_size": (1, None),
     "data.synthetic_num": (1, None),
-    "data.synthetic_size": (8, None),
+    "data.synthetic_size": (32, None),  # (the synthetic scenes need 32 px at least)
     "optim.lr": (0.0, None),
     "optim.projector_lr": (0.0, None),
     "optim.head_lr": (0.0, None),
@@ -390,6 +390,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and {"on", "off"} <= set(CHOICES.get(path, ())):
+            return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if isinstance(value, int) and not isinstance(value, bool):  # run_name=2024
             return str(value)
         raise mismatch()

@@ -142,6 +142,20 @@ def test_file_names_the_recipe(tmp_path):
     assert resolve_config(None, None, []).recipe == "demo"
 
 
+def test_yaml_on_off_and_null_mean_what_the_user_wrote(tmp_path):
+    """YAML 1.1 reads a bare on/off as a boolean: the documented choices must still work."""
+    path = tmp_path / "run.yaml"
+    path.write_text("parallel:\n  fsdp: off\noptim:\n  fused: on\ncheckpoint:\n"
+                    "  resume: null\n")
+    cfg = resolve_config("demo", str(path), [])
+    assert (cfg.parallel.fsdp, cfg.optim.fused, cfg.checkpoint.resume) == ("off", "on", None)
+    path.write_text("data:\n  template: off\n")  # no on/off among its choices: still an error
+    with pytest.raises(ValueError, match="data.template"):
+        resolve_config("demo", str(path), [])
+    with pytest.raises(ValueError, match="data.synthetic_size"):  # the scenes need >= 32 px
+        resolve_config("demo", None, ["data.synthetic_size=16"])
+
+
 def test_overrides_parse_values():
     out = apply_overrides({"optim": {"lr": 1.0}}, [
         "optim.lr=2e-5", "model.layer_indices=d18-20_s10-18_g12-20",

@@ -215,6 +215,7 @@ class ResumableLoader:
         rejects_path: str | Path | None = None,
         pad_to_multiple_of: int = 1,
         prefetch_factor: int = 2,
+        grad_accum: int = 1,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -228,6 +229,9 @@ class ResumableLoader:
         self.seed = seed
         self.rank, self.world_size = _dist_rank_world(rank, world_size)
         self.group_by_modality_length = group_by_modality_length
+        if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
+            raise ValueError(f"grad_accum must be an int >= 1, got {grad_accum!r}")
+        self.grad_accum = grad_accum  # the grouping's megabatch spans one optimizer step
         self.drop_last = drop_last
         if rejects_path is not None and self.world_size > 1:
             rejects_path = Path(rejects_path)
@@ -276,7 +280,7 @@ class ResumableLoader:
         return plan_epoch(len(self.dataset), epoch=self.epoch, start=self.position,
                           batch_size=self.batch_size, world_size=self.world_size,
                           shuffle=self.shuffle, seed=self.seed, modality_lengths=lengths,
-                          drop_last=self.drop_last)
+                          drop_last=self.drop_last, grad_accum=self.grad_accum)
 
     def __len__(self) -> int:
         """Batches in a whole epoch for this rank."""
@@ -326,6 +330,7 @@ class ResumableLoader:
             "seed": self.seed, "shuffle": self.shuffle,
             "group_by_modality_length": self.group_by_modality_length,
             "batch_size": self.batch_size, "world_size": self.world_size,
+            "grad_accum": self.grad_accum,
             "drop_last": self.drop_last, "num_samples": len(self.dataset),
             "stats": self.log.state_dict(),
         }
@@ -341,6 +346,9 @@ class ResumableLoader:
                 "drop_last": self.drop_last}
         if self.group_by_modality_length:  # the grouped order depends on them
             mine |= {"batch_size": self.batch_size, "world_size": self.world_size}
+            if "grad_accum" in state or self.grad_accum != 1:  # (older states: 1)
+                mine["grad_accum"] = self.grad_accum
+                state = {**state, "grad_accum": state.get("grad_accum", 1)}
         for key, value in mine.items():
             if state.get(key) != value:
                 raise ValueError(f"state[{key!r}] must be {value!r} (this loader's), got "

@@ -119,8 +119,13 @@ def plan_epoch(
     seed: int = 0,
     modality_lengths: np.ndarray | Sequence[int] | None = None,
     drop_last: bool = False,
+    grad_accum: int = 1,
 ) -> EpochPlan:
     """The plan of ``epoch`` from global position ``start`` (module docstring).
+
+    ``grad_accum``: micro-batches per optimizer step. LLaVA's modality-length grouping sorts
+    within megabatches of world_size x batch_size x grad_accum samples (what one optimizer
+    step consumes); without grouping it changes nothing.
 
     Without ``drop_last`` the last global batch may be short (every rank still gets at least
     one sample); samples that cannot give every rank one are left out and counted in
@@ -133,8 +138,10 @@ def plan_epoch(
         if len(modality_lengths) != num_samples:
             raise ValueError(f"modality_lengths must have {num_samples} entries, got "
                              f"{len(modality_lengths)}")
-        order = modality_length_grouped_indices(modality_lengths, batch_size, world_size,
-                                                generator)
+        if not isinstance(grad_accum, int) or grad_accum < 1:
+            raise ValueError(f"grad_accum must be an int >= 1, got {grad_accum!r}")
+        order = modality_length_grouped_indices(modality_lengths, batch_size,
+                                                world_size * grad_accum, generator)
     elif shuffle:
         order = torch.randperm(num_samples, generator=generator).tolist()
     else:

@@ -52,7 +52,10 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.11, "large": 0.19}  # circumradius as a fraction of the image side
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+# Up to len(COLOURS) * len(SHAPES), the most objects a scene may hold (sample_scene).
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+                "seventeen", "eighteen")
 # The floor: grey, far (12 m) at the top of the image and nearer (6 m) at the bottom; shapes
 # stand between 1 and 5 m, always in front of it.
 FLOOR_DEPTH_MM = (12000, 6000)

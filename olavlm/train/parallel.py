@@ -78,7 +78,10 @@ def init_distributed(device_name: str, backend: str = "auto", *,
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        if world == 1 and "MASTER_ADDR" not in os.environ:
+        # Not launched by torchrun (no RANK): a private 1-rank group on a free local port, also
+        # when the shell exports MASTER_ADDR (SLURM jobs often do), which env:// would take
+        # for a rendezvous and then fail for lack of RANK.
+        if world == 1 and "RANK" not in os.environ:
             kwargs.update(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
         torch.distributed.init_process_group(backend=backend, **kwargs)
     return DistInfo(rank, world, local, device)

@@ -131,6 +131,14 @@ def test_plan_matches_llava_megabatch_layout():
     assert sorted(flat) == list(range(10)) and plan.num_dropped == 0
     again = plan_epoch(10, epoch=0, batch_size=2, world_size=2, seed=0, modality_lengths=lengths)
     assert again.global_batches == plan.global_batches  # no global RNG involved
+    # LLaVA groups within megabatches of world x batch x grad_accum (one optimizer step): one
+    # GPU accumulating 2 micro-batches sees the order 2 GPUs see.
+    one_gpu = plan_epoch(10, epoch=0, batch_size=2, world_size=1, seed=0,
+                         modality_lengths=lengths, grad_accum=2)
+    assert [i for gb in one_gpu.global_batches for i in gb] == flat
+    ungrouped = plan_epoch(10, epoch=0, batch_size=2, world_size=1, seed=0, grad_accum=2)
+    assert ungrouped.global_batches == plan_epoch(10, epoch=0, batch_size=2, world_size=1,
+                                                  seed=0).global_batches
     with pytest.raises(ValueError, match="non-zero"):
         plan_epoch(2, epoch=0, batch_size=1, modality_lengths=[0, 1])
 
@@ -146,6 +154,10 @@ def test_resume_checks_the_state(dataset):
         grouped.load_state_dict(state)
     with pytest.raises(ValueError, match="version"):
         loader.load_state_dict({"version": 99})
+    grouped.load_state_dict(grouped.state_dict())
+    with pytest.raises(ValueError, match="grad_accum"):  # the grouped order depends on it
+        ResumableLoader(dataset, batch_size=4, seed=1, group_by_modality_length=True,
+                        grad_accum=2).load_state_dict(grouped.state_dict())
 
 
 def test_resume_on_another_world_size_without_grouping(dataset):

@@ -63,6 +63,16 @@ def test_same_seed_same_bytes_whatever_the_workers(tmp_path):
         write_synthetic_dataset(a, 12, size=48)
 
 
+def test_crowded_scenes_have_words_for_their_counts():
+    from olavlm.data.synthetic import SHAPES
+
+    most = len(COLOURS) * len(SHAPES)  # the most objects a scene may hold
+    assert len(NUMBER_WORDS) == most + 1
+    texts = [json.dumps(synth_sample(0, i, size=64, max_objects=most,
+                                     text_only_fraction=0.0)[0]) for i in range(12)]
+    assert any(word in text for text in texts for word in NUMBER_WORDS[7:])
+
+
 def test_depth_and_segmentation_match_the_drawn_scene(synth_dir):
     checked = 0
     for entry in _entries(synth_dir) + _entries(synth_dir, "val"):

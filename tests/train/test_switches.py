@@ -113,3 +113,22 @@ def test_per_block_compile_matches_eager(model):
     torch.testing.assert_close(loss_c, loss, rtol=1e-5, atol=1e-6)
     for name, g in grads.items():
         torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_single_process_group_ignores_a_stray_master_addr():
+    """SLURM shells export MASTER_ADDR/MASTER_PORT: a process not started by torchrun (no
+    RANK) must still get its private 1-rank group, not an env:// rendezvous that fails."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(MASTER_ADDR="10.255.255.1", MASTER_PORT="1")
+    code = ("import torch.distributed as dist\n"
+            "from olavlm.train.parallel import init_distributed\n"
+            "init_distributed('cpu', 'gloo', single_group=True)\n"
+            "print('world', dist.get_world_size())\n"
+            "dist.destroy_process_group()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "world 1" in proc.stdout
