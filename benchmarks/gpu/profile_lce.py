@@ -3,7 +3,8 @@
 
     python benchmarks/gpu/profile_lce.py           # GPU: Llama-3 head, N=8192, 0% and 90% ignored
     python benchmarks/gpu/profile_lce.py --configs current,dw_torch   # Triton dW vs cuBLAS dW
-    python benchmarks/gpu/profile_lce.py --tiny    # CPU dry run (interpreter, both dW backends)
+    python benchmarks/gpu/profile_lce.py --configs current,grad_fwd   # gradients in the forward
+    python benchmarks/gpu/profile_lce.py --tiny    # CPU dry run (interpreter, the first four)
 
 For each tile config (olakernels.linear_cross_entropy.impl.triton.BLOCKS_OVERRIDE) it runs one
 warm-up fwd+bwd (compiles), then profiles one more and prints each kernel's device time and its
@@ -12,6 +13,9 @@ warm-up takes over --max-seconds is reported and the sweep moves on. cuBLAS's ra
 GEMM (torch.matmul) is printed first as the ceiling. With dw_backend="torch" the dW GEMMs are
 aten::mm (first chunk) + aten::addmm (the others): one "dweight (cuBLAS)" line sums them, its
 rate still on the labelled rows' FLOPs, so it shows what the ignored rows of each chunk cost.
+With grad_in_forward (configs grad_fwd*) the forward runs _lce_dlogits_kernel once per chunk to
+write the logits (its line is that GEMM), then _lce_rows_grad_kernel (no GEMM, memory-bound),
+dhidden and dweight; _lce_fwd_kernel does not run and the backward is two scaling kernels.
 """
 from __future__ import annotations
 
@@ -36,6 +40,10 @@ CONFIGS = {  # n, v: logits tile; m, h: dhidden/dweight output tile; k: reductio
     # grad_weight by cuBLAS (fp32 output) on whole chunks: second, so that a stage cut short by
     # its time limit still compares the two dW backends at 0% and 90% ignored.
     "dw_torch": dict(dw_backend="torch"),
+    # Gradients in the forward (3 GEMM passes instead of 4), with either dW backend: right after
+    # the two above, for the same reason (docs/PERF.md has the prediction).
+    "grad_fwd": dict(grad_in_forward=True),
+    "grad_fwd_dw_torch": dict(grad_in_forward=True, dw_backend="torch"),
     "dw256x128": dict(dw_m=256, dw_h=128),
     "dw_k128": dict(dw_k=128, dw_stages=3),
     "dw_s4": dict(dw_stages=4),
@@ -70,12 +78,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--max-seconds", type=float, default=20.0)
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated names of CONFIGS (default: all; --tiny: the first "
+                             "four)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tiny = args.tiny or device == "cpu"
     n, h, v = (64, 32, 200) if tiny else (8192, 4096, 128256)
-    names = ["current", "dw_torch"] if tiny else args.configs.split(",")
+    if args.configs:
+        names = args.configs.split(",")
+    else:  # the dry run checks the dW backends and the grad-in-forward mode, not the tile sweep
+        names = list(CONFIGS)[:4] if tiny else list(CONFIGS)
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        parser.error(f"--configs: unknown {unknown}; known: {list(CONFIGS)}")
     print(f"shape N={n} H={h} V={v} bf16; cuBLAS bf16 N x V x H: "
           f"{cublas_rate(n, v, h, device):.0f} TFLOP/s")
     from torch.profiler import ProfilerActivity, profile

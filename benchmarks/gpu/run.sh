@@ -26,9 +26,9 @@ T0=$(date +%s)
 # OLAVLM_BENCH_K narrows the benchmarks (a pytest -k expression, e.g. "triton").
 # bench_compile (torch.compile baselines) only when asked for: compiling eats the window.
 # The default is what is still unmeasured or changed since the last window (docs/PERF.md):
-# the LM head with its new tiles and the cuBLAS grad_weight backend, the step's modes, the
-# embedding loss's forward profile, and the GPU tests (the whole training job in bf16
-# included). Opt-in: bench bench_perceiver bench_teachers bench_compile.
+# the LM head with its new tiles, its cuBLAS grad_weight and gradients-in-forward modes, the
+# step's modes, the embedding loss's forward profile, and the GPU tests (the whole training
+# job in bf16 included). Opt-in: bench bench_perceiver bench_teachers bench_compile.
 STAGES=${OLAVLM_STAGES:-"ceilings bench_lce bench_step profile_lce profile gpu_tests"}
 
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log it, never abort the script
@@ -58,7 +58,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 PYTEST=($PY -m pytest -q -p no:cacheprovider)
-# The default stages' limits add up to ~8 minutes (30 + 90 + 140 + 75 + 30 + 140 s; the
+# The default stages' limits add up to ~8 minutes (30 + 70 + 140 + 90 + 25 + 140 s; the
 # ceilings are skipped on a card that benchmarks/results/ceiling.csv already has); a typical run
 # takes less. Pick stages with OLAVLM_STAGES (the loader benchmark, bench_data.py, is CPU-bound
 # and not run here). The GPU tests compile every kernel variant (autotuning included): ~2 min.
@@ -74,7 +74,7 @@ stage bench "${OLAVLM_BENCH_LIMIT:-90}" "${PYTEST[@]}" benchmarks/bench_embeddin
   --benchmark-only -k "${OLAVLM_BENCH_K:-not reference_compile}" \
   --benchmark-json="$OUT_DIR/bench.json"
 # linear_cross_entropy, "quick" grid (OLAVLM_LCE_PRESET=full for all 24 cases x providers).
-stage bench_lce "${OLAVLM_LCE_LIMIT:-90}" "${PYTEST[@]}" \
+stage bench_lce "${OLAVLM_LCE_LIMIT:-70}" "${PYTEST[@]}" \
   benchmarks/bench_linear_cross_entropy.py --benchmark-only -k "${OLAVLM_LCE_K:-not compile}"
 stage bench_perceiver "${OLAVLM_PERCEIVER_LIMIT:-90}" "${PYTEST[@]}" \
   benchmarks/bench_perceiver.py --benchmark-only
@@ -93,13 +93,14 @@ stage bench_step "${OLAVLM_STEP_LIMIT:-140}" $PY benchmarks/bench_step.py \
 # (its default preset: real model sizes on a GPU, tiny ones on the CPU dry run)
 stage bench_teachers "${OLAVLM_TEACHERS_LIMIT:-120}" $PY benchmarks/bench_teachers.py
 # Per-kernel device time of the embedding loss (its fixed forward cost; docs/PERF.md).
-stage profile 30 $PY benchmarks/gpu/profile_embedding_loss.py
+stage profile 25 $PY benchmarks/gpu/profile_embedding_loss.py
 # linear_cross_entropy: per-kernel time and TFLOP/s per tile config. Default: today's tiles
-# against dw_backend="torch" (cuBLAS grad_weight), at 0% and 90% ignored;
-# OLAVLM_PROFILE_LCE_CONFIGS=all for the whole sweep (raise OLAVLM_PROFILE_LCE_LIMIT to ~150).
-LCE_CONFIGS=${OLAVLM_PROFILE_LCE_CONFIGS:-current,dw_torch}
+# against dw_backend="torch" (cuBLAS grad_weight) and grad_in_forward (3 GEMM passes instead
+# of 4), alone and together, at 0% and 90% ignored; OLAVLM_PROFILE_LCE_CONFIGS=all for the
+# whole sweep (raise OLAVLM_PROFILE_LCE_LIMIT to ~200).
+LCE_CONFIGS=${OLAVLM_PROFILE_LCE_CONFIGS:-current,dw_torch,grad_fwd,grad_fwd_dw_torch}
 [ "$LCE_CONFIGS" = all ] && LCE_CONFIGS=""
-stage profile_lce "${OLAVLM_PROFILE_LCE_LIMIT:-75}" $PY benchmarks/gpu/profile_lce.py \
+stage profile_lce "${OLAVLM_PROFILE_LCE_LIMIT:-90}" $PY benchmarks/gpu/profile_lce.py \
   ${LCE_CONFIGS:+--configs "$LCE_CONFIGS"}
 stage gpu_tests "${OLAVLM_TESTS_LIMIT:-140}" "${PYTEST[@]}" tests -m gpu \
   --deselect tests/kernels/test_triton_compiles_for_gpus.py

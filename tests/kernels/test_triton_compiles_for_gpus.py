@@ -100,12 +100,20 @@ def compile_linear_cross_entropy_kernels(target) -> int:
             flags = {"HAS_BIAS": bias, "HAS_SOFTCAP": cap, "DOT_NATIVE": native}
             _compile(k._lce_fwd_kernel, {**tensors, **ints, **parts, "PART_IDX": "*i32"},
                      ("softcap",), {**flags, **tiles}, target, **launch)
-            _compile(k._lce_dlogits_kernel,
-                     {**tensors, **ints, "LSE": "*fp32", "GRAD_LOSS": "*fp32",
-                      "DLOGITS": "*" + dt},
-                     ("softcap", "label_smoothing", "z_loss_weight"),
+            dl = {**tensors, **ints, "LSE": "*fp32", "GRAD_LOSS": "*fp32", "DLOGITS": "*" + dt}
+            scalars = ("softcap", "label_smoothing", "z_loss_weight")
+            _compile(k._lce_dlogits_kernel, dl, scalars,
                      {**flags, **tiles, "ZERO_PAST_COUNT": cap}, target, **launch)
-            count += 2
+            # grad_in_forward: the logits themselves (with and without the zeroing branch)
+            _compile(k._lce_dlogits_kernel, dl, scalars,
+                     {**flags, **tiles, "ZERO_PAST_COUNT": not cap, "WRITE_LOGITS": True},
+                     target, **launch)
+            _compile(k._lce_rows_grad_kernel,
+                     {"LOGITS": "*" + dt, **ints, "LSE": "*fp32", "LOSS": "*fp32",
+                      "CORRECT": "*i8"}, scalars,
+                     {"HAS_SOFTCAP": cap, "BLOCK_V": blk["row_v"]}, target,
+                     num_warps=blk["row_warps"])
+            count += 4
         mm = {"BLOCK_M": blk["m"], "BLOCK_H": blk["h"], "BLOCK_K": blk["k"]}
         _compile(k._lce_dhidden_kernel,
                  {"DLOGITS": "*" + dt, "W": "*" + dt, **ints, "GRAD_HID": "*" + dt}, (),

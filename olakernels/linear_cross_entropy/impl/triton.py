@@ -9,7 +9,8 @@ dlogits for dw_backend="torch", whose GEMM cannot stop at the count): dlogits fo
 chunk (CHUNK x V, the only large temporary: O(chunk x V)), then grad_hidden = dlogits @ W
 scattered to the rows, and grad_weight (fp32) += dlogits^T @ hidden (a Triton kernel, or
 cuBLAS/hipBLAS with the tile knob dw_backend="torch"). A frozen weight skips the grad_weight
-GEMM, hidden without grad skips grad_hidden.
+GEMM, hidden without grad skips grad_hidden. The tile knob grad_in_forward moves this loop into
+the forward for "mean"/"sum" (impl/triton_fused_grad.py, which reuses the helpers below).
 """
 from __future__ import annotations
 
@@ -47,27 +48,40 @@ DLOGITS_BUDGET_BYTES = 512 * 2**20
 # (zeros): predicted to win at 0% ignored and to lose at ~90% (docs/PERF.md; NOT measured yet,
 # hence not the default, and no "auto": the choice depends on the ignored fraction, which only
 # the device knows).
+# grad_in_forward: for reduction "mean"/"sum" with a gradient needed, compute the gradients
+# during the forward (impl/triton_fused_grad.py): logits once per chunk, 3 GEMM passes over
+# n x V x H instead of 4, the backward only scales them. Off by default: NOT measured on a GPU
+# yet (docs/PERF.md). row_v / row_warps: the tiles of its row kernel (_lce_rows_grad_kernel).
 # CUDA: the best of the sweep on an H200 (docs/PERF.md, linear_cross_entropy run 5): 1.7x the
 # first tiles (64 x 128) at 0% ignored, 1.16x at 90%. ROCm: smaller tiles with 2 stages so the
 # operands fit MI300X's 64 KiB of LDS (not measured on an MI300X).
 GPU_BLOCKS = dict(n=128, v=256, k=64, m=128, h=256, num_warps=8, num_stages=3,
-                  dw_backend="triton")
+                  dw_backend="triton", grad_in_forward=False, row_v=4096, row_warps=8)
 ROCM_BLOCKS = dict(n=64, v=128, k=64, m=128, h=128, num_warps=8, num_stages=2,
-                   dw_backend="triton")
+                   dw_backend="triton", grad_in_forward=False, row_v=4096, row_warps=8)
 BLOCKS_OVERRIDE: dict = {}
 DW_BACKENDS = ("triton", "torch")
 
 
 def _blocks() -> dict:
     if interpreter_enabled():  # small tiles: the interpreter runs programs one by one
-        base = dict(n=16, v=32, k=32, m=16, h=32, num_warps=4, num_stages=1, dw_backend="triton")
+        base = dict(n=16, v=32, k=32, m=16, h=32, num_warps=4, num_stages=1, dw_backend="triton",
+                    grad_in_forward=False, row_v=64, row_warps=4)
     else:
         base = ROCM_BLOCKS if torch.version.hip else GPU_BLOCKS
     blk = {**base, **BLOCKS_OVERRIDE}
     if blk.get("dw_backend", "triton") not in DW_BACKENDS:
         raise ValueError(f"BLOCKS_OVERRIDE['dw_backend'] must be one of {DW_BACKENDS}, "
                          f"got {blk['dw_backend']!r}")
+    if not isinstance(blk.get("grad_in_forward", False), bool):
+        raise ValueError("BLOCKS_OVERRIDE['grad_in_forward'] must be True or False, got "
+                         f"{blk['grad_in_forward']!r}")
     return blk
+
+
+def grad_in_forward_enabled() -> bool:
+    """The tile knob grad_in_forward (the api still checks reduction and grad mode)."""
+    return _blocks().get("grad_in_forward", False)
 
 
 def _dot_native(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
