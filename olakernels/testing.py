@@ -154,6 +154,7 @@ def make_lm_head_inputs(
     bias: bool = False,
     ignore_index: int = -100,
     seed: int = 0,
+    draw_on_device: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(hidden, weight, labels, bias) shaped like a decoder's last layer and its LM head.
 
@@ -161,11 +162,20 @@ def make_lm_head_inputs(
     logits have a spread of a few units and are peaked (a trained LM's next-token distribution),
     and the labels mostly sit among the top logits; ``ignored`` is the fraction of positions
     labelled ``ignore_index`` (image, prompt and padding tokens in multimodal pre-training).
+    ``draw_on_device``: draw hidden and weight in fp32 with a generator on ``device`` instead of
+    in float64 on the host (benchmarks at real sizes: the host draw of Llama-3's 128k x 4096
+    head is single-threaded and takes ~20 s); the values then depend on the device.
     """
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(leading + (hidden_size,), generator=g, dtype=torch.float64)
+    if draw_on_device:
+        gd = torch.Generator(device=device).manual_seed(seed)
+        f32 = dict(device=device, dtype=torch.float32, generator=gd)
+        hidden = torch.randn(leading + (hidden_size,), **f32)
+        weight = torch.randn(vocab, hidden_size, **f32)
+    else:
+        hidden = torch.randn(leading + (hidden_size,), generator=g, dtype=torch.float64)
+        weight = torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64)
     hidden = hidden / hidden.square().mean(-1, keepdim=True).sqrt()
-    weight = torch.randn(vocab, hidden_size, generator=g, dtype=torch.float64)
     weight = weight * (2.5 / hidden_size**0.5)
     # Labels: the argmax most of the time, a random token otherwise. The argmax runs on `device`
     # in fp32 row chunks: at benchmark shapes (16k x 4096 x 128k) a float64 CPU matmul takes a

@@ -58,7 +58,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 PYTEST=($PY -m pytest -q -p no:cacheprovider)
-# The default stages' limits add up to ~8 minutes (30 + 70 + 140 + 90 + 25 + 140 s; the
+# The default stages' limits add up to ~8 minutes (ceilings 30, bench_lce 70, bench_step 140,
+# profile 25, profile_lce 90, gpu_tests 140 s; the
 # ceilings are skipped on a card that benchmarks/results/ceiling.csv already has); a typical run
 # takes less. Pick stages with OLAVLM_STAGES (the loader benchmark, bench_data.py, is CPU-bound
 # and not run here). The GPU tests compile every kernel variant (autotuning included): ~2 min.
@@ -78,7 +79,7 @@ stage bench_lce "${OLAVLM_LCE_LIMIT:-70}" "${PYTEST[@]}" \
   benchmarks/bench_linear_cross_entropy.py --benchmark-only -k "${OLAVLM_LCE_K:-not compile}"
 stage bench_perceiver "${OLAVLM_PERCEIVER_LIMIT:-90}" "${PYTEST[@]}" \
   benchmarks/bench_perceiver.py --benchmark-only
-# One OLA-VLM pre-training step per mode (opt-in: OLAVLM_STAGES="... bench_step"): the
+# One OLA-VLM pre-training step per mode (a default stage): the
 # seed-faithful step (reference math + per-image online teachers) vs ours with cached or batched
 # online targets. OLAVLM_STEP_PROVIDERS picks modes (default below: ~100-150 s on an H200 at
 # llama3_8b B=8); add fused_cached_compile / fused_cached_float8 (+ ~60-90 s each for building

@@ -297,3 +297,17 @@ def test_dweight_tile_overrides_give_the_same_gradients(monkeypatch):
     monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", {"dw_m": 32, "dw_h": 16, "dw_k": 16})
     _, tiled = _run("triton", *inputs[:3], inputs[3])
     torch.testing.assert_close(tiled["weight"], base["weight"], rtol=1e-5, atol=1e-7)
+
+
+def test_inputs_drawn_on_the_device_are_shaped_like_the_host_draw(device):
+    """make_lm_head_inputs(draw_on_device=True), the benchmarks' fast draw at real sizes."""
+    fast = make_lm_head_inputs((48,), 32, 300, device=device, ignored=0.25, draw_on_device=True)
+    slow = make_lm_head_inputs((48,), 32, 300, device=device, ignored=0.25)
+    for a, b in zip(fast[:3], slow[:3], strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+    rms = fast[0].float().square().mean(-1)
+    torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-4, atol=1e-4)
+    assert int((fast[2] == -100).sum()) == 12  # the ignored fraction, as the host draw
+    loss = linear_cross_entropy(*fast[:3], impl="triton")
+    ref = linear_cross_entropy(*fast[:3], impl="reference")
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
