@@ -103,7 +103,10 @@ LCE_CONFIGS=${OLAVLM_PROFILE_LCE_CONFIGS:-current,dw_torch,grad_fwd,grad_fwd_dw_
 [ "$LCE_CONFIGS" = all ] && LCE_CONFIGS=""
 stage profile_lce "${OLAVLM_PROFILE_LCE_LIMIT:-90}" $PY benchmarks/gpu/profile_lce.py \
   ${LCE_CONFIGS:+--configs "$LCE_CONFIGS"}
-stage gpu_tests "${OLAVLM_TESTS_LIMIT:-140}" "${PYTEST[@]}" tests -m gpu \
+# The whole training job and the model first (never run on a GPU yet), then the kernels: a
+# stage cut by its limit loses the kernels' real-shape checks, which ran in earlier windows.
+stage gpu_tests "${OLAVLM_TESTS_LIMIT:-140}" "${PYTEST[@]}" -m gpu tests/train tests/models \
+  tests/kernels tests/teachers tests/benchmarks \
   --deselect tests/kernels/test_triton_compiles_for_gpus.py
 # torch.compile baselines: slowest to set up (compiles), so last.
 stage bench_compile 45 "${PYTEST[@]}" benchmarks/bench_embedding_loss.py --benchmark-only \
