@@ -137,8 +137,8 @@ class CheckpointConfig:
     every_steps: int = 100  # 0: only at the end and on SIGTERM/SIGINT
     keep_last: int = 3
     resume: str | None = "auto"  # auto (latest valid in the run dir) | none (or null) | <path>
-    # Weights to start from (VPT from PT, IFT from VPT): model weights only, no optimizer or
-    # data state; resume wins over it when the run directory already holds a checkpoint.
+    # Weights to start from (VPT or IFT from PT, or IFT from VPT): model weights only, no
+    # optimizer or data state; resume wins over it when the run directory holds a checkpoint.
     init_from: str | None = None
     at_end: bool = True
 

@@ -232,6 +232,7 @@ class ResumableLoader:
         if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
             raise ValueError(f"grad_accum must be an int >= 1, got {grad_accum!r}")
         self.grad_accum = grad_accum  # the grouping's megabatch spans one optimizer step
+        self._legacy_epoch: int | None = None  # see load_state_dict
         self.drop_last = drop_last
         if rejects_path is not None and self.world_size > 1:
             rejects_path = Path(rejects_path)
@@ -280,7 +281,8 @@ class ResumableLoader:
         return plan_epoch(len(self.dataset), epoch=self.epoch, start=self.position,
                           batch_size=self.batch_size, world_size=self.world_size,
                           shuffle=self.shuffle, seed=self.seed, modality_lengths=lengths,
-                          drop_last=self.drop_last, grad_accum=self.grad_accum)
+                          drop_last=self.drop_last,
+                          grad_accum=1 if self.epoch == self._legacy_epoch else self.grad_accum)
 
     def __len__(self) -> int:
         """Batches in a whole epoch for this rank."""
@@ -344,11 +346,11 @@ class ResumableLoader:
         mine = {"num_samples": len(self.dataset), "seed": self.seed, "shuffle": self.shuffle,
                 "group_by_modality_length": self.group_by_modality_length,
                 "drop_last": self.drop_last}
+        legacy = self.group_by_modality_length and "grad_accum" not in state
         if self.group_by_modality_length:  # the grouped order depends on them
             mine |= {"batch_size": self.batch_size, "world_size": self.world_size}
-            if "grad_accum" in state or self.grad_accum != 1:  # (older states: 1)
+            if not legacy:
                 mine["grad_accum"] = self.grad_accum
-                state = {**state, "grad_accum": state.get("grad_accum", 1)}
         for key, value in mine.items():
             if state.get(key) != value:
                 raise ValueError(f"state[{key!r}] must be {value!r} (this loader's), got "
@@ -360,4 +362,7 @@ class ResumableLoader:
                              f"{position}")
         self.epoch = int(state["epoch"])
         self.position = position
+        # A state saved before the grouping's megabatch spanned grad_accum micro-batches: finish
+        # its epoch in the order it was started (megabatch world x batch), then use grad_accum.
+        self._legacy_epoch = self.epoch if legacy else None
         self.log.load_state_dict(state.get("stats", {}))

@@ -215,8 +215,10 @@ class OlaVLM(nn.Module):
             shift_labels=True, return_stats=True, reduction=reduction,
             impl="reference" if self.impl == "reference" else self.impl)
         world = 1 if group is None else torch.distributed.get_world_size(group)
-        if ntp_tokens is not None:
-            total = torch.as_tensor(ntp_tokens, device=loss.device).to(torch.float32)
+        if isinstance(ntp_tokens, int):  # a host count: plain arithmetic, no copy to the device
+            loss = loss * (world * ntp_micro_batches / max(ntp_tokens, 1))
+        elif ntp_tokens is not None:  # a device tensor (the trainer's): no sync
+            total = ntp_tokens.to(device=loss.device, dtype=torch.float32, non_blocking=True)
             loss = loss * (world * ntp_micro_batches / total.clamp(min=1.0))
         elif group is not None:
             total = num_valid.detach().to(torch.float32).clone()
@@ -299,11 +301,15 @@ class OlaVLM(nn.Module):
         the step's tokens. Default: this batch's own count (over all ranks when distributed).
         An integer, not a float tensor: FSDP2's mixed precision casts floating forward inputs to
         bf16, which would round the divisor."""
-        if ntp_tokens is not None and isinstance(ntp_tokens, torch.Tensor) and \
-                ntp_tokens.is_floating_point():
-            raise ValueError("ntp_tokens must be an integer count (an int or an integer tensor), "
-                             f"got a {ntp_tokens.dtype} tensor: FSDP2's mixed precision would "
-                             "cast it to bf16 and round the loss's divisor")
+        if ntp_tokens is not None and not (
+                (isinstance(ntp_tokens, int) and not isinstance(ntp_tokens, bool)) or
+                (isinstance(ntp_tokens, torch.Tensor) and not ntp_tokens.is_floating_point()
+                 and ntp_tokens.numel() == 1)):
+            got = f"a {ntp_tokens.dtype} tensor of shape {tuple(ntp_tokens.shape)}" \
+                if isinstance(ntp_tokens, torch.Tensor) else repr(ntp_tokens)
+            raise ValueError("ntp_tokens must be an integer count (an int or a one-element "
+                             f"integer tensor), got {got} (a float tensor would be cast to bf16 "
+                             "by FSDP2's mixed precision, rounding the loss's divisor)")
         if not isinstance(ntp_micro_batches, int) or ntp_micro_batches < 1:
             raise ValueError(f"ntp_micro_batches must be an int >= 1, got {ntp_micro_batches!r}")
         spliced = self.splice(input_ids, attention_mask, labels, images,

@@ -185,7 +185,9 @@ def count_supervised_tokens(
     position p lands at p (before the placeholder) or p + num_inserted - 1 (after it); it is
     scored when its label is not ignored, it survives ``max_length``, and it is not the
     sequence's first position (the causal shift predicts position t + 1 from t). Returns a 0-d
-    int64 tensor; equal to ``(spliced.labels[:, 1:] != ignore_index).sum()``."""
+    int64 tensor, equal to ``(spliced.labels[:, 1:] != ignore_index).sum()`` for
+    ``splice_inputs`` (any padding) and for ``splice_reference`` with right padding (the seed's
+    loop re-pads every row on the right, so left padding moves its labels)."""
     b, t = input_ids.shape
     real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None \
         else attention_mask.bool()

@@ -164,6 +164,11 @@ def _plan(teachers, items, storage: str, shard_size: int, resize: str) -> dict:
             "teachers": {t.name: t.fingerprint() for t in teachers}}
 
 
+def _with_old_defaults(plan: dict) -> dict:
+    """A plan written before "resize" was recorded: those runs used the default, "device"."""
+    return plan if "resize" in plan else {**plan, "resize": "device"}
+
+
 def _clear_cache_files(out: Path) -> None:
     for pattern in ("shard-*", ".shard-*", INDEX, PLAN, f".{INDEX}*", f".{PLAN}*"):
         for path in out.glob(pattern):
@@ -175,7 +180,7 @@ def _prepare(out: Path, plan: dict, overwrite: bool, rank: int, barrier) -> None
     # plan when it is absent, so no rank waits for another.
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        differs = (out / PLAN).is_file() and read_json(out / PLAN) != plan
+        differs = (out / PLAN).is_file() and _with_old_defaults(read_json(out / PLAN)) != plan
         if differs and not overwrite:
             raise ValueError(f"out={str(out)!r} holds a cache made for other data, teachers "
                              "or options (plan.json differs); pass overwrite=True "
@@ -188,7 +193,7 @@ def _prepare(out: Path, plan: dict, overwrite: bool, rank: int, barrier) -> None
             atomic_write(out / PLAN, json.dumps(plan, indent=1).encode())
     if barrier is not None:
         barrier()
-    if read_json(out / PLAN) != plan:
+    if _with_old_defaults(read_json(out / PLAN)) != plan:
         raise ValueError(f"rank {rank}: plan.json in {out} differs from this rank's plan; all "
                          "ranks must see the same data, teachers and options")
 
@@ -383,9 +388,11 @@ def extract_targets(data, out, teachers: Sequence[Teacher], *, image_folder=None
     index = LlavaIndex(data, on_bad_sample=on_bad_sample)
     items = image_items(index)
     plan = _plan(teachers, items, storage, shard_size, resize)
-    digest = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
     out = Path(out)
     _prepare(out, plan, overwrite, rank, barrier)
+    # The stored plan's digest marks finished shards: a cache begun before a plan key existed
+    # (its default then applied) keeps its shards.
+    digest = hashlib.sha256(json.dumps(read_json(out / PLAN), sort_keys=True).encode()).hexdigest()
     num_shards = -(-len(items) // shard_size)
     mine = [k for k in range(num_shards) if k % world_size == rank]
     todo = [k for k in mine if not _shard_done(out, k, digest)]

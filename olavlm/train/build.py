@@ -136,7 +136,8 @@ def build_model(cfg, tokenizer, work_dir: Path, *, is_main: bool, barrier,
     ``meta``: the LLM, projector, task tokens, heads and logit scales on the meta device (no
     storage; ``parallel.load=rank0`` fills them from rank 0 after sharding), built by the same
     code as the real model, so their structure is the same (olavlm.train.load checks it). The
-    vision tower is loaded as usual: it is frozen and comparatively small."""
+    vision tower is loaded as usual (frozen and comparatively small; rank 0's copy is then sent
+    over it with the rest, so that read is redundant)."""
     mc: ModelConfig = cfg.model
     work_dir = Path(work_dir) / "models"
     if is_main:
@@ -240,8 +241,8 @@ def build_data(cfg, model: OlaVLM, tokenizer, data_root: Path | None, *, rank: i
 
 
 def load_initial_weights(model: OlaVLM, path: str) -> list[str]:
-    """checkpoint.init_from: start a stage from an earlier one's weights (VPT from PT, IFT from
-    VPT). Accepts an ``export_hf`` folder (``llm/`` + ``olavlm.safetensors``) or a seed
+    """checkpoint.init_from: start a stage from an earlier one's weights (VPT or IFT from PT,
+    or IFT from VPT). Accepts an ``export_hf`` folder (``llm/`` + ``olavlm.safetensors``) or a seed
     checkpoint folder (SPEC 11 keys). Every parameter of the LLM, the projector and the task
     tokens must be there; heads and logit scales may be missing (VPT/IFT do not use them).
     Returns the keys that kept their fresh initialization."""

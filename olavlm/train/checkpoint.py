@@ -56,9 +56,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from .signals import StopSignals  # re-exported: its home until olavlm.train.signals
+
 __all__ = [
     "CheckpointError",
     "Checkpointer",
+    "StopSignals",
     "checkpoint_problem",
     "latest_checkpoint",
     "list_checkpoints",
@@ -240,7 +243,8 @@ def _os_error_in_chain(exc: BaseException) -> OSError | None:
         if isinstance(exc, OSError):
             return exc
         seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        # An explicit cause, else the implicit context unless "raise ... from None" hid it.
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return None
 
 

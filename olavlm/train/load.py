@@ -7,12 +7,13 @@
 - ``rank0`` (the default; it applies when FSDP2 shards over several ranks): rank 0 builds the
   model with its weights exactly as one process does. Every other rank builds the same modules
   on the meta device (``build_model(meta=True)``: the LLM from its config.json alone, no weight
-  read or allocated; the frozen vision tower is loaded as usual). All ranks apply the stage and
-  the parallelism switches (``fully_shard`` leaves meta parameters on meta); then the meta ranks
-  ``to_empty`` their shards and rank 0 sends every parameter and persistent buffer with
-  ``set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`` (one full tensor at
-  a time), and the non-persistent buffers (RoPE's ``inv_freq``: not in the state dict, garbage
-  after ``to_empty``) with plain broadcasts.
+  read or allocated; the frozen vision tower is loaded as usual, then overwritten by rank 0's).
+  All ranks apply the stage and the parallelism switches (``fully_shard`` leaves meta parameters
+  on meta); then the meta ranks ``to_empty`` their shards and rank 0 sends every parameter and
+  persistent buffer with ``set_model_state_dict(full_state_dict=True,
+  broadcast_from_rank0=True)`` (one full tensor at a time), and the non-persistent buffers
+  (RoPE's ``inv_freq``: not in the state dict, garbage after ``to_empty``) with plain
+  broadcasts.
 
 ``prepare`` (before sharding) compares the structure of every rank with rank 0's: parameter
 names, shapes, dtypes, requires_grad, which parameters are tied, buffers and their

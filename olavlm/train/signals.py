@@ -9,7 +9,7 @@ from typing import Any
 
 __all__ = ["StopSignals"]
 
-logger = logging.getLogger("olavlm.train.checkpoint")
+logger = logging.getLogger(__name__)
 
 
 class StopSignals:

@@ -243,7 +243,9 @@ class Trainer:
         tensor, so that FSDP2's mixed precision does not cast it to bf16 on the way in."""
         local = sum(int(self.model.count_supervised_tokens(b.input_ids, b.attention_mask,
                                                             b.labels)) for b in micro_batches)
-        total = torch.tensor(local, device=self.dist.device, dtype=torch.int64)
+        # torch.full launches a fill kernel; torch.tensor(int, device=cuda) would copy from the
+        # host and synchronize (the host would wait for the previous step's optimizer).
+        total = torch.full((), local, device=self.dist.device, dtype=torch.int64)
         if self.dist.distributed:
             torch.distributed.all_reduce(total)
         return total, local

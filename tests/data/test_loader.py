@@ -160,6 +160,22 @@ def test_resume_checks_the_state(dataset):
                         grad_accum=2).load_state_dict(grouped.state_dict())
 
 
+def test_a_state_saved_before_grad_accum_finishes_its_epoch_in_its_order(dataset):
+    old = ResumableLoader(dataset, batch_size=2, seed=1, group_by_modality_length=True)
+    it = iter(old)
+    next(it)
+    state = old.state_dict()
+    del state["grad_accum"]  # what a checkpoint written before the key existed holds
+    rest = [b.sample_ids for b in it]
+    new = ResumableLoader(dataset, batch_size=2, seed=1, group_by_modality_length=True,
+                          grad_accum=2)
+    new.load_state_dict(state)
+    assert [b.sample_ids for b in new] == rest  # the epoch it was in: the old megabatches
+    assert new.epoch == 1 and new.plan() == plan_epoch(
+        len(dataset), epoch=1, batch_size=2, seed=1, grad_accum=2,
+        modality_lengths=dataset.modality_lengths)  # then the new ones
+
+
 def test_resume_on_another_world_size_without_grouping(dataset):
     reference = _ids(ResumableLoader(dataset, batch_size=4, seed=2))
     one = ResumableLoader(dataset, batch_size=4, seed=2)

@@ -84,6 +84,31 @@ def test_kill_and_resume_gives_the_uninterrupted_cache(teacher_synth_dir, tmp_pa
     assert again.shards_written == [] and _cache_files(resumed) == _cache_files(whole)
 
 
+def test_a_cache_begun_before_resize_was_recorded_resumes(teacher_synth_dir, tmp_path):
+    import hashlib
+
+    data = teacher_synth_dir / "train.jsonl"
+    out = tmp_path / "old"
+    full = _extract(data, out)
+    # Rewrite it as an older version left it: no "resize" in plan.json, shards marked with that
+    # plan's digest; then lose the last shard and the index (an interrupted run).
+    plan = read_json(out / "plan.json")
+    del plan["resize"]
+    (out / "plan.json").write_text(json.dumps(plan, indent=1))
+    digest = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()
+    for side in out.glob("shard-*.json"):
+        info = read_json(side)
+        side.write_text(json.dumps({**info, "plan": digest}))
+    last = full.num_shards - 1
+    for name in (f"shard-{last:05d}.json", f"shard-{last:05d}.safetensors", "index.json"):
+        (out / name).unlink()
+    report = _extract(data, out)  # the default resize ("device"), as the old version used
+    assert report.complete and report.shards_written == [last]
+    assert report.shards_skipped == list(range(last))
+    with pytest.raises(ValueError, match="overwrite"):  # another resize still needs overwrite
+        _extract(data, out, resize="host")
+
+
 def _rank_worker(rank, init_file, data, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
