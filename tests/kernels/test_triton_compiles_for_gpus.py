@@ -115,16 +115,19 @@ def compile_linear_cross_entropy_kernels(target) -> int:
                      num_warps=blk["row_warps"])
             count += 4
         mm = {"BLOCK_M": blk["m"], "BLOCK_H": blk["h"], "BLOCK_K": blk["k"]}
-        _compile(k._lce_dhidden_kernel,
-                 {"DLOGITS": "*" + dt, "W": "*" + dt, **ints, "GRAD_HID": "*" + dt}, (),
-                 {"DOT_NATIVE": native, **mm}, target, **launch)
+        # grad_hidden in the operand dtype (backward) and in fp32 (grad_in_forward's unit grad)
+        for grad_dt in sorted({dt, "fp32"}):
+            _compile(k._lce_dhidden_kernel,
+                     {"DLOGITS": "*" + dt, "W": "*" + dt, **ints, "GRAD_HID": "*" + grad_dt},
+                     (), {"DOT_NATIVE": native, **mm}, target, **launch)
+            count += 1
         for acc in (False, True):
             _compile(k._lce_dweight_kernel,
                      {"DLOGITS": "*" + dt, "HID": "*" + dt, **ints, "GRAD_W": "*fp32",
                       "GRAD_B": "*fp32"}, (),
                      {"ACCUMULATE": acc, "HAS_WEIGHT_GRAD": True, "HAS_BIAS": acc,
                       "DOT_NATIVE": native, **mm}, target, **launch)
-        count += 3
+        count += 2
     parts = {n: "*fp32" for n in ("PART_M", "PART_S", "PART_ZY", "PART_SZ", "PART_BEST", "LSE",
                                   "LOSS")}
     _compile(k._lce_combine_kernel, {**parts, "PART_IDX": "*i32", **ints, "CORRECT": "*i8"},
