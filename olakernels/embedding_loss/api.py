@@ -92,7 +92,8 @@ def embedding_distill_loss(
     _validate(pred, target, mask, logit_scale, beta, contrastive_weight, max_logit_scale,
               mask_mode, impl)
     if logit_scale is not None and not isinstance(logit_scale, torch.Tensor):
-        logit_scale = torch.tensor(float(logit_scale), device=pred.device)
+        # torch.full: no host-to-device copy (which would synchronize on a GPU)
+        logit_scale = torch.full((), float(logit_scale), device=pred.device)
     impl = resolve_impl(impl, pred, "embedding_distill_loss", "pred")
     if impl == "reference":
         from .impl.reference import embedding_distill_loss_ref

@@ -284,8 +284,9 @@ class Trainer:
                 # Flags every rank must agree on: "some rank saw a non-finite value" and "some
                 # rank got SIGTERM/SIGINT" (MAX over ranks), so all skip or stop together.
                 bad = ~(torch.isfinite(sums).all() & torch.isfinite(grad_norm))
-                flags = torch.stack([bad.float(), torch.tensor(float(signals.requested),
-                                                               device=bad.device)])
+                # (torch.full: a fill kernel; torch.tensor(x, device=cuda) would sync the host)
+                flags = torch.stack([bad.float(), torch.full((), float(signals.requested),
+                                                             device=bad.device)])
                 if d.distributed:
                     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
                     # Each rank's losses are its share scaled to the global batch (the model's
