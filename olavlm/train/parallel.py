@@ -29,7 +29,8 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["DistInfo", "apply_parallelism", "init_distributed", "resolve_device", "wants_fsdp"]
+__all__ = ["DistInfo", "apply_parallelism", "free_port", "init_distributed", "resolve_device",
+           "wants_fsdp"]
 
 logger = logging.getLogger("olavlm.train")
 
@@ -82,12 +83,12 @@ def init_distributed(device_name: str, backend: str = "auto", *,
         # when the shell exports MASTER_ADDR (SLURM jobs often do), which env:// would take
         # for a rendezvous and then fail for lack of RANK.
         if world == 1 and "RANK" not in os.environ:
-            kwargs.update(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            kwargs.update(init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         torch.distributed.init_process_group(backend=backend, **kwargs)
     return DistInfo(rank, world, local, device)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from torch.utils._pytree import tree_leaves
 from olavlm.config import ParallelConfig, resolve_config
 from olavlm.train import build as B
 from olavlm.train import load as L
+from olavlm.train.parallel import free_port
 
 HIDDEN, FFN = 48, 96  # widths no tensor of the tiny CLIP tower (32 / 64) or of a shard has
 
@@ -118,16 +118,11 @@ def _worker(rank, world, port, overrides, root, out_dir):
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.distributed
 def test_meta_rank_ends_with_rank0_parameters_and_buffers(tmp_path):
     overrides, root = _setup(tmp_path)
-    mp.spawn(_worker, args=(2, _free_port(), overrides, root, tmp_path), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), overrides, root, tmp_path), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["mode"] == r1["mode"] == "rank0"
     # Rank 1 never held the LLM: built on meta, and no tensor of the full embedding or MLP

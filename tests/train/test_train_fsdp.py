@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 
 from olavlm.config import resolve_config
 from olavlm.train.metrics import read_metrics
+from olavlm.train.parallel import free_port
 from olavlm.train.trainer import Trainer
 
 STEPS = 3
@@ -49,11 +49,6 @@ def _worker(rank, world, port, tmp, synth, out_file, stage):
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.distributed
 @pytest.mark.slow
@@ -66,7 +61,7 @@ def test_two_process_fsdp_equals_one_process(tmp_path, stage):
     single.train()
     want = _trained_params(single.model)
     out_file = tmp_path / "fsdp.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two"), str(synth), str(out_file),
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "two"), str(synth), str(out_file),
                             stage), nprocs=2, join=True)
     got = torch.load(out_file)
     # Logged losses are global means (ranks' shares averaged): the same numbers as 1 process.
@@ -111,7 +106,7 @@ def _load_worker(rank, world, port, tmp, synth, out_file):
 @pytest.mark.distributed
 def test_rank0_load_trains_exactly_like_every_rank_and_resumes(tmp_path):
     synth, out_file = tmp_path / "synthetic", tmp_path / "results.pt"
-    mp.spawn(_load_worker, args=(2, _free_port(), str(tmp_path), str(synth), str(out_file)),
+    mp.spawn(_load_worker, args=(2, free_port(), str(tmp_path), str(synth), str(out_file)),
              nprocs=2, join=True)
     got = torch.load(out_file)
     # Rank 1 built the LLM on the meta device under rank0 (no LLM bytes before sharding).
