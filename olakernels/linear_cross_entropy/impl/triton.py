@@ -119,7 +119,7 @@ def lce_forward(hidden, weight, bias, labels, ignore_index, label_smoothing, z_l
         *parts, part_idx,
         n, v, h, v_per_split, float(softcap) if has_softcap else 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
-        DOT_NATIVE=_dot_native(hidden, weight),
+        DOT_NATIVE=_dot_native(hidden, weight), HAS_SMOOTHING=label_smoothing > 0,
         BLOCK_N=blk["n"], BLOCK_V=blk["v"], BLOCK_K=blk["k"],
         num_warps=blk["num_warps"], num_stages=blk["num_stages"],
     )
@@ -259,8 +259,12 @@ def chunk_grads(blk, native, chunk, dlogits, hidden, weight, order, count, grad_
                        min(chunk, n - start))
         return
     dw_m, dw_h = blk.get("dw_m", blk["m"]), blk.get("dw_h", blk["h"])
+    # The chunk's hidden rows in compacted order, dense (chunk x H: 16 MB for Llama-3 in
+    # bf16), so that the kernel's operand loads pipeline (see _lce_dweight_kernel).
+    h_rows = hidden.index_select(0, order[start:start + min(chunk, n - start)]) \
+        if grad_w32 is not None else dlogits
     _lce_dweight_kernel[(triton.cdiv(v, dw_m), triton.cdiv(h, dw_h))](
-        dlogits, hidden, order, count,
+        dlogits, h_rows, count,
         grad_w32 if grad_w32 is not None else dlogits,
         grad_b32 if grad_b32 is not None else dlogits,
         start, chunk, v, h,

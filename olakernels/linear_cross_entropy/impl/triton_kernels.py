@@ -17,8 +17,8 @@ COUNT (no synchronization: safe under CUDA graphs and torch.compile).
     _lce_rows_grad_kernel  grid (chunk rows): grad-in-forward mode; one row of the logits buffer
                            -> lse, loss, argmax == label, and d loss / d logits in place.
     _lce_dhidden_kernel    grid (chunk row blocks, H blocks): dlogits @ W, scattered to the rows.
-    _lce_dweight_kernel    grid (V blocks, H blocks): dW (+)= dlogits^T @ h over the chunk's rows,
-                           in fp32, and the bias gradient.
+    _lce_dweight_kernel    grid (V blocks, H blocks): dW (+)= dlogits^T @ h over the chunk's rows
+                           (gathered into a dense buffer first), in fp32, and the bias gradient.
 All arithmetic is fp32 (half-precision operands feed tl.dot directly: exact products, fp32
 accumulation); under TRITON_INTERPRET=1 operands are converted to fp32 first.
 """
@@ -75,8 +75,12 @@ def _lce_fwd_kernel(
     PART_M, PART_S, PART_ZY, PART_SZ, PART_BEST, PART_IDX,  # (S, N) each, compact row order
     N, V, H, V_PER_SPLIT, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_NATIVE: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,  # label_smoothing > 0: the sum of the logits is needed
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # The reductions after each logits tile run while the tensor cores idle, with the fp32
+    # tile in registers: each one skipped or made cheaper shortens the kernel (it spilled on
+    # sm_90 with all of them, benchmarks/gpu/kernel_report.py).
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     count = tl.load(COUNT)
@@ -106,8 +110,10 @@ def _lce_fwd_kernel(
         s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m[:, None]), axis=1)
         m = new_m
         zy += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
-        sz += tl.sum(tl.where(ok_c[None, :], z, 0.0), axis=1)
+        if HAS_SMOOTHING:
+            sz += tl.sum(tl.where(ok_c[None, :], z, 0.0), axis=1)
         better = tile_max > best  # strict: the first maximum wins ties, as torch.argmax
+        # (tl.argmax spills less on sm_90 than a min over the columns equal to tile_max.)
         best_idx = tl.where(better, v0 + tl.argmax(z, axis=1), best_idx)
         best = tl.where(better, tile_max, best)
     out = pid_s * N + rc
@@ -311,12 +317,16 @@ def _lce_dhidden_kernel(
 
 @triton.jit
 def _lce_dweight_kernel(
-    DLOGITS, HID, ORDER, COUNT, GRAD_W, GRAD_B,  # GRAD_W (V, H) fp32, GRAD_B (V,) fp32
+    DLOGITS, HID_ROWS, COUNT, GRAD_W, GRAD_B,  # GRAD_W (V, H) fp32, GRAD_B (V,) fp32
     chunk_start, chunk_rows, V, H,
     ACCUMULATE: tl.constexpr,  # add to GRAD_W (later chunks) or overwrite it (the first)
     HAS_WEIGHT_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_NATIVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # HID_ROWS (chunk_rows, H): the chunk's hidden rows, already gathered in compacted order.
+    # Gathering them here through ORDER made each B tile depend on an index load, and
+    # Triton's pipeliner then kept one buffer of the dlogits tile and two of the hidden tile
+    # instead of num_stages each (benchmarks/gpu/kernel_report.py: ~260 TFLOP/s on an H200).
     pid_v = tl.program_id(0)
     pid_h = tl.program_id(1)
     count = tl.load(COUNT)
@@ -330,7 +340,12 @@ def _lce_dweight_kernel(
     ok_h = hs < H
     out = vs.to(tl.int64)[:, None] * H + hs[None, :]
     m_out = ok_v[:, None] & ok_h[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    # Later chunks start from the stored sum: adding it after the loop held a second
+    # (BLOCK_M, BLOCK_H) fp32 tile in registers next to the accumulator (spills on sm_90).
+    if HAS_WEIGHT_GRAD and ACCUMULATE:
+        acc = tl.load(GRAD_W + out, mask=m_out, other=0.0)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M], dtype=tl.float32)
     for r0 in range(0, num_rows, BLOCK_K):
         rr = r0 + tl.arange(0, BLOCK_K)
@@ -338,8 +353,7 @@ def _lce_dweight_kernel(
         a = tl.load(DLOGITS + rr.to(tl.int64)[None, :] * V + vs[:, None],
                     mask=ok_v[:, None] & ok_r[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
         if HAS_WEIGHT_GRAD:
-            rows = tl.load(ORDER + chunk_start + rr, mask=ok_r, other=0)
-            b = tl.load(HID + rows.to(tl.int64)[:, None] * H + hs[None, :],
+            b = tl.load(HID_ROWS + rr.to(tl.int64)[:, None] * H + hs[None, :],
                         mask=ok_r[:, None] & ok_h[None, :], other=0.0)  # (BLOCK_K, BLOCK_H)
             if DOT_NATIVE:
                 acc = tl.dot(a, b, acc)
@@ -348,8 +362,6 @@ def _lce_dweight_kernel(
         if HAS_BIAS:
             acc_b += tl.sum(a.to(tl.float32), axis=1)
     if HAS_WEIGHT_GRAD:
-        if ACCUMULATE:
-            acc += tl.load(GRAD_W + out, mask=m_out, other=0.0)
         tl.store(GRAD_W + out, acc, mask=m_out)
     if HAS_BIAS:
         if pid_h == 0:
