@@ -1,4 +1,4 @@
-# Ahead-of-time compile of every olakernels Triton kernel for a GPU target, on a machine without one.
+# Ahead-of-time compile of every olakernels Triton kernel for a GPU target, without a GPU.
 """Used by tests/kernels/test_triton_compiles_for_gpus.py (does each launch configuration compile
 for an H100/H200 and an MI300X?) and benchmarks/gpu/kernel_report.py (registers, spills, shared
 memory and software pipelining of each kernel, read off the compiler's output).
