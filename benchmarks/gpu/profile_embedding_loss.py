@@ -3,10 +3,13 @@
 
     python benchmarks/gpu/profile_embedding_loss.py            # GPU: real shapes
     python benchmarks/gpu/profile_embedding_loss.py --tiny     # CPU dry run (interpreter)
+    python benchmarks/gpu/profile_embedding_loss.py --no-sweep # skip the per-config sweep
 
 Prints, per case and mode, every kernel the call launches with its mean device time, and the
 sum of kernel time against the event-timed wall of the whole call: the difference is launch
-gaps. Read with docs/PERF.md (embedding loss, "next suspects").
+gaps. Then the autotuner's choice for the forward kernel and, per autotune config, the forward
+kernel's device time and GB/s on its minimal bytes (pred and target read once): whether any
+tile reaches the copy bandwidth, and which. Read with docs/PERF.md (embedding loss).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from olakernels import embedding_distill_loss  # noqa: E402
+from olakernels.embedding_loss.impl import triton as emb_triton  # noqa: E402
 from olakernels.testing import make_embedding_pair  # noqa: E402
 
 
@@ -67,6 +71,7 @@ def event_time_us(fn, device: str, reps: int = 50) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU dry run)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the per-config sweep")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tiny = args.tiny or device == "cpu"
@@ -96,6 +101,29 @@ def main() -> None:
                   f"event-timed call (back to back, warm L2) {wall:.1f} us")
             for key, count, us in rows[:20]:
                 print(f"  {us:9.1f} us  x{count:<3d} {key[:90]}")
+        if not args.no_sweep:
+            fwd_bytes = pred.numel() * pred.element_size() + target.numel() * target.element_size()
+            sweep_forward_configs(name, fwd, fwd_bytes, device, tiny)
+
+
+def sweep_forward_configs(name: str, fwd, fwd_bytes: int, device: str, tiny: bool) -> None:
+    """The forward kernel's device time under each autotune config alone."""
+    kernel = emb_triton._embedding_distill_loss_fwd_kernel
+    chosen = {str(k): str(v) for k, v in kernel.cache.items()}
+    print(f"\n## {name} fwd: autotuner's choice {chosen}", flush=True)
+    configs, cache = kernel.configs, dict(kernel.cache)
+    try:
+        for cfg in configs:
+            kernel.configs = [cfg]  # one config: the autotuner uses it without benchmarking
+            kernel.cache.clear()
+            rows = profile(fwd, 20 if not tiny else 1, device)
+            us = sum(r[2] for r in rows if "fwd_kernel" in r[0])
+            rate = fwd_bytes / (us * 1e-6) / 1e9 if us > 0 else float("nan")
+            print(f"  {us:9.1f} us  {rate:7.0f} GB/s  {cfg}", flush=True)
+    finally:
+        kernel.configs = configs
+        kernel.cache.clear()
+        kernel.cache.update(cache)
 
 
 if __name__ == "__main__":

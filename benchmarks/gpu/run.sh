@@ -59,7 +59,7 @@ fi
 
 PYTEST=($PY -m pytest -q -p no:cacheprovider)
 # The default stages' limits add up to ~8 minutes (ceilings 30, bench_lce 70, bench_step 140,
-# profile 25, profile_lce 90, gpu_tests 140 s; the
+# profile 40, profile_lce 90, gpu_tests 140 s; the
 # ceilings are skipped on a card that benchmarks/results/ceiling.csv already has); a typical run
 # takes less. Pick stages with OLAVLM_STAGES (the loader benchmark, bench_data.py, is CPU-bound
 # and not run here). The GPU tests compile every kernel variant (autotuning included): ~2 min.
@@ -93,8 +93,9 @@ stage bench_step "${OLAVLM_STEP_LIMIT:-140}" $PY benchmarks/bench_step.py \
 # Teachers: per-image vs batched vs cache reads (opt-in: OLAVLM_STAGES="... bench_teachers").
 # (its default preset: real model sizes on a GPU, tiny ones on the CPU dry run)
 stage bench_teachers "${OLAVLM_TEACHERS_LIMIT:-120}" $PY benchmarks/bench_teachers.py
-# Per-kernel device time of the embedding loss (its fixed forward cost; docs/PERF.md).
-stage profile 25 $PY benchmarks/gpu/profile_embedding_loss.py
+# Per-kernel device time of the embedding loss (its fixed forward cost; docs/PERF.md), then
+# its forward kernel under each autotune config (which tile, if any, reaches the bandwidth).
+stage profile 40 $PY benchmarks/gpu/profile_embedding_loss.py
 # linear_cross_entropy: per-kernel time and TFLOP/s per tile config. Default: today's tiles
 # against dw_backend="torch" (cuBLAS grad_weight) and grad_in_forward (3 GEMM passes instead
 # of 4), alone and together, at 0% and 90% ignored; OLAVLM_PROFILE_LCE_CONFIGS=all for the
