@@ -58,7 +58,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 PYTEST=($PY -m pytest -q -p no:cacheprovider)
-# The default stages' limits add up to ~8 minutes (ceilings 30, bench_lce 70, bench_step 140,
+# The default stages' limits add up to ~8.5 minutes (ceilings 30, bench_lce 70, bench_step 140,
 # profile 40, profile_lce 90, gpu_tests 140 s; the
 # ceilings are skipped on a card that benchmarks/results/ceiling.csv already has); a typical run
 # takes less. Pick stages with OLAVLM_STAGES (the loader benchmark, bench_data.py, is CPU-bound
