@@ -146,7 +146,10 @@ def _embedding_distill_loss_rows_kernel(
     cs = tl.arange(0, BLOCK_C)
     acc_sl1 = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_pp = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
+    # tl.range(num_stages=3): the partials' loads are software-pipelined (cp.async, two
+    # blocks ahead); a plain range left this loop one DRAM latency per block, ~12-14 us for
+    # 528 chunks on an H200 (docs/PERF.md run 4), most of it waiting.
+    for c0 in tl.range(0, C, BLOCK_C, num_stages=3):
         ok = c0 + cs < C
         acc_sl1 += tl.load(SL1_PART + (c0 + cs) * B + i, mask=ok, other=0.0)
         acc_pp += tl.load(PP_PART + (c0 + cs) * B + i, mask=ok, other=0.0)
@@ -174,7 +177,7 @@ def _embedding_distill_loss_rows_kernel(
     if WITH_DOT:
         dot = tl.zeros([BLOCK_GC], dtype=tl.float32)
         tt = tl.zeros([BLOCK_GC], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in tl.range(0, C, BLOCK_C, num_stages=3):
             okc = (c0 + cs) < C
             m2 = okc[:, None] & ok_g[None, :]
             rows = (c0 + cs).to(tl.int64)
