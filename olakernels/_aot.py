@@ -84,11 +84,13 @@ class KernelStats:
     async_copies: int  # cp.async copies in the TTGIR: > 0 means the loads are pipelined
     mma: str  # "wgmma", "mma" or "-"
     num_warps: int = 4
+    waves_per_simd: int | None = None  # ROCm: the compiler's occupancy estimate
 
     def programs_per_sm(self) -> int | None:
         """Resident programs per H100/H200 SM (registers, shared memory, threads); None when
-        the register count is unknown. Registers are allocated per warp in units of 256."""
-        if self.registers is None:
+        the register count is unknown or the kernel is not a CUDA one. Registers are allocated
+        per warp in units of 256."""
+        if self.registers is None or self.waves_per_simd is not None:
             return None
         per_warp = -(-self.registers * 32 // 256) * 256
         by_regs = _SM90_REGS_PER_SM // (per_warp * self.num_warps)
@@ -104,9 +106,18 @@ def _ptxas() -> str:
 
 
 def kernel_stats(compiled, arch: str = "sm_90a") -> KernelStats:
-    """Read the compiled kernel's resources; registers and spills from `ptxas -v` (CUDA only)."""
+    """Read the compiled kernel's resources: registers and spills from `ptxas -v` (CUDA) or the
+    AMDGPU metadata (ROCm: VGPRs, spilled VGPRs x 4 bytes, occupancy in waves per SIMD)."""
     ttgir = compiled.asm["ttgir"]
-    registers = spill = None
+    registers = spill = waves = None
+    if "amdgcn" in compiled.asm:
+        def field(key):
+            m = re.search(rf"\.{key}:\s*(\d+)", compiled.asm["amdgcn"])
+            return int(m.group(1)) if m else None
+        registers, spilled, waves = field("vgpr_count"), field("vgpr_spill_count"), None
+        spill = None if spilled is None else 4 * spilled
+        m = re.search(r"Occupancy:\s*(\d+)", compiled.asm["amdgcn"])
+        waves = int(m.group(1)) if m else None
     if "ptx" in compiled.asm and os.path.exists(_ptxas()):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "k.ptx")
@@ -128,7 +139,7 @@ def kernel_stats(compiled, arch: str = "sm_90a") -> KernelStats:
         mma = "-"
     copies = ttgir.count("async_copy_global_to_local") + ttgir.count("buffer_load_to_local")
     return KernelStats(registers, spill, compiled.metadata.shared, copies, mma,
-                       compiled.metadata.num_warps)
+                       compiled.metadata.num_warps, waves)
 
 
 # ---------------------------------------------------------------------------------------------

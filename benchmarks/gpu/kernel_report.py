@@ -3,14 +3,16 @@
 H100/H200 (sm_90) or an MI300X (gfx942) on the CPU, specialized as Triton's JIT does, and prints
 one row per launch configuration:
 
-    regs    registers per thread (ptxas -v, the flags Triton passes; CUDA only)
-    spill   bytes of spill stores + loads per thread (local memory traffic in the hot loop is
-            the usual reason a GEMM-like kernel runs well under the tensor cores' rate)
+    regs    registers per thread (ptxas -v with the flags Triton passes; ROCm: VGPRs)
+    spill   bytes of spill stores + loads per thread (ROCm: spilled VGPRs x 4); local memory
+            traffic in the hot loop is the usual reason a GEMM-like kernel runs well under the
+            tensor cores' rate
     smem    shared memory (LDS) per program, KiB, and whether it fits the target
     /SM     resident programs per H100 SM (registers, shared memory, threads): 1 means the
-            epilogue of one tile cannot hide behind the main loop of another
-    cp.async  asynchronous copies in the TTGIR: 0 for a loop that loads means it is not
-            software-pipelined
+            epilogue of one tile cannot hide behind the main loop of another. ROCm: the
+            compiler's occupancy in waves per SIMD instead
+    cp.async  asynchronous copies in the TTGIR (CUDA): 0 for a loop that loads means it is
+            not software-pipelined (ROCm pipelines through registers: always 0 there)
     mma     wgmma (Hopper warp-group MMA), mma (mma.sync / MFMA) or none
 
 Use it to check a tile or kernel change before a GPU window; docs/PERF.md keeps the last table.
@@ -43,7 +45,8 @@ def report(target: str, name_filter: str = "", specialize: bool = True) -> list[
         fits = st.shared_bytes <= _aot.SHARED_LIMIT[target]
         rows.append(dict(kernel=v.name, regs=st.registers, spill=st.spill_bytes,
                          smem=f"{st.shared_bytes / 1024:.0f}" + ("" if fits else " (too big)"),
-                         per_sm=st.programs_per_sm() if target == "sm_90" else None,
+                         per_sm=st.programs_per_sm() if target == "sm_90" else
+                         st.waves_per_simd,
                          async_copies=st.async_copies, mma=st.mma))
     return rows
 
