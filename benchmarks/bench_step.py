@@ -105,6 +105,7 @@ if not torch.cuda.is_available():  # before triton is imported: kernels run in t
 
 import bench_teachers  # noqa: E402
 import common  # noqa: E402
+from kernel_breakdown import kernel_breakdown  # noqa: E402
 from step_parts import (  # noqa: E402
     PRESETS,
     Batch,
@@ -506,9 +507,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "ones on the CPU")
     parser.add_argument("--warmup", type=int, default=None, help="default 2 (GPU), 0 (CPU)")
     parser.add_argument("--rep", type=int, default=None, help="default 5 (GPU), 1 (CPU)")
+    parser.add_argument("--profile", default="",
+                        help="modes, comma-separated, whose step is also run once under "
+                             "torch.profiler: device time per kind of kernel and the top "
+                             "kernels (benchmarks/kernel_breakdown.py)")
     args = parser.parse_args(argv)
     try:
         args.providers = parse_providers(args.providers)
+        args.profile = parse_providers(args.profile) if args.profile else []
     except ValueError as err:
         parser.error(str(err))
     preset = PRESETS[args.preset]
@@ -559,8 +565,12 @@ def main(argv=None) -> int:
                                         unavailable)
             else:
                 try:  # the step is dropped at once: it holds the model (rebuilt by compile)
-                    record = runner.measure(provider, batch, warmup=args.warmup,
-                                            rep=args.rep)[0]
+                    record, step, setup = runner.measure(provider, batch, warmup=args.warmup,
+                                                         rep=args.rep)
+                    if provider in args.profile and step is not None:
+                        print(f"[{preset.name}] B={b} {provider}: "
+                              f"{kernel_breakdown(step, setup, DEVICE)}", flush=True)
+                    del step, setup
                 except Exception as err:  # one mode's failure must not end the GPU window
                     traceback.print_exc()
                     first = (str(err).splitlines() or [""])[0][:160]

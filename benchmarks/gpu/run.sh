@@ -86,10 +86,13 @@ stage bench_perceiver "${OLAVLM_PERCEIVER_LIMIT:-90}" "${PYTEST[@]}" \
 # and compiling; raise OLAVLM_STEP_LIMIT), reference, fused_cached_ac, or "all".
 # Default llama3_8b at B=8 (~55 GB on the seed path: prefer an H200; llama3_2l is the same
 # widths with 4 blocks); OLAVLM_STEP_PRESET / OLAVLM_STEP_BATCH (e.g. "8,16") override.
-# Without CUDA the script picks its tiny preset (dry run).
+# Without CUDA the script picks its tiny preset (dry run). --profile: one more fused_cached step
+# under torch.profiler, device time per kind of kernel (what keeps the step from 45% MFU);
+# OLAVLM_STEP_PROFILE="" turns it off.
 stage bench_step "${OLAVLM_STEP_LIMIT:-140}" $PY benchmarks/bench_step.py \
   ${OLAVLM_STEP_PRESET:+--preset "$OLAVLM_STEP_PRESET"} --batch "${OLAVLM_STEP_BATCH:-8}" \
-  --providers "${OLAVLM_STEP_PROVIDERS:-seed,fused_cached,fused_online}"
+  --providers "${OLAVLM_STEP_PROVIDERS:-seed,fused_cached,fused_online}" \
+  --profile "${OLAVLM_STEP_PROFILE-fused_cached}"
 # Teachers: per-image vs batched vs cache reads (opt-in: OLAVLM_STAGES="... bench_teachers").
 # (its default preset: real model sizes on a GPU, tiny ones on the CPU dry run)
 stage bench_teachers "${OLAVLM_TEACHERS_LIMIT:-120}" $PY benchmarks/bench_teachers.py
