@@ -199,7 +199,14 @@ def _verify(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if args.command == "train":
+        from olavlm.train.cli import take_late_overrides
+
+        take_late_overrides(parser, args, extras)
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "data" and args.data_command == "synth":
         return _synth(args)

@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-__all__ = ["add_train_arguments", "main", "run_train"]
+__all__ = ["add_train_arguments", "main", "run_train", "take_late_overrides"]
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +24,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list-recipes", action="store_true", help="print the recipes and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. optim.lr=2e-5 train.max_steps=50")
+
+
+def take_late_overrides(parser: argparse.ArgumentParser, args, extras: list[str]) -> None:
+    """argparse's ``key=value ...`` positional takes only the overrides before the first option
+    that follows them (``a=1 --resume auto b=2`` leaves ``b=2`` unrecognized): append the later
+    ones, in order, and reject anything else as argparse would."""
+    unknown = [e for e in extras if e.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(args.overrides) + list(extras)
 
 
 def quiet_third_party() -> None:
@@ -80,6 +90,7 @@ def run_train(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="olavlm train", description=__doc__.splitlines()[0])
     add_train_arguments(parser)
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    take_late_overrides(parser, args, extras)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return run_train(args)
