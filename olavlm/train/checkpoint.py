@@ -62,6 +62,7 @@ __all__ = [
     "CheckpointError",
     "Checkpointer",
     "StopSignals",
+    "check_resume_path",
     "checkpoint_problem",
     "latest_checkpoint",
     "list_checkpoints",
@@ -251,6 +252,25 @@ def _os_error_in_chain(exc: BaseException) -> OSError | None:
 # ---- the checkpointer -------------------------------------------------------------------------
 
 
+def check_resume_path(resume: str | os.PathLike) -> Path:
+    """``checkpoint.resume=PATH``: the path, which must be a complete checkpoint directory
+    (CheckpointError naming the path and what is missing otherwise; a run directory gets the
+    overrides that continue it)."""
+    path = Path(resume).expanduser()
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        hint = ""
+        if path.is_dir() and (path / "checkpoints").is_dir():
+            run = path.resolve()
+            latest = latest_checkpoint(path)
+            hint = (f"; this is a run directory: to continue it in place pass "
+                    f"train.output_dir={run.parent} train.run_name={run.name} --resume auto"
+                    + (f", or resume from one of its checkpoints ({latest})" if latest else ""))
+        raise CheckpointError(f"checkpoint.resume={str(resume)!r} is not a valid "
+                              f"checkpoint: {path}: {problem}{hint}")
+    return path
+
+
 class Checkpointer:
     """Writes and reads ``run_dir/checkpoints/step_<N>/`` (see the module docstring).
 
@@ -316,16 +336,7 @@ class Checkpointer:
             return None
         if str(resume).strip().lower() == "auto":
             return self.latest()
-        path = Path(resume).expanduser()
-        problem = checkpoint_problem(path)
-        if problem is not None:
-            hint = ""
-            if path.is_dir() and (path / "checkpoints").is_dir():
-                hint = (f" (this looks like a run directory; use resume=auto with it as the "
-                        f"run directory, or one of {path / 'checkpoints'}/step_*)")
-            raise CheckpointError(f"checkpoint.resume={str(resume)!r} is not a valid "
-                                  f"checkpoint: {path}: {problem}{hint}")
-        return path
+        return check_resume_path(resume)
 
     def _previous_text(self) -> str:
         prev = self.latest()

@@ -64,11 +64,12 @@ def run_train(args) -> int:
         print(f"olavlm train: {exc}", file=sys.stderr)
         return 2
     quiet_third_party()
+    from .checkpoint import CheckpointError
     from .trainer import NonFiniteLossError, Trainer
 
     try:
         trainer = Trainer(cfg)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"olavlm train: {exc}", file=sys.stderr)
         return 2
     try:

@@ -28,7 +28,7 @@ from olavlm.config import Config, config_to_dict, save_resolved_config
 
 from . import build as B
 from . import load as L
-from .checkpoint import Checkpointer, CheckpointError
+from .checkpoint import Checkpointer, CheckpointError, check_resume_path
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_losses, summarize_run
 from .optim import build_optimizer, build_scheduler
 from .parallel import apply_parallelism, init_distributed, sdpa_context, wants_fsdp
@@ -88,6 +88,9 @@ def _new_window() -> dict:
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        resume_opt = str(cfg.checkpoint.resume or "").strip().lower()
+        if resume_opt not in ("", "none", "auto"):  # a bad path fails before any work
+            check_resume_path(cfg.checkpoint.resume)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.dist = init_distributed(cfg.train.device, cfg.parallel.backend,
                                      single_group=wants_fsdp(cfg.parallel, world))

@@ -265,7 +265,7 @@ def test_resolve_resume_variants_and_bad_paths(tmp_path):
     assert ck.resolve_resume("auto") == good and ck.resolve_resume(str(good)) == good
     with pytest.raises(CheckpointError, match=r"nope.*no such directory"):
         ck.resolve_resume(str(tmp_path / "nope"))
-    with pytest.raises(CheckpointError, match="looks like a run directory"):
+    with pytest.raises(CheckpointError, match="this is a run directory: to continue it in place"):
         ck.resolve_resume(str(tmp_path))
     half = ck.dir / "step_000009"
     half.mkdir()

@@ -38,3 +38,17 @@ def test_a_late_bad_override_is_a_config_error(tmp_path, capsys):
     assert train_main([f"train.output_dir={out}", "--resume", "none", "optim.lrr=1"]) == 2
     assert "optim.lrr" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_resume_from_a_bad_path_fails_before_any_work(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert train_main([f"train.output_dir={out}", "--resume", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err
+    assert not out.exists()  # no run directory, no model built
+
+    run = tmp_path / "old" / "demo-1"  # a run directory is not a checkpoint: say how to go on
+    (run / "checkpoints").mkdir(parents=True)
+    assert train_main([f"train.output_dir={out}", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"train.run_name={run.name}" in err and "--resume auto" in err
