@@ -65,7 +65,7 @@ def run_train(args) -> int:
         return 2
     quiet_third_party()
     from .checkpoint import CheckpointError
-    from .trainer import NonFiniteLossError, Trainer
+    from .trainer import NoDataError, NonFiniteLossError, Trainer
 
     try:
         trainer = Trainer(cfg)
@@ -74,7 +74,7 @@ def run_train(args) -> int:
         return 2
     try:
         result = trainer.train()
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, NoDataError) as exc:
         trainer.metrics.close()
         print(f"olavlm train: {exc}", file=sys.stderr)
         trainer.close()

@@ -35,7 +35,7 @@ from .parallel import apply_parallelism, init_distributed, sdpa_context, wants_f
 from .signals import StopSignals
 from .stages import apply_stage, trainable_report
 
-__all__ = ["NonFiniteLossError", "TrainResult", "Trainer"]
+__all__ = ["NoDataError", "NonFiniteLossError", "TrainResult", "Trainer"]
 
 logger = logging.getLogger("olavlm.train")
 
@@ -44,6 +44,10 @@ FINISHED = "FINISHED"
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class NoDataError(RuntimeError):
+    """The data gives nothing to train on (no batches, or a rank's batch entirely rejected)."""
 
 
 class TrainResult:
@@ -200,10 +204,28 @@ class Trainer:
             fresh = getattr(self.loader, "position", 0) == 0
             got = False
             for batch in self.loader:
+                if len(batch) == 0:  # every sample of it rejected (counted by the loader)
+                    self._empty_batch(batch)
+                    continue
                 got = True
                 yield batch
             if not got and fresh:
-                raise RuntimeError("the data loader yields no batches (empty dataset?)")
+                summary = getattr(self.loader, "last_summary", None)
+                raise NoDataError("the data loader yields no batches (empty dataset, or every "
+                                  "sample rejected?)" + (f": {summary}" if summary else ""))
+
+    def _empty_batch(self, batch) -> None:
+        """A batch whose samples were all rejected (``data.on_bad_sample=skip``: a missing
+        image at batch size 1, a wrong ``data.image_folder``) has nothing to train on: one
+        process skips it; ranks cannot skip a step alone (their collectives must match)."""
+        reasons = sorted({r.reason for r in getattr(batch, "rejects", [])})
+        what = f"every sample of a batch was rejected ({', '.join(reasons) or 'no samples'})"
+        dist = getattr(self, "dist", None)
+        if dist is not None and dist.distributed:
+            raise NoDataError(
+                f"rank {dist.rank}: {what}; the ranks cannot skip a step alone: fix the data "
+                "(`olavlm data check` lists the bad samples) or raise data.batch_size")
+        logger.warning("%s: skipped", what)
 
     def _micro_step(self, batch, scale: float, ntp_tokens: torch.Tensor):
         """Forward and backward of one micro-batch. The SDPA backend choice covers the backward

@@ -1,11 +1,15 @@
 # `olavlm train` as a user meets it: argument order, bad resume paths, rejected batches.
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import olavlm.train.cli as train_cli
 from olavlm.cli import main as olavlm_main
+from olavlm.config import resolve_config
 from olavlm.train.cli import main as train_main
+from olavlm.train.trainer import NoDataError, Trainer
 
 
 @pytest.mark.parametrize("entry", ["olavlm", "olavlm.train"])
@@ -52,3 +56,59 @@ def test_resume_from_a_bad_path_fails_before_any_work(tmp_path, capsys):
     assert train_main([f"train.output_dir={out}", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"train.run_name={run.name}" in err and "--resume auto" in err
+
+
+def test_a_batch_of_rejected_samples_is_skipped(tmp_path, caplog):
+    """batch size 1 and one missing image: the run trains on, the reject is counted (it
+    crashed in count_supervised_tokens on the empty batch)."""
+    from olavlm.data.synthetic import write_synthetic_dataset
+
+    data = tmp_path / "d"
+    write_synthetic_dataset(data, 6, size=32, text_only_fraction=0.0)
+    first = json.loads((data / "train.jsonl").read_text().splitlines()[1])
+    (data / first["image"]).unlink()
+    cfg = resolve_config("demo", None, [
+        f"train.output_dir={tmp_path / 'runs'}", f"data.path={data / 'train.jsonl'}",
+        f"data.tokenizer={data / 'tokenizer'}", "data.batch_size=1", "data.shuffle=false",
+        "train.max_steps=3", "checkpoint.at_end=false", "logging.progress=false",
+        "logging.plot=false"])
+    trainer = Trainer(cfg)
+    with caplog.at_level("WARNING", logger="olavlm.train"):
+        result = trainer.train()
+    assert result.steps == 3
+    assert trainer.loader.log.counts == {"missing_image": 1}
+    assert "every sample of a batch was rejected (missing_image): skipped" in caplog.text
+
+
+def test_only_rejected_batches_name_the_reasons_and_ranks_cannot_skip():
+    class Rejected:
+        reason = "missing_image"
+
+    class Empty:
+        rejects = [Rejected()]
+
+        def __len__(self):
+            return 0
+
+    class Loader:
+        position = 0
+        last_summary = "0 samples used, 2 rejected [missing_image=2]"
+
+        def __iter__(self):
+            yield from (Empty(), Empty())
+
+    class Dist:
+        distributed, rank = False, 0
+
+    class Owner:
+        _batches = Trainer._batches
+        _empty_batch = Trainer._empty_batch
+
+    owner = Owner()
+    owner.loader, owner.dist = Loader(), Dist()
+    with pytest.raises(NoDataError, match=r"every sample rejected\?\): 0 samples used, 2 rej"):
+        next(owner._batches())
+    owner.dist.distributed, owner.dist.rank = True, 1
+    with pytest.raises(NoDataError, match="rank 1: every sample of a batch was rejected "
+                                          r"\(missing_image\); the ranks cannot skip"):
+        next(owner._batches())
