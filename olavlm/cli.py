@@ -137,6 +137,9 @@ def _check(args) -> int:
 
     from olavlm.data import ImageView, LlavaDataset, ResumableLoader
 
+    if not os.path.isdir(args.tokenizer):  # else transformers reads it as a hub repo id
+        raise FileNotFoundError(f"--tokenizer: expected a local tokenizer folder, got "
+                                f"{args.tokenizer!r} (not a directory)")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     dataset = LlavaDataset(args.data, tokenizer, image_folder=args.image_folder,
                            template=args.template, image_view=ImageView(size=args.image_size),
@@ -208,14 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     elif extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "data" and args.data_command == "synth":
-        return _synth(args)
-    if args.command == "data" and args.data_command == "check":
-        return _check(args)
-    if args.command == "targets" and args.targets_command == "extract":
-        return _extract(args)
-    if args.command == "targets" and args.targets_command == "verify":
-        return _verify(args)
+    commands = {("data", "synth"): _synth, ("data", "check"): _check,
+                ("targets", "extract"): _extract, ("targets", "verify"): _verify}
+    sub = getattr(args, f"{args.command}_command", None)
+    if (args.command, sub) in commands:
+        try:
+            return commands[args.command, sub](args)
+        except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
+            # Bad arguments or inputs (each names the argument, what it expects and got):
+            # the message, not a traceback. BadSampleError is a ValueError too.
+            print(f"olavlm {args.command} {sub}: {exc}", file=sys.stderr)
+            return 2
     if args.command == "train":
         from olavlm.train.cli import run_train
 

@@ -1,0 +1,38 @@
+# `olavlm data|targets`: bad arguments and inputs give the message and exit status 2, not a
+# traceback.
+from __future__ import annotations
+
+import pytest
+
+from olavlm.cli import main
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "synth"
+    assert main(["data", "synth", "--out", str(out), "--num", "4", "--size", "32",
+                 "--workers", "1"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["data", "synth", "--out", "{synth}", "--num", "4"], "--overwrite"),
+    (["data", "synth", "--out", "{tmp}/new", "--num", "0"], "num must be an int >= 1, got 0"),
+    (["data", "check", "{tmp}/none.jsonl", "--tokenizer", "{synth}/tokenizer"], "none.jsonl"),
+    (["data", "check", "{synth}/train.jsonl", "--tokenizer", "{tmp}/none"],
+     "--tokenizer: expected a local tokenizer folder"),
+    (["data", "check", "{synth}/train.jsonl", "--tokenizer", "{synth}/tokenizer",
+      "--template", "nope"], "got 'nope'"),
+    (["targets", "extract", "--data", "{synth}/train.jsonl", "--teachers", "nope", "--out",
+      "{tmp}/t"], "got 'nope'"),
+    (["targets", "extract", "--data", "{synth}/train.jsonl", "--teachers", "synthetic",
+      "--out", "{tmp}/t", "--shard-size", "0"], "shard_size must be an int >= 1"),
+    (["targets", "verify", "{tmp}/none"], "is not a target cache"),
+], ids=["synth-exists", "synth-num", "check-data", "check-tokenizer", "check-template",
+        "extract-teacher", "extract-shard-size", "verify-not-a-cache"])
+def test_bad_arguments_are_reported_without_a_traceback(argv, expected, synth, tmp_path,
+                                                        capsys):
+    argv = [a.format(synth=synth, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"olavlm {argv[0]} {argv[1]}: ") and expected in err, err
