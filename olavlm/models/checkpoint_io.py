@@ -470,6 +470,15 @@ def _own_state(model: OlaVLM) -> dict[str, torch.Tensor]:
             if not k.startswith(("llm.", "vision_tower."))}
 
 
+def _portable_path(value):
+    """A tower named by a relative local path (a run's ``runs/<name>/models/tiny-clip``) as an
+    absolute one, so the exported folder loads from any working directory; hub ids and absolute
+    paths are kept."""
+    if value and isinstance(value, str) and not os.path.isabs(value) and os.path.exists(value):
+        return os.path.abspath(value)
+    return value
+
+
 def export_hf(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
               include_vision_tower: bool = False) -> Path:
     """Write ``out_dir/llm`` (the LLM's ``save_pretrained``), ``olavlm.safetensors`` (the
@@ -480,7 +489,8 @@ def export_hf(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
     from safetensors.torch import save_file
 
     config = model.config.to_dict()
-    config.update(llm="llm", dtype=_llm_dtype_name(model))
+    config.update(llm="llm", dtype=_llm_dtype_name(model),
+                  vision_tower=_portable_path(config.get("vision_tower")))
     with _atomic_dir(out_dir, overwrite) as tmp:
         model.llm.save_pretrained(tmp / "llm")
         save_file(_saveable(_own_state(model)), str(tmp / EXPORT_WEIGHTS),
@@ -540,6 +550,8 @@ def export_seed_layout(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = 
              for k, v in model.state_dict().items()
              if k not in tied and (include_vision_tower or not k.startswith("vision_tower."))}
     config = seed_config_dict(model, image_aspect_ratio=image_aspect_ratio)
+    if "mm_vision_tower" in config:
+        config["mm_vision_tower"] = _portable_path(config["mm_vision_tower"])
     with _atomic_dir(out_dir, overwrite) as tmp:
         _write_safetensors(state, tmp, max_shard_size)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

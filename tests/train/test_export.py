@@ -70,3 +70,21 @@ def test_init_from_an_export_starts_the_next_stage_from_its_weights(trained, tmp
         _assert_same(nxt.model, trainer)
     finally:
         nxt.close()
+
+
+def test_an_export_made_from_a_relative_run_dir_loads_from_anywhere(trained, tmp_path,
+                                                                    monkeypatch):
+    """`olavlm export runs/demo-...` wrote the demo tower as `runs/demo-.../models/tiny-clip`,
+    relative to the directory export ran in: loading from anywhere else failed."""
+    import json
+
+    trainer, tmp = trained
+    monkeypatch.chdir(tmp)
+    relative = trainer.run_dir.relative_to(tmp)
+    hf = export_checkpoint(relative, tmp_path / "hf")
+    seed = export_checkpoint(relative, tmp_path / "seed", fmt="seed")
+    monkeypatch.chdir(tmp_path)
+    tower = json.loads((hf / "olavlm_config.json").read_text())["vision_tower"]
+    assert tower == str(trainer.run_dir.resolve() / "models" / "tiny-clip")
+    _assert_same(load_exported(hf), trainer)
+    _assert_same(load_seed_checkpoint(seed, heads=trainer.model.config.heads), trainer)
