@@ -390,7 +390,8 @@ def _atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{str(out)!r} is not empty; pass overwrite=True to replace it")
+        raise FileExistsError(f"{str(out)!r} is not empty; pass overwrite=True "
+                              "(olavlm export: --overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

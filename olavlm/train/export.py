@@ -73,6 +73,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 def run_export(args) -> int:
     import sys
 
+    from .cli import quiet_third_party
+
+    quiet_third_party()  # no torch deprecation notice, no progress bar per save/load
     try:
         out = export_checkpoint(args.source, args.out, fmt=args.format,
                                 overwrite=args.overwrite)

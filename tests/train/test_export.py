@@ -88,3 +88,14 @@ def test_an_export_made_from_a_relative_run_dir_loads_from_anywhere(trained, tmp
     assert tower == str(trainer.run_dir.resolve() / "models" / "tiny-clip")
     _assert_same(load_exported(hf), trainer)
     _assert_same(load_seed_checkpoint(seed, heads=trainer.model.config.heads), trainer)
+
+
+def test_cli_refuses_a_non_empty_out_naming_the_flag(trained, tmp_path, capsys):
+    from olavlm.cli import main
+
+    trainer, _ = trained
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main(["export", str(trainer.run_dir), "--out", str(tmp_path / "out")]) == 2
+    assert "--overwrite" in capsys.readouterr().err  # not the Python keyword
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
