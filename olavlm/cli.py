@@ -188,6 +188,10 @@ def _extract(args) -> int:
             on_bad_sample=args.on_bad_sample, rejects_path=args.rejects)
         print(report.summary())
         return 0
+    except KeyboardInterrupt:  # finished shards are on disk; the one being written is redone
+        print(f"olavlm targets extract: interrupted; finished shards are kept in {args.out}: "
+              "rerun the same command to resume", file=sys.stderr)
+        return 130
     finally:
         if world > 1:
             dist.destroy_process_group()

@@ -36,3 +36,16 @@ def test_bad_arguments_are_reported_without_a_traceback(argv, expected, synth, t
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"olavlm {argv[0]} {argv[1]}: ") and expected in err, err
+
+
+def test_ctrl_c_during_extract_says_how_to_resume(synth, tmp_path, capsys, monkeypatch):
+    import olavlm.teachers
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(olavlm.teachers, "extract_targets", interrupted)
+    out = tmp_path / "t"
+    assert main(["targets", "extract", "--data", str(synth / "train.jsonl"), "--teachers",
+                 "synthetic", "--out", str(out)]) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
