@@ -1,7 +1,7 @@
 # `olavlm train` and `python -m olavlm.train` (also under torchrun).
 """``olavlm train [--recipe NAME] [--config FILE] [--resume auto|none|PATH] [key=value ...]``
 
-With no arguments it runs the ``demo`` recipe (CPU, a few minutes). Exit status: 0 done (or
+With no arguments it runs the ``demo`` recipe (CPU, about a minute). Exit status: 0 done (or
 stopped by SIGTERM/SIGINT after writing a checkpoint), 1 stopped by non-finite losses,
 2 bad configuration (reported before any work starts).
 """
