@@ -10,15 +10,11 @@ import dataclasses
 import difflib
 import json
 import os
-import socket
-import subprocess
 import sys
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Union
 
@@ -541,75 +537,5 @@ def config_to_dict(cfg: Config) -> dict:
     return _jsonable(dataclasses.asdict(cfg))
 
 
-def _git_sha() -> dict:
-    if os.environ.get("OLAVLM_GIT_SHA"):  # copies without .git (the GPU machines)
-        return {"git_sha": os.environ["OLAVLM_GIT_SHA"], "git_dirty": None}
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, capture_output=True, text=True, timeout=10,
-                               check=True).stdout.strip() != ""
-    except (OSError, subprocess.SubprocessError):
-        return {"git_sha": None, "git_dirty": None}
-    return {"git_sha": sha or None, "git_dirty": dirty}
-
-
-def _devices() -> dict:
-    try:
-        import torch
-    except ImportError:
-        return {"devices": "cpu", "num_devices": 0}
-    info: dict[str, Any] = {"cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None)}
-    if not torch.cuda.is_available():
-        return info | {"devices": "cpu", "num_devices": 0}
-    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    info |= {"devices": names, "num_devices": len(names)}
-    try:  # driver and memory as the tool reports them (absent on ROCm)
-        info["nvidia_smi"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv"],
-            capture_output=True, text=True, timeout=20, check=True).stdout.strip().splitlines()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
-def environment_record() -> dict:
-    """Versions, git sha, host, devices, ranks, command line and time of this process."""
-    versions = {}
-    for dist in ("torch", "triton", "transformers", "olavlm"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {
-        "python": sys.version.split()[0],
-        "executable": sys.executable,
-        "versions": versions,
-        **_git_sha(),
-        "hostname": socket.gethostname(),
-        **_devices(),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "rank": int(os.environ.get("RANK", "0")),
-        "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
-        "argv": list(sys.argv),
-        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def save_resolved_config(cfg: Config, run_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``config.yaml`` (``config.json`` without PyYAML) and ``environment.json`` into
-    ``run_dir`` (created); call it on rank 0 only. Returns both paths."""
-    out = Path(run_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    data, yaml = config_to_dict(cfg), _yaml()
-    if yaml is not None:
-        config_path = out / "config.yaml"
-        config_path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    else:
-        config_path = out / "config.json"
-        config_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    env_path = out / "environment.json"
-    env_path.write_text(json.dumps(environment_record(), indent=2) + "\n", encoding="utf-8")
-    return config_path, env_path
+# The run record (environment.json) and the saved config live in olavlm/run_record.py.
+from olavlm.run_record import environment_record, save_resolved_config  # noqa: E402

@@ -28,7 +28,7 @@ from olavlm.config import Config, config_to_dict, save_resolved_config
 
 from . import build as B
 from . import load as L
-from .checkpoint import Checkpointer, CheckpointError, check_resume_path
+from .checkpoint import Checkpointer, CheckpointError, check_resume_path, latest_checkpoint
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_losses, summarize_run
 from .optim import build_optimizer, build_scheduler
 from .parallel import apply_parallelism, init_distributed, sdpa_context, wants_fsdp
@@ -84,6 +84,18 @@ def _run_dir(cfg: Config, dist_info) -> Path:
     return run_dir
 
 
+def _refuse_to_restart_over(run_dir: Path) -> None:
+    """A fresh start (checkpoint.resume none) into a folder that already holds a run's
+    checkpoints would append to its metrics and interleave its checkpoints: refuse, before
+    anything is written."""
+    previous = latest_checkpoint(run_dir)
+    if previous is not None:
+        raise ValueError(
+            f"{run_dir} already holds a run (latest checkpoint {previous.name}) and "
+            "checkpoint.resume is none: pass --resume auto to continue it, or choose another "
+            "train.run_name (or remove the folder) to start afresh; nothing was changed")
+
+
 def _new_window() -> dict:
     """Counters of the steps since the last log line (this rank's share)."""
     return {"samples": 0, "tokens": 0, "steps": 0, "sum_sq_len": 0, "supervised": 0}
@@ -101,6 +113,8 @@ class Trainer:
         d = self.dist
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.run_dir = _run_dir(cfg, d)
+        if resume_opt in ("", "none"):
+            _refuse_to_restart_over(self.run_dir)
         if d.is_main:
             save_resolved_config(cfg, self.run_dir)
         barrier = lambda: _barrier(d)  # noqa: E731

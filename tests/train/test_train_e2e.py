@@ -262,3 +262,26 @@ def test_sdpa_backend_with_activation_checkpointing_trains(tmp_path, synth_dir):
                            "parallel.activation_checkpointing=full"))
     trainer.train()
     assert torch.isfinite(torch.tensor(_losses(trainer.run_dir)[1]["loss"]))
+
+
+def test_a_fresh_start_never_overwrites_a_run_and_a_resume_keeps_the_old_config(tmp_path,
+                                                                                 synth_dir):
+    common = ("train.max_steps=2", "checkpoint.every_steps=2", "train.run_name=r")
+    first = Trainer(_cfg(tmp_path, synth_dir, *common, "optim.lr=1e-3"))
+    first.train()
+    run = first.run_dir
+    metrics = (run / "metrics.jsonl").read_text()
+    config = (run / "config.yaml").read_text()
+    # checkpoint.resume=none into the same folder: refused before anything is written
+    with pytest.raises(ValueError, match=r"already holds a run \(latest checkpoint step_000002"):
+        Trainer(_cfg(tmp_path, synth_dir, *common, "checkpoint.resume=none", "optim.lr=5e-4"))
+    assert (run / "metrics.jsonl").read_text() == metrics
+    assert (run / "config.yaml").read_text() == config
+    assert not (run / "config.1.yaml").exists()
+    # resuming with another setting: config.yaml is the new one, the first leg's is kept
+    resumed = Trainer(_cfg(tmp_path, synth_dir, *common, "checkpoint.resume=auto",
+                           "optim.lr=5e-4", "train.max_steps=3"))
+    assert resumed.step == 2
+    assert (run / "config.1.yaml").read_text() == config
+    assert (run / "environment.1.json").exists()
+    assert "0.0005" in (run / "config.yaml").read_text()
