@@ -6,6 +6,8 @@ CPU, one process), loads the model weights of the checkpoint (the latest complet
 directory), and writes them with ``olavlm.models.checkpoint_io``: ``hf`` = ``export_hf``
 (``llm/`` for ``from_pretrained`` + ``olavlm.safetensors``), ``seed`` = ``export_seed_layout``
 (the released OLA-VLM checkpoints' keys and config.json). Sharded (FSDP2) checkpoints load too.
+The tokenizer the run trained with (its added pad token included) goes along, where
+``from_pretrained`` looks for it: ``llm/`` for ``hf``, the folder itself for ``seed``.
 """
 from __future__ import annotations
 
@@ -59,8 +61,12 @@ def export_checkpoint(source: str | Path, out: str | Path, *, fmt: str = "hf",
     model = B.build_model(cfg, tokenizer, run_dir, is_main=True, barrier=lambda: None)
     Checkpointer(run_dir).load(ckpt, {"model": model})
     if fmt == "hf":
-        return export_hf(model, out, overwrite=overwrite)
-    return export_seed_layout(model, out, overwrite=overwrite)
+        written = export_hf(model, out, overwrite=overwrite)
+        tokenizer.save_pretrained(str(written / "llm"))
+    else:
+        written = export_seed_layout(model, out, overwrite=overwrite)
+        tokenizer.save_pretrained(str(written))
+    return written
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,10 +83,11 @@ def run_export(args) -> int:
 
     quiet_third_party()  # no torch deprecation notice, no progress bar per save/load
     try:
+        _, ckpt = _locate(Path(args.source))
         out = export_checkpoint(args.source, args.out, fmt=args.format,
                                 overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"olavlm export: {exc}", file=sys.stderr)
         return 2
-    print(f"exported {args.source} ({args.format}) to {out}")
+    print(f"exported {ckpt} ({args.format}, with the run's tokenizer) to {out}")
     return 0

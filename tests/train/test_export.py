@@ -31,11 +31,23 @@ def _assert_same(model, trainer):
         assert torch.equal(got[key], value), key
 
 
+def _assert_same_tokenizer(folder, trainer):
+    """The run's tokenizer travels with the export (its added pad token included)."""
+    from transformers import AutoTokenizer
+
+    got = AutoTokenizer.from_pretrained(str(folder))
+    want = trainer.tokenizer
+    assert len(got) == len(want) and got.pad_token == want.pad_token
+    text = "a red cube left of a blue ball"
+    assert got(text)["input_ids"] == want(text)["input_ids"]
+
+
 def test_export_hf_round_trip(trained):
     trainer, tmp = trained
     out = export_checkpoint(trainer.run_dir, tmp / "hf")
     tower = trainer.model.vision_tower
     _assert_same(load_exported(out, tower=tower), trainer)
+    _assert_same_tokenizer(out / "llm", trainer)
 
 
 def test_export_seed_layout_round_trip(trained):
@@ -45,6 +57,7 @@ def test_export_seed_layout_round_trip(trained):
     model = load_seed_checkpoint(out, tower=trainer.model.vision_tower,
                                  heads=trainer.model.config.heads)
     _assert_same(model, trainer)
+    _assert_same_tokenizer(out, trainer)
 
 
 def test_export_errors(trained, tmp_path):
