@@ -53,8 +53,9 @@ class VerifyReport:
 
     def summary(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE (no index.json)"
-        lines = [f"{self.root}: {state}; {self.shards_ok}/{self.num_shards} shards ok; "
-                 f"{self.num_cached} images cached"]
+        # Without the index the cached images are not counted (an unfinished extraction).
+        cached = f"; {self.num_cached} images cached" if self.complete else ""
+        lines = [f"{self.root}: {state}; {self.shards_ok}/{self.num_shards} shards ok{cached}"]
         lines += [f"  PROBLEM: {p}" for p in self.problems]
         if self.coverage is not None:
             c = self.coverage

@@ -137,6 +137,7 @@ def test_verify_reports_coverage_and_unfinished_caches(synth_cache, teacher_synt
     (partial / "index.json").unlink()
     unfinished = verify_cache(partial)
     assert not unfinished.ok and "unfinished" in unfinished.summary()
+    assert "images cached" not in unfinished.summary()  # not counted without the index
     with pytest.raises(FileNotFoundError, match="not a target cache"):
         verify_cache(tmp_path)
     with pytest.raises(FileNotFoundError, match="no index.json"):
