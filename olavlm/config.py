@@ -57,6 +57,9 @@ class DataConfig:
     group_by_modality_length: bool = False
     aspect: str = "square"  # square (PT) | pad (VPT/IFT), SPEC 1.1
     on_bad_sample: str = "skip"
+    # Stop when more than this fraction of the samples is rejected (a wrong image_folder would
+    # otherwise train on the text-only rest); checked after 64 samples of an epoch. 1.0: never.
+    max_reject_fraction: float = 0.5
     image_size: int | None = None  # the tower's input side; None: the tower's own (CLIP 336)
     synthetic_dir: str = "~/.cache/olavlm/synthetic"
     synthetic_num: int = 512
@@ -198,6 +201,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.image_size": (1, None),
     "data.synthetic_num": (1, None),
     "data.synthetic_size": (32, None),  # (the synthetic scenes need 32 px at least)
+    "data.max_reject_fraction": (0.0, 1.0),
     "optim.lr": (0.0, None),
     "optim.projector_lr": (0.0, None),
     "optim.head_lr": (0.0, None),

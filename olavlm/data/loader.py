@@ -34,7 +34,16 @@ from .llava import LlavaDataset, Sample
 from .sampler import EpochPlan, plan_epoch
 from .templates import IGNORE_INDEX
 
-__all__ = ["Batch", "Collator", "ResumableLoader"]
+__all__ = ["Batch", "Collator", "ResumableLoader", "TooManyRejectsError"]
+
+# The reject rate is judged only after this many samples of an epoch (this rank's share): a
+# few bad samples among the first batches must not stop a run.
+REJECT_CHECK_AFTER = 64
+
+
+class TooManyRejectsError(ValueError):
+    """More of the data was rejected than ``max_reject_fraction`` allows: most likely a wrong
+    ``image_folder`` or data file, which would otherwise train on what little is left."""
 
 logger = logging.getLogger("olavlm.data")
 
@@ -197,6 +206,9 @@ class ResumableLoader:
     hold fewer than ``batch_size`` samples: the last one of an epoch, and any with rejected
     samples. ``rejects_path`` gets one JSON line per reject (``.rank<r>`` added when
     ``world_size > 1``; the index-time rejects are written by rank 0 only).
+    ``max_reject_fraction`` (< 1) stops iteration with ``TooManyRejectsError`` when more than
+    that fraction of the entries was rejected while indexing, or, once this rank has seen
+    ``REJECT_CHECK_AFTER`` samples of an epoch, of the samples loaded so far in it.
     """
 
     def __init__(
@@ -216,6 +228,7 @@ class ResumableLoader:
         pad_to_multiple_of: int = 1,
         prefetch_factor: int = 2,
         grad_accum: int = 1,
+        max_reject_fraction: float = 1.0,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -232,6 +245,9 @@ class ResumableLoader:
         if isinstance(grad_accum, bool) or not isinstance(grad_accum, int) or grad_accum < 1:
             raise ValueError(f"grad_accum must be an int >= 1, got {grad_accum!r}")
         self.grad_accum = grad_accum  # the grouping's megabatch spans one optimizer step
+        if not 0.0 <= float(max_reject_fraction) <= 1.0:
+            raise ValueError(f"max_reject_fraction must be in [0, 1], got {max_reject_fraction!r}")
+        self.max_reject_fraction = float(max_reject_fraction)
         self._legacy_epoch: int | None = None  # see load_state_dict
         self.drop_last = drop_last
         if rejects_path is not None and self.world_size > 1:
@@ -290,7 +306,34 @@ class ResumableLoader:
         full, rest = divmod(len(self.dataset), size)
         return full + int(rest > 0 and not self.drop_last and rest >= self.world_size)
 
+    def _check_reject_rate(self) -> None:
+        if self.max_reject_fraction >= 1.0:
+            return
+        index_rejects = self.dataset.index.rejects
+        num_index = len(index_rejects)
+        total = len(self.dataset) + num_index
+        if total and num_index / total > self.max_reject_fraction:
+            self._too_many(num_index, total, "entries of the data file(s) were rejected while "
+                           "indexing", index_rejects[0])
+        loaded_rejects = self.log.num_rejected - num_index
+        seen = self.log.num_samples + loaded_rejects
+        if seen >= REJECT_CHECK_AFTER and loaded_rejects / seen > self.max_reject_fraction:
+            self._too_many(loaded_rejects, seen, f"samples loaded so far in epoch {self.epoch} "
+                           "were rejected", self._last_reject)
+
+    def _too_many(self, bad: int, seen: int, what: str, example) -> None:
+        reasons = ", ".join(f"{r}={n}" for r, n in sorted(self.log.counts.items()))
+        eg = f"; e.g. {example.reason} at {example.location}: {example.detail}" \
+            if example is not None else ""
+        raise TooManyRejectsError(
+            f"{bad} of {seen} {what} ({reasons}){eg}; more than max_reject_fraction="
+            f"{self.max_reject_fraction:g}: check the data path and image folder (the rejects "
+            f"are listed in {self.log.path or 'the log'}), or raise data.max_reject_fraction "
+            "(1.0 never stops)")
+
     def __iter__(self):
+        self._last_reject = None
+        self._check_reject_rate()
         plan = self.plan()
         self._batch_sampler.batches = plan.rank_batches(self.rank, self.world_size)
         iterator = iter(self._dataloader)  # fresh workers, which start at `position`
@@ -301,8 +344,10 @@ class ResumableLoader:
                 self.log.num_truncated += batch.num_truncated
                 for reject in batch.rejects:
                     self.log.add(reject, epoch=self.epoch)
+                    self._last_reject = reject
                 for problem in batch.target_rejects:
                     self.log.add_target_problem(problem, epoch=self.epoch)
+                self._check_reject_rate()
                 yield batch
         finally:
             # Stop the workers now (on a break or an error too): an iterator kept alive by a

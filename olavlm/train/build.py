@@ -236,7 +236,8 @@ def build_data(cfg, model: OlaVLM, tokenizer, data_root: Path | None, *, rank: i
         dataset, batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle, seed=cfg.train.seed,
         rank=rank, world_size=world_size, num_workers=cfg.data.num_workers,
         group_by_modality_length=cfg.data.group_by_modality_length,
-        grad_accum=cfg.optim.grad_accum, rejects_path=run_dir / "rejects.jsonl")
+        grad_accum=cfg.optim.grad_accum, rejects_path=run_dir / "rejects.jsonl",
+        max_reject_fraction=cfg.data.max_reject_fraction)
     return dataset, loader
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from olavlm.config import Config, config_to_dict, save_resolved_config
+from olavlm.data.loader import TooManyRejectsError
 
 from . import build as B
 from . import load as L
@@ -217,16 +218,24 @@ class Trainer:
             # epoch that yields nothing from its start means there is no data.
             fresh = getattr(self.loader, "position", 0) == 0
             got = False
-            for batch in self.loader:
-                if len(batch) == 0:  # every sample of it rejected (counted by the loader)
-                    self._empty_batch(batch)
-                    continue
-                got = True
-                yield batch
+            try:
+                for batch in self._checked(self.loader):
+                    got = True
+                    yield batch
+            except TooManyRejectsError as exc:
+                raise NoDataError(str(exc)) from None
             if not got and fresh:
                 summary = getattr(self.loader, "last_summary", None)
                 raise NoDataError("the data loader yields no batches (empty dataset, or every "
                                   "sample rejected?)" + (f": {summary}" if summary else ""))
+
+    def _checked(self, loader):
+        """The loader's batches, minus those whose samples were all rejected."""
+        for batch in loader:
+            if len(batch) == 0:  # every sample of it rejected (counted by the loader)
+                self._empty_batch(batch)
+                continue
+            yield batch
 
     def _empty_batch(self, batch) -> None:
         """A batch whose samples were all rejected (``data.on_bad_sample=skip``: a missing

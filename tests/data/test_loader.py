@@ -198,3 +198,35 @@ def test_loader_arguments_are_checked(dataset):
     if not torch.cuda.is_available():
         with pytest.warns(UserWarning, match="pin_memory=True needs a CUDA device"):
             ResumableLoader(dataset, batch_size=1, pin_memory=True)
+
+
+def _with_missing_images(tmp_path, tokenizer, num: int, missing_every: int):
+    write_image(tmp_path / "img.png", size=(12, 10))
+    entries = [entry(i, image="gone.png" if i % missing_every == 0 else "img.png")
+               for i in range(num)]
+    return LlavaDataset(write_jsonl(tmp_path / "m.jsonl", entries), tokenizer,
+                        image_view=ImageView(size=8))
+
+
+def test_too_many_rejected_samples_stop_the_epoch_with_the_reason(tmp_path, llama_tokenizer):
+    """A wrong image folder: almost every sample's image is missing. Past 64 samples and more
+    than max_reject_fraction of them rejected, iteration stops and says why (the default of
+    the library, 1.0, never stops)."""
+    from olavlm.data.loader import REJECT_CHECK_AFTER, TooManyRejectsError
+
+    ds = _with_missing_images(tmp_path, llama_tokenizer, 100, missing_every=1)
+    loader = ResumableLoader(ds, batch_size=8, shuffle=False, max_reject_fraction=0.5)
+    with pytest.raises(TooManyRejectsError, match=r"missing_image=\d+.*gone\.png") as exc:
+        list(loader)
+    seen = int(str(exc.value).split(" of ")[1].split()[0])
+    assert REJECT_CHECK_AFTER <= seen < REJECT_CHECK_AFTER + 8  # stopped at the first check
+    assert len(list(ResumableLoader(ds, batch_size=8, shuffle=False))) > 0  # 1.0: all batches
+
+
+def test_a_reject_rate_under_the_limit_trains_on(tmp_path, llama_tokenizer):
+    ds = _with_missing_images(tmp_path, llama_tokenizer, 100, missing_every=3)  # 34% missing
+    loader = ResumableLoader(ds, batch_size=8, shuffle=False, max_reject_fraction=0.5)
+    assert sum(len(b) for b in loader) == 66
+    assert "missing_image=34" in loader.last_summary
+    with pytest.raises(ValueError, match="max_reject_fraction must be in"):
+        ResumableLoader(ds, batch_size=8, max_reject_fraction=1.5)

@@ -102,6 +102,7 @@ def test_only_rejected_batches_name_the_reasons_and_ranks_cannot_skip():
 
     class Owner:
         _batches = Trainer._batches
+        _checked = Trainer._checked
         _empty_batch = Trainer._empty_batch
 
     owner = Owner()
@@ -112,3 +113,19 @@ def test_only_rejected_batches_name_the_reasons_and_ranks_cannot_skip():
     with pytest.raises(NoDataError, match="rank 1: every sample of a batch was rejected "
                                           r"\(missing_image\); the ranks cannot skip"):
         next(owner._batches())
+
+
+def test_a_wrong_image_folder_stops_the_run_instead_of_training_on_the_rest(tmp_path, capsys):
+    """Every image sample rejected (missing_image) and the text-only ones left: the run stops
+    once more than data.max_reject_fraction of the samples are rejected, saying why."""
+    from olavlm.data.synthetic import write_synthetic_dataset
+
+    data = tmp_path / "d"
+    write_synthetic_dataset(data, 100, size=32)
+    args = [f"train.output_dir={tmp_path / 'runs'}", f"data.path={data / 'train.jsonl'}",
+            f"data.tokenizer={data / 'tokenizer'}", f"data.image_folder={tmp_path / 'wrong'}",
+            "train.max_steps=20", "logging.progress=false", "logging.plot=false"]
+    assert train_main(args) == 1
+    err = capsys.readouterr().err
+    assert "were rejected" in err and "missing_image=" in err and "max_reject_fraction" in err
+    assert "Traceback" not in err
