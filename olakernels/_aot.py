@@ -225,10 +225,12 @@ def linear_cross_entropy_variants(target: tuple) -> list[Variant]:
             out.append(Variant(f"lce.logits[{tag},zero_past={not cap}]", k._lce_dlogits_kernel,
                                dl, scalars, {**flags, **tiles, "ZERO_PAST_COUNT": not cap,
                                              "WRITE_LOGITS": True}, **launch))
-            out.append(Variant(f"lce.rows_grad[{dt},softcap={cap}]", k._lce_rows_grad_kernel,
+            out.append(Variant(f"lce.rows_grad[{dt},softcap={cap},smoothing={cap}]",
+                               k._lce_rows_grad_kernel,
                                {"LOGITS": "*" + dt, **ints, "LSE": "*fp32", "LOSS": "*fp32",
                                 "CORRECT": "*i8"}, scalars,
-                               {"HAS_SOFTCAP": cap, "BLOCK_V": blk["row_v"]},
+                               {"HAS_SOFTCAP": cap, "HAS_SMOOTHING": cap,
+                                "BLOCK_V": blk["row_v"]},
                                num_warps=blk["row_warps"]))
         mm = {"BLOCK_M": blk["m"], "BLOCK_H": blk["h"], "BLOCK_K": blk["k"]}
         # grad_hidden in the operand dtype (backward) and in fp32 (grad_in_forward's unit grad)

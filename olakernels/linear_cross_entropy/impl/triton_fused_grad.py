@@ -73,7 +73,8 @@ def lce_forward_with_grads(hidden, weight, bias, labels, ignore_index, label_smo
             logits, order, labels, count, lse, loss, correct,
             start, v, float(softcap) if has_softcap else 1.0, float(label_smoothing),
             float(z_loss_weight),
-            HAS_SOFTCAP=has_softcap, BLOCK_V=min(blk["row_v"], triton.next_power_of_2(v)),
+            HAS_SOFTCAP=has_softcap, HAS_SMOOTHING=label_smoothing > 0,
+            BLOCK_V=min(blk["row_v"], triton.next_power_of_2(v)),
             num_warps=blk["row_warps"],
         )
         chunk_grads(blk, native, chunk, logits, hidden, weight, order, count, grad_hidden,

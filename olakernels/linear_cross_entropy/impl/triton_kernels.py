@@ -229,12 +229,14 @@ def _lce_rows_grad_kernel(
     ORDER, LABELS, COUNT,
     LSE, LOSS, CORRECT,  # as _lce_combine_kernel's: LSE compact, LOSS/CORRECT by position
     chunk_start, V, softcap, label_smoothing, z_loss_weight,
-    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Grad-in-forward mode, one program per row of the chunk: the loss terms of
     _lce_fwd_kernel + _lce_combine_kernel and the d loss / d logits of _lce_dlogits_kernel with
     a per-token weight of 1 (the gradient of the "sum"), computed from the stored logits. The
-    row is read twice (online log-sum-exp, then the gradient) and written once, in place."""
+    row is read twice (online log-sum-exp, then the gradient) and written once, in place.
+    Memory-bound: both loops are software-pipelined (tl.range num_stages=3, cp.async), which a
+    plain range does not do for loads that feed no tl.dot."""
     pid = tl.program_id(0)
     count = tl.load(COUNT)
     rc = chunk_start + pid
@@ -249,7 +251,7 @@ def _lce_rows_grad_kernel(
     sz = 0.0
     best = float("-inf")
     best_idx = 0
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in tl.range(0, V, BLOCK_V, num_stages=3):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok_c = cols < V
         z = tl.load(base + cols, mask=ok_c, other=float("-inf")).to(tl.float32)
@@ -258,7 +260,8 @@ def _lce_rows_grad_kernel(
         s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
         m = new_m
         zy += tl.sum(tl.where(cols == label, z, 0.0), axis=0)
-        sz += tl.sum(tl.where(ok_c, z, 0.0), axis=0)
+        if HAS_SMOOTHING:
+            sz += tl.sum(tl.where(ok_c, z, 0.0), axis=0)
         better = tile_max > best  # strict: the first maximum wins ties, as torch.argmax
         best_idx = tl.where(better, v0 + tl.argmax(z, axis=0), best_idx)
         best = tl.where(better, tile_max, best)
@@ -269,7 +272,7 @@ def _lce_rows_grad_kernel(
     tl.store(LOSS + row, loss)
     tl.store(CORRECT + row, (best_idx == label).to(tl.int8))
     coef = 1.0 + 2.0 * z_loss_weight * lse
-    for v0 in range(0, V, BLOCK_V):  # the same formula as _lce_dlogits_kernel, weight 1
+    for v0 in tl.range(0, V, BLOCK_V, num_stages=3):  # _lce_dlogits_kernel's formula, weight 1
         cols = v0 + tl.arange(0, BLOCK_V)
         ok_c = cols < V
         z = tl.load(base + cols, mask=ok_c, other=0.0).to(tl.float32)
