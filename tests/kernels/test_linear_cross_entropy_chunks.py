@@ -81,3 +81,29 @@ def test_smoothing_over_two_vocabulary_splits(device):
                                    **{**opts, "bias": bias.double()})
     assert_close_to_reference(out, ref, eager, name="loss", dtype=torch.float32,
                               reduction_size=weight.shape[0])
+
+
+def test_a_frozen_head_takes_chunks_of_one_grad_hidden_wave():
+    """Without grad_weight a chunk only has to fill the GPU once with grad_hidden programs:
+    Llama-3 and Phi-3 heads on an H100 (132 SMs) and MI300X tiles (304 CUs)."""
+    from olakernels.linear_cross_entropy.impl.triton import (
+        GPU_BLOCKS,
+        ROCM_BLOCKS,
+        one_wave_rows,
+    )
+
+    assert one_wave_rows(4096, GPU_BLOCKS, 132, 128) == 1024  # 8 x 16 = 128 programs
+    assert one_wave_rows(3072, GPU_BLOCKS, 132, 128) == 1408  # 11 x 12 = 132
+    assert one_wave_rows(4096, ROCM_BLOCKS, 304, 128) == 1152  # 9 x 32 = 288
+    assert one_wave_rows(16384, GPU_BLOCKS, 8, 128) == 128  # never below one row tile
+    assert 1024 * 128256 * 2 < triton_impl.DLOGITS_BUDGET_BYTES  # less memory than before
+
+
+def test_frozen_and_trainable_heads_chunk_differently(monkeypatch):
+    hidden = torch.zeros(4096, 64)
+    weight = torch.zeros(1000, 64)
+    monkeypatch.setattr(triton_impl, "num_sms", lambda device: 8)
+    blk, _, _, trainable = triton_impl.chunk_layout(hidden, weight, need_weight_grad=True)
+    _, _, _, frozen = triton_impl.chunk_layout(hidden, weight, need_weight_grad=False)
+    tiles_h = -(-64 // blk["h"])
+    assert frozen == max(1, 8 // tiles_h) * blk["m"] < trainable

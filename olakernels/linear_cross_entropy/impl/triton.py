@@ -19,7 +19,7 @@ import warnings
 import torch
 import triton
 
-from ..._triton import interpreter_enabled
+from ..._triton import interpreter_enabled, num_sms
 from .triton_kernels import (
     _lce_combine_kernel,
     _lce_dhidden_kernel,
@@ -196,14 +196,29 @@ def _dweight_torch(dlogits, hidden, order, count, grad_w32, grad_b32, start, row
             torch.sum(dl, 0, dtype=torch.float32, out=grad_b32)
 
 
-def chunk_layout(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[dict, bool, torch.dtype,
-                                                                     int]:
-    """(tiles, native dot, dlogits dtype, rows per chunk) of the chunked gradient loop."""
+def one_wave_rows(h: int, blk: dict, sms: int, step: int) -> int:
+    """Rows of a chunk whose grad_hidden grid (rows / m x cdiv(H, h) programs, each as long as
+    the others: a full pass over V) fits the GPU's SMs in one wave."""
+    blocks = max(1, sms // triton.cdiv(h, blk["h"]))
+    return max(step, blocks * blk["m"] // step * step)
+
+
+def chunk_layout(hidden: torch.Tensor, weight: torch.Tensor, need_weight_grad: bool = True
+                 ) -> tuple[dict, bool, torch.dtype, int]:
+    """(tiles, native dot, dlogits dtype, rows per chunk) of the chunked gradient loop.
+
+    With grad_weight, chunks are as large as DLOGITS_BUDGET_BYTES allows: each one costs a
+    read-modify-write of the whole fp32 (V, H) accumulator. Without it (a frozen LM head, as in
+    pre-training) a chunk only has to fill the GPU once with grad_hidden programs: one wave
+    of them (Llama-3 on an H100: 1024 rows, 256 MB of bf16 dlogits instead of 512; Phi-3:
+    1408 rows, 90 MB instead of 512), the same waves in all, half the memory or less."""
     blk = _blocks()
     native = _dot_native(hidden, weight)
     dl_dtype = weight.dtype if native else torch.float32
     step = blk["n"] * blk["m"] // min(blk["n"], blk["m"])  # a multiple of both row tiles
     chunk = chunk_rows(hidden.shape[0], weight.shape[0], torch.finfo(dl_dtype).bits // 8, step)
+    if not need_weight_grad:
+        chunk = min(chunk, one_wave_rows(weight.shape[1], blk, num_sms(hidden.device), step))
     return blk, native, dl_dtype, chunk
 
 
@@ -280,7 +295,7 @@ def lce_backward(hidden, weight, bias, labels, order, count, lse, grad_loss, lab
                  z_loss_weight, softcap, need_hidden, need_weight, need_bias):
     """Returns (grad_hidden | None, grad_weight | None, grad_bias | None)."""
     n = hidden.shape[0]
-    blk, native, dl_dtype, chunk = chunk_layout(hidden, weight)
+    blk, native, dl_dtype, chunk = chunk_layout(hidden, weight, need_weight)
     dlogits = torch.empty((chunk, weight.shape[0]), device=hidden.device, dtype=dl_dtype)
     grad_hidden, grad_w32, grad_b32 = grad_buffers(hidden, weight, bias, need_hidden,
                                                    need_weight, need_bias)

@@ -52,7 +52,7 @@ def lce_forward_with_grads(hidden, weight, bias, labels, ignore_index, label_smo
     n = hidden.shape[0]
     v = weight.shape[0]
     order, count = compact_labels(labels, ignore_index)
-    blk, native, dl_dtype, chunk = chunk_layout(hidden, weight)
+    blk, native, dl_dtype, chunk = chunk_layout(hidden, weight, need_weight)
     f32 = dict(device=hidden.device, dtype=torch.float32)
     lse = torch.zeros((n,), **f32)  # entries past the labelled count stay 0 (deterministic)
     loss = torch.zeros((n,), **f32)  # ignored positions keep 0
