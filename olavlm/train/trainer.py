@@ -97,6 +97,16 @@ def _refuse_to_restart_over(run_dir: Path) -> None:
             "train.run_name (or remove the folder) to start afresh; nothing was changed")
 
 
+def _skipping_empty(trainer, loader):
+    """The loader's batches, minus those whose samples were all rejected (each one is handed
+    to ``trainer._empty_batch``, which skips or stops)."""
+    for batch in loader:
+        if len(batch) == 0:  # every sample of it rejected (counted by the loader)
+            trainer._empty_batch(batch)
+            continue
+        yield batch
+
+
 def _new_window() -> dict:
     """Counters of the steps since the last log line (this rank's share)."""
     return {"samples": 0, "tokens": 0, "steps": 0, "sum_sq_len": 0, "supervised": 0}
@@ -219,7 +229,7 @@ class Trainer:
             fresh = getattr(self.loader, "position", 0) == 0
             got = False
             try:
-                for batch in self._checked(self.loader):
+                for batch in _skipping_empty(self, self.loader):
                     got = True
                     yield batch
             except TooManyRejectsError as exc:
@@ -228,14 +238,6 @@ class Trainer:
                 summary = getattr(self.loader, "last_summary", None)
                 raise NoDataError("the data loader yields no batches (empty dataset, or every "
                                   "sample rejected?)" + (f": {summary}" if summary else ""))
-
-    def _checked(self, loader):
-        """The loader's batches, minus those whose samples were all rejected."""
-        for batch in loader:
-            if len(batch) == 0:  # every sample of it rejected (counted by the loader)
-                self._empty_batch(batch)
-                continue
-            yield batch
 
     def _empty_batch(self, batch) -> None:
         """A batch whose samples were all rejected (``data.on_bad_sample=skip``: a missing

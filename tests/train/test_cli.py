@@ -102,7 +102,6 @@ def test_only_rejected_batches_name_the_reasons_and_ranks_cannot_skip():
 
     class Owner:
         _batches = Trainer._batches
-        _checked = Trainer._checked
         _empty_batch = Trainer._empty_batch
 
     owner = Owner()
