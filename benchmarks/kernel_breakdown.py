@@ -12,20 +12,25 @@ from collections.abc import Callable
 
 import torch
 
-# First match wins; patterns are lower-case substrings of the kernel name.
+# Our Triton kernels, by the start of their names: as substrings, "_layer_norm_" and "_gelu_"
+# also matched aten's vectorized_layer_norm_kernel and Inductor's fused gelu/layer-norm kernels.
+OLAKERNELS_PREFIXES = ("_lce_", "_embedding_distill_loss", "_layer_norm_", "_gelu_")
+# After those, first match wins; patterns are lower-case substrings of the kernel name.
 KINDS = (
-    ("olakernels (Triton)", ("_lce_", "_embedding_distill_loss", "_layer_norm_", "_gelu_")),
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_", "ampere_", "cublas",
               "wgmma", "hgemm", "matmul")),
     ("other Triton", ("triton_",)),
-    ("copy / memset", ("memcpy", "memset", "copy_kernel", "direct_copy", "cat")),
+    ("copy / memset", ("memcpy", "memset", "copy_kernel", "direct_copy",
+                       "catarray")),  # (not "cat": it is in "scatter")
     ("elementwise / reduce (aten)", ("elementwise", "reduce", "vectorized", "unrolled",
                                      "softmax", "norm", "index", "scatter", "gather", "sort")),
 )
 
 
 def kind_of(name: str) -> str:
+    if name.startswith(OLAKERNELS_PREFIXES):
+        return "olakernels (Triton)"
     low = name.lower()
     for kind, patterns in KINDS:
         if any(p in low for p in patterns):

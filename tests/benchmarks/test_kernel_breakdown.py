@@ -24,3 +24,19 @@ def test_without_device_times_it_says_so(load_bench):
                            "cpu")
     assert out.startswith("kernel breakdown: no device times")
     assert len(calls) == 1  # setup ran before the profiled call
+
+
+def test_aten_and_inductor_kernels_are_not_counted_as_ours(load_bench):
+    """Only our own kernels' names start with _layer_norm_/_gelu_; aten's and Inductor's
+    layer-norm and gelu kernels contain them, and "scatter" contains "cat"."""
+    kind_of = load_bench("kernel_breakdown").kind_of
+    assert kind_of("_layer_norm_fwd_kernel") == "olakernels (Triton)"
+    assert kind_of("_gelu_bwd_kernel") == "olakernels (Triton)"
+    assert kind_of("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel"
+                   "<c10::BFloat16, float>") == "elementwise / reduce (aten)"
+    assert kind_of("triton_per_fused_native_layer_norm_backward_0") == "other Triton"
+    assert kind_of("triton_poi_fused_gelu_gelu_backward_3") == "other Triton"
+    assert kind_of("void at::native::_scatter_gather_elementwise_kernel<128, 4>") == \
+        "elementwise / reduce (aten)"
+    assert kind_of("void at::native::(anonymous namespace)::CatArrayBatchedCopy_contig<int, "
+                   "unsigned int, 2, 128, 1>") == "copy / memset"
