@@ -35,6 +35,12 @@ def _key(name: str) -> str:
     return name.split(",D")[0].split(",B")[0]
 
 
+def _launch_key(name: str) -> str:
+    """An autotuned launch: the name without the autotuned part (BLOCK_D, warps, stages). The
+    launcher picks BLOCK_B itself, so each BLOCK_B needs a fitting config of its own."""
+    return name.split(",D")[0]
+
+
 def _unspecialized_subset(variants):
     # Odd sizes change only vector widths and pipelining: compile the half-precision variants
     # and one config per autotuned kernel (fp32 LM-head kernels take ~10 s each to compile).
@@ -80,8 +86,9 @@ def _problems(results: list[dict]) -> list[str]:
             continue
         fits = r["shared"] <= r["limit"]
         if _autotuned(r["kernel"]):
-            # one key per kernel, dtype and mode: the name without its tile/warps/stages part
-            key = (r["target"], r["specialize"], _key(r["kernel"]))
+            # one key per kernel, dtype, mode and launcher-chosen BLOCK_B: the name without
+            # the autotuned part
+            key = (r["target"], r["specialize"], _launch_key(r["kernel"]))
             fitting_autotune[key] = fitting_autotune.get(key, False) or fits
         elif not fits:
             problems.append(f"{where} needs {r['shared']} bytes of shared memory, the target "
@@ -133,6 +140,22 @@ def test_problem_finder_reports_each_kind_of_failure():
     assert "needs 200 bytes" in problems[1]
     assert "spills 16 bytes" in problems[2]
     assert "no autotune config of embedding_loss.fwd[bf16,dot=True,shared=True" in problems[3]
+
+
+def test_each_launcher_tile_needs_a_fitting_autotune_config():
+    """BLOCK_B is the launcher's choice, not the autotuner's: a B=32 launch none of whose
+    configs fit is a problem even when the B=16 launch has one that does."""
+    base = dict(target="sm_90", specialize=True, limit=100)
+    results = [
+        dict(base, kernel="embedding_loss.fwd[bf16,dot=True,shared=True,B16,D64,w4,s3]",
+             shared=50),
+        dict(base, kernel="embedding_loss.fwd[bf16,dot=True,shared=True,B32,D64,w4,s3]",
+             shared=300),
+        dict(base, kernel="embedding_loss.fwd[bf16,dot=True,shared=True,B32,D128,w4,s3]",
+             shared=400),
+    ]
+    problems = _problems(results)
+    assert len(problems) == 1 and "shared=True,B32 fits" in problems[0], problems
 
 
 if __name__ == "__main__":
