@@ -77,7 +77,8 @@ def run_train(args) -> int:
     except (NonFiniteLossError, NoDataError) as exc:
         trainer.metrics.close()
         print(f"olavlm train: {exc}", file=sys.stderr)
-        trainer.close()
+        # The non-finite stop is agreed by all ranks; a NoDataError may be this rank's alone.
+        trainer.close(barrier=isinstance(exc, NonFiniteLossError))
         return 1
     if result.summary:
         print(result.summary)

@@ -450,8 +450,12 @@ class Trainer:
             (self.run_dir / "summary.txt").write_text(summary + "\n")
         return TrainResult(self.run_dir, self.step, stopped, summary)
 
-    def close(self) -> None:
-        """Leave the process group (torchrun's, or the 1-rank one of single-process FSDP2)."""
+    def close(self, barrier: bool = True) -> None:
+        """Leave the process group (torchrun's, or the 1-rank one of single-process FSDP2).
+        ``barrier=False`` after an error only this rank may have hit (NoDataError): the other
+        ranks are in a step's collectives and never reach a barrier, which would hold this one
+        until the process group's timeout instead of letting it exit (and torchrun stop them)."""
         if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            if barrier:
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()

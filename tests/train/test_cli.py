@@ -128,3 +128,31 @@ def test_a_wrong_image_folder_stops_the_run_instead_of_training_on_the_rest(tmp_
     err = capsys.readouterr().err
     assert "were rejected" in err and "missing_image=" in err and "max_reject_fraction" in err
     assert "Traceback" not in err
+
+
+def test_a_rank_without_data_leaves_without_a_barrier(monkeypatch, capsys):
+    """A NoDataError may be one rank's alone (its batch all rejected, its share of rejects over
+    the limit): the others are in the step's collectives, so a barrier would hold this rank
+    until the process group's timeout instead of exiting (and torchrun stopping the job)."""
+    calls = []
+
+    class FakeTrainer:
+        def __init__(self, cfg):
+            self.metrics = type("M", (), {"close": lambda self: None})()
+
+        def train(self):
+            raise NoDataError("rank 1: every sample of a batch was rejected (missing_image)")
+
+        close = Trainer.close
+
+    import torch.distributed as tdist
+
+    import olavlm.train.trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "Trainer", FakeTrainer)
+    monkeypatch.setattr(tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(tdist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(tdist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    assert train_main(["logging.progress=false"]) == 1
+    assert "rank 1: every sample" in capsys.readouterr().err
+    assert calls == ["destroy"]
