@@ -6,8 +6,9 @@ CPU, one process), loads the model weights of the checkpoint (the latest complet
 directory), and writes them with ``olavlm.models.checkpoint_io``: ``hf`` = ``export_hf``
 (``llm/`` for ``from_pretrained`` + ``olavlm.safetensors``), ``seed`` = ``export_seed_layout``
 (the released OLA-VLM checkpoints' keys and config.json). Sharded (FSDP2) checkpoints load too.
-The tokenizer the run trained with (its added pad token included) goes along, where
-``from_pretrained`` looks for it: ``llm/`` for ``hf``, the folder itself for ``seed``.
+The tokenizer the run trained with (``RUN_DIR/tokenizer``, its added pad token included) goes
+along, where ``from_pretrained`` looks for it: ``llm/`` for ``hf``, the folder itself for
+``seed``; the data and tokenizer folders of the config need not exist any more.
 """
 from __future__ import annotations
 
@@ -54,10 +55,16 @@ def export_checkpoint(source: str | Path, out: str | Path, *, fmt: str = "hf",
         raise FileNotFoundError(f"{run_dir} holds no config.yaml/config.json (not a run dir)")
     cfg = resolve_config(None, str(config_file), ["train.device=cpu", "parallel.fsdp=off"])
     cfg = replace(cfg, parallel=replace(cfg.parallel, mixed_precision="fp32"))
-    data_root = None
-    if not cfg.data.path:
-        data_root = B.synthetic_dataset_dir(cfg, is_main=True, barrier=lambda: None)
-    tokenizer = B.build_tokenizer(cfg, data_root)
+    saved = run_dir / "tokenizer"  # the one the run trained with (the trainer saves it)
+    if (saved / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(saved), local_files_only=True)
+    else:  # a run from before the trainer saved it: rebuild it from the config
+        data_root = None
+        if not cfg.data.path:
+            data_root = B.synthetic_dataset_dir(cfg, is_main=True, barrier=lambda: None)
+        tokenizer = B.build_tokenizer(cfg, data_root)
     model = B.build_model(cfg, tokenizer, run_dir, is_main=True, barrier=lambda: None)
     Checkpointer(run_dir).load(ckpt, {"model": model})
     if fmt == "hf":

@@ -42,8 +42,15 @@ def _assert_same_tokenizer(folder, trainer):
     assert got(text)["input_ids"] == want(text)["input_ids"]
 
 
-def test_export_hf_round_trip(trained):
+def test_export_hf_round_trip(trained, monkeypatch):
     trainer, tmp = trained
+    from olavlm.train import build
+
+    def gone(*args, **kwargs):  # the data/tokenizer folders may be gone: the run's copy is used
+        raise AssertionError("export rebuilt the tokenizer instead of using the run's")
+
+    monkeypatch.setattr(build, "build_tokenizer", gone)
+    monkeypatch.setattr(build, "synthetic_dataset_dir", gone)
     out = export_checkpoint(trainer.run_dir, tmp / "hf")
     tower = trainer.model.vision_tower
     _assert_same(load_exported(out, tower=tower), trainer)
