@@ -313,22 +313,26 @@ class ResumableLoader:
         num_index = len(index_rejects)
         total = len(self.dataset) + num_index
         if total and num_index / total > self.max_reject_fraction:
+            listed = self.log.path  # rank 0 alone writes the index-time rejects
+            if listed is not None and self.world_size > 1:
+                listed = listed.with_name(listed.name.replace(f".rank{self.rank}.", ".rank0."))
             self._too_many(num_index, total, "entries of the data file(s) were rejected while "
-                           "indexing", index_rejects[0])
+                           "indexing", index_rejects[0], listed)
         loaded_rejects = self.log.num_rejected - num_index
         seen = self.log.num_samples + loaded_rejects
         if seen >= REJECT_CHECK_AFTER and loaded_rejects / seen > self.max_reject_fraction:
             self._too_many(loaded_rejects, seen, f"samples loaded so far in epoch {self.epoch} "
                            "were rejected", self._last_reject)
 
-    def _too_many(self, bad: int, seen: int, what: str, example) -> None:
+    def _too_many(self, bad: int, seen: int, what: str, example, listed=None) -> None:
         reasons = ", ".join(f"{r}={n}" for r, n in sorted(self.log.counts.items()))
+        listed = listed or self.log.path
         eg = f"; e.g. {example.reason} at {example.location}: {example.detail}" \
             if example is not None else ""
         raise TooManyRejectsError(
             f"{bad} of {seen} {what} ({reasons}){eg}; more than max_reject_fraction="
             f"{self.max_reject_fraction:g}: check the data path and image folder (the rejects "
-            f"are listed in {self.log.path or 'the log'}), or raise data.max_reject_fraction "
+            f"are listed in {listed or 'the log'}), or raise data.max_reject_fraction "
             "(1.0 never stops)")
 
     def __iter__(self):

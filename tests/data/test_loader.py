@@ -230,3 +230,19 @@ def test_a_reject_rate_under_the_limit_trains_on(tmp_path, llama_tokenizer):
     assert "missing_image=34" in loader.last_summary
     with pytest.raises(ValueError, match="max_reject_fraction must be in"):
         ResumableLoader(ds, batch_size=8, max_reject_fraction=1.5)
+
+
+def test_index_time_rejects_point_to_rank0s_file(tmp_path, llama_tokenizer):
+    """Only rank 0 writes the rejects found while indexing: another rank's error names that
+    file, not its own."""
+    from olavlm.data.loader import TooManyRejectsError
+
+    write_image(tmp_path / "img.png", size=(12, 10))
+    path = tmp_path / "bad.jsonl"
+    lines = ["{not json"] * 6 + [__import__("json").dumps(entry(i)) for i in range(4)]
+    path.write_text("\n".join(lines) + "\n")
+    ds = LlavaDataset(path, llama_tokenizer, image_view=ImageView(size=8))
+    loader = ResumableLoader(ds, batch_size=2, rank=1, world_size=2, max_reject_fraction=0.5,
+                             rejects_path=tmp_path / "rejects.jsonl")
+    with pytest.raises(TooManyRejectsError, match=r"6 of 10 entries.*rejects\.rank0\.jsonl"):
+        next(iter(loader))
