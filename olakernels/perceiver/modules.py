@@ -52,6 +52,25 @@ class _TorchOps:
 
     gelu = staticmethod(F.gelu)
 
+    @staticmethod
+    def layer_norm_linear(x, ln: nn.LayerNorm, weight):
+        """LayerNorm then a bias-free Linear; autograd keeps ``x`` only (impl/recompute.py),
+        except under autocast, whose casts a custom autograd function would not see."""
+        if torch.is_autocast_enabled(x.device.type):
+            return F.linear(_TorchOps.layer_norm(x, ln), weight)
+        from .impl.recompute import layer_norm_linear  # noqa: PLC0415
+
+        return layer_norm_linear(x, ln.weight, ln.bias, ln.eps, weight)
+
+    @staticmethod
+    def gelu_linear(a, weight):
+        """GELU then a bias-free Linear, keeping ``a`` only (as layer_norm_linear)."""
+        if torch.is_autocast_enabled(a.device.type):
+            return F.linear(F.gelu(a), weight)
+        from .impl.recompute import gelu_linear  # noqa: PLC0415
+
+        return gelu_linear(a, weight)
+
 
 class _TritonOps:
     @staticmethod
@@ -65,6 +84,14 @@ class _TritonOps:
         from .impl.triton import gelu_fwd  # noqa: PLC0415
 
         return gelu_fwd(x)
+
+    @staticmethod
+    def layer_norm_linear(x, ln: nn.LayerNorm, weight):
+        return F.linear(_TritonOps.layer_norm(x, ln), weight)
+
+    @staticmethod
+    def gelu_linear(a, weight):
+        return F.linear(_TritonOps.gelu(a), weight)
 
 
 class PerceiverResampler(nn.Module):

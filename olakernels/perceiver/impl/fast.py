@@ -11,7 +11,9 @@
   states.
 - Attention through F.scaled_dot_product_attention with scale 1/sqrt(dim_head) (equal to the
   seed's dim_head^-1/4 on both q and k), fp32 accumulation, no materialized score matrix on GPU.
-- LayerNorm and GELU come from ``ops`` (Triton kernels or torch's), see modules.py.
+- LayerNorm and GELU come from ``ops`` (Triton kernels or torch's), see modules.py; with
+  torch's, LayerNorm -> Linear and GELU -> Linear keep only their inputs for the backward
+  (impl/recompute.py).
 """
 from __future__ import annotations
 
@@ -28,11 +30,12 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 def attention_fast(attn, x, latents, batch, key_padding_mask, ops):
     """x (B, N, dim); latents (B or 1, M, dim). Returns the attention output (B|1 -> B, M, dim)."""
-    x_n = ops.layer_norm(x, attn.norm1)
+    # The inputs' LayerNorm output is not kept for the backward (recomputed there: one
+    # (B, N, dim) tensor less per head, ops.layer_norm_linear); the latents' is small.
+    kv_x = ops.layer_norm_linear(x, attn.norm1, attn.to_kv.weight)
     l_n = ops.layer_norm(latents, attn.norm2)
     m = latents.shape[1]
     q = _heads(F.linear(l_n, attn.to_q.weight), attn.heads)
-    kv_x = F.linear(x_n, attn.to_kv.weight)
     kv_l = F.linear(l_n, attn.to_kv.weight)
     kv = torch.cat([kv_x, kv_l.expand(batch, -1, -1)], dim=1)  # inputs, then latents
     k, v = (_heads(t, attn.heads) for t in kv.chunk(2, dim=-1))
@@ -47,10 +50,9 @@ def attention_fast(attn, x, latents, batch, key_padding_mask, ops):
 
 
 def feed_forward_fast(ff, latents, ops):
-    """nn.Sequential(LayerNorm, Linear, GELU, Linear) with the fused LayerNorm and GELU."""
-    h = ops.layer_norm(latents, ff[0])
-    h = ops.gelu(F.linear(h, ff[1].weight))
-    return F.linear(h, ff[3].weight)
+    """nn.Sequential(LayerNorm, Linear, GELU, Linear); autograd keeps the latents and the
+    GELU's input only (the LayerNorm and GELU outputs are recomputed in the backward)."""
+    return ops.gelu_linear(ops.layer_norm_linear(latents, ff[0], ff[1].weight), ff[3].weight)
 
 
 def resampler_fast(module, x, latents, key_padding_mask, ops):
