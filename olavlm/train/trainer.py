@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -61,10 +62,11 @@ def _barrier(dist_info):
         torch.distributed.barrier()
 
 
-def _run_dir(cfg: Config, dist_info) -> Path:
-    """output_dir/run_name. Without a run_name: continue the newest unfinished run of this
-    recipe when checkpoint.resume is "auto" (a crashed job restarts where it stopped), else a
-    new timestamped folder. Chosen on rank 0 and broadcast."""
+def _run_dir(cfg: Config, dist_info) -> tuple[Path, bool]:
+    """(output_dir/run_name, whether this call made the folder: known on rank 0 only).
+    Without a run_name: continue the newest unfinished run of this recipe when
+    checkpoint.resume is "auto" (a crashed job restarts where it stopped), else a new
+    timestamped folder. Chosen on rank 0 and broadcast."""
     out = Path(cfg.train.output_dir).expanduser()
     name = cfg.train.run_name
     if dist_info.is_main and name is None:
@@ -79,10 +81,12 @@ def _run_dir(cfg: Config, dist_info) -> Path:
         torch.distributed.broadcast_object_list(box, src=0)
         name = box[0]
     run_dir = out / name
+    made = False
     if dist_info.is_main:
+        made = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
     _barrier(dist_info)
-    return run_dir
+    return run_dir, made
 
 
 def _refuse_to_restart_over(run_dir: Path) -> None:
@@ -95,6 +99,13 @@ def _refuse_to_restart_over(run_dir: Path) -> None:
             f"{run_dir} already holds a run (latest checkpoint {previous.name}) and "
             "checkpoint.resume is none: pass --resume auto to continue it, or choose another "
             "train.run_name (or remove the folder) to start afresh; nothing was changed")
+
+
+def _remove_failed_start(run_dir: Path) -> None:
+    """Delete a run folder this start made, unless it holds a checkpoint (it never should)."""
+    if latest_checkpoint(run_dir) is None:
+        logger.info("removing %s: the run did not start", run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _skipping_empty(trainer, loader):
@@ -123,7 +134,17 @@ class Trainer:
                                      single_group=wants_fsdp(cfg.parallel, world))
         d = self.dist
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        self.run_dir = _run_dir(cfg, d)
+        self.run_dir, made = _run_dir(cfg, d)
+        try:
+            self._build(cfg, d, resume_opt)
+        except BaseException:
+            if made:  # a failed start (a bad model path...) leaves no folder behind
+                _remove_failed_start(self.run_dir)
+            raise
+
+    def _build(self, cfg: Config, d, resume_opt: str) -> None:
+        """Everything after the run directory is chosen: the run record, tokenizer, model,
+        data, parallelism, optimizer, resume, metrics."""
         if resume_opt in ("", "none"):
             _refuse_to_restart_over(self.run_dir)
         if d.is_main:

@@ -156,3 +156,16 @@ def test_a_rank_without_data_leaves_without_a_barrier(monkeypatch, capsys):
     assert train_main(["logging.progress=false"]) == 1
     assert "rank 1: every sample" in capsys.readouterr().err
     assert calls == ["destroy"]
+
+
+def test_a_failed_start_leaves_no_run_folder_but_keeps_an_existing_one(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert train_main([f"train.output_dir={out}", "model.llm=/no/such/model"]) == 2
+    assert "/no/such/model" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())  # no config.yaml-only folder left
+    mine = out / "mine"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("the user's own file")
+    assert train_main([f"train.output_dir={out}", "train.run_name=mine",
+                       "model.llm=/no/such/model"]) == 2
+    assert (mine / "notes.txt").read_text() == "the user's own file"  # not ours to delete
