@@ -250,10 +250,11 @@ class ResumableLoader:
         self.max_reject_fraction = float(max_reject_fraction)
         self._legacy_epoch: int | None = None  # see load_state_dict
         self.drop_last = drop_last
+        self._index_rejects_path = None  # rank 0's file: the only one with the index rejects
         if rejects_path is not None and self.world_size > 1:
-            rejects_path = Path(rejects_path)
-            rejects_path = rejects_path.with_name(
-                f"{rejects_path.stem}.rank{self.rank}{rejects_path.suffix}")
+            base = Path(rejects_path)
+            rejects_path, self._index_rejects_path = (
+                base.with_name(f"{base.stem}.rank{r}{base.suffix}") for r in (self.rank, 0))
         self.log = RejectLog(rejects_path)
         if self.rank == 0:
             for reject in dataset.index.rejects:  # found once, while indexing
@@ -313,9 +314,7 @@ class ResumableLoader:
         num_index = len(index_rejects)
         total = len(self.dataset) + num_index
         if total and num_index / total > self.max_reject_fraction:
-            listed = self.log.path  # rank 0 alone writes the index-time rejects
-            if listed is not None and self.world_size > 1:
-                listed = listed.with_name(listed.name.replace(f".rank{self.rank}.", ".rank0."))
+            listed = self._index_rejects_path or self.log.path  # rank 0 alone writes them
             self._too_many(num_index, total, "entries of the data file(s) were rejected while "
                            "indexing", index_rejects[0], listed)
         loaded_rejects = self.log.num_rejected - num_index

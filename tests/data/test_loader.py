@@ -232,7 +232,9 @@ def test_a_reject_rate_under_the_limit_trains_on(tmp_path, llama_tokenizer):
         ResumableLoader(ds, batch_size=8, max_reject_fraction=1.5)
 
 
-def test_index_time_rejects_point_to_rank0s_file(tmp_path, llama_tokenizer):
+@pytest.mark.parametrize("name, rank0s", [("rejects.jsonl", r"rejects\.rank0\.jsonl"),
+                                          ("rejects", r"rejects\.rank0\)")])  # no suffix
+def test_index_time_rejects_point_to_rank0s_file(tmp_path, llama_tokenizer, name, rank0s):
     """Only rank 0 writes the rejects found while indexing: another rank's error names that
     file, not its own."""
     from olavlm.data.loader import TooManyRejectsError
@@ -243,6 +245,6 @@ def test_index_time_rejects_point_to_rank0s_file(tmp_path, llama_tokenizer):
     path.write_text("\n".join(lines) + "\n")
     ds = LlavaDataset(path, llama_tokenizer, image_view=ImageView(size=8))
     loader = ResumableLoader(ds, batch_size=2, rank=1, world_size=2, max_reject_fraction=0.5,
-                             rejects_path=tmp_path / "rejects.jsonl")
-    with pytest.raises(TooManyRejectsError, match=r"6 of 10 entries.*rejects\.rank0\.jsonl"):
+                             rejects_path=tmp_path / name)
+    with pytest.raises(TooManyRejectsError, match=r"6 of 10 entries.*" + rank0s):
         next(iter(loader))
