@@ -69,24 +69,38 @@ def _run_dir(cfg: Config, dist_info) -> tuple[Path, bool]:
     timestamped folder. Chosen on rank 0 and broadcast."""
     out = Path(cfg.train.output_dir).expanduser()
     name = cfg.train.run_name
+    made = False
     if dist_info.is_main and name is None:
         previous = sorted(p for p in out.glob(f"{cfg.recipe}-*") if p.is_dir()
                           and (p / "checkpoints").is_dir() and not (p / FINISHED).exists())
         if cfg.checkpoint.resume == "auto" and previous:
             name = previous[-1].name
         else:
-            name = f"{cfg.recipe}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+            name, made = _new_folder(out, f"{cfg.recipe}-{_dt.datetime.now():%Y%m%d-%H%M%S}")
     if dist_info.distributed:
         box = [name]
         torch.distributed.broadcast_object_list(box, src=0)
         name = box[0]
     run_dir = out / name
-    made = False
-    if dist_info.is_main:
+    if dist_info.is_main and not made:
         made = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
     _barrier(dist_info)
     return run_dir, made
+
+
+def _new_folder(out: Path, stem: str) -> tuple[str, bool]:
+    """Create ``out/stem`` (or ``stem-2``, ``stem-3``, ... when taken) exclusively: two jobs
+    started in the same second never share a timestamped folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 10_000):
+        name = stem if k == 1 else f"{stem}-{k}"
+        try:
+            (out / name).mkdir()
+        except FileExistsError:
+            continue
+        return name, True
+    raise FileExistsError(f"{out}: every name {stem}[-k] is taken")
 
 
 def _refuse_to_restart_over(run_dir: Path) -> None:

@@ -160,12 +160,35 @@ def test_a_rank_without_data_leaves_without_a_barrier(monkeypatch, capsys):
 
 def test_a_failed_start_leaves_no_run_folder_but_keeps_an_existing_one(tmp_path, capsys):
     out = tmp_path / "runs"
-    assert train_main([f"train.output_dir={out}", "model.llm=/no/such/model"]) == 2
+    synth = f"data.synthetic_dir={tmp_path / 'synth'}"
+    assert train_main([f"train.output_dir={out}", synth, "model.llm=/no/such/model"]) == 2
     assert "/no/such/model" in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())  # no config.yaml-only folder left
     mine = out / "mine"
     mine.mkdir(parents=True)
     (mine / "notes.txt").write_text("the user's own file")
-    assert train_main([f"train.output_dir={out}", "train.run_name=mine",
+    assert train_main([f"train.output_dir={out}", synth, "train.run_name=mine",
                        "model.llm=/no/such/model"]) == 2
     assert (mine / "notes.txt").read_text() == "the user's own file"  # not ours to delete
+
+
+def test_timestamped_run_folders_are_never_shared(tmp_path, monkeypatch):
+    """Two jobs started in the same second without a run_name get two folders: a failed start
+    of one must not delete the other's."""
+    import datetime as dt
+
+    from olavlm.train import trainer as trainer_module
+    from olavlm.train.parallel import DistInfo
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 11, 27, 12, 0, 0)
+
+    monkeypatch.setattr(trainer_module._dt, "datetime", Frozen)
+    cfg = resolve_config("demo", None, [f"train.output_dir={tmp_path}", "checkpoint.resume=none"])
+    single = DistInfo()
+    first, made_first = trainer_module._run_dir(cfg, single)
+    second, made_second = trainer_module._run_dir(cfg, single)
+    assert first.name == "demo-20261127-120000" and second.name == "demo-20261127-120000-2"
+    assert made_first and made_second
