@@ -246,6 +246,12 @@ def test_compile_fullgraph_matches_eager(impl, device):
     def loss_fn(h, w, b, y):
         return linear_cross_entropy(h, w, y, bias=b, shift_labels=True, impl=impl)
 
+    assert_compiled_matches_eager(loss_fn, hidden, weight, bias, labels)
+
+
+def assert_compiled_matches_eager(loss_fn, hidden, weight, bias, labels):
+    """loss_fn(h, w, b, labels) eager and under torch.compile(fullgraph=True): the same loss
+    and gradients of hidden, weight and bias."""
     results = []
     for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
         h, w, b = (t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias))

@@ -7,7 +7,7 @@ only when it is exact and useful ("none", no_grad, nothing trainable: the normal
 """
 import pytest
 import torch
-from test_linear_cross_entropy import DTYPES, _check, _run
+from test_linear_cross_entropy import DTYPES, _check, _run, assert_compiled_matches_eager
 
 from olakernels import linear_cross_entropy
 from olakernels.linear_cross_entropy.impl import triton as triton_impl
@@ -209,15 +209,8 @@ def test_compile_fullgraph_matches_eager(grad_fwd, device):
     def loss_fn(h, w, b, y):
         return linear_cross_entropy(h, w, y, bias=b, shift_labels=True, impl="triton") * 3.7
 
-    results = []
-    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
-        h, w, b = (t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias))
-        loss = fn(h, w, b, labels)
-        loss.backward()
-        results.append((loss.detach(), h.grad, w.grad, b.grad))
+    assert_compiled_matches_eager(loss_fn, hidden, weight, bias, labels)
     assert len(grad_fwd.fused) == 2 and grad_fwd.backward == 0  # compiled: the same mode
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_knob_must_be_a_bool(monkeypatch, device):
