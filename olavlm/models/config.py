@@ -81,6 +81,8 @@ class ModelConfig:
         the memory) and the parts it trains in fp32, so the optimizer updates fp32 weights.
     lean_mlp: the decoder's SwiGLU MLPs save 2 of their 3 activations (lean_mlp.py); off on
         the reference path.
+    lean_norm: the decoder's RMSNorms save their input instead of an fp32 copy and run torch's
+        fused kernels on GPUs (lean_norm.py); off on the reference path.
     impl: "auto" | "triton" | "torch" | "reference" for every op; "reference" runs the seed's
         math end to end (per-sample splice loop, output_hidden_states, full logits): the oracle.
     """
@@ -105,6 +107,7 @@ class ModelConfig:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     lean_mlp: bool = True
+    lean_norm: bool = True
     trainable_dtype: str | None = None
     impl: str = "auto"
 

@@ -9,7 +9,8 @@ Llama-3-8B shape (intermediate 14,336) that is ~155 MB less per block per 5.4k t
 over 32 blocks -- a fifth of the frozen decoder's saved activations in pre-training, for one
 extra elementwise pass in the backward (the gradients equal eager PyTorch's bit for bit).
 liger-kernel's ``LigerSwiGLUMLP`` does the same with a fused Triton kernel on GPUs
-(``parallel.liger``); this one is plain PyTorch, so it runs everywhere and keeps the HF state_dict keys (the Linear submodules are the original ones).
+(``parallel.liger``); this one is plain PyTorch, so it runs everywhere and keeps the HF
+state_dict keys (the Linear submodules are the original ones).
 
 Equivalent PyTorch: ``down_proj(F.silu(gate_proj(x)) * up_proj(x))`` (Phi-3:
 ``gate, up = gate_up_proj(x).chunk(2, -1)``).

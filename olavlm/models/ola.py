@@ -30,6 +30,7 @@ from olakernels.linear_cross_entropy import linear_cross_entropy
 from .config import IMPLS, ModelConfig
 from .heads import build_task_heads
 from .lean_mlp import LeanSwiGLUMLP, make_mlps_lean
+from .lean_norm import LeanRMSNorm, make_norms_lean
 from .llm import DecoderParts, LayerTaps, load_llm
 from .projector import build_projector
 from .splice import (
@@ -92,6 +93,8 @@ class OlaVLM(nn.Module):
         self.parts = DecoderParts(self.llm)
         if config.lean_mlp:  # same parameters and keys; 1/3 less MLP activation memory
             make_mlps_lean(self.parts.layers)
+        if config.lean_norm:  # same parameters and keys; bf16 input saved, not an fp32 copy
+            make_norms_lean(self.llm)
         hidden = self.parts.embed_tokens.embedding_dim
         self.hidden_size = hidden
         self.tasks = config.tasks
@@ -137,8 +140,8 @@ class OlaVLM(nn.Module):
         for task in self.tasks:
             for head in self.heads(task):
                 head.projector.impl = impl
-        for module in self.llm.modules():  # the seed's reference keeps eager SwiGLU memory
-            if isinstance(module, LeanSwiGLUMLP):
+        for module in self.llm.modules():  # the seed's reference keeps eager memory and math
+            if isinstance(module, (LeanSwiGLUMLP, LeanRMSNorm)):
                 module.lean = impl != "reference"
         return self
 
@@ -179,6 +182,17 @@ class OlaVLM(nn.Module):
         return splice_inputs(input_ids, attention_mask, labels, features, tokens,
                              self.parts.embed_tokens, static_length=static_length, **kwargs)
 
+    def _decoder_mask(self, spliced: SplicedInputs) -> torch.Tensor | None:
+        """The padding mask the decoder needs, or None when plain causal attention gives the
+        same real positions: rows padded on the right only. Without a mask the decoder's SDPA
+        runs flash attention with is_causal and grouped K/V; with one it falls back to the
+        memory-efficient kernel over the full L x L square and expands K/V to every query
+        head (4x their saved bytes for Llama-3's 8 of 32 heads). Padding positions' states
+        change (they see earlier padding), so seed_compat, whose heads read them, keeps it."""
+        if spliced.right_padded and not self.config.seed_compat:
+            return None
+        return spliced.attention_mask.long()
+
     def _decode(self, spliced: SplicedInputs, taps: set[int]):
         """Run the decoder; returns (final normed state, {layer: state})."""
         n = self.parts.num_layers
@@ -193,8 +207,7 @@ class OlaVLM(nn.Module):
         hooked = {k for k in taps if 0 < k < n}
         with self._taps.capture(hooked) as states:
             out = self.parts.decoder(inputs_embeds=spliced.inputs_embeds,
-                                     attention_mask=spliced.attention_mask.long(),
-                                     use_cache=False)
+                                     attention_mask=self._decoder_mask(spliced), use_cache=False)
         final = out.last_hidden_state
         return final, {k: (states[k] if k in hooked else final) for k in taps if k > 0}
 

@@ -38,6 +38,10 @@ class SplicedInputs:
     image_start (B,) int64: the first image position (0 for samples without an image);
     has_image (B,) bool; num_image_tokens, num_task_tokens: NI and NT (all tasks);
     num_truncated: () int64 device tensor, real positions dropped by max_length.
+    right_padded: every row's real positions are a prefix (padding only on the right): True or
+        False when the splice read it (with the length, in the same host read), None when it
+        did not look (static_length, the reference splice). Causal attention without a padding
+        mask is then exact for every real position (no real token sees a later position).
     """
 
     inputs_embeds: torch.Tensor
@@ -48,6 +52,7 @@ class SplicedInputs:
     num_image_tokens: int
     num_task_tokens: int
     num_truncated: torch.Tensor
+    right_padded: bool | None = None
 
     @property
     def task_block_start(self) -> torch.Tensor:
@@ -106,12 +111,20 @@ def splice_inputs(
     pos = torch.arange(t, device=dev)
     new_pos = pos[None, :] + torch.where(pos[None, :] > first[:, None], inserted[:, None] - 1, 0)
     text = real & ~is_img
+    right_padded = None
     if static_length:
         length = t - 1 + n_img + n_task if n_img else t
-    else:  # one host read: the longest spliced sample
+    elif b:  # one host read: the longest spliced sample, and whether padding is right only
         end_text = torch.where(text, new_pos + 1, 0).amax(1)
         end_img = torch.where(has_image, first + n_img + n_task, 0)
-        length = int(torch.maximum(end_text, end_img).max()) if b else 0
+        # Real input positions a prefix of each row => the spliced rows' too (the image block
+        # replaces the placeholder in place; truncation cuts from the right).
+        gap = (~real[:, :-1] & real[:, 1:]).any()
+        length, gap = torch.stack([torch.maximum(end_text, end_img).max(),
+                                   gap.long()]).tolist()
+        right_padded = not gap
+    else:
+        length = 0
     length = max(1, length)
     if max_length is not None:
         length = min(length, max_length)
@@ -145,7 +158,7 @@ def splice_inputs(
     kept = (idx < length).sum()
     total = text.sum() + (has_image.long() * (n_img + n_task)).sum()
     return SplicedInputs(embeds, written, new_labels, start, has_image, n_img, n_task,
-                         total - kept)
+                         total - kept, right_padded)
 
 
 def align_right(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor):

@@ -29,6 +29,8 @@ import warnings
 import torch
 from torch import nn
 
+from olavlm.models.lean_norm import LeanRMSNorm, is_llama_rms_norm
+
 __all__ = ["DistInfo", "apply_parallelism", "free_port", "init_distributed", "resolve_device",
            "wants_fsdp"]
 
@@ -127,8 +129,9 @@ def apply_liger(model: nn.Module, device: torch.device) -> int:
     for parent in list(model.llm.modules()):
         for name, child in list(parent.named_children()):
             kind = type(child).__name__
-            if kind.endswith("RMSNorm") and hasattr(child, "weight"):
-                eps = getattr(child, "variance_epsilon", getattr(child, "eps", 1e-6))
+            # LigerRMSNorm's defaults are Llama's formula: Gemma's (1 + weight) norms stay.
+            if isinstance(child, LeanRMSNorm) or is_llama_rms_norm(child):
+                eps = child.variance_epsilon
                 new = LigerRMSNorm(child.weight.shape[0], eps=eps).to(child.weight)
                 new.weight.data.copy_(child.weight.data)
                 new.weight.requires_grad_(child.weight.requires_grad)

@@ -97,6 +97,22 @@ def test_left_padding_stays_left(model):
     sp = model.splice(ids, mask, None, images)
     assert not sp.attention_mask[0, :3].any() and sp.attention_mask[0, 3:].all()
     assert sp.attention_mask[1].all()
+    assert sp.right_padded is False
+    assert model._decoder_mask(sp) is not None  # left padding needs the decoder's mask
+
+
+def test_right_padding_runs_the_decoder_without_a_mask(tmp, model):
+    ids, mask, labels, images, _, _ = tiny_batch(model, batch=3, pad_from=[None, 15, 10])
+    sp = model.splice(ids, mask, labels, images)
+    assert sp.right_padded is True and not sp.attention_mask.all()
+    assert model._decoder_mask(sp) is None  # plain causal: flash attention, grouped K/V
+    assert model.splice(ids, mask, labels, images, static_length=True).right_padded is None
+    ids[1, 3] = 0
+    mask[1, 3] = False  # a hole
+    assert model.splice(ids, mask, labels, images).right_padded is False
+    compat = tiny_model(tmp, seed_compat=True, num_sys_tokens=2)
+    spliced = compat.splice(*tiny_batch(compat, batch=2, pad_from=[None, 9])[:4])
+    assert compat._decoder_mask(spliced) is not None  # the seed's heads read padding states
 
 
 def test_static_length_pads_without_changing_content(model):
@@ -202,6 +218,25 @@ def test_fused_equals_reference_fp32(tmp, kind):
     assert trained == {"mm_projector", "task_tokens", "image_gen_heads", "image_depth_heads",
                        "image_seg_heads", "gen_logit_scale", "depth_logit_scale",
                        "seg_logit_scale"}
+    for name, grad in g_ref.items():
+        torch.testing.assert_close(g_fast[name], grad, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_fused_equals_reference_with_left_padding(tmp):
+    model = tiny_model(tmp)
+    model.llm.requires_grad_(False)
+    batch = list(tiny_batch(model, batch=3, placeholders=[2, 4, 3]))
+    ids, mask, labels = batch[0], batch[1], batch[2]
+    for row, pad in ((1, 3), (2, 5)):  # shift rows right: left padding
+        ids[row] = torch.roll(ids[row], pad)
+        labels[row] = torch.roll(labels[row], pad)
+        mask[row, :pad] = False
+        ids[row, :pad] = 0
+        labels[row, :pad] = -100
+    fast, g_fast = _run(model, batch, "torch")
+    ref, g_ref = _run(model, batch, "reference")
+    torch.testing.assert_close(fast.loss, ref.loss, rtol=2e-5, atol=1e-6)
     for name, grad in g_ref.items():
         torch.testing.assert_close(g_fast[name], grad, rtol=1e-4, atol=1e-6,
                                    msg=lambda m, n=name: f"grad {n}: {m}")
@@ -437,3 +472,19 @@ def test_bf16_llm_with_fp32_trainable_parts(tmp):
     assert all(g.dtype == torch.float32 for g in grads.values())
     with pytest.raises(ValueError, match="trainable_dtype must be"):
         ModelConfig(trainable_dtype="fp8")
+
+
+def test_lean_decoder_modules_follow_the_impl(tmp):
+    from olavlm.models.lean_mlp import LeanSwiGLUMLP
+    from olavlm.models.lean_norm import LeanRMSNorm
+
+    model = tiny_model(tmp)
+    lean = [m for m in model.llm.modules() if isinstance(m, (LeanRMSNorm, LeanSwiGLUMLP))]
+    norms = [m for m in lean if isinstance(m, LeanRMSNorm)]
+    assert len(norms) == 2 * model.parts.num_layers + 1 and all(m.lean for m in lean)
+    model.set_impl("reference")  # the seed's math and memory
+    assert not any(m.lean for m in lean)
+    model.set_impl("torch")
+    assert all(m.lean for m in lean)
+    plain = tiny_model(tmp, lean_norm=False, lean_mlp=False)
+    assert not any(isinstance(m, (LeanRMSNorm, LeanSwiGLUMLP)) for m in plain.llm.modules())
