@@ -185,9 +185,9 @@ class OlaVLM(nn.Module):
     def _decoder_mask(self, spliced: SplicedInputs) -> torch.Tensor | None:
         """The padding mask the decoder needs, or None when plain causal attention gives the
         same real positions: rows padded on the right only. Without a mask the decoder's SDPA
-        runs flash attention with is_causal and grouped K/V; with one it falls back to the
-        memory-efficient kernel over the full L x L square and expands K/V to every query
-        head (4x their saved bytes for Llama-3's 8 of 32 heads). Padding positions' states
+        runs flash attention with is_causal and grouped K/V; with one it falls back to a
+        kernel that takes a mask (memory-efficient or cuDNN) over the full L x L square, and
+        HF expands K/V to every query head (4x their saved bytes for Llama-3's 8 of 32). Padding positions' states
         change (they see earlier padding), so seed_compat, whose heads read them, keeps it."""
         if spliced.right_padded and not self.config.seed_compat:
             return None
