@@ -8,10 +8,13 @@ tensor. At Llama-3-8B shape in pre-training (5.4k tokens, H = 4096) that is ~89 
 norm, ~5.8 GB over the 65 norms, and ~0.9 ms of memory traffic per norm per step.
 
 ``RMSNormFunction`` saves the input (in its own dtype) and the fp32 reciprocal RMS, one value
-per row, and recomputes the rest in the backward. On CUDA/ROCm devices it runs torch's fused
-``aten._fused_rms_norm`` forward and backward (one kernel each way: read x, write y; read x and
-the gradient, write the gradient); elsewhere the forward is the decoder's own formula, bit for
-bit, and the backward is the analytic gradient in fp32. ``LeanRMSNorm`` wraps the decoder's
+per row, and recomputes the rest in the backward. On CUDA/ROCm devices, when x and the weight
+share a dtype and torch has the kernels, it runs torch's fused ``aten._fused_rms_norm`` forward
+and backward (one kernel each way: read x, write y; read x and the gradient, write the
+gradient); elsewhere the forward is the decoder's own formula, bit for bit (except float64
+inputs, kept in float64 where the decoder computes in float32), and the backward is the
+analytic gradient in fp32 (float64). Under torch.compile the module runs the decoder's formula
+and Inductor fuses it. ``LeanRMSNorm`` wraps the decoder's
 module with the same ``weight`` parameter (the same state_dict key).
 
 Equivalent PyTorch (the decoder's): ``weight * (x.float() * torch.rsqrt(x.float().pow(2)

@@ -182,18 +182,20 @@ class OlaVLM(nn.Module):
         return splice_inputs(input_ids, attention_mask, labels, features, tokens,
                              self.parts.embed_tokens, static_length=static_length, **kwargs)
 
-    def _decoder_mask(self, spliced: SplicedInputs) -> torch.Tensor | None:
+    def _decoder_mask(self, spliced: SplicedInputs, keep: bool = False) -> torch.Tensor | None:
         """The padding mask the decoder needs, or None when plain causal attention gives the
-        same real positions: rows padded on the right only. Without a mask the decoder's SDPA
-        runs flash attention with is_causal and grouped K/V; with one it falls back to a
+        same real positions: rows padded on the right only. Without a mask SDPA can run flash
+        attention (fp16/bf16) with is_causal on the grouped K/V; with one it falls back to a
         kernel that takes a mask (memory-efficient or cuDNN) over the full L x L square, and
-        HF expands K/V to every query head (4x their saved bytes for Llama-3's 8 of 32). Padding positions' states
-        change (they see earlier padding), so seed_compat, whose heads read them, keeps it."""
-        if spliced.right_padded and not self.config.seed_compat:
+        HF expands K/V to every query head (4x their saved bytes for Llama-3's 8 of 32).
+        Padding positions' own states change (they see earlier padding), so the mask stays
+        where heads may read them: seed_compat (unmasked padding in the heads) and
+        ``keep`` (returned predictions: a text-only row's gen queries can sit on padding)."""
+        if spliced.right_padded and not self.config.seed_compat and not keep:
             return None
         return spliced.attention_mask.long()
 
-    def _decode(self, spliced: SplicedInputs, taps: set[int]):
+    def _decode(self, spliced: SplicedInputs, taps: set[int], keep_mask: bool = False):
         """Run the decoder; returns (final normed state, {layer: state})."""
         n = self.parts.num_layers
         if self.impl == "reference":  # the seed's way: every hidden state, then slice
@@ -207,7 +209,8 @@ class OlaVLM(nn.Module):
         hooked = {k for k in taps if 0 < k < n}
         with self._taps.capture(hooked) as states:
             out = self.parts.decoder(inputs_embeds=spliced.inputs_embeds,
-                                     attention_mask=self._decoder_mask(spliced), use_cache=False)
+                                     attention_mask=self._decoder_mask(spliced, keep_mask),
+                                     use_cache=False)
         final = out.last_hidden_state
         return final, {k: (states[k] if k in hooked else final) for k in taps if k > 0}
 
@@ -331,7 +334,7 @@ class OlaVLM(nn.Module):
         if targets is not None:
             self._check_targets(targets, input_ids.shape[0])
         taps = {k for t in self.tasks for k in self.layers[t]} if want_heads else set()
-        final, states = self._decode(spliced, taps)
+        final, states = self._decode(spliced, taps, keep_mask=return_predictions)
         dev = final.device
         zero = torch.zeros((), device=dev)
         components: dict[str, torch.Tensor] = {}

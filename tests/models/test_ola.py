@@ -223,6 +223,22 @@ def test_fused_equals_reference_fp32(tmp, kind):
                                    msg=lambda m, n=name: f"grad {n}: {m}")
 
 
+def test_predictions_of_text_only_rows_equal_the_reference(tmp):
+    # A text-only row's gen queries can sit on padding positions, whose states depend on the
+    # padding mask: returned predictions keep it, so every row equals the seed's path.
+    model = tiny_model(tmp)  # own model: HF's output_hidden_states leaves hooks on blocks
+    ids, mask, _, images, _, _ = tiny_batch(model, batch=3, text_only=(1,),
+                                            pad_from=[None, 6, None])
+    got = {}
+    for impl in ("torch", "reference"):
+        model.set_impl(impl)
+        got[impl] = model.visual_interpretations(ids, mask, images)
+    for task, layers in got["reference"].items():
+        for k, ref in layers.items():
+            torch.testing.assert_close(got["torch"][task][k], ref, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, t=task, k=k: f"{t} L{k}: {m}")
+
+
 def test_fused_equals_reference_with_left_padding(tmp):
     model = tiny_model(tmp)
     model.llm.requires_grad_(False)
