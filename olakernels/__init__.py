@@ -5,6 +5,7 @@ from .linear_cross_entropy import (
     LinearCrossEntropyOutput,
     linear_cross_entropy,
 )
+from .rotary_embedding import rotary_embedding
 
 __all__ = [
     "EmbeddingDistillLoss",
@@ -13,5 +14,6 @@ __all__ = [
     "LinearCrossEntropyOutput",
     "embedding_distill_loss",
     "linear_cross_entropy",
+    "rotary_embedding",
 ]
 __version__ = "0.1.0"

@@ -275,6 +275,21 @@ def perceiver_variants(target: tuple) -> list[Variant]:
     return out
 
 
+def rotary_embedding_variants(target: tuple) -> list[Variant]:
+    from .rotary_embedding.impl import triton as k
+
+    out = []
+    for dt in ("bf16", "fp32"):
+        for backward in (False, True):  # Llama-3: 32 query heads, 8 key heads, head_dim 128
+            out.append(Variant(
+                f"rotary_embedding.{'bwd' if backward else 'fwd'}[{dt}]",
+                k._rotary_embedding_kernel,
+                {n: "*" + dt for n in ("Q", "K", "COS", "SIN", "QO", "KO")}, (),
+                {"BLOCK_HQ": 32, "BLOCK_HK": 8, "BLOCK_HALF": 64, "BACKWARD": backward},
+                num_warps=8))
+    return out
+
+
 def all_variants(target: tuple) -> list[Variant]:
     return (embedding_loss_variants(target) + linear_cross_entropy_variants(target)
-            + perceiver_variants(target))
+            + perceiver_variants(target) + rotary_embedding_variants(target))

@@ -28,7 +28,7 @@ T0=$(date +%s)
 # The default is what is still unmeasured or changed since the last window (docs/PERF.md):
 # the LM head with its new tiles, its cuBLAS grad_weight and gradients-in-forward modes, the
 # step's modes, the embedding loss's forward profile, and the GPU tests (the whole training
-# job in bf16 included). Opt-in: bench bench_perceiver bench_teachers bench_compile.
+# job in bf16 included). Opt-in: bench bench_perceiver bench_rope bench_teachers bench_compile.
 STAGES=${OLAVLM_STAGES:-"ceilings bench_lce bench_step profile_lce profile gpu_tests"}
 
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log it, never abort the script
@@ -79,6 +79,9 @@ stage bench_lce "${OLAVLM_LCE_LIMIT:-70}" "${PYTEST[@]}" \
   benchmarks/bench_linear_cross_entropy.py --benchmark-only -k "${OLAVLM_LCE_K:-not compile}"
 stage bench_perceiver "${OLAVLM_PERCEIVER_LIMIT:-90}" "${PYTEST[@]}" \
   benchmarks/bench_perceiver.py --benchmark-only
+# RoPE on q and k at the step's shapes: eager (HF's formula), liger-kernel, ours (~15 s).
+stage bench_rope "${OLAVLM_ROPE_LIMIT:-40}" $PY benchmarks/bench_rotary_embedding.py \
+  --providers eager,liger,ours
 # One OLA-VLM pre-training step per mode (a default stage): the
 # seed-faithful step (reference math + per-image online teachers) vs ours with cached or batched
 # online targets. OLAVLM_STEP_PROVIDERS picks modes (default below: ~100-150 s on an H200 at
