@@ -6,6 +6,7 @@ import torch
 
 from .._triton import resolve_impl
 from .impl.reference import rotary_embedding_ref
+from .impl.torch import rotary_embedding_torch
 
 IMPLS = ("auto", "triton", "torch", "reference")
 
@@ -54,8 +55,8 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     Numerics: the Triton path computes in fp32 and rounds once (eager rounds three times).
     Gradients flow to q and k, not to cos and sin. ``impl``: "auto" (Triton on CUDA/ROCm
     tensors, torch elsewhere and under torch.compile, where Inductor fuses the formula),
-    "triton", "torch" (the formula in eager PyTorch) or "reference" (the same formula: the
-    oracle when called in float64).
+    "triton", "torch" (eager PyTorch on the two halves: the decoders' values bit for bit) or
+    "reference" (the decoders' formula itself: the oracle when called in float64).
     """
     if impl not in IMPLS:
         raise ValueError(f"rotary_embedding: impl must be one of {IMPLS}, got {impl!r}")
@@ -70,4 +71,6 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
         from .impl.triton import RotaryEmbeddingFunction
 
         return RotaryEmbeddingFunction.apply(q, k, cos, sin)
-    return rotary_embedding_ref(q, k, cos.to(q.dtype), sin.to(q.dtype))
+    if impl == "reference":
+        return rotary_embedding_ref(q, k, cos.to(q.dtype), sin.to(q.dtype))
+    return rotary_embedding_torch(q, k, cos, sin)

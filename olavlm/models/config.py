@@ -83,6 +83,8 @@ class ModelConfig:
         the reference path.
     lean_norm: the decoder's RMSNorms save their input instead of an fp32 copy and run torch's
         fused kernels on GPUs (lean_norm.py); off on the reference path.
+    fused_rope: the decoder's attention applies RoPE with olakernels.rotary_embedding (one
+        fused pass each way, fused_rope.py); off on the reference path.
     impl: "auto" | "triton" | "torch" | "reference" for every op; "reference" runs the seed's
         math end to end (per-sample splice loop, output_hidden_states, full logits): the oracle.
     """
@@ -108,6 +110,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     lean_mlp: bool = True
     lean_norm: bool = True
+    fused_rope: bool = True
     trainable_dtype: str | None = None
     impl: str = "auto"
 

@@ -28,6 +28,7 @@ from olakernels.embedding_loss import embedding_distill_loss, gather_targets
 from olakernels.linear_cross_entropy import linear_cross_entropy
 
 from .config import IMPLS, ModelConfig
+from .fused_rope import FusedRopeAttention, make_attention_rope_fused
 from .heads import build_task_heads
 from .lean_mlp import LeanSwiGLUMLP, make_mlps_lean
 from .lean_norm import LeanRMSNorm, make_norms_lean
@@ -95,6 +96,8 @@ class OlaVLM(nn.Module):
             make_mlps_lean(self.parts.layers)
         if config.lean_norm:  # same parameters and keys; bf16 input saved, not an fp32 copy
             make_norms_lean(self.llm)
+        if config.fused_rope:  # same parameters and keys; RoPE in one fused pass each way
+            make_attention_rope_fused(self.llm)
         hidden = self.parts.embed_tokens.embedding_dim
         self.hidden_size = hidden
         self.tasks = config.tasks
@@ -143,6 +146,8 @@ class OlaVLM(nn.Module):
         for module in self.llm.modules():  # the seed's reference keeps eager memory and math
             if isinstance(module, (LeanSwiGLUMLP, LeanRMSNorm)):
                 module.lean = impl != "reference"
+            elif isinstance(module, FusedRopeAttention):
+                module.fused_rope = impl != "reference"
         return self
 
     @property

@@ -491,16 +491,20 @@ def test_bf16_llm_with_fp32_trainable_parts(tmp):
 
 
 def test_lean_decoder_modules_follow_the_impl(tmp):
+    from olavlm.models.fused_rope import FusedRopeAttention
     from olavlm.models.lean_mlp import LeanSwiGLUMLP
     from olavlm.models.lean_norm import LeanRMSNorm
 
     model = tiny_model(tmp)
     lean = [m for m in model.llm.modules() if isinstance(m, (LeanRMSNorm, LeanSwiGLUMLP))]
     norms = [m for m in lean if isinstance(m, LeanRMSNorm)]
+    attns = [m for m in model.llm.modules() if isinstance(m, FusedRopeAttention)]
     assert len(norms) == 2 * model.parts.num_layers + 1 and all(m.lean for m in lean)
+    assert len(attns) == model.parts.num_layers and all(m.fused_rope for m in attns)
     model.set_impl("reference")  # the seed's math and memory
-    assert not any(m.lean for m in lean)
+    assert not any(m.lean for m in lean) and not any(m.fused_rope for m in attns)
     model.set_impl("torch")
-    assert all(m.lean for m in lean)
-    plain = tiny_model(tmp, lean_norm=False, lean_mlp=False)
-    assert not any(isinstance(m, (LeanRMSNorm, LeanSwiGLUMLP)) for m in plain.llm.modules())
+    assert all(m.lean for m in lean) and all(m.fused_rope for m in attns)
+    plain = tiny_model(tmp, lean_norm=False, lean_mlp=False, fused_rope=False)
+    assert not any(isinstance(m, (LeanRMSNorm, LeanSwiGLUMLP, FusedRopeAttention))
+                   for m in plain.llm.modules())
