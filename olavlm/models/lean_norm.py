@@ -78,6 +78,7 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         fused = _use_fused(x, weight)
         if fused:
+            x = x.contiguous()  # what the fused backward reads (a no-op in the decoders)
             y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
         else:  # the decoder's formula (float64 inputs stay in float64)
             x32 = x.to(_compute_dtype(x))
