@@ -46,13 +46,17 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
 
     q (B, Hq, L, D) and k (B, Hk, L, D), fp32/fp16/bf16, any strides with a contiguous last
     dimension (Hugging Face's transposed projections); cos and sin (B or 1, L, D), the
-    decoder's ``position_embeddings``. Returns (q', k') in q's and k's dtypes and layouts.
+    decoder's ``position_embeddings``. Returns (q', k') in q's and k's dtypes (the Triton path
+    keeps their layouts too; the torch path returns contiguous tensors).
     Equivalent PyTorch (``transformers``' ``apply_rotary_pos_emb``)::
 
         rotate_half = lambda x: torch.cat((-x[..., D // 2:], x[..., :D // 2]), -1)
         q' = q * cos[:, None] + rotate_half(q) * sin[:, None]   # k' likewise
 
-    Numerics: the Triton path computes in fp32 and rounds once (eager rounds three times).
+    Numerics: the Triton path reads cos/sin and computes in fp32 and rounds once (eager rounds
+    three times); the torch path casts the tables to q's (k's) dtype and equals the decoders'
+    formula bit for bit when the tables already have that dtype. The Triton backward is
+    itself differentiable (double backward, e.g. gradient penalties, is exact).
     Gradients flow to q and k, not to cos and sin. ``impl``: "auto" (Triton on CUDA/ROCm
     tensors, torch elsewhere and under torch.compile, where Inductor fuses the formula),
     "triton", "torch" (eager PyTorch on the two halves: the decoders' values bit for bit) or

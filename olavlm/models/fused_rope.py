@@ -1,5 +1,5 @@
 # Decoder attention whose RoPE runs olakernels.rotary_embedding: one fused pass each way.
-"""The decoder's attention with a fused rotary embedding (Llama, Mistral, Qwen2/3, Phi-3).
+"""The decoder's attention with a fused rotary embedding (Llama, Mistral, Qwen2/3, Phi-3, ...).
 
 Hugging Face's attention ``forward`` calls its module's ``apply_rotary_pos_emb`` (eager:
 ~0.55 GB of memory traffic forward and ~1.2 GB backward per Llama-3-8B block at 5.4k tokens).
@@ -8,8 +8,13 @@ own class (``FusedRope<Class>``, state_dict and parameters unchanged) whose ``fo
 class's own forward code -- the very function object's code, not a copy of its source -- with
 ``apply_rotary_pos_emb`` resolved to a dispatcher: ``olakernels.rotary_embedding`` for the
 full-rotary (B, H, L, D) case, the original function for anything else (partial rotary, other
-layouts or arguments). Nothing in ``transformers`` is modified: other models in the process,
-and these modules with ``fused_rope = False``, run the library's code as it is.
+layouts or dtypes). Only classes whose module's ``apply_rotary_pos_emb`` and ``rotate_half``
+are Llama's or Phi-3's code (the half rotation) are swapped; others (Cohere's interleaved
+rotation, GLM, GPT-J) keep theirs. Nothing in ``transformers`` is modified: other models in
+the process, and these modules with ``fused_rope = False``, run the library's code as it is.
+The forward's module namespace is copied when the class is first swapped: a later
+monkey-patch of that ``transformers`` module does not reach the swapped modules. Pickling
+(``torch.save(model)``, ``copy.deepcopy``) rebuilds the class from the library's one.
 
 Falls back to the class's own forward (eager RoPE) when the call carries a KV cache
 (generation), under torch.compile (Inductor fuses the formula itself), with ``fused_rope``
@@ -37,6 +42,39 @@ _ROPE_IMPL: contextvars.ContextVar[str] = contextvars.ContextVar("olavlm_rope_im
                                                                  default="auto")
 
 
+def _code_key(fn) -> tuple:
+    """What a function computes, without its name, docstring or line numbers."""
+    code = fn.__code__
+    consts = code.co_consts[1:] if code.co_consts and isinstance(code.co_consts[0], str) \
+        else code.co_consts
+    return code.co_code, code.co_names, code.co_varnames, consts
+
+
+@functools.cache
+def _half_rotation_keys() -> frozenset:
+    """Code of the RoPE functions known to compute the half rotation: Llama's (copied by
+    Mistral, Qwen2/3, Gemma, ...) and Phi-3's (the same with an optional partial rotary dim,
+    which the dispatcher leaves to it)."""
+    from transformers.models.llama import modeling_llama
+    from transformers.models.phi3 import modeling_phi3
+
+    return frozenset({_code_key(modeling_llama.apply_rotary_pos_emb),
+                      _code_key(modeling_phi3.apply_rotary_pos_emb)})
+
+
+def _is_half_rotation(namespace: dict) -> bool:
+    """The module's ``apply_rotary_pos_emb`` and ``rotate_half`` are Llama's or Phi-3's code
+    (Cohere's interleaved rotation, GLM's partial one or GPT-J's signature are not)."""
+    from transformers.models.llama import modeling_llama
+
+    rope, rotate = namespace.get(_ROPE_NAME), namespace.get("rotate_half")
+    if not isinstance(rope, types.FunctionType) or not isinstance(rotate, types.FunctionType):
+        return False
+    rope = inspect.unwrap(rope)
+    return _code_key(rope) in _half_rotation_keys() and \
+        _code_key(rotate) == _code_key(modeling_llama.rotate_half)
+
+
 def _dispatcher(original):
     """An ``apply_rotary_pos_emb`` with the original's signature for the fused case."""
 
@@ -46,7 +84,8 @@ def _dispatcher(original):
         if (not args and set(kwargs) <= {"unsqueeze_dim"} and unsqueeze_dim == 1
                 and q.dim() == 4 and k.dim() == 4 and cos.dim() == 3
                 and cos.shape == sin.shape and cos.shape[-1] == q.shape[-1] == k.shape[-1]
-                and q.dtype == k.dtype and not (cos.requires_grad or sin.requires_grad)):
+                and q.dtype == k.dtype == cos.dtype == sin.dtype
+                and not (cos.requires_grad or sin.requires_grad)):
             return rotary_embedding(q, k, cos, sin, impl=_ROPE_IMPL.get())
         return original(q, k, cos, sin, *args, **kwargs)
 
@@ -59,7 +98,7 @@ def _forward_with_fused_rope(cls: type):
     when the forward does not call it by that name."""
     fn = inspect.unwrap(cls.forward)  # below decorators such as deprecate_kwarg
     if not isinstance(fn, types.FunctionType) or _ROPE_NAME not in fn.__code__.co_names \
-            or _ROPE_NAME not in fn.__globals__:
+            or not _is_half_rotation(fn.__globals__):
         return None
     namespace = dict(fn.__globals__)
     namespace[_ROPE_NAME] = _dispatcher(fn.__globals__[_ROPE_NAME])
@@ -69,11 +108,23 @@ def _forward_with_fused_rope(cls: type):
     return new
 
 
+def _rebuild(base_cls: type, state: dict):
+    """Unpickle a FusedRope<Class> (its class is made at run time, so pickle cannot name it)."""
+    cls = _fused_class(base_cls)
+    module = cls.__new__(cls)
+    module.__setstate__(state)
+    return module
+
+
 class FusedRopeAttention:
     """Mixin placed before the decoder's attention class (see the module doc)."""
 
     fused_rope = True
-    rope_impl = "auto"  # rotary_embedding's impl: "auto" | "triton" | "torch"
+    rope_impl = "auto"  # rotary_embedding's impl: "auto" | "triton" | "torch" (set_impl's)
+    _base_class: type
+
+    def __reduce_ex__(self, protocol):
+        return _rebuild, (self._base_class, self.__dict__.copy())
 
     def forward(self, *args, **kwargs):
         if (self.fused_rope and not torch.compiler.is_compiling()
@@ -92,7 +143,7 @@ def _fused_class(cls: type) -> type | None:
     if forward is None:
         return None
     return type(f"FusedRope{cls.__name__}", (FusedRopeAttention, cls),
-                {"_forward_fused_rope": forward, "__module__": __name__})
+                {"_forward_fused_rope": forward, "_base_class": cls, "__module__": __name__})
 
 
 def make_attention_rope_fused(model: nn.Module) -> int:

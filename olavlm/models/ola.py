@@ -148,6 +148,7 @@ class OlaVLM(nn.Module):
                 module.lean = impl != "reference"
             elif isinstance(module, FusedRopeAttention):
                 module.fused_rope = impl != "reference"
+                module.rope_impl = impl if impl != "reference" else "auto"
         return self
 
     @property

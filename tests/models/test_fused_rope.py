@@ -128,3 +128,42 @@ def test_bf16_triton_close_to_float64():
     assert_close_to_reference(got, ref64, want, name="decoder out", k=2.0, reduction_size=64)
     assert_close_to_reference(got_grad, ref_grad, want_grad, name="grad inputs", k=2.0,
                               reduction_size=64)
+
+
+def test_other_rotations_are_left_alone():
+    # Cohere rotates interleaved pairs, GPT-J has another signature: not the half rotation.
+    cohere = tf.AutoModelForCausalLM.from_config(tf.CohereConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=40))
+    gptj = tf.AutoModelForCausalLM.from_config(tf.GPTJConfig(
+        n_embd=64, n_layer=1, n_head=4, rotary_dim=8, vocab_size=40, n_positions=32))
+    assert make_attention_rope_fused(cohere) == 0 and make_attention_rope_fused(gptj) == 0
+    assert make_attention_rope_fused(_decoder("phi3")) == 2  # Phi-3's own (partial) function
+
+
+def test_tables_of_another_dtype_run_the_decoders_function(count_calls):
+    import transformers.models.llama.modeling_llama as modeling
+
+    model = _decoder("llama", torch.bfloat16)
+    make_attention_rope_fused(model)
+    attn = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 3, 16).bfloat16()
+    k = torch.randn(1, 2, 3, 16).bfloat16()
+    cos, sin = torch.randn(2, 1, 3, 16)  # fp32 tables (autocast): HF promotes to fp32
+    rope = attn._forward_fused_rope.__globals__["apply_rotary_pos_emb"]
+    got = rope(q, k, cos, sin)
+    want = modeling.apply_rotary_pos_emb(q, k, cos, sin)
+    assert count_calls == [] and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_pickle_and_deepcopy_rebuild_the_class(tmp_path):
+    model = _decoder("qwen2")
+    make_attention_rope_fused(model)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    attn = loaded.model.layers[1].self_attn
+    assert isinstance(attn, FusedRopeAttention) and type(attn) is type(
+        model.model.layers[1].self_attn)
+    x = torch.randn(1, 5, 64)
+    assert torch.equal(_run(loaded, x)[0], _run(model, x)[0])
+    assert isinstance(copy.deepcopy(model).model.layers[0].self_attn, FusedRopeAttention)

@@ -505,6 +505,9 @@ def test_lean_decoder_modules_follow_the_impl(tmp):
     assert not any(m.lean for m in lean) and not any(m.fused_rope for m in attns)
     model.set_impl("torch")
     assert all(m.lean for m in lean) and all(m.fused_rope for m in attns)
+    assert {m.rope_impl for m in attns} == {"torch"}  # the model's impl reaches RoPE
+    model.set_impl("triton")
+    assert {m.rope_impl for m in attns} == {"triton"}
     plain = tiny_model(tmp, lean_norm=False, lean_mlp=False, fused_rope=False)
     assert not any(isinstance(m, (LeanRMSNorm, LeanSwiGLUMLP, FusedRopeAttention))
                    for m in plain.llm.modules())

@@ -13,8 +13,13 @@ def _rotate(x: torch.Tensor, c1, c2, s1, s2) -> torch.Tensor:
     return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1)
 
 
+def _tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype):
+    c1, c2 = cos.to(dtype).unsqueeze(1).chunk(2, dim=-1)
+    s1, s2 = sin.to(dtype).unsqueeze(1).chunk(2, dim=-1)
+    return c1, c2, s1, s2
+
+
 def rotary_embedding_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    c1, c2 = cos.to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
-    s1, s2 = sin.to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
-    return _rotate(q, c1, c2, s1, s2), _rotate(k, c1, c2, s1, s2)
+    """Outputs in q's and k's dtypes (the tables are cast to each), contiguous."""
+    return _rotate(q, *_tables(cos, sin, q.dtype)), _rotate(k, *_tables(cos, sin, k.dtype))

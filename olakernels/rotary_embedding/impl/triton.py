@@ -109,9 +109,20 @@ def rotary_embedding_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return qo, ko
 
 
+def _zeros_for_none(grad_q, grad_k, shapes, device):
+    """An output nobody used sends None: rotate zeros in its place (one launch either way)."""
+    (q_shape, q_dtype), (k_shape, k_dtype) = shapes
+    if grad_q is None:
+        grad_q = torch.zeros(q_shape, dtype=q_dtype, device=device)
+    if grad_k is None:
+        grad_k = torch.zeros(k_shape, dtype=k_dtype, device=device)
+    return grad_q, grad_k
+
+
 class RotaryEmbeddingFunction(torch.autograd.Function):
     """Differentiable in q and k (not in cos and sin, which decoders compute without grad);
-    saves only cos and sin."""
+    saves only cos and sin. Its backward is the transposed rotation, itself differentiable
+    (its own backward is this rotation again), so double backward is exact."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin):
@@ -126,12 +137,25 @@ class RotaryEmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         cos, sin = ctx.saved_tensors
-        # An output nobody used sends None: rotate zeros in its place (one launch either way).
-        (q_shape, q_dtype), (k_shape, k_dtype) = ctx.shapes
-        if grad_q is None:
-            grad_q = torch.zeros(q_shape, dtype=q_dtype, device=cos.device)
-        if grad_k is None:
-            grad_k = torch.zeros(k_shape, dtype=k_dtype, device=cos.device)
-        dq, dk = rotary_embedding_launch(grad_q, grad_k, cos, sin, backward=True)
+        grad_q, grad_k = _zeros_for_none(grad_q, grad_k, ctx.shapes, cos.device)
+        dq, dk = RotaryTransposeFunction.apply(grad_q, grad_k, cos, sin)
         return ((dq if ctx.needs_input_grad[0] else None),
                 (dk if ctx.needs_input_grad[1] else None), None, None)
+
+
+class RotaryTransposeFunction(torch.autograd.Function):
+    """The transposed rotation (the gradient of RotaryEmbeddingFunction); its gradient is the
+    forward rotation."""
+
+    @staticmethod
+    def forward(ctx, grad_q, grad_k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.shapes = (grad_q.shape, grad_q.dtype), (grad_k.shape, grad_k.dtype)
+        return rotary_embedding_launch(grad_q, grad_k, cos, sin, backward=True)
+
+    @staticmethod
+    def backward(ctx, hq, hk):
+        cos, sin = ctx.saved_tensors
+        hq, hk = _zeros_for_none(hq, hk, ctx.shapes, cos.device)
+        dq, dk = RotaryEmbeddingFunction.apply(hq, hk, cos, sin)
+        return dq, dk, None, None
