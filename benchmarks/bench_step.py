@@ -377,7 +377,26 @@ class StepBench:
         note = f"; {switched}" if switched else ""
         return measure(self.model, self.preset, provider, batch, device=self.device,
                        warmup=warmup, rep=rep, targets=self.targets(mode, batch),
-                       extra_note=f"{note}; build {self.seconds['llm']:.1f}s")
+                       extra_note=f"{note}; {decoder_note(self.model, batch)}; "
+                                  f"build {self.seconds['llm']:.1f}s")
+
+
+def decoder_note(model: OlaVLM, batch: Batch) -> str:
+    """Which of the decoder's lean/fused modules this mode runs, and whether the decoder gets
+    the padding mask (read from the host copy of the batch's mask)."""
+    from olavlm.models.fused_rope import FusedRopeAttention  # noqa: PLC0415
+    from olavlm.models.lean_mlp import LeanSwiGLUMLP  # noqa: PLC0415
+    from olavlm.models.lean_norm import LeanRMSNorm  # noqa: PLC0415
+
+    modules = list(model.llm.modules())
+    norms = sum(isinstance(m, LeanRMSNorm) and m.lean for m in modules)
+    mlps = sum(isinstance(m, LeanSwiGLUMLP) and m.lean for m in modules)
+    ropes = sum(isinstance(m, FusedRopeAttention) and m.fused_rope for m in modules)
+    mask = batch.attention_mask.detach().cpu().bool()
+    right_padded = not bool((~mask[:, :-1] & mask[:, 1:]).any())
+    dropped = right_padded and model.impl != "reference" and not model.config.seed_compat
+    return (f"decoder: {norms} lean norms, {mlps} lean MLPs, {ropes} fused RoPE, padding mask "
+            f"{'dropped' if dropped else 'kept'}")
 
 
 def summary_rows(records: list[common.Record], batches: dict[str, Batch],
