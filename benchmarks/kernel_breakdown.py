@@ -15,7 +15,7 @@ import torch
 # Our Triton kernels, by the start of their names: as substrings, "_layer_norm_" and "_gelu_"
 # also matched aten's vectorized_layer_norm_kernel and Inductor's fused gelu/layer-norm kernels.
 OLAKERNELS_PREFIXES = ("_lce_", "_embedding_distill_loss", "_layer_norm_", "_gelu_",
-                       "_rotary_embedding")
+                       "_rotary_embedding", "_silu_mul_")
 # After those, first match wins; patterns are lower-case substrings of the kernel name.
 KINDS = (
     ("attention", ("flash", "fmha", "attention", "attn")),

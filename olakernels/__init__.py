@@ -6,6 +6,7 @@ from .linear_cross_entropy import (
     linear_cross_entropy,
 )
 from .rotary_embedding import rotary_embedding
+from .silu_mul import silu_mul
 
 __all__ = [
     "EmbeddingDistillLoss",
@@ -15,5 +16,6 @@ __all__ = [
     "embedding_distill_loss",
     "linear_cross_entropy",
     "rotary_embedding",
+    "silu_mul",
 ]
 __version__ = "0.1.0"

@@ -290,6 +290,21 @@ def rotary_embedding_variants(target: tuple) -> list[Variant]:
     return out
 
 
+def silu_mul_variants(target: tuple) -> list[Variant]:
+    from .silu_mul.impl import triton as k
+
+    out = []
+    for dt in ("bf16", "fp32"):
+        out.append(Variant(f"silu_mul.fwd[{dt}]", k._silu_mul_fwd_kernel,
+                           {"G": "*" + dt, "U": "*" + dt, "Y": "*" + dt}, (),
+                           {"BLOCK": k.BLOCK}))
+        out.append(Variant(f"silu_mul.bwd[{dt}]", k._silu_mul_bwd_kernel,
+                           {n: "*" + dt for n in ("DY", "G", "U", "DG", "DU")}, (),
+                           {"BLOCK": k.BLOCK}))
+    return out
+
+
 def all_variants(target: tuple) -> list[Variant]:
     return (embedding_loss_variants(target) + linear_cross_entropy_variants(target)
-            + perceiver_variants(target) + rotary_embedding_variants(target))
+            + perceiver_variants(target) + rotary_embedding_variants(target)
+            + silu_mul_variants(target))

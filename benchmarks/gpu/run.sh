@@ -28,7 +28,8 @@ T0=$(date +%s)
 # The default is what is still unmeasured or changed since the last window (docs/PERF.md):
 # the LM head with its new tiles, its cuBLAS grad_weight and gradients-in-forward modes, the
 # step's modes, the embedding loss's forward profile, and the GPU tests (the whole training
-# job in bf16 included). Opt-in: bench bench_perceiver bench_rope bench_teachers bench_compile.
+# job in bf16 included). Opt-in: bench bench_perceiver bench_rope bench_silu_mul bench_teachers
+# bench_compile.
 STAGES=${OLAVLM_STAGES:-"ceilings bench_lce bench_step profile_lce profile gpu_tests"}
 
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log it, never abort the script
@@ -81,6 +82,9 @@ stage bench_perceiver "${OLAVLM_PERCEIVER_LIMIT:-90}" "${PYTEST[@]}" \
   benchmarks/bench_perceiver.py --benchmark-only
 # RoPE on q and k at the step's shapes: eager (HF's formula), liger-kernel, ours (~15 s).
 stage bench_rope "${OLAVLM_ROPE_LIMIT:-40}" $PY benchmarks/bench_rotary_embedding.py \
+  --providers eager,liger,ours
+# SwiGLU's silu(gate) * up at the step's shapes: eager, liger-kernel, ours (~15 s).
+stage bench_silu_mul "${OLAVLM_SILU_LIMIT:-40}" $PY benchmarks/bench_silu_mul.py \
   --providers eager,liger,ours
 # One OLA-VLM pre-training step per mode (a default stage): the
 # seed-faithful step (reference math + per-image online teachers) vs ours with cached or batched

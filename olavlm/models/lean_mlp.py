@@ -4,13 +4,14 @@ Phi-3: one gate_up_proj).
 
 ``down_proj(silu(gate) * up)`` in eager PyTorch saves three ``(B, L, intermediate)`` tensors for
 the backward: ``gate`` (for silu's gradient), ``silu(gate)`` and ``up`` (for the product's).
-``SiLUMul`` saves only ``gate`` and ``up`` and recomputes ``silu(gate)`` in the backward: at
-Llama-3-8B shape (intermediate 14,336) that is ~155 MB less per block per 5.4k tokens, ~5 GB
-over 32 blocks -- a fifth of the frozen decoder's saved activations in pre-training, for one
-extra elementwise pass in the backward (the gradients equal eager PyTorch's bit for bit).
-liger-kernel's ``LigerSwiGLUMLP`` does the same with a fused Triton kernel on GPUs
-(``parallel.liger``); this one is plain PyTorch, so it runs everywhere and keeps the HF
-state_dict keys (the Linear submodules are the original ones).
+``olakernels.silu_mul`` saves only ``gate`` and ``up`` and recomputes ``silu(gate)`` in the
+backward: at Llama-3-8B shape (intermediate 14,336) that is ~155 MB less per block per 5.4k
+tokens, ~5 GB over 32 blocks -- a fifth of the frozen decoder's saved activations in
+pre-training, for one extra elementwise pass in the backward. On GPUs it runs one Triton
+kernel each way (fp32 math, one rounding); on the CPU eager autograd's own kernels (gradients
+equal eager PyTorch's bit for bit). The module keeps the HF state_dict keys (the Linear
+submodules are the original ones); liger-kernel's ``LigerSwiGLUMLP`` (``parallel.liger``) is
+the library alternative.
 
 Equivalent PyTorch: ``down_proj(F.silu(gate_proj(x)) * up_proj(x))`` (Phi-3:
 ``gate, up = gate_up_proj(x).chunk(2, -1)``).
@@ -21,32 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from olakernels.silu_mul import silu_mul
+from olakernels.silu_mul.impl.torch import SiLUMulFunction
+
 __all__ = ["LeanSwiGLUMLP", "SiLUMul", "make_mlps_lean"]
 
 
-class SiLUMul(torch.autograd.Function):
-    """silu(gate) * up, saving gate and up only.
-
-    The backward runs the very kernels eager autograd runs for ``F.silu(gate) * up`` (the
-    product's two gradients, then ``aten.silu_backward``) on a recomputed ``silu(gate)``, which
-    is bit-identical to the forward's: the gradients equal eager PyTorch's bit for bit, at one
-    extra elementwise pass (4 passes over (tokens, intermediate) tensors in the input dtype;
-    an fp32 formulation would move ~3x the bytes)."""
-
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        gate, up = ctx.saved_tensors
-        grad_gate = grad_up = None
-        if ctx.needs_input_grad[0]:
-            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
-        if ctx.needs_input_grad[1]:
-            grad_up = grad * F.silu(gate)
-        return grad_gate, grad_up
+SiLUMul = SiLUMulFunction  # the torch path's autograd Function (olakernels.silu_mul)
 
 
 class LeanSwiGLUMLP(nn.Module):
@@ -62,14 +44,15 @@ class LeanSwiGLUMLP(nn.Module):
             self.config = mlp.config  # liger's SwiGLU module is built from it
         self.fused = hasattr(mlp, "gate_up_proj")
         self.lean = True
+        self.impl = "auto"  # silu_mul's impl (set by OlaVLM.set_impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.lean and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-            return self.down_proj(SiLUMul.apply(gate, up))
+        if self.lean:
+            return self.down_proj(silu_mul(gate, up, impl=self.impl))
         return self.down_proj(F.silu(gate) * up)
 
 

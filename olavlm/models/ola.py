@@ -146,6 +146,8 @@ class OlaVLM(nn.Module):
         for module in self.llm.modules():  # the seed's reference keeps eager memory and math
             if isinstance(module, (LeanSwiGLUMLP, LeanRMSNorm)):
                 module.lean = impl != "reference"
+                if isinstance(module, LeanSwiGLUMLP):
+                    module.impl = impl if impl != "reference" else "auto"
             elif isinstance(module, FusedRopeAttention):
                 module.fused_rope = impl != "reference"
                 module.rope_impl = impl if impl != "reference" else "auto"

@@ -7,6 +7,7 @@ def test_kernel_names_fall_into_their_kinds(load_bench):
     assert kind_of("_lce_dweight_kernel") == "olakernels (Triton)"
     assert kind_of("_embedding_distill_loss_fwd_kernel") == "olakernels (Triton)"
     assert kind_of("_rotary_embedding_kernel") == "olakernels (Triton)"
+    assert kind_of("_silu_mul_bwd_kernel") == "olakernels (Triton)"
     assert kind_of("flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>") == "attention"
     assert kind_of("pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel") == "attention"
     assert kind_of("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NTN") == "GEMM"

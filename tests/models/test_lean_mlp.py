@@ -87,3 +87,23 @@ def test_swap_keeps_parameters_and_keys():
     assert set(model.state_dict()) == keys
     ids = torch.randint(0, 50, (2, 5))
     assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_triton_silu_mul_inside_the_mlp(kind):
+    mlp = _mlp(kind).to(torch.bfloat16).requires_grad_(False)
+    lean = LeanSwiGLUMLP(copy.deepcopy(mlp))
+    lean.impl = "triton"  # what OlaVLM.set_impl("triton") sets; "auto" picks it on GPUs
+    x = torch.randn(3, 7, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
+    x64 = x.double().requires_grad_(True)
+    ref = copy.deepcopy(mlp).double()(x64)
+    ref.backward(torch.ones_like(ref))
+    outs = {}
+    for name, module in (("eager", mlp), ("lean", lean)):
+        xi = x.clone().requires_grad_(True)
+        y = module(xi)
+        y.backward(torch.ones_like(y))
+        outs[name] = (y, xi.grad)
+    assert_close_to_reference(outs["lean"][0], ref, outs["eager"][0], name=f"{kind} out")
+    assert_close_to_reference(outs["lean"][1], x64.grad, outs["eager"][1],
+                              name=f"{kind} grad_x", reduction_size=80)

@@ -1,0 +1,191 @@
+# Benchmark of silu_mul: eager silu(gate) * up, its torch.compile, liger-kernel, ours.
+"""SwiGLU gating benchmark (fwd and fwd+bwd, bf16, real decoder shapes).
+
+Run on a GPU either way:
+    pytest benchmarks/bench_silu_mul.py --benchmark-only    # pytest-benchmark
+    python benchmarks/bench_silu_mul.py --preset full       # plain CLI
+Both append one CSV row per (provider, case, mode) to benchmarks/results/silu_mul.csv.
+
+gate and up are (T, I) with T = B * L tokens (Phi-3: the halves of gate_up_proj's output).
+Minimal bytes (s = element size):
+    fwd:     read gate and up, write y                     3 * T * I * s
+    fwd_bwd: + read gate, up and dy, write dgate and dup   8 * T * I * s
+Providers: "eager" is ``F.silu(gate) * up`` under autograd (keeps 3 tensors), "eager_compile"
+its torch.compile, "liger" liger-kernel's LigerSiLUMulFunction (if installed), "ours" the
+Triton kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not torch.cuda.is_available():  # before triton is imported: kernels run in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import common  # noqa: E402
+
+from olakernels import silu_mul  # noqa: E402
+
+DEVICE = common.bench_device()
+OP = "silu_mul"
+PROVIDERS = ("eager", "eager_compile", "liger", "ours")
+MODES = ("fwd", "fwd_bwd")
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    tokens: int
+    intermediate: int
+    chunked: bool = False  # Phi-3: gate and up are the halves of one (T, 2I) tensor
+    dtype: torch.dtype = torch.bfloat16
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-T{self.tokens}"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.tokens, self.intermediate)
+
+
+def cases(preset: str) -> list[Case]:
+    if preset == "tiny":  # CPU smoke run: executes every provider, times nothing meaningful
+        return [Case("tiny", 6, 40, chunked=True)]
+    # The pre-training step's 8 x 676 tokens.
+    return [Case("llama3_8b", 5408, 14336), Case("qwen2_7b", 5408, 18944),
+            Case("phi3_mini", 5408, 8192, chunked=True)]
+
+
+def min_bytes(case: Case, mode: str) -> int:
+    per = case.tokens * case.intermediate * case.dtype.itemsize
+    return 3 * per if mode == "fwd" else 8 * per
+
+
+def make_inputs(case: Case, device: str):
+    g = torch.Generator().manual_seed(0)
+    if case.chunked:
+        both = torch.randn(case.tokens, 2 * case.intermediate, generator=g)
+        return both.to(device, case.dtype).chunk(2, dim=-1)
+    return (torch.randn(case.shape, generator=g).to(device, case.dtype),
+            torch.randn(case.shape, generator=g).to(device, case.dtype))
+
+
+def _eager(gate, up):
+    return F.silu(gate) * up
+
+
+_compiled = None
+
+
+def _fn(provider: str):
+    """(gate, up) -> y, or None when the provider is unavailable."""
+    global _compiled
+    if provider == "eager":
+        return _eager
+    if provider == "eager_compile":
+        if _compiled is None:
+            _compiled = torch.compile(_eager)
+        return _compiled
+    if provider == "liger":
+        try:
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        except ImportError:
+            return None
+        return LigerSiLUMulFunction.apply
+    return lambda g, u: silu_mul(g, u, impl="triton")
+
+
+def measure(provider: str, case: Case, mode: str, *, device: str, warmup: int, rep: int):
+    """Time one (provider, case, mode); returns (record, fn, setup), or None if unavailable."""
+    op = _fn(provider)
+    if op is None:
+        return None
+    gate, up = make_inputs(case, device)
+    if mode == "fwd_bwd":  # leaves, like the outputs of gate_proj / up_proj
+        gate, up = gate.detach().requires_grad_(True), up.detach().requires_grad_(True)
+    grad = torch.ones(case.shape, device=device, dtype=case.dtype)
+
+    def setup():
+        gate.grad = up.grad = None
+
+    def fn():
+        y = op(gate, up)
+        if mode == "fwd_bwd":
+            y.backward(grad)
+        return y
+
+    timing = common.do_bench(fn, setup=setup, warmup=warmup, rep=rep, device=device)
+    setup()
+    peak = common.peak_memory_delta(fn, device=device, setup=setup)
+    record = common.make_record(
+        op=OP, provider=provider, mode=mode, shape=case.shape, dtype=case.dtype, timing=timing,
+        num_bytes=min_bytes(case, mode), num_flops=None, peak_bytes=peak,
+        note=f"{case.model}{'; chunked halves' if case.chunked else ''}")
+    return record, fn, setup
+
+
+# ---- pytest-benchmark entry: pytest benchmarks/ --benchmark-only ----
+
+
+def pytest_generate_tests(metafunc):
+    from conftest import bench_preset  # noqa: PLC0415
+
+    if "case" in metafunc.fixturenames:
+        selected = cases(bench_preset(metafunc.config))
+        metafunc.parametrize("case", selected, ids=[c.id for c in selected])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_silu_mul(benchmark, provider, case, mode):
+    if provider in ("eager_compile", "liger") and not torch.cuda.is_available():
+        pytest.skip(f"{provider} is timed on GPU only")
+    warmup, rep = common.bench_reps()
+    result = measure(provider, case, mode, device=DEVICE, warmup=warmup, rep=rep)
+    if result is None:
+        pytest.skip(f"{provider} is not installed")
+    common.finish_pytest_benchmark(benchmark, result[0], result[1], result[2], rep,
+                                   ("ms", "gbps", "peak_mib"))
+
+
+# ---- CLI ----
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=["tiny", "full"],
+                        default="full" if torch.cuda.is_available() else "tiny")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--modes", default=",".join(MODES))
+    args = parser.parse_args(argv)
+    providers = [p for p in args.providers.split(",") if p]
+    unknown = sorted(set(providers) - set(PROVIDERS))
+    if unknown:
+        parser.error(f"--providers: unknown {unknown}; choose from {PROVIDERS}")
+    if not torch.cuda.is_available():  # the compile and liger providers are GPU-only
+        providers = [p for p in providers if p not in ("eager_compile", "liger")]
+    warmup, rep = common.bench_reps()
+    records = []
+    for case in cases(args.preset):
+        for mode in args.modes.split(","):
+            for provider in providers:  # interleaved: every provider sees the same GPU state
+                result = measure(provider, case, mode, device=DEVICE, warmup=warmup, rep=rep)
+                if result is not None:
+                    records.append(result[0])
+    common.append_records(records)
+    print(common.format_table(records))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+# silu_mul: Triton and torch paths against the float64 oracle, strided halves, saving, errors.
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from olakernels import silu_mul
+from olakernels.silu_mul import silu_mul_ref
+from olakernels.testing import assert_close_to_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (rows..., N): a decoder's (B, L, intermediate) scaled down; a ragged one whose N crosses the
+# kernel's 1024-column block with a prime remainder; a single element.
+SHAPES = {"decoder": (2, 37, 448), "ragged": (3, 13, 1031), "tiny": (1, 1, 1)}
+
+
+def _inputs(shape, dtype, *, chunked=False, seed=0):
+    """gate and up with SwiGLU's scale (pre-activations of a Linear); ``chunked``: the two
+    halves of one (..., 2N) tensor, as Phi-3's gate_up_proj gives (row-strided views)."""
+    g = torch.Generator().manual_seed(seed)
+    if chunked:
+        both = (torch.randn(*shape[:-1], 2 * shape[-1], generator=g) * 2).to(dtype)
+        return both.chunk(2, dim=-1)
+    return ((torch.randn(shape, generator=g) * 2).to(dtype),
+            torch.randn(shape, generator=g).to(dtype))
+
+
+def _run(impl, gate, up, grad):
+    gi, ui = gate.detach().clone().requires_grad_(True), up.detach().clone().requires_grad_(True)
+    y = silu_mul(gi, ui, impl=impl) if impl != "eager" else F.silu(gi) * ui
+    y.backward(grad)
+    return y, gi.grad, ui.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES), ids=str)
+def test_triton_matches_float64_oracle(shape, dtype):
+    gate, up = _inputs(SHAPES[shape], dtype)
+    grad = torch.randn(SHAPES[shape], generator=torch.Generator().manual_seed(3)).to(dtype)
+    ref = _run("reference", gate.double(), up.double(), grad.double())
+    eager = _run("eager", gate, up, grad)
+    out = _run("triton", gate, up, grad)
+    for name, o, r, e in zip(("y", "grad_gate", "grad_up"), out, ref, eager, strict=True):
+        assert o.dtype == dtype and o.shape == r.shape
+        assert_close_to_reference(o, r, e, name=f"{shape} {name}")
+
+
+def test_chunked_halves_without_a_copy():
+    gate, up = _inputs(SHAPES["ragged"], torch.bfloat16, chunked=True)
+    assert not gate.is_contiguous()
+    grad = torch.randn(SHAPES["ragged"]).bfloat16()
+    ref = _run("reference", gate.double(), up.double(), grad.double())
+    eager = _run("eager", gate, up, grad)
+    out = _run("triton", gate, up, grad)
+    for name, o, r, e in zip(("y", "grad_gate", "grad_up"), out, ref, eager, strict=True):
+        assert_close_to_reference(o, r, e, name=f"chunked {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_torch_path_is_eager_bit_for_bit(dtype):
+    gate, up = _inputs(SHAPES["decoder"], dtype, chunked=True)
+    grad = torch.randn(SHAPES["decoder"]).to(dtype)
+    for got, want in zip(_run("torch", gate, up, grad), _run("eager", gate, up, grad),
+                         strict=True):
+        assert torch.equal(got, want)
+    assert torch.equal(silu_mul(gate, up), silu_mul_ref(gate, up))  # auto on the CPU
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_saves_only_gate_and_up(impl):
+    gate, up = _inputs(SHAPES["decoder"], torch.bfloat16)
+    gate.requires_grad_(True)
+    up.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        silu_mul(gate, up, impl=impl)
+    assert sorted(t.data_ptr() for t in saved) == sorted((gate.data_ptr(), up.data_ptr()))
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_double_backward_matches_the_formula(impl):
+    gate, up = _inputs((3, 5, 9), torch.float64)
+    results = []
+    for path in ("reference", impl):
+        g, u = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+        args = (g.float(), u.float()) if path == "triton" else (g, u)
+        y = silu_mul(*args, impl=path)
+        dg, du = torch.autograd.grad((y ** 2).sum(), (g, u), create_graph=True)
+        results.append(torch.autograd.grad((dg ** 2).sum() + (du ** 2).sum(), (g, u)))
+    for want, got in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_input_gets_no_gradient():
+    gate, up = _inputs(SHAPES["ragged"], torch.float32)
+    gate.requires_grad_(True)
+    silu_mul(gate, up, impl="triton").sum().backward()
+    g64 = gate.detach().double().requires_grad_(True)
+    silu_mul_ref(g64, up.double()).sum().backward()
+    torch.testing.assert_close(gate.grad.double(), g64.grad, rtol=1e-5, atol=1e-6)
+    assert up.grad is None
+
+
+def test_compile_fullgraph():
+    gate, up = _inputs(SHAPES["ragged"], torch.float32)
+    fn = torch.compile(lambda g, u: silu_mul(g, u), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(gate, up), silu_mul_ref(gate, up))
+
+
+def test_bad_inputs_name_the_argument():
+    gate, up = _inputs(SHAPES["ragged"], torch.float32)
+    with pytest.raises(ValueError, match="gate and up must match in shape"):
+        silu_mul(gate, up[..., :5])
+    with pytest.raises(ValueError, match="gate and up must match in shape, dtype"):
+        silu_mul(gate, up.double())
+    with pytest.raises(ValueError, match="up must be a floating tensor, got torch.int64"):
+        silu_mul(gate, up.long())
+    with pytest.raises(ValueError, match="impl must be one of"):
+        silu_mul(gate, up, impl="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_llama3_shape(dtype):
+    gate, up = (t.cuda() for t in _inputs((2, 676, 14336), dtype))
+    grad = torch.randn(gate.shape, device="cuda").to(dtype)
+    ref = _run("reference", gate.double(), up.double(), grad.double())
+    eager = _run("eager", gate, up, grad)
+    out = _run("auto", gate, up, grad)
+    for name, o, r, e in zip(("y", "grad_gate", "grad_up"), out, ref, eager, strict=True):
+        assert_close_to_reference(o, r, e, name=f"gpu {name}")
