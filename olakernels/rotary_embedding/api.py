@@ -58,15 +58,16 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     formula bit for bit when the tables already have that dtype. The Triton backward is
     itself differentiable (double backward, e.g. gradient penalties, is exact).
     Gradients flow to q and k, not to cos and sin. ``impl``: "auto" (Triton on CUDA/ROCm
-    tensors, torch elsewhere and under torch.compile, where Inductor fuses the formula),
+    tensors, torch elsewhere; under torch.compile "auto" and "triton" trace the torch path,
+    which Inductor fuses),
     "triton", "torch" (eager PyTorch on the two halves: the decoders' values bit for bit) or
     "reference" (the decoders' formula itself: the oracle when called in float64).
     """
     if impl not in IMPLS:
         raise ValueError(f"rotary_embedding: impl must be one of {IMPLS}, got {impl!r}")
     _check(q, k, cos, sin)
-    if impl == "auto" and torch.compiler.is_compiling():
-        impl = "torch"
+    if impl in ("auto", "triton") and torch.compiler.is_compiling():
+        impl = "torch"  # traced: Inductor fuses the formula (no Triton launch inside a graph)
     impl = resolve_impl(impl, q, "rotary_embedding", "q")
     if impl == "triton":
         if k.dtype != q.dtype:

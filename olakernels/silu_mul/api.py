@@ -15,12 +15,14 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, impl: str = "auto") -> tor
     """SwiGLU's gating ``F.silu(gate) * up`` keeping only ``gate`` and ``up`` for the backward.
 
     gate and up: the same shape (..., N) and dtype (fp32/fp16/bf16), any row strides with a
-    contiguous last dimension (Phi-3's ``gate_up_proj(x).chunk(2, -1)`` halves work without a
-    copy). Returns a contiguous tensor of gate's shape and dtype. Equivalent PyTorch::
+    contiguous last dimension (row-strided views such as Phi-3's ``gate_up_proj(x).chunk(2, -1)``
+    halves are read in place; other layouts are copied first). Returns a contiguous tensor of
+    gate's shape and dtype. Equivalent PyTorch::
 
         F.silu(gate) * up     # eager autograd keeps gate, silu(gate) and up
 
-    ``impl``: "auto" (Triton on CUDA/ROCm tensors, torch elsewhere and under torch.compile),
+    ``impl``: "auto" (Triton on CUDA/ROCm tensors, torch elsewhere; under torch.compile
+    "auto" and "triton" trace the torch path, which Inductor fuses),
     "triton" (one kernel each way, fp32 math, one rounding), "torch" (eager autograd's own
     kernels on a recomputed silu: values and gradients equal eager bit for bit) or "reference"
     (the eager formula itself). Double backward works on every path.
@@ -35,8 +37,11 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, impl: str = "auto") -> tor
         raise ValueError(f"silu_mul: gate and up must match in shape, dtype and device, got "
                          f"{tuple(gate.shape)} {gate.dtype} {gate.device} and "
                          f"{tuple(up.shape)} {up.dtype} {up.device}")
-    if impl == "auto" and torch.compiler.is_compiling():
-        impl = "torch"
+    if gate.dim() == 0:
+        raise ValueError("silu_mul: gate and up must have at least one dimension (..., N), "
+                         "got 0-d tensors")
+    if impl in ("auto", "triton") and torch.compiler.is_compiling():
+        impl = "torch"  # traced: Inductor fuses the formula (no Triton launch inside a graph)
     impl = resolve_impl(impl, gate, "silu_mul", "gate")
     if impl == "triton":
         from .impl.triton import SiLUMulTritonFunction

@@ -51,7 +51,8 @@ class LeanSwiGLUMLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.lean:
+        # Only training saves anything: inference (generation) keeps the decoder's own ops.
+        if self.lean and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
             return self.down_proj(silu_mul(gate, up, impl=self.impl))
         return self.down_proj(F.silu(gate) * up)
 

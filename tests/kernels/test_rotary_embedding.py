@@ -157,10 +157,11 @@ def test_gradcheck_float64_torch_path_and_triton_fp32_against_it():
                                     (q, k))
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_compile_fullgraph_traces_the_torch_path(impl):
     q, k, cos, sin = _inputs(SHAPES["ragged"], torch.float32)
-    fn = torch.compile(lambda a, b, c, s: rotary_embedding(a, b, c, s), fullgraph=True,
-                       backend="aot_eager")
+    fn = torch.compile(lambda a, b, c, s: rotary_embedding(a, b, c, s, impl=impl),
+                       fullgraph=True, backend="aot_eager")
     got = fn(q, k, cos, sin)
     ref = rotary_embedding_ref(q, k, cos, sin)
     for a, b in zip(got, ref, strict=True):

@@ -102,10 +102,24 @@ def test_frozen_input_gets_no_gradient():
     assert up.grad is None
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_compile_fullgraph_traces_the_torch_path(impl):
     gate, up = _inputs(SHAPES["ragged"], torch.float32)
-    fn = torch.compile(lambda g, u: silu_mul(g, u), fullgraph=True, backend="aot_eager")
+    fn = torch.compile(lambda g, u: silu_mul(g, u, impl=impl), fullgraph=True,
+                       backend="aot_eager")
     torch.testing.assert_close(fn(gate, up), silu_mul_ref(gate, up))
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_empty_inputs_and_0d_rejected(impl):
+    for shape in ((3, 0), (0, 5)):
+        g = torch.randn(shape, requires_grad=True)
+        u = torch.randn(shape, requires_grad=True)
+        y = silu_mul(g, u, impl=impl)
+        y.sum().backward()
+        assert y.shape == shape and g.grad.shape == shape
+    with pytest.raises(ValueError, match="at least one dimension"):
+        silu_mul(torch.tensor(1.0), torch.tensor(2.0), impl=impl)
 
 
 def test_bad_inputs_name_the_argument():

@@ -63,6 +63,8 @@ def test_same_outputs_and_gradients_less_saved(kind, dtype):
     assert_close_to_reference(outs["lean"][0], ref, outs["eager"][0], name=f"{kind} out")
     assert_close_to_reference(outs["lean"][1], x64.grad, outs["eager"][1],
                               name=f"{kind} grad_x", reduction_size=80)
+    with torch.no_grad():  # inference keeps the decoder's own ops: bit for bit
+        assert torch.equal(lean(x), mlp(x))
     # The backward runs eager autograd's own kernels on a bit-identical recomputed silu(gate).
     assert torch.equal(outs["lean"][0], outs["eager"][0])
     assert torch.equal(outs["lean"][1], outs["eager"][1]), f"{kind} grad_x differs from eager"
@@ -107,3 +109,5 @@ def test_triton_silu_mul_inside_the_mlp(kind):
     assert_close_to_reference(outs["lean"][0], ref, outs["eager"][0], name=f"{kind} out")
     assert_close_to_reference(outs["lean"][1], x64.grad, outs["eager"][1],
                               name=f"{kind} grad_x", reduction_size=80)
+    with torch.no_grad():  # inference keeps the decoder's own ops: bit for bit
+        assert torch.equal(lean(x), mlp(x))

@@ -56,6 +56,8 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if gate.numel() == 0:
+        return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     n = gate.shape[-1]
     g2, sg = _rows(gate)
     u2, su = _rows(up)
@@ -67,6 +69,8 @@ def silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def silu_mul_bwd(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    if gate.numel() == 0:
+        return torch.zeros_like(gate), torch.zeros_like(up)
     n = gate.shape[-1]
     g2, sg = _rows(gate)
     u2, su = _rows(up)
