@@ -297,7 +297,7 @@ def _wait_for(predicate, seconds=2.0):
     return predicate()
 
 
-def test_stop_signals_set_a_flag_and_restore_handlers():
+def test_stop_signals_set_a_flag_and_restore_handlers(sigint_default):
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     with StopSignals() as stop:
         assert not stop.requested
@@ -309,7 +309,16 @@ def test_stop_signals_set_a_flag_and_restore_handlers():
     assert {s: signal.getsignal(s) for s in before} == before
 
 
-def test_second_sigint_stops_at_once():
+@pytest.fixture
+def sigint_default():
+    """Python's own SIGINT handler for the test: a suite started in the background inherits
+    SIGINT ignored, which StopSignals rightly leaves alone."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_second_sigint_stops_at_once(sigint_default):
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt), StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGINT)
