@@ -492,14 +492,27 @@ def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def append_records(
-    records: Iterable[Record | Mapping[str, Any]], path: str | os.PathLike | None = None
+    records: Iterable[Record | Mapping[str, Any]], path: str | os.PathLike | None = None,
+    *, cpu_rows: bool = False,
 ) -> list[Path]:
     """Append records to CSV files and return the files written.
 
     With `path` None each record goes to results_dir()/<op>.csv. Existing rows are never touched;
     a new (or empty) file gets the header first. Every target's header is checked before any
     row is written, so a mismatch (ValueError) leaves all files as they were.
+    CPU rows of a GPU benchmark (a smoke run: interpreter timings) stay out of the checked-in
+    history unless OLAVLM_RESULTS_DIR names a folder or ``cpu_rows`` (the loader benchmark,
+    which measures the CPU).
     """
+    records = list(records)
+    keep_cpu = cpu_rows or path is not None or bool(os.environ.get("OLAVLM_RESULTS_DIR"))
+    if not keep_cpu:
+        rows = [_as_row(r) for r in records]
+        skipped = sum(r["gpu_name"] == "cpu" for r in rows)
+        if skipped:
+            print(f"(CPU smoke run: {skipped} record(s) not appended to {results_dir()}; set "
+                  "OLAVLM_RESULTS_DIR to keep them elsewhere)")
+            records = [r for r, row in zip(records, rows, strict=True) if row["gpu_name"] != "cpu"]
     by_path: dict[Path, list[dict[str, Any]]] = {}
     for record in records:
         row = _as_row(record)

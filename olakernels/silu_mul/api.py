@@ -16,8 +16,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, impl: str = "auto") -> tor
 
     gate and up: the same shape (..., N) and dtype (fp32/fp16/bf16), any row strides with a
     contiguous last dimension (row-strided views such as Phi-3's ``gate_up_proj(x).chunk(2, -1)``
-    halves are read in place; other layouts are copied first). Returns a contiguous tensor of
-    gate's shape and dtype. Equivalent PyTorch::
+    halves are read in place; other layouts are copied first). Returns a tensor of gate's shape
+    and dtype (contiguous on the Triton path; the torch paths follow eager's layout rules).
+    Equivalent PyTorch::
 
         F.silu(gate) * up     # eager autograd keeps gate, silu(gate) and up
 

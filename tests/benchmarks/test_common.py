@@ -133,3 +133,15 @@ def test_ceilings_skip_without_cuda(capsys, _isolated_results):
     assert ceilings.main() == 0
     assert "no CUDA device" in capsys.readouterr().out
     assert not _isolated_results.exists()
+
+
+def test_cpu_rows_stay_out_of_the_checked_in_history(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("OLAVLM_RESULTS_DIR", raising=False)
+    target = tmp_path / "repo_results"
+    monkeypatch.setattr(common, "results_dir", lambda: target)  # the checked-in folder
+    record = _record()
+    assert record.gpu_name == "cpu"
+    assert common.append_records([record]) == []
+    assert not target.exists() and "not appended" in capsys.readouterr().out
+    written = common.append_records([record], cpu_rows=True)  # the loader benchmark's rows
+    assert written == [target / "toy_op.csv"] and written[0].exists()
