@@ -16,7 +16,6 @@ Triton kernels.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ DEVICE = common.bench_device()
 OP = "silu_mul"
 PROVIDERS = ("eager", "eager_compile", "liger", "ours")
 MODES = ("fwd", "fwd_bwd")
+GPU_ONLY = ("eager_compile", "liger")  # timed on GPUs only
 
 
 @dataclass(frozen=True)
@@ -148,43 +148,17 @@ def pytest_generate_tests(metafunc):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_silu_mul(benchmark, provider, case, mode):
-    if provider in ("eager_compile", "liger") and not torch.cuda.is_available():
-        pytest.skip(f"{provider} is timed on GPU only")
-    warmup, rep = common.bench_reps()
-    result = measure(provider, case, mode, device=DEVICE, warmup=warmup, rep=rep)
-    if result is None:
-        pytest.skip(f"{provider} is not installed")
-    common.finish_pytest_benchmark(benchmark, result[0], result[1], result[2], rep,
-                                   ("ms", "gbps", "peak_mib"))
+    common.run_case_or_skip(benchmark, measure, provider, case, mode, device=DEVICE,
+                            gpu_only=GPU_ONLY, columns=("ms", "gbps", "peak_mib"))
 
 
 # ---- CLI ----
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=["tiny", "full"],
-                        default="full" if torch.cuda.is_available() else "tiny")
-    parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--modes", default=",".join(MODES))
-    args = parser.parse_args(argv)
-    providers = [p for p in args.providers.split(",") if p]
-    unknown = sorted(set(providers) - set(PROVIDERS))
-    if unknown:
-        parser.error(f"--providers: unknown {unknown}; choose from {PROVIDERS}")
-    if not torch.cuda.is_available():  # the compile and liger providers are GPU-only
-        providers = [p for p in providers if p not in ("eager_compile", "liger")]
-    warmup, rep = common.bench_reps()
-    records = []
-    for case in cases(args.preset):
-        for mode in args.modes.split(","):
-            for provider in providers:  # interleaved: every provider sees the same GPU state
-                result = measure(provider, case, mode, device=DEVICE, warmup=warmup, rep=rep)
-                if result is not None:
-                    records.append(result[0])
-    common.append_records(records)
-    print(common.format_table(records))
-    return 0
+    return common.run_cli(argv, description=__doc__.splitlines()[0], providers=PROVIDERS,
+                          modes=MODES, cases=cases, measure=measure, device=DEVICE,
+                          gpu_only=GPU_ONLY)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ __all__ = [
     "peak_memory_delta",
     "read_records",
     "results_dir",
+    "run_case_or_skip",
+    "run_cli",
     "tflops",
     "wall_time",
 ]
@@ -607,3 +609,52 @@ def format_table(
     out = [line(titles), line(["-" * w for w in widths])]
     out.extend(line(row) for row in cells)
     return "\n".join(out)
+
+
+# ---- shared entry points of the benchmarks whose measure() may skip a provider ----
+
+
+def run_case_or_skip(benchmark, measure: Callable, provider: str, case, mode: str, *,
+                     device: str, gpu_only: Sequence[str], columns: Sequence[str]) -> None:
+    """pytest-benchmark body: skip GPU-only providers off the GPU and providers whose
+    ``measure`` returns None (not installed), else time and attach the record."""
+    import pytest  # noqa: PLC0415
+
+    if provider in gpu_only and not torch.cuda.is_available():
+        pytest.skip(f"{provider} is timed on GPU only")
+    warmup, rep = bench_reps()
+    result = measure(provider, case, mode, device=device, warmup=warmup, rep=rep)
+    if result is None:
+        pytest.skip(f"{provider} is not installed")
+    finish_pytest_benchmark(benchmark, *result, rep, columns)
+
+
+def run_cli(argv, *, description: str, providers: Sequence[str], modes: Sequence[str],
+            cases: Callable, measure: Callable, device: str, gpu_only: Sequence[str]) -> int:
+    """``--preset/--providers/--modes`` CLI: providers interleaved per case and mode (every
+    provider sees the same GPU state), records appended, table printed."""
+    import argparse  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", choices=["tiny", "full"],
+                        default="full" if torch.cuda.is_available() else "tiny")
+    parser.add_argument("--providers", default=",".join(providers))
+    parser.add_argument("--modes", default=",".join(modes))
+    args = parser.parse_args(argv)
+    chosen = [p for p in args.providers.split(",") if p]
+    unknown = sorted(set(chosen) - set(providers))
+    if unknown:
+        parser.error(f"--providers: unknown {unknown}; choose from {tuple(providers)}")
+    if not torch.cuda.is_available():
+        chosen = [p for p in chosen if p not in gpu_only]
+    warmup, rep = bench_reps()
+    records = []
+    for case in cases(args.preset):
+        for mode in args.modes.split(","):
+            for provider in chosen:
+                result = measure(provider, case, mode, device=device, warmup=warmup, rep=rep)
+                if result is not None:
+                    records.append(result[0])
+    append_records(records)
+    print(format_table(records))
+    return 0

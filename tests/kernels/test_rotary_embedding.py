@@ -49,22 +49,29 @@ def _run(impl, q, k, cos, sin, grads):
     return outs, (qi.grad, ki.grad)
 
 
+def _check_against_oracle(impl, q, k, cos, sin, *, label):
+    """Outputs and both gradients of ``impl`` within the budget of eager in q's dtype."""
+    g = torch.Generator().manual_seed(5)
+    grads = tuple(torch.randn(t.shape, generator=g).to(q.dtype).to(q.device) for t in (q, k))
+    ref = _run("reference", *(t.double() for t in (q, k, cos, sin)),
+               tuple(t.double() for t in grads))
+    eager = _run("eager", q, k, cos, sin, grads)
+    out = _run(impl, q, k, cos, sin, grads)
+    names = (("q'", "k'"), ("grad_q", "grad_k"))
+    for part in range(2):  # outputs, then gradients
+        for i, name in enumerate(names[part]):
+            o, r = out[part][i], ref[part][i]
+            assert o.dtype == q.dtype and o.shape == r.shape
+            assert_close_to_reference(o, r, eager[part][i], name=f"{label} {name}",
+                                      reduction_size=2)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", list(SHAPES), ids=str)
 @pytest.mark.parametrize("per_sample", [True, False], ids=["cos_per_sample", "cos_shared"])
 def test_triton_matches_float64_oracle(shape, dtype, per_sample):
     q, k, cos, sin = _inputs(SHAPES[shape], dtype, per_sample=per_sample)
-    g = torch.Generator().manual_seed(5)
-    grads = tuple(torch.randn(t.shape, generator=g).to(dtype) for t in (q, k))
-    ref, ref_grads = _run("reference", *(t.double() for t in (q, k, cos, sin)),
-                          tuple(t.double() for t in grads))
-    eager, eager_grads = _run("eager", q, k, cos, sin, grads)
-    out, out_grads = _run("triton", q, k, cos, sin, grads)
-    for name, o, r, e in (("q'", out[0], ref[0], eager[0]), ("k'", out[1], ref[1], eager[1]),
-                          ("grad_q", out_grads[0], ref_grads[0], eager_grads[0]),
-                          ("grad_k", out_grads[1], ref_grads[1], eager_grads[1])):
-        assert o.dtype == dtype and o.shape == r.shape
-        assert_close_to_reference(o, r, e, name=f"{shape} {name}", reduction_size=2)
+    _check_against_oracle("triton", q, k, cos, sin, label=shape)
 
 
 def test_any_tables_not_only_equal_halves():
@@ -193,13 +200,4 @@ def test_bad_inputs_name_the_argument():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_llama3_shape(dtype):
     q, k, cos, sin = (t.cuda() for t in _inputs((2, 676, 32, 8, 128), dtype))
-    g = torch.Generator().manual_seed(5)
-    grads = tuple(torch.randn(t.shape, generator=g).to(dtype).cuda() for t in (q, k))
-    ref, ref_grads = _run("reference", *(t.double() for t in (q, k, cos, sin)),
-                          tuple(t.double() for t in grads))
-    eager, eager_grads = _run("eager", q, k, cos, sin, grads)
-    out, out_grads = _run("auto", q, k, cos, sin, grads)
-    for name, o, r, e in (("q'", out[0], ref[0], eager[0]), ("k'", out[1], ref[1], eager[1]),
-                          ("grad_q", out_grads[0], ref_grads[0], eager_grads[0]),
-                          ("grad_k", out_grads[1], ref_grads[1], eager_grads[1])):
-        assert_close_to_reference(o, r, e, name=f"gpu {name}", reduction_size=2)
+    _check_against_oracle("auto", q, k, cos, sin, label="gpu")
