@@ -237,14 +237,28 @@ def linear_cross_entropy_variants(target: tuple) -> list[Variant]:
         for grad_dt in sorted({dt, "fp32"}):
             out.append(Variant(f"lce.dhidden[{dt}->{grad_dt}]", k._lce_dhidden_kernel,
                                {"DLOGITS": "*" + dt, "W": "*" + dt, **ints,
-                                "GRAD_HID": "*" + grad_dt},
-                               (), {"DOT_NATIVE": native, **mm}, **launch))
+                                "GRAD_HID": "*" + grad_dt, "ACC": "*fp32"},
+                               (), {"DOT_NATIVE": native, "ACC_IN": False, "ACC_OUT": False,
+                                    **mm}, **launch))
+        # the vocab schedule's slabs (own H tile): first (to the fp32 sum), middle (from and
+        # to it), last (from it to the rows)
+        slab_mm = {**mm, "BLOCK_H": blk.get("slab_h", blk["h"])}
+        for acc_in, acc_out in ((False, True), (True, True), (True, False)):
+            out.append(Variant(f"lce.dhidden[{dt},slab,acc_in={acc_in},acc_out={acc_out}]",
+                               k._lce_dhidden_kernel,
+                               {"DLOGITS": "*" + dt, "W": "*" + dt, **ints,
+                                "GRAD_HID": "*" + dt, "ACC": "*fp32"},
+                               (), {"DOT_NATIVE": native, "ACC_IN": acc_in,
+                                    "ACC_OUT": acc_out, **slab_mm}, **launch))
         dw_mm = {"BLOCK_M": blk.get("dw_m", blk["m"]), "BLOCK_H": blk.get("dw_h", blk["h"]),
                  "BLOCK_K": blk.get("dw_k", blk["k"])}
-        for acc in (False, True):
-            out.append(Variant(f"lce.dweight[{dt},accumulate={acc}]", k._lce_dweight_kernel,
+        # rows schedule: fp32 accumulator (first chunk, later chunks); vocab schedule: one
+        # pass over all rows, stored in the weight's dtype
+        for acc, gw_dt in ((False, "fp32"), (True, "fp32"), (False, dt)):
+            out.append(Variant(f"lce.dweight[{dt}->{gw_dt},accumulate={acc}]",
+                               k._lce_dweight_kernel,
                                {"DLOGITS": "*" + dt, "HID_ROWS": "*" + dt, "COUNT": "*i32",
-                                "GRAD_W": "*fp32", "GRAD_B": "*fp32"}, (),
+                                "GRAD_W": "*" + gw_dt, "GRAD_B": "*fp32"}, (),
                                {"ACCUMULATE": acc, "HAS_WEIGHT_GRAD": True, "HAS_BIAS": acc,
                                 "DOT_NATIVE": native, **dw_mm}, **dw_launch))
     parts = {n: "*fp32" for n in ("PART_M", "PART_S", "PART_ZY", "PART_SZ", "PART_BEST", "LSE",

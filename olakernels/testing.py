@@ -194,6 +194,25 @@ def make_lm_head_inputs(
     return cast(hidden), cast(weight), labels.to(device), cast(b)
 
 
+def _storage_key(obj) -> int | None:
+    if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+        return obj.untyped_storage().data_ptr()
+    if isinstance(obj, torch.UntypedStorage):
+        return obj.data_ptr()
+    return None
+
+
+def _custom_op_body(func):
+    """The Python function behind a torch.library.custom_op overload, or None (aten ops, or a
+    torch without the private lookup: then only the op's outputs are counted)."""
+    try:
+        from torch._library.custom_ops import _maybe_get_opdef
+    except ImportError:  # pragma: no cover - private API of torch 2.4+
+        return None
+    opdef = _maybe_get_opdef(func)
+    return None if opdef is None else getattr(opdef, "_init_fn", None)
+
+
 class _PeakMemory(TorchDispatchMode):
     """Counts the bytes of every tensor storage created inside the mode while it is alive."""
 
@@ -208,14 +227,25 @@ class _PeakMemory(TorchDispatchMode):
         self._seen.discard(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        body = _custom_op_body(func)
+        if body is not None:
+            # A torch.library.custom_op (olakernels' fused ops) runs its Python body below this
+            # mode, which would see only the op's outputs: run the body with the mode active so
+            # that its temporaries (dlogits buffers, accumulators) count too.
+            with self:
+                out = body(*args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
+        # Outputs that share an input's storage (views, in-place ops, set_) allocate nothing:
+        # skipping them keeps storages from before the block out of the count.
+        inputs = {_storage_key(a) for a in tree_flatten((args, kwargs or {}))[0]}
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
             storage = t.untyped_storage()
             key = storage.data_ptr()
-            if key in self._seen or key == 0:
-                continue  # a view of a storage already counted
+            if key in self._seen or key == 0 or key in inputs:
+                continue  # a view of a storage already counted, or of an input
             self._seen.add(key)
             self.live += storage.nbytes()
             self.peak = max(self.peak, self.live)

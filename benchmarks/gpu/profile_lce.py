@@ -4,7 +4,7 @@
     python benchmarks/gpu/profile_lce.py           # GPU: Llama-3 head, N=8192, 0% and 90% ignored
     python benchmarks/gpu/profile_lce.py --configs current,dw_torch   # Triton dW vs cuBLAS dW
     python benchmarks/gpu/profile_lce.py --configs current,grad_fwd   # gradients in the forward
-    python benchmarks/gpu/profile_lce.py --tiny    # CPU dry run (interpreter, the first four)
+    python benchmarks/gpu/profile_lce.py --tiny    # CPU dry run (interpreter, the first five)
 
 For each tile config (olakernels.linear_cross_entropy.impl.triton.BLOCKS_OVERRIDE) it runs one
 warm-up fwd+bwd (compiles), then profiles one more and prints each kernel's device time and its
@@ -37,6 +37,9 @@ from olakernels.linear_cross_entropy.impl import triton as lce_triton  # noqa: E
 CONFIGS = {  # n, v: logits tile; m, h: dhidden/dweight output tile; k: reduction step;
     # dw_*: the dW kernel's own tiles (the H200 sweep's weak kernel), on top of GPU_BLOCKS
     "current": {},
+    # The backward's outer loop over row chunks with the fp32 (V, H) grad_weight accumulator
+    # (the default before the vocabulary slabs): first after "current" to compare the two.
+    "rows": dict(schedule="rows"),
     # grad_weight by cuBLAS (fp32 output) on whole chunks: second, so that a stage cut short by
     # its time limit still compares the two dW backends at 0% and 90% ignored.
     "dw_torch": dict(dw_backend="torch"),
@@ -91,7 +94,7 @@ def main() -> None:
     if args.configs:
         names = args.configs.split(",")
     else:  # the dry run checks the dW backends and the grad-in-forward mode, not the tile sweep
-        names = list(CONFIGS)[:4] if tiny else list(CONFIGS)
+        names = list(CONFIGS)[:5] if tiny else list(CONFIGS)
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         parser.error(f"--configs: unknown {unknown}; known: {list(CONFIGS)}")

@@ -107,10 +107,12 @@ stage bench_teachers "${OLAVLM_TEACHERS_LIMIT:-120}" $PY benchmarks/bench_teache
 # its forward kernel under each autotune config (which tile, if any, reaches the bandwidth).
 stage profile 40 $PY benchmarks/gpu/profile_embedding_loss.py
 # linear_cross_entropy: per-kernel time and TFLOP/s per tile config. Default: today's tiles
-# against dw_backend="torch" (cuBLAS grad_weight) and grad_in_forward (3 GEMM passes instead
-# of 4), alone and together, at 0% and 90% ignored; OLAVLM_PROFILE_LCE_CONFIGS=all for the
-# whole sweep (raise OLAVLM_PROFILE_LCE_LIMIT to ~200).
-LCE_CONFIGS=${OLAVLM_PROFILE_LCE_CONFIGS:-current,dw_torch,grad_fwd,grad_fwd_dw_torch}
+# (the backward in vocabulary slabs) against the row-chunk schedule with its fp32 grad_weight
+# accumulator ("rows"), dw_backend="torch" (cuBLAS grad_weight) and grad_in_forward (3 GEMM
+# passes instead of 4), at 0% and 90% ignored; grad_fwd_dw_torch (both) and the dW tile sweep
+# by name, OLAVLM_PROFILE_LCE_CONFIGS=all for the whole sweep (raise OLAVLM_PROFILE_LCE_LIMIT
+# to ~200).
+LCE_CONFIGS=${OLAVLM_PROFILE_LCE_CONFIGS:-current,rows,dw_torch,grad_fwd}
 [ "$LCE_CONFIGS" = all ] && LCE_CONFIGS=""
 stage profile_lce "${OLAVLM_PROFILE_LCE_LIMIT:-90}" $PY benchmarks/gpu/profile_lce.py \
   ${LCE_CONFIGS:+--configs "$LCE_CONFIGS"}

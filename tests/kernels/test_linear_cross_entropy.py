@@ -220,10 +220,13 @@ def test_label_dtypes_other_than_int64(impl, dtype, device):
 def test_peak_memory_far_below_logits(impl, device, monkeypatch):
     # 256 tokens x 4096-token vocabulary: eager fp32 logits alone are 4 MiB. The fast paths hold
     # at most one chunk of logits rows (512 MiB by default: 2048 rows of a 128K vocabulary in
-    # bf16); a budget of 1/16 of these logits stands in for N >> chunk at real sizes.
-    from olakernels.linear_cross_entropy.impl import torch_chunked
+    # bf16) or one vocabulary slab of all rows (the Triton backward of a trainable head: 256
+    # MiB); a budget of 1/16 of these logits stands in for N >> chunk at real sizes.
+    # track_peak_memory also counts the temporaries inside the Triton path's custom ops.
+    from olakernels.linear_cross_entropy.impl import torch_chunked, triton_vocab_slabs
 
     monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 16 * 4096 * 4)
+    monkeypatch.setattr(triton_vocab_slabs, "SLAB_BUDGET_BYTES", 16 * 4096 * 4)
     monkeypatch.setattr(torch_chunked, "_CHUNK_ELEMENTS", 16 * 4096)
     hidden, weight, labels, _ = make_lm_head_inputs((256,), 32, 4096, device=device, ignored=0.5)
     hidden.requires_grad_(True)

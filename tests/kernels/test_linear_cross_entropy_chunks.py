@@ -1,6 +1,7 @@
 # linear_cross_entropy's Triton backward over several chunks, against the float64 reference.
-"""The dW kernel (_lce_dweight_kernel) reads each chunk's hidden rows from a buffer gathered by
-the launcher (hidden.index_select(0, order[start:...])), starts later chunks (ACCUMULATE) from
+"""The "rows" schedule (the frozen head's, and the trainable head's with schedule="rows"). The
+dW kernel (_lce_dweight_kernel) reads each chunk's hidden rows from a buffer gathered by the
+launcher (hidden.index_select(0, order[start:...])), starts later chunks (ACCUMULATE) from
 the stored fp32 sum, and adds the bias gradient of each chunk to the stored one from the H block
 0 only. These tests make every one of those paths matter at once: 32-row chunks (5 at N=150, the
 last one 22 rows), a labelled count that is not a multiple of the dW kernel's row tile and ends
@@ -22,9 +23,11 @@ DW_TILES = {"dw_m": 16, "dw_h": 16, "dw_k": 16}
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """32-row chunks and dW tiles of 16 (2 H blocks at H=23); monkeypatch restores both."""
+    """The rows schedule, 32-row chunks and dW tiles of 16 (2 H blocks at H=23); monkeypatch
+    restores them. (A trainable head runs the vocab schedule by default:
+    test_linear_cross_entropy_vocab_slabs.py.)"""
     monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 32 * V * 4)
-    monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", dict(DW_TILES))
+    monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", {**DW_TILES, "schedule": "rows"})
 
 
 # ignored 0.0: the count ends inside the short last chunk; 0.4: inside the third of five.

@@ -96,7 +96,7 @@ def test_dlogits_kernel_zeroes_rows_past_the_count(device):
         buf = torch.full((48, 101), float("nan"), device=device)
         _lce_dlogits_kernel[(3, triton_impl.triton.cdiv(101, 32))](
             hidden, weight, weight, order, labels, count, lse, torch.ones(40, device=device), buf,
-            0, 101, 23, 1.0, 0.0, 0.0,
+            0, 0, 101, 101, 23, 1.0, 0.0, 0.0,
             HAS_BIAS=False, HAS_SOFTCAP=False, DOT_NATIVE=False, BLOCK_N=16, BLOCK_V=32,
             BLOCK_K=32, ZERO_PAST_COUNT=zero,
         )

@@ -22,7 +22,12 @@ import pytest
 # bf16 LM-head kernels that compile without register spills on sm_90 (kernel_report.py); the
 # forward and dlogits kernels spill a little in their softmax epilogue and are not listed.
 SPILL_FREE_SM90 = ("lce.dhidden[bf16->bf16]", "lce.dhidden[bf16->fp32]",
-                   "lce.dweight[bf16,accumulate=False]", "lce.dweight[bf16,accumulate=True]",
+                   "lce.dweight[bf16->fp32,accumulate=False]",
+                   "lce.dweight[bf16->fp32,accumulate=True]",
+                   "lce.dweight[bf16->bf16,accumulate=False]",
+                   "lce.dhidden[bf16,slab,acc_in=False,acc_out=True]",
+                   "lce.dhidden[bf16,slab,acc_in=True,acc_out=True]",
+                   "lce.dhidden[bf16,slab,acc_in=True,acc_out=False]",
                    "lce.logits[bf16,bias=False,softcap=False,zero_past=True]")
 
 
@@ -124,7 +129,7 @@ def test_problem_finder_reports_each_kind_of_failure():
     results = [
         dict(base, kernel="lce.fwd[x]", error="CompilationError: bad layout"),
         dict(base, kernel="lce.dhidden[bf16->bf16]", shared=200),
-        dict(base, kernel="lce.dweight[bf16,accumulate=True]", shared=50, spill=16),
+        dict(base, kernel="lce.dweight[bf16->fp32,accumulate=True]", shared=50, spill=16),
         dict(base, kernel="embedding_loss.fwd[bf16,dot=True,shared=True,B16,D64,w4,s3]",
              shared=300),
         dict(base, kernel="embedding_loss.fwd[bf16,dot=True,shared=True,B16,D128,w4,s3]",

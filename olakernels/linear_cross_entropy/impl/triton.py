@@ -11,6 +11,8 @@ scattered to the rows, and grad_weight (fp32) += dlogits^T @ hidden (a Triton ke
 cuBLAS/hipBLAS with the tile knob dw_backend="torch"). A frozen weight skips the grad_weight
 GEMM, hidden without grad skips grad_hidden. The tile knob grad_in_forward moves this loop into
 the forward for "mean"/"sum" (impl/triton_fused_grad.py, which reuses the helpers below).
+That is the "rows" schedule; with a trainable head the backward runs the "vocab" schedule by
+default (impl/triton_vocab_slabs.py: slabs of the vocabulary outside, no fp32 (V, H) buffer).
 """
 from __future__ import annotations
 
@@ -52,27 +54,42 @@ DLOGITS_BUDGET_BYTES = 512 * 2**20
 # during the forward (impl/triton_fused_grad.py): logits once per chunk, 3 GEMM passes over
 # n x V x H instead of 4, the backward only scales them. Off by default: NOT measured on a GPU
 # yet (docs/PERF.md). row_v / row_warps: the tiles of its row kernel (_lce_rows_grad_kernel).
+# schedule: the backward's outer loop when grad_weight or grad_bias is needed and
+# dw_backend="triton". "vocab": slabs of the vocabulary, grad_weight finished per slab in
+# registers (impl/triton_vocab_slabs.py: no fp32 (V, H) accumulator, 2 GB less for Llama-3);
+# "rows": chunks of rows with the fp32 (V, H) accumulator. A frozen head always runs "rows"
+# (nothing to accumulate over the vocabulary, and grad_hidden needs no fp32 sum there).
+# slab_h: the H tile of grad_hidden in the vocab schedule, whose kernel also carries the fp32
+# sum over slabs: at 128 x 256 it spilled 136-456 bytes per thread on sm_90, at 128 x 128 none
+# (benchmarks/gpu/kernel_report.py).
 # CUDA: the best of the sweep on an H200 (docs/PERF.md, linear_cross_entropy run 5): 1.7x the
 # first tiles (64 x 128) at 0% ignored, 1.16x at 90%. ROCm: smaller tiles with 2 stages so the
 # operands fit MI300X's 64 KiB of LDS (not measured on an MI300X).
 GPU_BLOCKS = dict(n=128, v=256, k=64, m=128, h=256, num_warps=8, num_stages=3,
-                  dw_backend="triton", grad_in_forward=False, row_v=4096, row_warps=8)
+                  dw_backend="triton", grad_in_forward=False, row_v=4096, row_warps=8,
+                  schedule="vocab", slab_h=128)
 ROCM_BLOCKS = dict(n=64, v=128, k=64, m=128, h=128, num_warps=8, num_stages=2,
-                   dw_backend="triton", grad_in_forward=False, row_v=4096, row_warps=8)
+                   dw_backend="triton", grad_in_forward=False, row_v=4096, row_warps=8,
+                   schedule="vocab", slab_h=128)
 BLOCKS_OVERRIDE: dict = {}
 DW_BACKENDS = ("triton", "torch")
+SCHEDULES = ("vocab", "rows")
 
 
 def _blocks() -> dict:
     if interpreter_enabled():  # small tiles: the interpreter runs programs one by one
         base = dict(n=16, v=32, k=32, m=16, h=32, num_warps=4, num_stages=1, dw_backend="triton",
-                    grad_in_forward=False, row_v=64, row_warps=4)
+                    grad_in_forward=False, row_v=64, row_warps=4, schedule="vocab",
+                    slab_h=32)
     else:
         base = ROCM_BLOCKS if torch.version.hip else GPU_BLOCKS
     blk = {**base, **BLOCKS_OVERRIDE}
     if blk.get("dw_backend", "triton") not in DW_BACKENDS:
         raise ValueError(f"BLOCKS_OVERRIDE['dw_backend'] must be one of {DW_BACKENDS}, "
                          f"got {blk['dw_backend']!r}")
+    if blk.get("schedule", "vocab") not in SCHEDULES:
+        raise ValueError(f"BLOCKS_OVERRIDE['schedule'] must be one of {SCHEDULES}, "
+                         f"got {blk['schedule']!r}")
     if not isinstance(blk.get("grad_in_forward", False), bool):
         raise ValueError("BLOCKS_OVERRIDE['grad_in_forward'] must be True or False, got "
                          f"{blk['grad_in_forward']!r}")
@@ -235,6 +252,13 @@ def grad_buffers(hidden, weight, bias, need_hidden, need_weight, need_bias,
     return grad_hidden, grad_w32, grad_b32
 
 
+def uses_vocab_schedule(blk: dict, need_weight: bool, need_bias: bool) -> bool:
+    """The backward loops over vocabulary slabs (impl/triton_vocab_slabs.py): the schedule
+    knob says "vocab", a weight-side gradient is needed, and the Triton kernel computes it."""
+    return (blk.get("schedule", "vocab") == "vocab" and blk["dw_backend"] == "triton"
+            and (need_weight or need_bias))
+
+
 def uses_torch_dw(blk: dict, grad_w32, grad_b32) -> bool:
     return blk["dw_backend"] == "torch" and (grad_w32 is not None or grad_b32 is not None)
 
@@ -248,7 +272,7 @@ def launch_dlogits(blk, native, chunk, hidden, weight, bias, order, labels, coun
     _lce_dlogits_kernel[(chunk // blk["n"], triton.cdiv(v, blk["v"]))](
         hidden, weight, bias if bias is not None else weight, order, labels, count, lse,
         grad_loss, dlogits,
-        start, v, h, float(softcap) if has_softcap else 1.0, float(label_smoothing),
+        start, 0, v, v, h, float(softcap) if has_softcap else 1.0, float(label_smoothing),
         float(z_loss_weight),
         HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap, DOT_NATIVE=native,
         BLOCK_N=blk["n"], BLOCK_V=blk["v"], BLOCK_K=blk["k"], ZERO_PAST_COUNT=zero_past_count,
@@ -263,8 +287,9 @@ def chunk_grads(blk, native, chunk, dlogits, hidden, weight, order, count, grad_
     v = weight.shape[0]
     if grad_hidden is not None:
         _lce_dhidden_kernel[(chunk // blk["m"], triton.cdiv(h, blk["h"]))](
-            dlogits, weight, order, count, grad_hidden, start, v, h,
-            DOT_NATIVE=native, BLOCK_M=blk["m"], BLOCK_H=blk["h"], BLOCK_K=blk["k"],
+            dlogits, weight, order, count, grad_hidden, grad_hidden, start, v, h,
+            DOT_NATIVE=native, ACC_IN=False, ACC_OUT=False,
+            BLOCK_M=blk["m"], BLOCK_H=blk["h"], BLOCK_K=blk["k"],
             num_warps=blk["num_warps"], num_stages=blk["num_stages"],
         )
     if grad_w32 is None and grad_b32 is None:
@@ -296,6 +321,12 @@ def lce_backward(hidden, weight, bias, labels, order, count, lse, grad_loss, lab
     """Returns (grad_hidden | None, grad_weight | None, grad_bias | None)."""
     n = hidden.shape[0]
     blk, native, dl_dtype, chunk = chunk_layout(hidden, weight, need_weight)
+    if uses_vocab_schedule(blk, need_weight, need_bias and bias is not None):
+        from .triton_vocab_slabs import lce_backward_vocab_slabs
+        return lce_backward_vocab_slabs(blk, native, dl_dtype, hidden, weight, bias, labels,
+                                        order, count, lse, grad_loss, label_smoothing,
+                                        z_loss_weight, softcap, need_hidden, need_weight,
+                                        need_bias)
     dlogits = torch.empty((chunk, weight.shape[0]), device=hidden.device, dtype=dl_dtype)
     grad_hidden, grad_w32, grad_b32 = grad_buffers(hidden, weight, bias, need_hidden,
                                                    need_weight, need_bias)

@@ -16,9 +16,13 @@ COUNT (no synchronization: safe under CUDA graphs and torch.compile).
                            WRITE_LOGITS: the logits themselves, for the grad-in-forward mode).
     _lce_rows_grad_kernel  grid (chunk rows): grad-in-forward mode; one row of the logits buffer
                            -> lse, loss, argmax == label, and d loss / d logits in place.
-    _lce_dhidden_kernel    grid (chunk row blocks, H blocks): dlogits @ W, scattered to the rows.
+    _lce_dhidden_kernel    grid (chunk row blocks, H blocks): dlogits @ W, scattered to the rows
+                           (the vocab schedule: W is one slab, and the fp32 sum over the slabs
+                           is loaded (ACC_IN) and stored (ACC_OUT) in compacted row order).
     _lce_dweight_kernel    grid (V blocks, H blocks): dW (+)= dlogits^T @ h over the chunk's rows
-                           (gathered into a dense buffer first), in fp32, and the bias gradient.
+                           (gathered into a dense buffer first), in fp32, and the bias gradient
+                           (the vocab schedule: one slab's rows of dW over all labelled rows,
+                           stored in the weight's dtype).
 All arithmetic is fp32 (half-precision operands feed tl.dot directly: exact products, fp32
 accumulation); under TRITON_INTERPRET=1 operands are converted to fp32 first.
 """
@@ -170,7 +174,10 @@ def _lce_combine_kernel(
 @triton.jit
 def _lce_dlogits_kernel(
     HID, W, BIAS, ORDER, LABELS, COUNT, LSE, GRAD_LOSS, DLOGITS,
-    chunk_start, V, H, softcap, label_smoothing, z_loss_weight,
+    # Vocabulary columns [col_start, col_end) of the chunk's rows, stored at column
+    # (col - col_start) of DLOGITS, whose rows hold col_end - col_start values (the rows
+    # schedule: 0 and V; the vocab schedule: one slab of the vocabulary for every row).
+    chunk_start, col_start, col_end, V, H, softcap, label_smoothing, z_loss_weight,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_NATIVE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     # dw_backend="torch" multiplies the whole (chunk, V) buffer with cuBLAS, which cannot stop at
@@ -184,19 +191,20 @@ def _lce_dlogits_kernel(
     pid_v = tl.program_id(1)
     count = tl.load(COUNT)
     start = chunk_start + pid_n * BLOCK_N
+    LD = col_end - col_start
     if start >= count:
         if ZERO_PAST_COUNT:  # a store of zeros costs chunk x V x 2 bytes, no GEMM
             cols0 = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
             local0 = (start - chunk_start + tl.arange(0, BLOCK_N)).to(tl.int64)
-            tl.store(DLOGITS + local0[:, None] * V + cols0[None, :],
+            tl.store(DLOGITS + local0[:, None] * LD + cols0[None, :],
                      tl.zeros([BLOCK_N, BLOCK_V], dtype=DLOGITS.dtype.element_ty),
-                     mask=(cols0 < V)[None, :])
+                     mask=(cols0 < LD)[None, :])
         return
     rc = start + tl.arange(0, BLOCK_N)
     ok = rc < count
     rows = tl.load(ORDER + rc, mask=ok, other=0)
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    ok_c = cols < V
+    cols = col_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    ok_c = cols < col_end
     z = _logits_tile(HID, W, BIAS, rows, ok, cols, ok_c, H, softcap,
                      HAS_BIAS, HAS_SOFTCAP, DOT_NATIVE, BLOCK_N, BLOCK_V, BLOCK_K)
     if WRITE_LOGITS:
@@ -218,8 +226,8 @@ def _lce_dlogits_kernel(
     store_rows = ok
     if ZERO_PAST_COUNT:  # rows past the count in this block: the 0 from the tl.where above
         store_rows = rc >= 0
-    tl.store(DLOGITS + local[:, None] * V + cols[None, :], dz.to(DLOGITS.dtype.element_ty),
-             mask=store_rows[:, None] & ok_c[None, :])
+    tl.store(DLOGITS + local[:, None] * LD + (cols - col_start)[None, :],
+             dz.to(DLOGITS.dtype.element_ty), mask=store_rows[:, None] & ok_c[None, :])
 
 
 
@@ -286,8 +294,11 @@ def _lce_rows_grad_kernel(
 @triton.jit
 def _lce_dhidden_kernel(
     DLOGITS, W, ORDER, COUNT, GRAD_HID,
-    chunk_start, V, H,
+    ACC,  # (N, H) fp32 in compacted row order: the vocab schedule's sum over earlier slabs
+    chunk_start, V, H,  # V: the columns of DLOGITS (its row length) and rows of W to reduce
     DOT_NATIVE: tl.constexpr,
+    ACC_IN: tl.constexpr,  # start from ACC (a later slab) instead of 0
+    ACC_OUT: tl.constexpr,  # store the fp32 sum to ACC (not the last slab), else scatter rows
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -301,27 +312,35 @@ def _lce_dhidden_kernel(
     local = (rc - chunk_start).to(tl.int64)
     hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     ok_h = hs < H
-    acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    if ACC_IN:  # loaded before the loop: one fp32 tile in registers, not two
+        acc = tl.load(ACC + rc.to(tl.int64)[:, None] * H + hs[None, :],
+                      mask=ok[:, None] & ok_h[None, :], other=0.0)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     for v0 in range(0, V, BLOCK_K):
         vs = v0 + tl.arange(0, BLOCK_K)
         ok_v = vs < V
-        a = tl.load(DLOGITS + local[:, None] * V + vs[None, :], mask=ok[:, None] & ok_v[None, :],
-                    other=0.0)
+        a = tl.load(DLOGITS + local[:, None] * V + vs[None, :],
+                    mask=ok[:, None] & ok_v[None, :], other=0.0)
         b = tl.load(W + vs.to(tl.int64)[:, None] * H + hs[None, :],
                     mask=ok_v[:, None] & ok_h[None, :], other=0.0)
         if DOT_NATIVE:
             acc = tl.dot(a, b, acc)
         else:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    rows = tl.load(ORDER + rc, mask=ok, other=0)
-    tl.store(GRAD_HID + rows.to(tl.int64)[:, None] * H + hs[None, :],
-             acc.to(GRAD_HID.dtype.element_ty), mask=ok[:, None] & ok_h[None, :])
+    if ACC_OUT:  # (offsets recomputed here: a 2-D int64 tile kept across the loop spills)
+        tl.store(ACC + rc.to(tl.int64)[:, None] * H + hs[None, :], acc,
+                 mask=ok[:, None] & ok_h[None, :])
+    else:
+        rows = tl.load(ORDER + rc, mask=ok, other=0)
+        tl.store(GRAD_HID + rows.to(tl.int64)[:, None] * H + hs[None, :],
+                 acc.to(GRAD_HID.dtype.element_ty), mask=ok[:, None] & ok_h[None, :])
 
 
 @triton.jit
 def _lce_dweight_kernel(
-    DLOGITS, HID_ROWS, COUNT, GRAD_W, GRAD_B,  # GRAD_W (V, H) fp32, GRAD_B (V,) fp32
-    chunk_start, chunk_rows, V, H,
+    DLOGITS, HID_ROWS, COUNT, GRAD_W, GRAD_B,  # GRAD_W (V, H), GRAD_B (V,): fp32 to accumulate
+    chunk_start, chunk_rows, V, H,  # V: the columns of DLOGITS (its row length)
     ACCUMULATE: tl.constexpr,  # add to GRAD_W (later chunks) or overwrite it (the first)
     HAS_WEIGHT_GRAD: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_NATIVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -364,10 +383,10 @@ def _lce_dweight_kernel(
                 acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         if HAS_BIAS:
             acc_b += tl.sum(a.to(tl.float32), axis=1)
-    if HAS_WEIGHT_GRAD:
-        tl.store(GRAD_W + out, acc, mask=m_out)
+    if HAS_WEIGHT_GRAD:  # (the vocab schedule stores the finished sum in the weight's dtype)
+        tl.store(GRAD_W + out, acc.to(GRAD_W.dtype.element_ty), mask=m_out)
     if HAS_BIAS:
         if pid_h == 0:
             if ACCUMULATE:
                 acc_b += tl.load(GRAD_B + vs, mask=ok_v, other=0.0)
-            tl.store(GRAD_B + vs, acc_b, mask=ok_v)
+            tl.store(GRAD_B + vs, acc_b.to(GRAD_B.dtype.element_ty), mask=ok_v)
