@@ -242,7 +242,13 @@ def linear_cross_entropy_variants(target: tuple) -> list[Variant]:
                                     **mm}, **launch))
         # the vocab schedule's slabs (own H tile): first (to the fp32 sum), middle (from and
         # to it), last (from it to the rows)
-        slab_mm = {**mm, "BLOCK_H": blk.get("slab_h", blk["h"])}
+        slab_mm = {**mm, "BLOCK_H": blk.get("narrow_h", blk["h"])}
+        # a frozen head's grad_hidden (rows schedule, narrow H tile)
+        out.append(Variant(f"lce.dhidden[{dt}->{dt},narrow]", k._lce_dhidden_kernel,
+                           {"DLOGITS": "*" + dt, "W": "*" + dt, **ints,
+                            "GRAD_HID": "*" + dt, "ACC": "*fp32"},
+                           (), {"DOT_NATIVE": native, "ACC_IN": False, "ACC_OUT": False,
+                                **slab_mm}, **launch))
         for acc_in, acc_out in ((False, True), (True, True), (True, False)):
             out.append(Variant(f"lce.dhidden[{dt},slab,acc_in={acc_in},acc_out={acc_out}]",
                                k._lce_dhidden_kernel,

@@ -87,26 +87,43 @@ def test_smoothing_over_two_vocabulary_splits(device):
 
 
 def test_a_frozen_head_takes_chunks_of_one_grad_hidden_wave():
-    """Without grad_weight a chunk only has to fill the GPU once with grad_hidden programs:
-    Llama-3 and Phi-3 heads on an H100 (132 SMs) and MI300X tiles (304 CUs)."""
+    """Without grad_weight a chunk only has to fill the GPU once with grad_hidden programs of
+    the narrow H tile: Llama-3 and Phi-3 heads on an H100 (132 SMs) and MI300X tiles (304 CUs).
+    Llama-3's chunk is then liger-kernel's (512 rows: 131 MB of bf16 dlogits)."""
     from olakernels.linear_cross_entropy.impl.triton import (
         GPU_BLOCKS,
         ROCM_BLOCKS,
+        dhidden_h_tile,
         one_wave_rows,
     )
 
-    assert one_wave_rows(4096, GPU_BLOCKS, 132, 128) == 1024  # 8 x 16 = 128 programs
-    assert one_wave_rows(3072, GPU_BLOCKS, 132, 128) == 1408  # 11 x 12 = 132
-    assert one_wave_rows(4096, ROCM_BLOCKS, 304, 128) == 1152  # 9 x 32 = 288
-    assert one_wave_rows(16384, GPU_BLOCKS, 8, 128) == 128  # never below one row tile
-    assert 1024 * 128256 * 2 < triton_impl.DLOGITS_BUDGET_BYTES  # less memory than before
+    def rows(h, blk, sms):
+        return one_wave_rows(h, blk["m"], dhidden_h_tile(blk, weight_frozen=True), sms, 128)
+
+    assert dhidden_h_tile(GPU_BLOCKS, weight_frozen=False) == 256
+    assert rows(4096, GPU_BLOCKS, 132) == 512  # 4 x 32 = 128 programs
+    assert rows(3072, GPU_BLOCKS, 132) == 640  # 5 x 24 = 120
+    assert rows(4096, ROCM_BLOCKS, 304) == 1152  # 9 x 32 = 288
+    assert rows(16384, GPU_BLOCKS, 8) == 128  # never below one row tile
+    assert 512 * 128256 * 2 < triton_impl.DLOGITS_BUDGET_BYTES / 4  # a quarter of a trainable's
 
 
 def test_frozen_and_trainable_heads_chunk_differently(monkeypatch):
     hidden = torch.zeros(4096, 64)
     weight = torch.zeros(1000, 64)
     monkeypatch.setattr(triton_impl, "num_sms", lambda device: 8)
+    monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", {"narrow_h": 16})
     blk, _, _, trainable = triton_impl.chunk_layout(hidden, weight, need_weight_grad=True)
     _, _, _, frozen = triton_impl.chunk_layout(hidden, weight, need_weight_grad=False)
-    tiles_h = -(-64 // blk["h"])
+    tiles_h = -(-64 // 16)  # the narrow H tile
     assert frozen == max(1, 8 // tiles_h) * blk["m"] < trainable
+
+
+def test_frozen_head_with_a_narrow_h_tile_matches_the_reference(monkeypatch, device):
+    """A frozen head's grad_hidden runs the narrow H tile (16 here, 2 tiles at H=23, the last
+    ragged) over several one-wave chunks."""
+    monkeypatch.setattr(triton_impl, "num_sms", lambda device: 4)
+    monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", {"narrow_h": 16})
+    inputs = make_lm_head_inputs((N,), H, V, device=device, ignored=0.2)
+    assert triton_impl.chunk_layout(inputs[0], inputs[1], need_weight_grad=False)[3] == 32
+    _check("triton", inputs, freeze=("weight",))

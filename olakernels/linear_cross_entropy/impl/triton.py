@@ -59,18 +59,21 @@ DLOGITS_BUDGET_BYTES = 512 * 2**20
 # registers (impl/triton_vocab_slabs.py: no fp32 (V, H) accumulator, 2 GB less for Llama-3);
 # "rows": chunks of rows with the fp32 (V, H) accumulator. A frozen head always runs "rows"
 # (nothing to accumulate over the vocabulary, and grad_hidden needs no fp32 sum there).
-# slab_h: the H tile of grad_hidden in the vocab schedule, whose kernel also carries the fp32
-# sum over slabs: at 128 x 256 it spilled 136-456 bytes per thread on sm_90, at 128 x 128 none
-# (benchmarks/gpu/kernel_report.py).
+# narrow_h: the H tile of grad_hidden where 128 x 256 tiles do not suit: the vocab schedule,
+# whose kernel also carries the fp32 sum over slabs (at 128 x 256 it spilled 136-456 bytes per
+# thread on sm_90, at 128 x 128 none: benchmarks/gpu/kernel_report.py), and a frozen head,
+# whose chunks are one wave of grad_hidden programs: narrower tiles halve the chunk (Llama-3 on
+# an H100: 512 rows, 131 MB of bf16 dlogits, liger-kernel's chunk size) and double the
+# programs when only a few rows are labelled (pre-training: ~230 rows, 2 row blocks).
 # CUDA: the best of the sweep on an H200 (docs/PERF.md, linear_cross_entropy run 5): 1.7x the
 # first tiles (64 x 128) at 0% ignored, 1.16x at 90%. ROCm: smaller tiles with 2 stages so the
 # operands fit MI300X's 64 KiB of LDS (not measured on an MI300X).
 GPU_BLOCKS = dict(n=128, v=256, k=64, m=128, h=256, num_warps=8, num_stages=3,
                   dw_backend="triton", grad_in_forward=False, row_v=4096, row_warps=8,
-                  schedule="vocab", slab_h=128)
+                  schedule="vocab", narrow_h=128)
 ROCM_BLOCKS = dict(n=64, v=128, k=64, m=128, h=128, num_warps=8, num_stages=2,
                    dw_backend="triton", grad_in_forward=False, row_v=4096, row_warps=8,
-                   schedule="vocab", slab_h=128)
+                   schedule="vocab", narrow_h=128)
 BLOCKS_OVERRIDE: dict = {}
 DW_BACKENDS = ("triton", "torch")
 SCHEDULES = ("vocab", "rows")
@@ -80,7 +83,7 @@ def _blocks() -> dict:
     if interpreter_enabled():  # small tiles: the interpreter runs programs one by one
         base = dict(n=16, v=32, k=32, m=16, h=32, num_warps=4, num_stages=1, dw_backend="triton",
                     grad_in_forward=False, row_v=64, row_warps=4, schedule="vocab",
-                    slab_h=32)
+                    narrow_h=32)
     else:
         base = ROCM_BLOCKS if torch.version.hip else GPU_BLOCKS
     blk = {**base, **BLOCKS_OVERRIDE}
@@ -213,11 +216,16 @@ def _dweight_torch(dlogits, hidden, order, count, grad_w32, grad_b32, start, row
             torch.sum(dl, 0, dtype=torch.float32, out=grad_b32)
 
 
-def one_wave_rows(h: int, blk: dict, sms: int, step: int) -> int:
-    """Rows of a chunk whose grad_hidden grid (rows / m x cdiv(H, h) programs, each as long as
-    the others: a full pass over V) fits the GPU's SMs in one wave."""
-    blocks = max(1, sms // triton.cdiv(h, blk["h"]))
-    return max(step, blocks * blk["m"] // step * step)
+def one_wave_rows(h: int, m_tile: int, h_tile: int, sms: int, step: int) -> int:
+    """Rows of a chunk whose grad_hidden grid (rows / m_tile x cdiv(H, h_tile) programs, each
+    as long as the others: a full pass over V) fits the GPU's SMs in one wave."""
+    blocks = max(1, sms // triton.cdiv(h, h_tile))
+    return max(step, blocks * m_tile // step * step)
+
+
+def dhidden_h_tile(blk: dict, weight_frozen: bool) -> int:
+    """grad_hidden's H tile in the rows schedule: narrow for a frozen head (one-wave chunks)."""
+    return blk.get("narrow_h", blk["h"]) if weight_frozen else blk["h"]
 
 
 def chunk_layout(hidden: torch.Tensor, weight: torch.Tensor, need_weight_grad: bool = True
@@ -226,16 +234,17 @@ def chunk_layout(hidden: torch.Tensor, weight: torch.Tensor, need_weight_grad: b
 
     With grad_weight, chunks are as large as DLOGITS_BUDGET_BYTES allows: each one costs a
     read-modify-write of the whole fp32 (V, H) accumulator. Without it (a frozen LM head, as in
-    pre-training) a chunk only has to fill the GPU once with grad_hidden programs: one wave
-    of them (Llama-3 on an H100: 1024 rows, 256 MB of bf16 dlogits instead of 512; Phi-3:
-    1408 rows, 90 MB instead of 512), the same waves in all, half the memory or less."""
+    pre-training) a chunk only has to fill the GPU once with grad_hidden programs of the
+    narrow H tile: one wave of them (Llama-3 on an H100: 512 rows, 131 MB of bf16 dlogits
+    instead of 512 MiB; Phi-3: 640 rows, 41 MB), the same waves in all."""
     blk = _blocks()
     native = _dot_native(hidden, weight)
     dl_dtype = weight.dtype if native else torch.float32
     step = blk["n"] * blk["m"] // min(blk["n"], blk["m"])  # a multiple of both row tiles
     chunk = chunk_rows(hidden.shape[0], weight.shape[0], torch.finfo(dl_dtype).bits // 8, step)
     if not need_weight_grad:
-        chunk = min(chunk, one_wave_rows(weight.shape[1], blk, num_sms(hidden.device), step))
+        chunk = min(chunk, one_wave_rows(weight.shape[1], blk["m"], dhidden_h_tile(blk, True),
+                                         num_sms(hidden.device), step))
     return blk, native, dl_dtype, chunk
 
 
@@ -286,10 +295,11 @@ def chunk_grads(blk, native, chunk, dlogits, hidden, weight, order, count, grad_
     n, h = hidden.shape
     v = weight.shape[0]
     if grad_hidden is not None:
-        _lce_dhidden_kernel[(chunk // blk["m"], triton.cdiv(h, blk["h"]))](
+        h_tile = dhidden_h_tile(blk, grad_w32 is None)  # as chunk_layout sized the chunk
+        _lce_dhidden_kernel[(chunk // blk["m"], triton.cdiv(h, h_tile))](
             dlogits, weight, order, count, grad_hidden, grad_hidden, start, v, h,
             DOT_NATIVE=native, ACC_IN=False, ACC_OUT=False,
-            BLOCK_M=blk["m"], BLOCK_H=blk["h"], BLOCK_K=blk["k"],
+            BLOCK_M=blk["m"], BLOCK_H=h_tile, BLOCK_K=blk["k"],
             num_warps=blk["num_warps"], num_stages=blk["num_stages"],
         )
     if grad_w32 is None and grad_b32 is None:

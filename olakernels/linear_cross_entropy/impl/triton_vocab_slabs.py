@@ -55,7 +55,7 @@ def lce_backward_vocab_slabs(blk, native, dl_dtype, hidden, weight, bias, labels
     v = weight.shape[0]
     dev = hidden.device
     dw_m, dw_h = blk.get("dw_m", blk["m"]), blk.get("dw_h", blk["h"])
-    slab_h = blk.get("slab_h", blk["h"])  # grad_hidden's H tile (it carries the fp32 sum)
+    slab_h = blk.get("narrow_h", blk["h"])  # grad_hidden's H tile (it carries the fp32 sum)
     # A multiple of the dlogits kernel's column tile and of the dW kernel's row tile (powers of
     # two), so that only the last slab has ragged tiles.
     width = slab_width(n, v, torch.finfo(dl_dtype).bits // 8, max(blk["v"], dw_m))
