@@ -202,15 +202,22 @@ def _storage_key(obj) -> int | None:
     return None
 
 
-def _custom_op_body(func):
-    """The Python function behind a torch.library.custom_op overload, or None (aten ops, or a
-    torch without the private lookup: then only the op's outputs are counted)."""
+def _custom_op_body(func, args, kwargs):
+    """The Python kernel a torch.library.custom_op overload would run for these arguments (the
+    one registered for their device type, else the default), or None: aten ops, an op with no
+    kernel for that device (calling the op raises then, as it should), or a torch without the
+    private lookup (then only the op's outputs are counted)."""
     try:
         from torch._library.custom_ops import _maybe_get_opdef
     except ImportError:  # pragma: no cover - private API of torch 2.4+
         return None
     opdef = _maybe_get_opdef(func)
-    return None if opdef is None else getattr(opdef, "_init_fn", None)
+    kernels = getattr(opdef, "_backend_fns", None) if opdef is not None else None
+    if not kernels:
+        return None
+    devices = [t.device.type for t in tree_flatten((args, kwargs))[0]
+               if isinstance(t, torch.Tensor)]
+    return kernels.get(devices[0] if devices else None) or kernels.get(None)
 
 
 class _PeakMemory(TorchDispatchMode):
@@ -227,18 +234,20 @@ class _PeakMemory(TorchDispatchMode):
         self._seen.discard(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        body = _custom_op_body(func)
+        kwargs = kwargs or {}
+        # Outputs that share an input's storage (views, in-place ops, set_) allocate nothing:
+        # skipping them keeps storages from before the block out of the count. Read before the
+        # call: an op that gives an argument new storage (resize_, out=) allocates.
+        inputs = {_storage_key(a) for a in tree_flatten((args, kwargs))[0]}
+        body = _custom_op_body(func, args, kwargs)
         if body is not None:
             # A torch.library.custom_op (olakernels' fused ops) runs its Python body below this
             # mode, which would see only the op's outputs: run the body with the mode active so
             # that its temporaries (dlogits buffers, accumulators) count too.
             with self:
-                out = body(*args, **(kwargs or {}))
+                out = body(*args, **kwargs)
         else:
-            out = func(*args, **(kwargs or {}))
-        # Outputs that share an input's storage (views, in-place ops, set_) allocate nothing:
-        # skipping them keeps storages from before the block out of the count.
-        inputs = {_storage_key(a) for a in tree_flatten((args, kwargs or {}))[0]}
+            out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue

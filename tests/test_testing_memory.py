@@ -32,3 +32,30 @@ def test_storages_from_before_the_block_do_not_count():
         torch.ones(100)  # 400 bytes, freed at once
     assert mem.peak == 400, mem.peak
     assert mem.live == 0
+
+
+def test_new_storage_for_an_argument_counts():
+    """resize_ and out= give a tensor from before the block new storage: that allocates."""
+    x, y = torch.empty(0), torch.empty(0)
+    a, b = torch.randn(512, 64), torch.randn(64, 256)
+    with track_peak_memory() as mem:
+        torch.mm(a, b, out=x)  # 512 KiB
+        y.resize_(1024, 256)  # 1 MiB
+    assert mem.peak >= (512 * 256 + 1024 * 256) * 4, mem.peak
+
+
+@torch.library.custom_op("olakernels_tests::cpu_kernel_only", mutates_args=())
+def _cpu_kernel_only(x: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("the default body must not run where a device kernel is registered")
+
+
+@_cpu_kernel_only.register_kernel("cpu")
+def _(x):
+    return x * 2
+
+
+def test_runs_the_kernel_registered_for_the_device():
+    x = torch.ones(3)
+    with track_peak_memory() as mem:
+        out = _cpu_kernel_only(x)
+    assert torch.equal(out, torch.full((3,), 2.0)) and mem.peak == 12

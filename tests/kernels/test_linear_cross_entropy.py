@@ -131,8 +131,10 @@ def test_frozen_weight_skips_the_weight_gemm(monkeypatch, device):
 
 
 def test_backward_in_several_chunks(monkeypatch, device):
-    # A tiny dlogits budget forces one chunk per 32 rows: exercises the fp32 grad_weight
-    # accumulation across chunks and chunks past the labelled count.
+    # The rows schedule (a trainable head's default is the vocabulary slabs) with a tiny dlogits
+    # budget: one chunk per 32 rows exercises the fp32 grad_weight accumulation across chunks
+    # and chunks past the labelled count.
+    monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", {"schedule": "rows"})
     monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 32 * 101 * 4)
     inputs = make_lm_head_inputs((150,), 23, 101, device=device, ignored=0.4, bias=True)
     _check("triton", inputs)
@@ -292,8 +294,12 @@ GPU_CASES = {
 @pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
 def test_gpu_real_vocabularies(case, monkeypatch):
     leading, h, v, dtype, ignored = case
-    # Small chunks so that even these sizes take several backward chunks.
+    # Small chunks (frozen head, rows schedule) and slabs (the default for a trainable head) so
+    # that even these sizes take several of them.
+    from olakernels.linear_cross_entropy.impl import triton_vocab_slabs
+
     monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 256 * v * 4)
+    monkeypatch.setattr(triton_vocab_slabs, "SLAB_BUDGET_BYTES", 64 * v * 4)
     inputs = make_lm_head_inputs(leading, h, v, dtype=dtype, device="cuda", ignored=ignored)
     _check("triton", inputs, label_smoothing=0.05, z_loss_weight=1e-4)
 

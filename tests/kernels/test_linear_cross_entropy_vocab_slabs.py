@@ -2,10 +2,11 @@
 """The "vocab" schedule (impl/triton_vocab_slabs.py): per slab of the vocabulary, dlogits of every
 labelled row, grad_weight of the slab finished in one pass (stored in the weight's dtype), and
 grad_hidden summed over the slabs in an fp32 buffer that the last slab scatters to the rows.
-These tests make several slabs matter: a slab budget of 32 columns at N=150 gives 4 slabs of
+These tests make several slabs matter: a slab budget of 32 columns at N=60 gives 4 slabs of
 V=101 (the last one 5 columns: ragged tiles), so grad_hidden goes through the first (no load),
-middle (load and store the fp32 sum) and last (load, scatter) launches, and the dW tiles of 16
-cover several H blocks at H=23.
+middle (load and store the fp32 sum) and last (load, scatter) launches, and its H tiles and the
+dW tiles of 16 cover H=23 in two blocks (the second ragged). The schedule is taken where its
+N x H buffers are the smaller ones, 3 N <= 2 V (60 rows of a 101-token vocabulary).
 """
 import pytest
 import torch
@@ -15,8 +16,8 @@ from olakernels.linear_cross_entropy.impl import triton as triton_impl
 from olakernels.linear_cross_entropy.impl import triton_vocab_slabs
 from olakernels.testing import make_lm_head_inputs, track_peak_memory
 
-N, H, V = 150, 23, 101
-DW_TILES = {"dw_m": 16, "dw_h": 16, "dw_k": 16}
+N, H, V = 60, 23, 101
+TILES = {"dw_m": 16, "dw_h": 16, "dw_k": 16, "narrow_h": 16}
 
 
 def _slab_budget(rows: int, cols: int, itemsize: int = 4) -> int:
@@ -25,9 +26,10 @@ def _slab_budget(rows: int, cols: int, itemsize: int = 4) -> int:
 
 @pytest.fixture
 def small_slabs(monkeypatch):
-    """32-column slabs at N=150 (fp32 dlogits under the interpreter), dW tiles of 16."""
+    """32-column slabs at N=60 (fp32 dlogits under the interpreter), dW and grad_hidden H tiles
+    of 16."""
     monkeypatch.setattr(triton_vocab_slabs, "SLAB_BUDGET_BYTES", _slab_budget(N, 32))
-    monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", dict(DW_TILES))
+    monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", dict(TILES))
 
 
 class _Launches:
@@ -78,7 +80,7 @@ def test_vocab_and_rows_schedules_agree(small_slabs, device, monkeypatch):
     opts = dict(label_smoothing=0.1, reduction="sum")
     out_vocab, vocab = _run("triton", *inputs[:3], inputs[3], **opts)
     monkeypatch.setitem(triton_impl.BLOCKS_OVERRIDE, "schedule", "rows")
-    monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 32 * V * 4)  # 5 row chunks
+    monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 16 * V * 4)  # 4 row chunks
     out_rows, rows = _run("triton", *inputs[:3], inputs[3], **opts)
     torch.testing.assert_close(out_vocab.loss, out_rows.loss, rtol=0, atol=0)  # same forward
     for name in ("hidden", "weight", "bias"):
@@ -94,18 +96,28 @@ def test_one_slab_needs_no_fp32_sum(launches, device):
         [(False, False)]
 
 
-@pytest.mark.parametrize("freeze", [("weight",), ("hidden",), ("weight", "bias")],
-                         ids="-".join)
+@pytest.mark.parametrize("freeze", [(), ("weight",), ("hidden",), ("weight", "bias")],
+                         ids=lambda f: "-".join(f) or "none")
 def test_which_gradients_take_which_schedule(small_slabs, launches, freeze, device):
-    """A frozen head (no weight or bias gradient) runs the rows schedule; a frozen hidden state
-    skips grad_hidden; a trainable bias alone still takes the slabs."""
+    """A frozen weight runs the rows schedule, with or without a trainable bias (whose (V,)
+    sum needs no slabs); a frozen hidden state skips grad_hidden."""
     inputs = make_lm_head_inputs((N,), H, V, device=device, ignored=0.3, bias=True)
     _check("triton", inputs, freeze=freeze)
     slabs = len(launches["_lce_dlogits_kernel"].flags)
-    assert slabs == (0 if set(freeze) == {"weight", "bias"} else 4)
+    assert slabs == (0 if "weight" in freeze else 4)
     assert len(launches["_lce_dhidden_kernel"].flags) == (0 if "hidden" in freeze else slabs)
-    dw = launches["_lce_dweight_kernel"].flags
-    assert [f["HAS_WEIGHT_GRAD"] for f in dw] == [("weight" not in freeze)] * len(dw)
+    assert all(f["HAS_WEIGHT_GRAD"] and f["HAS_BIAS"] for f in launches["_lce_dweight_kernel"]
+               .flags)
+
+
+def test_many_more_rows_than_the_vocabulary_take_the_rows_schedule(small_slabs, launches,
+                                                                   device):
+    """3 N > 2 V: the slabs' N x H buffers would outweigh the (V, H) accumulator."""
+    inputs = make_lm_head_inputs((2 * V,), H, V, device=device, ignored=0.3)
+    _check("triton", inputs)
+    assert not launches["_lce_dlogits_kernel"].flags
+    assert not triton_impl.uses_vocab_schedule(triton_impl._blocks(), True, 152, 101)
+    assert triton_impl.uses_vocab_schedule(triton_impl._blocks(), True, 67, 101)
 
 
 def test_nothing_labelled_gives_zero_gradients(small_slabs, device):
@@ -175,9 +187,11 @@ def test_unknown_schedule_is_a_value_error(monkeypatch, device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("schedule", ["vocab", "rows"])
 def test_gpu_real_vocabulary_several_slabs(schedule, monkeypatch):
-    """Llama-3's vocabulary in 8 slabs (bf16, GPU tiles), against the float64 reference."""
+    """Llama-3's vocabulary in 8 slabs, or in 4 row chunks with the fp32 (V, H) accumulator
+    (bf16, GPU tiles), against the float64 reference."""
     monkeypatch.setitem(triton_impl.BLOCKS_OVERRIDE, "schedule", schedule)
     monkeypatch.setattr(triton_vocab_slabs, "SLAB_BUDGET_BYTES", _slab_budget(1024, 16384, 2))
+    monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", _slab_budget(256, 128256, 2))
     inputs = make_lm_head_inputs((1024,), 512, 128256, dtype=torch.bfloat16, device="cuda",
                                  ignored=0.5, bias=True)
     _check("triton", inputs, label_smoothing=0.05, z_loss_weight=1e-4)

@@ -54,11 +54,12 @@ DLOGITS_BUDGET_BYTES = 512 * 2**20
 # during the forward (impl/triton_fused_grad.py): logits once per chunk, 3 GEMM passes over
 # n x V x H instead of 4, the backward only scales them. Off by default: NOT measured on a GPU
 # yet (docs/PERF.md). row_v / row_warps: the tiles of its row kernel (_lce_rows_grad_kernel).
-# schedule: the backward's outer loop when grad_weight or grad_bias is needed and
-# dw_backend="triton". "vocab": slabs of the vocabulary, grad_weight finished per slab in
-# registers (impl/triton_vocab_slabs.py: no fp32 (V, H) accumulator, 2 GB less for Llama-3);
-# "rows": chunks of rows with the fp32 (V, H) accumulator. A frozen head always runs "rows"
-# (nothing to accumulate over the vocabulary, and grad_hidden needs no fp32 sum there).
+# schedule: the backward's outer loop when grad_weight is needed and dw_backend="triton".
+# "vocab": slabs of the vocabulary, grad_weight finished per slab in registers
+# (impl/triton_vocab_slabs.py: no fp32 (V, H) accumulator, 2 GB less for Llama-3), taken
+# where its N x H buffers are the smaller (uses_vocab_schedule: 3 N <= 2 V); "rows": chunks of
+# rows with the fp32 (V, H) accumulator. A frozen weight always runs "rows" (nothing to
+# accumulate over the vocabulary, and grad_hidden needs no fp32 sum there).
 # narrow_h: the H tile of grad_hidden where 128 x 256 tiles do not suit: the vocab schedule,
 # whose kernel also carries the fp32 sum over slabs (at 128 x 256 it spilled 136-456 bytes per
 # thread on sm_90, at 128 x 128 none: benchmarks/gpu/kernel_report.py), and a frozen head,
@@ -261,11 +262,14 @@ def grad_buffers(hidden, weight, bias, need_hidden, need_weight, need_bias,
     return grad_hidden, grad_w32, grad_b32
 
 
-def uses_vocab_schedule(blk: dict, need_weight: bool, need_bias: bool) -> bool:
+def uses_vocab_schedule(blk: dict, need_weight: bool, n: int, v: int) -> bool:
     """The backward loops over vocabulary slabs (impl/triton_vocab_slabs.py): the schedule
-    knob says "vocab", a weight-side gradient is needed, and the Triton kernel computes it."""
+    knob says "vocab", grad_weight is needed, the Triton kernel computes it, and the slabs'
+    N x H buffers (fp32 grad_hidden sum + gathered rows: 6 N H bytes in bf16) are smaller than
+    the rows schedule's fp32 (V, H) accumulator (4 V H): 3 N <= 2 V, true for Llama-3's head up
+    to N = 85k rows, for Phi-3's up to 21k. (A trainable bias alone needs only a (V,) sum.)"""
     return (blk.get("schedule", "vocab") == "vocab" and blk["dw_backend"] == "triton"
-            and (need_weight or need_bias))
+            and need_weight and 3 * n <= 2 * v)
 
 
 def uses_torch_dw(blk: dict, grad_w32, grad_b32) -> bool:
@@ -331,7 +335,7 @@ def lce_backward(hidden, weight, bias, labels, order, count, lse, grad_loss, lab
     """Returns (grad_hidden | None, grad_weight | None, grad_bias | None)."""
     n = hidden.shape[0]
     blk, native, dl_dtype, chunk = chunk_layout(hidden, weight, need_weight)
-    if uses_vocab_schedule(blk, need_weight, need_bias and bias is not None):
+    if uses_vocab_schedule(blk, need_weight, n, weight.shape[0]):
         from .triton_vocab_slabs import lce_backward_vocab_slabs
         return lce_backward_vocab_slabs(blk, native, dl_dtype, hidden, weight, bias, labels,
                                         order, count, lse, grad_loss, label_smoothing,

@@ -1,6 +1,7 @@
 # linear_cross_entropy's Triton backward for a trainable LM head: the vocabulary in the outer loop.
-"""The "vocab" schedule (tile knob `schedule`, the default when grad_weight or grad_bias is
-needed and dw_backend="triton"). impl/triton.py's "rows" schedule loops over chunks of
+"""The "vocab" schedule (tile knob `schedule`, the default when grad_weight is needed,
+dw_backend="triton" and 3 N <= 2 V: impl/triton.uses_vocab_schedule). impl/triton.py's "rows"
+schedule loops over chunks of
 compacted rows; each chunk adds its part of grad_weight = dlogits^T @ hidden to an fp32 (V, H)
 accumulator, so Llama-3's head (V = 128,256, H = 4,096) holds a 2 GB buffer next to the 1 GB
 gradient it returns and reads and writes that buffer once per chunk (4 GB, 8 times at
