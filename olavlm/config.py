@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 import types
@@ -214,9 +215,10 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.epochs": (1, None),
     "train.nonfinite_limit": (1, None),
     "checkpoint.every_steps": (0, None),
-    "checkpoint.keep_last": (1, None),
+    "checkpoint.keep_last": (0, None),  # 0: keep every checkpoint
     "logging.every_steps": (1, None),
-    "model.num_task_tokens": (0, None),
+    "model.num_task_tokens": (1, None),
+    "model.contrastive_weight": (0.0, None),
     "model.max_length": (1, None),
 }
 # Fields whose annotation is looser than what they hold.
@@ -276,6 +278,11 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _check_value(path: str, value: Any) -> None:
+    numbers = value if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+        raise ValueError(f"{path}: expected a finite number, got {value!r}")
+    if path == "optim.betas" and not all(0.0 <= b < 1.0 for b in value):
+        raise ValueError(f"{path}: expected two values in [0, 1), got {list(value)!r}")
     choices = CHOICES.get(path)
     if choices is not None and value is not None and value not in choices:
         match = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["environment_record", "save_resolved_config"]
+__all__ = ["config_changes", "environment_record", "previous_config", "save_resolved_config"]
 
 
 def _git_sha() -> dict:
@@ -122,3 +122,38 @@ def save_resolved_config(cfg, run_dir: str | os.PathLike) -> tuple[Path, Path]:
     env_path = out / "environment.json"
     env_path.write_text(json.dumps(environment_record(), indent=2) + "\n", encoding="utf-8")
     return config_path, env_path
+
+
+def previous_config(run_dir: str | os.PathLike) -> dict | None:
+    """The config a run directory recorded last (``config.yaml`` or ``config.json``), or None
+    (none, or unreadable)."""
+    from olavlm.config import _yaml
+
+    out = Path(run_dir).expanduser()
+    try:
+        if (out / "config.yaml").is_file() and _yaml() is not None:
+            data = _yaml().safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+        elif (out / "config.json").is_file():
+            data = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        else:
+            return None
+    except (OSError, ValueError, Exception):  # a damaged record is not worth a failed resume
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """``"key: old -> new"`` for every leaf that differs (lists and tuples compare equal)."""
+    a, b = _flatten(old), _flatten(new)
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    return [f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}"
+            for key in sorted(set(a) | set(b)) if norm(a.get(key)) != norm(b.get(key))]

@@ -233,6 +233,12 @@ def test_strings_parse_for_numbers_and_ints_for_floats():
     ({"teachers": {"mode": "cache"}}, "teachers.mode: 'cache' needs teachers.cache_dir"),
     ({"model": {"num_task_tokens": 5}}, "model: ModelConfig.heads['depth'].num_queries (576) "
                                         "must be a multiple of num_task_tokens (5)"),
+    ({"model": {"num_task_tokens": 0}}, "model.num_task_tokens: expected a value >= 1, got 0"),
+    ({"model": {"contrastive_weight": -3}}, "model.contrastive_weight: expected a value >= 0.0"),
+    ({"optim": {"lr": float("inf")}}, "optim.lr: expected a finite number, got inf"),
+    ({"optim": {"eps": float("nan")}}, "optim.eps: expected a finite number, got nan"),
+    ({"optim": {"betas": [1.5, 2]}}, "optim.betas: expected two values in [0, 1), got [1.5, 2"),
+    ({"optim": {"betas": [0.9, float("inf")]}}, "optim.betas: expected a finite number"),
 ])
 def test_bad_config_is_rejected(data, message):
     with pytest.raises(ValueError, match=re.escape(message)) as info:
@@ -313,3 +319,7 @@ def test_save_without_yaml_writes_json(tmp_path, monkeypatch):
     config_path, _ = save_resolved_config(get_recipe("demo"), tmp_path)
     assert config_path.name == "config.json"
     assert config_from_dict(json.loads(config_path.read_text())) == get_recipe("demo")
+
+
+def test_keep_last_zero_keeps_every_checkpoint_as_documented():
+    assert config_from_dict({"checkpoint": {"keep_last": 0}}).checkpoint.keep_last == 0

@@ -492,6 +492,7 @@ class Checkpointer:
             saved = _saved_keys(path)
             if not any(k.startswith("optim.") for k in saved):
                 raise CheckpointError(f"{path} holds no optimizer state (saved without 'optim')")
+            _check_same_trainable(path, saved, sd["optim"]["state"], len(optim.param_groups))
             # A fresh optimizer's template holds state for every parameter (DCP initializes it
             # with a zero-lr step); the checkpoint only for those that had gradients. Those
             # without stay without, as in the uninterrupted run (AdamW's bias correction
@@ -507,7 +508,12 @@ class Checkpointer:
                                   f"{_failure(exc)[1]}") from None
         _set_model_optim_state(with_optim, sd)
         if groups_only:  # saved before the optimizer's first step: no state, only its groups
-            optim.load_state_dict({"state": {}, "param_groups": payload["optim_param_groups"]})
+            groups = payload["optim_param_groups"]
+            if len(groups) != len(optim.param_groups) or any(
+                    len(a["params"]) != len(b["params"])
+                    for a, b in zip(groups, optim.param_groups, strict=False)):
+                raise CheckpointError(_trainable_changed(path, "its optimizer groups differ"))
+            optim.load_state_dict({"state": {}, "param_groups": groups})
 
     def _read_rank_file(self, path: Path, info: dict) -> dict:
         saved_world = int(info.get("world_size", 1))
@@ -550,6 +556,30 @@ def _check_state(state: dict, *, loading: bool = False) -> None:
             json.dumps(state["extra"])
         except (TypeError, ValueError) as exc:
             raise TypeError(f"state['extra'] must be JSON-serializable: {exc}") from None
+
+
+def _trainable_changed(path: Path, what: str) -> str:
+    return (f"cannot resume from {path}: {what}, so the trainable parameters changed since it "
+            "was saved (train.stage, or what the stage trains). To train from these weights "
+            f"with other trainable parameters, start a new run with checkpoint.init_from={path}")
+
+
+def _check_same_trainable(path: Path, saved: set[str], template: dict, num_groups: int) -> None:
+    """The checkpoint's optimizer must cover the parameters this run trains, in as many groups:
+    DCP loads param groups non-strictly, and a mismatch only surfaced as a KeyError inside the
+    optimizer's first step. Parameters trained now but without saved state are fine (they had
+    no gradient yet); saved state for a parameter not trained now is not."""
+    prefix = "optim.state."
+    had_state = {k[len(prefix):].rsplit(".", 1)[0] for k in saved if k.startswith(prefix)}
+    extra = sorted(had_state - set(template))
+    if extra:
+        raise CheckpointError(_trainable_changed(
+            path, f"it holds optimizer state for {len(extra)} parameters this run does not "
+                  f"train (e.g. {extra[0]})"))
+    groups = {k.split(".")[2] for k in saved if k.startswith("optim.param_groups.")}
+    if groups and len(groups) != num_groups:
+        raise CheckpointError(_trainable_changed(
+            path, f"it has {len(groups)} optimizer groups, this run {num_groups}"))
 
 
 def _saved_keys(path: Path) -> set[str]:

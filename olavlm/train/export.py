@@ -86,6 +86,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 def run_export(args) -> int:
     import sys
 
+    from .checkpoint import CheckpointError
     from .cli import quiet_third_party
 
     quiet_third_party()  # no torch deprecation notice, no progress bar per save/load
@@ -93,7 +94,7 @@ def run_export(args) -> int:
         _, ckpt = _locate(Path(args.source))
         out = export_checkpoint(args.source, args.out, fmt=args.format,
                                 overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
         print(f"olavlm export: {exc}", file=sys.stderr)
         return 2
     print(f"exported {ckpt} ({args.format}, with the run's tokenizer) to {out}")

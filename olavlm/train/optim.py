@@ -18,7 +18,8 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["build_optimizer", "build_scheduler", "parameter_groups", "warmup_steps"]
+__all__ = ["apply_hyperparameters", "build_optimizer", "build_scheduler", "hyperparameters",
+           "parameter_groups", "warmup_steps"]
 
 HEAD_PREFIXES = ("image_", "task_tokens", "gen_logit_scale", "depth_logit_scale",
                  "seg_logit_scale")
@@ -95,3 +96,28 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int):
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+_HYPER = ("lr", "betas", "eps", "weight_decay")
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each group's base lr, betas, eps and weight decay, as the config built them."""
+    return [{k: g[k] for k in _HYPER if k in g} for g in optimizer.param_groups]
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, fresh: list[dict]) -> None:
+    """After a resume: the config's hyperparameters (``fresh``, read before the checkpoint was
+    loaded) replace the checkpoint's, and the schedule continues from its step with the
+    config's base lr. Loading alone would keep the saved ones (optimizer groups and the
+    scheduler's base_lrs), so an ``optim.lr`` given on the command line would be ignored. With
+    an unchanged config every value is the one saved: the run continues bit for bit."""
+    if len(fresh) != len(optimizer.param_groups):  # the checkpoint load refuses this already
+        raise ValueError(f"{len(fresh)} optimizer groups before the resume, "
+                         f"{len(optimizer.param_groups)} after")
+    for i, (group, values) in enumerate(zip(optimizer.param_groups, fresh, strict=True)):
+        group.update({k: v for k, v in values.items() if k != "lr"})
+        group["initial_lr"] = values["lr"]
+        scheduler.base_lrs[i] = values["lr"]
+        group["lr"] = values["lr"] * scheduler.lr_lambdas[i](scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

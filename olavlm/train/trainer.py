@@ -32,7 +32,7 @@ from . import build as B
 from . import load as L
 from .checkpoint import Checkpointer, CheckpointError, check_resume_path, latest_checkpoint
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_losses, summarize_run
-from .optim import build_optimizer, build_scheduler
+from .optim import apply_hyperparameters, build_optimizer, build_scheduler, hyperparameters
 from .parallel import apply_parallelism, init_distributed, sdpa_context, wants_fsdp
 from .signals import StopSignals
 from .stages import apply_stage, trainable_report
@@ -103,6 +103,24 @@ def _new_folder(out: Path, stem: str) -> tuple[str, bool]:
     raise FileExistsError(f"{out}: every name {stem}[-k] is taken")
 
 
+def _warn_changed_config(run_dir: Path, cfg: Config) -> None:
+    """A resumed run whose config differs from the one the folder recorded says so, key by key:
+    `resume=auto` continues a run whatever the new overrides, and a forgotten override (or a
+    new one) changes the run from here on. The optimizer's lr, betas, eps and weight decay
+    follow the new config (apply_hyperparameters); a changed model shape fails the load."""
+    from olavlm.run_record import config_changes, previous_config
+
+    old = previous_config(run_dir)
+    if old is None:
+        return
+    changes = [c for c in config_changes(old, config_to_dict(cfg))
+               if not c.startswith("checkpoint.resume:")]
+    if changes:
+        logger.warning("resuming %s with a config that differs from its last one (kept as "
+                       "config.<n>.yaml); from this step on:\n  %s", run_dir,
+                       "\n  ".join(changes))
+
+
 def _refuse_to_restart_over(run_dir: Path) -> None:
     """A fresh start (checkpoint.resume none) into a folder that already holds a run's
     checkpoints would append to its metrics and interleave its checkpoints: refuse, before
@@ -161,8 +179,6 @@ class Trainer:
         data, parallelism, optimizer, resume, metrics."""
         if resume_opt in ("", "none"):
             _refuse_to_restart_over(self.run_dir)
-        if d.is_main:
-            save_resolved_config(cfg, self.run_dir)
         barrier = lambda: _barrier(d)  # noqa: E731
         data_root = None
         if not cfg.data.path:
@@ -210,12 +226,19 @@ class Trainer:
         self.nonfinite_run = 0
         resume = self.checkpointer.resolve_resume(cfg.checkpoint.resume)
         if resume is not None:
+            fresh = hyperparameters(self.optimizer)
             extra = self.checkpointer.load(resume, self._state())
             self.step = int(extra["step"])
             self.nonfinite_total = int(extra.get("nonfinite_total", 0))
             self.nonfinite_run = int(extra.get("nonfinite_run", 0))  # "in a row" spans a resume
+            apply_hyperparameters(self.optimizer, self.scheduler, fresh)
             logger.info("resumed from %s at step %d", resume, self.step)
+            if d.is_main:
+                _warn_changed_config(self.run_dir, cfg)
         self.resumed_from = resume
+        # After the resume: a resume that fails leaves the run's recorded config as it was.
+        if d.is_main:
+            save_resolved_config(cfg, self.run_dir)
         lc = cfg.logging
         self.metrics = MetricsLogger(
             self.run_dir, rank=d.rank, total_steps=self.total_steps, jsonl=lc.jsonl,

@@ -285,3 +285,44 @@ def test_a_fresh_start_never_overwrites_a_run_and_a_resume_keeps_the_old_config(
     assert (run / "config.1.yaml").read_text() == config
     assert (run / "environment.1.json").exists()
     assert "0.0005" in (run / "config.yaml").read_text()
+    # ... and the new lr is the one that runs (the checkpoint's optimizer groups and schedule
+    # held the old one), with a warning naming the change
+    assert [g["initial_lr"] for g in resumed.optimizer.param_groups] == \
+        [5e-4] * len(resumed.optimizer.param_groups)
+    assert resumed.scheduler.base_lrs == [5e-4] * len(resumed.scheduler.base_lrs)
+
+
+def test_a_resume_with_a_new_lr_follows_the_new_schedule_and_says_so(tmp_path, synth_dir,
+                                                                      caplog):
+    """Resuming with optim.lr changed continues as a fresh run with that lr would at this step
+    (constant schedule: the lr is the new one from the first resumed step), and warns."""
+    common = ("train.max_steps=4", "checkpoint.every_steps=2", "train.run_name=r",
+              "optim.schedule=constant", "optim.warmup_ratio=0")
+    first = Trainer(_cfg(tmp_path, synth_dir, *common, "train.max_steps=2"))
+    first.train()
+    (first.run_dir / "FINISHED").unlink(missing_ok=True)
+    with caplog.at_level("WARNING", logger="olavlm.train"):
+        resumed = Trainer(_cfg(tmp_path, synth_dir, *common, "optim.lr=3e-4"))
+    assert "optim.lr: 0.001 -> 0.0003" in caplog.text
+    assert "train.max_steps: 2 -> 4" in caplog.text
+    resumed.train()
+    lrs = {row["step"]: row["lr"] for row in read_metrics(resumed.run_dir)}
+    assert lrs[2] == pytest.approx(1e-3) and lrs[3] == pytest.approx(3e-4), lrs
+
+
+def test_a_resume_into_another_stage_is_refused_before_anything_changes(tmp_path, synth_dir,
+                                                                        capsys):
+    """The checkpoint's optimizer trained other parameters (stage full -> pt): a clear error
+    pointing at checkpoint.init_from, not a KeyError inside AdamW; config.yaml unchanged."""
+    common = ("train.max_steps=2", "checkpoint.every_steps=2", "train.run_name=r")
+    first = Trainer(_cfg(tmp_path, synth_dir, *common, "train.stage=full"))
+    first.train()
+    config = (first.run_dir / "config.yaml").read_text()
+    base = [f"train.output_dir={tmp_path / 'runs'}", f"data.synthetic_dir={synth_dir}",
+            "data.synthetic_num=48", "logging.progress=false", "logging.plot=false"]
+    rc = train_main(["--recipe", "demo", *base, *common, "train.stage=pt",
+                     "train.max_steps=3"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "trainable parameters changed" in err and "checkpoint.init_from=" in err, err
+    assert (first.run_dir / "config.yaml").read_text() == config
