@@ -64,6 +64,8 @@ def run_train(args) -> int:
         print(f"olavlm train: {exc}", file=sys.stderr)
         return 2
     quiet_third_party()
+    from olavlm.data.bad_data import BadSampleError
+
     from .checkpoint import CheckpointError
     from .trainer import NoDataError, NonFiniteLossError, Trainer
 
@@ -74,10 +76,11 @@ def run_train(args) -> int:
         return 2
     try:
         result = trainer.train()
-    except (NonFiniteLossError, NoDataError) as exc:
+    except (NonFiniteLossError, NoDataError, BadSampleError) as exc:
         trainer.metrics.close()
-        print(f"olavlm train: {exc}", file=sys.stderr)
-        # The non-finite stop is agreed by all ranks; a NoDataError may be this rank's alone.
+        print(f"olavlm train: {_last_line(exc)}", file=sys.stderr)
+        # The non-finite stop is agreed by all ranks; a NoDataError or a bad sample under
+        # data.on_bad_sample=raise may be this rank's alone.
         trainer.close(barrier=isinstance(exc, NonFiniteLossError))
         return 1
     if result.summary:
@@ -87,6 +90,16 @@ def run_train(args) -> int:
               "to resume")
     trainer.close()
     return 0
+
+
+def _last_line(exc: BaseException) -> str:
+    """The error's own message: a DataLoader worker's re-raise prefixes it with the worker's
+    traceback ("Caught BadSampleError in DataLoader worker process 0. Original Traceback...")."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1]
+        text = text.split(": ", 1)[1] if text.startswith(type(exc).__name__ + ":") else text
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,6 +133,30 @@ def _refuse_to_restart_over(run_dir: Path) -> None:
             "train.run_name (or remove the folder) to start afresh; nothing was changed")
 
 
+LOCK_NAME = ".lock"
+
+
+def _lock_run_dir(run_dir: Path):
+    """Rank 0 holds an exclusive lock on ``run_dir/.lock`` while it builds and trains: a second
+    job into the same folder (a requeued job whose first copy still runs, `--resume auto` in
+    another terminal) would interleave metrics and race for checkpoints. The OS releases the
+    lock when the process dies, so a crash never leaves the folder locked. Returns the open
+    file holding it (None where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    handle = open(run_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held for the run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ValueError(f"{run_dir} is in use by another training process (it holds "
+                         f"{run_dir / LOCK_NAME}): wait for it to finish or stop it, or choose "
+                         "another train.run_name; nothing was changed") from None
+    return handle
+
+
 def _remove_failed_start(run_dir: Path) -> None:
     """Delete a run folder this start made, unless it holds a checkpoint (it never should)."""
     if latest_checkpoint(run_dir) is None:
@@ -167,12 +191,19 @@ class Trainer:
         d = self.dist
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.run_dir, made = _run_dir(cfg, d)
+        self._lock = _lock_run_dir(self.run_dir) if d.is_main else None
         try:
             self._build(cfg, d, resume_opt)
         except BaseException:
+            self._unlock()
             if made:  # a failed start (a bad model path...) leaves no folder behind
                 _remove_failed_start(self.run_dir)
             raise
+
+    def _unlock(self) -> None:
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.close()  # (closing the file releases its flock)
 
     def _build(self, cfg: Config, d, resume_opt: str) -> None:
         """Everything after the run directory is chosen: the run record, tokenizer, model,
@@ -359,6 +390,14 @@ class Trainer:
         return total, local
 
     def train(self) -> TrainResult:
+        """Train to the configured step (or a stop signal); the run folder's lock is released
+        when this returns or raises."""
+        try:
+            return self._train()
+        finally:
+            self._unlock()
+
+    def _train(self) -> TrainResult:
         cfg, d = self.cfg, self.dist
         accum = cfg.optim.grad_accum
         batches = self._batches()
@@ -513,6 +552,7 @@ class Trainer:
         ``barrier=False`` after an error only this rank may have hit (NoDataError): the other
         ranks are in a step's collectives and never reach a barrier, which would hold this one
         until the process group's timeout instead of letting it exit (and torchrun stop them)."""
+        self._unlock()
         if torch.distributed.is_initialized():
             if barrier:
                 torch.distributed.barrier()

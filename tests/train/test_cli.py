@@ -144,6 +144,7 @@ def test_a_rank_without_data_leaves_without_a_barrier(monkeypatch, capsys):
             raise NoDataError("rank 1: every sample of a batch was rejected (missing_image)")
 
         close = Trainer.close
+        _unlock = Trainer._unlock
 
     import torch.distributed as tdist
 
@@ -192,3 +193,23 @@ def test_timestamped_run_folders_are_never_shared(tmp_path, monkeypatch):
     second, made_second = trainer_module._run_dir(cfg, single)
     assert first.name == "demo-20261127-120000" and second.name == "demo-20261127-120000-2"
     assert made_first and made_second
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_sample_under_raise_stops_with_one_line(tmp_path, capsys, workers):
+    """data.on_bad_sample=raise: exit 1 with the sample's message, not a DataLoader worker's
+    re-raised traceback."""
+    from olavlm.data.synthetic import write_synthetic_dataset
+
+    data = tmp_path / "d"
+    write_synthetic_dataset(data, 6, size=32, text_only_fraction=0.0)
+    first = json.loads((data / "train.jsonl").read_text().splitlines()[1])
+    (data / first["image"]).unlink()
+    args = [f"train.output_dir={tmp_path / 'runs'}", f"data.path={data / 'train.jsonl'}",
+            f"data.tokenizer={data / 'tokenizer'}", "data.batch_size=2", "data.shuffle=false",
+            "data.on_bad_sample=raise", f"data.num_workers={workers}", "train.max_steps=3",
+            "checkpoint.at_end=false", "logging.progress=false", "logging.plot=false"]
+    assert train_main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert err[0].startswith("olavlm train: ") and first["image"].split("/")[-1] in err[0], err

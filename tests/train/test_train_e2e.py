@@ -326,3 +326,19 @@ def test_a_resume_into_another_stage_is_refused_before_anything_changes(tmp_path
     assert rc == 2, err
     assert "trainable parameters changed" in err and "checkpoint.init_from=" in err, err
     assert (first.run_dir / "config.yaml").read_text() == config
+
+
+def test_a_second_trainer_into_a_busy_run_folder_is_refused(tmp_path, synth_dir):
+    """Rank 0 locks the run folder while it trains; a second job into it stops at once with a
+    clear error (exit 2 from the CLI), and the lock goes when the first one is done."""
+    common = ("train.max_steps=2", "checkpoint.every_steps=2", "train.run_name=busy")
+    first = Trainer(_cfg(tmp_path, synth_dir, *common))
+    metrics = first.run_dir / "metrics.jsonl"
+    with pytest.raises(ValueError, match="in use by another training process"):
+        Trainer(_cfg(tmp_path, synth_dir, *common, "train.max_steps=3"))
+    assert first.run_dir.is_dir()  # the refused start removed nothing
+    first.train()
+    rows = metrics.read_text()
+    again = Trainer(_cfg(tmp_path, synth_dir, *common, "train.max_steps=3"))  # free now
+    again.train()
+    assert metrics.read_text().startswith(rows)
