@@ -328,6 +328,18 @@ class Trainer:
                 raise NoDataError("the data loader yields no batches (empty dataset, or every "
                                   "sample rejected?)" + (f": {summary}" if summary else ""))
 
+    def _warn_unsupervised(self) -> None:
+        """A step whose batches hold no answer token on this rank trains the next-token loss on
+        nothing (its ntp is 0): said at the 1st, 10th, 100th... such step, not silently."""
+        self.unsupervised_steps = getattr(self, "unsupervised_steps", 0) + 1
+        n = self.unsupervised_steps
+        if n == 10 ** int(math.log10(n)):
+            logger.warning(
+                "step %d: no supervised (answer) tokens in this rank's batch, so no next-token "
+                "loss (%d such step%s so far): conversations without an assistant turn, empty "
+                "answers, or answers cut off by model.max_length=%d?", self.step + 1, n,
+                "" if n == 1 else "s", self.cfg.model.max_length)
+
     def _empty_batch(self, batch) -> None:
         """A batch whose samples were all rejected (``data.on_bad_sample=skip``: a missing
         image at batch size 1, a wrong ``data.image_folder``) has nothing to train on: one
@@ -412,6 +424,8 @@ class Trainer:
                 ntp_tokens, counted = self._step_ntp_tokens(micro_batches)
                 scored = torch.zeros((), device=d.device)
                 window["supervised"] += counted
+                if counted == 0:
+                    self._warn_unsupervised()
                 for micro, batch in enumerate(micro_batches):
                     n, tok, sq = self._tokens(batch)
                     window["samples"] += n

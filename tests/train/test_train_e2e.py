@@ -342,3 +342,14 @@ def test_a_second_trainer_into_a_busy_run_folder_is_refused(tmp_path, synth_dir)
     again = Trainer(_cfg(tmp_path, synth_dir, *common, "train.max_steps=3"))  # free now
     again.train()
     assert metrics.read_text().startswith(rows)
+
+
+def test_steps_without_answer_tokens_are_reported(tmp_path, synth_dir, caplog):
+    """model.max_length cuts every answer: the steps still run (the embedding losses train),
+    and the run says that the next-token loss has nothing to train on."""
+    cfg = _cfg(tmp_path, synth_dir, "train.max_steps=2", "checkpoint.every_steps=0",
+               "checkpoint.at_end=false", "model.max_length=10")
+    with caplog.at_level("WARNING", logger="olavlm.train"):
+        Trainer(cfg).train()
+    assert "step 1: no supervised (answer) tokens" in caplog.text, caplog.text
+    assert "step 2:" not in caplog.text  # said at the 1st, 10th, 100th... such step
