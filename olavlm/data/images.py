@@ -83,7 +83,8 @@ def load_image(source: str | Path | bytes | BinaryIO) -> Image.Image:
     elif isinstance(source, (str, Path)):
         source = Path(source)
         if not source.is_file():
-            raise FileNotFoundError(f"image file not found: {source}")
+            what = "a folder, not an image file" if source.is_dir() else "image file not found"
+            raise FileNotFoundError(f"{what}: {source}")
     with Image.open(source) as image:
         image.load()
         oriented = ImageOps.exif_transpose(image)

@@ -67,8 +67,10 @@ def test_exif_orientation_is_applied():
 
 
 def test_missing_and_corrupt_files_raise(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="image file not found"):
         load_image(tmp_path / "nope.png")
+    with pytest.raises(FileNotFoundError, match="a folder, not an image file"):
+        load_image(tmp_path)  # an "image" field naming a folder
     (tmp_path / "text.png").write_bytes(b"not an image at all")
     with pytest.raises(UnidentifiedImageError):
         load_image(tmp_path / "text.png")
