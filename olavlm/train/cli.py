@@ -96,9 +96,8 @@ def _last_line(exc: BaseException) -> str:
     """The error's own message: a DataLoader worker's re-raise prefixes it with the worker's
     traceback ("Caught BadSampleError in DataLoader worker process 0. Original Traceback...")."""
     text = str(exc).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1]
-        text = text.split(": ", 1)[1] if text.startswith(type(exc).__name__ + ":") else text
+    if "Original Traceback" in text:  # its last line: "[module.]BadSampleError: message"
+        text = text.splitlines()[-1].split(f"{type(exc).__name__}: ", 1)[-1]
     return text
 
 

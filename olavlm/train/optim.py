@@ -102,8 +102,11 @@ _HYPER = ("lr", "betas", "eps", "weight_decay")
 
 
 def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
-    """Each group's base lr, betas, eps and weight decay, as the config built them."""
-    return [{k: g[k] for k in _HYPER if k in g} for g in optimizer.param_groups]
+    """Each group's base lr, betas, eps and weight decay, as the config built them. The base
+    lr is ``initial_lr``: once a scheduler is built, ``lr`` already holds the first step's
+    warm-up fraction of it."""
+    return [{**{k: g[k] for k in _HYPER if k in g}, "lr": g.get("initial_lr", g["lr"])}
+            for g in optimizer.param_groups]
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler, fresh: list[dict]) -> None:

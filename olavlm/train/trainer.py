@@ -146,14 +146,23 @@ def _lock_run_dir(run_dir: Path):
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         return None
-    handle = open(run_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held for the run
+    try:
+        handle = open(run_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held for the run
+    except OSError as exc:  # a read-only folder fails later, where it is written, and says so
+        logger.warning("cannot lock %s (%s): training without the run-folder lock", run_dir, exc)
+        return None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # held by another process
         handle.close()
         raise ValueError(f"{run_dir} is in use by another training process (it holds "
                          f"{run_dir / LOCK_NAME}): wait for it to finish or stop it, or choose "
                          "another train.run_name; nothing was changed") from None
+    except OSError as exc:  # no flock on this file system (Lustre without -o flock, FUSE...)
+        handle.close()
+        logger.warning("cannot lock %s (%s: file locks unsupported here?): training without "
+                       "the run-folder lock", run_dir, exc)
+        return None
     return handle
 
 
@@ -191,13 +200,14 @@ class Trainer:
         d = self.dist
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.run_dir, made = _run_dir(cfg, d)
-        self._lock = _lock_run_dir(self.run_dir) if d.is_main else None
+        self._lock = None
         try:
+            self._lock = _lock_run_dir(self.run_dir) if d.is_main else None
             self._build(cfg, d, resume_opt)
         except BaseException:
-            self._unlock()
             if made:  # a failed start (a bad model path...) leaves no folder behind
                 _remove_failed_start(self.run_dir)
+            self._unlock()  # (after the removal: no other job can lock a folder going away)
             raise
 
     def _unlock(self) -> None:

@@ -213,3 +213,4 @@ def test_a_bad_sample_under_raise_stops_with_one_line(tmp_path, capsys, workers)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0], err
     assert err[0].startswith("olavlm train: ") and first["image"].split("/")[-1] in err[0], err
+    assert "BadSampleError" not in err[0], err

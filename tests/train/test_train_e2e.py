@@ -54,14 +54,16 @@ class _Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("every,crash_at,max_steps", [(4, 4, 8), (12, 12, 15)],
-                         ids=["mid_epoch", "at_the_epoch_end"])
+@pytest.mark.parametrize("every,crash_at,max_steps", [(4, 4, 8), (12, 12, 15), (2, 2, 8)],
+                         ids=["mid_epoch", "at_the_epoch_end", "inside_the_warmup"])
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, synth_dir, every, crash_at,
                                                           max_steps):
     # 48 samples / batch 4: 12 steps an epoch. A checkpoint right after an epoch's last batch
     # holds position == dataset size; the resumed run must roll over into the next epoch.
+    # Half the steps warm up (4 to 8 steps): the resume must keep the base lr, not the warm-up
+    # fraction the optimizer's groups hold once the scheduler is built.
     common = (f"train.max_steps={max_steps}", f"checkpoint.every_steps={every}",
-              "data.batch_size=4")
+              "data.batch_size=4", "optim.warmup_ratio=0.5")
     full = Trainer(_cfg(tmp_path / "a", synth_dir, *common))
     full.train()
     want = _losses(full.run_dir)
@@ -83,7 +85,7 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, synth_dir, e
     resumed.train()
     got = _losses(resumed.run_dir)
     for step in range(crash_at + 1, max_steps + 1):
-        for key in ("loss", "ntp", "gen", "depth", "seg", "grad_norm"):
+        for key in ("loss", "ntp", "gen", "depth", "seg", "grad_norm", "lr"):
             assert got[step][key] == want[step][key], (step, key, got[step][key],
                                                         want[step][key])
 
@@ -353,3 +355,21 @@ def test_steps_without_answer_tokens_are_reported(tmp_path, synth_dir, caplog):
         Trainer(cfg).train()
     assert "step 1: no supervised (answer) tokens" in caplog.text, caplog.text
     assert "step 2:" not in caplog.text  # said at the 1st, 10th, 100th... such step
+
+
+def test_a_file_system_without_locks_trains_without_the_lock(tmp_path, synth_dir, monkeypatch,
+                                                             caplog):
+    """flock failing for another reason than a holder (ENOLCK: Lustre without -o flock) must
+    not be reported as "in use": the run warns and trains."""
+    import errno
+    import fcntl
+
+    def no_locks(*_args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="olavlm.train"):
+        trainer = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=1",
+                               "checkpoint.every_steps=0", "checkpoint.at_end=false"))
+    assert "training without the run-folder lock" in caplog.text
+    assert trainer.train().steps == 1
