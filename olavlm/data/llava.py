@@ -74,6 +74,9 @@ def validate_entry(entry) -> tuple[str, str] | None:
     image = entry.get("image")
     if image is not None and not isinstance(image, str):
         return "bad_entry", f"'image' must be one relative path (str), got {image!r:.60}"
+    if isinstance(image, str) and not image.strip():  # LLaVA's loader would open the folder
+        return "bad_entry", ("'image' is an empty string: give the image's path, or drop the "
+                             "key for a text-only sample")
     try:
         prepare_turns(conversations, has_image=bool(image))
     except ConversationError as err:

@@ -94,6 +94,15 @@ BAD_LINES = {
 }
 
 
+def test_an_empty_image_path_is_a_bad_entry_not_a_text_sample(folder):
+    line = json.dumps({"id": "blank", "image": " ", "conversations": [
+        {"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "ok"}]})
+    index = LlavaIndex(write_jsonl(folder / "d.jsonl", [entry(0), line]))
+    assert len(index) == 1
+    (reject,) = index.rejects
+    assert reject.reason == "bad_entry" and "empty string" in reject.detail
+
+
 @pytest.mark.parametrize("reason", sorted(BAD_LINES))
 def test_index_time_bad_entries(folder, reason):
     path = write_jsonl(folder / "d.jsonl", [entry(0), BAD_LINES[reason], entry(2)])
