@@ -142,6 +142,12 @@ def measure(provider: str, case: Case, *, device: str, warmup: int, rep: int):
         fn(hidden, weight, labels).backward()
 
     note = case.id
+    if provider == "triton":  # which backward ran: records from before the slabs are "rows"
+        from olakernels.linear_cross_entropy.impl import triton as lce_triton
+
+        vocab = lce_triton.uses_vocab_schedule(lce_triton._blocks(), case.train_weight,
+                                               case.tokens, case.vocab)
+        note += f"; backward {'vocab slabs' if vocab else 'row chunks'}"
     try:
         timing = common.do_bench(step, setup=setup, warmup=warmup, rep=rep, device=device)
         peak = common.peak_memory_delta(step, device=device, setup=setup)
