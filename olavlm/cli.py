@@ -187,6 +187,13 @@ def _extract(args) -> int:
             num_workers=args.workers, resize=args.resize, overwrite=args.overwrite,
             on_bad_sample=args.on_bad_sample, rejects_path=args.rejects)
         print(report.summary())
+        rejected = sum(report.rejects.values())
+        if report.num_images == 0 or rejected >= report.num_images:
+            what = ("the data files hold no images" if report.num_images == 0 else
+                    f"every one of the {report.num_images} images was rejected")
+            print(f"olavlm targets extract: {what}: the cache holds no targets (check --data "
+                  "and --image-folder)", file=sys.stderr)
+            return 1
         return 0
     except KeyboardInterrupt:  # finished shards are on disk; the one being written is redone
         print(f"olavlm targets extract: interrupted; finished shards are kept in {args.out}: "

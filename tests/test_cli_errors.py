@@ -49,3 +49,16 @@ def test_ctrl_c_during_extract_says_how_to_resume(synth, tmp_path, capsys, monke
     assert main(["targets", "extract", "--data", str(synth / "train.jsonl"), "--teachers",
                  "synthetic", "--out", str(out)]) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_a_cache_where_every_image_was_rejected_is_not_ok(synth, tmp_path, capsys):
+    """A wrong --image-folder rejects every image: extract and verify both say so (exit 1)
+    instead of reporting a cache without targets as done and OK."""
+    data = str(synth / "train.jsonl")
+    out = tmp_path / "t"
+    assert main(["targets", "extract", "--data", data, "--teachers", "synthetic", "--out",
+                 str(out), "--image-folder", str(tmp_path / "nowhere"), "--workers", "0"]) == 1
+    assert "was rejected: the cache holds no targets" in capsys.readouterr().err
+    assert main(["targets", "verify", str(out), "--data", data]) == 1
+    printed = capsys.readouterr().out
+    assert "none of the dataset's images has targets" in printed and "NOT OK" in printed

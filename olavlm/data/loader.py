@@ -362,6 +362,17 @@ class ResumableLoader:
         self.log.num_dropped += plan.num_dropped
         self._end_epoch()
 
+    def epoch_so_far(self) -> tuple[str, bool] | None:
+        """(summary, anything rejected, dropped or without targets) of the epoch in progress,
+        or None before its first batch. A run that stops at train.max_steps mid-epoch (one
+        epoch of a recipe: the last batches dropped, or max_steps inside it) never ends its
+        epoch, so the trainer reports this at the end instead of the epoch's summary."""
+        if self.position == 0:
+            return None
+        noisy = bool(self.log.num_rejected or self.log.num_dropped
+                     or self.log.num_target_problems)
+        return self.log.summary(self.epoch) + " (so far)", noisy
+
     def _end_epoch(self) -> None:
         self.last_summary = self.log.summary(self.epoch)
         self.last_stats = self.log.state_dict()

@@ -75,10 +75,10 @@ def _check_ids(input_ids, attention_mask, labels, image_features, image_token_in
                          f"{tuple(image_features.shape)}")
     count = (input_ids == image_token_index).sum(1)
     fail_if_any(count > 1, count, "input_ids: at most one image placeholder per sample is "
-                "supported (multi-image samples are not), found a sample with")
+                "supported (multi-image samples are not); a sample's number of placeholders")
     if image_features is None:
         fail_if_any(count > 0, count, "input_ids hold an image placeholder but no images were "
-                    "given (pass images=...); placeholders in a sample")
+                    "given (pass images=...); a sample's number of placeholders")
 
 
 def splice_inputs(

@@ -47,9 +47,15 @@ class VerifyReport:
     fp8_error: dict | None = None
 
     @property
+    def none_cached(self) -> bool:
+        """Coverage asked for, and not one of the dataset's images has targets."""
+        c = self.coverage
+        return c is not None and c["dataset_images"] > 0 and c["cached"] == 0
+
+    @property
     def ok(self) -> bool:
         uncovered = self.coverage is not None and self.coverage["missing_not_rejected"] > 0
-        return self.complete and not self.problems and not uncovered
+        return self.complete and not self.problems and not uncovered and not self.none_cached
 
     def summary(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE (no index.json)"
@@ -66,6 +72,9 @@ class VerifyReport:
                          f"{'; rejected: ' + reasons if reasons else ''}); {c['extra']} extra")
             if c["missing_examples"]:
                 lines.append(f"  missing, e.g.: {c['missing_examples']}")
+            if self.none_cached:
+                lines.append("  PROBLEM: none of the dataset's images has targets (every one "
+                             "rejected at extraction, or a cache of other data)")
         for task, err in (self.fp8_error or {}).items():
             lines.append(f"  fp8 {task}: relative RMS error {err['rel_rms']:.4f}, max "
                          f"{err['max_over_bound']:.3f} of the bound")

@@ -194,6 +194,35 @@ def build_teachers_for(cfg, model: OlaVLM, device: torch.device):
     return online
 
 
+def _check_cache_coverage(dataset, cache, where: str, sample: int = 1000) -> None:
+    """Look up the images of up to ``sample`` entries spread over the dataset in the target
+    cache before training: a cache built for other data (or another image folder layout) would
+    otherwise mask every embedding loss for a whole run and only show in rejects.jsonl. None
+    found: ValueError; some missing: a warning with the estimate."""
+    from olavlm.data.llava import image_key
+
+    index = dataset.index
+    step = max(1, len(index) // sample)
+    images = found = 0
+    for i in range(0, len(index), step):
+        entry = index.entry(i)
+        if isinstance(entry, dict) and entry.get("image"):
+            images += 1
+            found += image_key(entry["image"]) in cache
+    if images == 0:
+        return
+    if found == 0:
+        raise ValueError(
+            f"teachers.cache_dir: {where} holds targets for none of the {images} images "
+            f"sampled from data.path: was it extracted from another dataset? (`olavlm targets "
+            "verify <cache> --data <file>` reports the coverage)")
+    if found < images:
+        logger.warning("teachers.cache_dir: %d of %d images sampled from data.path (%.1f%%) "
+                       "have no cached targets; those samples train without embedding losses "
+                       "(teachers.on_missing_target)", images - found, images,
+                       100.0 * (images - found) / images)
+
+
 def _check_shapes(model: OlaVLM, shapes: dict, source: str) -> None:
     for task in model.tasks:
         if task not in shapes:
@@ -232,6 +261,8 @@ def build_data(cfg, model: OlaVLM, tokenizer, data_root: Path | None, *, rank: i
         image_view=view, keep_raw_image=needs_images, max_length=cfg.model.max_length,
         num_image_tokens=num_inserted, on_bad_sample=cfg.data.on_bad_sample, targets=cache,
         on_missing_target=cfg.teachers.on_missing_target, keep_maps=needs_maps)
+    if cache is not None:
+        _check_cache_coverage(dataset, cache, cfg.teachers.cache_dir)
     loader = ResumableLoader(
         dataset, batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle, seed=cfg.train.seed,
         rank=rank, world_size=world_size, num_workers=cfg.data.num_workers,

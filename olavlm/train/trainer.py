@@ -563,11 +563,18 @@ class Trainer:
     def _finish(self, stopped: str | None) -> TrainResult:
         self.metrics.close()
         summary = ""
+        # The epoch in progress has no summary of its own yet (rejects, samples without
+        # targets): without this a one-epoch run never reported them.
+        so_far = getattr(self.loader, "epoch_so_far", lambda: None)()
+        if so_far is not None:
+            logger.log(logging.WARNING if so_far[1] else logging.INFO, "data: %s", so_far[0])
         if self.dist.is_main:
             if self.cfg.logging.plot:
                 with contextlib.suppress(Exception):  # a missing matplotlib is not fatal
                     plot_losses(self.run_dir)
             summary = summarize_run(self.run_dir)
+            if so_far is not None and so_far[1]:
+                summary += f"\ndata (rank 0): {so_far[0]}"
             (self.run_dir / "summary.txt").write_text(summary + "\n")
         return TrainResult(self.run_dir, self.step, stopped, summary)
 

@@ -78,6 +78,10 @@ def test_a_batch_of_rejected_samples_is_skipped(tmp_path, caplog):
     assert result.steps == 3
     assert trainer.loader.log.counts == {"missing_image": 1}
     assert "every sample of a batch was rejected (missing_image): skipped" in caplog.text
+    # The run stops inside its epoch: the epoch's rejects are still reported at the end (in
+    # the log and in summary.txt), not only when an epoch completes.
+    assert "missing_image=1" in caplog.text and "(so far)" in caplog.text
+    assert "missing_image=1" in (result.run_dir / "summary.txt").read_text()
 
 
 def test_only_rejected_batches_name_the_reasons_and_ranks_cannot_skip():

@@ -38,3 +38,33 @@ def test_cached_targets_train_like_online_ones(tmp_path):
 def test_cache_mode_needs_a_cache_dir(tmp_path):
     with pytest.raises(ValueError, match="cache_dir"):
         Trainer(_cfg(tmp_path, "teachers.mode=cache"))
+
+
+def test_a_cache_of_other_images_is_refused_and_a_partial_one_reported(tmp_path, caplog):
+    """Targets for none of the dataset's images (extracted from other data): a clear error
+    before training, not a run whose embedding losses are all masked; some missing: a warning
+    with the share."""
+    import json
+
+    cfg = _cfg(tmp_path)
+    root = B.synthetic_dataset_dir(cfg, is_main=True, barrier=lambda: None)
+    lines = (root / "train.jsonl").read_text().splitlines()
+    teacher = SyntheticTeacher(**cfg.teachers.synthetic)
+    images = [json.loads(line) for line in lines if json.loads(line).get("image")]
+    assert len(images) >= 4
+    import shutil
+
+    (root / "elsewhere").mkdir(exist_ok=True)  # an image of the data under another name
+    shutil.copy(root / images[0]["image"], root / "elsewhere" / "x.png")
+    other = [{**images[0], "image": "elsewhere/x.png"}]
+    for name, keep in (("other", other), ("half", images[: len(images) // 2])):
+        subset = tmp_path / f"{name}.jsonl"
+        subset.write_text("".join(json.dumps(e) + "\n" for e in keep))
+        extract_targets([subset], tmp_path / name, [teacher], num_workers=0, storage="bf16",
+                        image_folder=root)
+    with pytest.raises(ValueError, match="holds targets for none of the"):
+        Trainer(_cfg(tmp_path, "teachers.mode=cache", f"teachers.cache_dir={tmp_path / 'other'}"))
+    with caplog.at_level("WARNING", logger="olavlm.train"):
+        Trainer(_cfg(tmp_path, "teachers.mode=cache", "train.run_name=half",
+                     f"teachers.cache_dir={tmp_path / 'half'}"))
+    assert "have no cached targets" in caplog.text
