@@ -263,6 +263,19 @@ class TokenizedConversation:
     num_tokens: int
 
 
+# A prompt longer than (max_length + 8) x this many characters is cut to that length before it
+# is tokenized: no token spans that many characters, so the first max_length tokens are the
+# same, and a 50 MB answer no longer costs its full tokenization (gigabytes of offsets).
+MAX_CHARS_PER_TOKEN = 64
+
+
+def _cut(rendered: Rendered, limit: int) -> Rendered:
+    """The first ``limit`` characters of a rendered prompt, its spans clipped to them."""
+    spans = tuple((a, min(b, limit)) for a, b in rendered.supervised if a < limit)
+    return Rendered(rendered.text[:limit], spans,
+                    tuple(h for h in rendered.header_ends if h <= limit))
+
+
 def tokenize_conversation(
     conversations: Sequence[Mapping],
     tokenizer,
@@ -277,7 +290,9 @@ def tokenize_conversation(
     ``tokenizer``: a fast (offset-reporting) transformers tokenizer that adds BOS itself.
     ``max_length`` bounds the sequence *after* splicing, where the single image placeholder
     becomes ``num_image_tokens`` positions (image patches + task tokens): text is cut from the
-    right (``truncated=True``); a cut that would remove the image placeholder raises
+    right (``truncated=True``; a prompt of more than (max_length + 8) x MAX_CHARS_PER_TOKEN
+    characters is cut to that before tokenizing, and ``num_tokens`` then counts the cut
+    prompt's tokens); a cut that would remove the image placeholder raises
     ``ConversationError(reason="too_long")``. Other errors: ``no_conversations``,
     ``bad_entry``, ``tokenization_mismatch``.
     """
@@ -285,11 +300,14 @@ def tokenize_conversation(
         raise TypeError("tokenizer must be a fast transformers tokenizer (it must report "
                         f"character offsets), got {type(tokenizer).__name__}")
     rendered = render(template, prepare_turns(conversations, has_image))
+    cut = False
+    if max_length is not None and len(rendered.text) > (max_length + 8) * MAX_CHARS_PER_TOKEN:
+        rendered, cut = _cut(rendered, (max_length + 8) * MAX_CHARS_PER_TOKEN), True
     ids, spans = _encode_pieces(tokenizer, rendered.text)
     labels = _labels_from_spans(ids, spans, rendered)
     image_position = ids.index(IMAGE_TOKEN_INDEX) if IMAGE_TOKEN_INDEX in ids else -1
-    num_tokens = len(ids)
-    truncated = False
+    num_tokens = len(ids)  # (of the cut prompt when it was cut: a lower bound then)
+    truncated = cut
     if max_length is not None:
         budget = max_length - (num_image_tokens - 1 if image_position >= 0 else 0)
         if image_position >= budget or budget <= 0:

@@ -232,3 +232,24 @@ def test_tokenizer_and_template_arguments_are_checked(llama_tokenizer):
         tokenize_conversation(CONVERSATIONS[0], llama_tokenizer, "vicuna", has_image=False)
     with pytest.raises(TypeError, match="tokenizer must be a fast transformers tokenizer"):
         tokenize_conversation(CONVERSATIONS[0], object(), "plain", has_image=False)
+
+
+@pytest.mark.parametrize("words", ["the cat sat ", "x" * 300 + " "])
+def test_a_huge_answer_is_cut_before_tokenizing_with_the_same_tokens(llama_tokenizer,
+                                                                     monkeypatch, words):
+    """A prompt far longer than max_length tokens could need is cut to (max_length + 8) x
+    MAX_CHARS_PER_TOKEN characters first (a 50 MB line took 21 GB to tokenize whole): the kept
+    tokens and labels are those of the whole prompt, truncated (also for a 300-letter word,
+    which spans several tokens)."""
+    from olavlm.data import templates
+
+    conv = [{"from": "human", "value": "<image>\nDescribe it."},
+            {"from": "gpt", "value": words * 2000}]
+    opts = dict(has_image=True, max_length=48, num_image_tokens=4)
+    cut = tokenize_conversation(conv, llama_tokenizer, "llava_llama_3", **opts)
+    monkeypatch.setattr(templates, "MAX_CHARS_PER_TOKEN", 10**9)  # tokenize it whole
+    whole = tokenize_conversation(conv, llama_tokenizer, "llava_llama_3", **opts)
+    assert cut.truncated and whole.truncated
+    assert cut.input_ids.tolist() == whole.input_ids.tolist()
+    assert cut.labels.tolist() == whole.labels.tolist()
+    assert cut.num_tokens < whole.num_tokens  # (counted on the cut prompt)
