@@ -137,7 +137,7 @@ def previous_config(run_dir: str | os.PathLike) -> dict | None:
             data = json.loads((out / "config.json").read_text(encoding="utf-8"))
         else:
             return None
-    except (OSError, ValueError, Exception):  # a damaged record is not worth a failed resume
+    except Exception:  # noqa: BLE001 - a damaged record is not worth a failed resume
         return None
     return data if isinstance(data, dict) else None
 
