@@ -5,7 +5,7 @@
     olavlm data check DATA.jsonl --tokenizer DIR [--template llava_llama_3] [--rejects FILE]
     olavlm targets extract --data DATA.jsonl --teachers depth,seg,gen --out CACHE
                            [--weights depth=DIR,seg=DIR,gen=DIR] [--storage bf16|fp8_e4m3]
-    olavlm targets verify CACHE [--data DATA.jsonl]
+    olavlm targets verify CACHE [--data DATA.jsonl [--images]]
 
     olavlm train [--recipe NAME] [--config FILE] [--resume auto|none|PATH] [key=value ...]
     olavlm export RUN_DIR_OR_CHECKPOINT --out DIR [--format hf|seed]
@@ -92,6 +92,11 @@ def _add_verify(sub) -> None:
     p.add_argument("cache", help="cache folder")
     p.add_argument("--data", nargs="+", default=None, help=".json/.jsonl files for coverage")
     p.add_argument("--no-rows", action="store_true", help="skip the per-row CRC checks")
+    p.add_argument("--images", action="store_true",
+                   help="with --data: read each cached image and report those changed since "
+                   "extraction (stale targets)")
+    p.add_argument("--image-folder", default=None,
+                   help="where --images finds the images (default: beside each data file)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,7 +212,10 @@ def _extract(args) -> int:
 def _verify(args) -> int:
     from olavlm.teachers import verify_cache
 
-    report = verify_cache(args.cache, data=args.data, check_rows=not args.no_rows)
+    if args.images and not args.data:
+        raise ValueError("--images needs --data (the data files whose images to read)")
+    report = verify_cache(args.cache, data=args.data, check_rows=not args.no_rows,
+                          check_images=args.images, image_folder=args.image_folder)
     print(report.summary())
     return 0 if report.ok else 1
 

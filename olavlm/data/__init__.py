@@ -8,7 +8,7 @@ from .bad_data import (
     Reject,
     RejectLog,
 )
-from .images import CLIP_MEAN, CLIP_STD, ImageView, load_image, tower_view
+from .images import CLIP_MEAN, CLIP_STD, ImageView, image_digest, load_image, tower_view
 from .llava import MISSING_TARGET_POLICIES, LlavaDataset, LlavaIndex, Sample, image_key
 from .loader import Batch, Collator, ResumableLoader
 from .sampler import plan_epoch
@@ -51,6 +51,7 @@ __all__ = [
     "Sample",
     "Template",
     "get_template",
+    "image_digest",
     "image_key",
     "load_image",
     "num_tokens_before_image",

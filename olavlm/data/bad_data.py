@@ -11,9 +11,10 @@ Reasons (``REJECT_REASONS``):
 - ``tokenization_mismatch``: a token straddles a supervised span (templates.py);
 - ``too_long``: ``max_length`` cannot even hold the prompt before the image and the image.
 
-Image samples whose cached targets are absent or damaged (``missing_target``,
-``corrupt_target``, ``TARGET_PROBLEMS``) are not rejected: they train on the text with the
-embedding losses masked, and are counted apart, logged in the rejects file and summarized.
+Image samples whose cached targets are absent, damaged, or were computed from an earlier
+version of the image file (``missing_target``, ``corrupt_target``, ``stale_target``,
+``TARGET_PROBLEMS``) are not rejected: they train on the text with the embedding losses
+masked, and are counted apart, logged in the rejects file and summarized.
 
 ``on_bad_sample="skip"`` (default) leaves the sample out of its batch, counts it per reason,
 appends one JSON line per reject to the rejects file and logs a summary at the end of the
@@ -45,7 +46,7 @@ REJECT_REASONS = (
     "malformed_json", "no_conversations", "bad_entry", "missing_image", "corrupt_image",
     "tokenization_mismatch", "too_long",
 )
-TARGET_PROBLEMS = ("missing_target", "corrupt_target")
+TARGET_PROBLEMS = ("missing_target", "corrupt_target", "stale_target")
 
 
 def check_policy(on_bad_sample: str) -> str:

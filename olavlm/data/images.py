@@ -18,6 +18,7 @@ With ``mean``/``std`` the view is float32 ``(x / 255 - mean) / std``; without, u
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import re
 from pathlib import Path
@@ -33,8 +34,10 @@ __all__ = [
     "CLIP_STD",
     "ImageView",
     "expand_to_square",
+    "image_digest",
     "load_image",
     "pil_to_uint8",
+    "read_image_file",
     "to_rgb",
     "tower_view",
 ]
@@ -71,6 +74,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _check_is_file(path: Path) -> None:
+    if not path.is_file():
+        what = "a folder, not an image file" if path.is_dir() else "image file not found"
+        raise FileNotFoundError(f"{what}: {path}")
+
+
+def read_image_file(path: str | Path) -> bytes:
+    """The bytes of the image file at ``path`` (``FileNotFoundError`` naming it when it is
+    absent or a folder): read once, then hashed (``image_digest``) and decoded (``load_image``)."""
+    path = Path(path)
+    _check_is_file(path)
+    return path.read_bytes()
+
+
+def image_digest(data: bytes) -> str:
+    """16 hex digits (BLAKE2b, 64 bits) of an image file's bytes: a target cache records it at
+    extraction, so a training run notices an image that changed since (``stale_target``)."""
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
 def load_image(source: str | Path | bytes | BinaryIO) -> Image.Image:
     """Decode ``source`` (a path, the file's bytes or a binary file object) into RGB.
 
@@ -82,9 +105,7 @@ def load_image(source: str | Path | bytes | BinaryIO) -> Image.Image:
         source = io.BytesIO(source)
     elif isinstance(source, (str, Path)):
         source = Path(source)
-        if not source.is_file():
-            what = "a folder, not an image file" if source.is_dir() else "image file not found"
-            raise FileNotFoundError(f"{what}: {source}")
+        _check_is_file(source)
     with Image.open(source) as image:
         image.load()
         oriented = ImageOps.exif_transpose(image)

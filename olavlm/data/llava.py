@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from .bad_data import BadSampleError, Reject, check_policy
-from .images import ImageView, load_image, pil_to_uint8
+from .images import ImageView, image_digest, load_image, pil_to_uint8, read_image_file
 from .templates import ConversationError, get_template, prepare_turns, tokenize_conversation
 
 __all__ = [
@@ -260,8 +260,11 @@ class LlavaDataset(torch.utils.data.Dataset):
     ``.lookup(key) -> (values | None, problem, detail)``) adds each image's cached targets. An
     image without them gets zero targets with ``target_present=False`` (its loss mask is 0)
     and is counted and logged as ``missing_target``/``corrupt_target``, or raises
-    ``BadSampleError`` with ``on_missing_target="raise"``. ``keep_maps`` adds the synthetic
-    dataset's depth and segmentation maps (for the synthetic teacher run online).
+    ``BadSampleError`` with ``on_missing_target="raise"``. When ``targets.checks_image_digest``
+    is true, ``lookup`` also gets ``image_digest=`` (of the bytes just decoded), and targets
+    extracted from an image file that has changed since are ``stale_target``, handled alike.
+    ``keep_maps`` adds the synthetic dataset's depth and segmentation maps (for the synthetic
+    teacher run online).
     """
 
     def __init__(
@@ -330,8 +333,12 @@ class LlavaDataset(torch.utils.data.Dataset):
         dtype = getattr(self.targets, "dtype", torch.bfloat16)
         return {t: torch.zeros(shape, dtype=dtype) for t, shape in self.targets.tasks.items()}
 
-    def _add_targets(self, i: int, entry: dict, sample: Sample) -> None:
-        values, reason, detail = self.targets.lookup(sample.image_key)
+    def _add_targets(self, i: int, entry: dict, sample: Sample, image_bytes: bytes) -> None:
+        if getattr(self.targets, "checks_image_digest", False):
+            values, reason, detail = self.targets.lookup(
+                sample.image_key, image_digest=image_digest(image_bytes))
+        else:
+            values, reason, detail = self.targets.lookup(sample.image_key)
         if values is not None:
             sample.targets, sample.target_present = values, True
             return
@@ -389,7 +396,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         sample.image_key = image_key(entry["image"])
         path = self.image_path(i, entry["image"])
         try:
-            pil = load_image(path)  # the one decode every view below derives from
+            data = read_image_file(path)
+            pil = load_image(data)  # the one decode every view below derives from
         except FileNotFoundError as err:
             return self._bad(i, entry, "missing_image", str(err))
         except (OSError, ValueError, Image.DecompressionBombError) as err:
@@ -403,5 +411,5 @@ class LlavaDataset(torch.utils.data.Dataset):
             if bad is not None:
                 return bad
         if self.targets is not None:
-            self._add_targets(i, entry, sample)
+            self._add_targets(i, entry, sample, data)
         return sample

@@ -8,7 +8,8 @@ Layout of a cache folder::
     shard-00000.safetensors      rows of targets for up to ``shard_size`` images
     shard-00000.json             sidecar: sha256 and size of the shard, its keys, rejects;
                                  written after the shard, so its presence means "shard done"
-    index.json                   written last: every shard, its checksum, keys and the rejects
+    index.json                   written last: every shard, its checksum, keys, the digests
+                                 of the images' files, and the rejects
 
 Each shard is a standard safetensors file (readable by any safetensors tool) holding, per task,
 ``<task>`` (N, *shape) in bf16, or float8 e4m3 plus ``<task>.scale`` (N, R) fp32 (one scale per
@@ -19,7 +20,9 @@ tensor's byte offsets, so a training worker reads one sample's row with a single
 exactly its bytes (1.2 MB depth, 1.8 MB seg in bf16) and no decompression. Files are written to
 a temporary name, fsynced and renamed, so a crash never leaves a partial shard under a final
 name; the reader checks each shard's size once and each row's CRC on every read, so a damaged
-row is reported, never returned.
+row is reported, never returned. Each key's ``image_digests`` entry (BLAKE2b-64 of the image
+file's bytes at extraction) lets the training loader tell a target computed from an older
+version of the image (``stale_target``) from a current one.
 """
 from __future__ import annotations
 
@@ -99,6 +102,17 @@ def read_json(path: Path) -> dict:
 def key_hash(key: str) -> int:
     """64-bit hash of an image key (blake2b): the reader's lookup tables hold only these."""
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _digest_ints(digests, count: int) -> list[int]:
+    """An index shard's ``image_digests`` (hex strings, or None per key or for the shard) as
+    ints, 0 where none was recorded."""
+    if digests is None:
+        return [0] * count
+    if len(digests) != count:
+        raise ValueError(f"index.json: a shard lists {count} keys but {len(digests)} image "
+                         "digests (the index is damaged); re-extract")
+    return [0 if d is None else int(d, 16) for d in digests]
 
 
 def _row_crcs(data: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -222,10 +236,11 @@ class ShardFile:
 class TargetCache:
     """Targets by image key from a finished cache folder (``olavlm targets extract``).
 
-    ``read(key)`` -> {task: tensor of ``dtype``}; ``lookup(key)`` -> (targets or None, None or
-    the problem: "missing_target" / "corrupt_target") for the training loader. Keys are held
-    as 64-bit hashes in sorted numpy arrays (16 bytes per image, shared by forked workers);
-    a lookup of a key that is absent matches a present one with probability ~N / 2^64.
+    ``read(key)`` -> {task: tensor of ``dtype``}; ``lookup(key, image_digest=...)`` ->
+    (targets or None, None or the problem: "missing_target" / "corrupt_target" /
+    "stale_target") for the training loader. Keys are held as 64-bit hashes in sorted numpy
+    arrays (24 bytes per image with the image digests, shared by forked workers); a lookup of
+    a key that is absent matches a present one with probability ~N / 2^64.
     """
 
     def __init__(self, root: str | Path, *, tasks: Iterable[str] | None = None,
@@ -251,11 +266,12 @@ class TargetCache:
         self.shards = [(s["file"], int(s["bytes"])) for s in index["shards"]]
         self.rejects = index.get("rejects", [])
         self.fp8_error = index.get("fp8_error", {})
-        hashes, shard_ids, rows = [], [], []
+        hashes, shard_ids, rows, digests = [], [], [], []
         for k, shard in enumerate(index["shards"]):
             hashes += [key_hash(key) for key in shard["keys"]]
             shard_ids += [k] * len(shard["keys"])
             rows += range(len(shard["keys"]))
+            digests += _digest_ints(shard.get("image_digests"), len(shard["keys"]))
         order = np.argsort(np.asarray(hashes, dtype=np.uint64), kind="stable")
         self._hashes = np.asarray(hashes, dtype=np.uint64)[order]
         if len(self._hashes) > 1 and bool((self._hashes[1:] == self._hashes[:-1]).any()):
@@ -263,6 +279,9 @@ class TargetCache:
                              "stored twice); re-extract")
         self._shard_ids = np.asarray(shard_ids, dtype=np.int32)[order]
         self._rows = np.asarray(rows, dtype=np.int32)[order]
+        self._digests = np.asarray(digests, dtype=np.uint64)[order]  # 0: not recorded
+        # Caches extracted before digests were recorded cannot tell a changed image.
+        self.checks_image_digest = bool(len(self._digests)) and bool((self._digests != 0).any())
         self._files: dict[int, ShardFile | CorruptTargetError] = {}
         self._pid = os.getpid()
 
@@ -274,13 +293,23 @@ class TargetCache:
         state["_files"] = {}  # file descriptors do not travel to spawned workers
         return state
 
-    def location(self, key: str) -> tuple[int, int] | None:
-        """(shard index, row) of ``key``, or None."""
+    def _position(self, key: str) -> int | None:
         h = np.uint64(key_hash(key))
         i = int(np.searchsorted(self._hashes, h))
-        if i == len(self._hashes) or self._hashes[i] != h:
+        return None if i == len(self._hashes) or self._hashes[i] != h else i
+
+    def location(self, key: str) -> tuple[int, int] | None:
+        """(shard index, row) of ``key``, or None."""
+        i = self._position(key)
+        return None if i is None else (int(self._shard_ids[i]), int(self._rows[i]))
+
+    def image_digest(self, key: str) -> str | None:
+        """The digest of ``key``'s image file recorded at extraction (``olavlm.data.
+        image_digest``), or None (absent key, or a cache from before digests were kept)."""
+        i = self._position(key)
+        if i is None or int(self._digests[i]) == 0:
             return None
-        return int(self._shard_ids[i]), int(self._rows[i])
+        return f"{int(self._digests[i]):016x}"
 
     def __contains__(self, key: str) -> bool:
         return self.location(key) is not None
@@ -309,8 +338,19 @@ class TargetCache:
         return {t: shard.read_row(t, where[1], check=self.check_rows, dtype=self.dtype)
                 for t in self.tasks}
 
-    def lookup(self, key: str) -> tuple[dict[str, torch.Tensor] | None, str | None, str]:
-        """(targets, None, "") or (None, "missing_target" | "corrupt_target", detail)."""
+    def lookup(self, key: str, image_digest: str | None = None
+               ) -> tuple[dict[str, torch.Tensor] | None, str | None, str]:
+        """(targets, None, "") or (None, "missing_target" | "corrupt_target" | "stale_target",
+        detail). ``image_digest``: the digest of the image file the sample was decoded from;
+        when it differs from the one recorded at extraction the targets belong to another
+        version of the image (``stale_target``)."""
+        if image_digest is not None:
+            stored = self.image_digest(key)
+            if stored is not None and stored != image_digest:
+                return None, "stale_target", (
+                    f"image {key!r} changed after its targets were extracted into {self.root} "
+                    f"(file digest {image_digest}, cached {stored}); rerun `olavlm targets "
+                    "extract --overwrite` for this data")
         try:
             return self.read(key), None, ""
         except KeyError as err:

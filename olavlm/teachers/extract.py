@@ -11,6 +11,8 @@ files of an interrupted write are deleted. When all shards are done rank 0 write
 ``index.json``. Images that cannot be used (``missing_image``, ``corrupt_image``, ``bad_maps``,
 ``nonfinite_target``) are left out of the cache, counted, listed in the index and, with
 ``rejects_path``, written one JSON line each; ``on_bad_sample="raise"`` stops at the first.
+Each cached image's file digest (``image_digest`` of its bytes) is recorded beside its key, so
+training notices an image that changed after extraction (``stale_target``).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from olavlm.data.bad_data import BadSampleError, Reject, RejectLog, check_policy
-from olavlm.data.images import load_image, pil_to_uint8
+from olavlm.data.images import image_digest, load_image, pil_to_uint8, read_image_file
 from olavlm.data.llava import LlavaIndex, image_key, resolve_image_path
 
 from .base import Teacher
@@ -66,6 +68,7 @@ class _Item:
     raw: torch.Tensor | None
     views: dict[str, torch.Tensor]
     maps: dict[str, torch.Tensor] | None
+    digest: str | None = None  # of the image file's bytes; None: not read (maps-only teachers)
 
 
 class ImageKeyDataset(torch.utils.data.Dataset):
@@ -88,14 +91,16 @@ class ImageKeyDataset(torch.utils.data.Dataset):
         bad = lambda reason, detail: Reject(reason=reason, sample_id=key, detail=detail,
                                             location=self.index.location(i), index=i)
         item = _Item(key=key, raw=None, views={}, maps=None)
+        path = resolve_image_path(self.index, i, entry["image"], self.image_folder)
         if self.decode:
-            path = resolve_image_path(self.index, i, entry["image"], self.image_folder)
             try:
-                pil = load_image(path)
+                data = read_image_file(path)
+                pil = load_image(data)
             except FileNotFoundError as err:
                 return bad("missing_image", str(err))
             except (OSError, ValueError) as err:
                 return bad("corrupt_image", f"{path}: {type(err).__name__}: {err}")
+            item.digest = image_digest(data)
             item.raw = pil_to_uint8(pil) if self.keep_raw else None
             item.views = {name: view(pil) for name, view in self.views.items()}
         if self.keep_maps:
@@ -106,6 +111,11 @@ class ImageKeyDataset(torch.utils.data.Dataset):
                 item.maps = load_scene_maps(entry, folder)
             except (OSError, ValueError) as err:
                 return bad("bad_maps", f"{type(err).__name__}: {err}")
+            if item.digest is None:  # the image is not decoded, but training checks its digest
+                try:
+                    item.digest = image_digest(read_image_file(path))
+                except OSError:
+                    pass  # training rejects the sample itself (missing_image)
         return item
 
 
@@ -117,7 +127,7 @@ def _collate(items):
     maps = ({k: [x.maps[k] for x in good] for k in good[0].maps}
             if good and good[0].maps is not None else None)
     raw = [x.raw for x in good] if good and good[0].raw is not None else None
-    return [x.key for x in good], raw, views, maps, rejects
+    return [x.key for x in good], [x.digest for x in good], raw, views, maps, rejects
 
 
 @dataclasses.dataclass
@@ -220,7 +230,7 @@ def _run_teachers(teachers: Sequence[Teacher], raw, views, maps, resize: str):
     return out
 
 
-def _write_shard(out: Path, k: int, keys, parts, rejects, meta: dict) -> dict:
+def _write_shard(out: Path, k: int, keys, digests, parts, rejects, meta: dict) -> dict:
     if parts:
         tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     else:  # every image of the shard was rejected: an empty shard keeps the layout
@@ -230,6 +240,7 @@ def _write_shard(out: Path, k: int, keys, parts, rejects, meta: dict) -> dict:
     atomic_write(out / shard_name(k), blob)
     info = {"shard": k, "file": shard_name(k), "bytes": len(blob),
             "sha256": hashlib.sha256(blob).hexdigest(), "num_rows": len(keys), "keys": keys,
+            "image_digests": digests,
             "rejects": [dataclasses.asdict(r) for r in rejects], "rank": meta["rank"],
             "plan": meta["plan"], "fp8": meta["fp8"]}
     atomic_write(out / sidecar_name(k), json.dumps(info).encode())
@@ -276,8 +287,10 @@ def _write_index(out: Path, plan: dict, num_shards: int) -> dict:
              "tasks": plan["tasks"], "teachers": plan["teachers"],
              "num_images": plan["num_images"],
              "num_cached": sum(i["num_rows"] for i in infos),
-             "shards": [{k: i[k] for k in ("file", "bytes", "sha256", "num_rows", "keys", "rank")}
-                        for i in infos],
+             # A sidecar written before image digests were recorded has none: its images
+             # are not checked for changes.
+             "shards": [{k: i.get(k) for k in ("file", "bytes", "sha256", "num_rows", "keys",
+                                               "image_digests", "rank")} for i in infos],
              "rejects": [r for i in infos for r in i["rejects"]],
              "fp8_error": stats.as_dict()}
     atomic_write(out / INDEX, json.dumps(index).encode())
@@ -295,19 +308,21 @@ class _ShardWriter:
         self._reset()
 
     def _reset(self) -> None:
-        self.keys, self.parts, self.rejects = [], [], []
+        self.keys, self.digests, self.parts, self.rejects = [], [], [], []
         self.shard_stats = Fp8ErrorStats() if self.storage == "fp8_e4m3" else None
 
-    def add(self, keys, outputs, rejects) -> None:
+    def add(self, keys, digests, outputs, rejects) -> None:
         self.rejects += rejects
         if not keys:
             return
         self.parts.append(to_storage(outputs, self.storage, self.shard_stats))
         self.keys += keys
+        self.digests += digests
 
     def finish(self, k: int) -> None:
         fp8 = self.shard_stats.as_dict() if self.shard_stats is not None else {}
-        _write_shard(self.out, k, self.keys, self.parts, self.rejects, self.meta | {"fp8": fp8})
+        _write_shard(self.out, k, self.keys, self.digests, self.parts, self.rejects,
+                     self.meta | {"fp8": fp8})
         self.stats.merge(fp8)
         self.written.append(k)
         self.num_written += len(self.keys)
@@ -336,7 +351,7 @@ def _extract_shards(teachers, index, items, todo, shard_size, writer: _ShardWrit
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, collate_fn=_collate, num_workers=num_workers,
         pin_memory=any(t.device.type == "cuda" for t in teachers))
-    for b, (keys, raw, host_views, maps, rejects) in enumerate(loader):
+    for b, (keys, digests, raw, host_views, maps, rejects) in enumerate(loader):
         for reject in rejects:
             if on_bad_sample == "raise":
                 raise BadSampleError(reject)
@@ -354,8 +369,10 @@ def _extract_shards(teachers, index, items, todo, shard_size, writer: _ShardWrit
                     rejects.append(reject)
                 keep = ok.to(next(iter(outputs.values())).device)
                 outputs = {t: v[keep] for t, v in outputs.items()}
-                keys = [key for key, good in zip(keys, ok.tolist(), strict=True) if good]
-        writer.add(keys, outputs, rejects)
+                good = ok.tolist()
+                keys = [key for key, g in zip(keys, good, strict=True) if g]
+                digests = [d for d, g in zip(digests, good, strict=True) if g]
+        writer.add(keys, digests, outputs, rejects)
         if b + 1 == len(batches) or owner[b + 1] != owner[b]:
             writer.finish(owner[b])
 

@@ -5,7 +5,9 @@ Per shard: the file exists with the size and SHA-256 the index names, its safete
 holds every task with the right dtype and shape and the index's keys, and every row matches
 its CRC-32. Across shards: no key stored twice, no stray shard file. With ``data`` (LLaVA
 files): how many of the dataset's images are cached, missing (of which rejected during
-extraction, with the reason) or extra. A cache without ``index.json`` (extraction still
+extraction, with the reason) or extra; with ``check_images`` as well, how many cached images'
+files have changed since extraction (their digest differs from the recorded one: training
+would mask them as ``stale_target``). A cache without ``index.json`` (extraction still
 running or interrupted) is reported with its progress.
 """
 from __future__ import annotations
@@ -15,7 +17,8 @@ import hashlib
 from collections import Counter
 from pathlib import Path
 
-from olavlm.data.llava import LlavaIndex
+from olavlm.data.images import image_digest, read_image_file
+from olavlm.data.llava import LlavaIndex, resolve_image_path
 
 from .cache import (
     FORMAT,
@@ -54,8 +57,11 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
-        uncovered = self.coverage is not None and self.coverage["missing_not_rejected"] > 0
-        return self.complete and not self.problems and not uncovered and not self.none_cached
+        c = self.coverage
+        uncovered = c is not None and c["missing_not_rejected"] > 0
+        stale = c is not None and c.get("stale", 0) > 0
+        return (self.complete and not self.problems and not uncovered and not self.none_cached
+                and not stale)
 
     def summary(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE (no index.json)"
@@ -72,6 +78,14 @@ class VerifyReport:
                          f"{'; rejected: ' + reasons if reasons else ''}); {c['extra']} extra")
             if c["missing_examples"]:
                 lines.append(f"  missing, e.g.: {c['missing_examples']}")
+            if "stale" in c:
+                lines.append(f"  images checked: {c['images_checked']} of the cached ones; "
+                             f"{c['stale']} changed since extraction (stale targets), "
+                             f"{c['unreadable']} unreadable, {c['no_digest']} without a "
+                             "recorded digest")
+                if c["stale"]:
+                    lines.append(f"  PROBLEM: stale targets, e.g.: {c['stale_examples']} "
+                                 "(rerun `olavlm targets extract --overwrite`)")
             if self.none_cached:
                 lines.append("  PROBLEM: none of the dataset's images has targets (every one "
                              "rejected at extraction, or a cache of other data)")
@@ -129,18 +143,46 @@ def _check_shard(root: Path, info: dict, expected: dict, tasks, check_rows: bool
         shard.close()
 
 
-def _coverage(index: dict, data, cached: set[str]) -> dict:
-    keys = [k for k, _ in image_items(LlavaIndex(data))]
+def _image_changes(dataset: LlavaIndex, items, digests: dict[str, str | None],
+                   image_folder) -> dict:
+    """Read every cached image of the dataset and compare its digest with the recorded one."""
+    stale, unreadable, no_digest, checked = [], 0, 0, 0
+    for key, i in items:
+        if key not in digests:
+            continue
+        if digests[key] is None:
+            no_digest += 1
+            continue
+        try:
+            data = read_image_file(resolve_image_path(dataset, i, dataset.entry(i)["image"],
+                                                      image_folder))
+        except OSError:
+            unreadable += 1  # training rejects it as missing_image; not a target problem
+            continue
+        checked += 1
+        if image_digest(data) != digests[key]:
+            stale.append(key)
+    return {"images_checked": checked, "stale": len(stale), "stale_examples": stale[:5],
+            "unreadable": unreadable, "no_digest": no_digest}
+
+
+def _coverage(index: dict, data, cached: set[str], *, digests=None, image_folder=None) -> dict:
+    dataset = LlavaIndex(data)
+    items = image_items(dataset)
+    keys = [k for k, _ in items]
     rejected = {r["sample_id"]: r["reason"] for r in index.get("rejects", [])}
     missing = [k for k in keys if k not in cached]
     reasons = Counter(rejected[k] for k in missing if k in rejected)
     wanted = set(keys)
-    return {"dataset_images": len(keys), "cached": len(keys) - len(missing),
-            "fraction": (len(keys) - len(missing)) / len(keys) if keys else 1.0,
-            "missing": len(missing), "rejected": dict(reasons),
-            "missing_not_rejected": len(missing) - sum(reasons.values()),
-            "missing_examples": [k for k in missing if k not in rejected][:5],
-            "extra": len(cached - wanted)}
+    out = {"dataset_images": len(keys), "cached": len(keys) - len(missing),
+           "fraction": (len(keys) - len(missing)) / len(keys) if keys else 1.0,
+           "missing": len(missing), "rejected": dict(reasons),
+           "missing_not_rejected": len(missing) - sum(reasons.values()),
+           "missing_examples": [k for k in missing if k not in rejected][:5],
+           "extra": len(cached - wanted)}
+    if digests is not None:
+        out |= _image_changes(dataset, items, digests, image_folder)
+    return out
 
 
 def _incomplete(root: Path) -> VerifyReport:
@@ -154,11 +196,17 @@ def _incomplete(root: Path) -> VerifyReport:
                                                 f"{num_shards} shards done; resume it"])
 
 
-def verify_cache(root: str | Path, *, data=None, check_rows: bool = True) -> VerifyReport:
+def verify_cache(root: str | Path, *, data=None, check_rows: bool = True,
+                 check_images: bool = False, image_folder=None) -> VerifyReport:
     """Check every shard of the cache at ``root`` (module docstring); ``data``: LLaVA files
     to report coverage against. ``check_rows=False`` skips the per-row CRCs (the SHA-256 of
-    each file is always checked)."""
+    each file is always checked). ``check_images`` (needs ``data``) reads each cached image
+    of the data, under ``image_folder`` (default: beside its data file), and reports those
+    changed since extraction."""
     root = Path(root)
+    if check_images and data is None:
+        raise ValueError("check_images=True needs data= (the LLaVA files whose images to "
+                         "read), got data=None")
     if not (root / INDEX).is_file():
         return _incomplete(root)
     index = read_json(root / INDEX)
@@ -167,8 +215,14 @@ def verify_cache(root: str | Path, *, data=None, check_rows: bool = True) -> Ver
                          f"{index.get('format')!r} {index.get('version')!r}")
     shapes = {t: tuple(v["shape"]) for t, v in index["tasks"].items()}
     expected = stored_dtypes(shapes, index["storage"])
-    problems, ok, seen, cached = [], 0, Counter(), set()
+    problems, ok, seen, cached, digests = [], 0, Counter(), set(), {}
     for info in index["shards"]:
+        recorded = info.get("image_digests") or [None] * len(info["keys"])
+        if len(recorded) != len(info["keys"]):
+            problems.append(f"{info['file']}: the index lists {len(info['keys'])} keys but "
+                            f"{len(recorded)} image digests")
+            recorded = [None] * len(info["keys"])
+        digests.update(zip(info["keys"], recorded, strict=True))
         try:
             _check_shard(root, info, expected, list(shapes), check_rows)
             ok += 1
@@ -184,7 +238,8 @@ def verify_cache(root: str | Path, *, data=None, check_rows: bool = True) -> Ver
     if stray:
         problems.append(f"shard files not in the index: {stray[:5]}")
     coverage = None if data is None else _coverage(
-        index, [data] if isinstance(data, (str, Path)) else list(data), cached)
+        index, [data] if isinstance(data, (str, Path)) else list(data), cached,
+        digests=digests if check_images else None, image_folder=image_folder)
     return VerifyReport(root=root, complete=True, num_shards=len(index["shards"]), shards_ok=ok,
                         num_cached=len(cached), problems=problems, coverage=coverage,
                         fp8_error=index.get("fp8_error") or None)

@@ -218,8 +218,10 @@ def test_cli_extract_and_verify_real_teachers(tiny_weights, teacher_synth_dir, t
     assert main([*common, "--out", str(out), "--storage", "fp8_e4m3"]) == 0
     printed = capsys.readouterr().out
     assert "fp8 depth: relative RMS error" in printed and "skipped 0 finished" in printed
-    assert main(["targets", "verify", str(out), "--data", data]) == 0
-    assert "OK" in capsys.readouterr().out
+    assert main(["targets", "verify", str(out), "--data", data, "--images"]) == 0
+    verified = capsys.readouterr().out
+    assert "OK" in verified and "0 changed since extraction" in verified
+    assert ", 0 without a recorded digest" in verified  # decoded images have their digests
     cache = TargetCache(out, dtype=torch.float32)
     key = next(iter(read_json(out / "index.json")["shards"][0]["keys"]))
     teachers = build_teachers("depth,seg,gen", weights)
