@@ -5,6 +5,7 @@
     olavlm data check DATA.jsonl --tokenizer DIR [--template llava_llama_3] [--rejects FILE]
     olavlm targets extract --data DATA.jsonl --teachers depth,seg,gen --out CACHE
                            [--weights depth=DIR,seg=DIR,gen=DIR] [--storage bf16|fp8_e4m3]
+                           [--synthetic grid=4,depth_dim=32,...]
     olavlm targets verify CACHE [--data DATA.jsonl [--images]]
 
     olavlm train [--recipe NAME] [--config FILE] [--resume auto|none|PATH] [key=value ...]
@@ -52,7 +53,8 @@ def _add_check(sub) -> None:
     p.add_argument("--max-length", type=int, default=4096)
     p.add_argument("--num-image-tokens", type=int, default=600)
     p.add_argument("--image-size", type=int, default=336)
-    p.add_argument("--rejects", default=None, help="write one JSON line per rejected sample")
+    p.add_argument("--rejects", default=None,
+                   help="write one JSON line per rejected sample (the file is replaced)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
 
 
@@ -80,8 +82,14 @@ def _add_extract(sub) -> None:
                    help="resize on the teachers' device, or with PIL in the workers (seed-exact)")
     p.add_argument("--no-seed-compat", action="store_true",
                    help="drop the seed's quirks (BGR depth input, double seg resize)")
+    p.add_argument("--synthetic", default=None, metavar="KEY=INT,...",
+                   help="options of the synthetic teacher, as the training config's "
+                   "teachers.synthetic: grid, depth_dim, seg_dim, gen_dim, seed (the demo "
+                   "recipe: grid=4,depth_dim=32,seg_dim=24,gen_dim=64)")
     p.add_argument("--on-bad-sample", default="skip", choices=["skip", "raise"])
-    p.add_argument("--rejects", default=None, help="write one JSON line per rejected image")
+    p.add_argument("--rejects", default=None,
+                   help="one JSON line per rejected image; when the cache is complete, "
+                   "every rejected image of the whole cache once (the file is replaced)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache of another plan")
 
 
@@ -146,6 +154,9 @@ def _check(args) -> int:
         raise FileNotFoundError(f"--tokenizer: expected a local tokenizer folder, got "
                                 f"{args.tokenizer!r} (not a directory)")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    if args.rejects:  # this check's rejects only, not a rerun's appended to an earlier one's
+        with open(args.rejects, "w", encoding="utf-8"):
+            pass
     dataset = LlavaDataset(args.data, tokenizer, image_folder=args.image_folder,
                            template=args.template, image_view=ImageView(size=args.image_size),
                            keep_raw_image=False, max_length=args.max_length,
@@ -173,6 +184,30 @@ def _init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _synthetic_options(spec: str | None, teachers: str) -> dict[str, int]:
+    """``--synthetic grid=4,depth_dim=32`` -> {"grid": 4, "depth_dim": 32}, checked."""
+    if spec is None:
+        return {}
+    from olavlm.config import KEY_CHOICES
+
+    allowed = KEY_CHOICES["teachers.synthetic"]
+    if [n.strip() for n in teachers.split(",") if n.strip()] != ["synthetic"]:
+        raise ValueError(f"--synthetic sets the synthetic teacher's options, but --teachers is "
+                         f"{teachers!r}; use --teachers synthetic")
+    options = {}
+    for part in filter(None, (x.strip() for x in spec.split(","))):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or key not in allowed:
+            raise ValueError(f"--synthetic must look like 'grid=4,depth_dim=32' with keys "
+                             f"{list(allowed)}, got {part!r}")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            raise ValueError(f"--synthetic {key} must be an int, got {value.strip()!r}") from None
+    return options
+
+
 def _extract(args) -> int:
     import torch
     import torch.distributed as dist
@@ -184,8 +219,9 @@ def _extract(args) -> int:
         device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16,
                  "fp32": torch.float32}[args.dtype]
+        options = _synthetic_options(args.synthetic, args.teachers)
         teachers = build_teachers(args.teachers, args.weights, device=device, dtype=dtype,
-                                  seed_compat=not args.no_seed_compat)
+                                  seed_compat=not args.no_seed_compat, **options)
         report = extract_targets(
             args.data, args.out, teachers, image_folder=args.image_folder,
             storage=args.storage, shard_size=args.shard_size, batch_size=args.batch_size,

@@ -393,10 +393,16 @@ def write_synthetic_dataset(
     trained on the conversations rendered with every template, with the templates' special
     tokens; load it with ``AutoTokenizer.from_pretrained``) and ``meta.json``.
     """
+    # Every option is checked before anything is written (a bad one found half way would
+    # leave a partial dataset that the next run refuses without --overwrite).
     for name, value, low in (("num", num, 1), ("num_val", num_val, 0), ("size", size, 32),
-                             ("workers", workers, 1)):
+                             ("workers", workers, 1), ("vocab_size", vocab_size, 64)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    most = len(COLOURS) * len(SHAPES)
+    if isinstance(max_objects, bool) or not isinstance(max_objects, int) or \
+            not 1 <= max_objects <= most:
+        raise ValueError(f"max_objects must be an int in [1, {most}], got {max_objects!r}")
     if not 0.0 <= text_only_fraction <= 1.0:
         raise ValueError(f"text_only_fraction must be in [0, 1], got {text_only_fraction!r}")
     out = Path(out_dir)

@@ -36,6 +36,7 @@ __all__ = [
     "IMAGENET_STD",
     "Teacher",
     "TeacherWeightsNotFound",
+    "check_device",
     "default_dtype",
     "device_view",
     "group_by_size",
@@ -53,6 +54,23 @@ ASPECTS = ("stretch", "square")
 
 class TeacherWeightsNotFound(FileNotFoundError):
     """A teacher's weights are neither at the given path nor in the local hub cache."""
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here, else a ValueError that says why."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got "
+                         f"{device!r}") from err
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(parsed)!r} needs CUDA, but this torch sees no CUDA "
+                             f"device (torch {torch.__version__}); use 'cpu'")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(parsed)!r}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA devices")
+    return parsed
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -223,7 +241,7 @@ class Teacher(nn.Module):
     def __init__(self, *, device=None, dtype: torch.dtype | None = None,
                  seed_compat: bool = True, max_batch: int | None = None):
         super().__init__()
-        device = torch.device(device if device is not None else "cpu")
+        device = check_device(device if device is not None else "cpu")
         if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be torch.float32, bfloat16 or float16, got {dtype}")
         if max_batch is not None and (not isinstance(max_batch, int) or max_batch < 1):

@@ -10,7 +10,9 @@ shards without rereading them and redoes only the one that was interrupted; stal
 files of an interrupted write are deleted. When all shards are done rank 0 writes
 ``index.json``. Images that cannot be used (``missing_image``, ``corrupt_image``, ``bad_maps``,
 ``nonfinite_target``) are left out of the cache, counted, listed in the index and, with
-``rejects_path``, written one JSON line each; ``on_bad_sample="raise"`` stops at the first.
+``rejects_path``, written one JSON line each (as they happen, then rewritten from the index
+when it is written: every rejected image once, whatever the resumes); ``on_bad_sample="raise"``
+stops at the first.
 Each cached image's file digest (``image_digest`` of its bytes) is recorded beside its key, so
 training notices an image that changed after extraction (``stale_target``).
 """
@@ -297,6 +299,15 @@ def _write_index(out: Path, plan: dict, num_shards: int) -> dict:
     return index
 
 
+def _rewrite_rejects(path: Path, rejects: list[dict]) -> None:
+    """The rejects file, once the cache is complete: every rejected image of every shard once.
+    Lines are appended as rejects happen, so an interrupted run's file is incomplete and its
+    resume would repeat the redone shard's; the index holds the true list."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps(r | {"epoch": None}, ensure_ascii=True) + "\n" for r in rejects)
+    atomic_write(path, lines.encode("utf-8"))
+
+
 class _ShardWriter:
     """Collects one shard's rows batch by batch and writes it when the shard is complete."""
 
@@ -429,7 +440,9 @@ def extract_targets(data, out, teachers: Sequence[Teacher], *, image_folder=None
         barrier()
     all_done = all(_shard_done(out, k, digest) for k in range(num_shards))
     if all_done and (rank == 0 or barrier is None):
-        _write_index(out, plan, num_shards)
+        written = _write_index(out, plan, num_shards)
+        if rejects_path is not None:
+            _rewrite_rejects(Path(rejects_path), written["rejects"])
     if barrier is not None:
         barrier()
     report = ExtractReport(

@@ -185,6 +185,14 @@ def test_cli_synth_in_process_and_as_module(tmp_path, capsys):
     assert "wrote 6 train + 2 val samples" in capsys.readouterr().out
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     assert meta["num_train"] == 6 and meta["image_size"] == 48
+    # A bad option is refused before anything is written.
+    for option, value, message in (("--max-objects", "0", "max_objects must be"),
+                                   ("--vocab-size", "3", "vocab_size must be"),
+                                   ("--text-only-fraction", "2", "text_only_fraction")):
+        assert main(["data", "synth", "--out", str(tmp_path / "bad"), "--num", "6",
+                     "--workers", "1", option, value]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "olavlm", "data", "synth", "--out",
                            str(tmp_path / "b"), "--num", "4", "--size", "48"],
@@ -276,3 +284,5 @@ def test_cli_check_reports_bad_samples(synth_dir, tmp_path, capsys):
     assert main(args) == 1
     assert "malformed_json=1" in capsys.readouterr().out
     assert json.loads(rejects.read_text())["location"] == f"{bad}:4"
+    assert main(args) == 1  # a second check replaces the file, not appends to it
+    assert len(rejects.read_text().splitlines()) == 1

@@ -163,6 +163,13 @@ def test_bad_images_are_counted_and_listed(teacher_synth_dir, tmp_path):
     coverage = verify_cache(tmp_path / "c", data=data).coverage
     assert coverage["missing"] == 1 and coverage["rejected"] == {"bad_maps": 1}
     assert coverage["missing_not_rejected"] == 0
+    # Run again from scratch: the rejects file lists each rejected image once, not per run.
+    extract_targets(data, tmp_path / "c", [SyntheticTeacher()], shard_size=SHARD_SIZE,
+                    num_workers=0, image_folder=teacher_synth_dir, overwrite=True,
+                    rejects_path=tmp_path / "rejects.jsonl")
+    again = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert [r["sample_id"] for r in again] == [images[2]["image"]]
+    assert again[0]["reason"] == "bad_maps" and again[0]["epoch"] is None
 
 
 def test_plan_mismatch_needs_overwrite(teacher_synth_dir, tmp_path):

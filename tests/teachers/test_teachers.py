@@ -22,6 +22,7 @@ from olavlm.teachers import (
     DepthTeacher,
     GenTeacher,
     SegTeacher,
+    SyntheticTeacher,
     Teacher,
     TeacherWeightsNotFound,
     build_teacher,
@@ -210,6 +211,22 @@ def test_bad_inputs_name_the_argument(teachers):
         DepthTeacher(depth.backbone, input_size=300)
     with pytest.raises(ValueError, match="dtype must be"):
         DepthTeacher(depth.backbone, dtype=torch.int8)
+    with pytest.raises(ValueError, match="device must be a torch device .* got 'bogus'"):
+        SyntheticTeacher(device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs CUDA"):
+            SyntheticTeacher(device="cuda:0")
+
+
+def test_cli_extract_bad_device_is_one_line(teacher_synth_dir, tmp_path, capsys):
+    from olavlm.cli import main
+
+    assert main(["targets", "extract", "--data", str(teacher_synth_dir / "train.jsonl"),
+                 "--teachers", "synthetic", "--out", str(tmp_path / "c"),
+                 "--device", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("olavlm targets extract: device must be") and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
 
 
 def test_registry(tiny_weights):

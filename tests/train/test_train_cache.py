@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from olavlm.cli import main as olavlm_main
 from olavlm.config import resolve_config
 from olavlm.teachers import SyntheticTeacher, extract_targets
 from olavlm.train import build as B
@@ -23,8 +24,11 @@ def test_cached_targets_train_like_online_ones(tmp_path):
     online.train()
     root = B.synthetic_dataset_dir(online.cfg, is_main=True, barrier=lambda: None)
     cache = tmp_path / "cache"
-    teacher = SyntheticTeacher(**online.cfg.teachers.synthetic)
-    extract_targets([root / "train.jsonl"], cache, [teacher], num_workers=0, storage="bf16")
+    # Through the command line, with the demo's synthetic-teacher options.
+    options = ",".join(f"{k}={v}" for k, v in online.cfg.teachers.synthetic.items())
+    assert olavlm_main(["targets", "extract", "--data", str(root / "train.jsonl"), "--teachers",
+                        "synthetic", "--synthetic", options, "--out", str(cache),
+                        "--workers", "0"]) == 0
     cached = Trainer(_cfg(tmp_path, "train.run_name=cached", "teachers.mode=cache",
                           f"teachers.cache_dir={cache}"))
     assert cached.teachers is None  # nothing runs teachers in the step
@@ -68,3 +72,18 @@ def test_a_cache_of_other_images_is_refused_and_a_partial_one_reported(tmp_path,
         Trainer(_cfg(tmp_path, "teachers.mode=cache", "train.run_name=half",
                      f"teachers.cache_dir={tmp_path / 'half'}"))
     assert "have no cached targets" in caplog.text
+
+
+@pytest.mark.parametrize(("spec", "teachers", "message"), [
+    ("grid=4,depth_dim=x", "synthetic", "--synthetic depth_dim must be an int, got 'x'"),
+    ("grid4", "synthetic", "--synthetic must look like 'grid=4,depth_dim=32' with keys"),
+    ("size=4", "synthetic", "with keys"),
+    ("grid=4", "depth", "but --teachers is 'depth'"),
+    ("grid=0", "synthetic", "grid must be an int >= 1, got 0"),
+])
+def test_cli_synthetic_options_are_checked(tmp_path, capsys, spec, teachers, message):
+    data = tmp_path / "none.jsonl"
+    data.write_text("")
+    assert olavlm_main(["targets", "extract", "--data", str(data), "--teachers", teachers,
+                        "--synthetic", spec, "--out", str(tmp_path / "c")]) == 2
+    assert message in capsys.readouterr().err
