@@ -8,7 +8,9 @@ FLOPs counted on the labelled rows only (what must be done): forward logits 2*n*
 2*n*V*H, grad_weight 2*n*V*H when the weight trains (n = labelled tokens). TFLOP/s = those FLOPs
 over device time; peak MiB = allocation above the inputs during one fwd+bwd (gradients included).
 Providers: "eager" (F.linear, .float(), F.cross_entropy: what a model's loss does), its
-torch.compile, "liger" and "cce" when those packages are installed, "triton" (ours).
+torch.compile, "liger" and "cce" when those packages are installed, "triton" (ours), and
+"triton_bound" (ours given the labelled count from the host, ``max_valid_tokens``, as the
+trainer passes it; only with ignored labels: at 0% it is "triton").
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from olakernels.testing import make_lm_head_inputs  # noqa: E402
 DEVICE = common.bench_device()
 OP = "linear_cross_entropy"
 # Ours first: a GPU window's stage limit may cut the tail of the list.
-PROVIDERS = ("triton", "liger", "eager", "cce", "eager_compile")
+PROVIDERS = ("triton", "triton_bound", "liger", "eager", "cce", "eager_compile")
 HEADS = {"llama3": (4096, 128256), "phi3": (3072, 32064)}  # (H, V) of the real models
 
 
@@ -82,7 +84,11 @@ def _eager(h, w, y):
 _compiled = {}
 
 
-def loss_fn(provider: str):
+def loss_fn(provider: str, case: Case | None = None):
+    if provider == "triton_bound":
+        bound = labelled(case)
+        return lambda h, w, y: linear_cross_entropy(h, w, y, impl="triton",
+                                                    max_valid_tokens=bound)
     if provider == "eager":
         return _eager
     if provider == "eager_compile":
@@ -102,7 +108,7 @@ def loss_fn(provider: str):
 def available(provider: str) -> bool:
     module = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}.get(provider)
     if module is None:
-        return provider != "eager_compile" or torch.cuda.is_available()
+        return provider != "eager_compile" or torch.cuda.is_available()  # (triton_bound too)
     try:
         __import__(module)
     except ImportError:
@@ -132,7 +138,7 @@ def measure(provider: str, case: Case, *, device: str, warmup: int, rep: int):
     hidden, weight, labels = inputs(case, device)
     hidden.requires_grad_(True)
     weight.requires_grad_(case.train_weight)
-    fn = loss_fn(provider)
+    fn = loss_fn(provider, case)
 
     def setup():
         hidden.grad = None
@@ -142,12 +148,18 @@ def measure(provider: str, case: Case, *, device: str, warmup: int, rep: int):
         fn(hidden, weight, labels).backward()
 
     note = case.id
-    if provider == "triton":  # which backward ran: records from before the slabs are "rows"
+    if provider in ("triton", "triton_bound"):  # which backward ran (records from before the
+        # slabs are "rows"), and for how many rows
+        from olakernels.linear_cross_entropy import api
         from olakernels.linear_cross_entropy.impl import triton as lce_triton
 
+        rows = case.tokens if provider == "triton" else min(
+            case.tokens, -(-max(labelled(case), 1) // api.ROW_QUANTUM) * api.ROW_QUANTUM)
         vocab = lce_triton.uses_vocab_schedule(lce_triton._blocks(), case.train_weight,
-                                               case.tokens, case.vocab)
+                                               rows, case.vocab)
         note += f"; backward {'vocab slabs' if vocab else 'row chunks'}"
+        if provider == "triton_bound":
+            note += f"; sized for {rows} rows"
     try:
         timing = common.do_bench(step, setup=setup, warmup=warmup, rep=rep, device=device)
         peak = common.peak_memory_delta(step, device=device, setup=setup)
@@ -178,6 +190,8 @@ def pytest_generate_tests(metafunc):
 def test_linear_cross_entropy(benchmark, provider, lce_case):
     if not available(provider):
         pytest.skip(f"{provider} is not installed or needs a GPU")
+    if provider == "triton_bound" and lce_case.ignored == 0:
+        pytest.skip("triton_bound is triton when every token is labelled")
     warmup, rep = common.bench_reps((3, 20))
     record, step, setup = measure(provider, lce_case, device=DEVICE, warmup=warmup, rep=rep)
     common.finish_pytest_benchmark(benchmark, record, step, setup, rep)
@@ -195,7 +209,9 @@ def main(argv=None) -> int:
         parser.error(f"--providers: unknown {unknown}; choose from {PROVIDERS}")
     warmup, rep = common.bench_reps((3, 20))
     records = [measure(p, case, device=DEVICE, warmup=warmup, rep=rep)[0]
-               for case in cases(args.preset) for p in providers if p == "torch" or available(p)]
+               for case in cases(args.preset) for p in providers
+               if (p == "torch" or available(p))
+               and not (p == "triton_bound" and case.ignored == 0)]
     common.append_records(records)
     print(common.format_table(records))
     return 0

@@ -231,8 +231,10 @@ def measure(model: OlaVLM, preset: Preset, provider: str, batch: Batch, *, devic
 
     def step():
         step_targets = batch.targets if targets is None else targets()
+        # ntp_rows: the host-side labelled count, as the trainer passes it (an upper bound of
+        # the scored count: the shift only drops labels).
         out = model(batch.input_ids, batch.attention_mask, batch.labels, batch.images,
-                    batch.image_mask, step_targets)
+                    batch.image_mask, step_targets, ntp_rows=batch.num_labels)
         out.loss.backward()
 
     timing, peak, oom, compiled = None, None, "", ""

@@ -12,6 +12,9 @@ from .impl.reference import shift_for_next_token
 
 IMPLS = ("auto", "triton", "torch", "reference")
 REDUCTIONS = ("mean", "sum", "none")
+# max_valid_tokens is rounded up to a multiple of this: buffers and grids change size in steps
+# (the caching allocator reuses blocks, a compiled graph sees few distinct values).
+ROW_QUANTUM = 256
 
 
 class LinearCrossEntropyOutput(NamedTuple):
@@ -35,6 +38,7 @@ def linear_cross_entropy(
     logit_softcap: float | None = None,
     shift_labels: bool = False,
     return_stats: bool = False,
+    max_valid_tokens: int | None = None,
     impl: str = "auto",
 ) -> torch.Tensor | LinearCrossEntropyOutput:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, without the logits.
@@ -60,6 +64,17 @@ def linear_cross_entropy(
         loss = loss.sum() / max(num_valid, 1)  # "mean"; "sum" and "none" as torch
 
     With every label ignored the loss is 0 (also for "mean") and every gradient is 0.
+
+    ``max_valid_tokens``: an upper bound, known on the host, on the labelled tokens (the
+    count of labels != ignore_index, before or after the shift: shifting only drops labels),
+    e.g. counted on the CPU copy of the batch before it went to the GPU. The Triton path then
+    sizes its buffers and grids for that many rows (rounded up to a multiple of 256) instead
+    of all N: in pre-training, where ~90% of positions are unlabelled, less memory for the
+    backward's buffers and a forward grid that fills the GPU. No host sync either way. A bound
+    below the true count is caught on the device: the loss, and through it every gradient, is
+    NaN (whatever the impl), never a silently partial loss. A bound that changes every step
+    changes launch sizes, which a captured CUDA graph cannot follow: pass a fixed bound there,
+    or none.
     Numerics: logits, log-sum-exp and the loss in fp32 (half-precision operands multiply
     exactly into fp32 accumulators); grad_weight accumulates in fp32.
 
@@ -70,6 +85,11 @@ def linear_cross_entropy(
     """
     _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_weight,
               logit_softcap, impl)
+    if max_valid_tokens is not None and (isinstance(max_valid_tokens, bool) or
+                                         not isinstance(max_valid_tokens, int) or
+                                         max_valid_tokens < 0):
+        raise ValueError("linear_cross_entropy: max_valid_tokens must be None or an int >= 0 "
+                         f"(a host-side bound on the labelled tokens), got {max_valid_tokens!r}")
     # int64 before any comparison: in uint8, ignore_index=-100 and V would wrap around.
     labels = labels.long()
     check_label_range(labels, weight.shape[0], ignore_index)
@@ -84,9 +104,13 @@ def linear_cross_entropy(
             label_smoothing=label_smoothing, z_loss_weight=z_loss_weight,
             logit_softcap=logit_softcap,
         )
+        loss = _poison_if_over(loss, num_valid, max_valid_tokens)
         return LinearCrossEntropyOutput(loss, num_valid, correct) if return_stats else loss
 
     n = labels.numel()
+    # Rows the Triton kernels are sized for (0: all N).
+    max_rows = 0 if max_valid_tokens is None else \
+        -(-max(max_valid_tokens, 1) // ROW_QUANTUM) * ROW_QUANTUM
     hidden2d = hidden.reshape(n, hidden.shape[-1]).contiguous()
     labels1d = labels.reshape(n).to(torch.int64).contiguous()
     softcap = float(logit_softcap) if logit_softcap is not None else 0.0
@@ -105,9 +129,9 @@ def linear_cross_entropy(
             from .impl.triton_fused_grad import linear_cross_entropy_fwd_grad
 
             per_token, correct, _lse, _order, count, *_unit_grads = \
-                linear_cross_entropy_fwd_grad(*args, *need)
+                linear_cross_entropy_fwd_grad(*args, *need, max_rows)
         else:
-            per_token, correct, _lse, _order, count = linear_cross_entropy_fwd(*args)
+            per_token, correct, _lse, _order, count = linear_cross_entropy_fwd(*args, max_rows)
         num_valid = count.reshape(()).to(torch.int64)
     else:
         from .impl.torch_chunked import LinearCrossEntropyTorchFunction
@@ -120,9 +144,19 @@ def linear_cross_entropy(
         loss = per_token.sum()
     else:
         loss = per_token.sum() / num_valid.clamp_min(1)
+    loss = _poison_if_over(loss, num_valid, max_valid_tokens)
     if return_stats:
         return LinearCrossEntropyOutput(loss, num_valid, correct.reshape(labels.shape))
     return loss
+
+
+def _poison_if_over(loss: torch.Tensor, num_valid: torch.Tensor, bound: int | None):
+    """loss, or NaN (and NaN gradients through it) where more tokens are labelled than the
+    caller's bound said: a device-side select, no sync."""
+    if bound is None:
+        return loss
+    over = num_valid.reshape(()) > bound
+    return loss * torch.where(over, float("nan"), 1.0).to(loss.dtype)
 
 
 def _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_weight,

@@ -223,7 +223,7 @@ class OlaVLM(nn.Module):
         return final, {k: (states[k] if k in hooked else final) for k in taps if k > 0}
 
     def _ntp(self, final: torch.Tensor, labels: torch.Tensor, ntp_tokens=None,
-             ntp_micro_batches: int = 1):
+             ntp_micro_batches: int = 1, ntp_rows: int | None = None):
         """Mean next-token loss over labelled positions. Distributed: each rank returns
         world / N_global * (its sum), so the ranks' mean -- what FSDP's gradient averaging
         computes -- is the mean over the global batch's tokens, exactly as one process on the
@@ -237,6 +237,7 @@ class OlaVLM(nn.Module):
         loss, num_valid, correct = linear_cross_entropy(
             final, head.weight, labels, bias=head.bias, ignore_index=IGNORE_INDEX,
             shift_labels=True, return_stats=True, reduction=reduction,
+            max_valid_tokens=ntp_rows,
             impl="reference" if self.impl == "reference" else self.impl)
         world = 1 if group is None else torch.distributed.get_world_size(group)
         if isinstance(ntp_tokens, int):  # a host count: plain arithmetic, no copy to the device
@@ -313,6 +314,7 @@ class OlaVLM(nn.Module):
         static_length: bool = False,
         ntp_tokens: torch.Tensor | int | None = None,
         ntp_micro_batches: int = 1,
+        ntp_rows: int | None = None,
     ) -> OlaOutput:
         """Loss and its components. ``labels`` None: no next-token loss. ``targets`` None: no
         embedding losses (VPT/IFT); given, it must hold every task of aux_mode. The embedding
@@ -324,7 +326,10 @@ class OlaVLM(nn.Module):
         ntp_micro_batches, so that the micro-batches' losses / ntp_micro_batches is the mean over
         the step's tokens. Default: this batch's own count (over all ranks when distributed).
         An integer, not a float tensor: FSDP2's mixed precision casts floating forward inputs to
-        bf16, which would round the divisor."""
+        bf16, which would round the divisor. ``ntp_rows``: this batch's own supervised token
+        count as a host int (``count_supervised_tokens`` of the host copy), so the fused LM head
+        sizes its buffers and grids for those rows, not every position
+        (``linear_cross_entropy``'s ``max_valid_tokens``; a wrong count makes the loss NaN)."""
         if ntp_tokens is not None and not (
                 (isinstance(ntp_tokens, int) and not isinstance(ntp_tokens, bool)) or
                 (isinstance(ntp_tokens, torch.Tensor) and not ntp_tokens.is_floating_point()
@@ -348,7 +353,7 @@ class OlaVLM(nn.Module):
         components: dict[str, torch.Tensor] = {}
         if labels is not None:
             ntp, num_valid, correct = self._ntp(final, spliced.labels, ntp_tokens,
-                                                  ntp_micro_batches)
+                                                  ntp_micro_batches, ntp_rows)
             accuracy = correct.sum() / num_valid.clamp(min=1)
         else:
             ntp, num_valid, accuracy = zero, zero.long(), zero

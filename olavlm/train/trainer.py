@@ -363,7 +363,7 @@ class Trainer:
                 "(`olavlm data check` lists the bad samples) or raise data.batch_size")
         logger.warning("%s: skipped", what)
 
-    def _micro_step(self, batch, scale: float, ntp_tokens: torch.Tensor):
+    def _micro_step(self, batch, scale: float, ntp_tokens: torch.Tensor, ntp_rows: int):
         """Forward and backward of one micro-batch. The SDPA backend choice covers the backward
         too: activation checkpointing recomputes attention there, and a recompute through
         another backend saves tensors of other shapes (and other values)."""
@@ -380,7 +380,7 @@ class Trainer:
                 b.input_ids, b.attention_mask, b.labels, b.images, b.image_mask,
                 None if targets is None else {k: v.to(dev) for k, v in targets.items()},
                 None if target_mask is None else target_mask.to(dev), ntp_tokens=ntp_tokens,
-                ntp_micro_batches=self.cfg.optim.grad_accum)
+                ntp_micro_batches=self.cfg.optim.grad_accum, ntp_rows=ntp_rows)
             (out.loss * scale).backward()
         return out
 
@@ -391,9 +391,10 @@ class Trainer:
         lengths = batch.attention_mask.sum(1) + inserted * (batch.image_mask > 0).long()
         return len(batch), int(lengths.sum()), int((lengths * lengths).sum())
 
-    def _step_ntp_tokens(self, micro_batches) -> tuple[torch.Tensor, int]:
+    def _step_ntp_tokens(self, micro_batches) -> tuple[torch.Tensor, list[int]]:
         """The step's supervised tokens over all ranks (an int64 device tensor), and this
-        rank's count.
+        rank's count per micro-batch (each micro-batch's forward gets its own: the fused LM
+        head sizes its buffers for those rows).
 
         Every token of the optimizer step weighs the same, however the labels fall across
         micro-batches and ranks: each micro-batch divides its loss sum by (the step's supervised
@@ -402,14 +403,14 @@ class Trainer:
         micro-batch means would not be). Counted on the host copies
         (``count_supervised_tokens``), summed over ranks on the device: no sync. An integer
         tensor, so that FSDP2's mixed precision does not cast it to bf16 on the way in."""
-        local = sum(int(self.model.count_supervised_tokens(b.input_ids, b.attention_mask,
-                                                            b.labels)) for b in micro_batches)
+        counts = [int(self.model.count_supervised_tokens(b.input_ids, b.attention_mask,
+                                                          b.labels)) for b in micro_batches]
         # torch.full launches a fill kernel; torch.tensor(int, device=cuda) would copy from the
         # host and synchronize (the host would wait for the previous step's optimizer).
-        total = torch.full((), local, device=self.dist.device, dtype=torch.int64)
+        total = torch.full((), sum(counts), device=self.dist.device, dtype=torch.int64)
         if self.dist.distributed:
             torch.distributed.all_reduce(total)
-        return total, local
+        return total, counts
 
     def train(self) -> TrainResult:
         """Train to the configured step (or a stop signal); the run folder's lock is released
@@ -431,7 +432,8 @@ class Trainer:
                 self.model.train()
                 sums = None
                 micro_batches = [next(batches) for _ in range(accum)]
-                ntp_tokens, counted = self._step_ntp_tokens(micro_batches)
+                ntp_tokens, micro_counts = self._step_ntp_tokens(micro_batches)
+                counted = sum(micro_counts)
                 scored = torch.zeros((), device=d.device)
                 window["supervised"] += counted
                 if counted == 0:
@@ -444,7 +446,7 @@ class Trainer:
                     sync = micro == accum - 1
                     if hasattr(self.model, "set_requires_gradient_sync"):
                         self.model.set_requires_gradient_sync(sync)
-                    out = self._micro_step(batch, 1.0 / accum, ntp_tokens)
+                    out = self._micro_step(batch, 1.0 / accum, ntp_tokens, micro_counts[micro])
                     parts = torch.stack([out.loss.detach().float()]
                                         + list(out.components.values()))
                     sums = parts / accum if sums is None else sums + parts / accum

@@ -185,6 +185,38 @@ def test_ntp_tokens_make_accumulated_micro_batches_equal_one_batch(model):
     model.zero_grad(set_to_none=True)
 
 
+def test_ntp_rows_bound_the_fused_head_and_a_wrong_one_is_nan(model, monkeypatch):
+    """The trainer passes each micro-batch's host-side count as ntp_rows: the fused LM head
+    (Triton) sizes its buffers by it with the same loss and gradients; a count below what the
+    loss scores is a NaN loss, never a partial one."""
+    from olakernels.linear_cross_entropy import api
+
+    monkeypatch.setattr(api, "ROW_QUANTUM", 8)  # so that the bound is below the positions
+    ids, mask, labels, images, image_mask, _ = tiny_batch(model, batch=3, pad_from=[None, 9, 14])
+    batch = (ids, mask, labels, images, image_mask)
+    count = int(model.count_supervised_tokens(ids, mask, labels))
+    assert 8 < count < ids.numel() // 2
+    model.set_impl("triton")
+    try:
+        free = _run_with(model, batch)
+        bound = _run_with(model, batch, ntp_rows=count)
+        torch.testing.assert_close(bound[0], free[0])
+        for name in free[1]:
+            torch.testing.assert_close(bound[1][name], free[1][name], msg=name)
+        assert torch.isnan(_run_with(model, batch, ntp_rows=count - 1)[0])
+    finally:
+        model.set_impl("torch")
+        model.zero_grad(set_to_none=True)
+
+
+def _run_with(model, batch, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(*batch, **kwargs)
+    out.loss.backward()
+    return out.components["ntp"], {n: p.grad.clone() for n, p in model.named_parameters()
+                                   if p.grad is not None}
+
+
 # ---- fused path == reference path ----
 
 

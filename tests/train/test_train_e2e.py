@@ -205,11 +205,24 @@ def test_single_process_bf16_keeps_fp32_master_weights(tmp_path, synth_dir, stag
                      "parallel.fsdp=off"))
 
 
-def test_gradient_accumulation_consumes_micro_batches(tmp_path, synth_dir):
+def test_gradient_accumulation_consumes_micro_batches(tmp_path, synth_dir, monkeypatch):
+    from olavlm.models import ola
+
+    seen = []  # (the host count each micro-batch's LM head got, the count it scored)
+
+    def spy(*args, **kwargs):
+        out = lce(*args, **kwargs)
+        seen.append((kwargs["max_valid_tokens"], int(out.num_valid)))
+        return out
+
+    lce = ola.linear_cross_entropy
+    monkeypatch.setattr(ola, "linear_cross_entropy", spy)
     trainer = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=3", "checkpoint.every_steps=0",
                            "optim.grad_accum=2", "data.batch_size=4", "data.shuffle=false"))
     trainer.train()
     assert [r["step"] for r in read_metrics(trainer.run_dir)] == [1, 2, 3]
+    # Each micro-batch's own exact count sizes its fused LM head (max_valid_tokens).
+    assert len(seen) == 6 and all(bound == scored > 0 for bound, scored in seen)
     state = trainer.loader.state_dict()
     assert state["epoch"] * 48 + state["position"] == 3 * 2 * 4  # 6 micro-batches of 4
 

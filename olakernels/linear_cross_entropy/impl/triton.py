@@ -117,40 +117,67 @@ def compact_labels(labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tenso
     return order, count
 
 
-def lce_forward(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss_weight,
-                softcap):
-    """Returns (loss per token (N,) fp32, correct (N,) bool, lse (N,) compact, order, count)."""
-    n, h = hidden.shape
-    v = weight.shape[0]
-    order, count = compact_labels(labels, ignore_index)
-    blk = _blocks()
-    row_blocks = triton.cdiv(n, blk["n"])
-    # Split the vocabulary so that even a few labelled row blocks fill the GPU (the grid is
-    # sized for N; blocks past the labelled count exit at once).
-    splits = max(1, min(16, triton.cdiv(v, 8192), triton.cdiv(v, blk["v"])))
+def row_capacity(n: int, max_rows: int) -> int:
+    """Compacted rows the kernels and buffers are sized for: all N, or the caller's host-side
+    bound on the labelled count (``max_valid_tokens``), whichever is smaller."""
+    return n if max_rows <= 0 else min(n, max_rows)
+
+
+def kernel_count(count: torch.Tensor, rows: int, n: int) -> torch.Tensor:
+    """The labelled count the kernels walk: at most ``rows`` (a bound the caller got wrong
+    must not send them past their buffers; the api turns the loss NaN then, on the device)."""
+    return count if rows >= n else count.clamp(max=rows)
+
+
+def vocab_splits(v: int, row_blocks: int, blk: dict, device, bounded: bool) -> int:
+    """Vocabulary splits of the forward grid. Without a bound the grid is sized for all N rows
+    and most of its blocks may exit at once, so 16 splits (of >= 8,192 columns) keep a few
+    labelled row blocks busy. With a bound the row blocks are known to be few: split until
+    about two programs per SM (pre-training, ~230 labelled rows of Llama-3: 2 row blocks x 132
+    splits of ~1,000 columns on an H100, instead of 2 x 16 = 32 programs on 132 SMs)."""
+    splits = max(1, min(16, triton.cdiv(v, 8192)))
+    if bounded:
+        splits = max(splits, triton.cdiv(2 * num_sms(device), row_blocks))
+    splits = min(splits, triton.cdiv(v, 4 * blk["v"]), 256)  # >= 4 column tiles per split
     if interpreter_enabled():
         splits = min(splits, 2)
+    return max(1, splits)
+
+
+def lce_forward(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss_weight,
+                softcap, max_rows: int = 0):
+    """Returns (loss per token (N,) fp32, correct (N,) bool, lse (rows,) compact, order,
+    count); rows = row_capacity(N, max_rows)."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    rows = row_capacity(n, max_rows)
+    order, count = compact_labels(labels, ignore_index)
+    kcount = kernel_count(count, rows, n)
+    blk = _blocks()
+    row_blocks = triton.cdiv(rows, blk["n"])
+    splits = vocab_splits(v, row_blocks, blk, hidden.device, rows < n)
     v_per_split = triton.cdiv(triton.cdiv(v, splits), blk["v"]) * blk["v"]
+    splits = triton.cdiv(v, v_per_split)  # after rounding the split up to whole tiles
     f32 = dict(device=hidden.device, dtype=torch.float32)
-    parts = [torch.empty((splits, n), **f32) for _ in range(5)]
-    part_idx = torch.empty((splits, n), device=hidden.device, dtype=torch.int32)
+    parts = [torch.empty((splits, rows), **f32) for _ in range(5)]
+    part_idx = torch.empty((splits, rows), device=hidden.device, dtype=torch.int32)
     has_softcap = softcap > 0
     _lce_fwd_kernel[(row_blocks, splits)](
-        hidden, weight, bias if bias is not None else weight, order, labels, count,
+        hidden, weight, bias if bias is not None else weight, order, labels, kcount,
         *parts, part_idx,
-        n, v, h, v_per_split, float(softcap) if has_softcap else 1.0,
+        rows, v, h, v_per_split, float(softcap) if has_softcap else 1.0,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=has_softcap,
         DOT_NATIVE=_dot_native(hidden, weight), HAS_SMOOTHING=label_smoothing > 0,
         BLOCK_N=blk["n"], BLOCK_V=blk["v"], BLOCK_K=blk["k"],
         num_warps=blk["num_warps"], num_stages=blk["num_stages"],
     )
-    lse = torch.zeros((n,), **f32)  # entries past the labelled count stay 0 (deterministic)
+    lse = torch.zeros((rows,), **f32)  # entries past the labelled count stay 0 (deterministic)
     loss = torch.zeros((n,), **f32)  # ignored positions keep 0
     correct = torch.zeros((n,), device=hidden.device, dtype=torch.int8)
     block = 128 if not interpreter_enabled() else 32
-    _lce_combine_kernel[(triton.cdiv(n, block),)](
-        *parts, part_idx, order, labels, count, lse, loss, correct,
-        n, v, splits, float(label_smoothing), float(z_loss_weight), BLOCK=block,
+    _lce_combine_kernel[(triton.cdiv(rows, block),)](
+        *parts, part_idx, order, labels, kcount, lse, loss, correct,
+        rows, v, splits, float(label_smoothing), float(z_loss_weight), BLOCK=block,
     )
     return loss, correct.bool(), lse, order, count
 
@@ -229,8 +256,8 @@ def dhidden_h_tile(blk: dict, weight_frozen: bool) -> int:
     return blk.get("narrow_h", blk["h"]) if weight_frozen else blk["h"]
 
 
-def chunk_layout(hidden: torch.Tensor, weight: torch.Tensor, need_weight_grad: bool = True
-                 ) -> tuple[dict, bool, torch.dtype, int]:
+def chunk_layout(hidden: torch.Tensor, weight: torch.Tensor, need_weight_grad: bool = True,
+                 rows: int | None = None) -> tuple[dict, bool, torch.dtype, int]:
     """(tiles, native dot, dlogits dtype, rows per chunk) of the chunked gradient loop.
 
     With grad_weight, chunks are as large as DLOGITS_BUDGET_BYTES allows: each one costs a
@@ -242,7 +269,8 @@ def chunk_layout(hidden: torch.Tensor, weight: torch.Tensor, need_weight_grad: b
     native = _dot_native(hidden, weight)
     dl_dtype = weight.dtype if native else torch.float32
     step = blk["n"] * blk["m"] // min(blk["n"], blk["m"])  # a multiple of both row tiles
-    chunk = chunk_rows(hidden.shape[0], weight.shape[0], torch.finfo(dl_dtype).bits // 8, step)
+    rows = hidden.shape[0] if rows is None else rows  # the row capacity (row_capacity)
+    chunk = chunk_rows(rows, weight.shape[0], torch.finfo(dl_dtype).bits // 8, step)
     if not need_weight_grad:
         chunk = min(chunk, one_wave_rows(weight.shape[1], blk["m"], dhidden_h_tile(blk, True),
                                          num_sms(hidden.device), step))
@@ -294,9 +322,11 @@ def launch_dlogits(blk, native, chunk, hidden, weight, bias, order, labels, coun
 
 
 def chunk_grads(blk, native, chunk, dlogits, hidden, weight, order, count, grad_hidden,
-                grad_w32, grad_b32, start):
-    """grad_hidden rows (+ scatter) and grad_weight/grad_bias (+)= from one chunk's dlogits."""
+                grad_w32, grad_b32, start, rows: int | None = None):
+    """grad_hidden rows (+ scatter) and grad_weight/grad_bias (+)= from one chunk's dlogits;
+    ``rows``: the row capacity (default N)."""
     n, h = hidden.shape
+    n = n if rows is None else rows
     v = weight.shape[0]
     if grad_hidden is not None:
         h_tile = dhidden_h_tile(blk, grad_w32 is None)  # as chunk_layout sized the chunk
@@ -331,16 +361,18 @@ def chunk_grads(blk, native, chunk, dlogits, hidden, weight, order, count, grad_
 
 
 def lce_backward(hidden, weight, bias, labels, order, count, lse, grad_loss, label_smoothing,
-                 z_loss_weight, softcap, need_hidden, need_weight, need_bias):
+                 z_loss_weight, softcap, need_hidden, need_weight, need_bias,
+                 max_rows: int = 0):
     """Returns (grad_hidden | None, grad_weight | None, grad_bias | None)."""
-    n = hidden.shape[0]
-    blk, native, dl_dtype, chunk = chunk_layout(hidden, weight, need_weight)
+    n = row_capacity(hidden.shape[0], max_rows)
+    count = kernel_count(count, n, hidden.shape[0])
+    blk, native, dl_dtype, chunk = chunk_layout(hidden, weight, need_weight, n)
     if uses_vocab_schedule(blk, need_weight, n, weight.shape[0]):
         from .triton_vocab_slabs import lce_backward_vocab_slabs
         return lce_backward_vocab_slabs(blk, native, dl_dtype, hidden, weight, bias, labels,
                                         order, count, lse, grad_loss, label_smoothing,
                                         z_loss_weight, softcap, need_hidden, need_weight,
-                                        need_bias)
+                                        need_bias, rows=n)
     dlogits = torch.empty((chunk, weight.shape[0]), device=hidden.device, dtype=dl_dtype)
     grad_hidden, grad_w32, grad_b32 = grad_buffers(hidden, weight, bias, need_hidden,
                                                    need_weight, need_bias)
@@ -351,7 +383,7 @@ def lce_backward(hidden, weight, bias, labels, order, count, lse, grad_loss, lab
                        grad_loss, dlogits, start, softcap, label_smoothing, z_loss_weight,
                        zero_past_count=torch_dw)
         chunk_grads(blk, native, chunk, dlogits, hidden, weight, order, count, grad_hidden,
-                    grad_w32, grad_b32, start)
+                    grad_w32, grad_b32, start, rows=n)
     grad_w = None if grad_w32 is None else grad_w32.to(weight.dtype)
     grad_b = None if grad_b32 is None else grad_b32.to(bias.dtype)
     return grad_hidden, grad_w, grad_b
@@ -370,18 +402,22 @@ def linear_cross_entropy_fwd(
     label_smoothing: float,
     z_loss_weight: float,
     softcap: float,
+    max_rows: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss per token fp32 (N,), correct bool (N,), lse (N,), order int32 (N,), count (1,))."""
+    """(loss per token fp32 (N,), correct bool (N,), lse (rows,), order int32 (N,), count (1,));
+    max_rows > 0: at most that many labelled rows (row_capacity), else N."""
     return lce_forward(hidden, weight, bias, labels, ignore_index, label_smoothing,
-                       z_loss_weight, softcap)
+                       z_loss_weight, softcap, max_rows)
 
 
 @linear_cross_entropy_fwd.register_fake
-def _(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss_weight, softcap):
+def _(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss_weight, softcap,
+      max_rows=0):
     n = hidden.shape[0]
+    rows = row_capacity(n, max_rows)
     return (hidden.new_empty((n,), dtype=torch.float32), hidden.new_empty((n,), dtype=torch.bool),
-            hidden.new_empty((n,), dtype=torch.float32), hidden.new_empty((n,), dtype=torch.int32),
-            hidden.new_empty((1,), dtype=torch.int32))
+            hidden.new_empty((rows,), dtype=torch.float32),
+            hidden.new_empty((n,), dtype=torch.int32), hidden.new_empty((1,), dtype=torch.int32))
 
 
 @torch.library.custom_op("olakernels::linear_cross_entropy_bwd", mutates_args=())
@@ -400,11 +436,12 @@ def linear_cross_entropy_bwd(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    max_rows: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_hidden, grad_weight, grad_bias); an unneeded one is an empty tensor."""
     gh, gw, gb = lce_backward(hidden, weight, bias, labels, order, count, lse, grad_loss,
                               label_smoothing, z_loss_weight, softcap, need_hidden, need_weight,
-                              need_bias)
+                              need_bias, max_rows)
     empty = hidden.new_empty((0,))
     return (empty if gh is None else gh, empty.clone() if gw is None else gw,
             empty.clone() if gb is None else gb)
@@ -412,7 +449,7 @@ def linear_cross_entropy_bwd(
 
 @linear_cross_entropy_bwd.register_fake
 def _(hidden, weight, bias, labels, order, count, lse, grad_loss, label_smoothing,
-      z_loss_weight, softcap, need_hidden, need_weight, need_bias):
+      z_loss_weight, softcap, need_hidden, need_weight, need_bias, max_rows=0):
     gh = torch.empty_like(hidden) if need_hidden else hidden.new_empty((0,))
     gw = torch.empty_like(weight) if need_weight else hidden.new_empty((0,))
     gb = torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty((0,))
@@ -420,10 +457,11 @@ def _(hidden, weight, bias, labels, order, count, lse, grad_loss, label_smoothin
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, _ignore, smoothing, z_loss, softcap = inputs
+    hidden, weight, bias, labels, _ignore, smoothing, z_loss, softcap, *rest = inputs
     _loss, _correct, lse, order, count = output
     ctx.save_for_backward(hidden, weight, bias, labels, order, count, lse)
     ctx.options = (smoothing, z_loss, softcap)
+    ctx.max_rows = rest[0] if rest else 0
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -432,11 +470,12 @@ def _backward(ctx, grad_loss, *_unused):
     need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
         bias is not None and ctx.needs_input_grad[2]
     if grad_loss is None or not (need_h or need_w or need_b):
-        return (None,) * 8
+        return (None,) * 9
     gh, gw, gb = linear_cross_entropy_bwd(hidden, weight, bias, labels, order, count, lse,
-                                          grad_loss, *ctx.options, need_h, need_w, need_b)
+                                          grad_loss, *ctx.options, need_h, need_w, need_b,
+                                          ctx.max_rows)
     return (gh if need_h else None, gw if need_w else None, gb if need_b else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -38,23 +38,28 @@ from .triton import (
     chunk_layout,
     compact_labels,
     grad_buffers,
+    kernel_count,
     launch_dlogits,
+    row_capacity,
     uses_torch_dw,
 )
 from .triton_kernels import _lce_rows_grad_kernel
 
 
 def lce_forward_with_grads(hidden, weight, bias, labels, ignore_index, label_smoothing,
-                           z_loss_weight, softcap, need_hidden, need_weight, need_bias):
-    """(loss (N,) fp32, correct (N,) bool, lse (N,) compact, order, count, grad_hidden fp32
+                           z_loss_weight, softcap, need_hidden, need_weight, need_bias,
+                           max_rows: int = 0):
+    """(loss (N,) fp32, correct (N,) bool, lse (rows,) compact, order, count, grad_hidden fp32
     | None, grad_weight fp32 | None, grad_bias fp32 | None); the gradients are those of
-    loss.sum() (per-token weight 1)."""
+    loss.sum() (per-token weight 1). rows: impl/triton.row_capacity(N, max_rows)."""
     n = hidden.shape[0]
     v = weight.shape[0]
-    order, count = compact_labels(labels, ignore_index)
-    blk, native, dl_dtype, chunk = chunk_layout(hidden, weight, need_weight)
+    rows = row_capacity(n, max_rows)
+    order, true_count = compact_labels(labels, ignore_index)
+    count = kernel_count(true_count, rows, n)
+    blk, native, dl_dtype, chunk = chunk_layout(hidden, weight, need_weight, rows)
     f32 = dict(device=hidden.device, dtype=torch.float32)
-    lse = torch.zeros((n,), **f32)  # entries past the labelled count stay 0 (deterministic)
+    lse = torch.zeros((rows,), **f32)  # entries past the labelled count stay 0 (deterministic)
     loss = torch.zeros((n,), **f32)  # ignored positions keep 0
     correct = torch.zeros((n,), device=hidden.device, dtype=torch.int8)
     # fp32 unit gradients: the backward's scaling then rounds once, as the default path does.
@@ -63,7 +68,7 @@ def lce_forward_with_grads(hidden, weight, bias, labels, ignore_index, label_smo
     logits = torch.empty((chunk, v), device=hidden.device, dtype=dl_dtype)
     torch_dw = uses_torch_dw(blk, grad_w32, grad_b32)
     has_softcap = softcap > 0
-    for start in range(0, n, chunk):
+    for start in range(0, rows, chunk):
         # torch_dw: cuBLAS multiplies every row of the buffer, so rows past the count get 0
         # logits here and the row kernel (which skips them) leaves them 0 as dlogits.
         launch_dlogits(blk, native, chunk, hidden, weight, bias, order, labels, count, lse,
@@ -78,8 +83,8 @@ def lce_forward_with_grads(hidden, weight, bias, labels, ignore_index, label_smo
             num_warps=blk["row_warps"],
         )
         chunk_grads(blk, native, chunk, logits, hidden, weight, order, count, grad_hidden,
-                    grad_w32, grad_b32, start)
-    return loss, correct.bool(), lse, order, count, grad_hidden, grad_w32, grad_b32
+                    grad_w32, grad_b32, start, rows=rows)
+    return loss, correct.bool(), lse, order, true_count, grad_hidden, grad_w32, grad_b32
 
 
 @torch.library.custom_op("olakernels::linear_cross_entropy_fwd_grad", mutates_args=())
@@ -95,6 +100,7 @@ def linear_cross_entropy_fwd_grad(
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
+    max_rows: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
     """linear_cross_entropy_fwd's five outputs, then the unit gradients (of loss.sum()) fp32:
@@ -102,7 +108,7 @@ def linear_cross_entropy_fwd_grad(
     Only for callers that reduce the per-token loss by "mean"/"sum" (module docstring)."""
     *out, gh, gw, gb = lce_forward_with_grads(hidden, weight, bias, labels, ignore_index,
                                               label_smoothing, z_loss_weight, softcap,
-                                              need_hidden, need_weight, need_bias)
+                                              need_hidden, need_weight, need_bias, max_rows)
     empty = hidden.new_empty((0,), dtype=torch.float32)
     return (*out, empty if gh is None else gh, empty.clone() if gw is None else gw,
             empty.clone() if gb is None else gb)
@@ -110,12 +116,13 @@ def linear_cross_entropy_fwd_grad(
 
 @linear_cross_entropy_fwd_grad.register_fake
 def _(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss_weight, softcap,
-      need_hidden, need_weight, need_bias):
+      need_hidden, need_weight, need_bias, max_rows=0):
     n = hidden.shape[0]
     f32 = dict(dtype=torch.float32)
     none = hidden.new_empty((0,), **f32)
     return (hidden.new_empty((n,), **f32), hidden.new_empty((n,), dtype=torch.bool),
-            hidden.new_empty((n,), **f32), hidden.new_empty((n,), dtype=torch.int32),
+            hidden.new_empty((row_capacity(n, max_rows),), **f32),
+            hidden.new_empty((n,), dtype=torch.int32),
             hidden.new_empty((1,), dtype=torch.int32),
             hidden.new_empty(hidden.shape, **f32) if need_hidden else none,
             weight.new_empty(weight.shape, **f32) if need_weight else none.clone(),
@@ -125,7 +132,7 @@ def _(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss_weight
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias = inputs[:3]
-    need = inputs[8:]
+    need = inputs[8:11]
     order, gh, gw, gb = output[3], *output[5:]
     ctx.save_for_backward(order, gh, gw, gb)
     ctx.need = (need[0], need[1], need[2] and bias is not None)
@@ -143,13 +150,13 @@ def _scaled(unit: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
 def _backward(ctx, grad_loss, *_unused):
     order, gh, gw, gb = ctx.saved_tensors
     if grad_loss is None:
-        return (None,) * 11
+        return (None,) * 12
     # One scalar for every token in "mean"/"sum" (module docstring): read it at the first
     # compacted position, on the device.
     scale = grad_loss.index_select(0, order[:1]).float()
     grads = [_scaled(unit, scale, dtype) if need else None
              for unit, need, dtype in zip((gh, gw, gb), ctx.need, ctx.dtypes, strict=True)]
-    return (*grads, *(None,) * 8)
+    return (*grads, *(None,) * 9)
 
 
 linear_cross_entropy_fwd_grad.register_autograd(_backward, setup_context=_setup_context)

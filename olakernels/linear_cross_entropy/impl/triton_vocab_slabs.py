@@ -10,7 +10,9 @@ N = 16,384).
 Here the loop runs over slabs of the vocabulary instead, each for every labelled row:
 
 1. _lce_dlogits_kernel: d loss / d logits of the slab's columns for all compacted rows, into an
-   (N, width) buffer (rows past the labelled count are neither computed nor read);
+   (N, width) buffer (rows past the labelled count are neither computed nor read; with the
+   caller's bound on the labelled count, ``max_valid_tokens``, every N x buffer below holds
+   only that many rows, and the slabs widen to fill SLAB_BUDGET_BYTES);
 2. _lce_dweight_kernel: grad_weight[slab] = dlogits^T @ hidden[order], summed over all labelled
    rows in fp32 registers and stored once, in the weight's dtype: no (V, H) accumulator at all;
 3. _lce_dhidden_kernel: grad_hidden += dlogits @ W[slab]. This sum runs over the slabs, so it is
@@ -50,9 +52,12 @@ def slab_width(n: int, v: int, itemsize: int, multiple: int) -> int:
 
 def lce_backward_vocab_slabs(blk, native, dl_dtype, hidden, weight, bias, labels, order, count,
                              lse, grad_loss, label_smoothing, z_loss_weight, softcap,
-                             need_hidden, need_weight, need_bias):
-    """(grad_hidden | None, grad_weight | None, grad_bias | None), as impl/triton.lce_backward."""
-    n, h = hidden.shape
+                             need_hidden, need_weight, need_bias, rows: int | None = None):
+    """(grad_hidden | None, grad_weight | None, grad_bias | None), as impl/triton.lce_backward.
+    ``rows``: the compacted rows to size for (impl/triton.row_capacity; ``count`` is at most
+    that), default N."""
+    h = hidden.shape[1]
+    n = hidden.shape[0] if rows is None else rows
     v = weight.shape[0]
     dev = hidden.device
     dw_m, dw_h = blk.get("dw_m", blk["m"]), blk.get("dw_h", blk["h"])
@@ -74,7 +79,7 @@ def lce_backward_vocab_slabs(blk, native, dl_dtype, hidden, weight, bias, labels
         if (need_hidden and len(slabs) > 1) else None
     # The labelled rows' hidden states, dense and in compacted order, gathered once for all
     # slabs (pipelined operand loads in the dW kernel, as in the rows schedule).
-    h_rows = hidden.index_select(0, order) if need_weight else None
+    h_rows = hidden.index_select(0, order[:n]) if need_weight else None
     grad_loss = grad_loss.contiguous().float()
     has_softcap = softcap > 0
     for i, v0 in enumerate(slabs):
