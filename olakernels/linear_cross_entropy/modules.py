@@ -61,7 +61,9 @@ class LinearCrossEntropy(nn.Linear):
         return head
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
-                return_stats: bool = False):
+                return_stats: bool = False, max_valid_tokens: int | None = None):
+        """Logits without ``labels``; the loss with them (``max_valid_tokens``: a host-side
+        bound on the labelled tokens, see :func:`linear_cross_entropy`)."""
         if labels is None:
             logits = F.linear(hidden, self.weight, self.bias)
             if self.logit_softcap is not None:
@@ -71,7 +73,8 @@ class LinearCrossEntropy(nn.Linear):
             hidden, self.weight, labels, bias=self.bias, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
             z_loss_weight=self.z_loss_weight, logit_softcap=self.logit_softcap,
-            shift_labels=self.shift_labels, return_stats=return_stats, impl=self.impl,
+            shift_labels=self.shift_labels, return_stats=return_stats,
+            max_valid_tokens=max_valid_tokens, impl=self.impl,
         )
 
     def extra_repr(self) -> str:

@@ -134,3 +134,43 @@ def test_bounded_forward_splits_fill_the_gpu(monkeypatch):
     assert triton_impl.vocab_splits(128256, 6, blk, None, bounded=True) == 44
     assert triton_impl.vocab_splits(128256, 200, blk, None, bounded=True) == 16  # many rows
     assert triton_impl.vocab_splits(2000, 1, blk, None, bounded=True) == 2  # >= 4 tiles each
+
+
+def test_opcheck_and_compile_with_a_bound(small_quantum, device):
+    """The custom ops' fake shapes follow max_rows (lse holds the bounded rows), and the bound
+    traces under torch.compile(fullgraph=True) with the eager result."""
+    from test_linear_cross_entropy import assert_compiled_matches_eager
+
+    hidden, weight, labels, bias = make_lm_head_inputs((40,), 16, 40, device=device, bias=True,
+                                                       ignored=0.7)
+    count = _labelled(labels)
+    max_rows = -(-count // QUANTUM) * QUANTUM
+    assert max_rows < 40
+    args = (hidden.requires_grad_(True), weight.requires_grad_(True), bias, labels, -100, 0.1,
+            1e-3, 0.0, max_rows)
+    torch.library.opcheck(triton_impl.linear_cross_entropy_fwd, args)
+    with torch.no_grad():
+        loss, _, lse, order, cnt = triton_impl.linear_cross_entropy_fwd(*args)
+    assert lse.shape == (max_rows,)
+    torch.library.opcheck(
+        triton_impl.linear_cross_entropy_bwd,
+        (hidden.detach(), weight.detach(), bias, labels, order, cnt, lse,
+         torch.rand(40, device=device), 0.1, 1e-3, 0.0, True, True, True, max_rows),
+    )
+
+    def loss_fn(h, w, b, y):
+        return linear_cross_entropy(h, w, y, bias=b, impl="triton", max_valid_tokens=count)
+
+    assert_compiled_matches_eager(loss_fn, hidden.detach(), weight.detach(), bias, labels)
+
+
+def test_the_module_passes_the_bound(small_quantum, device):
+    from olakernels import LinearCrossEntropy
+
+    hidden, weight, labels, _ = make_lm_head_inputs((40,), 16, 40, device=device, ignored=0.7)
+    head = LinearCrossEntropy(16, 40, bias=False, impl="triton").to(device)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    count = _labelled(labels)
+    torch.testing.assert_close(head(hidden, labels, max_valid_tokens=count), head(hidden, labels))
+    assert torch.isnan(head(hidden, labels, max_valid_tokens=count - 1))
