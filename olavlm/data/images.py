@@ -106,7 +106,15 @@ def load_image(source: str | Path | bytes | BinaryIO) -> Image.Image:
     elif isinstance(source, (str, Path)):
         source = Path(source)
         _check_is_file(source)
-    with Image.open(source) as image:
+    try:
+        opened = Image.open(source)
+    except Image.UnidentifiedImageError as err:
+        if not isinstance(source, io.BytesIO):
+            raise
+        # PIL names the buffer ("<_io.BytesIO object at 0x...>"); callers name the file.
+        raise Image.UnidentifiedImageError(
+            "cannot identify image file (not an image, or a format PIL cannot read)") from err
+    with opened as image:
         image.load()
         oriented = ImageOps.exif_transpose(image)
     return to_rgb(oriented)

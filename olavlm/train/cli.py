@@ -83,6 +83,16 @@ def run_train(args) -> int:
         # data.on_bad_sample=raise may be this rank's alone.
         trainer.close(barrier=isinstance(exc, NonFiniteLossError))
         return 1
+    except RuntimeError as exc:
+        if not (trainer.dist.distributed and peer_failure(exc)):
+            raise
+        # Another rank stopped on its own error (printed by that rank) while this one waited
+        # in a collective: one line here, not a second traceback that hides the cause.
+        trainer.metrics.close()
+        print(f"olavlm train: rank {trainer.dist.rank}: another rank stopped (its error is "
+              f"above; the last checkpoint is kept): {_first_line(exc)}", file=sys.stderr)
+        trainer.close(barrier=False)
+        return 1
     if result.summary:
         print(result.summary)
     if result.stopped:
@@ -90,6 +100,22 @@ def run_train(args) -> int:
               "to resume")
     trainer.close()
     return 0
+
+
+# What gloo and NCCL report in a rank whose peer process exited during a collective.
+_PEER_FAILURES = ("closed by peer", "reset by peer", "remote worker", "broken pipe",
+                  "communicator was aborted", "nccl error", "connection refused")
+
+
+def peer_failure(exc: BaseException) -> bool:
+    """The collective failed because another rank's process went away."""
+    text = str(exc).lower()
+    return any(marker in text for marker in _PEER_FAILURES)
+
+
+def _first_line(exc: BaseException) -> str:
+    line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return line if len(line) <= 200 else line[:200] + "..."
 
 
 def _last_line(exc: BaseException) -> str:

@@ -74,6 +74,9 @@ def test_missing_and_corrupt_files_raise(tmp_path):
     (tmp_path / "text.png").write_bytes(b"not an image at all")
     with pytest.raises(UnidentifiedImageError):
         load_image(tmp_path / "text.png")
+    # From bytes (as the loaders read files): no "<_io.BytesIO object at 0x...>" in the message.
+    with pytest.raises(UnidentifiedImageError, match=r"^cannot identify image file \(not an"):
+        load_image(b"not an image at all")
     data = _png(random_image(np.random.default_rng(0), 64, 64))
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError):

@@ -74,3 +74,29 @@ def test_sigterm_to_a_running_job_then_rerun_resumes(tmp_path):
     for noise in ("_pytree", "Writing model shards", "Loading weights"):
         assert noise not in err + again.stderr, noise
     assert _steps(tmp_path)[-3:] == [stopped_at + 1, stopped_at + 2, stopped_at + 3]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_one_rank_failing_alone_gives_one_line_per_rank(tmp_path):
+    """A corrupt image under data.on_bad_sample=raise stops the rank that loads it; the other,
+    waiting in a collective, says so in one line instead of a gloo traceback."""
+    from olavlm.data.synthetic import write_synthetic_dataset
+
+    data = tmp_path / "d"
+    write_synthetic_dataset(data, 8, size=32, text_only_fraction=0.0)
+    first = json.loads((data / "train.jsonl").read_text().splitlines()[1])
+    (data / first["image"]).write_bytes(b"not an image")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "-m", "olavlm.train", *_args(tmp_path, f"data.path={data / 'train.jsonl'}",
+                                        f"data.tokenizer={data / 'tokenizer'}",
+                                        "data.on_bad_sample=raise", "data.shuffle=false",
+                                        "data.batch_size=2", "train.max_steps=2")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=_env())
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("olavlm train:")]
+    assert len(ours) == 2, proc.stderr[-3000:]
+    assert any("corrupt_image" in line and first["image"] in line for line in ours)
+    assert any("another rank stopped" in line for line in ours)
+    assert "[rank0]:   File" not in proc.stderr and "[rank1]:   File" not in proc.stderr
