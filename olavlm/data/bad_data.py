@@ -8,6 +8,8 @@ Reasons (``REJECT_REASONS``):
 - ``bad_entry``: any other malformed entry (not an object, a turn without a str ``value``,
   an unknown ``from``, roles that do not alternate, several images, ``plain`` with more turns);
 - ``missing_image`` / ``corrupt_image``: the image file is absent / cannot be decoded;
+- ``bad_maps``: the synthetic dataset's depth or segmentation map of the image (read for the
+  synthetic teacher run online) is absent or unreadable;
 - ``tokenization_mismatch``: a token straddles a supervised span (templates.py);
 - ``too_long``: ``max_length`` cannot even hold the prompt before the image and the image.
 
@@ -44,7 +46,7 @@ logger = logging.getLogger("olavlm.data")
 BAD_SAMPLE_POLICIES = ("skip", "raise")
 REJECT_REASONS = (
     "malformed_json", "no_conversations", "bad_entry", "missing_image", "corrupt_image",
-    "tokenization_mismatch", "too_long",
+    "bad_maps", "tokenization_mismatch", "too_long",
 )
 TARGET_PROBLEMS = ("missing_target", "corrupt_target", "stale_target")
 

@@ -355,10 +355,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         folder = self.image_folder or self.index.source_path(i).parent
         try:
             sample.maps = load_scene_maps(entry, folder)
-        except FileNotFoundError as err:
-            return self._bad(i, entry, "missing_image", str(err))
-        except (OSError, ValueError) as err:
-            return self._bad(i, entry, "corrupt_image", f"maps: {type(err).__name__}: {err}")
+        except (OSError, ValueError) as err:  # the image itself was fine: its maps are not
+            return self._bad(i, entry, "bad_maps", f"{type(err).__name__}: {err}")
         return None
 
     def _bad(self, i: int, entry: dict, reason: str, detail: str) -> Reject:

@@ -48,6 +48,7 @@ class VerifyReport:
     problems: list[str]
     coverage: dict | None = None
     fp8_error: dict | None = None
+    num_damaged: int = 0  # images whose shard failed a check (not counted as cached)
 
     @property
     def none_cached(self) -> bool:
@@ -67,14 +68,18 @@ class VerifyReport:
         state = "complete" if self.complete else "INCOMPLETE (no index.json)"
         # Without the index the cached images are not counted (an unfinished extraction).
         cached = f"; {self.num_cached} images cached" if self.complete else ""
+        if self.num_damaged:
+            cached += f" ({self.num_damaged} more in damaged shards)"
         lines = [f"{self.root}: {state}; {self.shards_ok}/{self.num_shards} shards ok{cached}"]
         lines += [f"  PROBLEM: {p}" for p in self.problems]
         if self.coverage is not None:
             c = self.coverage
             reasons = ", ".join(f"{r}={n}" for r, n in sorted(c["rejected"].items()))
+            damaged = (f"; {c['in_damaged_shards']} in damaged shards"
+                       if c.get("in_damaged_shards") else "")
             lines.append(f"  coverage: {c['cached']}/{c['dataset_images']} dataset images "
                          f"cached ({c['fraction']:.2%}); {c['missing']} missing ("
-                         f"{c['missing_not_rejected']} never extracted"
+                         f"{c['missing_not_rejected']} never extracted{damaged}"
                          f"{'; rejected: ' + reasons if reasons else ''}); {c['extra']} extra")
             if c["missing_examples"]:
                 lines.append(f"  missing, e.g.: {c['missing_examples']}")
@@ -166,19 +171,23 @@ def _image_changes(dataset: LlavaIndex, items, digests: dict[str, str | None],
             "unreadable": unreadable, "no_digest": no_digest}
 
 
-def _coverage(index: dict, data, cached: set[str], *, digests=None, image_folder=None) -> dict:
+def _coverage(index: dict, data, cached: set[str], *, digests=None, image_folder=None,
+              damaged: frozenset[str] = frozenset()) -> dict:
     dataset = LlavaIndex(data)
     items = image_items(dataset)
     keys = [k for k, _ in items]
     rejected = {r["sample_id"]: r["reason"] for r in index.get("rejects", [])}
     missing = [k for k in keys if k not in cached]
     reasons = Counter(rejected[k] for k in missing if k in rejected)
+    in_damaged = sum(k in damaged for k in missing if k not in rejected)
     wanted = set(keys)
     out = {"dataset_images": len(keys), "cached": len(keys) - len(missing),
            "fraction": (len(keys) - len(missing)) / len(keys) if keys else 1.0,
            "missing": len(missing), "rejected": dict(reasons),
-           "missing_not_rejected": len(missing) - sum(reasons.values()),
-           "missing_examples": [k for k in missing if k not in rejected][:5],
+           "missing_not_rejected": len(missing) - sum(reasons.values()) - in_damaged,
+           "in_damaged_shards": in_damaged,
+           "missing_examples": [k for k in missing if k not in rejected
+                                and k not in damaged][:5],
            "extra": len(cached - wanted)}
     if digests is not None:
         out |= _image_changes(dataset, items, digests, image_folder)
@@ -216,6 +225,7 @@ def verify_cache(root: str | Path, *, data=None, check_rows: bool = True,
     shapes = {t: tuple(v["shape"]) for t, v in index["tasks"].items()}
     expected = stored_dtypes(shapes, index["storage"])
     problems, ok, seen, cached, digests = [], 0, Counter(), set(), {}
+    damaged_keys: set[str] = set()
     for info in index["shards"]:
         recorded = info.get("image_digests") or [None] * len(info["keys"])
         if len(recorded) != len(info["keys"]):
@@ -223,12 +233,14 @@ def verify_cache(root: str | Path, *, data=None, check_rows: bool = True,
                             f"{len(recorded)} image digests")
             recorded = [None] * len(info["keys"])
         digests.update(zip(info["keys"], recorded, strict=True))
+        seen.update(info["keys"])
         try:
             _check_shard(root, info, expected, list(shapes), check_rows)
-            ok += 1
         except (CorruptTargetError, OSError, ValueError, KeyError) as err:
             problems.append(str(err))
-        seen.update(info["keys"])
+            damaged_keys.update(info["keys"])  # unusable: training masks them (corrupt_target)
+            continue
+        ok += 1
         cached.update(info["keys"])
     twice = [k for k, n in seen.items() if n > 1]
     if twice:
@@ -239,7 +251,9 @@ def verify_cache(root: str | Path, *, data=None, check_rows: bool = True,
         problems.append(f"shard files not in the index: {stray[:5]}")
     coverage = None if data is None else _coverage(
         index, [data] if isinstance(data, (str, Path)) else list(data), cached,
-        digests=digests if check_images else None, image_folder=image_folder)
+        digests=digests if check_images else None, image_folder=image_folder,
+        damaged=frozenset(damaged_keys - cached))
     return VerifyReport(root=root, complete=True, num_shards=len(index["shards"]), shards_ok=ok,
                         num_cached=len(cached), problems=problems, coverage=coverage,
-                        fp8_error=index.get("fp8_error") or None)
+                        fp8_error=index.get("fp8_error") or None,
+                        num_damaged=len(damaged_keys - cached))

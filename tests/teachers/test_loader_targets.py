@@ -103,3 +103,18 @@ def test_maps_travel_with_the_batch(teacher_synth_dir, setup):
     for row, entry in enumerate(entries[:6]):
         depth = batch.maps["depth_mm"][row]
         assert (depth.max() > 0) == ("image" in entry)  # text-only samples get blank maps
+
+
+def test_a_missing_map_is_bad_maps_not_a_bad_image(teacher_synth_dir, setup, tmp_path):
+    _, tokenizer, entries = setup
+    folder = tmp_path / "data"
+    shutil.copytree(teacher_synth_dir, folder)
+    i = next(k for k, e in enumerate(entries) if "image" in e)
+    (folder / entries[i]["depth"]).unlink()
+    dataset = LlavaDataset(folder / "train.jsonl", tokenizer, image_view=ImageView(size=32),
+                           keep_maps=True)
+    reject = dataset[i]
+    assert reject.reason == "bad_maps" and "map file not found" in reject.detail
+    loader = ResumableLoader(dataset, batch_size=6, shuffle=False)
+    list(loader)
+    assert "bad_maps=1" in loader.last_summary

@@ -102,7 +102,8 @@ def _flip_byte(path, offset_from_end: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_corrupted_shard_is_caught_by_verify_and_by_the_reader(synth_cache, tmp_path):
+def test_corrupted_shard_is_caught_by_verify_and_by_the_reader(synth_cache, tmp_path,
+                                                               teacher_synth_dir):
     damaged = tmp_path / "damaged"
     shutil.copytree(synth_cache, damaged)
     assert verify_cache(damaged, data=None).ok
@@ -113,6 +114,13 @@ def test_corrupted_shard_is_caught_by_verify_and_by_the_reader(synth_cache, tmp_
     report = verify_cache(damaged)
     assert not report.ok and report.shards_ok == len(index["shards"]) - 1
     assert any(shard["file"] in p and "SHA-256" in p for p in report.problems)
+    # Its images are not counted as cached (training cannot read them), nor as never extracted.
+    covered = verify_cache(damaged, data=teacher_synth_dir / "train.jsonl", check_rows=False)
+    c = covered.coverage
+    assert c["in_damaged_shards"] == len(shard["keys"]) and c["missing_not_rejected"] == 0
+    assert c["cached"] == c["dataset_images"] - len(shard["keys"])
+    assert covered.num_damaged == len(shard["keys"])
+    assert f"{len(shard['keys'])} in damaged shards" in covered.summary()
     cache = TargetCache(damaged)
     with pytest.raises(CorruptTargetError, match="fails its CRC"):
         cache.read(shard["keys"][-1])
