@@ -37,6 +37,7 @@ from .projector import build_projector
 from .splice import (
     SplicedInputs,
     align_right,
+    check_placeholders_on_host,
     count_supervised_tokens,
     head_key_mask,
     splice_inputs,
@@ -429,6 +430,7 @@ class OlaVLM(nn.Module):
                                ) -> dict[str, dict[int, torch.Tensor]]:
         """Each head's predicted embedding per tapped layer: {task: {layer: pred}} (for probing
         and the demo; no losses)."""
+        check_placeholders_on_host(input_ids, images is not None, IMAGE_TOKEN_INDEX)
         return self(input_ids, attention_mask, images=images, return_predictions=True).predictions
 
     @torch.no_grad()
@@ -436,7 +438,9 @@ class OlaVLM(nn.Module):
         """Chat generation with the KV cache; the heads are skipped. Batches may mix image and
         text-only prompts, padded on either side: after splicing every row is aligned to the
         right (``align_right``). Returns the new tokens only (HF behaviour with
-        inputs_embeds)."""
+        inputs_embeds). A prompt with more than one image placeholder, or one without
+        images, is a ValueError (checked on the host: a device assert would end the session)."""
+        check_placeholders_on_host(input_ids, images is not None, IMAGE_TOKEN_INDEX)
         spliced = self.splice(input_ids, attention_mask, None, images)
         embeds, mask = align_right(spliced.inputs_embeds, spliced.attention_mask)
         if "pad_token_id" not in generate_kwargs:

@@ -391,6 +391,24 @@ def test_seed_compat_equals_the_seed_arithmetic(tmp):
 # ---- inference ----
 
 
+def test_generate_refuses_bad_placeholders_before_any_device_work(model, monkeypatch):
+    """On a GPU the splice's placeholder checks are device asserts (no sync in training), which
+    would leave a chat session's CUDA context unusable: generation checks on the host first.
+    Simulated here by switching the splice's own check off."""
+    from olavlm.models import splice
+
+    monkeypatch.setattr(splice, "fail_if_any", lambda *args: None)
+    ids, mask, _, images, _, _ = tiny_batch(model, batch=2, placeholders=[4, 4])
+    two = ids.clone()
+    two[1, 6] = -200
+    with pytest.raises(ValueError, match="at most one image placeholder.*row 1 has 2"):
+        model.generate(two, mask, images, max_new_tokens=1)
+    with pytest.raises(ValueError, match="no images were given"):
+        model.generate(ids, mask, None, max_new_tokens=1)
+    with pytest.raises(ValueError, match="at most one image placeholder"):
+        model.visual_interpretations(two, mask, images)
+
+
 def test_generate_and_visual_interpretations(model):
     ids, mask, _, images, _, _ = tiny_batch(model, batch=2, placeholders=[4, 4])
     new = model.generate(ids, mask, images, max_new_tokens=3, do_sample=False)
