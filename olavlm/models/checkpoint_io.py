@@ -218,6 +218,9 @@ def read_seed_checkpoint(seed_dir: str | Path, **overrides) -> SeedCheckpoint:
     """Config and renamed tensors of a seed checkpoint directory; no model is built."""
     folder = _existing_dir(seed_dir, "seed_dir")
     seed_config = _read_json(folder / "config.json")
+    tower = seed_config.get("mm_vision_tower")
+    if "vision_tower" not in overrides and _bundled(folder, tower):
+        seed_config["mm_vision_tower"] = str(folder / tower)  # a tower exported along
     config = seed_model_config(seed_config, **overrides)
     llm_config = seed_llm_config(seed_config)
     state, ignored, other_tasks = {}, [], []
@@ -471,6 +474,23 @@ def _own_state(model: OlaVLM) -> dict[str, torch.Tensor]:
             if not k.startswith(("llm.", "vision_tower."))}
 
 
+def _bundled(folder: Path, value) -> bool:
+    """``value`` names a tower folder that an export copied into ``folder`` (a relative name)."""
+    return (isinstance(value, str) and bool(value) and not os.path.isabs(value)
+            and (folder / value).is_dir())
+
+
+def _bundle_tower(value, tmp: Path) -> str:
+    """Copy the local tower folder ``value`` into the export being written (``tmp``), under its
+    own name (the tower's class is picked from its name), and return that relative name."""
+    src = Path(value)
+    if not src.is_dir():
+        raise FileNotFoundError(f"vision tower folder {str(src)!r} does not exist: nothing to "
+                                "bundle with the export")
+    shutil.copytree(src, tmp / src.name)
+    return src.name
+
+
 def _portable_path(value):
     """A tower named by a relative local path (a run's ``runs/<name>/models/tiny-clip``) as an
     absolute one, so the exported folder loads from any working directory; hub ids and absolute
@@ -481,12 +501,14 @@ def _portable_path(value):
 
 
 def export_hf(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
-              include_vision_tower: bool = False) -> Path:
+              include_vision_tower: bool = False, bundle_vision_tower: bool = False) -> Path:
     """Write ``out_dir/llm`` (the LLM's ``save_pretrained``), ``olavlm.safetensors`` (the
     projector, task tokens, heads and logit scales under OlaVLM's keys), ``olavlm_config.json``
     (``ModelConfig.to_dict()`` with ``llm: "llm"`` and the LLM's actual dtype) and, with
-    ``include_vision_tower``, ``vision_tower.safetensors`` (the tower's kept blocks). Returns
-    ``out_dir``. Read it back with :func:`load_exported`."""
+    ``include_vision_tower``, ``vision_tower.safetensors`` (the tower's kept blocks).
+    ``bundle_vision_tower``: copy the tower's local folder (config and weights) into the export
+    and name it there, so the export does not depend on where the tower was (a run's
+    generated tiny tower). Returns ``out_dir``. Read it back with :func:`load_exported`."""
     from safetensors.torch import save_file
 
     config = model.config.to_dict()
@@ -499,6 +521,8 @@ def export_hf(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
         if include_vision_tower:
             save_file(_saveable(model.vision_tower.state_dict()), str(tmp / EXPORT_TOWER),
                       metadata={"format": "pt"})
+        if bundle_vision_tower:
+            config["vision_tower"] = _bundle_tower(config["vision_tower"], tmp)
         (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
     return Path(out_dir)
 
@@ -514,6 +538,8 @@ def load_exported(out_dir: str | Path, vision_tower_path: str | Path | None = No
     values = _read_json(folder / EXPORT_CONFIG)
     llm = Path(values.get("llm") or "llm")
     values["llm"] = str(llm if llm.is_absolute() else folder / llm)
+    if _bundled(folder, values.get("vision_tower")):
+        values["vision_tower"] = str(folder / values["vision_tower"])
     if vision_tower_path is not None:
         values["vision_tower"] = str(vision_tower_path)
     values.update(overrides)
@@ -540,7 +566,7 @@ def load_exported(out_dir: str | Path, vision_tower_path: str | Path | None = No
 
 def export_seed_layout(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
                        max_shard_size: int | None = None, include_vision_tower: bool = True,
-                       image_aspect_ratio: str = "pad") -> Path:
+                       image_aspect_ratio: str = "pad", bundle_vision_tower: bool = False) -> Path:
     """Write ``model`` in the seed's layout (SPEC 11 keys, ``seed_config_dict`` as
     ``config.json``), sharded above ``max_shard_size`` bytes. The tower's keys are those of
     the blocks it holds (the seed's files have every block; our importer accepts either).
@@ -555,5 +581,7 @@ def export_seed_layout(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = 
         config["mm_vision_tower"] = _portable_path(config["mm_vision_tower"])
     with _atomic_dir(out_dir, overwrite) as tmp:
         _write_safetensors(state, tmp, max_shard_size)
+        if bundle_vision_tower and config.get("mm_vision_tower"):  # as export_hf
+            config["mm_vision_tower"] = _bundle_tower(config["mm_vision_tower"], tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return Path(out_dir)

@@ -67,11 +67,16 @@ def export_checkpoint(source: str | Path, out: str | Path, *, fmt: str = "hf",
         tokenizer = B.build_tokenizer(cfg, data_root)
     model = B.build_model(cfg, tokenizer, run_dir, is_main=True, barrier=lambda: None)
     Checkpointer(run_dir).load(ckpt, {"model": model})
+    # A tower the run generated (tiny:<arch>, under the run directory) travels with the export:
+    # deleting or moving the run must not break the exported model.
+    tower = Path(model.config.vision_tower or "")
+    bundle = tower.is_dir() and tower.resolve().is_relative_to(run_dir.resolve())
     if fmt == "hf":
-        written = export_hf(model, out, overwrite=overwrite)
+        written = export_hf(model, out, overwrite=overwrite, bundle_vision_tower=bundle)
         tokenizer.save_pretrained(str(written / "llm"))
     else:
-        written = export_seed_layout(model, out, overwrite=overwrite)
+        written = export_seed_layout(model, out, overwrite=overwrite,
+                                     bundle_vision_tower=bundle)
         tokenizer.save_pretrained(str(written))
     return written
 

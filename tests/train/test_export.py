@@ -95,8 +95,10 @@ def test_init_from_an_export_starts_the_next_stage_from_its_weights(trained, tmp
 def test_an_export_made_from_a_relative_run_dir_loads_from_anywhere(trained, tmp_path,
                                                                     monkeypatch):
     """`olavlm export runs/demo-...` wrote the demo tower as `runs/demo-.../models/tiny-clip`,
-    relative to the directory export ran in: loading from anywhere else failed."""
+    relative to the directory export ran in: loading from anywhere else failed. Then as an
+    absolute path into the run: deleting the run broke the export."""
     import json
+    import shutil
 
     trainer, tmp = trained
     monkeypatch.chdir(tmp)
@@ -104,10 +106,22 @@ def test_an_export_made_from_a_relative_run_dir_loads_from_anywhere(trained, tmp
     hf = export_checkpoint(relative, tmp_path / "hf")
     seed = export_checkpoint(relative, tmp_path / "seed", fmt="seed")
     monkeypatch.chdir(tmp_path)
-    tower = json.loads((hf / "olavlm_config.json").read_text())["vision_tower"]
-    assert tower == str(trainer.run_dir.resolve() / "models" / "tiny-clip")
-    _assert_same(load_exported(hf), trainer)
-    _assert_same(load_seed_checkpoint(seed, heads=trainer.model.config.heads), trainer)
+    # The run's generated tower travels with the export (under its own name, which picks its
+    # class): moving the export and removing the run's copy of the tower breaks nothing.
+    assert json.loads((hf / "olavlm_config.json").read_text())["vision_tower"] == "tiny-clip"
+    assert json.loads((seed / "config.json").read_text())["mm_vision_tower"] == "tiny-clip"
+    assert (hf / "tiny-clip" / "config.json").is_file()
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(tmp_path / "hf"), str(moved / "hf"))
+    shutil.move(str(tmp_path / "seed"), str(moved / "seed"))
+    run_tower = trainer.run_dir / "models" / "tiny-clip"
+    run_tower.rename(run_tower.with_name("gone"))
+    try:
+        _assert_same(load_exported(moved / "hf"), trainer)
+        _assert_same(load_seed_checkpoint(moved / "seed", heads=trainer.model.config.heads),
+                     trainer)
+    finally:
+        run_tower.with_name("gone").rename(run_tower)
 
 
 def test_cli_refuses_a_non_empty_out_naming_the_flag(trained, tmp_path, capsys):
