@@ -13,7 +13,8 @@ from .impl.reference import shift_for_next_token
 IMPLS = ("auto", "triton", "torch", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 # max_valid_tokens is rounded up to a multiple of this: buffers and grids change size in steps
-# (the caching allocator reuses blocks, a compiled graph sees few distinct values).
+# (the caching allocator reuses blocks). Under torch.compile the raw bound is an input (the
+# NaN check compares with it), so a bound that varies per step marks it dynamic there.
 ROW_QUANTUM = 256
 
 
@@ -71,8 +72,9 @@ def linear_cross_entropy(
     sizes its buffers and grids for that many rows (rounded up to a multiple of 256) instead
     of all N: in pre-training, where ~90% of positions are unlabelled, less memory for the
     backward's buffers and a forward grid that fills the GPU. No host sync either way. A bound
-    below the true count is caught on the device: the loss, and through it every gradient, is
-    NaN (whatever the impl), never a silently partial loss. A bound that changes every step
+    below the true count is caught on the device: the loss is NaN (whatever the impl), and so
+    are grad_weight, grad_bias and the labelled rows of grad_hidden, never a silently partial
+    loss (a trainer that skips non-finite steps skips it). A bound that changes every step
     changes launch sizes, which a captured CUDA graph cannot follow: pass a fixed bound there,
     or none.
     Numerics: logits, log-sum-exp and the loss in fp32 (half-precision operands multiply

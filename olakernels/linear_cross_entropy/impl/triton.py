@@ -133,8 +133,9 @@ def vocab_splits(v: int, row_blocks: int, blk: dict, device, bounded: bool) -> i
     """Vocabulary splits of the forward grid. Without a bound the grid is sized for all N rows
     and most of its blocks may exit at once, so 16 splits (of >= 8,192 columns) keep a few
     labelled row blocks busy. With a bound the row blocks are known to be few: split until
-    about two programs per SM (pre-training, ~230 labelled rows of Llama-3: 2 row blocks x 132
-    splits of ~1,000 columns on an H100, instead of 2 x 16 = 32 programs on 132 SMs)."""
+    about two programs per SM, at least 4 column tiles each (pre-training, ~230 labelled rows
+    of Llama-3: 2 row blocks x 126 splits of 1,024 columns on an H100, instead of 2 x 16 = 32
+    programs on 132 SMs)."""
     splits = max(1, min(16, triton.cdiv(v, 8192)))
     if bounded:
         splits = max(splits, triton.cdiv(2 * num_sms(device), row_blocks))
