@@ -153,8 +153,8 @@ def measure(provider: str, case: Case, *, device: str, warmup: int, rep: int):
         from olakernels.linear_cross_entropy import api
         from olakernels.linear_cross_entropy.impl import triton as lce_triton
 
-        rows = case.tokens if provider == "triton" else min(
-            case.tokens, -(-max(labelled(case), 1) // api.ROW_QUANTUM) * api.ROW_QUANTUM)
+        bound = api.bounded_rows(labelled(case) if provider == "triton_bound" else None)
+        rows = lce_triton.row_capacity(case.tokens, bound)
         vocab = lce_triton.uses_vocab_schedule(lce_triton._blocks(), case.train_weight,
                                                rows, case.vocab)
         note += f"; backward {'vocab slabs' if vocab else 'row chunks'}"

@@ -110,9 +110,7 @@ def linear_cross_entropy(
         return LinearCrossEntropyOutput(loss, num_valid, correct) if return_stats else loss
 
     n = labels.numel()
-    # Rows the Triton kernels are sized for (0: all N).
-    max_rows = 0 if max_valid_tokens is None else \
-        -(-max(max_valid_tokens, 1) // ROW_QUANTUM) * ROW_QUANTUM
+    max_rows = bounded_rows(max_valid_tokens)
     hidden2d = hidden.reshape(n, hidden.shape[-1]).contiguous()
     labels1d = labels.reshape(n).to(torch.int64).contiguous()
     softcap = float(logit_softcap) if logit_softcap is not None else 0.0
@@ -150,6 +148,14 @@ def linear_cross_entropy(
     if return_stats:
         return LinearCrossEntropyOutput(loss, num_valid, correct.reshape(labels.shape))
     return loss
+
+
+def bounded_rows(max_valid_tokens: int | None) -> int:
+    """The row bound the Triton kernels get for ``max_valid_tokens``: rounded up to
+    ROW_QUANTUM (at least one quantum), 0 for none (impl/triton.row_capacity: then all N)."""
+    if max_valid_tokens is None:
+        return 0
+    return -(-max(max_valid_tokens, 1) // ROW_QUANTUM) * ROW_QUANTUM
 
 
 def _poison_if_over(loss: torch.Tensor, num_valid: torch.Tensor, bound: int | None):
