@@ -1,19 +1,41 @@
 # Input checks that read tensor values without stalling the GPU.
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
+
+_HOST_CHECKS = contextvars.ContextVar("olakernels_host_checks", default=False)
+
+
+@contextlib.contextmanager
+def host_checks():
+    """Inside, ``fail_if_any`` reads its mask back to the host on every device (one sync per
+    check) and raises ValueError: for inference and probing, where a device-side assert would
+    leave the CUDA context unusable for the next request."""
+    token = _HOST_CHECKS.set(True)
+    try:
+        yield
+    finally:
+        _HOST_CHECKS.reset(token)
+
+
+def _check_on_host(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" or _HOST_CHECKS.get()
 
 
 def fail_if_any(bad: torch.Tensor, values: torch.Tensor, message: str) -> None:
     """Reject inputs where ``bad`` (a bool mask over ``values``) holds anywhere.
 
-    On CPU tensors: ValueError with ``message`` and the first offending value. On accelerators
-    a host-side check would synchronize every training step, so a device-side assert fails the
-    step instead (a CUDA error carrying ``message``). Skipped while torch.compile traces.
+    On CPU tensors (or inside ``host_checks()``): ValueError with ``message`` and the first
+    offending value. On accelerators a host-side check would synchronize every training step,
+    so a device-side assert fails the step instead (a CUDA error carrying ``message``).
+    Skipped while torch.compile traces.
     """
     if torch.compiler.is_compiling():
         return
-    if bad.device.type == "cpu":
+    if _check_on_host(bad):
         if bool(bad.any()):
             raise ValueError(f"{message}, got {values[bad][0].item()}")
     else:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from olakernels._checks import host_checks
 from olakernels.embedding_loss import embedding_distill_loss, gather_targets
 from olakernels.linear_cross_entropy import linear_cross_entropy
 
@@ -37,7 +38,6 @@ from .projector import build_projector
 from .splice import (
     SplicedInputs,
     align_right,
-    check_placeholders_on_host,
     count_supervised_tokens,
     head_key_mask,
     splice_inputs,
@@ -430,8 +430,9 @@ class OlaVLM(nn.Module):
                                ) -> dict[str, dict[int, torch.Tensor]]:
         """Each head's predicted embedding per tapped layer: {task: {layer: pred}} (for probing
         and the demo; no losses)."""
-        check_placeholders_on_host(input_ids, images is not None, IMAGE_TOKEN_INDEX)
-        return self(input_ids, attention_mask, images=images, return_predictions=True).predictions
+        with host_checks():  # a bad prompt: ValueError, not a device assert (see generate)
+            out = self(input_ids, attention_mask, images=images, return_predictions=True)
+        return out.predictions
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, images=None, **generate_kwargs):
@@ -440,8 +441,8 @@ class OlaVLM(nn.Module):
         right (``align_right``). Returns the new tokens only (HF behaviour with
         inputs_embeds). A prompt with more than one image placeholder, or one without
         images, is a ValueError (checked on the host: a device assert would end the session)."""
-        check_placeholders_on_host(input_ids, images is not None, IMAGE_TOKEN_INDEX)
-        spliced = self.splice(input_ids, attention_mask, None, images)
+        with host_checks():  # the splice's input checks read back to the host: one sync
+            spliced = self.splice(input_ids, attention_mask, None, images)
         embeds, mask = align_right(spliced.inputs_embeds, spliced.attention_mask)
         if "pad_token_id" not in generate_kwargs:
             pad = getattr(self.llm.config, "pad_token_id", None)

@@ -26,9 +26,8 @@ from torch import nn
 
 from olakernels._checks import fail_if_any
 
-__all__ = ["SplicedInputs", "align_right", "check_placeholders_on_host",
-           "count_supervised_tokens", "head_key_mask", "splice_inputs", "splice_reference",
-           "task_token_positions"]
+__all__ = ["SplicedInputs", "align_right", "count_supervised_tokens", "head_key_mask",
+           "splice_inputs", "splice_reference", "task_token_positions"]
 
 
 @dataclass
@@ -80,23 +79,6 @@ def _check_ids(input_ids, attention_mask, labels, image_features, image_token_in
     if image_features is None:
         fail_if_any(count > 0, count, "input_ids hold an image placeholder but no images were "
                     "given (pass images=...); a sample's number of placeholders")
-
-
-def check_placeholders_on_host(input_ids: torch.Tensor, has_images: bool,
-                               image_token_index: int = -200) -> None:
-    """The placeholder checks of the splice, read back to the host (one sync): for generation
-    and probing, where a bad prompt must be a ValueError, not the device-side assert the
-    training step uses (which would leave the CUDA context unusable for the next prompt)."""
-    if input_ids.dim() != 2:
-        return  # the splice's own shape check names it
-    counts = (input_ids == image_token_index).sum(1).tolist()
-    for row, count in enumerate(counts):
-        if count > 1:
-            raise ValueError(f"input_ids: at most one image placeholder per sample is supported "
-                             f"(multi-image samples are not); row {row} has {count}")
-        if count and not has_images:
-            raise ValueError(f"input_ids hold an image placeholder but no images were given "
-                             f"(pass images=...); row {row} has one")
 
 
 def splice_inputs(

@@ -393,15 +393,19 @@ def test_seed_compat_equals_the_seed_arithmetic(tmp):
 
 def test_generate_refuses_bad_placeholders_before_any_device_work(model, monkeypatch):
     """On a GPU the splice's placeholder checks are device asserts (no sync in training), which
-    would leave a chat session's CUDA context unusable: generation checks on the host first.
-    Simulated here by switching the splice's own check off."""
-    from olavlm.models import splice
+    would leave a chat session's CUDA context unusable: generation reads them back to the host
+    (``host_checks``). Simulated here by treating the CPU tensors as a device's: the training
+    forward then goes to torch._assert_async, generation still raises a ValueError."""
+    from olakernels import _checks
 
-    monkeypatch.setattr(splice, "fail_if_any", lambda *args: None)
+    monkeypatch.setattr(_checks, "_check_on_host", lambda t: _checks._HOST_CHECKS.get())
     ids, mask, _, images, _, _ = tiny_batch(model, batch=2, placeholders=[4, 4])
     two = ids.clone()
     two[1, 6] = -200
-    with pytest.raises(ValueError, match="at most one image placeholder.*row 1 has 2"):
+    with pytest.raises(RuntimeError, match="at most one image placeholder") as raised:
+        model(two, mask, images=images)
+    assert not isinstance(raised.value, ValueError)  # the device path: an assert
+    with pytest.raises(ValueError, match="at most one image placeholder.*got 2"):
         model.generate(two, mask, images, max_new_tokens=1)
     with pytest.raises(ValueError, match="no images were given"):
         model.generate(ids, mask, None, max_new_tokens=1)
