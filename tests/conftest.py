@@ -40,6 +40,17 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _keep_fp32_matmul_precision():
+    """A test that runs a training job on CUDA (parallel.tf32) must not turn the next test's
+    fp32 comparisons into TF32 ones: put the process-wide switches back after each test."""
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    yield
+    torch.set_float32_matmul_precision(flags[2])  # (this one sets matmul.allow_tf32 too)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags[:2]
+
+
 @pytest.fixture
 def device() -> str:
     """Where the Triton path runs in this session: CUDA if present, else CPU (interpreter)."""

@@ -32,7 +32,7 @@ from torch import nn
 from olavlm.models.lean_norm import LeanRMSNorm, is_llama_rms_norm
 
 __all__ = ["DistInfo", "apply_parallelism", "free_port", "init_distributed", "resolve_device",
-           "wants_fsdp"]
+           "set_tf32_flags", "tf32_flags", "wants_fsdp"]
 
 logger = logging.getLogger("olavlm.train")
 
@@ -215,13 +215,23 @@ def apply_fsdp(model: nn.Module, mixed_precision: str, reduce_dtype: str) -> Non
     fully_shard(model, mp_policy=policy)
 
 
+def tf32_flags() -> tuple[bool, bool]:
+    """The process-wide TF32 switches: (cuBLAS matmuls, cuDNN convolutions)."""
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def set_tf32_flags(flags: tuple[bool, bool]) -> None:
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def apply_parallelism(model: nn.Module, cfg, dist_info: DistInfo) -> dict:
-    """Apply the ParallelConfig switches in order; returns what was done (for the run log)."""
+    """Apply the ParallelConfig switches in order; returns what was done (for the run log).
+    ``parallel.tf32`` changes two process-wide switches: the Trainer puts them back in close(),
+    so a job run inside a larger program (a notebook, a test) leaves its fp32 math as it was."""
     done: dict = {}
     device = dist_info.device
     if cfg.tf32 and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        set_tf32_flags((True, True))
     if cfg.liger:
         done["liger_modules"] = apply_liger(model, device)
     if cfg.float8 != "none":

@@ -33,7 +33,14 @@ from . import load as L
 from .checkpoint import Checkpointer, CheckpointError, check_resume_path, latest_checkpoint
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_losses, summarize_run
 from .optim import apply_hyperparameters, build_optimizer, build_scheduler, hyperparameters
-from .parallel import apply_parallelism, init_distributed, sdpa_context, wants_fsdp
+from .parallel import (
+    apply_parallelism,
+    init_distributed,
+    sdpa_context,
+    set_tf32_flags,
+    tf32_flags,
+    wants_fsdp,
+)
 from .signals import StopSignals
 from .stages import apply_stage, trainable_report
 
@@ -248,6 +255,7 @@ class Trainer:
         self.dataset, self.loader = B.build_data(
             cfg, model, self.tokenizer, data_root, rank=d.rank, world_size=d.world_size,
             run_dir=self.run_dir, online=self.teachers)
+        self._tf32_before = tf32_flags()  # close() restores them (parallel.tf32)
         self.parallel_done = apply_parallelism(model, cfg.parallel, d)
         L.finish(model, self.loading, d.device)
         if d.distributed:  # (a 1-rank FSDP group needs no gathers)
@@ -586,6 +594,8 @@ class Trainer:
         ranks are in a step's collectives and never reach a barrier, which would hold this one
         until the process group's timeout instead of letting it exit (and torchrun stop them)."""
         self._unlock()
+        if hasattr(self, "_tf32_before"):
+            set_tf32_flags(self._tf32_before)
         if torch.distributed.is_initialized():
             if barrier:
                 torch.distributed.barrier()

@@ -183,6 +183,27 @@ def test_resolved_config_is_saved(tmp_path, synth_dir):
     assert {row["module"] for row in trainable if row["trainable"]} >= {"mm_projector"}
 
 
+def test_close_gives_back_the_tf32_switches(tmp_path, synth_dir, monkeypatch):
+    """parallel.tf32 sets two process-wide switches: a job run inside a larger program (a
+    notebook, the GPU tests) hands the caller's fp32 matmul precision back when it closes."""
+    from olavlm.train import trainer as trainer_module
+    from olavlm.train.parallel import DistInfo, set_tf32_flags, tf32_flags
+
+    real = trainer_module.apply_parallelism
+    # The switch applies on CUDA only: hand apply_parallelism a CUDA device for this job.
+    monkeypatch.setattr(trainer_module, "apply_parallelism", lambda model, cfg, d: real(
+        model, cfg, DistInfo(device=torch.device("cuda"))))
+    caller = tf32_flags()
+    set_tf32_flags((False, False))
+    try:
+        trainer = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=1", "parallel.tf32=true"))
+        assert tf32_flags() == (True, True)
+        trainer.close()
+        assert tf32_flags() == (False, False)
+    finally:
+        set_tf32_flags(caller)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,llm_dtype", [("full", "float32"), ("pt", "bfloat16")])
 def test_single_process_bf16_keeps_fp32_master_weights(tmp_path, synth_dir, stage, llm_dtype):
