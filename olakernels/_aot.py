@@ -200,6 +200,7 @@ def embedding_loss_variants(target: tuple) -> list[Variant]:
 def linear_cross_entropy_variants(target: tuple) -> list[Variant]:
     from .linear_cross_entropy.impl import triton_kernels as k
     from .linear_cross_entropy.impl.triton import GPU_BLOCKS, ROCM_BLOCKS
+    from .linear_cross_entropy.impl.triton_vocab_slabs import slab_h_tile
 
     blk = GPU_BLOCKS if target[0] == "cuda" else ROCM_BLOCKS
     launch = dict(num_warps=blk["num_warps"], num_stages=blk["num_stages"])
@@ -237,21 +238,19 @@ def linear_cross_entropy_variants(target: tuple) -> list[Variant]:
         for grad_dt in sorted({dt, "fp32"}):
             out.append(Variant(f"lce.dhidden[{dt}->{grad_dt}]", k._lce_dhidden_kernel,
                                {"DLOGITS": "*" + dt, "W": "*" + dt, **ints,
-                                "GRAD_HID": "*" + grad_dt, "ACC": "*fp32"},
-                               (), {"DOT_NATIVE": native, "ACC_IN": False, "ACC_OUT": False,
-                                    **mm}, **launch))
-        # the vocab schedule's slabs (own H tile): first (to the fp32 sum), middle (from and
-        # to it), last (from it to the rows)
-        slab_mm = {**mm, "BLOCK_H": blk.get("narrow_h", blk["h"])}
+                                "GRAD_HID": "*" + grad_dt},
+                               (), {"DOT_NATIVE": native, **mm}, **launch))
         # a frozen head's grad_hidden (rows schedule, narrow H tile)
         out.append(Variant(f"lce.dhidden[{dt}->{dt},narrow]", k._lce_dhidden_kernel,
-                           {"DLOGITS": "*" + dt, "W": "*" + dt, **ints,
-                            "GRAD_HID": "*" + dt, "ACC": "*fp32"},
-                           (), {"DOT_NATIVE": native, "ACC_IN": False, "ACC_OUT": False,
-                                **slab_mm}, **launch))
+                           {"DLOGITS": "*" + dt, "W": "*" + dt, **ints, "GRAD_HID": "*" + dt},
+                           (), {"DOT_NATIVE": native,
+                                **{**mm, "BLOCK_H": blk.get("narrow_h", blk["h"])}}, **launch))
+        # the vocab schedule's slabs (own H tile, two halves): first (to the fp32 sum), middle
+        # (from and to it), last (from it to the rows)
+        slab_mm = {**mm, "BLOCK_H": slab_h_tile(blk, native)}
         for acc_in, acc_out in ((False, True), (True, True), (True, False)):
             out.append(Variant(f"lce.dhidden[{dt},slab,acc_in={acc_in},acc_out={acc_out}]",
-                               k._lce_dhidden_kernel,
+                               k._lce_dhidden_slab_kernel,
                                {"DLOGITS": "*" + dt, "W": "*" + dt, **ints,
                                 "GRAD_HID": "*" + dt, "ACC": "*fp32"},
                                (), {"DOT_NATIVE": native, "ACC_IN": acc_in,

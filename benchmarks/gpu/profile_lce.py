@@ -37,6 +37,9 @@ from olakernels.linear_cross_entropy.impl import triton as lce_triton  # noqa: E
 CONFIGS = {  # n, v: logits tile; m, h: dhidden/dweight output tile; k: reduction step;
     # dw_*: the dW kernel's own tiles (the H200 sweep's weak kernel), on top of GPU_BLOCKS
     "current": {},
+    # The vocab schedule's grad_hidden (two fp32 halves per H tile since run 6) at 128 columns
+    # instead of 256: run 6 measured one 128 x 128 accumulator at 452 TFLOP/s.
+    "slab_h128": dict(slab_h=128),
     # The backward's outer loop over row chunks with the fp32 (V, H) grad_weight accumulator
     # (the default before the vocabulary slabs): first after "current" to compare the two.
     "rows": dict(schedule="rows"),
@@ -134,6 +137,18 @@ def main() -> None:
             if warm > args.max_seconds:
                 print(f"  {name}: warm-up took {warm:.1f}s; skipped")
                 continue
+            # Without the profiler: how long the host takes to issue the call (launches) and
+            # the call's wall time (run 6 saw the vocab schedule's profiled wall 36 ms above its
+            # kernels' sum): host ~ wall means the GPU waits for the host.
+            hosts, walls = [], []
+            for _ in range(3):
+                sync(device)
+                t0 = time.perf_counter()
+                step()
+                hosts.append(time.perf_counter() - t0)
+                sync(device)
+                walls.append(time.perf_counter() - t0)
+            host, timed = sorted(hosts)[1], sorted(walls)[1]
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
             t0 = time.perf_counter()
             with profile(activities=acts) as prof:
@@ -141,8 +156,11 @@ def main() -> None:
                 sync(device)
             wall = time.perf_counter() - t0
             flop = 2 * rows * v * h
+            kernels = sum(e.self_device_time_total or 0.0 for e in prof.key_averages())
             print(f"\n## ignored {ignored:.0%} ({rows} labelled rows), config {name}: "
-                  f"fwd+bwd wall {wall * 1e3:.1f} ms (warm-up {warm:.1f}s)")
+                  f"fwd+bwd wall {timed * 1e3:.1f} ms, host {host * 1e3:.1f} ms (median of 3, no "
+                  f"profiler); profiled wall {wall * 1e3:.1f} ms, kernels "
+                  f"{kernels / 1e3:.1f} ms (warm-up {warm:.1f}s)")
             for evt in sorted(prof.key_averages(), key=lambda e: -(e.device_time_total or 0)):
                 us = evt.device_time_total or 0.0
                 if us <= 0:

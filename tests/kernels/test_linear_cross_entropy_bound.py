@@ -80,7 +80,7 @@ def test_the_vocab_slabs_widen_with_a_bound(small_quantum, monkeypatch, device):
         slabs.grids.clear()
         _check("triton", inputs, max_valid_tokens=bound)
         rows = 150 if bound is None else -(-count // QUANTUM) * QUANTUM
-        width = triton_vocab_slabs.slab_width(rows, V, 4, 32)
+        width = triton_vocab_slabs.slab_width(rows, V, H, 4, 32)
         assert len(slabs.grids) == triton.cdiv(V, width)
         assert slabs.grids[0][0] == triton.cdiv(rows, triton_impl._blocks()["n"])
     assert width > 64  # the bounded run's slabs are wider than the unbounded 64 columns

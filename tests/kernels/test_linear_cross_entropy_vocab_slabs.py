@@ -17,7 +17,7 @@ from olakernels.linear_cross_entropy.impl import triton_vocab_slabs
 from olakernels.testing import make_lm_head_inputs, track_peak_memory
 
 N, H, V = 60, 23, 101
-TILES = {"dw_m": 16, "dw_h": 16, "dw_k": 16, "narrow_h": 16}
+TILES = {"dw_m": 16, "dw_h": 16, "dw_k": 16, "narrow_h": 16, "slab_h": 32}
 
 
 def _slab_budget(rows: int, cols: int, itemsize: int = 4) -> int:
@@ -26,8 +26,8 @@ def _slab_budget(rows: int, cols: int, itemsize: int = 4) -> int:
 
 @pytest.fixture
 def small_slabs(monkeypatch):
-    """32-column slabs at N=60 (fp32 dlogits under the interpreter), dW and grad_hidden H tiles
-    of 16."""
+    """32-column slabs at N=60 (fp32 dlogits under the interpreter), dW H tiles of 16,
+    grad_hidden's two halves of 16 (H = 23: the second half is ragged)."""
     monkeypatch.setattr(triton_vocab_slabs, "SLAB_BUDGET_BYTES", _slab_budget(N, 32))
     monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", dict(TILES))
 
@@ -48,7 +48,7 @@ class _Launches:
 @pytest.fixture
 def launches(monkeypatch):
     spies = {name: _Launches(getattr(triton_vocab_slabs, name)) for name in
-             ("_lce_dlogits_kernel", "_lce_dhidden_kernel", "_lce_dweight_kernel")}
+             ("_lce_dlogits_kernel", "_lce_dhidden_slab_kernel", "_lce_dweight_kernel")}
     for name, spy in spies.items():
         monkeypatch.setattr(triton_vocab_slabs, name, spy)
     return spies
@@ -68,7 +68,7 @@ def test_several_slabs_with_bias_smoothing_z_loss_and_softcap(small_slabs, launc
            reduction=reduction)
     # The layout the test relies on (so that a change of defaults cannot make it vacuous).
     assert len(launches["_lce_dlogits_kernel"].flags) == 4  # ceil(101 / 32) slabs
-    acc = [(f["ACC_IN"], f["ACC_OUT"]) for f in launches["_lce_dhidden_kernel"].flags]
+    acc = [(f["ACC_IN"], f["ACC_OUT"]) for f in launches["_lce_dhidden_slab_kernel"].flags]
     assert acc == [(False, True), (True, True), (True, True), (True, False)]
     assert all(not f["ACCUMULATE"] for f in launches["_lce_dweight_kernel"].flags)
 
@@ -92,7 +92,7 @@ def test_one_slab_needs_no_fp32_sum(launches, device):
     """A vocabulary that fits one slab: grad_hidden is stored straight to the rows."""
     inputs = make_lm_head_inputs((N,), H, V, device=device, ignored=0.3)
     _check("triton", inputs)
-    assert [(f["ACC_IN"], f["ACC_OUT"]) for f in launches["_lce_dhidden_kernel"].flags] == \
+    assert [(f["ACC_IN"], f["ACC_OUT"]) for f in launches["_lce_dhidden_slab_kernel"].flags] == \
         [(False, False)]
 
 
@@ -105,7 +105,7 @@ def test_which_gradients_take_which_schedule(small_slabs, launches, freeze, devi
     _check("triton", inputs, freeze=freeze)
     slabs = len(launches["_lce_dlogits_kernel"].flags)
     assert slabs == (0 if "weight" in freeze else 4)
-    assert len(launches["_lce_dhidden_kernel"].flags) == (0 if "hidden" in freeze else slabs)
+    assert len(launches["_lce_dhidden_slab_kernel"].flags) == (0 if "hidden" in freeze else slabs)
     assert all(f["HAS_WEIGHT_GRAD"] and f["HAS_BIAS"] for f in launches["_lce_dweight_kernel"]
                .flags)
 
@@ -170,17 +170,24 @@ def test_no_fp32_vocabulary_by_hidden_buffer(device, monkeypatch):
 
 def test_slab_width_is_within_the_budget_and_tile_aligned(monkeypatch):
     monkeypatch.setattr(triton_vocab_slabs, "SLAB_BUDGET_BYTES", 256 * 2**20)
+    monkeypatch.setattr(triton_vocab_slabs, "SLAB_FLOOR_BYTES", 64 * 2**20)
     width = triton_vocab_slabs.slab_width
-    assert width(16384, 128256, 2, 256) == 8192  # Llama-3 at N = 16k: 16 slabs of 256 MiB
-    assert width(32768, 128256, 2, 256) == 4096
-    assert width(4096, 32064, 2, 256) == 32256  # Phi-3 at N = 4k: one slab (V rounded up)
-    assert width(10**7, 128256, 2, 256) == 256  # never below one tile
+    assert width(16384, 128256, 4096, 2, 256) == 8192  # Llama-3 at N = 16k: 16 slabs, 256 MiB
+    assert width(32768, 128256, 4096, 2, 256) == 4096
+    # A bounded 90%-ignored batch (1,792 rows): 2 x its hidden rows is 28 MiB, the floor 64.
+    assert width(1792, 128256, 4096, 2, 256) == 18688
+    assert width(4096, 32064, 3072, 2, 256) == 8192  # Phi-3 at N = 4k: 48 MiB -> the floor
+    assert width(512, 32064, 3072, 2, 256) == 32256  # one slab (V rounded up to the tile)
+    assert width(10**7, 128256, 4096, 2, 256) == 256  # never below one tile
 
 
 def test_unknown_schedule_is_a_value_error(monkeypatch, device):
     monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", {"schedule": "columns"})
     inputs = make_lm_head_inputs((8,), 16, 40, device=device)
     with pytest.raises(ValueError, match="schedule.*'columns'"):
+        _run("triton", *inputs[:3])
+    monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", {"slab_h": 48})
+    with pytest.raises(ValueError, match="slab_h'.* power of two >= 32.*got 48"):
         _run("triton", *inputs[:3])
 
 

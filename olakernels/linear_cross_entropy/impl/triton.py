@@ -60,21 +60,23 @@ DLOGITS_BUDGET_BYTES = 512 * 2**20
 # where its N x H buffers are the smaller (uses_vocab_schedule: 3 N <= 2 V); "rows": chunks of
 # rows with the fp32 (V, H) accumulator. A frozen weight always runs "rows" (nothing to
 # accumulate over the vocabulary, and grad_hidden needs no fp32 sum there).
-# narrow_h: the H tile of grad_hidden where 128 x 256 tiles do not suit: the vocab schedule,
-# whose kernel also carries the fp32 sum over slabs (at 128 x 256 it spilled 136-456 bytes per
-# thread on sm_90, at 128 x 128 none: benchmarks/gpu/kernel_report.py), and a frozen head,
-# whose chunks are one wave of grad_hidden programs: narrower tiles halve the chunk (Llama-3 on
-# an H100: 512 rows, 131 MB of bf16 dlogits, liger-kernel's chunk size) and double the
-# programs when only a few rows are labelled (pre-training: ~230 rows, 2 row blocks).
+# narrow_h: the H tile of a frozen head's grad_hidden, whose chunks are one wave of its
+# programs: narrower tiles halve the chunk (Llama-3 on an H100: 512 rows, 131 MB of bf16
+# dlogits, liger-kernel's chunk size) and double the programs when only a few rows are
+# labelled (pre-training: ~230 rows, 2 row blocks).
+# slab_h: the H tile of the vocab schedule's grad_hidden (_lce_dhidden_slab_kernel, two
+# accumulators of slab_h / 2 columns). Until 2026-11-27 it ran one 128 x 128 accumulator
+# (narrow_h), measured at 452 TFLOP/s on an H200 against 661-676 for the rows schedule's
+# 128 x 256 (docs/PERF.md, run 6); a single 128 x 256 accumulator spilled there.
 # CUDA: the best of the sweep on an H200 (docs/PERF.md, linear_cross_entropy run 5): 1.7x the
 # first tiles (64 x 128) at 0% ignored, 1.16x at 90%. ROCm: smaller tiles with 2 stages so the
 # operands fit MI300X's 64 KiB of LDS (not measured on an MI300X).
 GPU_BLOCKS = dict(n=128, v=256, k=64, m=128, h=256, num_warps=8, num_stages=3,
                   dw_backend="triton", grad_in_forward=False, row_v=4096, row_warps=8,
-                  schedule="vocab", narrow_h=128)
+                  schedule="vocab", narrow_h=128, slab_h=256)
 ROCM_BLOCKS = dict(n=64, v=128, k=64, m=128, h=128, num_warps=8, num_stages=2,
                    dw_backend="triton", grad_in_forward=False, row_v=4096, row_warps=8,
-                   schedule="vocab", narrow_h=128)
+                   schedule="vocab", narrow_h=128, slab_h=128)
 BLOCKS_OVERRIDE: dict = {}
 DW_BACKENDS = ("triton", "torch")
 SCHEDULES = ("vocab", "rows")
@@ -84,7 +86,7 @@ def _blocks() -> dict:
     if interpreter_enabled():  # small tiles: the interpreter runs programs one by one
         base = dict(n=16, v=32, k=32, m=16, h=32, num_warps=4, num_stages=1, dw_backend="triton",
                     grad_in_forward=False, row_v=64, row_warps=4, schedule="vocab",
-                    narrow_h=32)
+                    narrow_h=32, slab_h=32)
     else:
         base = ROCM_BLOCKS if torch.version.hip else GPU_BLOCKS
     blk = {**base, **BLOCKS_OVERRIDE}
@@ -97,6 +99,10 @@ def _blocks() -> dict:
     if not isinstance(blk.get("grad_in_forward", False), bool):
         raise ValueError("BLOCKS_OVERRIDE['grad_in_forward'] must be True or False, got "
                          f"{blk['grad_in_forward']!r}")
+    slab_h = blk.get("slab_h", 32)
+    if not (isinstance(slab_h, int) and slab_h >= 32 and slab_h & (slab_h - 1) == 0):
+        raise ValueError("BLOCKS_OVERRIDE['slab_h'] must be a power of two >= 32 (two halves "
+                         f"of at least 16 columns each for tl.dot), got {slab_h!r}")
     return blk
 
 
@@ -332,8 +338,7 @@ def chunk_grads(blk, native, chunk, dlogits, hidden, weight, order, count, grad_
     if grad_hidden is not None:
         h_tile = dhidden_h_tile(blk, grad_w32 is None)  # as chunk_layout sized the chunk
         _lce_dhidden_kernel[(chunk // blk["m"], triton.cdiv(h, h_tile))](
-            dlogits, weight, order, count, grad_hidden, grad_hidden, start, v, h,
-            DOT_NATIVE=native, ACC_IN=False, ACC_OUT=False,
+            dlogits, weight, order, count, grad_hidden, start, v, h, DOT_NATIVE=native,
             BLOCK_M=blk["m"], BLOCK_H=h_tile, BLOCK_K=blk["k"],
             num_warps=blk["num_warps"], num_stages=blk["num_stages"],
         )

@@ -16,9 +16,10 @@ COUNT (no synchronization: safe under CUDA graphs and torch.compile).
                            WRITE_LOGITS: the logits themselves, for the grad-in-forward mode).
     _lce_rows_grad_kernel  grid (chunk rows): grad-in-forward mode; one row of the logits buffer
                            -> lse, loss, argmax == label, and d loss / d logits in place.
-    _lce_dhidden_kernel    grid (chunk row blocks, H blocks): dlogits @ W, scattered to the rows
-                           (the vocab schedule: W is one slab, and the fp32 sum over the slabs
-                           is loaded (ACC_IN) and stored (ACC_OUT) in compacted row order).
+    _lce_dhidden_kernel    grid (chunk row blocks, H blocks): dlogits @ W, scattered to the rows.
+    _lce_dhidden_slab_kernel  the vocab schedule's: W is one slab, and the fp32 sum over the
+                           slabs is loaded (ACC_IN) and stored (ACC_OUT) in compacted row order;
+                           its H tile is two accumulators of half the width.
     _lce_dweight_kernel    grid (V blocks, H blocks): dW (+)= dlogits^T @ h over the chunk's rows
                            (gathered into a dense buffer first), in fp32, and the bias gradient
                            (the vocab schedule: one slab's rows of dW over all labelled rows,
@@ -294,11 +295,8 @@ def _lce_rows_grad_kernel(
 @triton.jit
 def _lce_dhidden_kernel(
     DLOGITS, W, ORDER, COUNT, GRAD_HID,
-    ACC,  # (N, H) fp32 in compacted row order: the vocab schedule's sum over earlier slabs
     chunk_start, V, H,  # V: the columns of DLOGITS (its row length) and rows of W to reduce
     DOT_NATIVE: tl.constexpr,
-    ACC_IN: tl.constexpr,  # start from ACC (a later slab) instead of 0
-    ACC_OUT: tl.constexpr,  # store the fp32 sum to ACC (not the last slab), else scatter rows
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -312,11 +310,7 @@ def _lce_dhidden_kernel(
     local = (rc - chunk_start).to(tl.int64)
     hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     ok_h = hs < H
-    if ACC_IN:  # loaded before the loop: one fp32 tile in registers, not two
-        acc = tl.load(ACC + rc.to(tl.int64)[:, None] * H + hs[None, :],
-                      mask=ok[:, None] & ok_h[None, :], other=0.0)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
     for v0 in range(0, V, BLOCK_K):
         vs = v0 + tl.arange(0, BLOCK_K)
         ok_v = vs < V
@@ -328,13 +322,71 @@ def _lce_dhidden_kernel(
             acc = tl.dot(a, b, acc)
         else:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    if ACC_OUT:  # (offsets recomputed here: a 2-D int64 tile kept across the loop spills)
-        tl.store(ACC + rc.to(tl.int64)[:, None] * H + hs[None, :], acc,
-                 mask=ok[:, None] & ok_h[None, :])
+    rows = tl.load(ORDER + rc, mask=ok, other=0)
+    tl.store(GRAD_HID + rows.to(tl.int64)[:, None] * H + hs[None, :],
+             acc.to(GRAD_HID.dtype.element_ty), mask=ok[:, None] & ok_h[None, :])
+
+
+@triton.jit
+def _dot_acc(a, b, acc, DOT_NATIVE: tl.constexpr):
+    if DOT_NATIVE:
+        return tl.dot(a, b, acc)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+
+@triton.jit
+def _lce_dhidden_slab_kernel(
+    DLOGITS, W, ORDER, COUNT, GRAD_HID,
+    ACC,  # (rows, H) fp32 in compacted row order: the sum over earlier slabs
+    V, H,  # V: the slab's columns (DLOGITS's row length) and rows of W (the slab) to reduce
+    DOT_NATIVE: tl.constexpr,
+    ACC_IN: tl.constexpr,  # start from ACC (a later slab) instead of 0
+    ACC_OUT: tl.constexpr,  # store the fp32 sum to ACC (not the last slab), else scatter rows
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # The H tile is two accumulators of BLOCK_H / 2 columns that share each loaded dlogits
+    # tile: a 128 x 256 tile's arithmetic intensity, while the fp32 sum loaded into them
+    # converts to the MMA layout half a tile at a time. As one 128 x 256 accumulator it spilled
+    # 136-456 bytes per thread on sm_90; as two halves none (kernel_report.py).
+    HALF: tl.constexpr = BLOCK_H // 2
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    count = tl.load(COUNT)
+    start = pid_m * BLOCK_M
+    if start >= count:
+        return
+    rc = start + tl.arange(0, BLOCK_M)
+    ok = rc < count
+    h0 = pid_h * BLOCK_H + tl.arange(0, HALF)
+    h1 = h0 + HALF
+    ok0 = ok[:, None] & (h0 < H)[None, :]
+    ok1 = ok[:, None] & (h1 < H)[None, :]
+    if ACC_IN:
+        acc0 = tl.load(ACC + rc.to(tl.int64)[:, None] * H + h0[None, :], mask=ok0, other=0.0)
+        acc1 = tl.load(ACC + rc.to(tl.int64)[:, None] * H + h1[None, :], mask=ok1, other=0.0)
     else:
-        rows = tl.load(ORDER + rc, mask=ok, other=0)
-        tl.store(GRAD_HID + rows.to(tl.int64)[:, None] * H + hs[None, :],
-                 acc.to(GRAD_HID.dtype.element_ty), mask=ok[:, None] & ok_h[None, :])
+        acc0 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_K):
+        vs = v0 + tl.arange(0, BLOCK_K)
+        ok_v = vs < V
+        a = tl.load(DLOGITS + rc.to(tl.int64)[:, None] * V + vs[None, :],
+                    mask=ok[:, None] & ok_v[None, :], other=0.0)
+        b0 = tl.load(W + vs.to(tl.int64)[:, None] * H + h0[None, :],
+                     mask=ok_v[:, None] & (h0 < H)[None, :], other=0.0)
+        b1 = tl.load(W + vs.to(tl.int64)[:, None] * H + h1[None, :],
+                     mask=ok_v[:, None] & (h1 < H)[None, :], other=0.0)
+        acc0 = _dot_acc(a, b0, acc0, DOT_NATIVE)
+        acc1 = _dot_acc(a, b1, acc1, DOT_NATIVE)
+    if ACC_OUT:  # (offsets recomputed here: a 2-D int64 tile kept across the loop spills)
+        tl.store(ACC + rc.to(tl.int64)[:, None] * H + h0[None, :], acc0, mask=ok0)
+        tl.store(ACC + rc.to(tl.int64)[:, None] * H + h1[None, :], acc1, mask=ok1)
+    else:
+        rows = tl.load(ORDER + rc, mask=ok, other=0).to(tl.int64)
+        tl.store(GRAD_HID + rows[:, None] * H + h0[None, :],
+                 acc0.to(GRAD_HID.dtype.element_ty), mask=ok0)
+        tl.store(GRAD_HID + rows[:, None] * H + h1[None, :],
+                 acc1.to(GRAD_HID.dtype.element_ty), mask=ok1)
 
 
 @triton.jit

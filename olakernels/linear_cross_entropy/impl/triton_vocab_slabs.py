@@ -12,40 +12,55 @@ Here the loop runs over slabs of the vocabulary instead, each for every labelled
 1. _lce_dlogits_kernel: d loss / d logits of the slab's columns for all compacted rows, into an
    (N, width) buffer (rows past the labelled count are neither computed nor read; with the
    caller's bound on the labelled count, ``max_valid_tokens``, every N x buffer below holds
-   only that many rows, and the slabs widen to fill SLAB_BUDGET_BYTES);
+   only that many rows, and the slabs widen to fill their budget, slab_width);
 2. _lce_dweight_kernel: grad_weight[slab] = dlogits^T @ hidden[order], summed over all labelled
    rows in fp32 registers and stored once, in the weight's dtype: no (V, H) accumulator at all;
-3. _lce_dhidden_kernel: grad_hidden += dlogits @ W[slab]. This sum runs over the slabs, so it is
-   the one kept in fp32 between launches: an (N, H) buffer in compacted row order (256 MiB at
-   N = 16,384 for Llama-3, an eighth of the (V, H) one), which the last slab scatters to the
-   rows in the hidden states' dtype. With a single slab (small vocabularies, few rows) there is
-   no buffer at all.
+3. _lce_dhidden_slab_kernel: grad_hidden += dlogits @ W[slab]. This sum runs over the slabs,
+   so it is the one kept in fp32 between launches: an (N, H) buffer in compacted row order
+   (256 MiB at N = 16,384 for Llama-3, an eighth of the (V, H) one), which the last slab
+   scatters to the rows in the hidden states' dtype. With a single slab (small vocabularies,
+   few rows) there is no buffer at all.
 
 Same FLOPs as the rows schedule (dlogits recomputed once, one GEMM each for dX and dW); the
 fp32 traffic becomes 2 x N x H x 4 bytes per slab instead of 2 x V x H x 4 per row chunk.
-Memory for Llama-3 at N = 16,384, bf16: grad_weight 1 GB + the dlogits slab
-(SLAB_BUDGET_BYTES) + the fp32 grad_hidden sum 256 MiB + the gathered hidden rows 128 MiB +
-grad_hidden 128 MiB, against the rows schedule's 1 + 2 (fp32) + 0.5 (dlogits chunk) + 0.13 GB.
-Time on a GPU: NOT measured yet (docs/PERF.md, linear_cross_entropy).
+Memory for Llama-3 at N = 16,384, bf16: grad_weight 1 GB + the dlogits slab 256 MiB + the fp32
+grad_hidden sum 256 MiB + the gathered hidden rows 128 MiB + grad_hidden 128 MiB (1770 MiB
+measured on an H200), against the rows schedule's 1 + 2 (fp32) + 0.5 (dlogits chunk) + 0.13 GB.
+Time on an H200 (docs/PERF.md, linear_cross_entropy run 6): dW 15.4 ms instead of the rows
+schedule's 20.5 at N = 8,192; grad_hidden then ran 128 x 128 tiles at 452 TFLOP/s, now two
+halves of a 128 x 256 tile (_lce_dhidden_slab_kernel; NOT measured yet).
 """
 from __future__ import annotations
 
 import torch
 import triton
 
-from .triton_kernels import _lce_dhidden_kernel, _lce_dlogits_kernel, _lce_dweight_kernel
+from .triton_kernels import _lce_dhidden_slab_kernel, _lce_dlogits_kernel, _lce_dweight_kernel
 
 # Bytes of the (N, width) dlogits slab. Wider slabs mean fewer read-modify-writes of the fp32
-# grad_hidden sum (N x H x 8 bytes per slab), narrower ones less memory: 256 MiB is a slab of
-# 8,192 columns at N = 16,384 in bf16, 16 slabs for Llama-3 (8 GB of fp32 traffic in all,
-# ~2 ms at the H200's 4.3 TB/s; the rows schedule moved 32 GB).
+# grad_hidden sum (N x H x 8 bytes per slab), narrower ones less memory. The slab holds at most
+# twice the rows' hidden states (liger-kernel's logits chunk holds about one), within
+# [SLAB_FLOOR_BYTES, SLAB_BUDGET_BYTES]: 256 MiB at N = 16,384 for Llama-3 (8,192 columns, 16
+# slabs; 8 GB of fp32 traffic in all, ~2 ms at the H200's 4.3 TB/s; the rows schedule moved
+# 32 GB); at the 1,792 rows of a bounded 90%-ignored batch 64 MiB (18,688 columns, 7 slabs),
+# which keeps the backward's peak under liger-kernel's (docs/PERF.md, run 6). The floor keeps
+# slabs wide enough to fill the GPU when few rows are labelled.
 SLAB_BUDGET_BYTES = 256 * 2**20
+SLAB_FLOOR_BYTES = 64 * 2**20
 
 
-def slab_width(n: int, v: int, itemsize: int, multiple: int) -> int:
-    """Columns per slab: within SLAB_BUDGET_BYTES for n rows, a multiple of `multiple`, at
-    most the vocabulary rounded up to it."""
-    cols = max(multiple, SLAB_BUDGET_BYTES // max(1, n * itemsize))
+def slab_h_tile(blk: dict, native: bool) -> int:
+    """The H tile of the slabs' grad_hidden: the tile knob slab_h, at most 128 for fp32
+    operands (no tensor cores: at 128 x 256 the kernel spilled ~85 KB per thread on sm_90)."""
+    return blk["slab_h"] if native else min(blk["slab_h"], 128)
+
+
+def slab_width(n: int, v: int, h: int, itemsize: int, multiple: int) -> int:
+    """Columns per slab for n rows: within min(SLAB_BUDGET_BYTES, max(SLAB_FLOOR_BYTES,
+    2 n h itemsize)) bytes, a multiple of `multiple`, at most the vocabulary rounded up to
+    it."""
+    budget = min(SLAB_BUDGET_BYTES, max(SLAB_FLOOR_BYTES, 2 * n * h * itemsize))
+    cols = max(multiple, budget // max(1, n * itemsize))
     cols = min(cols, triton.cdiv(v, multiple) * multiple)
     return max(multiple, cols // multiple * multiple)
 
@@ -61,10 +76,10 @@ def lce_backward_vocab_slabs(blk, native, dl_dtype, hidden, weight, bias, labels
     v = weight.shape[0]
     dev = hidden.device
     dw_m, dw_h = blk.get("dw_m", blk["m"]), blk.get("dw_h", blk["h"])
-    slab_h = blk.get("narrow_h", blk["h"])  # grad_hidden's H tile (it carries the fp32 sum)
+    slab_h = slab_h_tile(blk, native)  # grad_hidden's H tile (two fp32 halves)
     # A multiple of the dlogits kernel's column tile and of the dW kernel's row tile (powers of
     # two), so that only the last slab has ragged tiles.
-    width = slab_width(n, v, torch.finfo(dl_dtype).bits // 8, max(blk["v"], dw_m))
+    width = slab_width(n, v, h, torch.finfo(dl_dtype).bits // 8, max(blk["v"], dw_m))
     slabs = list(range(0, v, width))
     # Flat, so that each slab views it with rows as long as the slab (the kernels take one row
     # length for indexing and masking: a separate stride argument made them spill on sm_90).
@@ -95,9 +110,9 @@ def lce_backward_vocab_slabs(blk, native, dl_dtype, hidden, weight, bias, labels
             WRITE_LOGITS=False, num_warps=blk["num_warps"], num_stages=blk["num_stages"],
         )
         if grad_hidden is not None:
-            _lce_dhidden_kernel[(triton.cdiv(n, blk["m"]), triton.cdiv(h, slab_h))](
+            _lce_dhidden_slab_kernel[(triton.cdiv(n, blk["m"]), triton.cdiv(h, slab_h))](
                 dlogits, weight[v0:v0 + w], order, count, grad_hidden,
-                acc if acc is not None else grad_hidden, 0, w, h,
+                acc if acc is not None else grad_hidden, w, h,
                 DOT_NATIVE=native, ACC_IN=i > 0, ACC_OUT=i < len(slabs) - 1,
                 BLOCK_M=blk["m"], BLOCK_H=slab_h, BLOCK_K=blk["k"],
                 num_warps=blk["num_warps"], num_stages=blk["num_stages"],
