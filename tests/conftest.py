@@ -43,12 +43,12 @@ def _seed_everything():
 @pytest.fixture(autouse=True)
 def _keep_fp32_matmul_precision():
     """A test that runs a training job on CUDA (parallel.tf32) must not turn the next test's
-    fp32 comparisons into TF32 ones: put the process-wide switches back after each test."""
-    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
+    fp32 comparisons into TF32 ones: put the process-wide settings back after each test."""
+    from olavlm.train.parallel import set_tf32_state, tf32_state
+
+    state = tf32_state()
     yield
-    torch.set_float32_matmul_precision(flags[2])  # (this one sets matmul.allow_tf32 too)
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags[:2]
+    set_tf32_state(state)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from torch import nn
 from olavlm.models.lean_norm import LeanRMSNorm, is_llama_rms_norm
 
 __all__ = ["DistInfo", "apply_parallelism", "free_port", "init_distributed", "resolve_device",
-           "set_tf32_flags", "tf32_flags", "wants_fsdp"]
+           "enable_tf32", "set_tf32_state", "tf32_state", "wants_fsdp"]
 
 logger = logging.getLogger("olavlm.train")
 
@@ -215,23 +215,47 @@ def apply_fsdp(model: nn.Module, mixed_precision: str, reduce_dtype: str) -> Non
     fully_shard(model, mp_policy=policy)
 
 
-def tf32_flags() -> tuple[bool, bool]:
-    """The process-wide TF32 switches: (cuBLAS matmuls, cuDNN convolutions)."""
-    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+def tf32_state() -> tuple[str, object, object]:
+    """The process's fp32 matmul and convolution precision, read through whichever API the
+    process uses: ("legacy", torch.get_float32_matmul_precision(), cudnn.allow_tf32), or
+    ("fp32_precision", matmul, conv) once the newer ``fp32_precision`` settings were used
+    (torch then refuses reads through the legacy API)."""
+    try:
+        return ("legacy", torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return ("fp32_precision", torch.backends.cuda.matmul.fp32_precision,
+                torch.backends.cudnn.conv.fp32_precision)
 
 
-def set_tf32_flags(flags: tuple[bool, bool]) -> None:
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+def set_tf32_state(state: tuple[str, object, object]) -> None:
+    api, matmul, conv = state
+    if api == "legacy":
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = conv
+    else:
+        torch.backends.cuda.matmul.fp32_precision = matmul
+        torch.backends.cudnn.conv.fp32_precision = conv
+
+
+def enable_tf32(cfg, device: torch.device) -> tuple | None:
+    """``parallel.tf32`` on CUDA: TF32 for fp32 matmuls and convolutions. The switches are
+    process-wide, so this returns the state it replaced (set_tf32_state puts it back: the
+    Trainer does in close() and after a failed start), or None when it changed nothing."""
+    if not (cfg.tf32 and device.type == "cuda"):
+        return None
+    before = tf32_state()
+    if before[0] == "legacy":
+        set_tf32_state(("legacy", "high", True))  # "high": TF32 for cuBLAS fp32 matmuls
+    else:
+        set_tf32_state(("fp32_precision", "tf32", "tf32"))
+    return before
 
 
 def apply_parallelism(model: nn.Module, cfg, dist_info: DistInfo) -> dict:
     """Apply the ParallelConfig switches in order; returns what was done (for the run log).
-    ``parallel.tf32`` changes two process-wide switches: the Trainer puts them back in close(),
-    so a job run inside a larger program (a notebook, a test) leaves its fp32 math as it was."""
+    (``parallel.tf32`` is not among them: process-wide, it is the Trainer's, enable_tf32.)"""
     done: dict = {}
     device = dist_info.device
-    if cfg.tf32 and device.type == "cuda":
-        set_tf32_flags((True, True))
     if cfg.liger:
         done["liger_modules"] = apply_liger(model, device)
     if cfg.float8 != "none":

@@ -35,10 +35,10 @@ from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_losses, su
 from .optim import apply_hyperparameters, build_optimizer, build_scheduler, hyperparameters
 from .parallel import (
     apply_parallelism,
+    enable_tf32,
     init_distributed,
     sdpa_context,
-    set_tf32_flags,
-    tf32_flags,
+    set_tf32_state,
     wants_fsdp,
 )
 from .signals import StopSignals
@@ -215,7 +215,13 @@ class Trainer:
             if made:  # a failed start (a bad model path...) leaves no folder behind
                 _remove_failed_start(self.run_dir)
             self._unlock()  # (after the removal: no other job can lock a folder going away)
+            self._restore_tf32()
             raise
+
+    def _restore_tf32(self) -> None:
+        before, self._tf32_before = getattr(self, "_tf32_before", None), None
+        if before is not None:
+            set_tf32_state(before)
 
     def _unlock(self) -> None:
         lock, self._lock = getattr(self, "_lock", None), None
@@ -255,7 +261,8 @@ class Trainer:
         self.dataset, self.loader = B.build_data(
             cfg, model, self.tokenizer, data_root, rank=d.rank, world_size=d.world_size,
             run_dir=self.run_dir, online=self.teachers)
-        self._tf32_before = tf32_flags()  # close() restores them (parallel.tf32)
+        # parallel.tf32 (process-wide): close(), or a failed start, puts the caller's back.
+        self._tf32_before = enable_tf32(cfg.parallel, d.device)
         self.parallel_done = apply_parallelism(model, cfg.parallel, d)
         L.finish(model, self.loading, d.device)
         if d.distributed:  # (a 1-rank FSDP group needs no gathers)
@@ -594,8 +601,7 @@ class Trainer:
         ranks are in a step's collectives and never reach a barrier, which would hold this one
         until the process group's timeout instead of letting it exit (and torchrun stop them)."""
         self._unlock()
-        if hasattr(self, "_tf32_before"):
-            set_tf32_flags(self._tf32_before)
+        self._restore_tf32()
         if torch.distributed.is_initialized():
             if barrier:
                 torch.distributed.barrier()

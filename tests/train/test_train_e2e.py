@@ -183,25 +183,45 @@ def test_resolved_config_is_saved(tmp_path, synth_dir):
     assert {row["module"] for row in trainable if row["trainable"]} >= {"mm_projector"}
 
 
-def test_close_gives_back_the_tf32_switches(tmp_path, synth_dir, monkeypatch):
-    """parallel.tf32 sets two process-wide switches: a job run inside a larger program (a
-    notebook, the GPU tests) hands the caller's fp32 matmul precision back when it closes."""
+@pytest.mark.parametrize("api", ["legacy", "fp32_precision"])
+def test_close_and_a_failed_start_give_back_the_tf32_settings(tmp_path, synth_dir, monkeypatch,
+                                                               api):
+    """parallel.tf32 changes process-wide settings: a job run inside a larger program (a
+    notebook, the GPU tests) hands the caller's fp32 precision back when it closes or fails to
+    start, in whichever of torch's two APIs the caller used."""
     from olavlm.train import trainer as trainer_module
-    from olavlm.train.parallel import DistInfo, set_tf32_flags, tf32_flags
+    from olavlm.train.parallel import set_tf32_state, tf32_state
 
-    real = trainer_module.apply_parallelism
-    # The switch applies on CUDA only: hand apply_parallelism a CUDA device for this job.
-    monkeypatch.setattr(trainer_module, "apply_parallelism", lambda model, cfg, d: real(
-        model, cfg, DistInfo(device=torch.device("cuda"))))
-    caller = tf32_flags()
-    set_tf32_flags((False, False))
-    try:
-        trainer = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=1", "parallel.tf32=true"))
-        assert tf32_flags() == (True, True)
-        trainer.close()
-        assert tf32_flags() == (False, False)
-    finally:
-        set_tf32_flags(caller)
+    real = trainer_module.enable_tf32
+    # The switch applies on CUDA only: hand enable_tf32 a CUDA device for these jobs.
+    monkeypatch.setattr(trainer_module, "enable_tf32",
+                        lambda cfg, device: real(cfg, torch.device("cuda")))
+    caller = ("legacy", "highest", False) if api == "legacy" else \
+        ("fp32_precision", "ieee", "ieee")
+    enabled = ("legacy", "high", True) if api == "legacy" else \
+        ("fp32_precision", "tf32", "tf32")
+    set_tf32_state(caller)
+    cfg = _cfg(tmp_path, synth_dir, "train.max_steps=1", "parallel.tf32=true")
+    trainer = Trainer(cfg)
+    assert tf32_state() == enabled
+    trainer.close()
+    assert tf32_state() == caller
+    trainer.close()  # twice: nothing left to restore
+    assert tf32_state() == caller
+
+    def broken(*args, **kwargs):
+        assert tf32_state() == enabled  # (the switch is on by the time the optimizer is built)
+        raise ValueError("no optimizer today")
+
+    monkeypatch.setattr(trainer_module, "build_optimizer", broken)
+    with pytest.raises(ValueError, match="no optimizer today"):
+        Trainer(_cfg(tmp_path / "failed", synth_dir, "train.max_steps=1", "parallel.tf32=true"))
+    assert tf32_state() == caller
+    monkeypatch.undo()
+    # Off, or on the CPU: nothing is read or written.
+    set_tf32_state(("legacy", "medium", False))
+    Trainer(_cfg(tmp_path / "cpu", synth_dir, "train.max_steps=1", "parallel.tf32=true")).close()
+    assert tf32_state() == ("legacy", "medium", False)
 
 
 @pytest.mark.slow
