@@ -4,7 +4,7 @@
     python benchmarks/gpu/profile_lce.py           # GPU: Llama-3 head, N=8192, 0% and 90% ignored
     python benchmarks/gpu/profile_lce.py --configs current,dw_torch   # Triton dW vs cuBLAS dW
     python benchmarks/gpu/profile_lce.py --configs current,grad_fwd   # gradients in the forward
-    python benchmarks/gpu/profile_lce.py --tiny    # CPU dry run (interpreter, the first five)
+    python benchmarks/gpu/profile_lce.py --tiny    # CPU dry run (interpreter, the first six)
 
 For each tile config (olakernels.linear_cross_entropy.impl.triton.BLOCKS_OVERRIDE) it runs one
 warm-up fwd+bwd (compiles), then profiles one more and prints each kernel's device time and its
@@ -38,7 +38,8 @@ CONFIGS = {  # n, v: logits tile; m, h: dhidden/dweight output tile; k: reductio
     # dw_*: the dW kernel's own tiles (the H200 sweep's weak kernel), on top of GPU_BLOCKS
     "current": {},
     # The vocab schedule's grad_hidden (two fp32 halves per H tile since run 6) at 128 columns
-    # instead of 256: run 6 measured one 128 x 128 accumulator at 452 TFLOP/s.
+    # (two halves of 64) instead of 256. Run 6's 452 TFLOP/s came from one 128 x 128
+    # accumulator, which no config reproduces now.
     "slab_h128": dict(slab_h=128),
     # The backward's outer loop over row chunks with the fp32 (V, H) grad_weight accumulator
     # (the default before the vocabulary slabs): first after "current" to compare the two.
@@ -59,7 +60,7 @@ CONFIGS = {  # n, v: logits tile; m, h: dhidden/dweight output tile; k: reductio
     "dw128x128w4s3": dict(dw_m=128, dw_h=128, dw_warps=4, dw_stages=3),
 }
 
-KERNEL_GEMMS = {"fwd": 1, "dlogits": 1, "dhidden": 1, "dweight": 1}
+KERNEL_GEMMS = ("fwd", "dlogits", "dhidden", "dhidden_slab", "dweight")  # _lce_{name}_kernel
 TORCH_GEMMS = ("aten::mm", "aten::addmm")  # dw_backend="torch": the per-chunk dW GEMMs
 
 
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=20.0)
     parser.add_argument("--configs", default=None,
                         help="comma-separated names of CONFIGS (default: all; --tiny: the first "
-                             "four)")
+                             "six)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tiny = args.tiny or device == "cpu"
@@ -97,7 +98,7 @@ def main() -> None:
     if args.configs:
         names = args.configs.split(",")
     else:  # the dry run checks the dW backends and the grad-in-forward mode, not the tile sweep
-        names = list(CONFIGS)[:5] if tiny else list(CONFIGS)
+        names = list(CONFIGS)[:6] if tiny else list(CONFIGS)
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         parser.error(f"--configs: unknown {unknown}; known: {list(CONFIGS)}")
@@ -156,7 +157,9 @@ def main() -> None:
                 sync(device)
             wall = time.perf_counter() - t0
             flop = 2 * rows * v * h
-            kernels = sum(e.self_device_time_total or 0.0 for e in prof.key_averages())
+            # Only the device's own events: a CPU op's self device time counts its kernels again.
+            kernels = sum(e.self_device_time_total or 0.0 for e in prof.key_averages()
+                          if e.device_type == torch.autograd.DeviceType.CUDA)
             print(f"\n## ignored {ignored:.0%} ({rows} labelled rows), config {name}: "
                   f"fwd+bwd wall {timed * 1e3:.1f} ms, host {host * 1e3:.1f} ms (median of 3, no "
                   f"profiler); profiled wall {wall * 1e3:.1f} ms, kernels "
@@ -166,6 +169,8 @@ def main() -> None:
                 if us <= 0:
                     continue
                 kind = next((k for k in KERNEL_GEMMS if f"_lce_{k}_kernel" in evt.key), None)
+                # (the names are not substrings of one another: _lce_dhidden_kernel is not in
+                # _lce_dhidden_slab_kernel)
                 rate = f"{flop / (us * 1e-6) / 1e12:7.1f} TFLOP/s" if kind else ""
                 print(f"  {us / 1e3:9.3f} ms x{evt.count:<3d} {rate:17s} {evt.key[:70]}")
             if CONFIGS[name].get("dw_backend") == "torch":

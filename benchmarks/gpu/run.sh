@@ -22,6 +22,7 @@ PY=${PYTHON:-python3}
 LOG="$OUT_DIR/run.log"
 T0=$(date +%s)
 START_MARK=$(mktemp)  # CSVs newer than this are this run's
+trap 'rm -f "$START_MARK"' EXIT
 
 # OLAVLM_STAGES picks stages (default below), e.g. OLAVLM_STAGES="bench gpu_tests";
 # OLAVLM_BENCH_K narrows the benchmarks (a pytest -k expression, e.g. "triton").
@@ -117,9 +118,10 @@ LCE_CONFIGS=${OLAVLM_PROFILE_LCE_CONFIGS:-current,slab_h128,rows,grad_fwd}
 [ "$LCE_CONFIGS" = all ] && LCE_CONFIGS=""
 stage profile_lce "${OLAVLM_PROFILE_LCE_LIMIT:-90}" $PY benchmarks/gpu/profile_lce.py \
   ${LCE_CONFIGS:+--configs "$LCE_CONFIGS"}
-# The model and the kernels first, the whole training job (passed in run 6) last; -v names
-# each test as it finishes, so a stage cut by its limit still says which passed and failed.
-stage gpu_tests "${OLAVLM_TESTS_LIMIT:-300}" "${PYTEST[@]}" -v -m gpu tests/models \
+# The model and the kernels first, the whole training job (passed in run 6) last; -vv (with
+# PYTEST's -q: verbose) names each test as it finishes, so a stage cut by its limit still
+# says which passed and failed.
+stage gpu_tests "${OLAVLM_TESTS_LIMIT:-300}" "${PYTEST[@]}" -vv -m gpu tests/models \
   tests/kernels tests/teachers tests/benchmarks tests/train \
   --deselect tests/kernels/test_triton_compiles_for_gpus.py
 # torch.compile baselines: slowest to set up (compiles), so last.

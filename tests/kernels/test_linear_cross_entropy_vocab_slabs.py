@@ -4,9 +4,12 @@ labelled row, grad_weight of the slab finished in one pass (stored in the weight
 grad_hidden summed over the slabs in an fp32 buffer that the last slab scatters to the rows.
 These tests make several slabs matter: a slab budget of 32 columns at N=60 gives 4 slabs of
 V=101 (the last one 5 columns: ragged tiles), so grad_hidden goes through the first (no load),
-middle (load and store the fp32 sum) and last (load, scatter) launches, and its H tiles and the
-dW tiles of 16 cover H=23 in two blocks (the second ragged). The schedule is taken where its
-N x H buffers are the smaller ones, 3 N <= 2 V (60 rows of a 101-token vocabulary).
+middle (load and store the fp32 sum) and last (load, scatter) launches; grad_hidden's H tile
+(two halves of 16) covers H=23 in one program whose second half is ragged, the dW tiles of 16
+in two blocks (the second ragged). A second case (H=70) has several H programs, the last with
+one half partly and one wholly past H, and slabs sized by the default budget rule. The
+schedule is taken where its N x H buffers are the smaller ones, 3 N <= 2 V (60 rows of a
+101-token vocabulary).
 """
 import pytest
 import torch
@@ -71,6 +74,19 @@ def test_several_slabs_with_bias_smoothing_z_loss_and_softcap(small_slabs, launc
     acc = [(f["ACC_IN"], f["ACC_OUT"]) for f in launches["_lce_dhidden_slab_kernel"].flags]
     assert acc == [(False, True), (True, True), (True, True), (True, False)]
     assert all(not f["ACCUMULATE"] for f in launches["_lce_dweight_kernel"].flags)
+
+
+def test_several_h_programs_and_the_budget_rule(launches, device, monkeypatch):
+    """H = 70 in three grad_hidden programs of 32 columns (the last: one half 6 columns wide,
+    the other empty), and slabs from the default rule, twice the rows' hidden bytes: 2 H = 140
+    columns, rounded down to the 32-column tile, so 128 + 128 + 44 for V = 300."""
+    monkeypatch.setattr(triton_vocab_slabs, "SLAB_FLOOR_BYTES", 0)
+    monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", dict(TILES))
+    inputs = make_lm_head_inputs((N,), 70, 300, device=device, ignored=0.3, bias=True)
+    _check("triton", inputs, label_smoothing=0.1, z_loss_weight=1e-3)
+    assert len(launches["_lce_dlogits_kernel"].flags) == 3
+    assert [(f["ACC_IN"], f["ACC_OUT"]) for f in launches["_lce_dhidden_slab_kernel"].flags] \
+        == [(False, True), (True, True), (True, False)]
 
 
 def test_vocab_and_rows_schedules_agree(small_slabs, device, monkeypatch):
@@ -187,7 +203,7 @@ def test_unknown_schedule_is_a_value_error(monkeypatch, device):
     with pytest.raises(ValueError, match="schedule.*'columns'"):
         _run("triton", *inputs[:3])
     monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", {"slab_h": 48})
-    with pytest.raises(ValueError, match="slab_h'.* power of two >= 32.*got 48"):
+    with pytest.raises(ValueError, match="slab_h'.* power of two in .32, 256.*got 48"):
         _run("triton", *inputs[:3])
 
 

@@ -100,9 +100,9 @@ def _blocks() -> dict:
         raise ValueError("BLOCKS_OVERRIDE['grad_in_forward'] must be True or False, got "
                          f"{blk['grad_in_forward']!r}")
     slab_h = blk.get("slab_h", 32)
-    if not (isinstance(slab_h, int) and slab_h >= 32 and slab_h & (slab_h - 1) == 0):
-        raise ValueError("BLOCKS_OVERRIDE['slab_h'] must be a power of two >= 32 (two halves "
-                         f"of at least 16 columns each for tl.dot), got {slab_h!r}")
+    if not (isinstance(slab_h, int) and 32 <= slab_h <= 256 and slab_h & (slab_h - 1) == 0):
+        raise ValueError("BLOCKS_OVERRIDE['slab_h'] must be a power of two in [32, 256] (two "
+                         f"halves of 16 to 128 columns for tl.dot), got {slab_h!r}")
     return blk
 
 

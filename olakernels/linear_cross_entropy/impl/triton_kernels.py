@@ -347,7 +347,8 @@ def _lce_dhidden_slab_kernel(
     # The H tile is two accumulators of BLOCK_H / 2 columns that share each loaded dlogits
     # tile: a 128 x 256 tile's arithmetic intensity, while the fp32 sum loaded into them
     # converts to the MMA layout half a tile at a time. As one 128 x 256 accumulator it spilled
-    # 136-456 bytes per thread on sm_90; as two halves none (kernel_report.py).
+    # 136-456 bytes per thread on sm_90; as two halves none, for H a multiple of 16 (an odd H
+    # spills some: kernel_report.py --no-specialize).
     HALF: tl.constexpr = BLOCK_H // 2
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)

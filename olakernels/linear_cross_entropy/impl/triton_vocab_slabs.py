@@ -12,7 +12,7 @@ Here the loop runs over slabs of the vocabulary instead, each for every labelled
 1. _lce_dlogits_kernel: d loss / d logits of the slab's columns for all compacted rows, into an
    (N, width) buffer (rows past the labelled count are neither computed nor read; with the
    caller's bound on the labelled count, ``max_valid_tokens``, every N x buffer below holds
-   only that many rows, and the slabs widen to fill their budget, slab_width);
+   only that many rows, and slab_width sizes the slabs for them);
 2. _lce_dweight_kernel: grad_weight[slab] = dlogits^T @ hidden[order], summed over all labelled
    rows in fp32 registers and stored once, in the weight's dtype: no (V, H) accumulator at all;
 3. _lce_dhidden_slab_kernel: grad_hidden += dlogits @ W[slab]. This sum runs over the slabs,
@@ -38,13 +38,14 @@ import triton
 from .triton_kernels import _lce_dhidden_slab_kernel, _lce_dlogits_kernel, _lce_dweight_kernel
 
 # Bytes of the (N, width) dlogits slab. Wider slabs mean fewer read-modify-writes of the fp32
-# grad_hidden sum (N x H x 8 bytes per slab), narrower ones less memory. The slab holds at most
-# twice the rows' hidden states (liger-kernel's logits chunk holds about one), within
-# [SLAB_FLOOR_BYTES, SLAB_BUDGET_BYTES]: 256 MiB at N = 16,384 for Llama-3 (8,192 columns, 16
-# slabs; 8 GB of fp32 traffic in all, ~2 ms at the H200's 4.3 TB/s; the rows schedule moved
-# 32 GB); at the 1,792 rows of a bounded 90%-ignored batch 64 MiB (18,688 columns, 7 slabs),
-# which keeps the backward's peak under liger-kernel's (docs/PERF.md, run 6). The floor keeps
-# slabs wide enough to fill the GPU when few rows are labelled.
+# grad_hidden sum (N x H x 8 bytes per slab), narrower ones less memory. The slab holds twice
+# the rows' hidden-state bytes (liger-kernel's logits chunk holds about one: 2 H columns),
+# clamped to [SLAB_FLOOR_BYTES, SLAB_BUDGET_BYTES]: 256 MiB at N = 16,384 for Llama-3 (8,192
+# columns, 16 slabs; 8 GB of fp32 traffic in all, ~2 ms at the H200's 4.3 TB/s; the rows
+# schedule moved 32 GB); at the 1,792 rows of a bounded 90%-ignored batch the 64 MiB floor
+# (18,688 columns, 7 slabs), which keeps the backward's peak under liger-kernel's
+# (docs/PERF.md, run 6). The floor keeps slabs wide enough to fill the GPU when few rows are
+# labelled.
 SLAB_BUDGET_BYTES = 256 * 2**20
 SLAB_FLOOR_BYTES = 64 * 2**20
 
