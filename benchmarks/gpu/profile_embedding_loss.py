@@ -9,7 +9,8 @@ Prints, per case and mode, every kernel the call launches with its mean device t
 sum of kernel time against the event-timed wall of the whole call: the difference is launch
 gaps. Then the autotuner's choice for the forward kernel and, per autotune config, the forward
 kernel's device time and GB/s on its minimal bytes (pred and target read once): whether any
-tile reaches the copy bandwidth, and which. Read with docs/PERF.md (embedding loss).
+tile reaches the copy bandwidth, and which; then, with the chosen tile, the forward under 2 to
+16 programs per SM (emb_triton.CHUNKS_PER_SM). Read with docs/PERF.md (embedding loss).
 """
 from __future__ import annotations
 
@@ -124,6 +125,19 @@ def sweep_forward_configs(name: str, fwd, fwd_bytes: int, device: str, tiny: boo
         kernel.configs = configs
         kernel.cache.clear()
         kernel.cache.update(cache)
+    default = emb_triton.CHUNKS_PER_SM
+    print(f"## {name} fwd: the chosen tile under more or fewer programs per SM", flush=True)
+    try:
+        for per_sm in (2, 4, 8, 16):
+            emb_triton.CHUNKS_PER_SM = per_sm
+            rows = profile(fwd, 20 if not tiny else 1, device)
+            fwd_us = sum(r[2] for r in rows if "fwd_kernel" in r[0])
+            rows_us = sum(r[2] for r in rows if "rows_kernel" in r[0])
+            rate = fwd_bytes / (fwd_us * 1e-6) / 1e9 if fwd_us > 0 else float("nan")
+            print(f"  {per_sm:2d} per SM: fwd {fwd_us:8.1f} us {rate:7.0f} GB/s, rows kernel "
+                  f"{rows_us:6.1f} us (it sums one partial per chunk)", flush=True)
+    finally:
+        emb_triton.CHUNKS_PER_SM = default
 
 
 if __name__ == "__main__":

@@ -33,6 +33,11 @@ from ..._triton import interpreter_enabled, next_power_of_2, num_sms
 
 _HALF = (torch.float16, torch.bfloat16)
 _NORM_EPS_SQ = 1e-24  # F.normalize's eps (1e-12), squared: norms are taken of sums of squares
+# Forward programs per SM (D chunks x row tiles). 4 leaves room: at B=32 with 64-column tiles
+# 8 fit an SM (64 registers x 128 threads, 16 KiB of shared memory). Run 6 measured the
+# forward at 31-36% of the copy bandwidth with 4; benchmarks/gpu/profile_embedding_loss.py
+# sweeps 2-16 to see whether more programs in flight are what it lacks.
+CHUNKS_PER_SM = 4
 
 
 def _configs(bwd: bool) -> list[triton.Config]:
@@ -338,7 +343,7 @@ def embedding_distill_loss_triton_fwd(
     tiles_b = triton.cdiv(batch, block_b)
     tiles_g = triton.cdiv(num_global, block_g) if with_dot else 1
     # Enough programs to fill every SM a few times over; at least 64 columns per chunk.
-    want = max(1, 4 * num_sms(pred.device) // (tiles_b * tiles_g))
+    want = max(1, CHUNKS_PER_SM * num_sms(pred.device) // (tiles_b * tiles_g))
     num_chunks = max(1, min(want, triton.cdiv(numel, 64)))
     f32 = dict(device=pred.device, dtype=torch.float32)
     sl1_part = torch.empty((num_chunks, batch), **f32)
