@@ -149,6 +149,7 @@ def test_a_rank_without_data_leaves_without_a_barrier(monkeypatch, capsys):
 
         close = Trainer.close
         _unlock = Trainer._unlock
+        _restore_tf32 = Trainer._restore_tf32
 
     import torch.distributed as tdist
 
