@@ -34,6 +34,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _dot_acc(a, b, acc, DOT_NATIVE: tl.constexpr):
+    """acc + a @ b: half-precision operands as they are, fp32 ones in IEEE fp32 (never tf32)."""
+    if DOT_NATIVE:
+        return tl.dot(a, b, acc)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+
+@triton.jit
 def _tanh(x):
     # tanh without libdevice (absent in the interpreter): e / (e + 2) with e = expm1(2|x|), and
     # expm1 by Kahan's trick (u - 1) * y / log(u), accurate to a few ulps also near 0.
@@ -62,11 +70,7 @@ def _logits_tile(
         ok_k = ks < H
         a = tl.load(HID + row_base + ks[None, :], mask=ok_rows[:, None] & ok_k[None, :], other=0.0)
         b = tl.load(W + col_base + ks[None, :], mask=ok_cols[:, None] & ok_k[None, :], other=0.0)
-        if DOT_NATIVE:
-            acc = tl.dot(a, tl.trans(b), acc)
-        else:
-            acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc,
-                         input_precision="ieee")
+        acc = _dot_acc(a, tl.trans(b), acc, DOT_NATIVE)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=ok_cols, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
@@ -318,20 +322,10 @@ def _lce_dhidden_kernel(
                     mask=ok[:, None] & ok_v[None, :], other=0.0)
         b = tl.load(W + vs.to(tl.int64)[:, None] * H + hs[None, :],
                     mask=ok_v[:, None] & ok_h[None, :], other=0.0)
-        if DOT_NATIVE:
-            acc = tl.dot(a, b, acc)
-        else:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        acc = _dot_acc(a, b, acc, DOT_NATIVE)
     rows = tl.load(ORDER + rc, mask=ok, other=0)
     tl.store(GRAD_HID + rows.to(tl.int64)[:, None] * H + hs[None, :],
              acc.to(GRAD_HID.dtype.element_ty), mask=ok[:, None] & ok_h[None, :])
-
-
-@triton.jit
-def _dot_acc(a, b, acc, DOT_NATIVE: tl.constexpr):
-    if DOT_NATIVE:
-        return tl.dot(a, b, acc)
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
 
 
 @triton.jit
@@ -430,10 +424,7 @@ def _lce_dweight_kernel(
         if HAS_WEIGHT_GRAD:
             b = tl.load(HID_ROWS + rr.to(tl.int64)[:, None] * H + hs[None, :],
                         mask=ok_r[:, None] & ok_h[None, :], other=0.0)  # (BLOCK_K, BLOCK_H)
-            if DOT_NATIVE:
-                acc = tl.dot(a, b, acc)
-            else:
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            acc = _dot_acc(a, b, acc, DOT_NATIVE)
         if HAS_BIAS:
             acc_b += tl.sum(a.to(tl.float32), axis=1)
     if HAS_WEIGHT_GRAD:  # (the vocab schedule stores the finished sum in the weight's dtype)
