@@ -4,6 +4,7 @@
     python benchmarks/gpu/profile_lce.py           # GPU: Llama-3 head, N=8192, 0% and 90% ignored
     python benchmarks/gpu/profile_lce.py --configs current,dw_torch   # Triton dW vs cuBLAS dW
     python benchmarks/gpu/profile_lce.py --configs current,grad_fwd   # gradients in the forward
+    python benchmarks/gpu/profile_lce.py --configs current,blas   # the BLAS schedule
     python benchmarks/gpu/profile_lce.py --tiny    # CPU dry run (interpreter, the first six)
 
 For each tile config (olakernels.linear_cross_entropy.impl.triton.BLOCKS_OVERRIDE) it runs one
@@ -37,6 +38,9 @@ from olakernels.linear_cross_entropy.impl import triton as lce_triton  # noqa: E
 CONFIGS = {  # n, v: logits tile; m, h: dhidden/dweight output tile; k: reduction step;
     # dw_*: the dW kernel's own tiles (the H200 sweep's weak kernel), on top of GPU_BLOCKS
     "current": {},
+    # The BLAS schedule (impl/blas_fused_grad.py) without a bound, so on every row: at 0%
+    # ignored what the bounded trainer's dense batches run; at 90% liger-kernel's work.
+    "blas": dict(blas="always"),
     # The vocab schedule's grad_hidden (two fp32 halves per H tile since run 6) at 128 columns
     # (two halves of 64) instead of 256. Run 6's 452 TFLOP/s came from one 128 x 128
     # accumulator, which no config reproduces now.
@@ -179,6 +183,15 @@ def main() -> None:
                 rate = flop / (us * 1e-6) / 1e12 if us > 0 else float("nan")
                 print(f"  {us / 1e3:9.3f} ms      {rate:7.1f} TFLOP/s dweight (cuBLAS, "
                       f"mm + addmm); fp32-output GEMM ran: {dict(lce_triton._FP32_OUT_GEMM)}")
+            if CONFIGS[name].get("blas") == "always":  # logits, dX and dW GEMMs, all by cuBLAS
+                from olakernels.linear_cross_entropy.impl import blas_fused_grad
+
+                us = sum(e.device_time_total or 0.0 for e in prof.key_averages()
+                         if e.key in TORCH_GEMMS)
+                rate = 3 * flop / (us * 1e-6) / 1e12 if us > 0 else float("nan")
+                print(f"  {us / 1e3:9.3f} ms      {rate:7.1f} TFLOP/s BLAS GEMMs (logits, dX, "
+                      f"dW: mm + addmm, rate on 3 x the labelled rows' GEMM); fp32-output GEMM "
+                      f"ran: {dict(blas_fused_grad._FP32_OUT)}")
     lce_triton.BLOCKS_OVERRIDE.clear()
 
 

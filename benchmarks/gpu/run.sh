@@ -61,10 +61,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 PYTEST=($PY -m pytest -q -p no:cacheprovider)
-# The default stages' limits add up to ~7.5 minutes (profile_lce 90, bench_lce 70, gpu_tests
+# The default stages' limits add up to ~7.8 minutes (profile_lce 90, bench_lce 85, gpu_tests
 # 300 s); a typical run takes less. Pick stages with OLAVLM_STAGES (the loader benchmark,
 # bench_data.py, is CPU-bound and not run here). The GPU tests compile every kernel variant
-# (autotuning included) and train the demo for 40 steps: ~4-5 minutes for all 29 (run 6 ran 7
+# (autotuning included) and train the demo for 40 steps: ~4-5 minutes for all 31 (run 6 ran 7
 # in 140 s, the training job first).
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 if [ -n "$GPU_NAME" ] && [ -z "${OLAVLM_STAGES:-}" ] && \
@@ -78,7 +78,7 @@ stage bench "${OLAVLM_BENCH_LIMIT:-90}" "${PYTEST[@]}" benchmarks/bench_embeddin
   --benchmark-only -k "${OLAVLM_BENCH_K:-not reference_compile}" \
   --benchmark-json="$OUT_DIR/bench.json"
 # linear_cross_entropy, "quick" grid (OLAVLM_LCE_PRESET=full for all 24 cases x providers).
-stage bench_lce "${OLAVLM_LCE_LIMIT:-70}" "${PYTEST[@]}" \
+stage bench_lce "${OLAVLM_LCE_LIMIT:-85}" "${PYTEST[@]}" \
   benchmarks/bench_linear_cross_entropy.py --benchmark-only -k "${OLAVLM_LCE_K:-not compile}"
 stage bench_perceiver "${OLAVLM_PERCEIVER_LIMIT:-90}" "${PYTEST[@]}" \
   benchmarks/bench_perceiver.py --benchmark-only
@@ -111,10 +111,11 @@ stage profile 40 $PY benchmarks/gpu/profile_embedding_loss.py
 # linear_cross_entropy: per-kernel time and TFLOP/s per tile config, and host vs wall time.
 # Default: today's tiles (the backward in vocabulary slabs, grad_hidden as two halves of a
 # 128 x 256 tile) against slab_h=128, the row-chunk schedule with its fp32 grad_weight
-# accumulator ("rows") and grad_in_forward (3 GEMM passes instead of 4), at 0% and 90%
-# ignored; dw_torch, grad_fwd_dw_torch and the dW tile sweep by name,
+# accumulator ("rows"), grad_in_forward (3 GEMM passes instead of 4) and the BLAS schedule
+# ("blas": the same with cuBLAS GEMMs, every row multiplied as no bound is given), at 0% and
+# 90% ignored; dw_torch, grad_fwd_dw_torch and the dW tile sweep by name,
 # OLAVLM_PROFILE_LCE_CONFIGS=all for the whole sweep (raise OLAVLM_PROFILE_LCE_LIMIT to ~200).
-LCE_CONFIGS=${OLAVLM_PROFILE_LCE_CONFIGS:-current,slab_h128,rows,grad_fwd}
+LCE_CONFIGS=${OLAVLM_PROFILE_LCE_CONFIGS:-current,blas,slab_h128,rows,grad_fwd}
 [ "$LCE_CONFIGS" = all ] && LCE_CONFIGS=""
 stage profile_lce "${OLAVLM_PROFILE_LCE_LIMIT:-90}" $PY benchmarks/gpu/profile_lce.py \
   ${LCE_CONFIGS:+--configs "$LCE_CONFIGS"}

@@ -117,15 +117,22 @@ def linear_cross_entropy(
     args = (hidden2d, weight.contiguous(), None if bias is None else bias.contiguous(), labels1d,
             int(ignore_index), float(label_smoothing), float(z_loss_weight), softcap)
     if impl == "triton":
-        from .impl.triton import grad_in_forward_enabled, linear_cross_entropy_fwd
+        from .impl.triton import forward_schedule, linear_cross_entropy_fwd
 
         need = (hidden.requires_grad, weight.requires_grad,
                 bias is not None and bias.requires_grad)
-        # Gradients in the forward (opt-in tile knob): only when they will be needed, and only
-        # for "mean"/"sum", where per_token feeds nothing but the sum below, so the backward
-        # gets one scalar for every token (impl/triton_fused_grad.py says why that is needed).
-        if (reduction != "none" and torch.is_grad_enabled() and any(need)
-                and grad_in_forward_enabled()):
+        # Gradients in the forward (the BLAS schedule, or the opt-in tile knob): only when they
+        # will be needed, and only for "mean"/"sum", where per_token feeds nothing but the sum
+        # below, so the backward gets one scalar for every token (impl/triton_fused_grad.py
+        # says why that is needed).
+        exact = reduction != "none" and torch.is_grad_enabled() and any(need)
+        schedule = forward_schedule(hidden2d, weight, max_rows, need[1], exact)
+        if schedule == "blas":
+            from .impl.blas_fused_grad import linear_cross_entropy_fwd_grad_blas
+
+            per_token, correct, _lse, _order, count, *_unit_grads = \
+                linear_cross_entropy_fwd_grad_blas(*args, *need, max_rows)
+        elif schedule == "grad_in_forward":
             from .impl.triton_fused_grad import linear_cross_entropy_fwd_grad
 
             per_token, correct, _lse, _order, count, *_unit_grads = \

@@ -40,11 +40,12 @@ def _labelled(labels) -> int:
     return int((labels != -100).sum())
 
 
-SCHEDULES = {
+SCHEDULES = {  # (blas="never": a frozen head with a bound would take the BLAS schedule)
     "vocab": dict(freeze=()),
     "rows": dict(freeze=(), blocks={"schedule": "rows"}),
-    "frozen_head": dict(freeze=("weight",)),
+    "frozen_head": dict(freeze=("weight",), blocks={"blas": "never"}),
     "grad_in_forward": dict(freeze=(), blocks={"grad_in_forward": True}),
+    "blas": dict(freeze=("weight",)),  # fp32: not taken (the frozen head's kernels run)
 }
 
 
@@ -59,14 +60,16 @@ def test_bounded_rows_match_the_reference(small_quantum, monkeypatch, schedule, 
                                  bias=True)
     count = _labelled(inputs[2])
     assert 16 < count <= 48  # so that the bound (rounded to 16) is far below the 150 rows
-    reduction = "sum" if schedule == "grad_in_forward" else "mean"
+    reduction = "sum" if schedule in ("grad_in_forward", "blas") else "mean"
     out, _ = _check("triton", inputs, max_valid_tokens=count, label_smoothing=0.1,
                     reduction=reduction, freeze=case["freeze"])
     assert int(out.num_valid) == count
     rows = -(-count // QUANTUM) * QUANTUM
     blk = triton_impl._blocks()
-    if schedule != "grad_in_forward":  # (that path has no forward grid of its own)
+    blas = schedule == "blas" and dtype != torch.float32
+    if schedule != "grad_in_forward" and not blas:  # (those have no forward grid of their own)
         assert forward.grids[0][0] == triton.cdiv(rows, blk["n"])  # not cdiv(150, 16)
+    assert (forward.grids == []) == (schedule == "grad_in_forward" or blas)
 
 
 def test_the_vocab_slabs_widen_with_a_bound(small_quantum, monkeypatch, device):

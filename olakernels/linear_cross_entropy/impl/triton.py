@@ -71,22 +71,36 @@ DLOGITS_BUDGET_BYTES = 512 * 2**20
 # CUDA: the best of the sweep on an H200 (docs/PERF.md, linear_cross_entropy run 5): 1.7x the
 # first tiles (64 x 128) at 0% ignored, 1.16x at 90%. ROCm: smaller tiles with 2 stages so the
 # operands fit MI300X's 64 KiB of LDS (not measured on an MI300X).
+# blas: the BLAS schedule (impl/blas_fused_grad.py: gradients in the forward, the three GEMMs
+# by cuBLAS/hipBLAS, liger-kernel's algorithm on our compacted rows), for half-precision
+# operands, "mean"/"sum", a gradient needed. "auto": taken when the host gave a bound
+# (max_valid_tokens; without one the labelled fraction is unknown and the vendor GEMMs would
+# multiply every row) and either the head is frozen (no fp32 (V, H) gradient to hold) or the
+# bound is at least blas_min_fraction of the rows (a trainable head's fp32 unit grad_weight,
+# 2.1 GB for Llama-3, is worth its speed only when most rows are labelled; at 90% ignored the
+# vocab slabs stay under liger-kernel's memory). "always": whenever the conditions above the
+# bound hold (benchmarks, profile_lce); "never": the Triton kernels only (as before
+# 2026-11-27). The default is a prediction from run 6 (liger-kernel's cuBLAS path 1.7x faster
+# than our kernels at 0% ignored), NOT measured: docs/PERF.md.
 GPU_BLOCKS = dict(n=128, v=256, k=64, m=128, h=256, num_warps=8, num_stages=3,
                   dw_backend="triton", grad_in_forward=False, row_v=4096, row_warps=8,
-                  schedule="vocab", narrow_h=128, slab_h=256)
+                  schedule="vocab", narrow_h=128, slab_h=256, blas="auto",
+                  blas_min_fraction=0.5)
 ROCM_BLOCKS = dict(n=64, v=128, k=64, m=128, h=128, num_warps=8, num_stages=2,
                    dw_backend="triton", grad_in_forward=False, row_v=4096, row_warps=8,
-                   schedule="vocab", narrow_h=128, slab_h=128)
+                   schedule="vocab", narrow_h=128, slab_h=128, blas="auto",
+                   blas_min_fraction=0.5)
 BLOCKS_OVERRIDE: dict = {}
 DW_BACKENDS = ("triton", "torch")
 SCHEDULES = ("vocab", "rows")
+BLAS_MODES = ("auto", "never", "always")
 
 
 def _blocks() -> dict:
     if interpreter_enabled():  # small tiles: the interpreter runs programs one by one
         base = dict(n=16, v=32, k=32, m=16, h=32, num_warps=4, num_stages=1, dw_backend="triton",
                     grad_in_forward=False, row_v=64, row_warps=4, schedule="vocab",
-                    narrow_h=32, slab_h=32)
+                    narrow_h=32, slab_h=32, blas="auto", blas_min_fraction=0.5)
     else:
         base = ROCM_BLOCKS if torch.version.hip else GPU_BLOCKS
     blk = {**base, **BLOCKS_OVERRIDE}
@@ -99,6 +113,14 @@ def _blocks() -> dict:
     if not isinstance(blk.get("grad_in_forward", False), bool):
         raise ValueError("BLOCKS_OVERRIDE['grad_in_forward'] must be True or False, got "
                          f"{blk['grad_in_forward']!r}")
+    if blk.get("blas", "auto") not in BLAS_MODES:
+        raise ValueError(f"BLOCKS_OVERRIDE['blas'] must be one of {BLAS_MODES}, "
+                         f"got {blk['blas']!r}")
+    fraction = blk.get("blas_min_fraction", 0.5)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or \
+            not 0 <= fraction <= 1:
+        raise ValueError("BLOCKS_OVERRIDE['blas_min_fraction'] must be a number in [0, 1] (the "
+                         f"share of rows a bound must reach), got {fraction!r}")
     slab_h = blk.get("slab_h", 32)
     if not (isinstance(slab_h, int) and 32 <= slab_h <= 256 and slab_h & (slab_h - 1) == 0):
         raise ValueError("BLOCKS_OVERRIDE['slab_h'] must be a power of two in [32, 256] (two "
@@ -106,9 +128,27 @@ def _blocks() -> dict:
     return blk
 
 
-def grad_in_forward_enabled() -> bool:
-    """The tile knob grad_in_forward (the api still checks reduction and grad mode)."""
-    return _blocks().get("grad_in_forward", False)
+def forward_schedule(hidden: torch.Tensor, weight: torch.Tensor, max_rows: int,
+                     need_weight: bool, grads_in_forward_exact: bool) -> str:
+    """Which forward the api runs: "blas" (impl/blas_fused_grad.py), "grad_in_forward"
+    (impl/triton_fused_grad.py) or "plain" (lce_forward, the backward recomputes).
+    grads_in_forward_exact: reduction "mean"/"sum" with grad mode on and a gradient needed
+    (the only case where the forward may compute the gradients; triton_fused_grad says why).
+    max_rows: the bounded row count (api.bounded_rows), 0 without a bound."""
+    if not grads_in_forward_exact:
+        return "plain"
+    blk = _blocks()
+    mode = blk.get("blas", "auto")
+    # Half precision only: fp32 operands would meet TF32 in the vendor GEMM whenever the user
+    # allowed it; the Triton kernels multiply fp32 in IEEE fp32.
+    half = hidden.dtype in _HALF and weight.dtype == hidden.dtype
+    if half and mode == "always":
+        return "blas"
+    if half and mode == "auto" and max_rows > 0:
+        n = hidden.shape[0]
+        if not need_weight or row_capacity(n, max_rows) >= blk.get("blas_min_fraction", 0.5) * n:
+            return "blas"
+    return "grad_in_forward" if blk.get("grad_in_forward", False) else "plain"
 
 
 def _dot_native(hidden: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -15,7 +15,9 @@ COUNT (no synchronization: safe under CUDA graphs and torch.compile).
                            (ZERO_PAST_COUNT: rows past COUNT get 0 instead of being skipped;
                            WRITE_LOGITS: the logits themselves, for the grad-in-forward mode).
     _lce_rows_grad_kernel  grid (chunk rows): grad-in-forward mode; one row of the logits buffer
-                           -> lse, loss, argmax == label, and d loss / d logits in place.
+                           -> lse, loss, argmax == label, and d loss / d logits in place
+                           (RAW_LOGITS: a vendor GEMM's h @ W^T, bias and softcap added on
+                           load; ZERO_PAST_COUNT: rows past COUNT set to 0; the BLAS schedule).
     _lce_dhidden_kernel    grid (chunk row blocks, H blocks): dlogits @ W, scattered to the rows.
     _lce_dhidden_slab_kernel  the vocab schedule's: W is one slab, and the fp32 sum over the
                            slabs is loaded (ACC_IN) and stored (ACC_OUT) in compacted row order;
@@ -237,12 +239,29 @@ def _lce_dlogits_kernel(
 
 
 @triton.jit
+def _finish_logits(z, BIAS, cols, ok_c, softcap, HAS_BIAS: tl.constexpr,
+                   HAS_SOFTCAP: tl.constexpr):
+    """Raw GEMM logits -> the op's logits: + bias, then the softcap (as _logits_tile), fp32."""
+    if HAS_BIAS:
+        z += tl.load(BIAS + cols, mask=ok_c, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    return z
+
+
+@triton.jit
 def _lce_rows_grad_kernel(
     LOGITS,  # (chunk, V): logits of the chunk's compacted rows in, d loss / d logits out
     ORDER, LABELS, COUNT,
     LSE, LOSS, CORRECT,  # as _lce_combine_kernel's: LSE compact, LOSS/CORRECT by position
+    BIAS,  # (V,), read only with RAW_LOGITS and HAS_BIAS
     chunk_start, V, softcap, label_smoothing, z_loss_weight,
     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
+    # The BLAS schedule (impl/blas_fused_grad.py): LOGITS holds h @ W^T as a vendor GEMM wrote
+    # it, so the bias and the softcap are applied here, on every load, in fp32; and the GEMMs
+    # that read the buffer next multiply every row, so rows past COUNT are overwritten with 0.
+    RAW_LOGITS: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
+    ZERO_PAST_COUNT: tl.constexpr = False,
 ):
     """Grad-in-forward mode, one program per row of the chunk: the loss terms of
     _lce_fwd_kernel + _lce_combine_kernel and the d loss / d logits of _lce_dlogits_kernel with
@@ -253,11 +272,16 @@ def _lce_rows_grad_kernel(
     pid = tl.program_id(0)
     count = tl.load(COUNT)
     rc = chunk_start + pid
+    base = LOGITS + pid.to(tl.int64) * V
     if rc >= count:  # unlabelled row: its buffer row is not read by dhidden/dweight (or is 0)
+        if ZERO_PAST_COUNT:
+            for v0 in tl.range(0, V, BLOCK_V):
+                cols = v0 + tl.arange(0, BLOCK_V)
+                tl.store(base + cols, tl.zeros([BLOCK_V], dtype=LOGITS.dtype.element_ty),
+                         mask=cols < V)
         return
     row = tl.load(ORDER + rc)
     label = tl.load(LABELS + row).to(tl.int32)
-    base = LOGITS + pid.to(tl.int64) * V
     m = float("-inf")
     s = 0.0
     zy = 0.0
@@ -268,6 +292,9 @@ def _lce_rows_grad_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         ok_c = cols < V
         z = tl.load(base + cols, mask=ok_c, other=float("-inf")).to(tl.float32)
+        if RAW_LOGITS:
+            z = tl.where(ok_c, _finish_logits(z, BIAS, cols, ok_c, softcap, HAS_BIAS,
+                                              HAS_SOFTCAP), float("-inf"))
         tile_max = tl.max(z, axis=0)
         new_m = tl.maximum(m, tile_max)
         s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
@@ -289,6 +316,8 @@ def _lce_rows_grad_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         ok_c = cols < V
         z = tl.load(base + cols, mask=ok_c, other=0.0).to(tl.float32)
+        if RAW_LOGITS:
+            z = _finish_logits(z, BIAS, cols, ok_c, softcap, HAS_BIAS, HAS_SOFTCAP)
         dz = tl.exp(z - lse) * coef - label_smoothing / V
         dz -= tl.where(cols == label, 1.0 - label_smoothing, 0.0)
         if HAS_SOFTCAP:

@@ -1,0 +1,311 @@
+# linear_cross_entropy's BLAS schedule (impl/blas_fused_grad.py) and the rule that picks it.
+"""Gradients in the forward with the vendor GEMMs (torch.mm on the CPU here): checked against
+the float64 reference in fp16/bf16 with several chunks (a tiny dlogits budget; ragged N: a last
+chunk shorter than the buffer), bounded and unbounded, every option and frozen input; rows past
+the count must reach no gradient (inf in their hidden states, a bias that makes their logits
+non-zero); the backward must only scale; and forward_schedule must take this path exactly when
+docs/ops/linear_cross_entropy.md says.
+"""
+import pytest
+import torch
+from test_linear_cross_entropy import _check, _run, assert_compiled_matches_eager
+
+from olakernels import linear_cross_entropy
+from olakernels.linear_cross_entropy import api
+from olakernels.linear_cross_entropy.impl import blas_fused_grad
+from olakernels.linear_cross_entropy.impl import triton as triton_impl
+from olakernels.testing import make_lm_head_inputs, track_peak_memory
+
+HALF = [torch.float16, torch.bfloat16]
+RAGGED = ((150,), 23, 101)  # prime H and V; N not a multiple of the 16-row chunk step
+
+
+class Calls:
+    def __init__(self):
+        self.blas: list[tuple] = []
+        self.backward = 0
+        self.triton_grad = 0
+
+
+@pytest.fixture
+def blas(monkeypatch):
+    """blas="always", ~32-row chunks (5 at N=150); spies on which forward and backward run."""
+    monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", {"blas": "always"})
+    monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 32 * 101 * 2)
+    calls = Calls()
+    fwd = blas_fused_grad.lce_forward_with_grads_blas
+    backward = triton_impl.lce_backward
+    from olakernels.linear_cross_entropy.impl import triton_fused_grad
+    triton_grad = triton_fused_grad.lce_forward_with_grads
+
+    def spy_fwd(*args):
+        calls.blas.append(args[8:12])  # (need_hidden, need_weight, need_bias, max_rows)
+        return fwd(*args)
+
+    def spy_backward(*args):
+        calls.backward += 1
+        return backward(*args)
+
+    def spy_triton_grad(*args):
+        calls.triton_grad += 1
+        return triton_grad(*args)
+
+    monkeypatch.setattr(blas_fused_grad, "lce_forward_with_grads_blas", spy_fwd)
+    monkeypatch.setattr(triton_impl, "lce_backward", spy_backward)
+    monkeypatch.setattr(triton_fused_grad, "lce_forward_with_grads", spy_triton_grad)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("ignored", [0.0, 0.5, 1.0])
+def test_matches_reference(blas, dtype, reduction, ignored, device):
+    inputs = make_lm_head_inputs(*RAGGED, dtype=dtype, device=device, ignored=ignored, bias=True)
+    _check("triton", inputs, reduction=reduction)
+    assert blas.blas == [(True, True, True, 0)] and blas.backward == 0
+    assert blas_fused_grad.chunk_rows_blas(150, 101, 2, True) == 32  # so 5 chunks ran
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_bounded_rows_scatter_to_their_positions(blas, dtype, device, monkeypatch):
+    """A bound far below N: the compacted grad_hidden rows land at their positions, the rest
+    of grad_hidden is 0, and lse holds the bounded rows only."""
+    monkeypatch.setattr(api, "ROW_QUANTUM", 16)
+    inputs = make_lm_head_inputs(*RAGGED, dtype=dtype, device=device, ignored=0.8, bias=True)
+    count = int((inputs[2] != -100).sum())
+    out, grads = _check("triton", inputs, max_valid_tokens=count, label_smoothing=0.1)
+    rows = -(-count // 16) * 16
+    assert rows < 150 and blas.blas == [(True, True, True, rows)]
+    assert torch.count_nonzero(grads["hidden"][inputs[2] == -100]) == 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_every_option_together(blas, reduction, device):
+    inputs = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16, device=device, ignored=0.3,
+                                 bias=True)
+    _check("triton", inputs, label_smoothing=0.2, z_loss_weight=1e-3, logit_softcap=5.0,
+           reduction=reduction)
+    assert len(blas.blas) == 1
+
+
+@pytest.mark.parametrize("frozen", [("weight",), ("hidden",), ("weight", "bias"), ("bias",)])
+def test_frozen_inputs(blas, frozen, device):
+    inputs = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16, device=device, ignored=0.5,
+                                 bias=True)
+    _, grads = _check("triton", inputs, freeze=frozen)
+    assert all(grads[name] is None for name in frozen)
+    assert blas.blas == [(*(name not in frozen for name in ("hidden", "weight", "bias")), 0)]
+
+
+def test_frozen_weight_runs_no_weight_gemm(blas, device, monkeypatch):
+    gemms = []
+    real = blas_fused_grad.gemm_fp32_out
+    monkeypatch.setattr(blas_fused_grad, "gemm_fp32_out",
+                        lambda out, a, b, accumulate: gemms.append(tuple(out.shape))
+                        or real(out, a, b, accumulate))
+    hidden, weight, labels, _ = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16,
+                                                    device=device, ignored=0.5)
+    _run("triton", hidden, weight, labels, freeze=("weight",))
+    chunk = blas_fused_grad.chunk_rows_blas(150, 101, 2, False)  # a frozen head's chunk
+    assert gemms and all(shape[0] <= chunk and shape[1] == 23 for shape in gemms)  # dX only
+    gemms.clear()
+    _run("triton", hidden, weight, labels)
+    assert (101, 23) in gemms  # the trainable head's dW GEMMs
+
+
+def test_rows_past_the_count_reach_no_gradient(blas, device):
+    """Unlabelled rows are multiplied by the GEMMs here: inf/NaN in their hidden states and a
+    bias (non-zero logits in those rows) must not reach any gradient or the loss."""
+    hidden, weight, labels, bias = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16,
+                                                       device=device, ignored=0.5, bias=True)
+    ignored = labels == -100
+    poisoned = hidden.clone()
+    poisoned[ignored.nonzero()[::2, 0]] = float("inf")
+    poisoned[ignored.nonzero()[1::2, 0]] = float("nan")
+    out, grads = _run("triton", poisoned, weight, labels, bias)
+    ref, ref_grads = _run("triton", hidden, weight, labels, bias)
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=0)
+    for name in ("weight", "bias"):
+        assert torch.isfinite(grads[name]).all(), name
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=0)
+    assert torch.count_nonzero(grads["hidden"][ignored]) == 0
+    assert len(blas.blas) == 2
+
+
+def _blas_vs_kernels(hidden, weight, labels, bias, reduction="mean", upstream=None):
+    """Gradients of the BLAS schedule and of the Triton kernels' full backward (both in the
+    inputs' dtype), with loss -> upstream(loss) before backward."""
+    grads = []
+    for mode in ("always", "never"):
+        triton_impl.BLOCKS_OVERRIDE["blas"] = mode
+        leaves = {k: t.detach().clone().requires_grad_(True)
+                  for k, t in (("hidden", hidden), ("weight", weight), ("bias", bias))}
+        loss = linear_cross_entropy(leaves["hidden"], leaves["weight"], labels,
+                                    bias=leaves["bias"], reduction=reduction, impl="triton")
+        (loss if upstream is None else upstream(loss)).backward()
+        grads.append({k: v.grad.float() for k, v in leaves.items()})
+    for name in grads[0]:  # rounding differs (the logits are rounded by the GEMM here)
+        scale = grads[1][name].abs().max().item()
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0.05, atol=0.02 * scale)
+
+
+def test_a_bias_in_another_dtype_is_added_by_the_row_kernel(blas, device):
+    """An fp32 bias on a bf16 head (eager's F.linear refuses it; the kernels take it): added
+    in fp32 on load, as the Triton kernels do."""
+    hidden, weight, labels, bias = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16,
+                                                       device=device, ignored=0.3, bias=True)
+    bias = (bias.float() + torch.rand_like(bias.float()) * 1e-2).requires_grad_(True)
+    _blas_vs_kernels(hidden, weight, labels, bias)
+    assert len(blas.blas) == 1 and blas.backward == 1
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_upstream_gradient_scales_the_unit_gradients(blas, reduction, device):
+    """(loss * 3.7 + loss ** 2).backward() against the Triton kernels' full backward."""
+    hidden, weight, labels, bias = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16,
+                                                       device=device, ignored=0.4, bias=True)
+    _blas_vs_kernels(hidden, weight, labels, bias, reduction, lambda loss: loss * 3.7 + loss ** 2)
+    assert len(blas.blas) == 1 and blas.backward == 1
+
+
+def test_all_ignored_gives_zero(blas, device):
+    hidden, weight, labels, bias = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16,
+                                                       device=device, ignored=1.0, bias=True)
+    out, grads = _run("triton", hidden, weight, labels, bias)
+    assert float(out.loss.detach()) == 0.0 and int(out.num_valid) == 0 and not out.correct.any()
+    assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+
+
+def test_deterministic(blas, device):
+    inputs = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16, device=device, ignored=0.3,
+                                 bias=True)
+    (out_a, grads_a), (out_b, grads_b) = _run("triton", *inputs), _run("triton", *inputs)
+    assert torch.equal(out_a.loss, out_b.loss)
+    for name in grads_a:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+
+
+def test_the_fallback_gemm_rounds_per_chunk_and_stays_close(blas, device, monkeypatch):
+    """Where torch has no half GEMM with fp32 output (and not on the CPU), each chunk's product
+    is rounded to the operands' dtype before the fp32 sum: still within the test budget."""
+    monkeypatch.setattr(blas_fused_grad, "EXACT_FALLBACK_DEVICES", ())
+    inputs = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16, device=device, ignored=0.2,
+                                 bias=True)
+    _check("triton", inputs)
+    assert len(blas.blas) == 1
+
+
+def test_peak_memory_far_below_logits(blas, device, monkeypatch):
+    """256 tokens x a 4096-token vocabulary, a budget of 1/16 of the bf16 logits."""
+    monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 16 * 4096 * 2)
+    triton_impl.BLOCKS_OVERRIDE["row_v"] = 4096  # one row tile: the interpreter is slow per tile
+    hidden, weight, labels, _ = make_lm_head_inputs((256,), 32, 4096, dtype=torch.bfloat16,
+                                                    device=device, ignored=0.5)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    logits_bytes = labels.numel() * weight.shape[0] * 4
+    with track_peak_memory() as mem:
+        linear_cross_entropy(hidden, weight, labels, impl="triton").backward()
+    # fp32 unit gradients kept from the forward, the scaled ones, and (CPU only) the fp32
+    # operand copies of the exact fallback GEMM (weight, one chunk).
+    grads = (hidden.numel() + weight.numel()) * (4 + 2) + weight.numel() * 4
+    assert mem.peak - grads < logits_bytes / 4, (mem.peak, grads, logits_bytes)
+    assert len(blas.blas) == 1
+
+
+def test_opcheck(device):
+    hidden, weight, labels, bias = make_lm_head_inputs((24,), 16, 40, dtype=torch.bfloat16,
+                                                       device=device, bias=True, ignored=0.3)
+    for need in ((True, True, True), (False, True, False), (True, False, True)):
+        for max_rows in (0, 16):
+            args = (hidden.requires_grad_(need[0]), weight.requires_grad_(need[1]),
+                    bias.requires_grad_(need[2]), labels, -100, 0.1, 1e-3, 3.0, *need, max_rows)
+            torch.library.opcheck(blas_fused_grad.linear_cross_entropy_fwd_grad_blas, args)
+
+
+def test_compile_fullgraph_matches_eager(blas, device):
+    hidden, weight, labels, bias = make_lm_head_inputs((2, 12), 16, 64, dtype=torch.bfloat16,
+                                                       device=device, bias=True)
+
+    def loss_fn(h, w, b, y):
+        return linear_cross_entropy(h, w, y, bias=b, shift_labels=True, impl="triton") * 3.7
+
+    assert_compiled_matches_eager(loss_fn, hidden, weight, bias, labels)
+    assert len(blas.blas) == 2 and blas.backward == 0
+
+
+# ---- the rule (forward_schedule) ----
+
+def _schedule(n=100, dtype=torch.bfloat16, max_rows=0, need_weight=True, exact=True, **blocks):
+    triton_impl.BLOCKS_OVERRIDE.clear()
+    triton_impl.BLOCKS_OVERRIDE.update(blocks)
+    hidden = torch.empty(n, 8, dtype=dtype)
+    weight = torch.empty(16, 8, dtype=dtype)
+    return triton_impl.forward_schedule(hidden, weight, max_rows, need_weight, exact)
+
+
+@pytest.fixture
+def clean_blocks(monkeypatch):
+    monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", {})
+
+
+def test_auto_takes_blas_with_a_bound_when_dense_or_frozen(clean_blocks):
+    assert _schedule(max_rows=0) == "plain"  # no bound: the labelled fraction is unknown
+    assert _schedule(max_rows=50) == "blas"  # half the rows (blas_min_fraction 0.5)
+    assert _schedule(max_rows=48) == "plain"  # a trainable head, mostly ignored: vocab slabs
+    assert _schedule(max_rows=16, need_weight=False) == "blas"  # frozen head: any bound
+    assert _schedule(max_rows=512) == "blas"  # a bound above N is N
+    assert _schedule(max_rows=48, blas_min_fraction=0.4) == "blas"
+    assert _schedule(max_rows=48, grad_in_forward=True) == "grad_in_forward"
+
+
+def test_blas_needs_half_operands_and_exact_gradients(clean_blocks):
+    for dtype in (torch.float32, torch.float64):
+        assert _schedule(dtype=dtype, max_rows=100) == "plain"  # fp32: TF32 in cuBLAS
+        assert _schedule(dtype=dtype, blas="always") == "plain"
+    assert _schedule(max_rows=100, exact=False) == "plain"  # "none", no_grad, nothing to train
+    assert _schedule(blas="always", exact=False) == "plain"
+    assert _schedule(blas="always") == "blas"
+    assert _schedule(max_rows=100, blas="never") == "plain"
+    assert _schedule(max_rows=100, blas="never", grad_in_forward=True) == "grad_in_forward"
+
+
+def test_reduction_none_and_no_grad_take_the_kernels(clean_blocks, device):
+    hidden, weight, labels, _ = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16,
+                                                    device=device, ignored=0.3)
+    hidden.requires_grad_(True)
+    triton_impl.BLOCKS_OVERRIDE["blas"] = "always"
+    calls = []
+    real = blas_fused_grad.linear_cross_entropy_fwd_grad_blas
+    try:
+        blas_fused_grad.linear_cross_entropy_fwd_grad_blas = \
+            lambda *a: calls.append(1) or real(*a)
+        linear_cross_entropy(hidden, weight, labels, reduction="none", impl="triton")
+        with torch.no_grad():
+            linear_cross_entropy(hidden, weight, labels, impl="triton")
+        assert calls == []
+        linear_cross_entropy(hidden, weight, labels, impl="triton")
+        assert calls == [1]
+    finally:
+        blas_fused_grad.linear_cross_entropy_fwd_grad_blas = real
+
+
+@pytest.mark.parametrize("bad", [dict(blas="cublas"), dict(blas_min_fraction=1.5),
+                                 dict(blas_min_fraction="half"), dict(blas_min_fraction=True)])
+def test_bad_knobs_are_value_errors(clean_blocks, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        _schedule(**bad)
+
+
+# ---- GPU: cuBLAS with fp32 output, Llama-3's vocabulary ----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("frozen", [(), ("weight",)])
+def test_gpu_real_vocabulary(blas, frozen, monkeypatch):
+    monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 512 * 128256 * 2)  # 2 chunks
+    inputs = make_lm_head_inputs((1000,), 1024, 128256, dtype=torch.bfloat16, device="cuda",
+                                 ignored=0.1, bias=True)
+    _check("triton", inputs, label_smoothing=0.05, z_loss_weight=1e-4, freeze=frozen)
+    assert len(blas.blas) == 1
+    assert blas_fused_grad._FP32_OUT.get(("cuda", torch.bfloat16, False)) is True
