@@ -226,13 +226,20 @@ def linear_cross_entropy_variants(target: tuple) -> list[Variant]:
             out.append(Variant(f"lce.logits[{tag},zero_past={not cap}]", k._lce_dlogits_kernel,
                                dl, scalars, {**flags, **tiles, "ZERO_PAST_COUNT": not cap,
                                              "WRITE_LOGITS": True}, **launch))
+            rows_ptrs = {"LOGITS": "*" + dt, **ints, "LSE": "*fp32", "LOSS": "*fp32",
+                         "CORRECT": "*i8", "BIAS": "*" + dt}
             out.append(Variant(f"lce.rows_grad[{dt},softcap={cap},smoothing={cap}]",
-                               k._lce_rows_grad_kernel,
-                               {"LOGITS": "*" + dt, **ints, "LSE": "*fp32", "LOSS": "*fp32",
-                                "CORRECT": "*i8"}, scalars,
+                               k._lce_rows_grad_kernel, rows_ptrs, scalars,
                                {"HAS_SOFTCAP": cap, "HAS_SMOOTHING": cap,
                                 "BLOCK_V": blk["row_v"]},
                                num_warps=blk["row_warps"]))
+            if native:  # the BLAS schedule (half operands only): raw GEMM logits, rows zeroed
+                out.append(Variant(f"lce.rows_grad[{dt},raw,bias={bias},softcap={cap}]",
+                                   k._lce_rows_grad_kernel, rows_ptrs, scalars,
+                                   {"HAS_SOFTCAP": cap, "HAS_SMOOTHING": cap,
+                                    "BLOCK_V": blk["row_v"], "RAW_LOGITS": True,
+                                    "HAS_BIAS": bias, "ZERO_PAST_COUNT": True},
+                                   num_warps=blk["row_warps"]))
         mm = {"BLOCK_M": blk["m"], "BLOCK_H": blk["h"], "BLOCK_K": blk["k"]}
         # grad_hidden in the operand dtype (backward) and in fp32 (grad_in_forward's unit grad)
         for grad_dt in sorted({dt, "fp32"}):
