@@ -12,7 +12,10 @@ Minimal bytes (s = element size):
     fwd_bwd: + read gate, up and dy, write dgate and dup   8 * T * I * s
 Providers: "eager" is ``F.silu(gate) * up`` under autograd (keeps 3 tensors), "eager_compile"
 its torch.compile, "liger" liger-kernel's LigerSiLUMulFunction (if installed), "ours" the
-Triton kernels.
+Triton kernels, "ours_inplace" the same with the backward writing the gradients over gate and up
+(``inplace_backward=True``, what LeanSwiGLUMLP uses; the api takes it for non-leaf tensors only,
+so this calls the autograd Function directly on the benchmark's leaves, as liger-kernel
+overwrites them too: the values drift over the repetitions, the timing does not care).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from olakernels import silu_mul  # noqa: E402
 
 DEVICE = common.bench_device()
 OP = "silu_mul"
-PROVIDERS = ("eager", "eager_compile", "liger", "ours")
+PROVIDERS = ("eager", "eager_compile", "liger", "ours", "ours_inplace")
 MODES = ("fwd", "fwd_bwd")
 GPU_ONLY = ("eager_compile", "liger")  # timed on GPUs only
 
@@ -102,6 +105,10 @@ def _fn(provider: str):
         except ImportError:
             return None
         return LigerSiLUMulFunction.apply
+    if provider == "ours_inplace":
+        from olakernels.silu_mul.impl.triton import SiLUMulTritonFunction
+
+        return lambda g, u: SiLUMulTritonFunction.apply(g, u, True)
     return lambda g, u: silu_mul(g, u, impl="triton")
 
 

@@ -85,9 +85,10 @@ stage bench_perceiver "${OLAVLM_PERCEIVER_LIMIT:-90}" "${PYTEST[@]}" \
 # RoPE on q and k at the step's shapes: eager (HF's formula), liger-kernel, ours (~15 s).
 stage bench_rope "${OLAVLM_ROPE_LIMIT:-40}" $PY benchmarks/bench_rotary_embedding.py \
   --providers eager,liger,ours
-# SwiGLU's silu(gate) * up at the step's shapes: eager, liger-kernel, ours (~55 s in run 6).
+# SwiGLU's silu(gate) * up at the step's shapes: eager, liger-kernel, ours, ours in place
+# (~55 s in run 6 without the last).
 stage bench_silu_mul "${OLAVLM_SILU_LIMIT:-120}" $PY benchmarks/bench_silu_mul.py \
-  --providers eager,liger,ours
+  --providers eager,liger,ours,ours_inplace
 # One OLA-VLM pre-training step per mode (a default stage): the
 # seed-faithful step (reference math + per-image online teachers) vs ours with cached or batched
 # online targets. OLAVLM_STEP_PROVIDERS picks modes (default below: ~100-150 s on an H200 at

@@ -11,7 +11,8 @@ from .impl.torch import SiLUMulFunction
 IMPLS = ("auto", "triton", "torch", "reference")
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, impl: str = "auto",
+             inplace_backward: bool = False) -> torch.Tensor:
     """SwiGLU's gating ``F.silu(gate) * up`` keeping only ``gate`` and ``up`` for the backward.
 
     gate and up: the same shape (..., N) and dtype (fp32/fp16/bf16), any row strides with a
@@ -27,6 +28,13 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, impl: str = "auto") -> tor
     "triton" (one kernel each way, fp32 math, one rounding), "torch" (eager autograd's own
     kernels on a recomputed silu: values and gradients equal eager bit for bit) or "reference"
     (the eager formula itself). Double backward works on every path.
+
+    ``inplace_backward=True``: on the Triton path the backward writes the gradients over
+    ``gate`` and ``up`` instead of allocating them (liger-kernel's SwiGLU does the same): for
+    intermediates that nothing reads after this op, such as a SwiGLU MLP's ``gate_proj(x)`` and
+    ``up_proj(x)``. Taken only when both are non-leaf tensors (a parameter or a user's input is
+    never overwritten) and both gradients are needed; autograd nodes that saved them too raise
+    "modified by an inplace operation" if they run after it. Ignored on the torch paths.
     """
     if impl not in IMPLS:
         raise ValueError(f"silu_mul: impl must be one of {IMPLS}, got {impl!r}")
@@ -44,10 +52,14 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, impl: str = "auto") -> tor
     if impl in ("auto", "triton") and torch.compiler.is_compiling():
         impl = "torch"  # traced: Inductor fuses the formula (no Triton launch inside a graph)
     impl = resolve_impl(impl, gate, "silu_mul", "gate")
+    if not isinstance(inplace_backward, bool):
+        raise ValueError(f"silu_mul: inplace_backward must be True or False, got "
+                         f"{inplace_backward!r}")
     if impl == "triton":
         from .impl.triton import SiLUMulTritonFunction
 
-        return SiLUMulTritonFunction.apply(gate, up)
+        inplace = inplace_backward and gate.grad_fn is not None and up.grad_fn is not None
+        return SiLUMulTritonFunction.apply(gate, up, inplace)
     if impl == "torch":
         return SiLUMulFunction.apply(gate, up)
     return silu_mul_ref(gate, up)

@@ -53,7 +53,9 @@ class LeanSwiGLUMLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         # Only training saves anything: inference (generation) keeps the decoder's own ops.
         if self.lean and torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-            return self.down_proj(silu_mul(gate, up, impl=self.impl))
+            # gate and up are this forward's own intermediates, read by nothing after silu_mul:
+            # its Triton backward may write the gradients over them (no new tensors).
+            return self.down_proj(silu_mul(gate, up, impl=self.impl, inplace_backward=True))
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -134,6 +134,67 @@ def test_bad_inputs_name_the_argument():
         silu_mul(gate, up, impl="cuda")
 
 
+# ---- inplace_backward: gradients written over gate and up (intermediates only) ----
+
+def _intermediates(shape, dtype, chunked):
+    """gate and up as a model makes them: outputs of an op on leaves that require grad (for
+    ``chunked``, the two halves of one projection, Phi-3's gate_up_proj)."""
+    gate, up = _inputs(shape, dtype, chunked=chunked)
+    if chunked:
+        both = torch.cat([gate, up], -1).requires_grad_(True)
+        return both, (both * 1).chunk(2, dim=-1)
+    leaves = (gate.clone().requires_grad_(True), up.clone().requires_grad_(True))
+    return leaves, (leaves[0] * 1, leaves[1] * 1)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["separate", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace_backward_gives_the_same_gradients_over_its_inputs(dtype, chunked):
+    shape = SHAPES["ragged"]
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    results = []
+    for inplace in (False, True):
+        leaves, (gate, up) = _intermediates(shape, dtype, chunked)
+        ptrs = (gate.data_ptr(), up.data_ptr())
+        seen = []
+        gate.register_hook(lambda g, seen=seen: seen.append(g.data_ptr()))
+        up.register_hook(lambda g, seen=seen: seen.append(g.data_ptr()))
+        silu_mul(gate, up, impl="triton", inplace_backward=inplace).backward(grad)
+        assert (sorted(seen) == sorted(ptrs)) == inplace  # the gradients are gate's/up's memory
+        results.append([t.grad for t in (leaves if isinstance(leaves, tuple) else (leaves,))])
+    for want, got in zip(*results, strict=True):
+        assert torch.equal(got, want)  # the same kernel math, only the destination differs
+
+
+def test_inplace_backward_never_overwrites_leaves_or_a_gradient_not_needed():
+    gate, up = _inputs(SHAPES["decoder"], torch.float32)
+    g_leaf, u_leaf = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+    silu_mul(g_leaf, u_leaf, impl="triton", inplace_backward=True).sum().backward()
+    assert torch.equal(g_leaf.detach(), gate) and torch.equal(u_leaf.detach(), up)
+    # Only gate's gradient wanted (up is frozen): up must stay as it was.
+    g_leaf = gate.clone().requires_grad_(True)
+    g_mid, u_mid = g_leaf * 1, up.clone() + 0
+    silu_mul(g_mid, u_mid, impl="triton", inplace_backward=True).sum().backward()
+    assert torch.equal(u_mid, up)
+
+
+def test_inplace_backward_fails_loudly_when_another_node_saved_gate():
+    """An op that saved gate and runs its backward after silu_mul's would read gradients:
+    the version counter is bumped, so autograd raises instead."""
+    (g_leaf, u_leaf), (gate, up) = _intermediates(SHAPES["decoder"], torch.float32, False)
+    w = torch.randn(SHAPES["decoder"], requires_grad=True)
+    other = (gate * w).sum()  # saves gate (for w's gradient); created first, so runs last
+    y = silu_mul(gate, up, impl="triton", inplace_backward=True).sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (y + other).backward()
+
+
+def test_inplace_backward_must_be_a_bool():
+    gate, up = _inputs(SHAPES["tiny"], torch.float32)
+    with pytest.raises(ValueError, match="inplace_backward must be True or False"):
+        silu_mul(gate, up, inplace_backward="yes")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_llama3_shape(dtype):

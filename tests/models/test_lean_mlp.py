@@ -92,7 +92,14 @@ def test_swap_keeps_parameters_and_keys():
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
-def test_triton_silu_mul_inside_the_mlp(kind):
+def test_triton_silu_mul_inside_the_mlp(kind, monkeypatch):
+    from olakernels.silu_mul.impl import triton as silu_triton
+
+    inplace = []
+    real_bwd = silu_triton.silu_mul_bwd
+    monkeypatch.setattr(silu_triton, "silu_mul_bwd",
+                        lambda *a, **kw: inplace.append(kw.get("inplace"))
+                        or real_bwd(*a, **kw))
     mlp = _mlp(kind).to(torch.bfloat16).requires_grad_(False)
     lean = LeanSwiGLUMLP(copy.deepcopy(mlp))
     lean.impl = "triton"  # what OlaVLM.set_impl("triton") sets; "auto" picks it on GPUs
@@ -109,5 +116,6 @@ def test_triton_silu_mul_inside_the_mlp(kind):
     assert_close_to_reference(outs["lean"][0], ref, outs["eager"][0], name=f"{kind} out")
     assert_close_to_reference(outs["lean"][1], x64.grad, outs["eager"][1],
                               name=f"{kind} grad_x", reduction_size=80)
+    assert inplace == [True]  # the gradients went over the MLP's own gate and up
     with torch.no_grad():  # inference keeps the decoder's own ops: bit for bit
         assert torch.equal(lean(x), mlp(x))

@@ -6,6 +6,12 @@ sigmoid (nothing but gate and up is saved). Rows may be strided (Phi-3's
 
     s = sigmoid(g);  y = g s u
     du = dy g s;     dg = dy u s (1 + g (1 - s))
+
+With ``inplace`` (SiLUMulTritonFunction's third argument) the backward writes dg over the saved
+gate and du over the saved up, as liger-kernel's SwiGLU does: no new (rows, N) tensors, a third
+of the op's backward memory. Only for intermediates nobody else reads afterwards (the caller
+promises it: LeanSwiGLUMLP's gate_proj/up_proj outputs); their version counters are bumped, so
+another autograd node that saved them fails loudly instead of reading gradients.
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ def _silu_mul_fwd_kernel(G, U, Y, N, sg_row, su_row, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _silu_mul_bwd_kernel(DY, G, U, DG, DU, N, sg_row, su_row, BLOCK: tl.constexpr):
+def _silu_mul_bwd_kernel(DY, G, U, DG, DU, N, sg_row, su_row, sdg_row, sdu_row,
+                         BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
@@ -38,9 +45,10 @@ def _silu_mul_bwd_kernel(DY, G, U, DG, DU, N, sg_row, su_row, BLOCK: tl.constexp
     u = tl.load(U + row * su_row + cols, mask=ok, other=0.0).to(tl.float32)
     dy = tl.load(DY + row * N + cols, mask=ok, other=0.0).to(tl.float32)
     s = tl.sigmoid(g)
-    tl.store(DU + row * N + cols, (dy * g * s).to(DU.dtype.element_ty), mask=ok)
+    # (in place, DG/DU are G/U: every element is read above before this program writes it)
+    tl.store(DU + row * sdu_row + cols, (dy * g * s).to(DU.dtype.element_ty), mask=ok)
     dg = dy * u * s * (1.0 + g * (1.0 - s))
-    tl.store(DG + row * N + cols, dg.to(DG.dtype.element_ty), mask=ok)
+    tl.store(DG + row * sdg_row + cols, dg.to(DG.dtype.element_ty), mask=ok)
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -68,35 +76,51 @@ def silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def silu_mul_bwd(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+def silu_mul_bwd(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                 inplace: bool = False):
+    """(grad_gate, grad_up); ``inplace``: written over gate and up (module docstring), which
+    are then returned (or the contiguous copies _rows made of them)."""
     if gate.numel() == 0:
         return torch.zeros_like(gate), torch.zeros_like(up)
     n = gate.shape[-1]
     g2, sg = _rows(gate)
     u2, su = _rows(up)
     dy = grad.contiguous()
-    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    if dg.numel():
-        _silu_mul_bwd_kernel[(g2.shape[0], triton.cdiv(n, BLOCK))](
-            dy, g2, u2, dg, du, n, sg, su, BLOCK=BLOCK, num_warps=4)
-    return dg, du
+    if inplace:
+        dg2, du2 = g2, u2
+    else:
+        dg2 = torch.empty((g2.shape[0], n), dtype=gate.dtype, device=gate.device)
+        du2 = torch.empty((u2.shape[0], n), dtype=up.dtype, device=up.device)
+    _silu_mul_bwd_kernel[(g2.shape[0], triton.cdiv(n, BLOCK))](
+        dy, g2, u2, dg2, du2, n, sg, su, dg2.stride(0) if dg2.shape[0] > 1 else n,
+        du2.stride(0) if du2.shape[0] > 1 else n, BLOCK=BLOCK, num_warps=4)
+    if inplace:
+        for t in (gate, up):  # a node that saved them too must not read gradients silently
+            torch.autograd.graph.increment_version(t)
+        # gate/up themselves when _rows viewed them (their own strides), else its copies
+        dg = gate if g2.data_ptr() == gate.data_ptr() else g2.view(gate.shape)
+        du = up if u2.data_ptr() == up.data_ptr() else u2.view(up.shape)
+        return dg, du
+    return dg2.view(gate.shape), du2.view(up.shape)
 
 
 class SiLUMulTritonFunction(torch.autograd.Function):
-    """silu(gate) * up with the Triton kernels; saves gate and up only."""
+    """silu(gate) * up with the Triton kernels; saves gate and up only. ``inplace``: the
+    backward overwrites them with the gradients (module docstring; the api decides)."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, inplace: bool = False):
         ctx.save_for_backward(gate, up)
+        ctx.inplace = inplace
         return silu_mul_fwd(gate, up)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, *_):
         gate, up = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: differentiate the eager formula
             dg, du = differentiable_backward(grad, gate, up)
-        else:
-            dg, du = silu_mul_bwd(grad, gate, up)
+        else:  # in place only when both gradients are wanted (else gate/up stay intact)
+            dg, du = silu_mul_bwd(grad, gate, up,
+                                  inplace=ctx.inplace and all(ctx.needs_input_grad[:2]))
         return (dg if ctx.needs_input_grad[0] else None), \
-            (du if ctx.needs_input_grad[1] else None)
+            (du if ctx.needs_input_grad[1] else None), None
