@@ -119,3 +119,24 @@ def test_triton_silu_mul_inside_the_mlp(kind, monkeypatch):
     assert inplace == [True]  # the gradients went over the MLP's own gate and up
     with torch.no_grad():  # inference keeps the decoder's own ops: bit for bit
         assert torch.equal(lean(x), mlp(x))
+
+
+@pytest.mark.parametrize("kind", ["llama", "phi3"])
+def test_triton_silu_mul_in_place_under_activation_checkpointing(kind):
+    """The trainer's activation checkpointing recomputes the block in the backward: the in-place
+    silu_mul backward then overwrites the recomputed gate and up, and the gradients must equal
+    those of the same MLP without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    lean = LeanSwiGLUMLP(_mlp(kind).to(torch.bfloat16))
+    lean.impl = "triton"
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(2)).bfloat16()
+    grads = []
+    for ac in (False, True):
+        lean.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        y = checkpoint(lean, xi, use_reentrant=False) if ac else lean(xi)
+        (y.float() ** 2).sum().backward()
+        grads.append([xi.grad] + [p.grad for p in lean.parameters()])
+    for plain, recomputed in zip(*grads, strict=True):
+        assert torch.equal(plain, recomputed)
