@@ -8,7 +8,8 @@ def test_bench_cli_tiny_writes_records(tmp_path, monkeypatch, load_bench):
     assert bench.main(["--preset", "tiny"]) == 0
     rows = list(csv.DictReader((tmp_path / "silu_mul.csv").open()))
     assert sorted((r["provider"], r["mode"]) for r in rows) == [
-        ("eager", "fwd"), ("eager", "fwd_bwd"), ("ours", "fwd"), ("ours", "fwd_bwd")]
+        ("eager", "fwd"), ("eager", "fwd_bwd"), ("ours", "fwd"), ("ours", "fwd_bwd"),
+        ("ours_inplace", "fwd"), ("ours_inplace", "fwd_bwd")]
     assert all(float(r["ms"]) > 0 and float(r["gbps"]) > 0 for r in rows)
     case = bench.cases("tiny")[0]
     assert bench.min_bytes(case, "fwd_bwd") * 3 == bench.min_bytes(case, "fwd") * 8
