@@ -158,7 +158,8 @@ def measure(provider: str, case: Case, *, device: str, warmup: int, rep: int):
         rows = lce_triton.row_capacity(case.tokens, bound)
         vocab = lce_triton.uses_vocab_schedule(lce_triton._blocks(), case.train_weight,
                                                rows, case.vocab)
-        schedule = lce_triton.forward_schedule(hidden, weight, bound, case.train_weight, True)
+        raw = labelled(case) if provider == "triton_bound" else None
+        schedule = lce_triton.forward_schedule(hidden, weight, raw, case.train_weight, True)
         if schedule == "blas":
             note += "; BLAS schedule (gradients in the forward)"
         else:

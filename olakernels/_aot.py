@@ -233,9 +233,11 @@ def linear_cross_entropy_variants(target: tuple) -> list[Variant]:
                                {"HAS_SOFTCAP": cap, "HAS_SMOOTHING": cap,
                                 "BLOCK_V": blk["row_v"]},
                                num_warps=blk["row_warps"]))
-            if native:  # the BLAS schedule (half operands only): raw GEMM logits, rows zeroed
+            if native:  # the BLAS schedule (half operands only): raw GEMM logits, rows zeroed;
+                # the kernel adds a bias only when its dtype is not the weight's (fp32)
                 out.append(Variant(f"lce.rows_grad[{dt},raw,bias={bias},softcap={cap}]",
-                                   k._lce_rows_grad_kernel, rows_ptrs, scalars,
+                                   k._lce_rows_grad_kernel, {**rows_ptrs, "BIAS": "*fp32"},
+                                   scalars,
                                    {"HAS_SOFTCAP": cap, "HAS_SMOOTHING": cap,
                                     "BLOCK_V": blk["row_v"], "RAW_LOGITS": True,
                                     "HAS_BIAS": bias, "ZERO_PAST_COUNT": True},

@@ -39,7 +39,8 @@ CONFIGS = {  # n, v: logits tile; m, h: dhidden/dweight output tile; k: reductio
     # dw_*: the dW kernel's own tiles (the H200 sweep's weak kernel), on top of GPU_BLOCKS
     "current": {},
     # The BLAS schedule (impl/blas_fused_grad.py) without a bound, so on every row: at 0%
-    # ignored what the bounded trainer's dense batches run; at 90% liger-kernel's work.
+    # ignored what the bounded trainer's dense batches run; at 90% the work liger-kernel does
+    # (all rows), not what the bounded op does (only ~10% of them).
     "blas": dict(blas="always"),
     # The vocab schedule's grad_hidden (two fp32 halves per H tile since run 6) at 128 columns
     # (two halves of 64) instead of 256. Run 6's 452 TFLOP/s came from one 128 x 128
@@ -188,10 +189,14 @@ def main() -> None:
 
                 us = sum(e.device_time_total or 0.0 for e in prof.key_averages()
                          if e.key in TORCH_GEMMS)
+                # No bound here, so every one of the N rows is multiplied: the first rate is
+                # on the labelled rows (what the op must do), the second on all N (cuBLAS's own).
                 rate = 3 * flop / (us * 1e-6) / 1e12 if us > 0 else float("nan")
+                rate_all = rate * n / max(rows, 1)
                 print(f"  {us / 1e3:9.3f} ms      {rate:7.1f} TFLOP/s BLAS GEMMs (logits, dX, "
-                      f"dW: mm + addmm, rate on 3 x the labelled rows' GEMM); fp32-output GEMM "
-                      f"ran: {dict(blas_fused_grad._FP32_OUT)}")
+                      f"dW: mm + addmm; 3 GEMMs on the labelled rows; {rate_all:.1f} TFLOP/s on "
+                      f"all {n} rows multiplied); fp32-output GEMM ran: "
+                      f"{dict(blas_fused_grad._FP32_OUT)}")
     lce_triton.BLOCKS_OVERRIDE.clear()
 
 

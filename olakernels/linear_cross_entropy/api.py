@@ -71,19 +71,30 @@ def linear_cross_entropy(
     e.g. counted on the CPU copy of the batch before it went to the GPU. The Triton path then
     sizes its buffers and grids for that many rows (rounded up to a multiple of 256) instead
     of all N: in pre-training, where ~90% of positions are unlabelled, less memory for the
-    backward's buffers and a forward grid that fills the GPU. No host sync either way. A bound
-    below the true count is caught on the device: the loss is NaN (whatever the impl), and so
-    are grad_weight, grad_bias and the labelled rows of grad_hidden, never a silently partial
-    loss (a trainer that skips non-finite steps skips it). A bound that changes every step
-    changes launch sizes, which a captured CUDA graph cannot follow: pass a fixed bound there,
-    or none.
-    Numerics: logits, log-sum-exp and the loss in fp32 (half-precision operands multiply
-    exactly into fp32 accumulators); grad_weight accumulates in fp32.
+    backward's buffers and a forward grid that fills the GPU. With half-precision operands, a
+    gradient needed and reduction "mean"/"sum", a bound also lets the op pick the BLAS
+    schedule (cuBLAS/hipBLAS GEMMs, gradients computed in the forward: a frozen head, or a
+    trainable one with at least half the rows labelled; a trainable head then holds an fp32
+    (V, H) gradient from the forward to the backward, 2.1 GB for Llama-3; tile knob "blas",
+    docs/ops/linear_cross_entropy.md). No host sync either way. A bound below the true count
+    is caught on the device: the loss is NaN (whatever the impl), and so are grad_weight,
+    grad_bias and grad_hidden's labelled rows inside the bound (rows past it stay 0), never a
+    silently partial loss (a trainer that skips non-finite steps skips it). A bound that
+    changes every step changes launch sizes, which a captured CUDA graph cannot follow: pass a
+    fixed bound there, or none.
+    Numerics: log-sum-exp and the loss in fp32; grad_weight accumulates in fp32. The Triton
+    kernels keep the logits in fp32 (half-precision operands multiply exactly into fp32
+    accumulators); the gradients-in-forward schedules (BLAS, and the grad_in_forward knob)
+    round them to the operands' dtype first, as eager's F.linear does.
+    A forward under grad mode that takes a gradients-in-forward schedule pays for the
+    gradients even if no backward follows (module.eval() does not change that): evaluate
+    under torch.no_grad(). Double backward (create_graph=True) needs impl="reference".
 
-    impl: "triton" (fused kernels: no (N, V) tensor, unlabelled rows never multiplied, no host
-    sync, frozen weight skips the grad_weight GEMM), "torch" (chunked PyTorch, labelled rows only;
-    syncs the host to find them), "reference" (eager logits + F.cross_entropy, the test oracle),
-    "auto" (triton on CUDA/ROCm tensors, torch elsewhere).
+    impl: "triton" (fused kernels: no (N, V) tensor, no host sync, frozen weight skips the
+    grad_weight GEMM; unlabelled rows are never multiplied by the Triton kernels, while the
+    BLAS schedule multiplies every row up to the bound), "torch" (chunked PyTorch, labelled
+    rows only; syncs the host to find them), "reference" (eager logits + F.cross_entropy, the
+    test oracle), "auto" (triton on CUDA/ROCm tensors, torch elsewhere).
     """
     _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_weight,
               logit_softcap, impl)
@@ -126,7 +137,7 @@ def linear_cross_entropy(
         # below, so the backward gets one scalar for every token (impl/triton_fused_grad.py
         # says why that is needed).
         exact = reduction != "none" and torch.is_grad_enabled() and any(need)
-        schedule = forward_schedule(hidden2d, weight, max_rows, need[1], exact)
+        schedule = forward_schedule(hidden2d, weight, max_valid_tokens, need[1], exact)
         if schedule == "blas":
             from .impl.blas_fused_grad import linear_cross_entropy_fwd_grad_blas
 

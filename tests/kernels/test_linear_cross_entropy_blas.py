@@ -169,6 +169,22 @@ def test_upstream_gradient_scales_the_unit_gradients(blas, reduction, device):
     assert len(blas.blas) == 1 and blas.backward == 1
 
 
+@pytest.mark.parametrize("mode", ["blas", "grad_in_forward"])
+def test_double_backward_is_refused_not_zero(mode, device, monkeypatch):
+    """The unit gradients are constants to autograd: a penalty on grad_hidden would get a
+    second-order gradient of 0 through the head, silently. Both fused-gradient forwards refuse
+    create_graph=True (as the kernel path, whose backward op has no autograd formula)."""
+    blocks = {"blas": "always"} if mode == "blas" else {"blas": "never", "grad_in_forward": True}
+    monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", blocks)
+    hidden, weight, labels, _ = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16,
+                                                    device=device, ignored=0.3)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    loss = linear_cross_entropy(hidden, weight, labels, impl="triton")
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\).*reference"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+
+
 def test_all_ignored_gives_zero(blas, device):
     hidden, weight, labels, bias = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16,
                                                        device=device, ignored=1.0, bias=True)
@@ -190,9 +206,11 @@ def test_the_fallback_gemm_rounds_per_chunk_and_stays_close(blas, device, monkey
     """Where torch has no half GEMM with fp32 output (and not on the CPU), each chunk's product
     is rounded to the operands' dtype before the fp32 sum: still within the test budget."""
     monkeypatch.setattr(blas_fused_grad, "EXACT_FALLBACK_DEVICES", ())
+    monkeypatch.setattr(blas_fused_grad, "_FP32_OUT", {})
     inputs = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16, device=device, ignored=0.2,
                                  bias=True)
-    _check("triton", inputs)
+    with pytest.warns(UserWarning, match="rounded to torch.bfloat16 before the fp32 sum"):
+        _check("triton", inputs)
     assert len(blas.blas) == 1
 
 
@@ -237,12 +255,12 @@ def test_compile_fullgraph_matches_eager(blas, device):
 
 # ---- the rule (forward_schedule) ----
 
-def _schedule(n=100, dtype=torch.bfloat16, max_rows=0, need_weight=True, exact=True, **blocks):
+def _schedule(n=100, dtype=torch.bfloat16, bound=None, need_weight=True, exact=True, **blocks):
     triton_impl.BLOCKS_OVERRIDE.clear()
     triton_impl.BLOCKS_OVERRIDE.update(blocks)
     hidden = torch.empty(n, 8, dtype=dtype)
     weight = torch.empty(16, 8, dtype=dtype)
-    return triton_impl.forward_schedule(hidden, weight, max_rows, need_weight, exact)
+    return triton_impl.forward_schedule(hidden, weight, bound, need_weight, exact)
 
 
 @pytest.fixture
@@ -251,24 +269,26 @@ def clean_blocks(monkeypatch):
 
 
 def test_auto_takes_blas_with_a_bound_when_dense_or_frozen(clean_blocks):
-    assert _schedule(max_rows=0) == "plain"  # no bound: the labelled fraction is unknown
-    assert _schedule(max_rows=50) == "blas"  # half the rows (blas_min_fraction 0.5)
-    assert _schedule(max_rows=48) == "plain"  # a trainable head, mostly ignored: vocab slabs
-    assert _schedule(max_rows=16, need_weight=False) == "blas"  # frozen head: any bound
-    assert _schedule(max_rows=512) == "blas"  # a bound above N is N
-    assert _schedule(max_rows=48, blas_min_fraction=0.4) == "blas"
-    assert _schedule(max_rows=48, grad_in_forward=True) == "grad_in_forward"
+    assert _schedule(bound=None) == "plain"  # no bound: the labelled fraction is unknown
+    assert _schedule(bound=50) == "blas"  # half the rows (blas_min_fraction 0.5)
+    assert _schedule(bound=48) == "plain"  # a trainable head, mostly ignored: vocab slabs
+    assert _schedule(bound=0, need_weight=False) == "blas"  # frozen head: any bound
+    assert _schedule(bound=512) == "blas"  # a bound above N is N
+    assert _schedule(bound=48, blas_min_fraction=0.4) == "blas"
+    assert _schedule(bound=48, grad_in_forward=True) == "grad_in_forward"
+    # The caller's bound itself, not rounded up to ROW_QUANTUM (256): 5 of 500 rows is sparse.
+    assert _schedule(n=500, bound=5) == "plain" and _schedule(n=500, bound=250) == "blas"
 
 
 def test_blas_needs_half_operands_and_exact_gradients(clean_blocks):
     for dtype in (torch.float32, torch.float64):
-        assert _schedule(dtype=dtype, max_rows=100) == "plain"  # fp32: TF32 in cuBLAS
+        assert _schedule(dtype=dtype, bound=100) == "plain"  # fp32: TF32 in cuBLAS
         assert _schedule(dtype=dtype, blas="always") == "plain"
-    assert _schedule(max_rows=100, exact=False) == "plain"  # "none", no_grad, nothing to train
+    assert _schedule(bound=100, exact=False) == "plain"  # "none", no_grad, nothing to train
     assert _schedule(blas="always", exact=False) == "plain"
     assert _schedule(blas="always") == "blas"
-    assert _schedule(max_rows=100, blas="never") == "plain"
-    assert _schedule(max_rows=100, blas="never", grad_in_forward=True) == "grad_in_forward"
+    assert _schedule(bound=100, blas="never") == "plain"
+    assert _schedule(bound=100, blas="never", grad_in_forward=True) == "grad_in_forward"
 
 
 def test_reduction_none_and_no_grad_take_the_kernels(clean_blocks, device):
@@ -309,3 +329,5 @@ def test_gpu_real_vocabulary(blas, frozen, monkeypatch):
     _check("triton", inputs, label_smoothing=0.05, z_loss_weight=1e-4, freeze=frozen)
     assert len(blas.blas) == 1
     assert blas_fused_grad._FP32_OUT.get(("cuda", torch.bfloat16, False)) is True
+    if not frozen:  # grad_weight's accumulating addmm (2 chunks) ran with fp32 output too
+        assert blas_fused_grad._FP32_OUT.get(("cuda", torch.bfloat16, True)) is True

@@ -45,7 +45,7 @@ import triton
 from ..._triton import interpreter_enabled
 from . import triton as lce_triton
 from .triton import _blocks, compact_labels, kernel_count, row_capacity
-from .triton_fused_grad import _scaled
+from .triton_fused_grad import _scaled, refuse_double_backward
 from .triton_kernels import _lce_rows_grad_kernel
 
 # Devices where the fallback GEMM upcasts its operands to fp32 (exact, slow, memory-hungry):
@@ -77,6 +77,11 @@ def gemm_fp32_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulat
                           f"(out_dtype=float32) is not available on {a.device.type} {a.dtype} "
                           f"({exc}); each chunk's product is rounded to {a.dtype} before the "
                           "fp32 sum", stacklevel=2)
+    elif a.device.type not in EXACT_FALLBACK_DEVICES and key not in _FP32_OUT:
+        _FP32_OUT[key] = False  # (warn once per device type, dtype and kind)
+        warnings.warn(f"linear_cross_entropy (BLAS schedule): no half GEMM with fp32 output "
+                      f"on {a.device.type}; each chunk's product is rounded to {a.dtype} before "
+                      "the fp32 sum", stacklevel=2)
     if a.device.type in EXACT_FALLBACK_DEVICES:
         a, b = a.float(), b.float()
     product = a @ b
@@ -211,6 +216,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_unused):
+    refuse_double_backward()
     order, gh, gw, gb = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 12

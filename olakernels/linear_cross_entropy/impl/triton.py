@@ -128,13 +128,14 @@ def _blocks() -> dict:
     return blk
 
 
-def forward_schedule(hidden: torch.Tensor, weight: torch.Tensor, max_rows: int,
+def forward_schedule(hidden: torch.Tensor, weight: torch.Tensor, bound: int | None,
                      need_weight: bool, grads_in_forward_exact: bool) -> str:
     """Which forward the api runs: "blas" (impl/blas_fused_grad.py), "grad_in_forward"
     (impl/triton_fused_grad.py) or "plain" (lce_forward, the backward recomputes).
     grads_in_forward_exact: reduction "mean"/"sum" with grad mode on and a gradient needed
     (the only case where the forward may compute the gradients; triton_fused_grad says why).
-    max_rows: the bounded row count (api.bounded_rows), 0 without a bound."""
+    bound: the caller's max_valid_tokens as given (not rounded up to ROW_QUANTUM: at small N
+    the rounding alone would pass the fraction test), None without one."""
     if not grads_in_forward_exact:
         return "plain"
     blk = _blocks()
@@ -144,9 +145,9 @@ def forward_schedule(hidden: torch.Tensor, weight: torch.Tensor, max_rows: int,
     half = hidden.dtype in _HALF and weight.dtype == hidden.dtype
     if half and mode == "always":
         return "blas"
-    if half and mode == "auto" and max_rows > 0:
+    if half and mode == "auto" and bound is not None:
         n = hidden.shape[0]
-        if not need_weight or row_capacity(n, max_rows) >= blk.get("blas_min_fraction", 0.5) * n:
+        if not need_weight or min(n, bound) >= blk.get("blas_min_fraction", 0.5) * n:
             return "blas"
     return "grad_in_forward" if blk.get("grad_in_forward", False) else "plain"
 

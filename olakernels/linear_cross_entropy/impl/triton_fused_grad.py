@@ -147,7 +147,17 @@ def _scaled(unit: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return torch.mul(unit, scale, out=out)
 
 
+def refuse_double_backward() -> None:
+    """The unit gradients are constants to autograd: under create_graph=True their scaling
+    would give second-order gradients of 0 through the head, silently. Refuse instead (the
+    kernel path refuses too: its backward op has no autograd formula)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("linear_cross_entropy: double backward (create_graph=True) is not "
+                           "supported by the fused paths; use impl='reference' for it")
+
+
 def _backward(ctx, grad_loss, *_unused):
+    refuse_double_backward()
     order, gh, gw, gb = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 12
