@@ -39,7 +39,7 @@ def linear_cross_entropy(
     logit_softcap: float | None = None,
     shift_labels: bool = False,
     return_stats: bool = False,
-    max_valid_tokens: int | None = None,
+    max_valid_tokens: int | str | None = None,
     impl: str = "auto",
 ) -> torch.Tensor | LinearCrossEntropyOutput:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, without the logits.
@@ -82,6 +82,9 @@ def linear_cross_entropy(
     silently partial loss (a trainer that skips non-finite steps skips it). A bound that
     changes every step changes launch sizes, which a captured CUDA graph cannot follow: pass a
     fixed bound there, or none.
+    ``max_valid_tokens="count"``: the op counts the labels itself, on the host: one device
+    sync per call, by request (for drop-in use where the loop has no CPU copy of the labels;
+    refused under torch.compile, which cannot trace the read).
     Numerics: log-sum-exp and the loss in fp32; grad_weight accumulates in fp32. The Triton
     kernels keep the logits in fp32 (half-precision operands multiply exactly into fp32
     accumulators); the gradients-in-forward schedules (BLAS, and the grad_in_forward knob)
@@ -98,16 +101,24 @@ def linear_cross_entropy(
     """
     _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_weight,
               logit_softcap, impl)
-    if max_valid_tokens is not None and (isinstance(max_valid_tokens, bool) or
-                                         not isinstance(max_valid_tokens, int) or
-                                         max_valid_tokens < 0):
-        raise ValueError("linear_cross_entropy: max_valid_tokens must be None or an int >= 0 "
-                         f"(a host-side bound on the labelled tokens), got {max_valid_tokens!r}")
+    count_on_host = isinstance(max_valid_tokens, str) and max_valid_tokens == "count"
+    if max_valid_tokens is not None and not count_on_host and (
+            isinstance(max_valid_tokens, bool) or not isinstance(max_valid_tokens, int) or
+            max_valid_tokens < 0):
+        raise ValueError("linear_cross_entropy: max_valid_tokens must be None, an int >= 0 "
+                         "(a host-side bound on the labelled tokens) or 'count' (count them "
+                         f"here, a device sync), got {max_valid_tokens!r}")
+    if count_on_host and torch.compiler.is_compiling():
+        raise ValueError("linear_cross_entropy: max_valid_tokens='count' reads the labels on "
+                         "the host, which torch.compile cannot trace; pass an int bound "
+                         "counted outside the compiled region, or None")
     # int64 before any comparison: in uint8, ignore_index=-100 and V would wrap around.
     labels = labels.long()
     check_label_range(labels, weight.shape[0], ignore_index)
     if shift_labels:
         labels = shift_for_next_token(labels, ignore_index)
+    if count_on_host:  # exact after the shift (the sync the caller asked for)
+        max_valid_tokens = int((labels != ignore_index).sum())
     impl = resolve_impl(impl, hidden, "linear_cross_entropy", "hidden")
     if impl == "reference":
         from .impl.reference import linear_cross_entropy_ref

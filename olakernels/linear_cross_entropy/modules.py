@@ -36,6 +36,7 @@ class LinearCrossEntropy(nn.Linear):
         z_loss_weight: float = 0.0,
         logit_softcap: float | None = None,
         shift_labels: bool = False,
+        max_valid_tokens: int | str | None = None,
         impl: str = "auto",
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -49,6 +50,10 @@ class LinearCrossEntropy(nn.Linear):
         self.z_loss_weight = z_loss_weight
         self.logit_softcap = logit_softcap
         self.shift_labels = shift_labels
+        # The default for forward's max_valid_tokens: "count" lets a drop-in head (no CPU copy
+        # of the labels in the loop) size its buffers and pick its schedule from the true
+        # count, at one device sync per call.
+        self.max_valid_tokens = max_valid_tokens
         self.impl = impl
 
     @classmethod
@@ -61,9 +66,12 @@ class LinearCrossEntropy(nn.Linear):
         return head
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
-                return_stats: bool = False, max_valid_tokens: int | None = None):
+                return_stats: bool = False, max_valid_tokens: int | str | None = None):
         """Logits without ``labels``; the loss with them (``max_valid_tokens``: a host-side
-        bound on the labelled tokens, see :func:`linear_cross_entropy`)."""
+        bound on the labelled tokens, or "count", see :func:`linear_cross_entropy`; default:
+        the module's own, set at construction)."""
+        if max_valid_tokens is None:
+            max_valid_tokens = self.max_valid_tokens
         if labels is None:
             logits = F.linear(hidden, self.weight, self.bias)
             if self.logit_softcap is not None:
@@ -78,5 +86,7 @@ class LinearCrossEntropy(nn.Linear):
         )
 
     def extra_repr(self) -> str:
+        bound = (f", max_valid_tokens={self.max_valid_tokens!r}"
+                 if self.max_valid_tokens is not None else "")
         return (f"{super().extra_repr()}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}, impl={self.impl!r}")
+                f"reduction={self.reduction!r}{bound}, impl={self.impl!r}")

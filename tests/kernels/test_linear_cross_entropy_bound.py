@@ -118,11 +118,52 @@ def test_bound_zero_with_nothing_labelled(small_quantum, device):
     assert float(loss.detach()) == 0.0 and torch.equal(hidden.grad, torch.zeros_like(hidden))
 
 
-@pytest.mark.parametrize("bad", [-1, True, 2.5, "8"])
+@pytest.mark.parametrize("bad", [-1, True, 2.5, "8", "auto"])
 def test_a_bad_bound_is_refused(bad):
     hidden, weight, labels, _ = make_lm_head_inputs((8,), H, V)
-    with pytest.raises(ValueError, match=r"max_valid_tokens must be None or an int >= 0"):
+    with pytest.raises(ValueError, match=r"max_valid_tokens must be None, an int >= 0 .* or "
+                                         r"'count'"):
         linear_cross_entropy(hidden, weight, labels, max_valid_tokens=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_count_on_the_host_is_the_exact_bound(small_quantum, monkeypatch, dtype, device):
+    """max_valid_tokens="count": the op counts the (shifted) labels itself and behaves exactly
+    as if the caller had passed that count; the module can make it its default."""
+    from olakernels import LinearCrossEntropy
+
+    seen = []
+    real = triton_impl.forward_schedule
+    monkeypatch.setattr(triton_impl, "forward_schedule",
+                        lambda h, w, bound, *a: seen.append(bound) or real(h, w, bound, *a))
+    hidden, weight, labels, _ = make_lm_head_inputs(LEADING, H, V, dtype=dtype, device=device,
+                                                    ignored=0.3)
+    shifted = int((labels[..., 1:] != -100).sum())
+    results = []
+    for bound in ("count", shifted):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss = linear_cross_entropy(h, w, labels, shift_labels=True, impl="triton",
+                                    max_valid_tokens=bound)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    assert seen == [shifted, shifted]
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    head = LinearCrossEntropy(H, V, bias=False, shift_labels=True, max_valid_tokens="count",
+                              impl="triton").to(device, dtype)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    assert torch.equal(head(hidden, labels), results[0][0])
+    assert seen[-1] == shifted and "max_valid_tokens='count'" in repr(head)
+
+
+def test_count_on_the_host_is_refused_under_compile(device):
+    hidden, weight, labels, _ = make_lm_head_inputs((16,), H, V, device=device)
+    fn = torch.compile(lambda h, w, y: linear_cross_entropy(h, w, y, impl="torch",
+                                                            max_valid_tokens="count"),
+                       fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="max_valid_tokens='count' reads the labels on the host"):
+        fn(hidden, weight, labels)
 
 
 def test_bounded_forward_splits_fill_the_gpu(monkeypatch):
