@@ -205,3 +205,21 @@ def test_gpu_llama3_shape(dtype):
     out = _run("auto", gate, up, grad)
     for name, o, r, e in zip(("y", "grad_gate", "grad_up"), out, ref, eager, strict=True):
         assert_close_to_reference(o, r, e, name=f"gpu {name}")
+
+
+@pytest.mark.gpu
+def test_gpu_inplace_backward_llama3_shape():
+    """The in-place backward on the GPU: the same gradients as the out-of-place one, written
+    over gate and up (the model's LeanSwiGLUMLP path)."""
+    grad = torch.randn((2, 676, 14336), device="cuda").bfloat16()
+    results = []
+    for inplace in (False, True):
+        (g_leaf, u_leaf), (gate, up) = _intermediates((2, 676, 14336), torch.bfloat16, False)
+        g_leaf, u_leaf = (t.detach().cuda().requires_grad_(True) for t in (g_leaf, u_leaf))
+        gate, up = g_leaf * 1, u_leaf * 1
+        ptr = gate.data_ptr()
+        silu_mul(gate, up, inplace_backward=inplace).backward(grad)
+        assert (torch.equal(gate, g_leaf.grad) and ptr == gate.data_ptr()) == inplace
+        results.append((g_leaf.grad, u_leaf.grad))
+    for want, got in zip(*results, strict=True):
+        assert torch.equal(got, want)
