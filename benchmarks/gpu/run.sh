@@ -64,7 +64,7 @@ PYTEST=($PY -m pytest -q -p no:cacheprovider)
 # The default stages' limits add up to ~7.8 minutes (profile_lce 90, bench_lce 85, gpu_tests
 # 300 s); a typical run takes less. Pick stages with OLAVLM_STAGES (the loader benchmark,
 # bench_data.py, is CPU-bound and not run here). The GPU tests compile every kernel variant
-# (autotuning included) and train the demo for 40 steps: ~4-5 minutes for all 31 (run 6 ran 7
+# (autotuning included) and train the demo for 40 steps: ~4-5 minutes for all 32 (run 6 ran 7
 # in 140 s, the training job first).
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 if [ -n "$GPU_NAME" ] && [ -z "${OLAVLM_STAGES:-}" ] && \
