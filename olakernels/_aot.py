@@ -158,16 +158,21 @@ def embedding_loss_variants(target: tuple) -> list[Variant]:
             main = dt == "bf16" and shared
             for cfg in k._configs(bwd=False) if main else k._configs(bwd=False)[1:2]:
                 bd = cfg.kwargs["BLOCK_D"]
+                # DEFER_ROW_SUMS both ways for the main path's tiles it applies to (<= 128)
+                defers = (False, True) if main and bd <= 128 else (k.DEFER_ROW_SUMS,)
                 for bb in (16, 32) if main else (32,):  # B = 8 and B = 32: one tile each
-                    out.append(Variant(
-                        f"embedding_loss.fwd[{dt},dot={with_dot},shared={shared},B{bb},D{bd},"
-                        f"w{cfg.num_warps},s{cfg.num_stages}]",
-                        k._embedding_distill_loss_fwd_kernel,
-                        {"P": "*" + dt, "T": "*" + dt, "G": "*" + dt, **parts},
-                        ("beta", "inv_beta"),
-                        {"WITH_DOT": with_dot, "DOT_NATIVE": native, "SHARED_TILE": shared,
-                         "BLOCK_B": bb, "BLOCK_G": bb, "BLOCK_D": bd},
-                        cfg.num_warps, cfg.num_stages))
+                    for defer in defers:
+                        out.append(Variant(
+                            f"embedding_loss.fwd[{dt},dot={with_dot},shared={shared},B{bb},"
+                            f"D{bd},w{cfg.num_warps},s{cfg.num_stages}"
+                            f"{',defer' if defer else ''}]",
+                            k._embedding_distill_loss_fwd_kernel,
+                            {"P": "*" + dt, "T": "*" + dt, "G": "*" + dt, **parts},
+                            ("beta", "inv_beta"),
+                            {"WITH_DOT": with_dot, "DOT_NATIVE": native, "SHARED_TILE": shared,
+                             "BLOCK_B": bb, "BLOCK_G": bb, "BLOCK_D": bd,
+                             "DEFER_SUMS": defer},
+                            cfg.num_warps, cfg.num_stages))
             coefs = {n: "*fp32" for n in ("COEF_SL1", "COEF_P", "COEF_C", "OUT", "G_OUT",
                                           "GRAD_LS")}
             for cfg in k._configs(bwd=True) if main else k._configs(bwd=True)[:1]:

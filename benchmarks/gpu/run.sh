@@ -107,8 +107,9 @@ stage bench_step "${OLAVLM_STEP_LIMIT:-140}" $PY benchmarks/bench_step.py \
 # (its default preset: real model sizes on a GPU, tiny ones on the CPU dry run)
 stage bench_teachers "${OLAVLM_TEACHERS_LIMIT:-120}" $PY benchmarks/bench_teachers.py
 # Per-kernel device time of the embedding loss (its fixed forward cost; docs/PERF.md), then
-# its forward kernel under each autotune config (which tile, if any, reaches the bandwidth).
-stage profile 40 $PY benchmarks/gpu/profile_embedding_loss.py
+# its forward kernel under each autotune config (which tile, if any, reaches the bandwidth),
+# with its row sums reduced per tile or once (DEFER_ROW_SUMS), and 2-16 programs per SM.
+stage profile "${OLAVLM_PROFILE_LIMIT:-70}" $PY benchmarks/gpu/profile_embedding_loss.py
 # linear_cross_entropy: per-kernel time and TFLOP/s per tile config, and host vs wall time.
 # Default: today's tiles (the backward in vocabulary slabs, grad_hidden as two halves of a
 # 128 x 256 tile) against slab_h=128, the row-chunk schedule with its fp32 grad_weight

@@ -38,6 +38,16 @@ _NORM_EPS_SQ = 1e-24  # F.normalize's eps (1e-12), squared: norms are taken of s
 # forward at 31-36% of the copy bandwidth with 4; benchmarks/gpu/profile_embedding_loss.py
 # sweeps 2-16 to see whether more programs in flight are what it lacks.
 CHUNKS_PER_SM = 4
+# The forward's row sums (smooth-L1, |p|^2, |g|^2) accumulated as (rows, BLOCK_D) fp32 tiles
+# and reduced across the columns once after the loop, instead of a cross-lane reduction of
+# each tile every iteration (three shuffle trees per 64 columns, on the loop's critical path).
+# Run 6 timed each iteration at ~3 us against ~1 us of DRAM latency with loads in flight:
+# compute latency, not bandwidth, is one suspect (DRAM page locality of 64 row streams per
+# program is the other). Off until measured: benchmarks/gpu/profile_embedding_loss.py times
+# the forward both ways (prediction, NOT measured: if the shuffles are the cost, 31-36% ->
+# ~50% of copy at B=32; if locality, no change). Only for BLOCK_D <= 128: wider tiles would
+# spill the three accumulators (sm_90: 128 registers at B=32, BLOCK_D=64, 4 warps; 64 off).
+DEFER_ROW_SUMS = False
 
 
 def _configs(bwd: bool) -> list[triton.Config]:
@@ -55,7 +65,7 @@ def _configs(bwd: bool) -> list[triton.Config]:
 
 
 @triton.autotune(configs=_configs(bwd=False),
-                 key=["B", "BG", "D", "WITH_DOT", "DOT_NATIVE", "SHARED_TILE"])
+                 key=["B", "BG", "D", "WITH_DOT", "DOT_NATIVE", "SHARED_TILE", "DEFER_SUMS"])
 @triton.jit
 def _embedding_distill_loss_fwd_kernel(
     P, T, G,  # pred (B, D), local targets (B, D), global targets (BG, D); rows contiguous
@@ -68,6 +78,7 @@ def _embedding_distill_loss_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DEFER_SUMS: tl.constexpr = False,  # DEFER_ROW_SUMS (taken for BLOCK_D <= 128)
 ):
     pid_c = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -86,6 +97,11 @@ def _embedding_distill_loss_fwd_kernel(
     acc_pp = tl.zeros([BLOCK_B], dtype=tl.float32)
     acc_dot = tl.zeros([BLOCK_B, BLOCK_G], dtype=tl.float32)
     acc_tt = tl.zeros([BLOCK_G], dtype=tl.float32)
+    DEFER: tl.constexpr = DEFER_SUMS and BLOCK_D <= 128
+    if DEFER:  # (rows, BLOCK_D) partial sums, reduced over the columns after the loop
+        acc_sl1_2d = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        acc_pp_2d = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        acc_tt_2d = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     # The loop body has no run-time branches, so Triton can software-pipeline its loads (a
     # branch on pid_g here made every iteration wait for DRAM). Programs of other candidate
     # tiles recompute sl1/pp and tt redundantly; only one of them stores each.
@@ -99,7 +115,10 @@ def _embedding_distill_loss_fwd_kernel(
             m_g = ok_g[:, None] & ok_d[None, :]
             g_raw = tl.load(G + base_g + cols[None, :], mask=m_g, other=0.0)
             g = g_raw.to(tl.float32)
-            acc_tt += tl.sum(g * g, axis=1)
+            if DEFER:
+                acc_tt_2d += g * g
+            else:
+                acc_tt += tl.sum(g * g, axis=1)
             if DOT_NATIVE:
                 acc_dot = tl.dot(p_raw, tl.trans(g_raw), acc_dot)
             else:
@@ -111,8 +130,17 @@ def _embedding_distill_loss_fwd_kernel(
         diff = p - t
         ad = tl.abs(diff)
         loss = tl.where(ad < beta, 0.5 * diff * diff * inv_beta, ad - 0.5 * beta)
-        acc_sl1 += tl.sum(loss, axis=1)
-        acc_pp += tl.sum(p * p, axis=1)
+        if DEFER:
+            acc_sl1_2d += loss
+            acc_pp_2d += p * p
+        else:
+            acc_sl1 += tl.sum(loss, axis=1)
+            acc_pp += tl.sum(p * p, axis=1)
+    if DEFER:
+        acc_sl1 = tl.sum(acc_sl1_2d, axis=1)
+        acc_pp = tl.sum(acc_pp_2d, axis=1)
+        if WITH_DOT:
+            acc_tt = tl.sum(acc_tt_2d, axis=1)
 
     part_b = pid_c * B + rows_b
     first_g = pid_g == 0
@@ -359,7 +387,7 @@ def embedding_distill_loss_triton_fwd(
         batch, num_global, numel, num_chunks,
         float(beta), inv_beta,
         WITH_DOT=with_dot, DOT_NATIVE=dot_native, SHARED_TILE=shared,
-        BLOCK_B=block_b, BLOCK_G=block_g,
+        BLOCK_B=block_b, BLOCK_G=block_g, DEFER_SUMS=DEFER_ROW_SUMS,
     )
     row_out = torch.empty((3, batch), **f32)
     coef_sl1 = torch.empty((batch,), **f32)
