@@ -158,9 +158,10 @@ def embedding_loss_variants(target: tuple) -> list[Variant]:
             main = dt == "bf16" and shared
             for cfg in k._configs(bwd=False) if main else k._configs(bwd=False)[1:2]:
                 bd = cfg.kwargs["BLOCK_D"]
-                # DEFER_ROW_SUMS both ways for the main path's tiles it applies to (<= 128)
-                defers = (False, True) if main and bd <= 128 else (k.DEFER_ROW_SUMS,)
                 for bb in (16, 32) if main else (32,):  # B = 8 and B = 32: one tile each
+                    # DEFER_ROW_SUMS both ways on the main path where it applies (<= 2,048)
+                    defers = (False, True) if main and bb * bd <= 2048 else \
+                        (k.DEFER_ROW_SUMS,)
                     for defer in defers:
                         out.append(Variant(
                             f"embedding_loss.fwd[{dt},dot={with_dot},shared={shared},B{bb},"

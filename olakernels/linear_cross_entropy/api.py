@@ -84,7 +84,8 @@ def linear_cross_entropy(
     fixed bound there, or none.
     ``max_valid_tokens="count"``: the op counts the labels itself, on the host: one device
     sync per call, by request (for drop-in use where the loop has no CPU copy of the labels;
-    refused under torch.compile, which cannot trace the read).
+    refused under torch.compile(fullgraph=True), which cannot trace the read; without
+    fullgraph, Dynamo runs the call eagerly).
     Numerics: log-sum-exp and the loss in fp32; grad_weight accumulates in fp32. The Triton
     kernels keep the logits in fp32 (half-precision operands multiply exactly into fp32
     accumulators); the gradients-in-forward schedules (BLAS, and the grad_in_forward knob)

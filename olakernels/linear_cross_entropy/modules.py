@@ -44,6 +44,11 @@ class LinearCrossEntropy(nn.Linear):
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if max_valid_tokens is not None and max_valid_tokens != "count" and (
+                isinstance(max_valid_tokens, bool) or not isinstance(max_valid_tokens, int)
+                or max_valid_tokens < 0):
+            raise ValueError("max_valid_tokens must be None, an int >= 0 or 'count', got "
+                             f"{max_valid_tokens!r}")
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
@@ -68,8 +73,8 @@ class LinearCrossEntropy(nn.Linear):
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None,
                 return_stats: bool = False, max_valid_tokens: int | str | None = None):
         """Logits without ``labels``; the loss with them (``max_valid_tokens``: a host-side
-        bound on the labelled tokens, or "count", see :func:`linear_cross_entropy`; default:
-        the module's own, set at construction)."""
+        bound on the labelled tokens, or "count", see :func:`linear_cross_entropy`; None: the
+        module's own, set at construction, which a call cannot switch off)."""
         if max_valid_tokens is None:
             max_valid_tokens = self.max_valid_tokens
         if labels is None:

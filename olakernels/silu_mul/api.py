@@ -32,9 +32,13 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, impl: str = "auto",
     ``inplace_backward=True``: on the Triton path the backward writes the gradients over
     ``gate`` and ``up`` instead of allocating them (liger-kernel's SwiGLU does the same): for
     intermediates that nothing reads after this op, such as a SwiGLU MLP's ``gate_proj(x)`` and
-    ``up_proj(x)``. Taken only when both are non-leaf tensors (a parameter or a user's input is
-    never overwritten) and both gradients are needed; autograd nodes that saved them too raise
-    "modified by an inplace operation" if they run after it. Ignored on the torch paths.
+    ``up_proj(x)``. Taken only when both gradients are needed and both tensors are non-leaf
+    tensors or views of one (a parameter or a caller's input is never overwritten, also not
+    through a view), neither overlaps itself (expanded views) and they do not overlap each
+    other (the same tensor twice); otherwise the backward allocates as usual. Autograd nodes
+    that saved them too raise "modified by an inplace operation" if they run after it -- but
+    not under saved-tensor hooks (activation checkpointing), which skip that check: the
+    caller must know that nothing else reads them. Ignored on the torch paths.
     """
     if impl not in IMPLS:
         raise ValueError(f"silu_mul: impl must be one of {IMPLS}, got {impl!r}")
@@ -56,9 +60,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, impl: str = "auto",
         raise ValueError(f"silu_mul: inplace_backward must be True or False, got "
                          f"{inplace_backward!r}")
     if impl == "triton":
-        from .impl.triton import SiLUMulTritonFunction
+        from .impl.triton import SiLUMulTritonFunction, in_place_is_safe
 
-        inplace = inplace_backward and gate.grad_fn is not None and up.grad_fn is not None
+        inplace = inplace_backward and in_place_is_safe(gate, up)
         return SiLUMulTritonFunction.apply(gate, up, inplace)
     if impl == "torch":
         return SiLUMulFunction.apply(gate, up)

@@ -189,6 +189,74 @@ def test_inplace_backward_fails_loudly_when_another_node_saved_gate():
         (y + other).backward()
 
 
+def _eager_grads(gate, up, grad):
+    g, u = gate.detach().clone().requires_grad_(True), up.detach().clone().requires_grad_(True)
+    (F.silu(g) * u).backward(grad)
+    return g.grad, u.grad
+
+
+def test_inplace_backward_never_writes_through_a_view_of_a_leaf():
+    """A chunk of a caller's input, slices of a parameter, an expanded leaf: views whose
+    grad_fn is set but whose memory is the caller's. They must keep their values."""
+    both = torch.randn(3, 5, 80, requires_grad=True)
+    param = torch.nn.Parameter(torch.randn(15, 80))
+    row = torch.randn(1, 40, requires_grad=True)
+    cases = {
+        "chunk of an input": lambda: both.chunk(2, dim=-1),
+        "slices of a parameter": lambda: (param[:, :40], param[:, 40:]),
+        "expanded leaf": lambda: (row.expand(15, 40), row.expand(15, 40) * 1),
+    }
+    for name, make in cases.items():
+        gate, up = make()
+        before = [t.detach().clone() for t in (both, param, row)]
+        silu_mul(gate, up, impl="triton", inplace_backward=True).backward(
+            torch.randn(gate.shape))
+        after = [t.detach() for t in (both, param, row)]
+        assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), name
+
+
+def test_inplace_backward_refuses_overlapping_layouts():
+    """The same tensor twice, or an expanded non-leaf (rows sharing memory): writing in place
+    would make the gradients alias each other. The gradients must equal eager's."""
+    from olakernels.silu_mul.impl.triton import in_place_is_safe
+
+    leaf = torch.randn(6, 40, requires_grad=True)
+    grad = torch.randn(6, 40)
+    cases = {
+        "same tensor": lambda: (lambda h: (h, h))(leaf * 1),
+        "expanded rows": lambda: ((leaf[:1] * 1).expand(6, 40), leaf * 2),
+    }
+    for name, make in cases.items():
+        grads = []
+        for fn in (lambda g, u: silu_mul(g, u, impl="triton", inplace_backward=True),
+                   lambda g, u: F.silu(g) * u):
+            gate, up = make()
+            assert not in_place_is_safe(gate, up), name
+            leaf.grad = None
+            fn(gate, up).backward(grad)
+            grads.append(leaf.grad)
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6, msg=name)
+    # What the model passes is accepted: two projections, or the halves of one (Phi-3).
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    w = torch.randn(80, 8)
+    assert in_place_is_safe(x @ w[:40].T, x @ w[40:].T)
+    assert in_place_is_safe(*(x @ w.T).chunk(2, dim=-1))
+    both = x @ w.T
+    assert not in_place_is_safe(both[..., :40], both[..., 20:60])  # columns overlap
+    assert in_place_is_safe(both[..., :40], both[..., 40:])
+
+
+def test_inplace_backward_returns_gradients_without_a_graph():
+    """The gradients share gate's and up's memory but not their place in the forward graph."""
+    (g_leaf, u_leaf), (gate, up) = _intermediates(SHAPES["decoder"], torch.float32, False)
+    y = silu_mul(gate, up, impl="triton", inplace_backward=True)
+    dg, du = torch.autograd.grad(y, (gate, up), torch.ones_like(y))
+    assert dg.grad_fn is None and du.grad_fn is None and not dg.requires_grad
+    want_g, want_u = _eager_grads(g_leaf, u_leaf, torch.ones_like(y))
+    torch.testing.assert_close(dg, want_g, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(du, want_u, rtol=1e-5, atol=1e-6)
+
+
 def test_inplace_backward_must_be_a_bool():
     gate, up = _inputs(SHAPES["tiny"], torch.float32)
     with pytest.raises(ValueError, match="inplace_backward must be True or False"):

@@ -45,8 +45,9 @@ CHUNKS_PER_SM = 4
 # compute latency, not bandwidth, is one suspect (DRAM page locality of 64 row streams per
 # program is the other). Off until measured: benchmarks/gpu/profile_embedding_loss.py times
 # the forward both ways (prediction, NOT measured: if the shuffles are the cost, 31-36% ->
-# ~50% of copy at B=32; if locality, no change). Only for BLOCK_D <= 128: wider tiles would
-# spill the three accumulators (sm_90: 128 registers at B=32, BLOCK_D=64, 4 warps; 64 off).
+# ~50% of copy at B=32; if locality, no change). Only for tiles of at most 2,048 elements
+# (BLOCK_B x BLOCK_D): larger ones spill the three accumulators on sm_90 (B=64 x 128 did; B=32
+# x 64 with 4 warps takes 128 registers, 64 without).
 DEFER_ROW_SUMS = False
 
 
@@ -78,7 +79,7 @@ def _embedding_distill_loss_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    DEFER_SUMS: tl.constexpr = False,  # DEFER_ROW_SUMS (taken for BLOCK_D <= 128)
+    DEFER_SUMS: tl.constexpr = False,  # DEFER_ROW_SUMS (taken for tiles <= 2,048 elements)
 ):
     pid_c = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -97,7 +98,7 @@ def _embedding_distill_loss_fwd_kernel(
     acc_pp = tl.zeros([BLOCK_B], dtype=tl.float32)
     acc_dot = tl.zeros([BLOCK_B, BLOCK_G], dtype=tl.float32)
     acc_tt = tl.zeros([BLOCK_G], dtype=tl.float32)
-    DEFER: tl.constexpr = DEFER_SUMS and BLOCK_D <= 128
+    DEFER: tl.constexpr = DEFER_SUMS and BLOCK_B * BLOCK_D <= 2048 and BLOCK_G * BLOCK_D <= 2048
     if DEFER:  # (rows, BLOCK_D) partial sums, reduced over the columns after the loop
         acc_sl1_2d = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
         acc_pp_2d = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)

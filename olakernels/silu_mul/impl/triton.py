@@ -10,8 +10,10 @@ sigmoid (nothing but gate and up is saved). Rows may be strided (Phi-3's
 With ``inplace`` (SiLUMulTritonFunction's third argument) the backward writes dg over the saved
 gate and du over the saved up, as liger-kernel's SwiGLU does: no new (rows, N) tensors, a third
 of the op's backward memory. Only for intermediates nobody else reads afterwards (the caller
-promises it: LeanSwiGLUMLP's gate_proj/up_proj outputs); their version counters are bumped, so
-another autograd node that saved them fails loudly instead of reading gradients.
+promises it: LeanSwiGLUMLP's gate_proj/up_proj outputs; in_place_is_safe refuses leaves, views
+of leaves and overlapping layouts); their version counters are bumped, so another autograd node
+that saved them fails loudly instead of reading gradients (not under saved-tensor hooks, e.g.
+activation checkpointing, which skip autograd's version check).
 """
 from __future__ import annotations
 
@@ -95,13 +97,60 @@ def silu_mul_bwd(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
         dy, g2, u2, dg2, du2, n, sg, su, dg2.stride(0) if dg2.shape[0] > 1 else n,
         du2.stride(0) if du2.shape[0] > 1 else n, BLOCK=BLOCK, num_warps=4)
     if inplace:
-        for t in (gate, up):  # a node that saved them too must not read gradients silently
-            torch.autograd.graph.increment_version(t)
-        # gate/up themselves when _rows viewed them (their own strides), else its copies
-        dg = gate if g2.data_ptr() == gate.data_ptr() else g2.view(gate.shape)
-        du = up if u2.data_ptr() == up.data_ptr() else u2.view(up.shape)
-        return dg, du
+        grads = []
+        for t, t2 in ((gate, g2), (up, u2)):
+            if t2.data_ptr() == t.data_ptr():  # written over t (not over a copy _rows made)
+                # a node that saved t too must not read gradients silently
+                torch.autograd.graph.increment_version(t)
+                # detached: the same memory without t's place in the forward graph (autograd
+                # may then take the gradient over as a leaf's .grad instead of cloning it)
+                grads.append(t.detach())
+            else:
+                grads.append(t2.view(t.shape))
+        return grads[0], grads[1]
     return dg2.view(gate.shape), du2.view(up.shape)
+
+
+def _row_layout(t: torch.Tensor) -> tuple[int, int] | None:
+    """(storage offset, row stride) of t as (rows, N) rows without a copy, or None when
+    _rows would copy it (the backward then writes into the copy: nothing to check)."""
+    n = t.shape[-1]
+    if t.stride(-1) != 1:
+        return None
+    try:
+        t2 = t.view(-1, n)
+    except RuntimeError:
+        return None
+    return t.storage_offset(), (t2.stride(0) if t2.shape[0] > 1 else n)
+
+
+def in_place_is_safe(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """Whether the backward may write the gradients over gate and up: each is a non-leaf tensor
+    or a view of one (never the caller's input or a parameter, also not through a view), no
+    row overlaps another row of its tensor (expanded or self-overlapping views), and gate and
+    up do not overlap each other (Phi-3's two halves of one projection are fine)."""
+    if gate is up:
+        return False
+    layouts = []
+    for t in (gate, up):
+        base = t if t._base is None else t._base
+        if base.grad_fn is None or torch._debug_has_internal_overlap(t) == 1:
+            return False
+        layout = _row_layout(t)
+        if layout is not None and layout[1] < t.shape[-1] and t.numel() > t.shape[-1]:
+            return False  # rows closer than their length: rows overlap
+        layouts.append(layout)
+    if gate.untyped_storage().data_ptr() != up.untyped_storage().data_ptr():
+        return True
+    (g_off, g_row), (u_off, u_row) = (layouts[0] or (None, None)), (layouts[1] or (None, None))
+    if g_off is None or u_off is None or g_row != u_row:
+        return False  # one storage, layouts not comparable: do not risk it
+    n = gate.shape[-1]
+    rows = gate.numel() // n
+    if rows == 1:
+        return abs(u_off - g_off) >= n
+    shift = (u_off - g_off) % g_row  # where up's columns start within gate's row period
+    return n <= shift <= g_row - n
 
 
 class SiLUMulTritonFunction(torch.autograd.Function):
