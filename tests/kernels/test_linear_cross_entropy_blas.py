@@ -214,6 +214,47 @@ def test_the_fallback_gemm_rounds_per_chunk_and_stays_close(blas, device, monkey
     assert len(blas.blas) == 1
 
 
+class _FakeCuda:
+    """Stands in for a CUDA operand in gemm_fp32_out's probe (device.type == "cuda")."""
+
+    def __init__(self, t):
+        self.t, self.dtype = t, t.dtype
+        self.device = type("D", (), {"type": "cuda"})()
+
+    def __matmul__(self, other):
+        return self.t @ other.t
+
+    def float(self):
+        return _FakeCuda(self.t.float())
+
+
+@pytest.mark.parametrize("error, falls_back", [
+    (NotImplementedError("Could not run 'aten::mm.dtype'"), True),
+    (TypeError("mm() got an unexpected keyword argument 'out_dtype'"), True),
+    (RuntimeError("expected self and mat2 to have the same dtype"), True),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
+])
+def test_fp32_output_gemm_probe(monkeypatch, error, falls_back):
+    """Only a missing fp32-output overload switches to the per-chunk rounding (with a
+    warning); any other error is raised, not hidden behind a slower path."""
+    monkeypatch.setattr(blas_fused_grad, "_FP32_OUT", {})
+
+    def raising(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "mm", raising)
+    a, b = torch.randn(4, 8).bfloat16(), torch.randn(8, 3).bfloat16()
+    out = torch.empty(4, 3)
+    if not falls_back:
+        with pytest.raises(type(error)):
+            blas_fused_grad.gemm_fp32_out(out, _FakeCuda(a), _FakeCuda(b), accumulate=False)
+        return
+    with pytest.warns(UserWarning, match="is not available"):
+        blas_fused_grad.gemm_fp32_out(out, _FakeCuda(a), _FakeCuda(b), accumulate=False)
+    torch.testing.assert_close(out, (a @ b).float())  # rounded once to bf16, then fp32
+    assert blas_fused_grad._FP32_OUT == {("cuda", torch.bfloat16, False): False}
+
+
 def test_peak_memory_far_below_logits(blas, device, monkeypatch):
     """256 tokens x a 4096-token vocabulary, a budget of 1/16 of the bf16 logits."""
     monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 16 * 4096 * 2)

@@ -69,7 +69,11 @@ def gemm_fp32_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulat
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, TypeError) as exc:  # NotImplementedError is a RuntimeError
-            if _FP32_OUT.get(key):  # it ran before: a real error
+            # A missing overload (NotImplementedError, TypeError) or a dtype rule of an older
+            # torch ("self" in the operands' dtype) means: no fp32-output GEMM here. Any other
+            # error (a CUDA fault) is real, and so is any error once the overload has run.
+            missing = isinstance(exc, (NotImplementedError, TypeError)) or "dtype" in str(exc)
+            if _FP32_OUT.get(key) or not missing:
                 raise
             _FP32_OUT[key] = False
             op = "addmm" if accumulate else "mm"
