@@ -185,8 +185,6 @@ def main() -> None:
                 print(f"  {us / 1e3:9.3f} ms      {rate:7.1f} TFLOP/s dweight (cuBLAS, "
                       f"mm + addmm); fp32-output GEMM ran: {dict(lce_triton._FP32_OUT_GEMM)}")
             if CONFIGS[name].get("blas") == "always":  # logits, dX and dW GEMMs, all by cuBLAS
-                from olakernels.linear_cross_entropy.impl import blas_fused_grad
-
                 us = sum(e.device_time_total or 0.0 for e in prof.key_averages()
                          if e.key in TORCH_GEMMS)
                 # No bound here, so every one of the N rows is multiplied: the first rate is
@@ -196,7 +194,7 @@ def main() -> None:
                 print(f"  {us / 1e3:9.3f} ms      {rate:7.1f} TFLOP/s BLAS GEMMs (logits, dX, "
                       f"dW: mm + addmm; 3 GEMMs on the labelled rows; {rate_all:.1f} TFLOP/s on "
                       f"all {n} rows multiplied); fp32-output GEMM ran: "
-                      f"{dict(blas_fused_grad._FP32_OUT)}")
+                      f"{dict(lce_triton._FP32_OUT_GEMM)}")
     lce_triton.BLOCKS_OVERRIDE.clear()
 
 

@@ -205,8 +205,8 @@ def test_deterministic(blas, device):
 def test_the_fallback_gemm_rounds_per_chunk_and_stays_close(blas, device, monkeypatch):
     """Where torch has no half GEMM with fp32 output (and not on the CPU), each chunk's product
     is rounded to the operands' dtype before the fp32 sum: still within the test budget."""
-    monkeypatch.setattr(blas_fused_grad, "EXACT_FALLBACK_DEVICES", ())
-    monkeypatch.setattr(blas_fused_grad, "_FP32_OUT", {})
+    monkeypatch.setattr(triton_impl, "EXACT_FALLBACK_DEVICES", ())
+    monkeypatch.setattr(triton_impl, "_FP32_OUT_GEMM", {})
     inputs = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16, device=device, ignored=0.2,
                                  bias=True)
     with pytest.warns(UserWarning, match="rounded to torch.bfloat16 before the fp32 sum"):
@@ -237,7 +237,7 @@ class _FakeCuda:
 def test_fp32_output_gemm_probe(monkeypatch, error, falls_back):
     """Only a missing fp32-output overload switches to the per-chunk rounding (with a
     warning); any other error is raised, not hidden behind a slower path."""
-    monkeypatch.setattr(blas_fused_grad, "_FP32_OUT", {})
+    monkeypatch.setattr(triton_impl, "_FP32_OUT_GEMM", {})
 
     def raising(*args, **kwargs):
         raise error
@@ -252,7 +252,7 @@ def test_fp32_output_gemm_probe(monkeypatch, error, falls_back):
     with pytest.warns(UserWarning, match="is not available"):
         blas_fused_grad.gemm_fp32_out(out, _FakeCuda(a), _FakeCuda(b), accumulate=False)
     torch.testing.assert_close(out, (a @ b).float())  # rounded once to bf16, then fp32
-    assert blas_fused_grad._FP32_OUT == {("cuda", torch.bfloat16, False): False}
+    assert triton_impl._FP32_OUT_GEMM == {("cuda", torch.bfloat16, False): False}
 
 
 def test_peak_memory_far_below_logits(blas, device, monkeypatch):
@@ -369,6 +369,6 @@ def test_gpu_real_vocabulary(blas, frozen, monkeypatch):
                                  ignored=0.1, bias=True)
     _check("triton", inputs, label_smoothing=0.05, z_loss_weight=1e-4, freeze=frozen)
     assert len(blas.blas) == 1
-    assert blas_fused_grad._FP32_OUT.get(("cuda", torch.bfloat16, False)) is True
+    assert triton_impl._FP32_OUT_GEMM.get(("cuda", torch.bfloat16, False)) is True
     if not frozen:  # grad_weight's accumulating addmm (2 chunks) ran with fp32 output too
-        assert blas_fused_grad._FP32_OUT.get(("cuda", torch.bfloat16, True)) is True
+        assert triton_impl._FP32_OUT_GEMM.get(("cuda", torch.bfloat16, True)) is True

@@ -37,62 +37,26 @@ says so); on the CPU the operands are upcast (exact; for tests).
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import triton
 
 from ..._triton import interpreter_enabled
 from . import triton as lce_triton
-from .triton import _blocks, compact_labels, kernel_count, row_capacity
-from .triton_fused_grad import _scaled, refuse_double_backward
+from .triton import _blocks, compact_labels, gemm_into_fp32, kernel_count, row_capacity
+from .triton_fused_grad import (
+    _scaled,
+    fake_with_unit_grads,
+    refuse_double_backward,
+    save_unit_grads,
+    with_unit_grads,
+)
 from .triton_kernels import _lce_rows_grad_kernel
-
-# Devices where the fallback GEMM upcasts its operands to fp32 (exact, slow, memory-hungry):
-# the CPU, where tests run. Elsewhere a GEMM without fp32 output rounds each product once.
-EXACT_FALLBACK_DEVICES = ("cpu",)
-# (device type, dtype, accumulate) -> whether mm/addmm(out_dtype=float32) ran there.
-_FP32_OUT: dict[tuple[str, torch.dtype, bool], bool] = {}
 
 
 def gemm_fp32_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """out (+)= a @ b; out fp32, a and b half precision of one dtype."""
-    key = (a.device.type, a.dtype, accumulate)
-    if a.device.type == "cuda" and _FP32_OUT.get(key, True):
-        try:  # half operands, fp32 accumulation and output: one rounding at the very end
-            if accumulate:
-                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-            else:
-                torch.mm(a, b, out_dtype=torch.float32, out=out)
-            _FP32_OUT[key] = True
-            return
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, TypeError) as exc:  # NotImplementedError is a RuntimeError
-            # A missing overload (NotImplementedError, TypeError) or a dtype rule of an older
-            # torch ("self" in the operands' dtype) means: no fp32-output GEMM here. Any other
-            # error (a CUDA fault) is real, and so is any error once the overload has run.
-            missing = isinstance(exc, (NotImplementedError, TypeError)) or "dtype" in str(exc)
-            if _FP32_OUT.get(key) or not missing:
-                raise
-            _FP32_OUT[key] = False
-            op = "addmm" if accumulate else "mm"
-            warnings.warn(f"linear_cross_entropy (BLAS schedule): torch.{op}"
-                          f"(out_dtype=float32) is not available on {a.device.type} {a.dtype} "
-                          f"({exc}); each chunk's product is rounded to {a.dtype} before the "
-                          "fp32 sum", stacklevel=2)
-    elif a.device.type not in EXACT_FALLBACK_DEVICES and key not in _FP32_OUT:
-        _FP32_OUT[key] = False  # (warn once per device type, dtype and kind)
-        warnings.warn(f"linear_cross_entropy (BLAS schedule): no half GEMM with fp32 output "
-                      f"on {a.device.type}; each chunk's product is rounded to {a.dtype} before "
-                      "the fp32 sum", stacklevel=2)
-    if a.device.type in EXACT_FALLBACK_DEVICES:
-        a, b = a.float(), b.float()
-    product = a @ b
-    if accumulate:
-        out += product
-    else:
-        out.copy_(product)
+    """out (+)= a @ b; out fp32, a and b half precision of one dtype (impl/triton.py's
+    gemm_into_fp32, rounding each product where no fp32-output GEMM exists, module docstring)."""
+    gemm_into_fp32(out, a, b, accumulate, upcast_fallback=False, who="BLAS schedule")
 
 
 def chunk_rows_blas(rows: int, v: int, itemsize: int, need_weight: bool) -> int:
@@ -184,39 +148,16 @@ def linear_cross_entropy_fwd_grad_blas(
     """linear_cross_entropy_fwd's five outputs, then the unit gradients (of loss.sum()) fp32:
     grad_hidden of the compacted rows (rows, H), grad_weight (V, H), grad_bias (V,); an
     unneeded one is empty (0,). Only for callers that reduce by "mean"/"sum"."""
-    *out, gh, gw, gb = lce_forward_with_grads_blas(
+    return with_unit_grads(hidden, *lce_forward_with_grads_blas(
         hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss_weight, softcap,
-        need_hidden, need_weight, need_bias, max_rows)
-    empty = hidden.new_empty((0,), dtype=torch.float32)
-    return (*out, empty if gh is None else gh, empty.clone() if gw is None else gw,
-            empty.clone() if gb is None else gb)
+        need_hidden, need_weight, need_bias, max_rows))
 
 
 @linear_cross_entropy_fwd_grad_blas.register_fake
 def _(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss_weight, softcap,
       need_hidden, need_weight, need_bias, max_rows=0):
-    n, h = hidden.shape
-    rows = row_capacity(n, max_rows)
-    f32 = dict(dtype=torch.float32)
-    none = hidden.new_empty((0,), **f32)
-    return (hidden.new_empty((n,), **f32), hidden.new_empty((n,), dtype=torch.bool),
-            hidden.new_empty((rows,), **f32), hidden.new_empty((n,), dtype=torch.int32),
-            hidden.new_empty((1,), dtype=torch.int32),
-            hidden.new_empty((rows, h), **f32) if need_hidden else none,
-            weight.new_empty(weight.shape, **f32) if need_weight else none.clone(),
-            weight.new_empty((weight.shape[0],), **f32) if (need_bias and bias is not None)
-            else none.clone())
-
-
-def _setup_context(ctx, inputs, output):
-    hidden, weight, bias = inputs[:3]
-    need = inputs[8:11]
-    order, gh, gw, gb = output[3], *output[5:]
-    ctx.save_for_backward(order, gh, gw, gb)
-    ctx.need = (need[0], need[1], need[2] and bias is not None)
-    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    ctx.hidden_shape = tuple(hidden.shape)
-    ctx.mark_non_differentiable(*output[1:])
+    return fake_with_unit_grads(hidden, weight, bias, need_hidden, need_weight, need_bias,
+                                max_rows, hidden_rows=row_capacity(hidden.shape[0], max_rows))
 
 
 def _backward(ctx, grad_loss, *_unused):
@@ -241,4 +182,5 @@ def _backward(ctx, grad_loss, *_unused):
     return (grad_hidden, grad_weight, grad_bias, *(None,) * 9)
 
 
-linear_cross_entropy_fwd_grad_blas.register_autograd(_backward, setup_context=_setup_context)
+linear_cross_entropy_fwd_grad_blas.register_autograd(_backward,
+                                                   setup_context=save_unit_grads)

@@ -240,12 +240,26 @@ def chunk_rows(n: int, v: int, itemsize: int, multiple: int) -> int:
 # ran there; absent: not tried yet. The .dtype overloads exist for CUDA (half/bf16 operands,
 # fp32 output), not for CPU; older torch wants addmm's `self` in the operand dtype.
 _FP32_OUT_GEMM: dict[tuple[str, torch.dtype, bool], bool] = {}
+# Devices where a GEMM without fp32 output always upcasts its operands (exact): the CPU, where
+# tests run, whatever the caller's fallback.
+EXACT_FALLBACK_DEVICES = ("cpu",)
 
 
-def _gemm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool):
-    """acc (+)= a @ b with fp32 accumulation and output; a, b in one dtype, acc fp32."""
+def gemm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool,
+                   *, upcast_fallback: bool = True, who: str = "dw_backend='torch'") -> None:
+    """acc (+)= a @ b with fp32 accumulation and output; a, b in one dtype, acc fp32.
+
+    Half operands on CUDA go straight into acc (mm/addmm with out_dtype=float32, probed once
+    per device type, dtype and kind). Where that overload is missing: ``upcast_fallback``
+    multiplies fp32 copies of the operands (exact, slower, more memory: dw_backend="torch"'s
+    choice), else the product is rounded to the operands' dtype before the fp32 sum (the BLAS
+    schedule's: an fp32 copy of the weight per chunk would cost 2 GB for Llama-3); a warning
+    says which, once. fp32 operands and the CPU always multiply in fp32."""
     key = (a.device.type, a.dtype, accumulate)
-    if a.dtype in _HALF and a.device.type == "cuda" and _FP32_OUT_GEMM.get(key, True):
+    half = a.dtype in _HALF
+    fallback = "upcasting the operands to fp32 (slower)" if upcast_fallback else \
+        f"each product is rounded to {a.dtype} before the fp32 sum"
+    if half and a.device.type == "cuda" and _FP32_OUT_GEMM.get(key, True):
         try:  # half operands straight into the fp32 accumulator: no fp32 copies, one pass
             if accumulate:
                 torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
@@ -256,14 +270,30 @@ def _gemm_into_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumul
         except torch.OutOfMemoryError:
             raise
         except (RuntimeError, TypeError) as exc:  # NotImplementedError is a RuntimeError
-            if _FP32_OUT_GEMM.get(key):  # it ran before: this is a real error
+            # A missing overload (NotImplementedError, TypeError) or a dtype rule of an older
+            # torch ("self" in the operands' dtype) means: no fp32-output GEMM here. Any other
+            # error (a CUDA fault) is real, and so is any error once the overload has run.
+            missing = isinstance(exc, (NotImplementedError, TypeError)) or "dtype" in str(exc)
+            if _FP32_OUT_GEMM.get(key) or not missing:
                 raise
             _FP32_OUT_GEMM[key] = False
             op = "addmm" if accumulate else "mm"
-            warnings.warn(f"linear_cross_entropy dw_backend='torch': torch.{op}(out_dtype="
-                          f"float32) failed on {a.device.type} {a.dtype} ({exc}); upcasting the "
-                          "operands to fp32 instead (slower)", stacklevel=2)
-    # CPU, fp32 operands, or no fp32-output GEMM: upcast (exact: half products are exact in fp32).
+            warnings.warn(f"linear_cross_entropy ({who}): torch.{op}(out_dtype=float32) is not "
+                          f"available on {a.device.type} {a.dtype} ({exc}); {fallback}",
+                          stacklevel=2)
+    elif half and a.device.type not in (*EXACT_FALLBACK_DEVICES, "cuda") \
+            and key not in _FP32_OUT_GEMM:
+        _FP32_OUT_GEMM[key] = False  # (warn once per device type, dtype and kind)
+        warnings.warn(f"linear_cross_entropy ({who}): no half GEMM with fp32 output on "
+                      f"{a.device.type}; {fallback}", stacklevel=2)
+    if half and not upcast_fallback and a.device.type not in EXACT_FALLBACK_DEVICES:
+        product = a @ b
+        if accumulate:
+            acc += product
+        else:
+            acc.copy_(product)
+        return
+    # Upcast (exact: half products are exact in fp32).
     a32, b32 = a.float(), b.float()
     if accumulate:
         acc.addmm_(a32, b32)
@@ -284,7 +314,7 @@ def _dweight_torch(dlogits, hidden, order, count, grad_w32, grad_b32, start, row
         h_rows.masked_fill_(~live[:, None], 0)
         if dl.dtype != h_rows.dtype:  # fp32 dlogits (interpreter, mixed dtypes): exact upcast
             dl, h_rows = dl.float(), h_rows.float()
-        _gemm_into_fp32(grad_w32, dl.t(), h_rows, accumulate)
+        gemm_into_fp32(grad_w32, dl.t(), h_rows, accumulate)
     if grad_b32 is not None:
         if accumulate:
             grad_b32 += dl.sum(0, dtype=torch.float32)

@@ -106,37 +106,56 @@ def linear_cross_entropy_fwd_grad(
     """linear_cross_entropy_fwd's five outputs, then the unit gradients (of loss.sum()) fp32:
     grad_hidden (N, H), grad_weight (V, H), grad_bias (V,); an unneeded one is empty (0,).
     Only for callers that reduce the per-token loss by "mean"/"sum" (module docstring)."""
-    *out, gh, gw, gb = lce_forward_with_grads(hidden, weight, bias, labels, ignore_index,
-                                              label_smoothing, z_loss_weight, softcap,
-                                              need_hidden, need_weight, need_bias, max_rows)
-    empty = hidden.new_empty((0,), dtype=torch.float32)
-    return (*out, empty if gh is None else gh, empty.clone() if gw is None else gw,
-            empty.clone() if gb is None else gb)
+    return with_unit_grads(hidden, *lce_forward_with_grads(
+        hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss_weight, softcap,
+        need_hidden, need_weight, need_bias, max_rows))
 
 
 @linear_cross_entropy_fwd_grad.register_fake
 def _(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss_weight, softcap,
       need_hidden, need_weight, need_bias, max_rows=0):
-    n = hidden.shape[0]
+    return fake_with_unit_grads(hidden, weight, bias, need_hidden, need_weight, need_bias,
+                                max_rows, hidden_rows=hidden.shape[0])
+
+
+# ---- shared with impl/blas_fused_grad.py (the same eight outputs and autograd context) ----
+
+
+def with_unit_grads(hidden, loss, correct, lse, order, count, gh, gw, gb) -> tuple:
+    """The forward's five outputs and the three unit gradients, an unneeded one as an empty
+    (0,) fp32 tensor (a custom op returns tensors, not None)."""
+    empty = hidden.new_empty((0,), dtype=torch.float32)
+    return (loss, correct, lse, order, count, empty if gh is None else gh,
+            empty.clone() if gw is None else gw, empty.clone() if gb is None else gb)
+
+
+def fake_with_unit_grads(hidden, weight, bias, need_hidden, need_weight, need_bias, max_rows,
+                         hidden_rows: int) -> tuple:
+    """Fake outputs of a gradients-in-forward op; grad_hidden has ``hidden_rows`` rows (all N,
+    or the compacted row capacity)."""
+    n, h = hidden.shape
     f32 = dict(dtype=torch.float32)
     none = hidden.new_empty((0,), **f32)
     return (hidden.new_empty((n,), **f32), hidden.new_empty((n,), dtype=torch.bool),
             hidden.new_empty((row_capacity(n, max_rows),), **f32),
             hidden.new_empty((n,), dtype=torch.int32),
             hidden.new_empty((1,), dtype=torch.int32),
-            hidden.new_empty(hidden.shape, **f32) if need_hidden else none,
+            hidden.new_empty((hidden_rows, h), **f32) if need_hidden else none,
             weight.new_empty(weight.shape, **f32) if need_weight else none.clone(),
             weight.new_empty((weight.shape[0],), **f32) if (need_bias and bias is not None)
             else none.clone())
 
 
-def _setup_context(ctx, inputs, output):
+def save_unit_grads(ctx, inputs, output):
+    """setup_context of a gradients-in-forward op: the unit gradients, what is needed, the
+    gradients' dtypes and hidden's shape."""
     hidden, weight, bias = inputs[:3]
     need = inputs[8:11]
     order, gh, gw, gb = output[3], *output[5:]
     ctx.save_for_backward(order, gh, gw, gb)
     ctx.need = (need[0], need[1], need[2] and bias is not None)
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.hidden_shape = tuple(hidden.shape)
     ctx.mark_non_differentiable(*output[1:])
 
 
@@ -169,4 +188,4 @@ def _backward(ctx, grad_loss, *_unused):
     return (*grads, *(None,) * 9)
 
 
-linear_cross_entropy_fwd_grad.register_autograd(_backward, setup_context=_setup_context)
+linear_cross_entropy_fwd_grad.register_autograd(_backward, setup_context=save_unit_grads)
