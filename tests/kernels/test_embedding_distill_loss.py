@@ -64,12 +64,14 @@ def test_matches_reference(impl, dtype, shape, device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ["depth", "ragged"])
-def test_deferred_row_sums_match_reference(shape, dtype, device, monkeypatch):
+@pytest.mark.parametrize("defer", [True, False])
+def test_deferred_row_sums_match_reference(defer, shape, dtype, device, monkeypatch):
     """The forward's row sums kept as (rows, BLOCK_D) tiles and reduced once after the loop
-    (DEFER_ROW_SUMS, off by default until measured): the same results within the budget."""
+    (DEFER_ROW_SUMS, the default) and reduced every tile (False): the same results within the
+    budget."""
     from olakernels.embedding_loss.impl import triton as emb_triton
 
-    monkeypatch.setattr(emb_triton, "DEFER_ROW_SUMS", True)
+    monkeypatch.setattr(emb_triton, "DEFER_ROW_SUMS", defer)
     launched = []
     kernel = emb_triton._embedding_distill_loss_fwd_kernel
     monkeypatch.setattr(emb_triton, "_embedding_distill_loss_fwd_kernel", type(
@@ -78,7 +80,7 @@ def test_deferred_row_sums_match_reference(shape, dtype, device, monkeypatch):
     pred, target = make_embedding_pair(SHAPES[shape], dtype=dtype, device=device, seed=5)
     mask = make_sample_mask(pred.shape[0], "mixed", device=device)
     _check_against_oracle("triton", pred, target, mask, torch.tensor(2.0, device=device))
-    assert launched == [True]
+    assert launched == [defer]
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)

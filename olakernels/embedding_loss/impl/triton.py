@@ -41,14 +41,12 @@ CHUNKS_PER_SM = 4
 # The forward's row sums (smooth-L1, |p|^2, |g|^2) accumulated as (rows, BLOCK_D) fp32 tiles
 # and reduced across the columns once after the loop, instead of a cross-lane reduction of
 # each tile every iteration (three shuffle trees per 64 columns, on the loop's critical path).
-# Run 6 timed each iteration at ~3 us against ~1 us of DRAM latency with loads in flight:
-# compute latency, not bandwidth, is one suspect (DRAM page locality of 64 row streams per
-# program is the other). Off until measured: benchmarks/gpu/profile_embedding_loss.py times
-# the forward both ways (prediction, NOT measured: if the shuffles are the cost, 31-36% ->
-# ~50% of copy at B=32; if locality, no change). Only for tiles of at most 2,048 elements
-# (BLOCK_B x BLOCK_D): larger ones spill the three accumulators on sm_90 (B=64 x 128 did; B=32
-# x 64 with 4 warps takes 128 registers, 64 without).
-DEFER_ROW_SUMS = False
+# Measured on an H100 (run 7, docs/PERF.md): forward 81.7 -> 78.0 us at seg B=32 and 37.9 ->
+# 36.3 us at depth B=8 (4-5%; predicted up to 1.3-1.5x: the shuffles are a small part of the
+# per-step latency). Only for tiles of at most 2,048 elements (BLOCK_B x BLOCK_D): larger ones
+# spill the three accumulators on sm_90 (B=64 x 128 did; B=32 x 64 with 4 warps takes 128
+# registers, 64 without). False restores the per-tile reduction.
+DEFER_ROW_SUMS = True
 
 
 def _configs(bwd: bool) -> list[triton.Config]:
