@@ -9,9 +9,12 @@ unchanged: ``latents`` (learned variant only), ``proj_in``, ``proj_out``, ``norm
 
 ``impl``: "reference" runs the seed's eager math (impl/reference.py); "torch" the fast path
 with PyTorch's LayerNorm and GELU; "triton" the fast path with the Triton LayerNorm/GELU
-kernels; "auto" (default) is "torch": measured on an H200 (docs/PERF.md, perceiver run 4) the
-Triton LayerNorm/GELU kernels tie at the largest heads and lose up to 2x at small ones (launch-
-bound custom ops). All share the same parameters.
+kernels; "auto" (default) is "torch", except for a few per-sample latents (the gen head's one
+mean-pooled query per sample), where it is "reference". Measured on an H200 (docs/PERF.md,
+perceiver runs 4 and 6) and an H100 (run 7): the Triton LayerNorm/GELU kernels tie at the
+largest heads and lose up to 2x at small ones (launch-bound custom ops); with per-sample
+latents the fast path has nothing to share, and the seed's eager math was 1.2-1.3x faster at
+the same peak memory. All share the same parameters.
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ from torch import nn
 from .._triton import check_triton_device
 
 IMPLS = ("auto", "triton", "torch", "reference")
+# impl="auto" runs the seed's eager math when each sample brings its own latents and there are
+# at most this many (module docstring: measured faster for the gen head's single query).
+AUTO_REFERENCE_MAX_LATENTS = 16
 
 
 class PerceiverAttention(nn.Module):
@@ -133,7 +139,7 @@ class PerceiverResampler(nn.Module):
 
     def _run(self, x, latents, key_padding_mask):
         self._check_inputs(x, key_padding_mask)
-        impl = self._resolve(x)
+        impl = self._resolve(x, latents)
         if impl == "reference":
             from .impl.reference import resampler_ref  # noqa: PLC0415
 
@@ -143,8 +149,11 @@ class PerceiverResampler(nn.Module):
         ops = _TritonOps if impl == "triton" else _TorchOps
         return resampler_fast(self, x, latents, key_padding_mask, ops)
 
-    def _resolve(self, x: torch.Tensor) -> str:
-        if self.impl == "auto":  # the torch path measured as fast or faster (see module doc)
+    def _resolve(self, x: torch.Tensor, latents: torch.Tensor | None = None) -> str:
+        if self.impl == "auto":  # whichever measured faster (module docstring)
+            per_sample = latents is not None and latents.shape[0] == x.shape[0]
+            if per_sample and latents.shape[1] <= AUTO_REFERENCE_MAX_LATENTS:
+                return "reference"
             return "torch"
         if self.impl == "triton":
             check_triton_device(x, type(self).__name__)

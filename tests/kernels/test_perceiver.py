@@ -108,6 +108,33 @@ def test_latents_adaptation_rule(n, expected):
     torch.testing.assert_close(adapt_latents(torch.ones(1, 8, 3), 1), torch.ones(1, 1, 3))
 
 
+@pytest.mark.parametrize("task, latents_shape, expected", [
+    ("gen", (3, 8), "reference"),  # a few per-sample latents: nothing to share
+    ("gen", (3, 17), "torch"),  # more than AUTO_REFERENCE_MAX_LATENTS
+    ("seg", (36,), "torch"),  # a shared task-token parameter
+    ("seg", (1, 36), "torch"),
+    ("ragged", None, "torch"),  # learned latents
+])
+def test_auto_runs_the_path_measured_faster(task, latents_shape, expected, monkeypatch):
+    """impl="auto": the seed's eager math for a few per-sample latents (the gen head), else the
+    fast path with PyTorch's LayerNorm/GELU (docs/ops/perceiver.md); the same result either way."""
+    from olakernels.perceiver.impl import fast, reference
+
+    ran = []
+    for module, name in ((reference, "resampler_ref"), (fast, "resampler_fast")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name: ran.append(_n) or _r(*a))
+    head = _head(task)
+    x, _ = _inputs(task)
+    emb = x.shape[-1]
+    latents = None if latents_shape is None else torch.randn(*latents_shape, emb)
+    args = (x,) if latents is None else (x, latents)
+    out = head(*args)
+    assert ran == ["resampler_ref" if expected == "reference" else "resampler_fast"]
+    head.impl = expected
+    torch.testing.assert_close(out, head(*args), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
 def test_shared_latents_equal_per_sample_copies(impl):
     head = _head("seg")
