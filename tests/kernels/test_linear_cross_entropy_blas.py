@@ -113,6 +113,31 @@ def test_frozen_weight_runs_no_weight_gemm(blas, device, monkeypatch):
     assert (101, 23) in gemms  # the trainable head's dW GEMMs
 
 
+def test_logits_rows_are_padded_for_aligned_gemms(blas, device, monkeypatch):
+    """V = 101 (odd, like Llama-3 with an added pad token): the GEMMs read and write a (chunk, V)
+    view of a buffer whose rows are padded to LOGITS_ROW_ALIGN elements (cuBLAS falls back to
+    unaligned legacy kernels otherwise), and the row kernel walks that stride."""
+    seen = []
+    kernel = blas_fused_grad._lce_rows_grad_kernel
+    monkeypatch.setattr(blas_fused_grad, "_lce_rows_grad_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: (
+            lambda *a, **kw: seen.append((a[0].shape[1], a[0].stride(0), a[10]))
+            or kernel[grid](*a, **kw))})())
+    gemm_inputs = []
+    real = blas_fused_grad.gemm_fp32_out
+    monkeypatch.setattr(blas_fused_grad, "gemm_fp32_out",
+                        lambda out, a, b, accumulate: gemm_inputs.append(a.stride())
+                        or real(out, a, b, accumulate))
+    inputs = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16, device=device, ignored=0.3,
+                                 bias=True)
+    _check("triton", inputs)
+    align = blas_fused_grad.LOGITS_ROW_ALIGN
+    assert seen and all(cols == 101 and stride == 128 == row_stride and stride % align == 0
+                        for cols, stride, row_stride in seen)
+    # grad_hidden reads dlogits (c, V) with row stride 128; grad_weight its transpose
+    assert (128, 1) in gemm_inputs and (1, 128) in gemm_inputs
+
+
 def test_rows_past_the_count_reach_no_gradient(blas, device):
     """Unlabelled rows are multiplied by the GEMMs here: inf/NaN in their hidden states and a
     bias (non-zero logits in those rows) must not reach any gradient or the loss."""

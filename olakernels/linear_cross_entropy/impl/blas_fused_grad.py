@@ -28,6 +28,13 @@ backward fp32 unit gradients: grad_weight (V, H) (2.1 GB for Llama-3's head: why
 head takes this path only when most rows are labelled), grad_hidden for the compacted rows
 only (rows x H), grad_bias (V,).
 
+Alignment: the logits buffer's rows are padded to a multiple of LOGITS_ROW_ALIGN elements and
+the GEMMs read and write the (chunk, V) view of it. A vocabulary that is not a multiple of 8
+(Llama-3 with the seed's added pad token: 128,257) would otherwise give every GEMM an odd
+leading dimension, for which cuBLAS falls back to legacy unaligned kernels: the H100 step
+profile (run 7, docs/PERF.md) showed cutlass_75 ..._align1 kernels at ~80-110 TFLOP/s for the
+LM head's two GEMMs, against ~750 for aligned ones.
+
 Numerics: the logits are rounded to the operands' dtype by the GEMM, as eager's F.linear does,
 then everything is fp32; grad_hidden and grad_weight come out of the GEMMs in fp32 where torch
 offers a half-precision GEMM with fp32 output (CUDA: mm/addmm with out_dtype), so grad_weight
@@ -51,6 +58,10 @@ from .triton_fused_grad import (
     with_unit_grads,
 )
 from .triton_kernels import _lce_rows_grad_kernel
+
+# Elements per row of the logits buffer are rounded up to this (128 bytes in bf16): every GEMM
+# operand and output then has a 16-byte-aligned leading dimension whatever V is.
+LOGITS_ROW_ALIGN = 64
 
 
 def gemm_fp32_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
@@ -90,7 +101,8 @@ def lce_forward_with_grads_blas(hidden, weight, bias, labels, ignore_index, labe
     grad_w = torch.empty((v, h), **f32) if need_weight else None
     grad_b = torch.empty((v,), **f32) if (need_bias and bias is not None) else None
     chunk = chunk_rows_blas(rows, v, weight.element_size(), need_weight)
-    logits = torch.empty((chunk, v), device=dev, dtype=weight.dtype)
+    row_stride = triton.cdiv(v, LOGITS_ROW_ALIGN) * LOGITS_ROW_ALIGN  # (module docstring)
+    logits = torch.empty((chunk, row_stride), device=dev, dtype=weight.dtype)[:, :v]
     position = torch.arange(rows, device=dev, dtype=torch.int32)
     has_softcap = softcap > 0
     # A bias in the weight's dtype goes into the GEMM (addmm); another dtype (eager's F.linear
@@ -109,7 +121,8 @@ def lce_forward_with_grads_blas(hidden, weight, bias, labels, ignore_index, labe
             torch.mm(h_c, weight.t(), out=z)
         _lce_rows_grad_kernel[(c,)](
             z, order, labels, count, lse, loss, correct, bias if bias is not None else z,
-            start, v, float(softcap) if has_softcap else 1.0, float(label_smoothing),
+            start, v, row_stride, float(softcap) if has_softcap else 1.0,
+            float(label_smoothing),
             float(z_loss_weight),
             HAS_SOFTCAP=has_softcap, HAS_SMOOTHING=label_smoothing > 0,
             BLOCK_V=min(blk["row_v"], triton.next_power_of_2(v)),

@@ -76,7 +76,7 @@ def lce_forward_with_grads(hidden, weight, bias, labels, ignore_index, label_smo
                        write_logits=True)
         _lce_rows_grad_kernel[(chunk,)](
             logits, order, labels, count, lse, loss, correct, logits,  # (no BIAS read)
-            start, v, float(softcap) if has_softcap else 1.0, float(label_smoothing),
+            start, v, v, float(softcap) if has_softcap else 1.0, float(label_smoothing),
             float(z_loss_weight),
             HAS_SOFTCAP=has_softcap, HAS_SMOOTHING=label_smoothing > 0,
             BLOCK_V=min(blk["row_v"], triton.next_power_of_2(v)),

@@ -255,7 +255,9 @@ def _lce_rows_grad_kernel(
     ORDER, LABELS, COUNT,
     LSE, LOSS, CORRECT,  # as _lce_combine_kernel's: LSE compact, LOSS/CORRECT by position
     BIAS,  # (V,), read only with RAW_LOGITS and HAS_BIAS
-    chunk_start, V, softcap, label_smoothing, z_loss_weight,
+    chunk_start, V,
+    row_stride,  # elements between LOGITS rows: V, or the BLAS schedule's padded row (>= V)
+    softcap, label_smoothing, z_loss_weight,
     HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr,
     # The BLAS schedule (impl/blas_fused_grad.py): LOGITS holds h @ W^T as a vendor GEMM wrote
     # it, so the bias and the softcap are applied here, on every load, in fp32; and the GEMMs
@@ -272,7 +274,7 @@ def _lce_rows_grad_kernel(
     pid = tl.program_id(0)
     count = tl.load(COUNT)
     rc = chunk_start + pid
-    base = LOGITS + pid.to(tl.int64) * V
+    base = LOGITS + pid.to(tl.int64) * row_stride
     if rc >= count:  # unlabelled row: its buffer row is not read by dhidden/dweight (or is 0)
         if ZERO_PAST_COUNT:
             for v0 in tl.range(0, V, BLOCK_V):
