@@ -121,12 +121,18 @@ LCE_CONFIGS=${OLAVLM_PROFILE_LCE_CONFIGS:-current,blas,slab_h128,rows,grad_fwd}
 [ "$LCE_CONFIGS" = all ] && LCE_CONFIGS=""
 stage profile_lce "${OLAVLM_PROFILE_LCE_LIMIT:-90}" $PY benchmarks/gpu/profile_lce.py \
   ${LCE_CONFIGS:+--configs "$LCE_CONFIGS"}
-# The model and the kernels first, the whole training job (passed in run 6) last; -vv (with
-# PYTEST's -q: verbose) names each test as it finishes, so a stage cut by its limit still
-# says which passed and failed.
-stage gpu_tests "${OLAVLM_TESTS_LIMIT:-300}" "${PYTEST[@]}" -vv -m gpu tests/models \
-  tests/kernels tests/teachers tests/benchmarks tests/train \
-  --deselect tests/kernels/test_triton_compiles_for_gpus.py
+# The kernels first, then the model, the whole training job (passed in run 6) last. -vv (with
+# PYTEST's -q: verbose) names each test as it starts and "times" prints how long it took, so a
+# stage cut by its limit still says which passed, which failed and where the time went (run 7
+# was cut during the BLAS schedule's Llama-3 test, 14 of 32 done, with no timings). Where
+# pytest-timeout is installed (the GPU image has it), one test may take at most
+# OLAVLM_TEST_TIMEOUT seconds (default 120: the training job takes longest): a stuck test
+# fails and the rest still run.
+TEST_TIMEOUT=()
+$PY -c "import pytest_timeout" 2>/dev/null && TEST_TIMEOUT=(--timeout "${OLAVLM_TEST_TIMEOUT:-120}")
+stage gpu_tests "${OLAVLM_TESTS_LIMIT:-300}" "${PYTEST[@]}" -vv -o console_output_style=times \
+  "${TEST_TIMEOUT[@]}" --durations 12 -m gpu tests/kernels tests/models tests/teachers \
+  tests/benchmarks tests/train --deselect tests/kernels/test_triton_compiles_for_gpus.py
 # torch.compile baselines: slowest to set up (compiles), so last.
 stage bench_compile 45 "${PYTEST[@]}" benchmarks/bench_embedding_loss.py --benchmark-only \
   -k "reference_compile"
