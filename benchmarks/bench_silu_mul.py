@@ -16,6 +16,11 @@ Triton kernels, "ours_inplace" the same with the backward writing the gradients 
 (``inplace_backward=True``, what LeanSwiGLUMLP uses; the api takes it for non-leaf tensors only,
 so this calls the autograd Function directly on the benchmark's leaves, as liger-kernel
 overwrites them too: the values drift over the repetitions, the timing does not care).
+Phi-3 ("chunked halves"): as in the model, the leaf is the (T, 2I) projection output and gate,
+up = leaf.chunk(2, -1) runs inside the timed step, so every provider's backward also joins the
+two gradients into the leaf's (T, 2I) gradient (chunk's backward). With the halves themselves
+as leaves (run 7), autograd copied the in-place provider's strided gradients into contiguous
+ones, which the model never does: 0.47 against 0.25 ms, an artefact of the benchmark.
 """
 from __future__ import annotations
 
@@ -118,15 +123,21 @@ def measure(provider: str, case: Case, mode: str, *, device: str, warmup: int, r
     if op is None:
         return None
     gate, up = make_inputs(case, device)
-    if mode == "fwd_bwd":  # leaves, like the outputs of gate_proj / up_proj
-        gate, up = gate.detach().requires_grad_(True), up.detach().requires_grad_(True)
+    if mode == "fwd_bwd" and case.chunked:  # the leaf: gate_up_proj's (T, 2I) output
+        leaves = [torch.cat([gate, up], dim=-1).requires_grad_(True)]
+    elif mode == "fwd_bwd":  # leaves, like the outputs of gate_proj / up_proj
+        leaves = [gate.detach().requires_grad_(True), up.detach().requires_grad_(True)]
+    else:
+        leaves = [gate, up]
     grad = torch.ones(case.shape, device=device, dtype=case.dtype)
 
     def setup():
-        gate.grad = up.grad = None
+        for leaf in leaves:
+            leaf.grad = None
 
     def fn():
-        y = op(gate, up)
+        g, u = leaves[0].chunk(2, dim=-1) if len(leaves) == 1 else leaves
+        y = op(g, u)
         if mode == "fwd_bwd":
             y.backward(grad)
         return y
