@@ -89,6 +89,27 @@ def cublas_rate(n, v, h, device):
     return 2 * n * v * h / ((time.perf_counter() - t0) / 5) / 1e12
 
 
+def memory_split(hid, w, labels) -> str:
+    """Peak allocation above the inputs in the forward, what it holds for the backward, and the
+    peak over forward + backward (run 7 measured 5.65 GB for the BLAS schedule's trainable head
+    at N = 16,384 where ~3.4-3.9 GB were predicted: which half holds the rest)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = linear_cross_entropy(hid, w, labels, impl="triton")
+    torch.cuda.synchronize()
+    fwd_peak = torch.cuda.max_memory_allocated() - base
+    held = torch.cuda.memory_allocated() - base
+    loss.backward()
+    torch.cuda.synchronize()
+    total = torch.cuda.max_memory_allocated() - base
+    hid.grad = None
+    w.grad = None
+    mib = 2 ** 20
+    return (f"; peak above the inputs: forward {fwd_peak / mib:.0f} MiB (held for the backward "
+            f"{held / mib:.0f}), forward + backward {total / mib:.0f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", action="store_true")
@@ -155,6 +176,7 @@ def main() -> None:
                 sync(device)
                 walls.append(time.perf_counter() - t0)
             host, timed = sorted(hosts)[1], sorted(walls)[1]
+            memory = memory_split(hid, w, labels) if device == "cuda" else ""
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
             t0 = time.perf_counter()
             with profile(activities=acts) as prof:
@@ -168,7 +190,7 @@ def main() -> None:
             print(f"\n## ignored {ignored:.0%} ({rows} labelled rows), config {name}: "
                   f"fwd+bwd wall {timed * 1e3:.1f} ms, host {host * 1e3:.1f} ms (median of 3, no "
                   f"profiler); profiled wall {wall * 1e3:.1f} ms, kernels "
-                  f"{kernels / 1e3:.1f} ms (warm-up {warm:.1f}s)")
+                  f"{kernels / 1e3:.1f} ms (warm-up {warm:.1f}s){memory}")
             for evt in sorted(prof.key_averages(), key=lambda e: -(e.device_time_total or 0)):
                 us = evt.device_time_total or 0.0
                 if us <= 0:
