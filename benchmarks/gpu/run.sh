@@ -28,11 +28,12 @@ trap 'rm -f "$START_MARK"' EXIT
 # OLAVLM_BENCH_K narrows the benchmarks (a pytest -k expression, e.g. "triton").
 # bench_compile (torch.compile baselines) only when asked for: compiling eats the window.
 # The default is what is still unmeasured or changed since the last window (docs/PERF.md, "Open
-# predictions"): the LM head's vocab-slab grad_hidden (two halves of a 128 x 256 tile) and its
-# host time, its memory with the bound against liger-kernel, and every GPU test (run 6's stage
-# was cut after 7 of 28). Opt-in: bench bench_step bench_perceiver bench_rope bench_silu_mul
-# bench_teachers bench_compile ceilings.
-STAGES=${OLAVLM_STAGES:-"profile_lce bench_lce gpu_tests"}
+# predictions"): where the LM head's BLAS schedule holds its memory (profile_lce) and every GPU
+# test (run 7's stage ended after 14 of 32). The second call PERF.md suggests runs bench_step
+# (the padded LM-head GEMMs in the step, the reference and float8 modes) and bench_silu_mul.
+# Opt-in: bench bench_lce bench_step bench_perceiver bench_rope bench_silu_mul bench_teachers
+# bench_compile ceilings.
+STAGES=${OLAVLM_STAGES:-"profile_lce gpu_tests"}
 
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log it, never abort the script
   local name=$1 limit=$2
@@ -61,11 +62,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 PYTEST=($PY -m pytest -q -p no:cacheprovider)
-# The default stages' limits add up to ~7.8 minutes (profile_lce 90, bench_lce 85, gpu_tests
-# 300 s); a typical run takes less. Pick stages with OLAVLM_STAGES (the loader benchmark,
-# bench_data.py, is CPU-bound and not run here). The GPU tests compile every kernel variant
-# (autotuning included) and train the demo for 40 steps: ~4-5 minutes for all 32 (run 6 ran 7
-# in 140 s, the training job first).
+# The default stages' limits add up to ~6.5 minutes (profile_lce 90, gpu_tests 300 s); a
+# typical run takes less. Pick stages with OLAVLM_STAGES (the loader benchmark, bench_data.py,
+# is CPU-bound and not run here). The GPU tests compile every kernel variant (autotuning
+# included) and train the demo for 40 steps: ~4-5 minutes for all 32 (run 7 ran 14 in ~270 s).
 GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 if [ -n "$GPU_NAME" ] && [ -z "${OLAVLM_STAGES:-}" ] && \
     grep -q ",$GPU_NAME," benchmarks/results/ceiling.csv 2>/dev/null; then
