@@ -31,7 +31,7 @@ class Calls:
 def blas(monkeypatch):
     """blas="always", ~32-row chunks (5 at N=150); spies on which forward and backward run."""
     monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", {"blas": "always"})
-    monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 32 * 101 * 2)
+    monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 32 * 128 * 2)  # V padded to 128
     calls = Calls()
     fwd = blas_fused_grad.lce_forward_with_grads_blas
     backward = triton_impl.lce_backward
@@ -63,7 +63,7 @@ def test_matches_reference(blas, dtype, reduction, ignored, device):
     inputs = make_lm_head_inputs(*RAGGED, dtype=dtype, device=device, ignored=ignored, bias=True)
     _check("triton", inputs, reduction=reduction)
     assert blas.blas == [(True, True, True, 0)] and blas.backward == 0
-    assert blas_fused_grad.chunk_rows_blas(150, 101, 2, True) == 32  # so 5 chunks ran
+    assert blas_fused_grad.chunk_rows_blas(150, 101, 23, 2, True) == 32  # so 5 chunks ran
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -106,11 +106,27 @@ def test_frozen_weight_runs_no_weight_gemm(blas, device, monkeypatch):
     hidden, weight, labels, _ = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16,
                                                     device=device, ignored=0.5)
     _run("triton", hidden, weight, labels, freeze=("weight",))
-    chunk = blas_fused_grad.chunk_rows_blas(150, 101, 2, False)  # a frozen head's chunk
+    chunk = blas_fused_grad.chunk_rows_blas(150, 101, 23, 2, False)  # a frozen head's chunk
     assert gemms and all(shape[0] <= chunk and shape[1] == 23 for shape in gemms)  # dX only
     gemms.clear()
     _run("triton", hidden, weight, labels)
     assert (101, 23) in gemms  # the trainable head's dW GEMMs
+
+
+def test_chunk_rows_follow_the_memory_rule():
+    """Llama-3's head at the real budget: a trainable head and a dense frozen one get the whole
+    dlogits budget per chunk; a frozen head on few rows (90% ignored, the bound 1,792) keeps a
+    quarter of it (liger-kernel's memory); the chunk never exceeds the rows."""
+    v, h = 128256, 4096
+    budget = triton_impl.DLOGITS_BUDGET_BYTES
+    row_bytes = -(-v // blas_fused_grad.LOGITS_ROW_ALIGN) * blas_fused_grad.LOGITS_ROW_ALIGN * 2
+    step = 16  # the interpreter's row step (128 on a GPU)
+    trainable = blas_fused_grad.chunk_rows_blas(16384, v, h, 2, True)
+    dense = blas_fused_grad.chunk_rows_blas(16384, v, h, 2, False)
+    sparse = blas_fused_grad.chunk_rows_blas(1792, v, h, 2, False)
+    assert trainable == dense and budget - step * row_bytes < dense * row_bytes <= budget
+    assert budget // 4 - step * row_bytes < sparse * row_bytes <= budget // 4
+    assert blas_fused_grad.chunk_rows_blas(40, v, h, 2, False) == 48  # the rows, rounded up
 
 
 def test_logits_rows_are_padded_for_aligned_gemms(blas, device, monkeypatch):

@@ -23,7 +23,8 @@ grad_hidden's compacted rows to their positions (impl/triton_fused_grad.py expla
 scaling is exact for "mean"/"sum", the only reductions that take this path).
 
 Memory: one (chunk, V) logits buffer in the forward (DLOGITS_BUDGET_BYTES with a trainable
-head; a quarter of it, liger-kernel's chunk, with a frozen one), and from the forward to the
+head; with a frozen one twice the fp32 grad_hidden rows, between a quarter of the budget --
+liger-kernel's chunk -- and the budget: chunk_rows_blas), and from the forward to the
 backward fp32 unit gradients: grad_weight (V, H) (2.1 GB for Llama-3's head: why a trainable
 head takes this path only when most rows are labelled), grad_hidden for the compacted rows
 only (rows x H), grad_bias (V,).
@@ -70,13 +71,21 @@ def gemm_fp32_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulat
     gemm_into_fp32(out, a, b, accumulate, upcast_fallback=False, who="BLAS schedule")
 
 
-def chunk_rows_blas(rows: int, v: int, itemsize: int, need_weight: bool) -> int:
-    """Rows per chunk: the (chunk, V) logits within DLOGITS_BUDGET_BYTES with a trainable head
-    (each chunk re-reads and re-writes the fp32 grad_weight: fewer, larger chunks), a quarter
-    of it with a frozen one (Llama-3: 512 rows, liger-kernel's chunk)."""
+def chunk_rows_blas(rows: int, v: int, h: int, itemsize: int, need_weight: bool) -> int:
+    """Rows per chunk of the (chunk, V) logits buffer (V padded to LOGITS_ROW_ALIGN).
+
+    Trainable head: DLOGITS_BUDGET_BYTES (each chunk re-reads and re-writes the fp32
+    grad_weight: fewer, larger chunks). Frozen head: twice the fp32 grad_hidden rows' bytes
+    (2 * rows * H * 4, which the op holds anyway), within [a quarter of the budget, the
+    budget]: a mostly-ignored batch keeps liger-kernel's 512-row chunk of Llama-3 (its memory:
+    the issue's goal at 90% ignored), a dense one gets 2,048-row chunks, on which cuBLAS ran
+    ~770 TFLOP/s against ~610 inferred for 512-row chunks (H100, run 7; docs/PERF.md)."""
     step = 16 if interpreter_enabled() else 128
-    budget = lce_triton.DLOGITS_BUDGET_BYTES // (1 if need_weight else 4)
-    chunk = max(step, budget // max(1, v * itemsize) // step * step)
+    budget = lce_triton.DLOGITS_BUDGET_BYTES
+    if not need_weight:
+        budget = min(budget, max(budget // 4, 2 * rows * h * 4))
+    row_bytes = triton.cdiv(v, LOGITS_ROW_ALIGN) * LOGITS_ROW_ALIGN * itemsize
+    chunk = max(step, budget // max(1, row_bytes) // step * step)
     return min(chunk, triton.cdiv(rows, step) * step)
 
 
@@ -100,7 +109,7 @@ def lce_forward_with_grads_blas(hidden, weight, bias, labels, ignore_index, labe
     grad_h = torch.empty((rows, h), **f32) if need_hidden else None
     grad_w = torch.empty((v, h), **f32) if need_weight else None
     grad_b = torch.empty((v,), **f32) if (need_bias and bias is not None) else None
-    chunk = chunk_rows_blas(rows, v, weight.element_size(), need_weight)
+    chunk = chunk_rows_blas(rows, v, h, weight.element_size(), need_weight)
     row_stride = triton.cdiv(v, LOGITS_ROW_ALIGN) * LOGITS_ROW_ALIGN  # (module docstring)
     logits = torch.empty((chunk, row_stride), device=dev, dtype=weight.dtype)[:, :v]
     position = torch.arange(rows, device=dev, dtype=torch.int32)
