@@ -29,8 +29,9 @@ trap 'rm -f "$START_MARK"' EXIT
 # bench_compile (torch.compile baselines) only when asked for: compiling eats the window.
 # The default is what is still unmeasured or changed since the last window (docs/PERF.md, "Open
 # predictions"): where the LM head's BLAS schedule holds its memory (profile_lce) and every GPU
-# test (run 7's stage ended after 14 of 32). The second call PERF.md suggests runs bench_step
-# (the padded LM-head GEMMs in the step, the reference and float8 modes) and bench_silu_mul.
+# test (run 7's stage ended after 14 of 32). The second call PERF.md suggests runs bench_lce
+# (the frozen head's larger chunks) and bench_step (the padded LM-head GEMMs in the step, the
+# reference and float8 modes).
 # Opt-in: bench bench_lce bench_step bench_perceiver bench_rope bench_silu_mul bench_teachers
 # bench_compile ceilings.
 STAGES=${OLAVLM_STAGES:-"profile_lce gpu_tests"}
