@@ -33,7 +33,7 @@ trap 'rm -f "$START_MARK"' EXIT
 # (the frozen head's larger chunks) and bench_step (the padded LM-head GEMMs in the step, the
 # reference and float8 modes).
 # Opt-in: bench bench_lce bench_step bench_perceiver bench_rope bench_silu_mul bench_teachers
-# bench_compile ceilings.
+# bench_compile ceilings ncu.
 STAGES=${OLAVLM_STAGES:-"profile_lce gpu_tests"}
 
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log it, never abort the script
@@ -111,6 +111,18 @@ stage bench_teachers "${OLAVLM_TEACHERS_LIMIT:-120}" $PY benchmarks/bench_teache
 # its forward kernel under each autotune config (which tile, if any, reaches the bandwidth),
 # with its row sums reduced per tile or once (DEFER_ROW_SUMS), and 2-16 programs per SM.
 stage profile "${OLAVLM_PROFILE_LIMIT:-70}" $PY benchmarks/gpu/profile_embedding_loss.py
+# Hardware counters (Nsight Compute) of the memory-bound kernels under their bandwidth: the
+# embedding loss's forward/backward/rows kernels at seg B=32 and depth B=8, the LM head's row
+# kernel (benchmarks/gpu/ncu_kernels.py says why). Opt-in, ~1-2 minutes; without ncu (the CPU
+# dry run) the workload runs unprofiled.
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null \
+  | head -n 1)
+NCU_CMD=()
+[ -n "$NCU" ] && NCU_CMD=("$NCU" --profile-from-start off --clock-control none
+  --kernel-name "regex:embedding_distill_loss|lce_rows_grad" --section SpeedOfLight
+  --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats
+  --section Occupancy --section LaunchStats)
+stage ncu "${OLAVLM_NCU_LIMIT:-150}" "${NCU_CMD[@]}" $PY benchmarks/gpu/ncu_kernels.py
 # linear_cross_entropy: per-kernel time and TFLOP/s per tile config, and host vs wall time.
 # Default: today's tiles (the backward in vocabulary slabs, grad_hidden as two halves of a
 # 128 x 256 tile) against slab_h=128, the row-chunk schedule with its fp32 grad_weight
