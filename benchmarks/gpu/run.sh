@@ -143,9 +143,13 @@ stage profile_lce "${OLAVLM_PROFILE_LCE_LIMIT:-90}" $PY benchmarks/gpu/profile_l
 # fails and the rest still run.
 TEST_TIMEOUT=()
 $PY -c "import pytest_timeout" 2>/dev/null && TEST_TIMEOUT=(--timeout "${OLAVLM_TEST_TIMEOUT:-120}")
+# OLAVLM_GPU_TESTS picks the folders (or files), e.g. "tests/models tests/teachers tests/train"
+# for a second call when the first ran out of time in tests/kernels.
+# shellcheck disable=SC2086  # (word splitting of the folder list is intended)
 stage gpu_tests "${OLAVLM_TESTS_LIMIT:-300}" "${PYTEST[@]}" -vv -o console_output_style=times \
-  "${TEST_TIMEOUT[@]}" --durations 12 -m gpu tests/kernels tests/models tests/teachers \
-  tests/benchmarks tests/train --deselect tests/kernels/test_triton_compiles_for_gpus.py
+  "${TEST_TIMEOUT[@]}" --durations 12 -m gpu \
+  ${OLAVLM_GPU_TESTS:-tests/kernels tests/models tests/teachers tests/benchmarks tests/train} \
+  --deselect tests/kernels/test_triton_compiles_for_gpus.py
 # torch.compile baselines: slowest to set up (compiles), so last.
 stage bench_compile 45 "${PYTEST[@]}" benchmarks/bench_embedding_loss.py --benchmark-only \
   -k "reference_compile"
