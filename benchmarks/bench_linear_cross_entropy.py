@@ -11,7 +11,9 @@ Providers: "eager" (F.linear, .float(), F.cross_entropy: what a model's loss doe
 torch.compile, "liger" and "cce" when those packages are installed, "triton" (ours), and
 "triton_bound" (ours given the labelled count from the host, ``max_valid_tokens``, as the
 trainer passes it: buffers sized by it, and the BLAS schedule where the tile knob "blas" takes
-it, a frozen head or a trainable one with most rows labelled; the note says which ran).
+it, a frozen head or a trainable one with most rows labelled; the note says which ran), and
+"triton_module" (the drop-in ``LinearCrossEntropy`` without a bound: after the warm-up calls
+the previous call's labelled fraction picks the schedule).
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from olakernels.testing import make_lm_head_inputs  # noqa: E402
 DEVICE = common.bench_device()
 OP = "linear_cross_entropy"
 # Ours first: a GPU window's stage limit may cut the tail of the list.
-PROVIDERS = ("triton", "triton_bound", "liger", "eager", "cce", "eager_compile")
+PROVIDERS = ("triton", "triton_bound", "triton_module", "liger", "eager", "cce",
+             "eager_compile")
 HEADS = {"llama3": (4096, 128256), "phi3": (3072, 32064)}  # (H, V) of the real models
 
 
@@ -90,6 +93,12 @@ def loss_fn(provider: str, case: Case | None = None):
         bound = labelled(case)
         return lambda h, w, y: linear_cross_entropy(h, w, y, impl="triton",
                                                     max_valid_tokens=bound)
+    if provider == "triton_module":  # the drop-in module, no bound: from its second call the
+        # previous call's labelled fraction picks the schedule (the warm-up calls give it one)
+        from olakernels import LinearCrossEntropy
+
+        head = LinearCrossEntropy(1, 1, bias=False, device="meta", impl="triton")
+        return lambda h, w, y: torch.func.functional_call(head, {"weight": w}, (h, y))
     if provider == "eager":
         return _eager
     if provider == "eager_compile":
@@ -149,8 +158,8 @@ def measure(provider: str, case: Case, *, device: str, warmup: int, rep: int):
         fn(hidden, weight, labels).backward()
 
     note = case.id
-    if provider in ("triton", "triton_bound"):  # which backward ran (records from before the
-        # slabs are "rows"), and for how many rows
+    if provider in ("triton", "triton_bound", "triton_module"):  # which backward ran (records
+        # from before the slabs are "rows"), and for how many rows
         from olakernels.linear_cross_entropy import api
         from olakernels.linear_cross_entropy.impl import triton as lce_triton
 
@@ -159,7 +168,10 @@ def measure(provider: str, case: Case, *, device: str, warmup: int, rep: int):
         vocab = lce_triton.uses_vocab_schedule(lce_triton._blocks(), case.train_weight,
                                                rows, case.vocab)
         raw = labelled(case) if provider == "triton_bound" else None
-        schedule = lce_triton.forward_schedule(hidden, weight, raw, case.train_weight, True)
+        # the module's hint after its warm-up calls: this case's own labelled fraction
+        hint = labelled(case) / case.tokens if provider == "triton_module" else None
+        schedule = lce_triton.forward_schedule(hidden, weight, raw, case.train_weight, True,
+                                               hint)
         if schedule == "blas":
             note += "; BLAS schedule (gradients in the forward)"
         else:

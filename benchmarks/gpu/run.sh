@@ -79,7 +79,7 @@ stage bench "${OLAVLM_BENCH_LIMIT:-90}" "${PYTEST[@]}" benchmarks/bench_embeddin
   --benchmark-only -k "${OLAVLM_BENCH_K:-not reference_compile}" \
   --benchmark-json="$OUT_DIR/bench.json"
 # linear_cross_entropy, "quick" grid (OLAVLM_LCE_PRESET=full for all 24 cases x providers).
-stage bench_lce "${OLAVLM_LCE_LIMIT:-85}" "${PYTEST[@]}" \
+stage bench_lce "${OLAVLM_LCE_LIMIT:-100}" "${PYTEST[@]}" \
   benchmarks/bench_linear_cross_entropy.py --benchmark-only -k "${OLAVLM_LCE_K:-not compile}"
 stage bench_perceiver "${OLAVLM_PERCEIVER_LIMIT:-90}" "${PYTEST[@]}" \
   benchmarks/bench_perceiver.py --benchmark-only

@@ -40,6 +40,7 @@ def linear_cross_entropy(
     shift_labels: bool = False,
     return_stats: bool = False,
     max_valid_tokens: int | str | None = None,
+    labelled_fraction_hint: float | None = None,
     impl: str = "auto",
 ) -> torch.Tensor | LinearCrossEntropyOutput:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, without the logits.
@@ -86,6 +87,13 @@ def linear_cross_entropy(
     sync per call, by request (for drop-in use where the loop has no CPU copy of the labels;
     refused under torch.compile(fullgraph=True), which cannot trace the read; without
     fullgraph, Dynamo runs the call eagerly).
+    ``labelled_fraction_hint``: without a bound, a host-side guess of the fraction of labelled
+    tokens (``LinearCrossEntropy`` passes the previous call's), used only to pick the schedule:
+    at least ``blas_min_fraction`` (0.5) runs the BLAS schedule over all N rows (what a dense
+    batch needs; liger-kernel's algorithm), below it the Triton kernels that skip unlabelled
+    rows. The result is the same either way (up to rounding); a wrong guess costs speed (and,
+    with a trainable head taking the BLAS schedule, its fp32 (V, H) gradient), nothing else.
+    Ignored when ``max_valid_tokens`` is given.
     Numerics: log-sum-exp and the loss in fp32; grad_weight accumulates in fp32. The Triton
     kernels keep the logits in fp32 (half-precision operands multiply exactly into fp32
     accumulators); the gradients-in-forward schedules (BLAS, and the grad_in_forward knob)
@@ -109,6 +117,13 @@ def linear_cross_entropy(
         raise ValueError("linear_cross_entropy: max_valid_tokens must be None, an int >= 0 "
                          "(a host-side bound on the labelled tokens) or 'count' (count them "
                          f"here, a device sync), got {max_valid_tokens!r}")
+    if labelled_fraction_hint is not None and (
+            isinstance(labelled_fraction_hint, bool)
+            or not isinstance(labelled_fraction_hint, (int, float))
+            or not 0.0 <= labelled_fraction_hint <= 1.0):
+        raise ValueError("linear_cross_entropy: labelled_fraction_hint must be None or a number "
+                         f"in [0, 1] (a guess of the labelled fraction), got "
+                         f"{labelled_fraction_hint!r}")
     if count_on_host and torch.compiler.is_compiling():
         raise ValueError("linear_cross_entropy: max_valid_tokens='count' reads the labels on "
                          "the host, which torch.compile cannot trace; pass an int bound "
@@ -149,7 +164,8 @@ def linear_cross_entropy(
         # below, so the backward gets one scalar for every token (impl/triton_fused_grad.py
         # says why that is needed).
         exact = reduction != "none" and torch.is_grad_enabled() and any(need)
-        schedule = forward_schedule(hidden2d, weight, max_valid_tokens, need[1], exact)
+        schedule = forward_schedule(hidden2d, weight, max_valid_tokens, need[1], exact,
+                                    labelled_fraction_hint)
         if schedule == "blas":
             from .impl.blas_fused_grad import linear_cross_entropy_fwd_grad_blas
 

@@ -8,6 +8,58 @@ from torch import nn
 from .api import IMPLS, REDUCTIONS, linear_cross_entropy
 
 
+class _CountHistory:
+    """The previous call's labelled count, copied to the host without a sync: a pinned buffer
+    filled by a non-blocking copy, and the CUDA event after it. Not part of the state_dict;
+    a deep copy or pickle starts empty (events cannot be copied)."""
+
+    def __init__(self) -> None:
+        self.host: torch.Tensor | None = None  # the count (int64, pinned on CUDA)
+        self.event = None  # torch.cuda.Event recorded after the copy (None on the CPU)
+        self.tokens = 0  # the positions that call had
+
+    def __deepcopy__(self, memo):
+        return _CountHistory()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def fraction(self) -> float | None:
+        """The previous call's labelled fraction. Waits for its copy if it is still pending
+        (issued a call earlier: the host may run one call ahead, no further), so the choice is
+        the same on every run, whatever the timing."""
+        if self.host is None:
+            return None
+        if self.event is not None:
+            self.event.synchronize()
+        return int(self.host) / max(self.tokens, 1)
+
+    def record(self, num_valid: torch.Tensor, tokens: int) -> None:
+        count = num_valid.detach().reshape(())
+        if count.device.type == "cuda":
+            if self.host is None or self.event is None:
+                self.host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            self.host.copy_(count, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        elif count.device.type == "cpu":
+            self.host, self.event = count.clone(), None
+        else:  # another device type: no history (the schedule's default applies)
+            self.host, self.event = None, None
+            return
+        self.tokens = tokens
+
+
+def _history_allowed() -> bool:
+    """No host-side state under torch.compile or while a CUDA graph is being captured."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 class LinearCrossEntropy(nn.Linear):
     """Drop-in LM head: ``nn.Linear(H, V)`` with the same state_dict (``weight``, ``bias``).
 
@@ -15,6 +67,13 @@ class LinearCrossEntropy(nn.Linear):
     as the loss sees them); ``head(hidden, labels)`` returns the cross-entropy of those logits
     without materializing them (see :func:`linear_cross_entropy`). Loss options are fixed when
     the module is built.
+
+    ``adaptive_schedule`` (default on): without a bound (``max_valid_tokens``), each call passes
+    the previous call's labelled fraction as ``labelled_fraction_hint``, so dense batches (SFT,
+    text) get the BLAS schedule and mostly-ignored ones (multimodal pre-training) the kernels
+    that skip unlabelled rows, with no device sync (the count travels to the host by a
+    non-blocking copy and is read one call later). Off under torch.compile and CUDA graph
+    capture, where the op's own default applies.
 
     Example::
 
@@ -37,6 +96,7 @@ class LinearCrossEntropy(nn.Linear):
         logit_softcap: float | None = None,
         shift_labels: bool = False,
         max_valid_tokens: int | str | None = None,
+        adaptive_schedule: bool = True,
         impl: str = "auto",
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
@@ -59,6 +119,10 @@ class LinearCrossEntropy(nn.Linear):
         # of the labels in the loop) size its buffers and pick its schedule from the true
         # count, at one device sync per call.
         self.max_valid_tokens = max_valid_tokens
+        if not isinstance(adaptive_schedule, bool):
+            raise ValueError(f"adaptive_schedule must be a bool, got {adaptive_schedule!r}")
+        self.adaptive_schedule = adaptive_schedule
+        self._history = _CountHistory()
         self.impl = impl
 
     @classmethod
@@ -82,16 +146,23 @@ class LinearCrossEntropy(nn.Linear):
             if self.logit_softcap is not None:
                 logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
             return logits
-        return linear_cross_entropy(
+        adaptive = self.adaptive_schedule and max_valid_tokens is None and _history_allowed()
+        out = linear_cross_entropy(
             hidden, self.weight, labels, bias=self.bias, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
             z_loss_weight=self.z_loss_weight, logit_softcap=self.logit_softcap,
-            shift_labels=self.shift_labels, return_stats=return_stats,
-            max_valid_tokens=max_valid_tokens, impl=self.impl,
+            shift_labels=self.shift_labels, return_stats=True,
+            max_valid_tokens=max_valid_tokens,
+            labelled_fraction_hint=self._history.fraction() if adaptive else None,
+            impl=self.impl,
         )
+        if adaptive:
+            self._history.record(out.num_valid, labels.numel())
+        return out if return_stats else out.loss
 
     def extra_repr(self) -> str:
         bound = (f", max_valid_tokens={self.max_valid_tokens!r}"
                  if self.max_valid_tokens is not None else "")
+        adaptive = "" if self.adaptive_schedule else ", adaptive_schedule=False"
         return (f"{super().extra_repr()}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}{bound}, impl={self.impl!r}")
+                f"reduction={self.reduction!r}{bound}{adaptive}, impl={self.impl!r}")

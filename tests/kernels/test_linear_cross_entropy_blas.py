@@ -14,7 +14,7 @@ from olakernels import linear_cross_entropy
 from olakernels.linear_cross_entropy import api
 from olakernels.linear_cross_entropy.impl import blas_fused_grad
 from olakernels.linear_cross_entropy.impl import triton as triton_impl
-from olakernels.testing import make_lm_head_inputs, track_peak_memory
+from olakernels.testing import assert_close_to_reference, make_lm_head_inputs, track_peak_memory
 
 HALF = [torch.float16, torch.bfloat16]
 RAGGED = ((150,), 23, 101)  # prime H and V; N not a multiple of the 16-row chunk step
@@ -337,12 +337,13 @@ def test_compile_fullgraph_matches_eager(blas, device):
 
 # ---- the rule (forward_schedule) ----
 
-def _schedule(n=100, dtype=torch.bfloat16, bound=None, need_weight=True, exact=True, **blocks):
+def _schedule(n=100, dtype=torch.bfloat16, bound=None, need_weight=True, exact=True,
+              hint=None, **blocks):
     triton_impl.BLOCKS_OVERRIDE.clear()
     triton_impl.BLOCKS_OVERRIDE.update(blocks)
     hidden = torch.empty(n, 8, dtype=dtype)
     weight = torch.empty(16, 8, dtype=dtype)
-    return triton_impl.forward_schedule(hidden, weight, bound, need_weight, exact)
+    return triton_impl.forward_schedule(hidden, weight, bound, need_weight, exact, hint)
 
 
 @pytest.fixture
@@ -360,6 +361,85 @@ def test_auto_takes_blas_with_a_bound_when_dense_or_frozen(clean_blocks):
     assert _schedule(bound=48, grad_in_forward=True) == "grad_in_forward"
     # The caller's bound itself, not rounded up to ROW_QUANTUM (256): 5 of 500 rows is sparse.
     assert _schedule(n=500, bound=5) == "plain" and _schedule(n=500, bound=250) == "blas"
+
+
+def test_fraction_hint_picks_the_schedule_without_a_bound(clean_blocks):
+    """labelled_fraction_hint: dense (>= blas_min_fraction) -> BLAS over all N rows, also for a
+    frozen head; sparse -> the kernels that skip rows; a bound, when given, decides instead."""
+    assert _schedule(hint=0.9) == "blas" and _schedule(hint=0.5) == "blas"
+    assert _schedule(hint=0.49) == "plain"
+    assert _schedule(hint=0.9, need_weight=False) == "blas"
+    assert _schedule(hint=0.1, need_weight=False) == "plain"  # frozen, sparse: skip the rows
+    assert _schedule(hint=0.9, bound=10) == "plain"  # the bound wins
+    assert _schedule(hint=0.1, bound=90) == "blas"
+    assert _schedule(hint=0.3, blas_min_fraction=0.25) == "blas"
+    assert _schedule(hint=0.9, dtype=torch.float32) == "plain"
+    assert _schedule(hint=0.9, exact=False) == "plain"
+    assert _schedule(hint=0.9, blas="never") == "plain"
+
+
+def test_module_compiles_fullgraph_without_its_history(device):
+    """Under torch.compile(fullgraph=True) the module keeps no host-side history (nothing to
+    trace) and gives the eager module's loss and gradients."""
+    from olakernels import LinearCrossEntropy
+
+    torch.manual_seed(0)
+    head = LinearCrossEntropy(16, 64, bias=True, shift_labels=True, impl="triton").to(device)
+    hidden, _, labels, _ = make_lm_head_inputs((2, 12), 16, 64, device=device)
+
+    def loss_fn(h, w, b, y):
+        return torch.func.functional_call(head, {"weight": w, "bias": b}, (h, y))
+
+    assert_compiled_matches_eager(loss_fn, hidden, head.weight, head.bias, labels)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "dense", True, float("nan")])
+def test_bad_fraction_hint_is_a_value_error(bad):
+    hidden, weight, labels, _ = make_lm_head_inputs(*RAGGED, ignored=0.3)
+    with pytest.raises(ValueError, match="labelled_fraction_hint"):
+        linear_cross_entropy(hidden, weight, labels, labelled_fraction_hint=bad)
+
+
+def test_module_picks_the_schedule_from_the_previous_count(clean_blocks, device, monkeypatch):
+    """LinearCrossEntropy without a bound: the first call has no history (the kernels); each
+    later call follows the previous call's labelled fraction (dense -> BLAS, sparse -> the
+    kernels); results equal the reference whichever ran; a bound, adaptive_schedule=False and
+    a deep copy (fresh history) switch it off."""
+    import copy
+
+    from olakernels import LinearCrossEntropy
+
+    calls = []
+    real = blas_fused_grad.linear_cross_entropy_fwd_grad_blas
+    monkeypatch.setattr(blas_fused_grad, "linear_cross_entropy_fwd_grad_blas",
+                        lambda *a: calls.append(a[11]) or real(*a))  # a[11]: max_rows
+    torch.manual_seed(0)
+    head = LinearCrossEntropy(23, 101, bias=False, impl="triton").to(device, torch.bfloat16)
+    hidden = torch.randn(150, 23, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dense = torch.randint(0, 101, (150,), device=device)
+    sparse = dense.clone()
+    sparse[torch.rand(150, generator=torch.Generator().manual_seed(1)) < 0.9] = -100
+    ran = []
+    for labels in (dense, dense, sparse, sparse, dense):
+        before = len(calls)
+        loss = head(hidden, labels)
+        ran.append("blas" if len(calls) > before else "kernels")
+        ref = linear_cross_entropy(hidden.double(), head.weight.double(), labels,
+                                   impl="reference")
+        eager = linear_cross_entropy(hidden, head.weight, labels, impl="reference")
+        assert_close_to_reference(loss, ref, eager, name="module loss", dtype=torch.float32,
+                                  reduction_size=23)
+    assert ran == ["kernels", "blas", "blas", "kernels", "kernels"]
+    assert calls == [0, 0]  # no bound: every one of the N rows
+    head(hidden, dense)  # history: dense
+    assert copy.deepcopy(head)._history.fraction() is None  # a copy starts without history
+    before = len(calls)
+    head(hidden, dense, max_valid_tokens=40)  # a bound decides (40 of 150 rows: sparse)
+    head.adaptive_schedule = False
+    head(hidden, dense)
+    assert len(calls) == before
+    with pytest.raises(ValueError, match="adaptive_schedule"):
+        LinearCrossEntropy(23, 101, adaptive_schedule="yes")
 
 
 def test_blas_needs_half_operands_and_exact_gradients(clean_blocks):
@@ -413,3 +493,23 @@ def test_gpu_real_vocabulary(blas, frozen, monkeypatch):
     assert triton_impl._FP32_OUT_GEMM.get(("cuda", torch.bfloat16, False)) is True
     if not frozen:  # grad_weight's accumulating addmm (2 chunks) ran with fp32 output too
         assert triton_impl._FP32_OUT_GEMM.get(("cuda", torch.bfloat16, True)) is True
+
+
+@pytest.mark.gpu
+def test_gpu_module_reads_the_previous_count_without_a_sync(monkeypatch):
+    """On CUDA the count travels by a non-blocking copy into pinned memory; the next call reads
+    it after the event and takes the BLAS schedule for a dense batch."""
+    from olakernels import LinearCrossEntropy
+
+    calls = []
+    real = blas_fused_grad.linear_cross_entropy_fwd_grad_blas
+    monkeypatch.setattr(blas_fused_grad, "linear_cross_entropy_fwd_grad_blas",
+                        lambda *a: calls.append(1) or real(*a))
+    head = LinearCrossEntropy(256, 1000, bias=False).to("cuda", torch.bfloat16)
+    hidden = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 1000, (512,), device="cuda")
+    head(hidden, labels).backward()
+    assert calls == [] and head._history.host.is_pinned()
+    head(hidden, labels).backward()
+    assert calls == [1] and head._history.fraction() == 1.0
+

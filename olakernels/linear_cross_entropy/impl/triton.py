@@ -129,13 +129,16 @@ def _blocks() -> dict:
 
 
 def forward_schedule(hidden: torch.Tensor, weight: torch.Tensor, bound: int | None,
-                     need_weight: bool, grads_in_forward_exact: bool) -> str:
+                     need_weight: bool, grads_in_forward_exact: bool,
+                     fraction_hint: float | None = None) -> str:
     """Which forward the api runs: "blas" (impl/blas_fused_grad.py), "grad_in_forward"
     (impl/triton_fused_grad.py) or "plain" (lce_forward, the backward recomputes).
     grads_in_forward_exact: reduction "mean"/"sum" with grad mode on and a gradient needed
     (the only case where the forward may compute the gradients; triton_fused_grad says why).
     bound: the caller's max_valid_tokens as given (not rounded up to ROW_QUANTUM: at small N
-    the rounding alone would pass the fraction test), None without one."""
+    the rounding alone would pass the fraction test), None without one. fraction_hint: without
+    a bound, a host-side guess of the labelled fraction (the api's labelled_fraction_hint): at
+    least blas_min_fraction takes the BLAS schedule over all N rows, for a frozen head too."""
     if not grads_in_forward_exact:
         return "plain"
     blk = _blocks()
@@ -145,9 +148,13 @@ def forward_schedule(hidden: torch.Tensor, weight: torch.Tensor, bound: int | No
     half = hidden.dtype in _HALF and weight.dtype == hidden.dtype
     if half and mode == "always":
         return "blas"
-    if half and mode == "auto" and bound is not None:
+    if half and mode == "auto":
         n = hidden.shape[0]
-        if not need_weight or min(n, bound) >= blk.get("blas_min_fraction", 0.5) * n:
+        dense = blk.get("blas_min_fraction", 0.5)
+        if bound is not None:
+            if not need_weight or min(n, bound) >= dense * n:
+                return "blas"
+        elif fraction_hint is not None and fraction_hint >= dense:
             return "blas"
     return "grad_in_forward" if blk.get("grad_in_forward", False) else "plain"
 
