@@ -25,8 +25,9 @@ from torch import nn
 from .._triton import check_triton_device
 
 IMPLS = ("auto", "triton", "torch", "reference")
-# impl="auto" runs the seed's eager math when each sample brings its own latents and there are
-# at most this many (module docstring: measured faster for the gen head's single query).
+# impl="auto" runs the seed's eager math when each sample brings its own latents and at most
+# this many queries run (after the latents adaptation rule; module docstring: measured faster
+# for the gen head's single query).
 AUTO_REFERENCE_MAX_LATENTS = 16
 
 
@@ -151,8 +152,10 @@ class PerceiverResampler(nn.Module):
 
     def _resolve(self, x: torch.Tensor, latents: torch.Tensor | None = None) -> str:
         if self.impl == "auto":  # whichever measured faster (module docstring)
+            # Per-sample latents leave the fast path nothing to share (at B = 1 neither do
+            # shared ones); the reference's fp32 scores grow with the queries, so few only.
             per_sample = latents is not None and latents.shape[0] == x.shape[0]
-            if per_sample and latents.shape[1] <= AUTO_REFERENCE_MAX_LATENTS:
+            if per_sample and self.num_queries <= AUTO_REFERENCE_MAX_LATENTS:
                 return "reference"
             return "torch"
         if self.impl == "triton":
