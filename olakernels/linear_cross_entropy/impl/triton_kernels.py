@@ -275,12 +275,15 @@ def _lce_rows_grad_kernel(
     count = tl.load(COUNT)
     rc = chunk_start + pid
     base = LOGITS + pid.to(tl.int64) * row_stride
+    # Loads and stores run to the padded row end (row_stride, a multiple of 16 from the BLAS
+    # schedule), so an odd V still gets vectorized, pipelined accesses; the math masks at V
+    # (the padding holds whatever the GEMM left there, and the GEMMs never read it back).
     if rc >= count:  # unlabelled row: its buffer row is not read by dhidden/dweight (or is 0)
         if ZERO_PAST_COUNT:
             for v0 in tl.range(0, V, BLOCK_V):
                 cols = v0 + tl.arange(0, BLOCK_V)
                 tl.store(base + cols, tl.zeros([BLOCK_V], dtype=LOGITS.dtype.element_ty),
-                         mask=cols < V)
+                         mask=cols < row_stride)
         return
     row = tl.load(ORDER + rc)
     label = tl.load(LABELS + row).to(tl.int32)
@@ -293,10 +296,10 @@ def _lce_rows_grad_kernel(
     for v0 in tl.range(0, V, BLOCK_V, num_stages=3):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok_c = cols < V
-        z = tl.load(base + cols, mask=ok_c, other=float("-inf")).to(tl.float32)
+        z = tl.load(base + cols, mask=cols < row_stride, other=float("-inf")).to(tl.float32)
         if RAW_LOGITS:
-            z = tl.where(ok_c, _finish_logits(z, BIAS, cols, ok_c, softcap, HAS_BIAS,
-                                              HAS_SOFTCAP), float("-inf"))
+            z = _finish_logits(z, BIAS, cols, ok_c, softcap, HAS_BIAS, HAS_SOFTCAP)
+        z = tl.where(ok_c, z, float("-inf"))
         tile_max = tl.max(z, axis=0)
         new_m = tl.maximum(m, tile_max)
         s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), axis=0)
@@ -317,15 +320,16 @@ def _lce_rows_grad_kernel(
     for v0 in tl.range(0, V, BLOCK_V, num_stages=3):  # _lce_dlogits_kernel's formula, weight 1
         cols = v0 + tl.arange(0, BLOCK_V)
         ok_c = cols < V
-        z = tl.load(base + cols, mask=ok_c, other=0.0).to(tl.float32)
+        z = tl.load(base + cols, mask=cols < row_stride, other=0.0).to(tl.float32)
         if RAW_LOGITS:
             z = _finish_logits(z, BIAS, cols, ok_c, softcap, HAS_BIAS, HAS_SOFTCAP)
+        z = tl.where(ok_c, z, 0.0)  # padding: a finite dz (0 would do as well; never read)
         dz = tl.exp(z - lse) * coef - label_smoothing / V
         dz -= tl.where(cols == label, 1.0 - label_smoothing, 0.0)
         if HAS_SOFTCAP:
             zc = z / softcap
             dz *= 1.0 - zc * zc
-        tl.store(base + cols, dz.to(LOGITS.dtype.element_ty), mask=ok_c)
+        tl.store(base + cols, dz.to(LOGITS.dtype.element_ty), mask=cols < row_stride)
 
 @triton.jit
 def _lce_dhidden_kernel(
