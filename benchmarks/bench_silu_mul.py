@@ -10,6 +10,7 @@ gate and up are (T, I) with T = B * L tokens (Phi-3: the halves of gate_up_proj'
 Minimal bytes (s = element size):
     fwd:     read gate and up, write y                     3 * T * I * s
     fwd_bwd: + read gate, up and dy, write dgate and dup   8 * T * I * s
+             (Phi-3: + join the two gradients into (T, 2I)  + 4 * T * I * s)
 Providers: "eager" is ``F.silu(gate) * up`` under autograd (keeps 3 tensors), "eager_compile"
 its torch.compile, "liger" liger-kernel's LigerSiLUMulFunction (if installed), "ours" the
 Triton kernels, "ours_inplace" the same with the backward writing the gradients over gate and up
@@ -76,7 +77,11 @@ def cases(preset: str) -> list[Case]:
 
 def min_bytes(case: Case, mode: str) -> int:
     per = case.tokens * case.intermediate * case.dtype.itemsize
-    return 3 * per if mode == "fwd" else 8 * per
+    if mode == "fwd":
+        return 3 * per
+    # Phi-3's fwd+bwd also joins the two gradients into the (T, 2I) leaf's (chunk's backward:
+    # read both, write the joined one), for every provider, as in the model
+    return 8 * per + (4 * per if case.chunked else 0)
 
 
 def make_inputs(case: Case, device: str):

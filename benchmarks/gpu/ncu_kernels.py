@@ -1,5 +1,5 @@
 # The workload `ncu` profiles in run.sh's `ncu` stage: the memory-bound kernels that sit under
-# their bandwidth, each launched once between cudaProfilerStart/Stop after its warm-up.
+# their bandwidth: one call of each op between cudaProfilerStart/Stop after its warm-up.
 """Why the embedding loss's forward reads at ~46% of the copy bandwidth on an H100 (run 7:
 82 us for 113 MB at seg B=32), and the LM head's row kernel at ~1.3-1.9 TB/s: timing alone has
 ruled out occupancy (2-16 programs per SM: no change), the tile width (BLOCK_D 64-1024) and the

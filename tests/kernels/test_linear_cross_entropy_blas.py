@@ -486,9 +486,12 @@ def test_bad_knobs_are_value_errors(clean_blocks, bad):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("frozen", [(), ("weight",)])
-def test_gpu_real_vocabulary(blas, frozen, monkeypatch):
+@pytest.mark.parametrize("vocab", [128256, 128257])  # Llama-3, and with the seed's pad token
+def test_gpu_real_vocabulary(blas, frozen, vocab, monkeypatch):
+    """cuBLAS with fp32 output; at the odd vocabulary the GEMMs read and write the (chunk, V)
+    view of the padded logits buffer (strided operands and outputs, bias in the GEMM)."""
     monkeypatch.setattr(triton_impl, "DLOGITS_BUDGET_BYTES", 512 * 128256 * 2)  # 2 chunks
-    inputs = make_lm_head_inputs((1000,), 1024, 128256, dtype=torch.bfloat16, device="cuda",
+    inputs = make_lm_head_inputs((1000,), 1024, vocab, dtype=torch.bfloat16, device="cuda",
                                  ignored=0.1, bias=True)
     _check("triton", inputs, label_smoothing=0.05, z_loss_weight=1e-4, freeze=frozen)
     assert len(blas.blas) == 1

@@ -78,8 +78,9 @@ def chunk_rows_blas(rows: int, v: int, h: int, itemsize: int, need_weight: bool)
     grad_weight: fewer, larger chunks). Frozen head: twice the fp32 grad_hidden rows' bytes
     (2 * rows * H * 4, which the op holds anyway), within [a quarter of the budget, the
     budget]: a mostly-ignored batch keeps liger-kernel's 512-row chunk of Llama-3 (its memory:
-    the issue's goal at 90% ignored), a dense one gets 2,048-row chunks, on which cuBLAS ran
-    ~770 TFLOP/s against ~610 inferred for 512-row chunks (H100, run 7; docs/PERF.md)."""
+    the issue's goal at 90% ignored); a dense one gets larger chunks (2,048 rows of Llama-3
+    from 16,384 rows on, 1,024 at 8,192), on which cuBLAS ran ~770 TFLOP/s against ~610
+    inferred for 512-row chunks (H100, run 7; docs/PERF.md)."""
     step = 16 if interpreter_enabled() else 128
     budget = lce_triton.DLOGITS_BUDGET_BYTES
     if not need_weight:
@@ -124,6 +125,9 @@ def lce_forward_with_grads_blas(hidden, weight, bias, labels, ignore_index, labe
         # The GEMMs multiply every row of the chunk: an unlabelled row's hidden state must not
         # bring inf/NaN into grad_weight (0 x inf), so it is zeroed (c x H, cheap).
         h_c.masked_fill_((position[start:start + c] >= count)[:, None], 0)
+        # (With an odd V the output is a strided view: torch then copies the expanded bias in
+        # and multiplies with beta = 1 instead of cuBLASLt's fused bias epilogue, one more
+        # pass over the chunk's logits; LM heads rarely have a bias.)
         if gemm_bias:  # the bias added before the rounding, as eager's F.linear does
             torch.addmm(bias, h_c, weight.t(), out=z)
         else:
