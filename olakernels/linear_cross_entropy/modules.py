@@ -71,9 +71,10 @@ class LinearCrossEntropy(nn.Linear):
     ``adaptive_schedule`` (default on): without a bound (``max_valid_tokens``), each call passes
     the previous call's labelled fraction as ``labelled_fraction_hint``, so dense batches (SFT,
     text) get the BLAS schedule and mostly-ignored ones (multimodal pre-training) the kernels
-    that skip unlabelled rows, with no device sync (the count travels to the host by a
-    non-blocking copy and is read one call later). Off under torch.compile and CUDA graph
-    capture, where the op's own default applies.
+    that skip unlabelled rows, without waiting for the current call's work: the count travels
+    to the host by a non-blocking copy and is read one call later, after that copy's event
+    (the host may stay a call ahead of the GPU, no further). Off under torch.compile and CUDA
+    graph capture, where the op's own default applies.
 
     Example::
 
