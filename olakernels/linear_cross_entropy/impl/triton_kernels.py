@@ -296,7 +296,8 @@ def _lce_rows_grad_kernel(
     for v0 in tl.range(0, V, BLOCK_V, num_stages=3):
         cols = v0 + tl.arange(0, BLOCK_V)
         ok_c = cols < V
-        z = tl.load(base + cols, mask=cols < row_stride, other=float("-inf")).to(tl.float32)
+        z = tl.load(base + cols, mask=cols < row_stride, other=0.0).to(tl.float32)
+        z = tl.where(ok_c, z, 0.0)  # the padding's leftovers never enter the arithmetic
         if RAW_LOGITS:
             z = _finish_logits(z, BIAS, cols, ok_c, softcap, HAS_BIAS, HAS_SOFTCAP)
         z = tl.where(ok_c, z, float("-inf"))
@@ -321,9 +322,9 @@ def _lce_rows_grad_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         ok_c = cols < V
         z = tl.load(base + cols, mask=cols < row_stride, other=0.0).to(tl.float32)
+        z = tl.where(ok_c, z, 0.0)  # padding: a finite dz, stored there and never read
         if RAW_LOGITS:
             z = _finish_logits(z, BIAS, cols, ok_c, softcap, HAS_BIAS, HAS_SOFTCAP)
-        z = tl.where(ok_c, z, 0.0)  # padding: a finite dz (0 would do as well; never read)
         dz = tl.exp(z - lse) * coef - label_smoothing / V
         dz -= tl.where(cols == label, 1.0 - label_smoothing, 0.0)
         if HAS_SOFTCAP:
