@@ -65,6 +65,11 @@ from .triton_kernels import _lce_rows_grad_kernel
 LOGITS_ROW_ALIGN = 64
 
 
+def padded_row(v: int) -> int:
+    """Elements per row of the logits buffer: V rounded up to LOGITS_ROW_ALIGN."""
+    return triton.cdiv(v, LOGITS_ROW_ALIGN) * LOGITS_ROW_ALIGN
+
+
 def gemm_fp32_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """out (+)= a @ b; out fp32, a and b half precision of one dtype (impl/triton.py's
     gemm_into_fp32, rounding each product where no fp32-output GEMM exists, module docstring)."""
@@ -85,7 +90,7 @@ def chunk_rows_blas(rows: int, v: int, h: int, itemsize: int, need_weight: bool)
     budget = lce_triton.DLOGITS_BUDGET_BYTES
     if not need_weight:
         budget = min(budget, max(budget // 4, 2 * rows * h * 4))
-    row_bytes = triton.cdiv(v, LOGITS_ROW_ALIGN) * LOGITS_ROW_ALIGN * itemsize
+    row_bytes = padded_row(v) * itemsize
     chunk = max(step, budget // max(1, row_bytes) // step * step)
     return min(chunk, triton.cdiv(rows, step) * step)
 
@@ -111,7 +116,7 @@ def lce_forward_with_grads_blas(hidden, weight, bias, labels, ignore_index, labe
     grad_w = torch.empty((v, h), **f32) if need_weight else None
     grad_b = torch.empty((v,), **f32) if (need_bias and bias is not None) else None
     chunk = chunk_rows_blas(rows, v, h, weight.element_size(), need_weight)
-    row_stride = triton.cdiv(v, LOGITS_ROW_ALIGN) * LOGITS_ROW_ALIGN  # (module docstring)
+    row_stride = padded_row(v)  # (module docstring: aligned GEMM operands)
     logits = torch.empty((chunk, row_stride), device=dev, dtype=weight.dtype)[:, :v]
     position = torch.arange(rows, device=dev, dtype=torch.int32)
     has_softcap = softcap > 0
