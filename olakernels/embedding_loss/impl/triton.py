@@ -511,6 +511,7 @@ def _setup_context(ctx, inputs, output):
     ctx.beta = beta
     ctx.with_dot = logit_scale is not None
     ctx.mark_non_differentiable(coef_sl1, coef_p, coef_c)
+    ctx.set_materialize_grads(False)  # (no zeros for the coefficients; None is handled)
 
 
 def _backward(ctx, grad_out, _g_sl1, _g_p, _g_c):

@@ -547,6 +547,7 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (smoothing, z_loss, softcap)
     ctx.max_rows = rest[0] if rest else 0
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # (no zeros for correct/lse/order/count; None is handled)
 
 
 def _backward(ctx, grad_loss, *_unused):

@@ -157,6 +157,10 @@ def save_unit_grads(ctx, inputs, output):
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.hidden_shape = tuple(hidden.shape)
     ctx.mark_non_differentiable(*output[1:])
+    # No zero gradients for the outputs nobody differentiates: autograd would otherwise
+    # allocate zeros shaped like each unit gradient for the backward (an fp32 (V, H), 2.1 GB
+    # for Llama-3's head; docs/PERF.md, run 7's unexplained peak). _backward takes None.
+    ctx.set_materialize_grads(False)
 
 
 def _scaled(unit: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -173,10 +173,13 @@ def _ln_setup(ctx, inputs, output):
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # (no zeros for mean/rstd)
 
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        return None, None, None, None
     dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd)
     return dx, dw, db, None
 
