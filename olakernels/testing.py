@@ -21,6 +21,7 @@ __all__ = [
     "make_lm_head_inputs",
     "make_sample_mask",
     "max_abs_error",
+    "track_host_syncs",
     "track_peak_memory",
 ]
 
@@ -273,3 +274,109 @@ def track_peak_memory():
     mode = _PeakMemory()
     with mode:
         yield mode
+
+
+# aten ops that make the host wait for a CUDA device: a value read back (item(), bool(),
+# int()), or an output whose size depends on the data (the host must learn the size).
+_SYNCING_OPS = frozenset({
+    "aten._local_scalar_dense.default", "aten.item.default", "aten.is_nonzero.default",
+    "aten.equal.default",
+    "aten.nonzero.default", "aten.nonzero_static.default", "aten.masked_select.default",
+    "aten.unique.default", "aten._unique.default", "aten._unique2.default",
+    "aten.unique_dim.default", "aten.unique_consecutive.default",
+    "aten.repeat_interleave.Tensor",
+})
+
+
+def _host_sync_reason(func, args, kwargs) -> str | None:
+    name = str(func)
+    if name == "aten.repeat_interleave.Tensor" and kwargs.get("output_size") is not None:
+        return None  # the output size is given: no read
+    if name in _SYNCING_OPS:
+        return name
+    if name.startswith(("aten.index.", "aten.index_put")):
+        # boolean-mask indexing runs nonzero() inside the op
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ()):
+            return f"{name} with a boolean mask"
+    if name in ("aten._to_copy.default", "aten.copy_.default"):
+        # a blocking copy from an accelerator to the host
+        copy = name == "aten.copy_.default"
+        src = args[1] if copy else args[0]
+        dst = args[0].device if copy else kwargs.get("device")
+        non_blocking = kwargs.get("non_blocking", args[2] if copy and len(args) > 2 else False)
+        if (isinstance(src, torch.Tensor) and src.device.type not in ("cpu", "meta")
+                and dst is not None and torch.device(dst).type == "cpu" and not non_blocking):
+            return f"{name} to the host"
+    return None
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records every op that would make the host wait for a CUDA device (see track_host_syncs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str]] = []  # (why, where: the Python stack)
+        self.muted = 0
+
+    def record(self, reason: str) -> None:
+        import traceback  # noqa: PLC0415
+
+        self.events.append((reason, "".join(traceback.format_stack()[:-2])))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        reason = _host_sync_reason(func, args, kwargs)
+        if reason is not None and not self.muted:
+            self.record(reason)
+            self.muted += 1  # (the ops it runs inside are the same read)
+            try:
+                return func(*args, **kwargs)
+            finally:
+                self.muted -= 1
+        body = _custom_op_body(func, args, kwargs)
+        if body is not None:  # look inside olakernels' custom ops too (as track_peak_memory)
+            with self:
+                return body(*args, **kwargs)
+        return func(*args, **kwargs)
+
+    def outside(self, *allowed: str) -> list[tuple[str, str]]:
+        """The events whose stack mentions none of ``allowed`` (file or function names)."""
+        return [(why, where) for why, where in self.events
+                if not any(a in where for a in allowed)]
+
+
+@contextlib.contextmanager
+def track_host_syncs():
+    """Every op inside the block that would stall the host on a CUDA device: value reads
+    (``.item()``, ``bool(t)``, ``if t.any():``), data-dependent output sizes (``nonzero``,
+    boolean-mask indexing, ``unique``, ``masked_select``), blocking device-to-host copies.
+
+    Works on CPU tensors, so a CPU test can prove a training step free of syncs: a CUDA
+    stream would otherwise run dry while the host waits, and CUDA graphs refuse such code.
+    Usage: ``with track_host_syncs() as syncs: step(); assert not syncs.events``; each event
+    is ``(op, Python stack)``; ``syncs.outside("masking_utils.py")`` filters known ones.
+    """
+    mode = HostSyncs()
+    # tolist() and numpy() read a CPU tensor's memory without any aten op (on a GPU tensor
+    # they copy to the host first): seen by wrapping the two methods for the block.
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+    def reading(name, method):
+        def wrapper(self, *args, **kwargs):
+            mode.record(f"Tensor.{name}()")
+            mode.muted += 1  # (its own copy to the host is the same read)
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                mode.muted -= 1
+        return wrapper
+
+    try:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, reading(name, method))
+        with mode:
+            yield mode
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
