@@ -9,8 +9,8 @@ Prints, per case and mode, every kernel the call launches with its mean device t
 sum of kernel time against the event-timed wall of the whole call: the difference is launch
 gaps. Then the autotuner's choice for the forward kernel and, per autotune config, the forward
 kernel's device time and GB/s on its minimal bytes (pred and target read once): whether any
-tile reaches the copy bandwidth, and which; then the forward with its row sums reduced every
-tile or once after the loop (emb_triton.DEFER_ROW_SUMS), and with the chosen tile under 2 to
+tile reaches the copy bandwidth, and which; then the forward with its programs' column blocks
+interleaved or contiguous (emb_triton.INTERLEAVE_CHUNKS), and with the chosen tile under 2 to
 16 programs per SM (emb_triton.CHUNKS_PER_SM). Read with docs/PERF.md (embedding loss).
 """
 from __future__ import annotations
@@ -126,21 +126,22 @@ def sweep_forward_configs(name: str, fwd, fwd_bytes: int, device: str, tiny: boo
         kernel.configs = configs
         kernel.cache.clear()
         kernel.cache.update(cache)
-    print(f"## {name} fwd: row sums reduced every tile vs once after the loop "
-          "(emb_triton.DEFER_ROW_SUMS; the autotuner picks a tile for each)", flush=True)
-    deferred = emb_triton.DEFER_ROW_SUMS
+    print(f"## {name} fwd: column blocks interleaved over the programs vs one contiguous "
+          "chunk each (emb_triton.INTERLEAVE_CHUNKS; the autotuner picks a tile for each)",
+          flush=True)
+    interleaved = emb_triton.INTERLEAVE_CHUNKS
     try:
-        for defer in (False, True):
-            emb_triton.DEFER_ROW_SUMS = defer
+        for interleave in (False, True):
+            emb_triton.INTERLEAVE_CHUNKS = interleave
             rows = profile(fwd, 20 if not tiny else 1, device)
             fwd_us = sum(r[2] for r in rows if "fwd_kernel" in r[0])
             rate = fwd_bytes / (fwd_us * 1e-6) / 1e9 if fwd_us > 0 else float("nan")
-            print(f"  DEFER_ROW_SUMS={defer}: fwd {fwd_us:8.1f} us {rate:7.0f} GB/s",
+            print(f"  INTERLEAVE_CHUNKS={interleave}: fwd {fwd_us:8.1f} us {rate:7.0f} GB/s",
                   flush=True)
-        print(f"  autotuner's choices (the key holds DEFER_SUMS): "
+        print(f"  autotuner's choices (the key holds INTERLEAVE): "
               f"{ {str(k): str(v) for k, v in kernel.cache.items()} }", flush=True)
     finally:
-        emb_triton.DEFER_ROW_SUMS = deferred
+        emb_triton.INTERLEAVE_CHUNKS = interleaved
     default = emb_triton.CHUNKS_PER_SM
     print(f"## {name} fwd: the chosen tile under more or fewer programs per SM", flush=True)
     try:

@@ -28,13 +28,15 @@ trap 'rm -f "$START_MARK"' EXIT
 # OLAVLM_BENCH_K narrows the benchmarks (a pytest -k expression, e.g. "triton").
 # bench_compile (torch.compile baselines) only when asked for: compiling eats the window.
 # The default is what is still unmeasured or changed since the last window (docs/PERF.md, "Open
-# predictions"): where the LM head's BLAS schedule holds its memory (profile_lce) and every GPU
-# test (run 7's stage ended after 14 of 32). The second call PERF.md suggests runs bench_lce
-# (the frozen head's larger chunks) and bench_step (the padded LM-head GEMMs in the step, the
+# predictions"): the embedding loss with its forward's column blocks interleaved over the
+# programs (bench: the issue's fwd+bwd GB/s against copy) and every GPU test (run 7's stage
+# ended after 14 of 32). The second call PERF.md suggests runs profile (interleaved against
+# contiguous), bench_lce (the BLAS schedule's peak without autograd's zero gradients, the
+# frozen head's larger chunks) and bench_step (the padded LM-head GEMMs in the step, the
 # reference and float8 modes).
-# Opt-in: bench bench_lce bench_step bench_perceiver bench_rope bench_silu_mul bench_teachers
-# bench_compile ceilings ncu.
-STAGES=${OLAVLM_STAGES:-"profile_lce gpu_tests"}
+# Opt-in: profile profile_lce bench_lce bench_step bench_perceiver bench_rope bench_silu_mul
+# bench_teachers bench_compile ceilings ncu.
+STAGES=${OLAVLM_STAGES:-"bench gpu_tests"}
 
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log it, never abort the script
   local name=$1 limit=$2
@@ -63,7 +65,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 
 PYTEST=($PY -m pytest -q -p no:cacheprovider)
-# The default stages' limits add up to ~6.5 minutes (profile_lce 90, gpu_tests 300 s); a
+# The default stages' limits add up to ~6.5 minutes (bench 90, gpu_tests 300 s); a
 # typical run takes less. Pick stages with OLAVLM_STAGES (the loader benchmark, bench_data.py,
 # is CPU-bound and not run here). The GPU tests compile every kernel variant (autotuning
 # included) and train the demo for 40 steps: ~4-5 minutes for all 32 (run 7 ran 14 in ~270 s).
@@ -109,7 +111,7 @@ stage bench_step "${OLAVLM_STEP_LIMIT:-140}" $PY benchmarks/bench_step.py \
 stage bench_teachers "${OLAVLM_TEACHERS_LIMIT:-120}" $PY benchmarks/bench_teachers.py
 # Per-kernel device time of the embedding loss (its fixed forward cost; docs/PERF.md), then
 # its forward kernel under each autotune config (which tile, if any, reaches the bandwidth),
-# with its row sums reduced per tile or once (DEFER_ROW_SUMS), and 2-16 programs per SM.
+# with its column blocks interleaved or contiguous (INTERLEAVE_CHUNKS), and 2-16 programs per SM.
 stage profile "${OLAVLM_PROFILE_LIMIT:-70}" $PY benchmarks/gpu/profile_embedding_loss.py
 # Hardware counters (Nsight Compute) of the memory-bound kernels under their bandwidth: the
 # embedding loss's forward/backward/rows kernels at seg B=32 and depth B=8, the LM head's row

@@ -83,6 +83,30 @@ def test_deferred_row_sums_match_reference(defer, shape, dtype, device, monkeypa
     assert launched == [defer]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(5, 11, 100), SHAPES["ragged"]], ids=["uneven", "ragged"])
+@pytest.mark.parametrize("interleave", [True, False])
+def test_column_split_layouts_match_reference(interleave, shape, dtype, device, monkeypatch):
+    """The forward's programs take interleaved column blocks (INTERLEAVE_CHUNKS, the default)
+    or one contiguous chunk each (False): the same results within the budget. D = 1,100 under
+    the interpreter's 8 programs of 64 columns: two programs read 3 blocks (one partial), the
+    others 2; the ragged D = 403 gives one block each and a partial last one."""
+    from olakernels.embedding_loss.impl import triton as emb_triton
+
+    monkeypatch.setattr(emb_triton, "INTERLEAVE_CHUNKS", interleave)
+    launched = []
+    kernel = emb_triton._embedding_distill_loss_fwd_kernel
+    monkeypatch.setattr(emb_triton, "_embedding_distill_loss_fwd_kernel", type(
+        "Spy", (), {"__getitem__": lambda self, grid: (
+            lambda *a, **kw: launched.append((grid[0], kw["INTERLEAVE"])) or kernel[grid](
+                *a, **kw))})())
+    pred, target = make_embedding_pair(shape, dtype=dtype, device=device, seed=7)
+    mask = make_sample_mask(pred.shape[0], "mixed", device=device)
+    _check_against_oracle("triton", pred, target, mask, torch.tensor(2.0, device=device))
+    if device == "cpu":  # (num_sms() is 2 under the interpreter: 8 programs, or one per block)
+        assert launched == [(min(8, -(-pred[0].numel() // 64)), interleave)]
+
+
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("mask_mode", ["per_sample", "seed"])
 @pytest.mark.parametrize("kind", ["ones", "mixed", "zeros"])
