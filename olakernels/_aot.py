@@ -192,12 +192,15 @@ def embedding_loss_variants(target: tuple) -> list[Variant]:
                                       "COEF_C")}
     for seed_mode in (True, False):
         for with_dot in (True, False):
-            out.append(Variant(
-                f"embedding_loss.rows[seed={seed_mode},dot={with_dot}]",
-                k._embedding_distill_loss_rows_kernel, rows_ptrs,
-                ("contrastive_weight", "max_logit_scale"),
-                {"SEED_MODE": seed_mode, "WITH_DOT": with_dot, "BLOCK_C": 64,
-                 "BLOCK_GC": 64, "BLOCK_BM": 32}))
+            # an H100's 528 chunks; 16 (B <= 16) and 32 candidates, and 256 (8 GPUs x 32)
+            for gc in (16, 32, 256):
+                bc, warps, stages = k.rows_kernel_tiles(528, gc)
+                out.append(Variant(
+                    f"embedding_loss.rows[seed={seed_mode},dot={with_dot},GC{gc}]",
+                    k._embedding_distill_loss_rows_kernel, rows_ptrs,
+                    ("contrastive_weight", "max_logit_scale"),
+                    {"SEED_MODE": seed_mode, "WITH_DOT": with_dot, "BLOCK_C": bc,
+                     "BLOCK_GC": gc, "BLOCK_BM": 32, "NUM_STAGES": stages}, warps, 1))
     out.append(Variant("embedding_loss.total", k._embedding_distill_loss_total_kernel,
                        {"ROW_OUT": "*fp32", "OUT": "*fp32"}, (), {"BLOCK": 32}))
     return out

@@ -107,6 +107,25 @@ def test_column_split_layouts_match_reference(interleave, shape, dtype, device, 
         assert launched == [(min(8, -(-pred[0].numel() // 64)), interleave)]
 
 
+@pytest.mark.parametrize("rounds", ["one", "two", "pipelined"])
+def test_rows_kernel_reads_every_chunk_partial(rounds, device, monkeypatch):
+    """The rows kernel sums C chunk partials per sample in one wide round, two, or (many
+    candidates) small blocks pipelined three deep (rows_kernel_tiles): every partial once.
+    C = 256 chunks here (CHUNKS_PER_SM raised), 12 candidates (BLOCK_GC 16)."""
+    from olakernels.embedding_loss.impl import triton as emb_triton
+
+    monkeypatch.setattr(emb_triton, "CHUNKS_PER_SM", 128 if device == "cpu" else 2)
+    tile = {"one": 16384, "two": 128 * 16, "pipelined": 16 * 16}[rounds]
+    monkeypatch.setattr(emb_triton, "ROWS_TILE_ELEMENTS", tile)
+    if device == "cpu":  # (num_sms() is 2 under the interpreter: 256 chunks)
+        block_c, _, stages = emb_triton.rows_kernel_tiles(256, 16)
+        assert (block_c, stages) == {"one": (256, 1), "two": (128, 1), "pipelined": (64, 3)}[
+            rounds]
+    pred, target = make_embedding_pair((12, 16384), device=device, seed=11)
+    mask = make_sample_mask(12, "mixed", device=device)
+    _check_against_oracle("triton", pred, target, mask, torch.tensor(2.0, device=device))
+
+
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("mask_mode", ["per_sample", "seed"])
 @pytest.mark.parametrize("kind", ["ones", "mixed", "zeros"])

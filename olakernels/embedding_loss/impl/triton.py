@@ -194,15 +194,15 @@ def _embedding_distill_loss_rows_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_GC: tl.constexpr,  # >= BG: one row of candidates in one tile
     BLOCK_BM: tl.constexpr,  # >= B
+    NUM_STAGES: tl.constexpr = 3,  # the chunk loops' software pipelining (rows_kernel_tiles)
 ):
     i = tl.program_id(0)
     cs = tl.arange(0, BLOCK_C)
     acc_sl1 = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_pp = tl.zeros([BLOCK_C], dtype=tl.float32)
-    # tl.range(num_stages=3): the partials' loads are software-pipelined (cp.async, two
-    # blocks ahead); a plain range left this loop one DRAM latency per block, ~12-14 us for
-    # 528 chunks on an H200 (docs/PERF.md run 4), most of it waiting.
-    for c0 in tl.range(0, C, BLOCK_C, num_stages=3):
+    # Wide tiles (rows_kernel_tiles): all C chunks' partials in one or two rounds of loads,
+    # not a chain of small pipelined blocks (run 4-6: 10-16 us for 528 chunks, mostly waiting).
+    for c0 in tl.range(0, C, BLOCK_C, num_stages=NUM_STAGES):
         ok = c0 + cs < C
         acc_sl1 += tl.load(SL1_PART + (c0 + cs) * B + i, mask=ok, other=0.0)
         acc_pp += tl.load(PP_PART + (c0 + cs) * B + i, mask=ok, other=0.0)
@@ -230,7 +230,7 @@ def _embedding_distill_loss_rows_kernel(
     if WITH_DOT:
         dot = tl.zeros([BLOCK_GC], dtype=tl.float32)
         tt = tl.zeros([BLOCK_GC], dtype=tl.float32)
-        for c0 in tl.range(0, C, BLOCK_C, num_stages=3):
+        for c0 in tl.range(0, C, BLOCK_C, num_stages=NUM_STAGES):
             okc = (c0 + cs) < C
             m2 = okc[:, None] & ok_g[None, :]
             rows = (c0 + cs).to(tl.int64)
@@ -373,6 +373,26 @@ def _shared_tile(gathered, with_dot, tiles_b, tiles_g, block_b, block_g) -> bool
     return gathered is None and with_dot and tiles_b == 1 and tiles_g == 1 and block_b == block_g
 
 
+# The rows kernel's (chunks x candidates) tile: at most this many fp32 elements per load (x2:
+# the dot and |t|^2 partials), spread over 16 warps (32 per thread per tensor).
+ROWS_TILE_ELEMENTS = 16384
+
+
+def rows_kernel_tiles(num_chunks: int, block_gc: int) -> tuple[int, int, int]:
+    """(BLOCK_C, num_warps, NUM_STAGES) of the rows kernel. When ROWS_TILE_ELEMENTS-wide tiles
+    cover the C chunk partials in one or two rounds (C = 4 x SMs = 528 on an H100: one round
+    up to 16 candidates, two at 32), each program loads them that way, every round's loads in
+    flight at once (run 4-6 measured 10-16 us for the kernel with 64-chunk blocks pipelined
+    three deep, docs/PERF.md). Otherwise (many candidates: B_global >= 64) the previous
+    4,096-element blocks pipelined three deep, whose staging fits in shared memory (wide tiles
+    three deep would not: 264 KiB on sm_90)."""
+    wide = max(1, min(next_power_of_2(num_chunks), ROWS_TILE_ELEMENTS // block_gc))
+    if triton.cdiv(num_chunks, wide) <= 2:
+        tile = wide * block_gc
+        return wide, 16 if tile >= 8192 else 8 if tile >= 2048 else 4, 1
+    return max(1, min(64, 4096 // block_gc)), 8 if block_gc >= 1024 else 4, 3
+
+
 def _row_block(n: int, cap: int = 64) -> int:
     # tl.dot needs every tile dimension >= 16.
     return max(16, min(cap, next_power_of_2(n)))
@@ -415,6 +435,7 @@ def embedding_distill_loss_triton_fwd(
     coef_p = torch.empty((batch,), **f32)
     coef_c = torch.empty((batch, num_global if with_dot else 0), **f32)
     block_gc = max(16, next_power_of_2(num_global))
+    block_c, rows_warps, rows_stages = rows_kernel_tiles(num_chunks, block_gc)
     _embedding_distill_loss_rows_kernel[(batch,)](
         sl1_part, pp_part, dot_part, tt_part,
         mask, gathered_mask, logit_scale if with_dot else mask,
@@ -422,9 +443,8 @@ def embedding_distill_loss_triton_fwd(
         batch, num_global, num_chunks, offset, world_size, numel,
         float(contrastive_weight), float(max_logit_scale),
         SEED_MODE=seed_mode, WITH_DOT=with_dot,
-        BLOCK_C=max(1, min(64, 4096 // block_gc)), BLOCK_GC=block_gc,
-        BLOCK_BM=max(16, next_power_of_2(batch)),
-        num_warps=8 if block_gc >= 1024 else 4,
+        BLOCK_C=block_c, BLOCK_GC=block_gc, BLOCK_BM=max(16, next_power_of_2(batch)),
+        NUM_STAGES=rows_stages, num_warps=rows_warps,
     )
     out = torch.empty((4,), **f32)
     _embedding_distill_loss_total_kernel[(1,)](
