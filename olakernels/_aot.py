@@ -174,8 +174,8 @@ def embedding_loss_variants(target: tuple) -> list[Variant]:
                              "BLOCK_B": bb, "BLOCK_G": bb, "BLOCK_D": bd,
                              "DEFER_SUMS": defer},
                             cfg.num_warps, cfg.num_stages))
-            coefs = {n: "*fp32" for n in ("COEF_SL1", "COEF_P", "COEF_C", "OUT", "G_OUT",
-                                          "GRAD_LS")}
+            coefs = {n: "*fp32" for n in ("COEF_SL1", "COEF_P", "COEF_C", "OUT", "GRAD_LS",
+                                          "G_LOSS", "G_SL1", "G_CON")}
             for cfg in k._configs(bwd=True) if main else k._configs(bwd=True)[:1]:
                 bd = cfg.kwargs["BLOCK_D"]
                 out.append(Variant(
@@ -184,7 +184,8 @@ def embedding_loss_variants(target: tuple) -> list[Variant]:
                     k._embedding_distill_loss_bwd_kernel,
                     {"P": "*" + dt, "T": "*" + dt, "G": "*" + dt, "GRAD": "*" + dt, **coefs},
                     ("beta", "inv_beta"),
-                    {"WITH_DOT": with_dot, "DOT_PREC": "ieee" if dt == "fp32" else "tf32",
+                    {"HAS_G_LOSS": True, "HAS_G_SL1": False, "HAS_G_CON": False,
+                     "WITH_DOT": with_dot, "DOT_PREC": "ieee" if dt == "fp32" else "tf32",
                      "SHARED_TILE": shared, "BLOCK_B": 32, "BLOCK_G": 32, "BLOCK_D": bd},
                     cfg.num_warps, cfg.num_stages))
     rows_ptrs = {n: "*fp32" for n in ("SL1_PART", "PP_PART", "DOT_PART", "TT_PART", "MASK",
@@ -202,7 +203,8 @@ def embedding_loss_variants(target: tuple) -> list[Variant]:
                     {"SEED_MODE": seed_mode, "WITH_DOT": with_dot, "BLOCK_C": bc,
                      "BLOCK_GC": gc, "BLOCK_BM": 32, "NUM_STAGES": stages}, warps, 1))
     out.append(Variant("embedding_loss.total", k._embedding_distill_loss_total_kernel,
-                       {"ROW_OUT": "*fp32", "OUT": "*fp32"}, (), {"BLOCK": 32}))
+                       {n: "*fp32" for n in ("ROW_OUT", "OUT", "LOSS", "SL1", "CON")}, (),
+                       {"BLOCK": 32}))
     return out
 
 

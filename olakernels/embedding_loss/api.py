@@ -124,12 +124,11 @@ def embedding_distill_loss(
         from .impl.triton import embedding_distill_loss_fwd
 
         ls32 = logit_scale.float().reshape(()) if with_dot else None
-        out, *_coefs = embedding_distill_loss_fwd(
+        loss, smooth_l1, contrastive, *_internal = embedding_distill_loss_fwd(
             pred2d, target2d, others, m, gathered.mask, ls32, float(beta),
             float(contrastive_weight), float(max_logit_scale), gathered.offset,
             gathered.world_size, mask_mode == "seed",
         )
-        loss, smooth_l1, contrastive, _ = out.unbind(0)
         return EmbeddingDistillLossOutput(loss, smooth_l1, contrastive)
 
     from .impl.torch_chunked import EmbeddingStatsTorchFunction

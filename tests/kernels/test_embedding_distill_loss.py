@@ -342,8 +342,12 @@ def test_gpu_deterministic_and_auto_is_triton():
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
-def test_components_backprop_with_their_own_weights(impl, device):
-    # Backward through smooth_l1 and contrastive separately (e.g. reweighted by a trainer).
+@pytest.mark.parametrize("used", ["all", "smooth_l1", "contrastive", "parts"])
+def test_components_backprop_with_their_own_weights(impl, used, device):
+    # Backward through smooth_l1 and contrastive separately (e.g. reweighted by a trainer);
+    # the outputs that take no part get no gradient (None in the fused backward).
+    weights = {"all": (0.5, 2.0, 3.0), "smooth_l1": (0.0, 2.0, 0.0),
+               "contrastive": (0.0, 0.0, 3.0), "parts": (0.0, 2.0, 3.0)}[used]
     pred, target = make_embedding_pair(SHAPES["ragged"], device=device, seed=31)
     mask = make_sample_mask(pred.shape[0], "mixed", device=device)
     grads = {}
@@ -353,7 +357,13 @@ def test_components_backprop_with_their_own_weights(impl, device):
         out = embedding_distill_loss(p.double() if which == "reference" else p,
                                      target.double() if which == "reference" else target,
                                      mask, s, impl=which)
-        (2.0 * out.smooth_l1 + 3.0 * out.contrastive + 0.5 * out.loss).backward()
+        terms = [w * t for w, t in zip(weights, (out.loss, out.smooth_l1, out.contrastive),
+                                       strict=True) if w]
+        sum(terms).backward()
         grads[which] = (p.grad, s.grad)
     torch.testing.assert_close(grads[impl][0], grads["reference"][0].float(), rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(grads[impl][1], grads["reference"][1].float(), rtol=1e-4, atol=1e-7)
+    if used == "smooth_l1":  # logit_scale takes no part: no gradient, as in eager PyTorch
+        assert grads[impl][1] is None and grads["reference"][1] is None
+    else:
+        torch.testing.assert_close(grads[impl][1], grads["reference"][1].float(), rtol=1e-4,
+                                   atol=1e-7)

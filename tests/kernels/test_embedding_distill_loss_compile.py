@@ -29,14 +29,20 @@ def test_opcheck_fwd_seed_mode(device):
                           _fwd_args(device, True, False, seed_mode=True))
 
 
-def test_opcheck_bwd(device):
-    args = _fwd_args(device, True, False)
+@pytest.mark.parametrize("with_dot", [True, False])
+@pytest.mark.parametrize("given", ["loss", "all", "parts"])
+def test_opcheck_bwd(with_dot, given, device):
+    args = _fwd_args(device, with_dot, False)
     with torch.no_grad():
-        out, coef_sl1, coef_p, coef_c = triton_impl.embedding_distill_loss_fwd(*args)
+        *_losses, out, coef_sl1, coef_p, coef_c = triton_impl.embedding_distill_loss_fwd(*args)
+    grads = [torch.randn((), device=device) for _ in range(3)]
+    if given == "loss":
+        grads[1] = grads[2] = None
+    elif given == "parts":
+        grads[0] = None
     torch.library.opcheck(
         triton_impl.embedding_distill_loss_bwd,
-        (args[0].detach(), args[1], None, coef_sl1, coef_p, coef_c, out,
-         torch.randn(4, device=device), 1.0, True),
+        (args[0].detach(), args[1], None, coef_sl1, coef_p, coef_c, out, *grads, 1.0, with_dot),
     )
 
 

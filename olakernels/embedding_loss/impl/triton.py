@@ -285,7 +285,7 @@ def _embedding_distill_loss_rows_kernel(
 
 
 @triton.jit
-def _embedding_distill_loss_total_kernel(ROW_OUT, OUT, B, BLOCK: tl.constexpr):
+def _embedding_distill_loss_total_kernel(ROW_OUT, OUT, LOSS, SL1, CON, B, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     acc_sl1 = tl.zeros([BLOCK], dtype=tl.float32)
     acc_con = tl.zeros([BLOCK], dtype=tl.float32)
@@ -301,6 +301,11 @@ def _embedding_distill_loss_total_kernel(ROW_OUT, OUT, B, BLOCK: tl.constexpr):
     tl.store(OUT + 1, s_sl1)
     tl.store(OUT + 2, s_con)
     tl.store(OUT + 3, tl.sum(acc_dls))
+    # The three differentiable outputs on their own (not views of OUT): each gets its own
+    # gradient, or None, in the backward, with no zero fills or stacking by autograd.
+    tl.store(LOSS, s_sl1 + s_con)
+    tl.store(SL1, s_sl1)
+    tl.store(CON, s_con)
 
 
 @triton.autotune(configs=_configs(bwd=True),
@@ -309,9 +314,13 @@ def _embedding_distill_loss_total_kernel(ROW_OUT, OUT, B, BLOCK: tl.constexpr):
 def _embedding_distill_loss_bwd_kernel(
     P, T, G, GRAD,  # pred, local targets (B, D); global targets (BG, D); grad_pred (B, D)
     COEF_SL1, COEF_P, COEF_C,  # fp32 (B,), (B,), (B, BG) from the rows kernel
-    OUT, G_OUT, GRAD_LS,  # fp32 forward out (4,), its upstream gradient (4,), grad (1,)
+    OUT, GRAD_LS,  # fp32 forward out (4,); grad of logit_scale (0-dim)
+    G_LOSS, G_SL1, G_CON,  # upstream gradients of loss, smooth_l1, contrastive (0-dim fp32)
     B, BG, D,
     beta, inv_beta,
+    HAS_G_LOSS: tl.constexpr,  # False: that output got no gradient (its pointer is a dummy)
+    HAS_G_SL1: tl.constexpr,
+    HAS_G_CON: tl.constexpr,
     WITH_DOT: tl.constexpr,
     DOT_PREC: tl.constexpr,  # "tf32" when pred and the targets are half precision
     SHARED_TILE: tl.constexpr,  # the candidate rows are this program's target rows
@@ -321,9 +330,18 @@ def _embedding_distill_loss_bwd_kernel(
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
-    u_loss = tl.load(G_OUT)
-    u_sl1 = u_loss + tl.load(G_OUT + 1)
-    u_con = u_loss + tl.load(G_OUT + 2)
+    zero = tl.sum(tl.zeros([16], dtype=tl.float32))  # a typed fp32 scalar 0
+    u_loss = zero
+    u_sl1 = zero
+    u_con = zero
+    if HAS_G_LOSS:
+        u_loss = tl.load(G_LOSS).to(tl.float32)
+    if HAS_G_SL1:
+        u_sl1 = tl.load(G_SL1).to(tl.float32)
+    if HAS_G_CON:
+        u_con = tl.load(G_CON).to(tl.float32)
+    u_sl1 += u_loss
+    u_con += u_loss
     rows_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     ok_b = rows_b < B
@@ -362,8 +380,11 @@ def _embedding_distill_loss_bwd_kernel(
                     other=0.0,
                 ).to(tl.float32)
                 acc = tl.dot(c, g_rows, acc, input_precision=DOT_PREC)
-        if (pid_d == 0) & (pid_b == 0):
-            tl.store(GRAD_LS, u_con * tl.load(OUT + 3))
+        g_ls = u_con * tl.load(OUT + 3)
+    else:
+        g_ls = zero
+    if (pid_d == 0) & (pid_b == 0):
+        tl.store(GRAD_LS, g_ls)  # (always written: the op's output is never uninitialized)
     tl.store(GRAD + offs, acc.to(GRAD.dtype.element_ty), mask=m_b)
 
 
@@ -447,22 +468,26 @@ def embedding_distill_loss_triton_fwd(
         NUM_STAGES=rows_stages, num_warps=rows_warps,
     )
     out = torch.empty((4,), **f32)
+    loss, sl1, con = (torch.empty((), **f32) for _ in range(3))
     _embedding_distill_loss_total_kernel[(1,)](
-        row_out, out, batch, BLOCK=min(1024, max(16, next_power_of_2(batch)))
+        row_out, out, loss, sl1, con, batch, BLOCK=min(1024, max(16, next_power_of_2(batch)))
     )
-    return out, coef_sl1, coef_p, coef_c
+    return loss, sl1, con, out, coef_sl1, coef_p, coef_c
 
 
 def embedding_distill_loss_triton_bwd(
-    pred, target, gathered, coef_sl1, coef_p, coef_c, out, grad_out, beta, with_dot
+    pred, target, gathered, coef_sl1, coef_p, coef_c, out, g_loss, g_sl1, g_con, beta, with_dot
 ):
-    """Launch the backward kernel. Returns (grad_pred in pred's dtype, grad_logit_scale fp32)."""
+    """Launch the backward kernel. g_*: the upstream gradients of loss, smooth_l1 and
+    contrastive, None for an output that got none. Returns (grad_pred in pred's dtype,
+    grad_logit_scale fp32)."""
     batch, numel = pred.shape
     others = target if gathered is None else gathered
     num_global = others.shape[0]
     block_b = _row_block(batch)
     grad = torch.empty_like(pred)
-    grad_ls = torch.zeros((), device=pred.device, dtype=torch.float32)
+    grad_ls = torch.empty((), device=pred.device, dtype=torch.float32)
+    g32 = [None if g is None else g.float().reshape(()) for g in (g_loss, g_sl1, g_con)]
     grid = lambda meta: (triton.cdiv(numel, meta["BLOCK_D"]), triton.cdiv(batch, block_b))  # noqa: E731
     # tf32 rounds the fp32 coefficients to 10 mantissa bits (~5e-4 relative): below a half
     # precision grad_pred's own rounding, but not an fp32 one's (fp32 heads against bf16 cached
@@ -475,10 +500,11 @@ def embedding_distill_loss_triton_bwd(
     _embedding_distill_loss_bwd_kernel[grid](
         pred, target, others, grad,
         coef_sl1, coef_p, coef_c if with_dot else coef_p,
-        out, grad_out.contiguous().float(), grad_ls,
+        out, grad_ls, *(out if g is None else g for g in g32),
         batch, num_global, numel,
         float(beta), 1.0 / beta if beta > 0 else 0.0,
-        WITH_DOT=with_dot, DOT_PREC=prec, SHARED_TILE=shared,
+        HAS_G_LOSS=g32[0] is not None, HAS_G_SL1=g32[1] is not None,
+        HAS_G_CON=g32[2] is not None, WITH_DOT=with_dot, DOT_PREC=prec, SHARED_TILE=shared,
         BLOCK_B=block_b, BLOCK_G=block_g,
     )
     return grad, grad_ls
@@ -501,9 +527,11 @@ def embedding_distill_loss_fwd(
     offset: int,
     world_size: int,
     seed_mode: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused forward. Returns (out, coef_sl1, coef_p, coef_c); out = [loss, smooth_l1,
-    contrastive, d(contrastive)/d(logit_scale)], the coefficients feed the backward."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    """Fused forward. Returns (loss, smooth_l1, contrastive, out, coef_sl1, coef_p, coef_c):
+    the three losses as 0-dim fp32 tensors (differentiable), out = [loss, smooth_l1,
+    contrastive, d(contrastive)/d(logit_scale)] and the coefficients for the backward."""
     return embedding_distill_loss_triton_fwd(
         pred, target, gathered, mask, gathered_mask, logit_scale, beta, contrastive_weight,
         max_logit_scale, offset, world_size, seed_mode, logit_scale is not None,
@@ -517,8 +545,9 @@ def _(pred, target, gathered, mask, gathered_mask, logit_scale, beta, contrastiv
     num_global = (target if gathered is None else gathered).shape[0]
     cols = num_global if logit_scale is not None else 0
     f32 = dict(dtype=torch.float32)
-    return (pred.new_empty((4,), **f32), pred.new_empty((batch,), **f32),
-            pred.new_empty((batch,), **f32), pred.new_empty((batch, cols), **f32))
+    return (*(pred.new_empty((), **f32) for _ in range(3)), pred.new_empty((4,), **f32),
+            pred.new_empty((batch,), **f32), pred.new_empty((batch,), **f32),
+            pred.new_empty((batch, cols), **f32))
 
 
 @torch.library.custom_op("olakernels::embedding_distill_loss_bwd", mutates_args=())
@@ -530,40 +559,48 @@ def embedding_distill_loss_bwd(
     coef_p: torch.Tensor,
     coef_c: torch.Tensor,
     out: torch.Tensor,
-    grad_out: torch.Tensor,
+    g_loss: torch.Tensor | None,
+    g_sl1: torch.Tensor | None,
+    g_con: torch.Tensor | None,
     beta: float,
     with_dot: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused backward. Returns (grad_pred in pred's dtype, grad_logit_scale fp32 0-dim)."""
+    """Fused backward; g_*: upstream gradients of loss, smooth_l1, contrastive (None: none).
+    Returns (grad_pred in pred's dtype, grad_logit_scale fp32 0-dim)."""
     return embedding_distill_loss_triton_bwd(
-        pred, target, gathered, coef_sl1, coef_p, coef_c, out, grad_out, beta, with_dot
-    )
+        pred, target, gathered, coef_sl1, coef_p, coef_c, out, g_loss, g_sl1, g_con, beta,
+        with_dot)
 
 
 @embedding_distill_loss_bwd.register_fake
-def _(pred, target, gathered, coef_sl1, coef_p, coef_c, out, grad_out, beta, with_dot):
+def _(pred, target, gathered, coef_sl1, coef_p, coef_c, out, g_loss, g_sl1, g_con, beta,
+      with_dot):
     return torch.empty_like(pred), pred.new_empty((), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
     pred, target, gathered, *_rest = inputs
     logit_scale, beta = inputs[5], inputs[6]
-    out, coef_sl1, coef_p, coef_c = output
+    out, coef_sl1, coef_p, coef_c = output[3:]
     ctx.save_for_backward(pred, target, gathered, coef_sl1, coef_p, coef_c, out)
     ctx.beta = beta
     ctx.with_dot = logit_scale is not None
-    ctx.mark_non_differentiable(coef_sl1, coef_p, coef_c)
-    ctx.set_materialize_grads(False)  # (no zeros for the coefficients; None is handled)
+    ctx.mark_non_differentiable(out, coef_sl1, coef_p, coef_c)
+    # An unused loss output gets None, not a zero tensor (one fill kernel each): the backward
+    # kernel skips it (HAS_G_*).
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, _g_sl1, _g_p, _g_c):
+def _backward(ctx, g_loss, g_sl1, g_con, *_unused):
     pred, target, gathered, coef_sl1, coef_p, coef_c, out = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = out.new_zeros((4,))
+    if g_loss is None and g_sl1 is None and g_con is None:
+        return (None,) * 12
     grad_pred, grad_ls = embedding_distill_loss_bwd(
-        pred, target, gathered, coef_sl1, coef_p, coef_c, out, grad_out, ctx.beta, ctx.with_dot
-    )
-    return (grad_pred, None, None, None, None, grad_ls if ctx.with_dot else None,
+        pred, target, gathered, coef_sl1, coef_p, coef_c, out, g_loss, g_sl1, g_con, ctx.beta,
+        ctx.with_dot)
+    # logit_scale reaches only the contrastive term: no gradient when that gets none (as eager)
+    con_used = ctx.with_dot and (g_loss is not None or g_con is not None)
+    return (grad_pred, None, None, None, None, grad_ls if con_used else None,
             None, None, None, None, None, None)
 
 
