@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -39,6 +40,15 @@ __all__ = ["Batch", "Collator", "ResumableLoader", "TooManyRejectsError"]
 # The reject rate is judged only after this many samples of an epoch (this rank's share): a
 # few bad samples among the first batches must not stop a run.
 REJECT_CHECK_AFTER = 64
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Data workers ignore SIGTERM and SIGINT: a scheduler's preemption (SLURM's scancel, a
+    requeue) and Ctrl-C signal the whole process group, and a worker killed by one would end
+    the run with "DataLoader worker killed by signal" before the trainer (olavlm.train.signals)
+    finishes its step and writes the checkpoint. The parent stops the workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class TooManyRejectsError(ValueError):
@@ -285,6 +295,7 @@ class ResumableLoader:
         self._dataloader = torch.utils.data.DataLoader(
             dataset, batch_sampler=self._batch_sampler, collate_fn=collator,
             num_workers=num_workers, pin_memory=pin_memory,
+            worker_init_fn=_ignore_stop_signals if num_workers else None,
             generator=torch.Generator().manual_seed(int(seed)), **extra)
 
     def _start_epoch_log(self) -> None:

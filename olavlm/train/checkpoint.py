@@ -77,6 +77,9 @@ FORMAT_VERSION = 1
 STATE_KEYS = ("model", "optim", "scheduler", "loader", "rng", "extra")
 _NAME_RE = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
+# Checkpoints of a timeline a resumed run branched off (resumed from an earlier step) are moved
+# to this prefix + their name, kept (never pruned) but no longer seen by resume=auto.
+SUPERSEDED_PREFIX = "superseded-"
 _DCP_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
 
 
@@ -286,6 +289,10 @@ class Checkpointer:
         self.dir = self.run_dir / "checkpoints"
         self.keep_last = int(keep_last)
         self.process_group = process_group
+        # Checkpoint names this object wrote or loaded: this run's timeline. A complete
+        # checkpoint of the same step that is not among them belongs to a timeline this run
+        # branched off (resumed from an earlier step) and is superseded, not kept as "ours".
+        self._mine: set[str] = set()
 
     # -- process group helpers
     @property
@@ -352,7 +359,10 @@ class Checkpointer:
         optimizer; needs "model"), "scheduler" and "loader" (objects with
         ``state_dict``/``load_state_dict``), "rng" (True: this process's RNG states; or an
         :func:`rng_state` dict taken earlier), "extra" (a JSON-able dict, returned by ``load``).
-        A complete checkpoint for ``step`` that already exists is returned as is. Raises
+        A complete checkpoint for ``step`` that this object wrote or loaded is returned as is;
+        one from a timeline this run branched off (it resumed from an earlier step), and every
+        later-step one, is moved aside as ``superseded-step_N`` (kept, never pruned, no longer
+        picked by resume=auto) with a warning. Raises
         CheckpointError on disk errors (the temporary files are removed, previous checkpoints
         untouched); programming errors (an unpicklable state...) propagate after the cleanup.
         """
@@ -364,7 +374,7 @@ class Checkpointer:
             plan = self._prepare(name, final)
         kind, tmp_name = self._broadcast(plan)
         if kind == "exists":
-            logger.info("checkpoint %s already exists; not rewritten", final)
+            logger.info("checkpoint %s (this run's) already exists; not rewritten", final)
             return final
         if kind == "error":
             raise CheckpointError(f"cannot create a checkpoint directory in {self.dir} "
@@ -400,16 +410,24 @@ class Checkpointer:
             raise CheckpointError(
                 f"could not write checkpoint {name} in {self.dir} ({text}); removed the partial "
                 f"files; {self._previous_text()}") from own_exc
+        self._mine.add(name)
         if self.rank == 0:
-            newer = [p.name for p in self.checkpoints() if (_step_of(p) or 0) > int(step)]
+            newer = [p for p in self.checkpoints() if (_step_of(p) or 0) > int(step)]
             if newer:
-                warnings.warn(f"{self.dir} holds checkpoints of later steps ({', '.join(newer)}, "
-                              f"from a run this one branched off) besides the new {name}: "
-                              "resume=auto would pick them; delete them if they are stale",
-                              stacklevel=2)
+                moved = [self._supersede(p) for p in newer]
+                warnings.warn(f"{self.dir} held checkpoints of later steps from the run this one "
+                              f"branched off (it resumed from an earlier step); resume=auto "
+                              f"would have picked them over the new {name}: moved aside as "
+                              f"{', '.join(moved)} (delete them when not needed)", stacklevel=2)
             self._prune(keep=final)
         self._barrier()
         return final
+
+    def _supersede(self, path: Path) -> str:
+        """Rank 0: rename a checkpoint of an abandoned timeline out of resume=auto's sight."""
+        aside = self.dir / f"{SUPERSEDED_PREFIX}{path.name}-{secrets.token_hex(3)}"
+        os.replace(path, aside)
+        return aside.name
 
     def _prepare(self, name: str, final: Path) -> tuple[str, str]:
         """Rank 0: ("exists", "") | ("write", tmp name) | ("error", reason)."""
@@ -417,7 +435,15 @@ class Checkpointer:
             self.dir.mkdir(parents=True, exist_ok=True)
             if final.exists():
                 if checkpoint_problem(final) is None:
-                    return ("exists", "")
+                    if name in self._mine:
+                        return ("exists", "")
+                    aside = self._supersede(final)
+                    warnings.warn(f"{final} came from the run this one branched off (it resumed "
+                                  f"from an earlier step): moved aside as {aside} and written "
+                                  "anew (delete the old one when not needed)", stacklevel=3)
+                    tmp_name = f"{_TMP_PREFIX}{name}-{secrets.token_hex(4)}"
+                    (self.dir / tmp_name).mkdir()
+                    return ("write", tmp_name)
                 # Not ours to trust (a partial copy?): moved aside, pruned like a crash leftover.
                 aside = self.dir / f"{_TMP_PREFIX}{name}-invalid-{secrets.token_hex(4)}"
                 warnings.warn(f"{final} is not a complete checkpoint "
@@ -467,6 +493,8 @@ class Checkpointer:
             raise CheckpointError(f"{path} is not a valid checkpoint: {problem}")
         info = json.loads((path / MARKER).read_text())
         payload = self._read_rank_file(path, info)
+        if path.parent.resolve() == self.dir.resolve():
+            self._mine.add(path.name)  # this run continues from it
         if "model" in state:
             self._load_model_optim(path, state, payload)
         for key in ("scheduler", "loader"):

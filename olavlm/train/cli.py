@@ -76,12 +76,12 @@ def run_train(args) -> int:
         return 2
     try:
         result = trainer.train()
-    except (NonFiniteLossError, NoDataError, BadSampleError) as exc:
+    except (NonFiniteLossError, NoDataError, BadSampleError, CheckpointError) as exc:
         trainer.metrics.close()
         print(f"olavlm train: {_last_line(exc)}", file=sys.stderr)
-        # The non-finite stop is agreed by all ranks; a NoDataError or a bad sample under
-        # data.on_bad_sample=raise may be this rank's alone.
-        trainer.close(barrier=isinstance(exc, NonFiniteLossError))
+        # The non-finite stop and a failed final checkpoint are agreed by all ranks; a
+        # NoDataError or a bad sample under data.on_bad_sample=raise may be this rank's alone.
+        trainer.close(barrier=isinstance(exc, (NonFiniteLossError, CheckpointError)))
         return 1
     except RuntimeError as exc:
         if not (trainer.dist.distributed and peer_failure(exc)):

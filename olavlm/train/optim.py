@@ -82,7 +82,9 @@ def warmup_steps(cfg, total_steps: int) -> int:
     return math.ceil(cfg.warmup_ratio * total_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int):
+def schedule_factor(cfg, total_steps: int):
+    """The learning-rate multiplier of step k (0-based): linear warm-up, then cosine or
+    constant, over ``total_steps``."""
     if cfg.schedule not in ("cosine", "constant"):
         raise ValueError(f"optim.schedule must be cosine or constant, got {cfg.schedule!r}")
     warm = warmup_steps(cfg, total_steps)
@@ -95,7 +97,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int):
         progress = (step - warm) / max(1, total_steps - warm)
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg, total_steps))
+
+
+def set_schedule_length(scheduler, cfg, total_steps: int) -> None:
+    """Give a built scheduler a new length (a resumed epoch-based run whose batch geometry
+    changed): its step count stays, the multipliers follow the new total. Call before
+    apply_hyperparameters, which sets the current lr from them."""
+    scheduler.lr_lambdas = [schedule_factor(cfg, total_steps) for _ in scheduler.lr_lambdas]
 
 
 _HYPER = ("lr", "betas", "eps", "weight_decay")

@@ -32,7 +32,13 @@ from . import build as B
 from . import load as L
 from .checkpoint import Checkpointer, CheckpointError, check_resume_path, latest_checkpoint
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_losses, summarize_run
-from .optim import apply_hyperparameters, build_optimizer, build_scheduler, hyperparameters
+from .optim import (
+    apply_hyperparameters,
+    build_optimizer,
+    build_scheduler,
+    hyperparameters,
+    set_schedule_length,
+)
 from .parallel import (
     apply_parallelism,
     enable_tf32,
@@ -80,7 +86,7 @@ def _run_dir(cfg: Config, dist_info) -> tuple[Path, bool]:
     if dist_info.is_main and name is None:
         previous = sorted(p for p in out.glob(f"{cfg.recipe}-*") if p.is_dir()
                           and (p / "checkpoints").is_dir() and not (p / FINISHED).exists())
-        if cfg.checkpoint.resume == "auto" and previous:
+        if str(cfg.checkpoint.resume or "").strip().lower() == "auto" and previous:
             name = previous[-1].name
         else:
             name, made = _new_folder(out, f"{cfg.recipe}-{_dt.datetime.now():%Y%m%d-%H%M%S}")
@@ -90,8 +96,11 @@ def _run_dir(cfg: Config, dist_info) -> tuple[Path, bool]:
         name = box[0]
     run_dir = out / name
     if dist_info.is_main and not made:
-        made = not run_dir.exists()
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:  # exclusively: of two jobs starting into a new folder, one made it
+            run_dir.mkdir(parents=True)
+            made = True
+        except FileExistsError:
+            pass
     _barrier(dist_info)
     return run_dir, made
 
@@ -209,7 +218,13 @@ class Trainer:
         self.run_dir, made = _run_dir(cfg, d)
         self._lock = None
         try:
+            # A folder another job holds is never removed below, even one this start made: the
+            # other job may have taken the lock between our mkdir and our lock.
             self._lock = _lock_run_dir(self.run_dir) if d.is_main else None
+        except BaseException:
+            self._restore_tf32()
+            raise
+        try:
             self._build(cfg, d, resume_opt)
         except BaseException:
             if made:  # a failed start (a bad model path...) leaves no folder behind
@@ -272,8 +287,10 @@ class Trainer:
         accum = cfg.optim.grad_accum
         if accum < 1:
             raise ValueError(f"optim.grad_accum must be >= 1, got {accum}")
-        per_epoch = max(1, len(self.loader) // accum)
-        self.total_steps = cfg.train.max_steps or per_epoch * max(1, cfg.train.epochs)
+        # Epoch mode: every micro-batch of the epochs, accumulation groups running across epoch
+        # boundaries (the loop draws them in one stream); a resume recounts from the data left.
+        self.total_steps = cfg.train.max_steps or max(
+            1, len(self.loader) * max(1, cfg.train.epochs) // accum)
         self.optimizer = build_optimizer(model, cfg.optim, d.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.checkpointer = Checkpointer(self.run_dir, keep_last=cfg.checkpoint.keep_last)
@@ -287,6 +304,8 @@ class Trainer:
             self.step = int(extra["step"])
             self.nonfinite_total = int(extra.get("nonfinite_total", 0))
             self.nonfinite_run = int(extra.get("nonfinite_run", 0))  # "in a row" spans a resume
+            if not cfg.train.max_steps:
+                self._recount_epoch_steps(accum)
             apply_hyperparameters(self.optimizer, self.scheduler, fresh)
             logger.info("resumed from %s at step %d", resume, self.step)
             if d.is_main:
@@ -310,6 +329,25 @@ class Trainer:
                 "loader": self.loader, "rng": True,
                 "extra": {"step": self.step, "nonfinite_total": self.nonfinite_total,
                           "nonfinite_run": self.nonfinite_run, "recipe": self.cfg.recipe}}
+
+    def _recount_epoch_steps(self, accum: int) -> None:
+        """A resumed epoch-based run (train.max_steps=0) ends where the data ends: the steps
+        left follow the loader's restored position (in samples) under this run's batch size,
+        ranks and grad_accum, which may differ from the checkpoint's. Unchanged geometry gives
+        the uninterrupted run's total; a changed one stretches or shortens the schedule
+        (warm-up and cosine over the new total, from the current step)."""
+        plan = getattr(self.loader, "plan", None)
+        if plan is None:
+            return
+        epochs = max(1, self.cfg.train.epochs)
+        left = len(plan().global_batches) + \
+            max(0, epochs - 1 - self.loader.epoch) * len(self.loader)
+        total = self.step + left // accum
+        if total != self.total_steps:
+            logger.info("epoch mode: %d optimizer steps in all after the resume (the data left "
+                        "at this batch size and grad_accum), not %d", total, self.total_steps)
+            self.total_steps = total
+            set_schedule_length(self.scheduler, self.cfg.optim, total)
 
     def save_checkpoint(self) -> Path | None:
         try:
@@ -493,6 +531,8 @@ class Trainer:
                         "normalization would be wrong (a splice/count mismatch: please report)")
                 scalars["grad_norm"] = values[-3]
                 stop_requested = values[-1] > 0.5
+                # the learning rate this step updates with (the scheduler steps after it)
+                self._step_lr = self.optimizer.param_groups[0]["lr"]
                 if values[-2] > 0.5:
                     self._skip_nonfinite(scalars)
                 else:
@@ -513,16 +553,29 @@ class Trainer:
                     stopped = signals.signal_name or "a signal on another rank"
                     logger.warning("%s received: writing a checkpoint at step %d and stopping",
                                    stopped, self.step)
-                    self.save_checkpoint()
+                    self._save_or_raise("the checkpoint on stopping")
                     break
                 if every and self.step % every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
-        if stopped is None:
-            if cfg.checkpoint.at_end:
-                self.save_checkpoint()
-            if d.is_main:
-                (self.run_dir / FINISHED).write_text(f"{self.step}\n")
+            # Inside the signal handlers' block: a SIGTERM during the last save waits for it.
+            if stopped is None and cfg.checkpoint.at_end:
+                self._save_or_raise("the final checkpoint")
+        if stopped is None and d.is_main:
+            (self.run_dir / FINISHED).write_text(f"{self.step}\n")
         return self._finish(stopped)
+
+    def _save_or_raise(self, what: str) -> None:
+        """A checkpoint the run cannot end without (at the end, on a stop signal): if it fails
+        (out of disk), the run stops with CheckpointError (exit status 1) instead of reporting
+        success; it is not marked finished, so `--resume auto` continues it."""
+        if self.save_checkpoint() is not None:
+            return
+        prev = self.checkpointer.latest()
+        where = f"the last checkpoint is {prev}" if prev is not None else \
+            "there is no checkpoint"
+        raise CheckpointError(
+            f"{what} at step {self.step} could not be written (the error is above); {where}: "
+            "free disk space and rerun the same command (--resume auto) to continue from it")
 
     def _clip(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -552,10 +605,9 @@ class Trainer:
         d = self.dist
         steps = max(1, window["steps"])
         rate = 1.0 / max(seconds, 1e-9)
-        lr = self.scheduler.get_last_lr()
         logged = dict(scalars)
         logged.update({
-            "lr": lr[0], "step_time_s": seconds / steps,
+            "lr": self._step_lr, "step_time_s": seconds / steps,
             "samples_per_s": window["samples"] * d.world_size * rate,
             "tokens_per_s": window["tokens"] * d.world_size * rate,
             "nonfinite_total": self.nonfinite_total,

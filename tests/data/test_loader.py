@@ -79,6 +79,10 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_samples(dataset, num_work
     rest = _ids(resumed)
     assert seen + rest == reference
     assert resumed.epoch == 1 and resumed.position == 0
+    # workers ignore the stop signals the trainer handles (tests/train/test_trainer_faults.py)
+    from olavlm.data.loader import _ignore_stop_signals
+
+    assert loader._dataloader.worker_init_fn is (_ignore_stop_signals if num_workers else None)
 
 
 def test_iterating_leaves_the_global_rng_alone(dataset):

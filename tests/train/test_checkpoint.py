@@ -171,6 +171,36 @@ def test_keep_last_and_existing_step(tmp_path):
     assert info["step"] == 3 and info["world_size"] == 1 and "rank_00000.pt" in info["files"]
 
 
+def test_a_branched_run_supersedes_the_abandoned_timeline(tmp_path):
+    """A run resumed from an earlier checkpoint (after a loss spike, with a lower lr) writes
+    its own checkpoints at steps the first run had already saved: those, and every later one,
+    are moved aside (kept, never pruned), so resume=auto and export find the new timeline."""
+    model, opt, _, _ = _job()
+    first = Checkpointer(tmp_path, keep_last=0)
+    for step in range(1, 5):
+        first.save(step, {"model": model, "extra": {"step": step, "run": "first"}})
+    branch = Checkpointer(tmp_path, keep_last=2)  # a new process resuming from step 2
+    assert branch.load(branch.dir / "step_000002", {"model": model})["run"] == "first"
+    assert branch.save(2, {"model": model, "extra": {"step": 2, "run": "branch"}}) \
+        == branch.dir / "step_000002"  # the checkpoint it resumed from: its own, kept
+    with pytest.warns(UserWarning, match="branched off"):
+        branch.save(3, {"model": model, "extra": {"step": 3, "run": "branch"}})
+    assert [p.name for p in branch.checkpoints()] == ["step_000002", "step_000003"]
+    assert branch.resolve_resume("auto") == branch.dir / "step_000003"
+    assert branch.load(None, {"model": model}) == {"step": 3, "run": "branch"}
+    aside = sorted(p.name.rsplit("-", 1)[0] for p in branch.dir.glob("superseded-*"))
+    assert aside == ["superseded-step_000003", "superseded-step_000004"]
+    # This run's own checkpoint of a step is never rewritten (a stop signal right after a save).
+    mtime = (branch.latest() / MARKER).stat().st_mtime_ns
+    branch.save(3, {"model": model, "extra": {"step": 3}})
+    assert (branch.latest() / MARKER).stat().st_mtime_ns == mtime
+    # keep_last prunes checkpoints, never the superseded ones
+    for step in range(4, 7):
+        branch.save(step, {"model": model, "extra": {"step": step}})
+    assert [p.name for p in branch.checkpoints()] == ["step_000005", "step_000006"]
+    assert len(list(branch.dir.glob("superseded-*"))) == 2
+
+
 def test_a_crash_between_write_and_rename_never_becomes_latest(tmp_path):
     """A real kill (SIGKILL) right before the rename: the temp dir, even with its marker
     written, is never taken for a checkpoint, and the next save removes it."""

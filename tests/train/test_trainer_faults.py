@@ -1,0 +1,148 @@
+# The launcher's edges: the logged lr, a failed last save, the run-folder lock, resume's spelling,
+# data workers under a stop signal.
+from __future__ import annotations
+
+import errno
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import olavlm.train.checkpoint as ckpt_mod
+import olavlm.train.trainer as trainer_mod
+from olavlm.config import resolve_config
+from olavlm.train.cli import main as train_main
+from olavlm.train.metrics import read_metrics
+from olavlm.train.trainer import FINISHED, Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("synthetic")
+
+
+def _overrides(tmp_path, synth_dir, *extra):
+    return [f"train.output_dir={tmp_path / 'runs'}", f"data.synthetic_dir={synth_dir}",
+            "data.synthetic_num=16", "logging.progress=false", "logging.plot=false", *extra]
+
+
+def test_the_logged_lr_is_the_one_each_step_used(tmp_path, synth_dir):
+    cfg = resolve_config("demo", None, _overrides(
+        tmp_path, synth_dir, "train.max_steps=4", "checkpoint.every_steps=0",
+        "checkpoint.at_end=false", "optim.warmup_ratio=0.5"))
+    trainer = Trainer(cfg)
+    used = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    logged = [row["lr"] for row in read_metrics(trainer.run_dir)]
+    assert len(used) == 4 and logged == pytest.approx(used), (logged, used)
+    assert used[-1] > 0  # the last step still updated (the schedule reaches 0 after it)
+
+
+def test_a_failed_final_checkpoint_fails_the_run(tmp_path, synth_dir, monkeypatch, capsys):
+    """Out of disk while writing the last checkpoint: exit status 1 and a message naming the
+    checkpoint that is left, no FINISHED marker (so resume=auto continues the run)."""
+    real = ckpt_mod._write_rank_file
+
+    def no_space_at_step_4(path, payload):
+        if "step_000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, payload)
+
+    monkeypatch.setattr(ckpt_mod, "_write_rank_file", no_space_at_step_4)
+    rc = train_main(_overrides(tmp_path, synth_dir, "train.max_steps=4",
+                               "checkpoint.every_steps=2", "train.run_name=job"))
+    err = capsys.readouterr().err
+    run = tmp_path / "runs" / "job"
+    assert rc == 1, err
+    assert "final checkpoint at step 4 could not be written" in err and "step_000002" in err
+    assert not (run / FINISHED).exists()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000002"]
+
+
+def test_another_jobs_lock_never_removes_the_folder(tmp_path, synth_dir, monkeypatch):
+    """This start made the folder, but another job locked it first (the window between mkdir
+    and flock): refused, and the folder -- now the other job's -- stays."""
+    def locked_by_another_job(run_dir):
+        raise ValueError(f"{run_dir} is in use by another training process")
+
+    monkeypatch.setattr(trainer_mod, "_lock_run_dir", locked_by_another_job)
+    cfg = resolve_config("demo", None, _overrides(tmp_path, synth_dir, "train.run_name=fresh"))
+    with pytest.raises(ValueError, match="in use by another training process"):
+        Trainer(cfg)
+    assert (tmp_path / "runs" / "fresh").is_dir()
+
+
+@pytest.mark.parametrize("spelling", ["auto", "AUTO", " Auto "])
+def test_resume_auto_continues_the_newest_unfinished_run_however_spelled(tmp_path, spelling):
+    out = tmp_path / "runs"
+    for name in ("demo-20250101-000000", "demo-20250102-000000"):
+        (out / name / "checkpoints").mkdir(parents=True)
+    (out / "demo-20250102-000000" / FINISHED).write_text("3\n")
+    cfg = resolve_config("demo", None, [f"train.output_dir={out}",
+                                        f"checkpoint.resume={spelling}"])
+    run_dir, made = trainer_mod._run_dir(cfg, SimpleNamespace(is_main=True, distributed=False))
+    assert run_dir == out / "demo-20250101-000000" and not made
+
+
+def test_data_workers_ignore_stop_signals():
+    """A scheduler's SIGTERM (and Ctrl-C's SIGINT) reaches the whole process group: data
+    workers must outlive it, so that the trainer finishes its step and writes the checkpoint
+    (a killed worker would end the run first)."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from olavlm.data.loader import _ignore_stop_signals
+        _ignore_stop_signals(0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        print("alive")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive", proc.stderr
+    assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # (not this process)
+
+
+@pytest.mark.parametrize("new_batch", [8, 2])
+def test_an_epoch_run_resumed_at_another_batch_size_ends_with_the_epoch(
+        tmp_path, synth_dir, new_batch):
+    """train.max_steps=0 (one epoch, as the real recipes): preempted after 8 of 16 samples
+    at batch 4, resumed at another batch size, the run trains on exactly the 8 samples left
+    (the position is in samples; the steps left are recounted from it)."""
+    base = _overrides(tmp_path, synth_dir, "train.run_name=job", "train.max_steps=0",
+                      "train.epochs=1", "checkpoint.every_steps=0")
+    first = Trainer(resolve_config("demo", None, [*base, "data.batch_size=4"]))
+    log = first._log
+
+    def log_then_preempt(*args):
+        log(*args)
+        if first.step == 2:
+            signal.raise_signal(signal.SIGTERM)  # the scheduler preempts the job
+
+    first._log = log_then_preempt
+    try:
+        assert first.train().stopped == "SIGTERM"
+    finally:
+        first.close()
+    assert (first.loader.epoch, first.loader.position) == (0, 8)
+    second = Trainer(resolve_config("demo", None, [*base, f"data.batch_size={new_batch}"]))
+    seen = []
+    tokens = second._tokens
+    second._tokens = lambda batch: (seen.append(len(batch)), tokens(batch))[1]
+    try:
+        result = second.train()
+    finally:
+        second.close()
+    assert second.total_steps == 2 + 8 // new_batch and result.steps == second.total_steps
+    assert sum(seen) == 8 and (second.loader.epoch, second.loader.position) == (0, 16)
