@@ -79,8 +79,9 @@ def linear_cross_entropy(
     (V, H) gradient from the forward to the backward, 2.1 GB for Llama-3; tile knob "blas",
     docs/ops/linear_cross_entropy.md). No host sync either way. A bound below the true count
     is caught on the device: the loss is NaN (whatever the impl), and so are grad_weight,
-    grad_bias and grad_hidden's labelled rows inside the bound (rows past it stay 0), never a
-    silently partial loss (a trainer that skips non-finite steps skips it). A bound that
+    grad_bias and grad_hidden (which of its rows depends on the schedule: treat the whole
+    gradient as NaN), never a silently partial loss (a trainer that skips non-finite steps
+    skips it). A bound that
     changes every step changes launch sizes, which a captured CUDA graph cannot follow: pass a
     fixed bound there, or none.
     ``max_valid_tokens="count"``: the op counts the labels itself, on the host: one device
@@ -110,6 +111,9 @@ def linear_cross_entropy(
     """
     _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_weight,
               logit_softcap, impl)
+    if shift_labels and labels.dim() == 0:
+        raise ValueError("linear_cross_entropy: shift_labels=True needs labels with a sequence "
+                         "dimension (..., T), got a single label (shape ())")
     count_on_host = isinstance(max_valid_tokens, str) and max_valid_tokens == "count"
     if max_valid_tokens is not None and not count_on_host and (
             isinstance(max_valid_tokens, bool) or not isinstance(max_valid_tokens, int) or
@@ -229,9 +233,9 @@ def _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_w
     if hidden.dim() < 1 or hidden.shape[-1] == 0:
         raise ValueError(f"{name}: hidden must have shape (..., H) with H > 0, got "
                          f"{tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{name}: weight must have shape (V, H) = (?, {hidden.shape[-1]}), got "
-                         f"{tuple(weight.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"{name}: weight must have shape (V, H) = (V > 0, {hidden.shape[-1]}), "
+                         f"got {tuple(weight.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"{name}: labels must be an integer tensor, got dtype {labels.dtype}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
@@ -244,6 +248,8 @@ def _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_w
                              tuple(bias.shape) != (weight.shape[0],)):
         got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
         raise ValueError(f"{name}: bias must have shape (V,) = ({weight.shape[0]},), got {got}")
+    if bias is not None and not bias.is_floating_point():
+        raise ValueError(f"{name}: bias must be a floating tensor, got dtype {bias.dtype}")
     for arg, t in (("weight", weight), ("labels", labels), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name}: {arg} must be on hidden's device {hidden.device}, got "

@@ -147,7 +147,8 @@ class LinearCrossEntropy(nn.Linear):
             if self.logit_softcap is not None:
                 logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
             return logits
-        adaptive = self.adaptive_schedule and max_valid_tokens is None and _history_allowed()
+        tracked = self.adaptive_schedule and _history_allowed()
+        adaptive = tracked and max_valid_tokens is None
         out = linear_cross_entropy(
             hidden, self.weight, labels, bias=self.bias, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
@@ -157,7 +158,7 @@ class LinearCrossEntropy(nn.Linear):
             labelled_fraction_hint=self._history.fraction() if adaptive else None,
             impl=self.impl,
         )
-        if adaptive:
+        if tracked:  # bounded calls too: the next unbounded call reads the latest fraction
             self._history.record(out.num_valid, labels.numel())
         return out if return_stats else out.loss
 

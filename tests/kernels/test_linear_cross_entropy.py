@@ -192,6 +192,11 @@ def _bad_cases():
         "finite number > 0"
     yield "int_hidden", dict(hidden=h.long(), weight=w, labels=y), "hidden must be a floating"
     yield "empty", dict(hidden=h[:0], weight=w, labels=y[:0]), "at least one token"
+    yield "empty_vocab", dict(hidden=h, weight=w[:0], labels=torch.full((4,), -100)), "V > 0"
+    yield "int_bias", dict(hidden=h, weight=w, labels=y, bias=torch.ones(10, dtype=torch.long)), \
+        "bias must be a floating"
+    yield "shift_one_label", dict(hidden=h[0], weight=w, labels=y[0], shift_labels=True), \
+        "shift_labels=True needs labels with a sequence"
 
 
 @pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[0])
@@ -254,6 +259,24 @@ def test_compile_fullgraph_matches_eager(impl, device):
     assert_compiled_matches_eager(loss_fn, hidden, weight, bias, labels)
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_compiled_ignored_rows_stay_out_of_the_math(impl, device):
+    """Under compile the torch path takes every row and masks the ignored ones: an
+    ignore_index outside [0, V) (allowed) must not index the logits, and inf in an ignored
+    row's hidden state (padding) must not reach a gradient (0 x inf)."""
+    hidden, weight, labels, bias = make_lm_head_inputs((30,), 16, 40, device=device, bias=True,
+                                                       ignored=0.3)
+    ignored = labels == -100
+    labels = torch.where(ignored, 40, labels)  # ignore_index = V
+    hidden = hidden.clone()
+    hidden[ignored.nonzero()[0, 0]] = float("inf")
+
+    def loss_fn(h, w, b, y):
+        return linear_cross_entropy(h, w, y, bias=b, ignore_index=40, impl=impl)
+
+    assert_compiled_matches_eager(loss_fn, hidden, weight, bias, labels)
+
+
 def assert_compiled_matches_eager(loss_fn, hidden, weight, bias, labels):
     """loss_fn(h, w, b, labels) eager and under torch.compile(fullgraph=True): the same loss
     and gradients of hidden, weight and bias."""
@@ -263,6 +286,7 @@ def assert_compiled_matches_eager(loss_fn, hidden, weight, bias, labels):
         loss = fn(h, w, b, labels)
         loss.backward()
         results.append((loss.detach(), h.grad, w.grad, b.grad))
+        assert all(g.isfinite().all() for g in results[-1]), results[-1]
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

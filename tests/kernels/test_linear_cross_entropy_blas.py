@@ -440,6 +440,13 @@ def test_module_picks_the_schedule_from_the_previous_count(clean_blocks, device,
     head.adaptive_schedule = False
     head(hidden, dense)
     assert len(calls) == before
+    # A bounded call is recorded too: the next unbounded call follows its (sparse) fraction.
+    head.adaptive_schedule = True
+    head(hidden, dense)
+    head(hidden, sparse, max_valid_tokens=int((sparse != -100).sum()))
+    before = len(calls)
+    head(hidden, dense)
+    assert len(calls) == before  # the kernels, not BLAS over all rows
     with pytest.raises(ValueError, match="adaptive_schedule"):
         LinearCrossEntropy(23, 101, adaptive_schedule="yes")
 

@@ -23,8 +23,15 @@ def _rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (labels != ignore_index).nonzero().squeeze(1)
 
 
-def _logits(hidden, weight_acc, bias, rows, softcap, acc):
-    z = hidden[rows].to(acc) @ weight_acc.T
+def _rows_hidden(hidden, rows, keep, acc):
+    """The chunk's hidden rows in the accumulation dtype; an ignored row (only under compile,
+    which takes every row) as zeros, so that inf/NaN padding never reaches a gradient
+    (0 x inf)."""
+    return torch.where(keep[:, None], hidden[rows].to(acc), 0.0)
+
+
+def _logits(hidden, weight_acc, bias, rows, keep, softcap, acc):
+    z = _rows_hidden(hidden, rows, keep, acc) @ weight_acc.T
     if bias is not None:
         z = z + bias.to(acc)
     if softcap > 0:
@@ -48,12 +55,12 @@ class LinearCrossEntropyTorchFunction(torch.autograd.Function):
         step = max(1, _CHUNK_ELEMENTS // v)
         for i in range(0, rows.shape[0], step):
             r = rows[i : i + step]
-            z = _logits(hidden, weight_acc, bias, r, softcap, acc)
-            y = labels[r].clamp_min(0)  # masked rows (compile) carry ignore_index
+            keep = labels[r] != ignore_index
+            z = _logits(hidden, weight_acc, bias, r, keep, softcap, acc)
+            y = torch.where(keep, labels[r], 0)  # ignored rows (compile) carry ignore_index
             lse = torch.logsumexp(z, dim=1)
             tok = lse - (1 - label_smoothing) * z.gather(1, y[:, None]).squeeze(1) \
                 - label_smoothing * z.mean(dim=1) + z_loss_weight * lse.square()
-            keep = labels[r] != ignore_index
             loss[r] = torch.where(keep, tok, 0.0)
             correct[r] = (z.argmax(dim=1) == labels[r]) & keep
             lse_all[r] = lse
@@ -76,21 +83,22 @@ class LinearCrossEntropyTorchFunction(torch.autograd.Function):
         step = max(1, _CHUNK_ELEMENTS // v)
         for i in range(0, rows.shape[0], step):
             r = rows[i : i + step]
-            z = _logits(hidden, weight_acc, bias, r, softcap, acc)
+            keep = labels[r] != ignore_index
+            z = _logits(hidden, weight_acc, bias, r, keep, softcap, acc)
             lse = lse_all[r]
-            g = torch.where(labels[r] != ignore_index, grad_loss[r].to(acc), 0.0)
+            g = torch.where(keep, grad_loss[r].to(acc), 0.0)
             cap_slope = 1 - (z / softcap).square() if softcap > 0 else None
             # In place on the chunk's logits: one (chunk, V) temporary (two with softcap).
             dz = z.sub_(lse[:, None]).exp_()
             dz.mul_((1 + 2 * z_loss_weight * lse)[:, None]).sub_(label_smoothing / v)
-            dz[torch.arange(r.shape[0]), labels[r].clamp_min(0)] -= 1 - label_smoothing
+            dz[torch.arange(r.shape[0]), torch.where(keep, labels[r], 0)] -= 1 - label_smoothing
             if cap_slope is not None:
                 dz.mul_(cap_slope)
             dz.mul_(g[:, None])
             if need_h:
                 gh[r] = (dz @ weight_acc).to(hidden.dtype)
             if need_w:
-                gw.addmm_(dz.T, hidden[r].to(acc))
+                gw.addmm_(dz.T, _rows_hidden(hidden, r, keep, acc))
             if need_b:
                 gb += dz.sum(0)
         return (gh, None if gw is None else gw.to(weight.dtype),
