@@ -151,8 +151,17 @@ class SyntheticTeacher(Teacher):
         return out
 
     def encode(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        depth = features["depth"].flatten(2).transpose(1, 2) @ self.proj_depth  # (B, g*g, D)
-        seg = torch.einsum("bfhw,fc->bchw", features["seg"], self.proj_seg)
-        gen = (features["gen"] @ self.proj_gen).unsqueeze(1)
-        return {"depth": depth.to(self.dtype), "seg": seg.to(self.dtype),
-                "gen": gen.to(self.dtype)}
+        # One sample per product: a BLAS picks its blocking (and so its summation order) from
+        # the batch size, which moved a few values by an ulp between a batched extraction and
+        # a one-at-a-time read (a bf16 cache is compared bit for bit). Same shapes, same bits.
+        out: dict[str, list[torch.Tensor]] = {"depth": [], "seg": [], "gen": []}
+        for depth, seg, gen in zip(features["depth"], features["seg"], features["gen"],
+                                   strict=True):
+            out["depth"].append(depth.flatten(1).T @ self.proj_depth)  # (g*g, D)
+            out["seg"].append((seg.flatten(1).T @ self.proj_seg).T.reshape(
+                -1, *seg.shape[1:]))  # (C, g, g)
+            out["gen"].append((gen @ self.proj_gen).unsqueeze(0))  # (1, D)
+        if not out["gen"]:  # an empty batch
+            return {task: torch.empty(0, *shape, device=self.device, dtype=self.dtype)
+                    for task, shape in self.target_shapes().items()}
+        return {task: torch.stack(values).to(self.dtype) for task, values in out.items()}

@@ -58,6 +58,23 @@ def test_targets_reflect_the_maps(teacher_synth_dir):
         assert math.isclose(float(scene[b, -1]) * 4, len(objects), abs_tol=1e-4)
 
 
+def test_targets_do_not_depend_on_the_batch(teacher_synth_dir):
+    """The same bits for a sample whatever else is in its batch: a cache extracted in batches
+    is read back one sample at a time and compared exactly (a BLAS's blocking, and so its
+    summation order, follows the batch size)."""
+    entries = _image_entries(teacher_synth_dir)[:7]
+    maps = _maps(teacher_synth_dir, entries)
+    teacher = SyntheticTeacher()
+    together = teacher(maps=maps)
+    for i in range(len(entries)):
+        alone = teacher(maps={k: v[i:i + 1] for k, v in maps.items()})
+        for task, value in together.items():
+            assert torch.equal(value[i], alone[task][0]), (i, task)
+    empty = teacher.encode({k: v[:0] for k, v in teacher.preprocess(maps=maps).items()})
+    assert {k: tuple(v.shape[1:]) for k, v in empty.items()} == teacher.target_shapes()
+    assert all(v.shape[0] == 0 for v in empty.values())
+
+
 def test_a_nearer_shape_changes_only_its_own_cells(teacher_synth_dir):
     entry = _image_entries(teacher_synth_dir)[0]
     maps = load_scene_maps(entry, teacher_synth_dir)
