@@ -236,7 +236,24 @@ def read_seed_checkpoint(seed_dir: str | Path, **overrides) -> SeedCheckpoint:
     if other_tasks:
         warnings.warn(f"{folder}: dropping {len(other_tasks)} weights of tasks outside aux_mode "
                       f"{config.aux_mode!r}: {_listed(sorted(other_tasks))}", stacklevel=2)
+    if "trainable_dtype" not in overrides:
+        config = _with_stored_trainable_dtype(config, state)
     return SeedCheckpoint(config, llm_config, state, sorted(ignored + other_tasks))
+
+
+def _with_stored_trainable_dtype(config: ModelConfig, state: Mapping[str, torch.Tensor]
+                                 ) -> ModelConfig:
+    """The seed's config.json has one dtype; a checkpoint whose projector is stored in another
+    (ours with fp32 trainable parts over a bf16 LLM) keeps that dtype for the trainable parts,
+    instead of rounding them to the LLM's on load."""
+    import dataclasses  # noqa: PLC0415
+
+    stored = {t.dtype for k, t in state.items() if k.startswith("mm_projector.")}
+    llm = {t.dtype for k, t in state.items() if k.startswith("llm.")}
+    name = next((n for n, d in _DTYPES.items() if stored == {d}), None)
+    if name is None or stored <= llm or name == config.dtype:
+        return config
+    return dataclasses.replace(config, trainable_dtype=name)
 
 
 # ---- checking --------------------------------------------------------------------------------

@@ -119,9 +119,15 @@ class ModelConfig:
                       for task, h in self.heads.items()}
         if self.impl not in IMPLS:
             raise ValueError(f"ModelConfig.impl must be one of {IMPLS}, got {self.impl!r}")
-        if self.num_task_tokens < 0:
-            raise ValueError(f"ModelConfig.num_task_tokens must be >= 0, got "
-                             f"{self.num_task_tokens}")
+        if self.num_task_tokens < (1 if self.tasks else 0):
+            raise ValueError(
+                f"ModelConfig.num_task_tokens must be >= 1 when aux_mode names tasks "
+                f"({self.aux_mode!r}), got {self.num_task_tokens}: the heads read their task "
+                "tokens (the seed's num_task_tokens=0 heads, plain resamplers with learned "
+                "latents, are not implemented)")
+        if not isinstance(self.max_length, int) or self.max_length < 1:
+            raise ValueError(f"ModelConfig.max_length must be an integer >= 1 (the longest "
+                             f"spliced sequence), got {self.max_length!r}")
         for name in ("dtype", "trainable_dtype"):
             value = getattr(self, name)
             if value not in ("float32", "bfloat16", "float16") and \
@@ -212,7 +218,10 @@ def parse_layer_indices(spec: str | Mapping[str, Sequence[int]],
             if letter not in TASK_LETTERS:
                 raise ValueError(f"layer_indices {spec!r}: unknown task letter {item[0]!r}; "
                                  f"letters are {sorted(TASK_LETTERS)}")
-            out[TASK_LETTERS[letter]] = [int(n) for n in item[1:].split("-")]
+            task = TASK_LETTERS[letter]
+            if task in out:
+                raise ValueError(f"layer_indices {spec!r} names task {task!r} twice")
+            out[task] = _distinct_layers(spec, task, [int(n) for n in item[1:].split("-")])
         return {t: out.get(t, [0]) for t in tasks}
     if isinstance(spec, Mapping):
         for task, layers in spec.items():
@@ -222,12 +231,21 @@ def parse_layer_indices(spec: str | Mapping[str, Sequence[int]],
             if not layers or not all(isinstance(n, int) and n >= 0 for n in layers):
                 raise ValueError(f"layer_indices[{task!r}] must be a non-empty list of layer "
                                  f"numbers >= 0 (1-based blocks, 0 = final), got {layers!r}")
-            out[task] = layers
+            out[task] = _distinct_layers(spec, task, layers)
         missing = [t for t in tasks if t not in out]
         if missing:
             raise ValueError(f"layer_indices has no layers for tasks {missing} of aux_mode")
         return {t: out[t] for t in tasks}
     raise TypeError(f"layer_indices must be a string or a mapping, got {type(spec).__name__}")
+
+
+def _distinct_layers(spec, task: str, layers: list[int]) -> list[int]:
+    # A layer named twice would build two heads on the same hidden states while the losses,
+    # predictions and checkpoints are keyed by layer: one head would silently vanish.
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layer_indices {spec!r}: task {task!r} names a layer twice "
+                         f"({layers}); give each layer once")
+    return layers
 
 
 _WEIGHT_ITEM = re.compile(r"([a-zA-Z])(\d+\.\d+)")

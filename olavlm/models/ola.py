@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from olakernels._checks import host_checks
+from olakernels._checks import fail_if_any, host_checks
 from olakernels.embedding_loss import embedding_distill_loss, gather_targets
 from olakernels.linear_cross_entropy import linear_cross_entropy
 
@@ -347,6 +347,14 @@ class OlaVLM(nn.Module):
         want_heads = bool(self.tasks) and (targets is not None or return_predictions)
         if targets is not None:
             self._check_targets(targets, input_ids.shape[0])
+        if want_heads and self.config.seed_compat:
+            # The seed's heads slice at a fixed offset (SPEC 1.3): a sample whose image sits
+            # elsewhere would feed its heads the wrong positions without a word.
+            n = self.config.num_sys_tokens
+            fail_if_any(spliced.has_image & (spliced.image_start != n), spliced.image_start,
+                        f"seed_compat: every image sample's placeholder must sit at "
+                        f"num_sys_tokens={n} (the seed's fixed image offset: check the chat "
+                        "template, or turn seed_compat off); a sample's image position")
         taps = {k for t in self.tasks for k in self.layers[t]} if want_heads else set()
         final, states = self._decode(spliced, taps, keep_mask=return_predictions)
         dev = final.device
@@ -445,12 +453,23 @@ class OlaVLM(nn.Module):
             spliced = self.splice(input_ids, attention_mask, None, images)
         embeds, mask = align_right(spliced.inputs_embeds, spliced.attention_mask)
         if "pad_token_id" not in generate_kwargs:
-            pad = getattr(self.llm.config, "pad_token_id", None)
-            if pad is None:  # (0 is a valid pad id: test for None, not falsiness)
-                pad = getattr(self.llm.config, "eos_token_id", None)
-            generate_kwargs["pad_token_id"] = pad
+            generate_kwargs["pad_token_id"] = self._default_pad_id()
         return self.llm.generate(inputs_embeds=embeds, attention_mask=mask.long(),
                                  **generate_kwargs)
+
+    def _default_pad_id(self) -> int | None:
+        """The pad id generation fills finished rows with: the generation config's, the model
+        config's, else the (first) end-of-sequence id, as HF does. (0 is a valid id: test for
+        None, not falsiness; an eos list such as Llama-3's [128001, 128009] gives its first.)"""
+        sources = [getattr(self.llm, "generation_config", None), self.llm.config]
+        for name in ("pad_token_id", "eos_token_id"):
+            for source in sources:
+                value = getattr(source, name, None)
+                if isinstance(value, (list, tuple)):
+                    value = value[0] if value else None
+                if value is not None:
+                    return int(value)
+        return None
 
 
 def _align_target(task: str, target: torch.Tensor, pred_shape: torch.Size) -> torch.Tensor:

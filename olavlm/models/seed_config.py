@@ -129,6 +129,12 @@ def seed_model_config(seed_config: Mapping, **overrides) -> ModelConfig:
         raise NotImplementedError("config.json: num_task_tokens is absent or 0: the seed's heads "
                                   "with learned latents (GenHead, DepthHead, probes) are not "
                                   "implemented; OlaVLM has the task-token heads only")
+    feature = seed_config.get("mm_vision_select_feature", "patch")
+    if feature != "patch":
+        # Our towers are built with the patch tokens only (the OLA-VLM recipes' setting); the
+        # CLS token would add a position and change every offset after the image.
+        raise NotImplementedError(f"config.json: mm_vision_select_feature={feature!r} is not "
+                                  "implemented on import; OlaVLM imports 'patch' towers")
     if tasks and seed_config.get("use_contrastive", True) is False:
         raise NotImplementedError("config.json: use_contrastive=false (no logit scales) is not "
                                   "implemented")
@@ -173,6 +179,7 @@ def seed_config_dict(model: OlaVLM, *, image_aspect_ratio: str = "pad") -> dict:
     ``ola_<type>`` and ``OlaLlava<Type>ForCausalLM``, plus the SPEC 11 keys. Run settings the
     seed's config has no key for (impl, seed_compat, smooth_l1_beta, ...) are not written."""
     cfg = model.config
+    feature = getattr(model.vision_tower, "select_feature", "patch")
     data = model.llm.config.to_dict()
     base_cls = type(model.llm).__name__.removesuffix("ForCausalLM")
     data.update(model_type=f"ola_{data['model_type']}",
@@ -182,7 +189,7 @@ def seed_config_dict(model: OlaVLM, *, image_aspect_ratio: str = "pad") -> dict:
         aux_mode=cfg.aux_mode, num_task_tokens=cfg.num_task_tokens,
         contrastive_loss_weight=cfg.contrastive_weight, use_contrastive=True,
         mm_hidden_size=model.vision_tower.hidden_size, mm_vision_tower=cfg.vision_tower,
-        mm_vision_select_layer=cfg.vision_select_layer, mm_vision_select_feature="patch",
+        mm_vision_select_layer=cfg.vision_select_layer, mm_vision_select_feature=feature,
         mm_projector_type=cfg.projector, mm_patch_merge_type="flat", use_mm_proj=True,
         image_aspect_ratio=image_aspect_ratio, tokenizer_model_max_length=cfg.max_length,
         pass_text_to_aux=cfg.pass_text_to_aux)

@@ -81,6 +81,75 @@ def _check_ids(input_ids, attention_mask, labels, image_features, image_token_in
                     "given (pass images=...); a sample's number of placeholders")
 
 
+def _check_max_length(max_length) -> None:
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 1):
+        raise ValueError(f"max_length must be None or an integer >= 1, got {max_length!r}")
+
+
+@dataclass
+class _Layout:
+    """Where each raw position and the image block land in the spliced buffer.
+
+    text_slot (B, T): the buffer position of each raw position (meaningful where ``text_kept``);
+    block_start (B,): the buffer position of the image block's first row; block_kept (B,): how
+    many of its rows survive ``max_length``; end (B,): one past each row's last kept slot."""
+
+    first: torch.Tensor
+    has_image: torch.Tensor
+    text: torch.Tensor
+    text_slot: torch.Tensor
+    text_kept: torch.Tensor
+    block_start: torch.Tensor
+    block_kept: torch.Tensor
+    end: torch.Tensor
+
+
+def _layout(real: torch.Tensor, is_img: torch.Tensor, num_inserted: int,
+            max_length: int | None) -> _Layout:
+    """The splice's positions, shared by ``splice_inputs`` and ``count_supervised_tokens``.
+
+    ``max_length`` bounds each row's *real* positions, as the seed's loop does (it cuts a row
+    after dropping its padding): a token is kept when fewer than max_length real positions
+    precede it. Padding keeps its side, but a left-padded row that would overflow the buffer
+    gives up just enough of its leading padding to fit (padding inside a row, which batches do
+    not have, is never given up: what overflows then is cut from the right)."""
+    _check_max_length(max_length)
+    b, t = real.shape
+    dev = real.device
+    has_image = is_img.any(1)
+    first = torch.where(has_image, is_img.int().argmax(1), t)
+    inserted = num_inserted * has_image.long()
+    pos = torch.arange(t, device=dev)[None, :]
+    new_pos = pos + torch.where(pos > first[:, None], inserted[:, None] - 1, 0)
+    text = real & ~is_img
+    block_start = torch.where(has_image, first, 0)
+    if max_length is None:
+        block_kept = inserted
+        text_kept = text
+        end = torch.maximum(torch.where(text, new_pos + 1, 0).amax(1) if t else
+                            torch.zeros(b, dtype=torch.long, device=dev),
+                            torch.where(has_image, first + inserted, 0))
+        return _Layout(first, has_image, text, new_pos, text_kept, block_start, block_kept, end)
+    pad = (~real).long()
+    pads_before = pad.cumsum(1) - pad  # padding positions before each raw position
+    text_kept = text & (new_pos - pads_before < max_length)
+    block_rank = block_start - pads_before.gather(1, block_start.clamp(max=max(t - 1, 0))[:, None]
+                                                  )[:, 0] if t else block_start
+    block_kept = (max_length - block_rank).clamp(min=0).minimum(inserted)
+    end = torch.maximum(torch.where(text_kept, new_pos + 1, 0).amax(1) if t else
+                        torch.zeros(b, dtype=torch.long, device=dev),
+                        torch.where(block_kept > 0, block_start + block_kept, 0))
+    lead = torch.where(real.any(1), real.int().argmax(1), 0) if t else end * 0
+    shift = (end - max_length).clamp(min=0).minimum(lead)
+    text_slot = new_pos - shift[:, None]
+    text_kept &= text_slot < max_length
+    block_start = block_start - shift
+    block_kept = block_kept.minimum((max_length - block_start).clamp(min=0))
+    end = (end - shift).clamp(max=max_length)
+    return _Layout(first, has_image, text, text_slot, text_kept, block_start, block_kept, end)
+
+
 def splice_inputs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -103,25 +172,18 @@ def splice_inputs(
     real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None \
         else attention_mask.bool()
     is_img = (input_ids == image_token_index) & real
-    has_image = is_img.any(1)
     n_img = 0 if image_features is None else image_features.shape[1]
     n_task = task_tokens.shape[0] if n_img else 0  # text-only batches insert nothing
-    inserted = (n_img + n_task) * has_image.long()  # rows that replace the placeholder
-    first = torch.where(has_image, is_img.int().argmax(1), t)
-    pos = torch.arange(t, device=dev)
-    new_pos = pos[None, :] + torch.where(pos[None, :] > first[:, None], inserted[:, None] - 1, 0)
-    text = real & ~is_img
+    lay = _layout(real, is_img, n_img + n_task, max_length)
+    has_image, text = lay.has_image, lay.text
     right_padded = None
     if static_length:
         length = t - 1 + n_img + n_task if n_img else t
     elif b:  # one host read: the longest spliced sample, and whether padding is right only
-        end_text = torch.where(text, new_pos + 1, 0).amax(1)
-        end_img = torch.where(has_image, first + n_img + n_task, 0)
         # Real input positions a prefix of each row => the spliced rows' too (the image block
         # replaces the placeholder in place; truncation cuts from the right).
         gap = (~real[:, :-1] & real[:, 1:]).any()
-        length, gap = torch.stack([torch.maximum(end_text, end_img).max(),
-                                   gap.long()]).tolist()
+        length, gap = torch.stack([lay.end.max(), gap.long()]).tolist()
         right_padded = not gap
     else:
         length = 0
@@ -133,15 +195,17 @@ def splice_inputs(
     ids = input_ids.masked_fill(~text, 0).long()
     token_embeds = embed_tokens(ids)
     hidden = token_embeds.shape[-1]
-    idx_parts = [torch.where(text & (new_pos < length), new_pos, dummy)]
+    idx_parts = [torch.where(lay.text_kept & (lay.text_slot < length), lay.text_slot, dummy)]
     src_parts = [token_embeds]
-    start = torch.where(has_image, first, 0)
+    start = lay.block_start
     if n_img:
         if image_features.shape[-1] != hidden:
             raise ValueError(f"image_features must have the LLM's hidden size {hidden}, got "
                              f"{image_features.shape[-1]} (check the projector)")
-        block = start[:, None] + torch.arange(n_img + n_task, device=dev)[None, :]
-        idx_parts.append(torch.where(has_image[:, None] & (block < length), block, dummy))
+        j = torch.arange(n_img + n_task, device=dev)[None, :]
+        block = start[:, None] + j
+        idx_parts.append(torch.where((j < lay.block_kept[:, None]) & (block < length), block,
+                                     dummy))
         src_parts.append(image_features.to(token_embeds.dtype))
         if n_task:
             src_parts.append(task_tokens.to(token_embeds.dtype)[None].expand(b, -1, -1))
@@ -195,23 +259,19 @@ def count_supervised_tokens(
     raw batch (on whatever device it lives: the trainer counts its host copy, no GPU sync).
 
     ``num_inserted``: the rows that replace an image placeholder (NI + NT). A text token at raw
-    position p lands at p (before the placeholder) or p + num_inserted - 1 (after it); it is
-    scored when its label is not ignored, it survives ``max_length``, and it is not the
+    position p lands at p (before the placeholder) or p + num_inserted - 1 (after it), less the
+    leading padding a left-padded row gives up to fit ``max_length`` (``_layout``); it is
+    scored when its label is not ignored, fewer than ``max_length`` real positions precede it
+    in the spliced row, and it is not the
     sequence's first position (the causal shift predicts position t + 1 from t). Returns a 0-d
     int64 tensor, equal to ``(spliced.labels[:, 1:] != ignore_index).sum()`` for
     ``splice_inputs`` (any padding) and for ``splice_reference`` with right padding (the seed's
     loop re-pads every row on the right, so left padding moves its labels)."""
-    b, t = input_ids.shape
     real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None \
         else attention_mask.bool()
     is_img = (input_ids == image_token_index) & real
-    has_image = is_img.any(1)
-    first = torch.where(has_image, is_img.int().argmax(1), t)
-    pos = torch.arange(t, device=input_ids.device)[None, :]
-    new_pos = pos + torch.where(pos > first[:, None], num_inserted - 1, 0)
-    scored = real & ~is_img & (labels != ignore_index) & (new_pos >= 1)
-    if max_length is not None:
-        scored &= new_pos < max_length
+    lay = _layout(real, is_img, num_inserted, max_length)
+    scored = lay.text_kept & (labels != ignore_index) & (lay.text_slot >= 1)
     return scored.sum()
 
 
@@ -221,10 +281,11 @@ def splice_reference(
 ) -> SplicedInputs:
     """The seed's per-sample loop (SPEC 1.4), right padding only: the oracle of splice_inputs."""
     _check_ids(input_ids, attention_mask, labels, image_features, image_token_index)
+    _check_max_length(max_length)
     b = input_ids.shape[0]
     real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None \
         else attention_mask.bool()
-    rows, row_labels, starts, has = [], [], [], []
+    rows, row_labels, starts, has, cut = [], [], [], [], 0
     for i in range(b):
         ids_i = input_ids[i][real[i]]
         lab_i = None if labels is None else labels[i][real[i]]
@@ -246,6 +307,7 @@ def splice_reference(
             has.append(False)
         row = torch.cat(pieces, 0)
         if max_length is not None:
+            cut += max(0, row.shape[0] - max_length)
             row = row[:max_length]
             lab = None if lab is None else lab[:max_length]
         rows.append(row)
@@ -265,7 +327,7 @@ def splice_reference(
     n_img = 0 if image_features is None else image_features.shape[1]
     return SplicedInputs(embeds, mask, out_labels, torch.tensor(starts, device=dev),
                          torch.tensor(has, device=dev), n_img, task_tokens.shape[0] if n_img else 0,
-                         torch.zeros((), dtype=torch.long, device=dev))
+                         torch.tensor(cut, dtype=torch.long, device=dev))
 
 
 def task_token_positions(spliced: SplicedInputs, offset: int, count: int) -> torch.Tensor:

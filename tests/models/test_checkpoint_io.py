@@ -245,6 +245,33 @@ def test_bf16_checkpoint_imports_in_bf16_and_round_trips(parts, tmp_path):
                                             impl="torch"), model)
 
 
+def test_fp32_trainable_parts_over_a_bf16_llm_round_trip(parts, tmp_path):
+    """The PT recipes' layout: a bf16 LLM, fp32 projector, task tokens and heads. The seed's
+    config.json has one dtype; the import reads the trainable parts' from their tensors, so
+    they are not rounded to bf16 on load."""
+    _, _, state, config, _ = parts
+    mixed = {k: v if k.startswith(("model.mm_projector.", "model.special_", "image_"))
+             or "logit_scale" in k else v.to(torch.bfloat16) for k, v in state.items()}
+    folder = write_seed(tmp_path / "s", mixed, dict(config, dtype="bfloat16"), shards=1)
+    model = load_seed_checkpoint(folder, impl="torch")
+    assert model.config.dtype == "bfloat16" and model.config.trainable_dtype == "float32"
+    weight = model.mm_projector[0].weight if isinstance(model.mm_projector, torch.nn.Sequential) \
+        else next(model.mm_projector.parameters())
+    assert weight.dtype == torch.float32
+    assert torch.equal(model.task_tokens.special_seg_tokens, state["model.special_seg_tokens"])
+    again = load_seed_checkpoint(export_seed_layout(model, tmp_path / "seed"), impl="torch")
+    _assert_same_state(again, model)
+    assert again.config.trainable_dtype == "float32"
+
+
+def test_a_cls_token_tower_is_refused_on_import(parts, tmp_path):
+    """mm_vision_select_feature="cls_patch" adds a position after the image: refusing beats
+    building a patch-only tower whose offsets differ from the checkpoint's training."""
+    config = dict(parts[3], mm_vision_select_feature="cls_patch")
+    with pytest.raises(NotImplementedError, match="mm_vision_select_feature='cls_patch'"):
+        load_seed_checkpoint(_seed_with(parts, tmp_path / "a", config=config))
+
+
 def test_import_with_seed_compat_takes_the_seeds_offset(parts):
     model = load_seed_checkpoint(parts[4], impl="torch", seed_compat=True)
     assert model.config.num_sys_tokens == 26  # a Llama with a vocabulary under 128000

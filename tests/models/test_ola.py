@@ -33,6 +33,12 @@ def test_layer_indices_are_discrete_layers_as_in_the_seed():
     for bad in ("x12-20", "d18-20_junk", {"seg": []}, {"shape": [1]}):
         with pytest.raises(ValueError, match="layer_indices"):
             parse_layer_indices(bad, ("seg",))
+    # A repeat would build two heads keyed by one layer: one of them would vanish silently.
+    for bad in ("s2-2", {"seg": [3, 3]}):
+        with pytest.raises(ValueError, match="names a layer twice"):
+            parse_layer_indices(bad, ("seg",))
+    with pytest.raises(ValueError, match="names task 'depth' twice"):
+        parse_layer_indices("d18-20_d5", ("depth",))
 
 
 def test_loss_weights_need_a_decimal_point_and_default_to_half():
@@ -64,6 +70,52 @@ def test_vectorized_splice_equals_the_seed_loop(model, max_length):
     spliced_len = mask.sum(1) + grow * (torch.arange(5) != 3)
     want = 0 if max_length is None else int((spliced_len - max_length).clamp(min=0).sum())
     assert int(fast.num_truncated) == want
+    assert int(ref.num_truncated) == want
+
+
+def _compact(sp):
+    """Each row's real positions, in order: the seed's right-padded layout."""
+    return [(sp.inputs_embeds[i][sp.attention_mask[i]], sp.labels[i][sp.attention_mask[i]])
+            for i in range(sp.attention_mask.shape[0])]
+
+
+@pytest.mark.parametrize("static_length", [False, True])
+@pytest.mark.parametrize("max_length", [None, 40, 27, 3])
+def test_left_padded_rows_are_cut_by_their_real_positions(model, max_length, static_length):
+    """max_length bounds each row's real positions (as the seed's loop, which drops padding
+    first): a left-padded row keeps as many tokens as the same row unpadded, and gives up
+    leading padding rather than real tokens to fit the buffer."""
+    ids, mask, labels, images, _, _ = tiny_batch(model, batch=4, placeholders=[2, 2, 5, 3],
+                                                 text_only=(3,))
+    for row, pad in ((1, 6), (2, 2), (3, 9)):
+        ids[row] = torch.roll(ids[row], pad)
+        labels[row] = torch.roll(labels[row], pad)
+        mask[row, :pad] = False
+        ids[row, :pad] = 0
+        labels[row, :pad] = -100
+    feats = model.encode_images(images)
+    tokens = model.task_tokens.inserted()
+    embed = model.parts.embed_tokens
+    fast = splice_inputs(ids, mask, labels, feats, tokens, embed, max_length=max_length,
+                         static_length=static_length)
+    ref = splice_reference(ids, mask, labels, feats, tokens, embed, max_length=max_length)
+    if max_length is not None:
+        assert fast.inputs_embeds.shape[1] <= max_length
+    rows = zip(_compact(fast), _compact(ref), strict=True)
+    for i, ((e, lab), (e_ref, lab_ref)) in enumerate(rows):
+        assert torch.equal(e, e_ref), f"row {i}"
+        assert torch.equal(lab, lab_ref), f"row {i}"
+    assert int(fast.num_truncated) == int(ref.num_truncated)
+    # Padding keeps its side: a row's real positions stay one contiguous run.
+    for i in range(4):
+        where = fast.attention_mask[i].nonzero().flatten()
+        assert torch.equal(where, torch.arange(int(where[0]), int(where[0]) + where.numel()))
+    model.config.max_length, kept = max_length, model.config.max_length
+    try:
+        want = int((fast.labels[:, 1:] != -100).sum())
+        assert int(model.count_supervised_tokens(ids, mask, labels)) == want
+    finally:
+        model.config.max_length = kept
 
 
 def test_token_layout_and_labels(model):
@@ -340,6 +392,20 @@ def test_target_mask_overrides_image_mask(model):
 # ---- seed compatibility: SPEC 10's arithmetic written out independently ----
 
 
+def test_seed_compat_refuses_an_image_off_the_fixed_offset(tmp):
+    """SPEC 1.3: the seed's heads slice at num_sys_tokens; a sample whose image sits elsewhere
+    must be an error, not heads fed the wrong positions. Text-only rows have no offset."""
+    model = tiny_model(tmp, seed_compat=True, num_sys_tokens=3)
+    ids, mask, labels, images, image_mask, targets = tiny_batch(
+        model, batch=3, placeholders=[3, 7, 3], text_only=(2,))
+    with pytest.raises(ValueError, match=r"num_sys_tokens=3 .*image position, got 7"):
+        model(ids, mask, labels, images, image_mask, targets)
+    ids, mask, labels, images, image_mask, targets = tiny_batch(
+        model, batch=3, placeholders=[3, 3, 3], text_only=(2,))
+    model(ids, mask, labels, images, image_mask, targets)  # text-only row 2: fine
+    model.generate(ids, mask, images, max_new_tokens=1)  # no heads: no offset to check
+
+
 def test_seed_compat_equals_the_seed_arithmetic(tmp):
     num_sys = 3
     model = tiny_model(tmp, seed_compat=True, num_sys_tokens=num_sys)
@@ -425,6 +491,32 @@ def test_generate_and_visual_interpretations(model):
     assert preds["gen"][3].shape == (2, 1, 16)
 
 
+def test_generate_pads_with_the_first_eos_of_a_list(model):
+    """Llama-3 style configs: no pad id, a list of end ids. Generation pads finished rows with
+    the first one (as HF does), instead of handing the list on as a pad id."""
+    configs = [model.llm.config, model.llm.generation_config]
+    kept = [(c.pad_token_id, c.eos_token_id) for c in configs]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 90, (2, 12), generator=g)
+    ids[0, 2] = -200
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :3] = False
+    size = model.vision_tower.image_size
+    images = torch.randn(2, 3, size, size, generator=g)
+    try:
+        for c in configs:
+            c.pad_token_id, c.eos_token_id = None, [2, 7]
+        assert model._default_pad_id() == 2
+        kw = dict(max_new_tokens=4, do_sample=False)
+        assert torch.equal(model.generate(ids, mask, images, **kw),
+                           model.generate(ids, mask, images, pad_token_id=2, **kw))
+        model.llm.generation_config.pad_token_id = 0  # 0 is an id, not "unset"
+        assert model._default_pad_id() == 0
+    finally:
+        for c, (pad, eos) in zip(configs, kept, strict=True):
+            c.pad_token_id, c.eos_token_id = pad, eos
+
+
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
 def test_generate_mixed_text_and_image_prompts_equals_one_at_a_time(model, padding):
     """A text-only prompt batched with an image prompt generates what it generates alone:
@@ -476,6 +568,12 @@ def test_bad_configs_fail_clearly(tmp):
         tiny_model(tmp, tower=StandInTower(), num_task_tokens=5)
     with pytest.raises(ValueError, match="num_sys_tokens"):
         ModelConfig(seed_compat=True)
+    with pytest.raises(ValueError, match="num_task_tokens must be >= 1"):
+        ModelConfig(num_task_tokens=0)
+    assert ModelConfig(aux_mode="", num_task_tokens=0).tasks == ()  # no heads: nothing to read
+    for bad in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="max_length must be an integer >= 1"):
+            ModelConfig(max_length=bad)
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         tiny_model(tmp, tower=StandInTower(), llm=str(tmp / "nope"))
 
@@ -493,6 +591,13 @@ def test_bad_batches_fail_clearly(model):
         model(two, mask, labels, images, image_mask, targets)
     with pytest.raises(ValueError, match="no images were given"):
         model(ids, mask, labels, None, image_mask, targets)
+    kept = model.config.max_length
+    try:
+        model.config.max_length = 0  # set after construction: the splice checks it too
+        with pytest.raises(ValueError, match="max_length must be None or an integer >= 1"):
+            model(ids, mask, labels, images, image_mask, targets)
+    finally:
+        model.config.max_length = kept
 
 
 # ---- GPU: the fused path with compiled Triton kernels against the float64 oracle ----
