@@ -385,8 +385,9 @@ class OlaVLM(nn.Module):
                     if i == 0:
                         target = _align_target(task, target.to(dev), pred.shape)
                         if self.process_group is not None and self.impl != "reference":
+                            # (a float mask: every backend's all-gather takes it)
                             gathered = gather_targets(target.reshape(target.shape[0], -1),
-                                                      mask, self.process_group)
+                                                      mask.float(), self.process_group)
                     loss, sl1, con = embedding_distill_loss(
                         pred, target, mask, self.logit_scale(task).reshape(()),
                         beta=self.config.smooth_l1_beta,
@@ -426,10 +427,17 @@ class OlaVLM(nn.Module):
                                  f"heads[{task!r}].target_shape), got {got}")
 
     def _loss_mask(self, target_mask, image_mask, spliced) -> torch.Tensor:
+        """(B,) bool: the samples the embedding losses count. Checked once here and passed on
+        as bool, which the losses take without their own 0/1 check (it would run per task and
+        layer: six checks a step)."""
         mask = target_mask if target_mask is not None else image_mask
         if mask is None:
             mask = spliced.has_image
-        return mask.to(device=spliced.inputs_embeds.device, dtype=torch.float32)
+        mask = mask.to(spliced.inputs_embeds.device)
+        if mask.dtype != torch.bool:
+            fail_if_any((mask != 0) & (mask != 1), mask,
+                        "target_mask / image_mask must hold only 0/1 values")
+        return mask.bool()
 
     # ---- inference -------------------------------------------------------------------------
 

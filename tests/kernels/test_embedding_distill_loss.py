@@ -140,6 +140,25 @@ def test_mask_kinds(impl, mask_mode, kind, dtype, device):
         assert out.loss.item() == 0.0 and torch.count_nonzero(g_pred) == 0
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+@pytest.mark.parametrize("mask_mode", ["per_sample", "seed"])
+def test_bool_and_integer_masks_equal_the_float_mask(impl, mask_mode, device):
+    """The model passes a bool mask (no per-call 0/1 check): every path must read it as the
+    float one, candidates and rows alike."""
+    pred, target = make_embedding_pair(SHAPES["gen"], dtype=torch.float32, device=device, seed=5)
+    mask = make_sample_mask(pred.shape[0], "mixed", device=device, seed=2)
+    results = []
+    for m in (mask, mask.bool(), mask.long()):
+        p = pred.detach().clone().requires_grad_(True)
+        scale = torch.tensor(2.0, device=device, requires_grad=True)
+        out = embedding_distill_loss(p, target, m, scale, mask_mode=mask_mode, impl=impl)
+        out.loss.backward()
+        results.append((out.loss.detach(), p.grad, scale.grad))
+    for got in results[1:]:
+        for a, b in zip(got, results[0], strict=True):
+            assert torch.equal(a, b)
+
+
 def test_modes_agree_on_all_image_batches(device):
     # SPEC 12: with every sample an image (pre-training) the two mask modes are the same loss.
     pred, target = make_embedding_pair(SHAPES["seg"], device=device, seed=5)
