@@ -228,8 +228,11 @@ def _extract(args) -> int:
             num_workers=args.workers, resize=args.resize, overwrite=args.overwrite,
             on_bad_sample=args.on_bad_sample, rejects_path=args.rejects)
         print(report.summary())
-        rejected = sum(report.rejects.values())
-        if report.num_images == 0 or rejected >= report.num_images:
+        # The index's count: this run's rejects miss those of a resumed run's finished shards
+        # and of the other ranks.
+        none_cached = (report.num_cached == 0 if report.num_cached is not None
+                       else sum(report.rejects.values()) >= report.num_images)
+        if report.num_images == 0 or none_cached:
             what = ("the data files hold no images" if report.num_images == 0 else
                     f"every one of the {report.num_images} images was rejected")
             print(f"olavlm targets extract: {what}: the cache holds no targets (check --data "

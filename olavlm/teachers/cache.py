@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import zlib
@@ -92,6 +93,10 @@ def atomic_write(path: Path, data: bytes) -> None:
 def _write_all(f, data: bytes) -> None:
     # One call, kept separate so a test can interrupt a write half way.
     f.write(data)
+
+
+def _all_ints(values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
 
 
 def read_json(path: Path) -> dict:
@@ -177,33 +182,62 @@ class ShardFile:
             header = json.loads(os.pread(self._fd, header_len, 8))
             self.metadata = json.loads((header.pop("__metadata__", None) or {}).get(FORMAT,
                                                                                     "{}"))
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            if not isinstance(self.metadata, dict):
+                raise CorruptTargetError(f"{self.path}: unreadable header (metadata is not a "
+                                         "JSON object)")
+            self.entries = header
+            self.data_start = 8 + header_len
+            self.size = size
+            for name, entry in header.items():
+                self._check_entry(name, entry)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as err:
             os.close(self._fd)
             raise CorruptTargetError(f"{self.path}: unreadable header ({err})") from err
         except CorruptTargetError:
             os.close(self._fd)
             raise
-        self.entries = header
-        self.data_start = 8 + header_len
-        self.size = size
+
+    def _check_entry(self, name: str, entry) -> None:
+        # Every tensor's shape, dtype and offsets agree, so each row read is exactly its bytes.
+        if not isinstance(entry, dict):
+            raise CorruptTargetError(f"{self.path}: header entry {name!r} is not an object")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and shape and _all_ints(shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and _all_ints(offsets)):
+            raise CorruptTargetError(f"{self.path}: tensor {name!r} has a bad shape or offsets "
+                                     f"in the header ({shape!r}, {offsets!r})")
+        start, end = offsets
+        if not 0 <= start <= end or self.data_start + end > self.size:
+            raise CorruptTargetError(f"{self.path}: tensor {name!r} lies outside the file")
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is not None and end - start != math.prod(shape) * dtype.itemsize:
+            raise CorruptTargetError(f"{self.path}: tensor {name!r} holds {end - start} bytes, "
+                                     f"its shape {shape} and dtype {entry['dtype']} need "
+                                     f"{math.prod(shape) * dtype.itemsize}")
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
-    def spec(self, name: str) -> tuple[torch.dtype, list[int], int, int]:
+    def spec(self, name: str, dtype: torch.dtype | None = None,
+             shape: Sequence[int] | None = None) -> tuple[torch.dtype, list[int], int, int]:
+        """(dtype, shape, start, end) of tensor ``name`` (checked at open); ``dtype``/``shape``:
+        what it must be."""
         entry = self.entries.get(name)
         if entry is None or entry.get("dtype") not in _DTYPES:
             raise CorruptTargetError(f"{self.path}: no usable tensor {name!r} in the header")
         start, end = entry["data_offsets"]
-        shape = entry["shape"]
-        if self.data_start + end > self.size or end < start:
-            raise CorruptTargetError(f"{self.path}: tensor {name!r} lies outside the file")
-        return _DTYPES[entry["dtype"]], shape, start, end
+        got = (_DTYPES[entry["dtype"]], entry["shape"])
+        if (dtype is not None and got[0] != dtype) or (shape is not None
+                                                      and got[1] != list(shape)):
+            raise CorruptTargetError(f"{self.path}: tensor {name!r} is {got[0]} {got[1]} in "
+                                     f"the header, expected {dtype} {list(shape or got[1])}")
+        return got[0], got[1], start, end
 
-    def row_bytes(self, name: str, row: int) -> bytes:
-        _, shape, start, end = self.spec(name)
+    def row_bytes(self, name: str, row: int, dtype: torch.dtype | None = None,
+                  shape: Sequence[int] | None = None) -> bytes:
+        _, shape, start, end = self.spec(name, dtype, shape)
         if not 0 <= row < shape[0]:
             raise CorruptTargetError(f"{self.path}: row {row} of {name!r} out of {shape[0]}")
         width = (end - start) // shape[0]
@@ -215,14 +249,18 @@ class ShardFile:
     def read_row(self, task: str, row: int, *, check: bool = True, dtype=torch.bfloat16):
         """Sample ``row`` of ``task`` as a tensor of ``dtype``, its CRC checked."""
         dt, shape, _, _ = self.spec(task)
+        if len(shape) < 2:
+            raise CorruptTargetError(f"{self.path}: tensor {task!r} must be (N, R, ...), got "
+                                     f"shape {shape} in the header")
         data = self.row_bytes(task, row)
-        scale_bytes = self.row_bytes(f"{task}.scale", row) if f"{task}.scale" in self.entries \
-            else None
+        scale_bytes = self.row_bytes(f"{task}.scale", row, torch.float32, shape[:2]) \
+            if f"{task}.scale" in self.entries else None
         if check:
             crc = zlib.crc32(data)
             if scale_bytes is not None:
                 crc = zlib.crc32(scale_bytes, crc)
-            stored = struct.unpack("<q", self.row_bytes(f"{task}.crc32", row))[0]
+            stored = struct.unpack("<q", self.row_bytes(f"{task}.crc32", row, torch.int64,
+                                                        shape[:1]))[0]
             if crc != stored:
                 raise CorruptTargetError(f"{self.path}: row {row} of {task!r} fails its CRC "
                                          "(the file is damaged); run `olavlm targets verify`")
@@ -335,8 +373,14 @@ class TargetCache:
         if where is None:
             raise KeyError(f"image key {key!r} is not in the target cache {self.root}")
         shard = self._shard(where[0])
-        return {t: shard.read_row(t, where[1], check=self.check_rows, dtype=self.dtype)
-                for t in self.tasks}
+        out = {t: shard.read_row(t, where[1], check=self.check_rows, dtype=self.dtype)
+               for t in self.tasks}
+        for t, v in out.items():
+            if tuple(v.shape) != self.tasks[t]:
+                raise CorruptTargetError(f"{shard.path}: {t!r} rows have shape "
+                                         f"{tuple(v.shape)} in the header, the index says "
+                                         f"{self.tasks[t]}")
+        return out
 
     def lookup(self, key: str, image_digest: str | None = None
                ) -> tuple[dict[str, torch.Tensor] | None, str | None, str]:

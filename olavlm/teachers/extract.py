@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 from olavlm.data.bad_data import BadSampleError, Reject, RejectLog, check_policy
 from olavlm.data.images import image_digest, load_image, pil_to_uint8, read_image_file
@@ -54,14 +56,35 @@ __all__ = ["ExtractReport", "ImageKeyDataset", "extract_targets", "image_items"]
 logger = logging.getLogger("olavlm.teachers")
 
 
-def image_items(index: LlavaIndex) -> list[tuple[str, int]]:
-    """(image key, entry index of its first use) for each distinct image, in data order."""
+def image_items(index: LlavaIndex, image_folder=None) -> list[tuple[str, int]]:
+    """(image key, entry index of its first use) for each distinct image, in data order.
+
+    A key is the image's path as written in the data file, so it must name one file: the same
+    relative path in data files of different folders (two ``olavlm data synth`` outputs), each
+    resolved beside its own data file, is a ValueError naming the key and both files, unless
+    both resolve to the same file. ``image_folder`` resolves every path under one folder."""
     seen: dict[str, int] = {}
     for i in range(len(index)):
         relative = index.entry(i).get("image")
-        if relative:
-            seen.setdefault(image_key(relative), i)
+        if not relative:
+            continue
+        key = image_key(relative)
+        first = seen.setdefault(key, i)
+        if (first != i and image_folder is None
+                and index.source_path(first).parent != index.source_path(i).parent):
+            _check_same_file(index, key, first, i)
     return list(seen.items())
+
+
+def _check_same_file(index: LlavaIndex, key: str, first: int, i: int) -> None:
+    a, b = (resolve_image_path(index, j, index.entry(j)["image"]) for j in (first, i))
+    if os.path.realpath(a) != os.path.realpath(b):
+        raise ValueError(
+            f"image key {key!r} names two different files: {a} (entry {index.location(first)}) "
+            f"and {b} (entry {index.location(i)}); the target cache keys an image by its path "
+            "as written in the data file, so one cache cannot hold both. Extract each data "
+            "folder into its own cache, or give the images distinct paths (e.g. relative to one "
+            "--image-folder)")
 
 
 @dataclasses.dataclass
@@ -100,7 +123,7 @@ class ImageKeyDataset(torch.utils.data.Dataset):
                 pil = load_image(data)
             except FileNotFoundError as err:
                 return bad("missing_image", str(err))
-            except (OSError, ValueError) as err:
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
                 return bad("corrupt_image", f"{path}: {type(err).__name__}: {err}")
             item.digest = image_digest(data)
             item.raw = pil_to_uint8(pil) if self.keep_raw else None
@@ -134,7 +157,8 @@ def _collate(items):
 
 @dataclasses.dataclass
 class ExtractReport:
-    """What one rank did (``complete``: the index is written)."""
+    """What one rank did (``complete``: the index is written; then ``num_cached`` counts the
+    images with targets in the whole cache, every rank's and every earlier run's)."""
 
     out: Path
     rank: int
@@ -149,6 +173,7 @@ class ExtractReport:
     storage: str
     fp8_error: dict[str, dict[str, float]]
     complete: bool
+    num_cached: int | None = None  # images with targets in the whole cache (the index's count)
 
     def summary(self) -> str:
         rate = self.num_written / self.seconds if self.seconds > 0 else 0.0
@@ -414,7 +439,7 @@ def extract_targets(data, out, teachers: Sequence[Teacher], *, image_folder=None
                          "deletes while the others wait); clear the folder first instead")
     data = [data] if isinstance(data, (str, Path)) else list(data)
     index = LlavaIndex(data, on_bad_sample=on_bad_sample)
-    items = image_items(index)
+    items = image_items(index, image_folder)
     plan = _plan(teachers, items, storage, shard_size, resize)
     out = Path(out)
     _prepare(out, plan, overwrite, rank, barrier)
@@ -445,6 +470,7 @@ def extract_targets(data, out, teachers: Sequence[Teacher], *, image_folder=None
             _rewrite_rejects(Path(rejects_path), written["rejects"])
     if barrier is not None:
         barrier()
+    complete = all_done and (out / INDEX).is_file()
     report = ExtractReport(
         out=out, rank=rank, world_size=world_size, num_images=len(items),
         num_shards=num_shards, shards_written=writer.written,
@@ -452,6 +478,6 @@ def extract_targets(data, out, teachers: Sequence[Teacher], *, image_folder=None
         num_written=writer.num_written, seconds=time.perf_counter() - start, storage=storage,
         fp8_error={t: {k: v for k, v in d.items() if not k.startswith("sum")}
                    for t, d in writer.stats.as_dict().items()},
-        complete=all_done and (out / INDEX).is_file())
+        complete=complete, num_cached=read_json(out / INDEX)["num_cached"] if complete else None)
     logger.info("targets: %s", report.summary())
     return report

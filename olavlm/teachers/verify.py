@@ -174,7 +174,7 @@ def _image_changes(dataset: LlavaIndex, items, digests: dict[str, str | None],
 def _coverage(index: dict, data, cached: set[str], *, digests=None, image_folder=None,
               damaged: frozenset[str] = frozenset()) -> dict:
     dataset = LlavaIndex(data)
-    items = image_items(dataset)
+    items = image_items(dataset, image_folder)
     keys = [k for k, _ in items]
     rejected = {r["sample_id"]: r["reason"] for r in index.get("rejects", [])}
     missing = [k for k in keys if k not in cached]

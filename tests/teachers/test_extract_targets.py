@@ -263,3 +263,76 @@ def test_torchrun_cli(teacher_synth_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 1/2" in proc.stdout and verify_cache(out).ok
     shutil.rmtree(out)
+
+
+def test_one_image_key_naming_two_files_is_refused(tmp_path):
+    """Two `data synth` folders name their images alike: one cache keyed by the relative path
+    cannot hold both, so extraction and verify stop and name the key and both files (before,
+    only the first folder's images were cached and verify said OK)."""
+    from olavlm.data.synthetic import write_synthetic_dataset
+
+    a, b = tmp_path / "A", tmp_path / "B"
+    write_synthetic_dataset(a, 3, size=32, seed=1, text_only_fraction=0.0)
+    write_synthetic_dataset(b, 3, size=32, seed=2, text_only_fraction=0.0)
+    data = [a / "train.jsonl", b / "train.jsonl"]
+    key = json.loads((a / "train.jsonl").read_text().splitlines()[0])["image"]
+    with pytest.raises(ValueError, match="names two different files") as err:
+        _extract(data, tmp_path / "c")
+    assert key in str(err.value) and str(a / key) in str(err.value)
+    assert str(b / key) in str(err.value)
+    _extract(data[:1], tmp_path / "c")
+    with pytest.raises(ValueError, match="names two different files"):
+        verify_cache(tmp_path / "c", data=data)
+    # The same relative paths resolving to the same files are one image each.
+    c = tmp_path / "C"
+    c.mkdir()
+    (c / "train.jsonl").write_bytes((a / "train.jsonl").read_bytes())
+    for sub in ("images", "depth", "seg"):
+        if (a / sub).exists():
+            (c / sub).symlink_to(a / sub)
+    report = _extract([a / "train.jsonl", c / "train.jsonl"], tmp_path / "ac")
+    assert report.num_images == 3 and report.num_cached == 3
+
+
+def test_cli_extract_fails_on_resume_when_every_image_was_rejected(teacher_synth_dir,
+                                                                  tmp_path, capsys):
+    """The exit status comes from the index's count of cached images: a resumed run (nothing
+    left to do, no rejects of its own) and a rank that rejected only its share say so too."""
+    data = str(teacher_synth_dir / "train.jsonl")
+    out = tmp_path / "t"
+    argv = ["targets", "extract", "--data", data, "--teachers", "synthetic", "--out", str(out),
+            "--image-folder", str(tmp_path / "nowhere"), "--workers", "0", "--shard-size", "4"]
+    assert main(argv) == 1
+    capsys.readouterr()
+    assert main(argv) == 1  # the same command again: a resume
+    assert "the cache holds no targets" in capsys.readouterr().err
+    # Two ranks without a process group: the last to finish writes the index and knows.
+    two = tmp_path / "two"
+    first = _extract(data, two, rank=0, world_size=2, image_folder=tmp_path / "nowhere")
+    last = _extract(data, two, rank=1, world_size=2, image_folder=tmp_path / "nowhere")
+    assert not first.complete and first.num_cached is None
+    assert last.complete and last.num_cached == 0
+    assert sum(last.rejects.values()) < last.num_images  # its own rejects do not tell
+
+
+def test_decompression_bomb_is_a_corrupt_image(tiny_weights, tmp_path, monkeypatch):
+    """PIL refuses an image over 2 x MAX_IMAGE_PIXELS (DecompressionBombError, not an OSError):
+    extraction rejects it as corrupt_image, like training does, instead of crashing."""
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "images/ok.png")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "images/big.png")
+    conv = [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "ok"}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"id": n, "image": f"images/{n}.png",
+                                        "conversations": conv}) + "\n" for n in ("ok", "big")))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 2 - 1)  # 64x64 is now a bomb
+    report = extract_targets(data, tmp_path / "c", build_teachers(
+        "gen", f"gen={tiny_weights['gen']}"), num_workers=0, shard_size=4,
+        rejects_path=tmp_path / "rejects.jsonl")
+    assert report.complete and report.num_cached == 1 and report.rejects == {"corrupt_image": 1}
+    reject = json.loads((tmp_path / "rejects.jsonl").read_text())
+    assert reject["sample_id"] == "images/big.png"
+    assert "DecompressionBombError" in reject["detail"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -156,3 +157,93 @@ def test_key_hash_is_stable():
     # The lookup tables are built from these: they must not depend on the process (PYTHONHASHSEED).
     assert key_hash("images/train-000001.png") == key_hash("images/train-000001.png")
     assert key_hash("a") != key_hash("b") and 0 <= key_hash("a") < 2**64
+
+
+def _edit_header(path, edit) -> None:
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = edit(raw[8:8 + n].decode())
+    assert len(header) == n  # same size: the file size still matches the index
+    json.loads(header)  # still JSON: the damage is in what it says
+    path.write_bytes(raw[:8] + header.encode() + raw[8 + n:])
+
+
+@pytest.mark.parametrize("edit", [
+    # A per-sample shape digit (the file size and the rows' CRCs are unchanged).
+    lambda h: h.replace('"depth":{"dtype":"BF16","shape":[5,576,',
+                        '"depth":{"dtype":"BF16","shape":[5,476,', 1),
+    # The CRC tensor's end offset: its rows would be 8 bytes and a bit.
+    lambda h: re.sub(r'("depth\.crc32":\{[^}]*"data_offsets":\[0,)40\]', r"\g<1>41]", h),
+    # Valid JSON of the same length: a tensor's entry that is a string, an offset that is one.
+    lambda h: re.sub(r'"gen":\{[^}]*\}', lambda m: '"gen":"' + "x" * (len(m[0]) - 8) + '"', h),
+    lambda h: re.sub(r'("depth":\{[^}]*"data_offsets":\[\d+,)(\d+)\]',
+                     lambda m: f'{m[1]}"{m[2][:-2]}"]', h),
+], ids=["shape", "crc_offsets", "entry_not_object", "offsets_not_ints"])
+def test_damaged_header_is_a_corrupt_target_error(synth_cache, tmp_path, edit):
+    """Every damaged header raises CorruptTargetError naming the file (before: RuntimeError
+    from a reshape, struct.error, TypeError), so training masks it as corrupt_target."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(synth_cache, damaged)
+    index = read_json(damaged / "index.json")
+    shard = damaged / index["shards"][0]["file"]
+    before = shard.read_bytes()
+    _edit_header(shard, edit)
+    assert shard.read_bytes() != before
+    key = index["shards"][0]["keys"][0]
+    cache = TargetCache(damaged)
+    with pytest.raises(CorruptTargetError, match=str(shard)):
+        cache.read(key)
+    values, problem, detail = cache.lookup(key)
+    assert values is None and problem == "corrupt_target" and str(shard) in detail
+    report = verify_cache(damaged)
+    assert not report.ok and any(str(shard) in p for p in report.problems)
+    TargetCache(damaged).read(index["shards"][1]["keys"][0])  # other shards still read
+
+
+def test_fp8_tiny_and_zero_rows_round_trip_without_nan():
+    """A row of tiny values (amax < 448 x 2^-149) had scale amax / 448 = 0, so 0/0 = NaN was
+    stored, and the statistics hid it (max(0, NaN) = 0). The scale floor keeps every row
+    finite and within its bound; zero rows and zeros in tiny rows read back exactly."""
+    x = torch.zeros(2, 4, 8)
+    x[0, 0, :4] = torch.tensor([1e-44, 0.0, -3e-45, 0.0])
+    x[0, 1] = torch.randn(8) * 1e-38
+    x[0, 2] = 1e-42
+    x[1, 0] = torch.randn(8)  # a normal row beside them
+    q, scale = quantize_fp8(x)
+    assert (scale > 0).all() and torch.isfinite(scale).all()
+    back = dequantize_fp8(q, scale)
+    assert torch.isfinite(back).all()
+    assert (back[x == 0] == 0).all() and torch.equal(back[1, 1:], torch.zeros(3, 8))
+    assert ((back - x).abs() <= fp8_error_bound(x, scale)).all()
+    stats = Fp8ErrorStats()
+    stats.update("t", x, q, scale)
+    assert stats.as_dict()["t"]["max_over_bound"] <= 1.0
+    # A NaN that gets through is reported as over the bound, never as within it.
+    stats.update("t", x, q, torch.full_like(scale, float("nan")))
+    assert stats.as_dict()["t"]["max_over_bound"] == float("inf")
+
+
+def test_fp8_bound_holds_when_read_as_bf16(tmp_path):
+    """Training reads fp8 targets as bf16: one more rounding, up to 2^-8 of the value. A value
+    near both the fp8 and the bf16 worst case exceeded the fp32 bound; the bf16 bound holds,
+    for it and for realistic targets, read back through a shard."""
+    from olavlm.teachers.cache import ShardFile, encode_shard
+    from olavlm.teachers.quantize import to_storage
+
+    # 68.0001 x scale rounds to 72 in fp8 (nearly the worst case, 4 of 4.25), and 72 x scale
+    # lies just above a bf16 midpoint, so the bf16 read rounds further away.
+    s = (0.25 + 8 * 2**-9 + 2**-10 * 1.0002) / 72
+    crafted = torch.tensor([448 * s, 68.0001 * s, 0.0, s]).repeat(64, 24)
+    x = torch.cat([crafted[None], _realistic_targets(5)], dim=0)
+    stored = to_storage({"t": x}, "fp8_e4m3")
+    (tmp_path / "s.safetensors").write_bytes(encode_shard(stored, "fp8_e4m3", list("abcdef")))
+    shard = ShardFile(tmp_path / "s.safetensors")
+    _, scale = quantize_fp8(x)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = torch.stack([shard.read_row("t", i, dtype=dtype) for i in range(6)]).float()
+        err = (got - x).abs()
+        assert (err <= fp8_error_bound(x, scale, dtype=dtype)).all(), dtype
+    assert not (err <= fp8_error_bound(x, scale)).all()  # bf16 reads need the extra term
+    shard.close()
