@@ -228,6 +228,9 @@ class EmbeddingPredictorHead(nn.Module):
     def _project(self, x, latents, key_padding_mask):
         if isinstance(self.projector, TaskTokenResampler):
             return self.projector(x, latents, key_padding_mask)
+        if latents is not None:  # would be dropped without a word
+            raise ValueError(f"EmbeddingPredictorHead: its {type(self.projector).__name__} "
+                             "projector has learned latents; pass latents=None")
         return self.projector(x, key_padding_mask)
 
     def forward(self, x, latents=None, key_padding_mask=None):

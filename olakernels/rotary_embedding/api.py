@@ -68,6 +68,8 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     _check(q, k, cos, sin)
     if impl in ("auto", "triton") and torch.compiler.is_compiling():
         impl = "torch"  # traced: Inductor fuses the formula (no Triton launch inside a graph)
+    if impl == "auto" and k.dtype != q.dtype:
+        impl = "torch"  # the kernel takes one dtype; "auto" picks a path that runs
     impl = resolve_impl(impl, q, "rotary_embedding", "q")
     if impl == "triton":
         if k.dtype != q.dtype:
@@ -77,5 +79,9 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
 
         return RotaryEmbeddingFunction.apply(q, k, cos, sin)
     if impl == "reference":
-        return rotary_embedding_ref(q, k, cos.to(q.dtype), sin.to(q.dtype))
+        if k.dtype == q.dtype:
+            return rotary_embedding_ref(q, k, cos.to(q.dtype), sin.to(q.dtype))
+        # Each tensor with tables in its own dtype (k's rounded to q's would be another op).
+        return (rotary_embedding_ref(q, q, cos.to(q.dtype), sin.to(q.dtype))[0],
+                rotary_embedding_ref(k, k, cos.to(k.dtype), sin.to(k.dtype))[0])
     return rotary_embedding_torch(q, k, cos, sin)

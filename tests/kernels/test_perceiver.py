@@ -196,6 +196,9 @@ def _bad_cases():
     yield "mask_dtype", lambda: head(x, latents, torch.ones(3, 20)), "bool tensor"
     yield "impl", lambda: TaskTokenResampler(impl="cuda"), "impl must be one of"
     yield "dims", lambda: TaskTokenResampler(dim=0), "dim must be a positive int"
+    learned = EmbeddingPredictorHead(_head("ragged"))
+    x29 = torch.randn(3, 20, 29)
+    yield "head_latents", lambda: learned(x29, torch.randn(5, 40)), "pass latents=None"
 
 
 @pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[0])
@@ -249,6 +252,26 @@ def test_opcheck_layer_norm_and_gelu():
     torch.library.opcheck(triton_impl.layer_norm_bwd, (torch.randn(5, 24), x.detach(),
                                                        w.detach(), mean, rstd))
     torch.library.opcheck(triton_impl.gelu_bwd, (torch.randn(5, 24), x.detach()))
+    # A transposed input: the kernels' outputs are contiguous, and so must the fakes' be
+    # (torch.compile checks the strides the fakes promise).
+    xt = torch.randn(24, 5).t().requires_grad_(True)
+    torch.library.opcheck(triton_impl.layer_norm_fwd, (xt, w, b, 1e-5))
+    torch.library.opcheck(triton_impl.gelu_fwd, (xt,))
+    torch.library.opcheck(triton_impl.gelu_bwd, (torch.randn(24, 5).t(), xt.detach()))
+    with torch.no_grad():
+        _, mean, rstd = triton_impl.layer_norm_fwd(xt, w, b, 1e-5)
+    torch.library.opcheck(triton_impl.layer_norm_bwd, (torch.randn(24, 5).t(), xt.detach(),
+                                                       w.detach(), mean, rstd))
+
+
+def test_triton_layer_norm_of_no_rows():
+    """An empty input (no tokens): zero weight gradients, not a division by zero."""
+    x = torch.randn(0, 24, requires_grad=True)
+    w, b = torch.randn(24, requires_grad=True), torch.randn(24, requires_grad=True)
+    y = triton_impl.layer_norm_fwd(x, w, b, 1e-5)[0]
+    y.sum().backward()
+    assert x.grad.shape == (0, 24)
+    assert torch.equal(w.grad, torch.zeros(24)) and torch.equal(b.grad, torch.zeros(24))
 
 
 # ---- GPU: the real head sizes (H = 4096), compiled LayerNorm/GELU, SDPA's GPU kernels ----

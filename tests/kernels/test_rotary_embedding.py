@@ -1,6 +1,8 @@
 # rotary_embedding: Triton and torch paths against the float64 oracle, layouts, gradients, errors.
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -194,6 +196,28 @@ def test_bad_inputs_name_the_argument():
         rotary_embedding(q, k, cos, sin, impl="cuda")
     with pytest.raises(ValueError, match="q and k of one dtype"):
         rotary_embedding(q, k.double(), cos, sin, impl="triton")
+
+
+def test_mixed_dtypes_rotate_each_tensor_in_its_own_dtype(monkeypatch):
+    """q and k of different dtypes: "reference" rotates k with tables in k's dtype (not q's),
+    and "auto" picks the torch path even where it would pick the one-dtype kernel."""
+    q, k, cos, sin = _inputs(SHAPES["ragged"], torch.float32)
+    for q_, k_ in ((q.bfloat16(), k), (q, k.bfloat16())):
+        torch_out = rotary_embedding(q_, k_, cos, sin, impl="torch")
+        ref_out = rotary_embedding(q_, k_, cos, sin, impl="reference")
+        oracle = rotary_embedding_ref(q_.double(), k_.double(), cos.double(), sin.double())
+        for got, want, x in zip(ref_out, oracle, (q_, k_), strict=True):
+            assert got.dtype == x.dtype
+            assert_close_to_reference(got, want, rotary_embedding_ref(
+                x, x, cos.to(x.dtype), sin.to(x.dtype))[0], name="reference")
+        for got, want in zip(torch_out, ref_out, strict=True):
+            assert got.dtype == want.dtype
+    # (by module name: olakernels.rotary_embedding, the attribute, is the function)
+    api = importlib.import_module("olakernels.rotary_embedding.api")
+    monkeypatch.setattr(api, "resolve_impl", lambda impl, *a: "triton" if impl == "auto"
+                        else impl)  # as on a CUDA q
+    out = rotary_embedding(q.bfloat16(), k, cos, sin, impl="auto")
+    assert out[0].dtype == torch.bfloat16 and out[1].dtype == torch.float32
 
 
 @pytest.mark.gpu

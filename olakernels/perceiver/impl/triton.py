@@ -115,6 +115,8 @@ def layer_norm_fwd_launch(x2d, weight, bias, eps):
 
 def layer_norm_bwd_launch(dy, x2d, weight, mean, rstd):
     m, n = x2d.shape
+    if m == 0:  # no rows (an empty input): no programs to split them over
+        return torch.empty_like(x2d), weight.new_zeros(n), weight.new_zeros(n)
     block_m, block_n, warps = _rows_block(n)
     programs = max(1, min(4 * num_sms(x2d.device), triton.cdiv(m, block_m)))
     if interpreter_enabled():
@@ -150,7 +152,8 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 @layer_norm_fwd.register_fake
 def _(x, weight, bias, eps):
     m = x.numel() // x.shape[-1]
-    return (torch.empty_like(x), x.new_empty((m,), dtype=torch.float32),
+    # (contiguous, as the kernel's outputs: empty_like would keep a transposed x's strides)
+    return (x.new_empty(x.shape), x.new_empty((m,), dtype=torch.float32),
             x.new_empty((m,), dtype=torch.float32))
 
 
@@ -165,7 +168,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
 
 @layer_norm_bwd.register_fake
 def _(dy, x, weight, mean, rstd):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
 def _ln_setup(ctx, inputs, output):
@@ -198,7 +201,7 @@ def gelu_fwd(x: torch.Tensor) -> torch.Tensor:
 
 @gelu_fwd.register_fake
 def _(x):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("olakernels::gelu_bwd", mutates_args=())
@@ -212,7 +215,7 @@ def gelu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @gelu_bwd.register_fake
 def _(dy, x):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def _gelu_setup(ctx, inputs, output):
