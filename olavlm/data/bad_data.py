@@ -10,7 +10,7 @@ Reasons (``REJECT_REASONS``):
 - ``missing_image`` / ``corrupt_image``: the image file is absent / cannot be decoded;
 - ``bad_maps``: the synthetic dataset's depth or segmentation map of the image (read for the
   synthetic teacher run online) is absent or unreadable;
-- ``tokenization_mismatch``: a token straddles a supervised span (templates.py);
+- ``tokenization_mismatch``: no token ends an assistant header (templates.py);
 - ``too_long``: ``max_length`` cannot even hold the prompt before the image and the image.
 
 Image samples whose cached targets are absent, damaged, or were computed from an earlier

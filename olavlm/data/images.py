@@ -54,10 +54,12 @@ def _wide_to_l(image: Image.Image) -> Image.Image:
     """16/32-bit integer and float images to 8-bit grey ('L'): PIL's own convert clips them."""
     arr = np.asarray(image, dtype=np.float64)
     peak = float(arr.max()) if arr.size else 0.0
-    if image.mode == "F" and peak <= 1.0:
+    if image.mode.startswith("I;16"):
+        arr = arr * (255.0 / 65535.0)  # declared 16-bit: a dark image stays dark
+    elif image.mode == "F" and peak <= 1.0:
         arr = arr * 255.0  # float images in [0, 1]
-    elif image.mode != "F" and peak > 255.0:
-        arr = arr * (255.0 / 65535.0)  # 16-bit content
+    elif image.mode == "I" and peak > 255.0:
+        arr = arr * (255.0 / 65535.0)  # 32-bit integers of unknown range: 16-bit content
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
 
 

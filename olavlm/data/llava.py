@@ -77,6 +77,11 @@ def validate_entry(entry) -> tuple[str, str] | None:
     if isinstance(image, str) and not image.strip():  # LLaVA's loader would open the folder
         return "bad_entry", ("'image' is an empty string: give the image's path, or drop the "
                              "key for a text-only sample")
+    if isinstance(image, str):
+        try:
+            image.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return "bad_entry", f"'image' is not valid Unicode: {err.reason} at {err.start}"
     try:
         prepare_turns(conversations, has_image=bool(image))
     except ConversationError as err:

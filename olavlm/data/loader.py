@@ -266,9 +266,9 @@ class ResumableLoader:
             rejects_path, self._index_rejects_path = (
                 base.with_name(f"{base.stem}.rank{r}{base.suffix}") for r in (self.rank, 0))
         self.log = RejectLog(rejects_path)
-        if self.rank == 0:
-            for reject in dataset.index.rejects:  # found once, while indexing
-                self.log.write(reject)
+        # The index's rejects (found once, while indexing) go to the file at the first pass,
+        # unless the state loaded says an earlier run of this training wrote them already.
+        self._index_rejects_pending = self.rank == 0
         self.epoch = 0
         self.position = 0  # global samples of this epoch already handed out (all ranks)
         self.last_summary: str | None = None  # of the last finished epoch
@@ -345,8 +345,15 @@ class ResumableLoader:
             f"are listed in {listed or 'the log'}), or raise data.max_reject_fraction "
             "(1.0 never stops)")
 
+    def _write_index_rejects(self) -> None:
+        if self._index_rejects_pending:
+            for reject in self.dataset.index.rejects:
+                self.log.write(reject)
+            self._index_rejects_pending = False
+
     def __iter__(self):
         self._last_reject = None
+        self._write_index_rejects()  # (before the rate check: its message points to the file)
         self._check_reject_rate()
         plan = self.plan()
         self._batch_sampler.batches = plan.rank_batches(self.rank, self.world_size)
@@ -405,6 +412,7 @@ class ResumableLoader:
             "grad_accum": self.grad_accum,
             "drop_last": self.drop_last, "num_samples": len(self.dataset),
             "stats": self.log.state_dict(),
+            "index_rejects_written": not self._index_rejects_pending or self.rank != 0,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -436,3 +444,6 @@ class ResumableLoader:
         # its epoch in the order it was started (megabatch world x batch), then use grad_accum.
         self._legacy_epoch = self.epoch if legacy else None
         self.log.load_state_dict(state.get("stats", {}))
+        # (states from before this key: their run wrote the index rejects when it started)
+        if state.get("index_rejects_written", True):
+            self._index_rejects_pending = False

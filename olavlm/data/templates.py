@@ -15,10 +15,11 @@ Labels (``IGNORE_INDEX`` = -100 everywhere except):
 
 The seed derives the mask from per-round token counts and masks the whole sample when the
 count disagrees with the full tokenization. Here the mask comes from the character offsets of
-the full tokenization, and a token that straddles the boundary of a supervised span (a merge
-across answer and template text) raises ``ConversationError(reason="tokenization_mismatch")``:
-the caller counts or raises it; nothing is silently masked. On tokenizers without such merges
-(Llama-3's, the test tokenizers) both give the same labels (tests/data/test_templates.py).
+the full tokenization: a token is labelled when it starts inside a supervised span, so a merge
+across a span's edge is never ambiguous (at the start such a token also ends the header, whose
+last token is labelled anyway; at the end it is the closing separator, e.g. Phi-3's
+``<|end|>`` absorbing the next newline). On tokenizers without such merges (Llama-3's, the
+test tokenizers) both give the same labels (tests/data/test_templates.py).
 """
 from __future__ import annotations
 
@@ -140,11 +141,17 @@ def prepare_turns(conversations: Sequence[Mapping], has_image: bool) -> list[tup
         if not isinstance(turn, Mapping) or not isinstance(turn.get("value"), str):
             raise ConversationError("bad_entry", f"turn {j} must be a dict with a str 'value', "
                                     f"got {turn!r:.80}")
-        role = _ROLE_INDEX.get(turn.get("from"))
+        frm = turn.get("from")
+        role = _ROLE_INDEX.get(frm) if isinstance(frm, str) else None  # (a list: unhashable)
         if role is None:
             raise ConversationError("bad_entry", f"turn {j} 'from' must be one of "
                                     f"{sorted(_ROLE_INDEX)}, got {turn.get('from')!r}")
         text = turn["value"]
+        try:  # JSON may escape a lone UTF-16 surrogate ("\ud83d"): no tokenizer takes it
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ConversationError("bad_entry", f"turn {j} 'value' is not valid Unicode: "
+                                    f"{err.reason} at character {err.start}") from None
         if IMAGE_PLACEHOLDER in text:
             text = text.replace(IMAGE_PLACEHOLDER, "").strip()
         turns.append((role, text))
@@ -223,22 +230,18 @@ def _encode_pieces(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int
 
 
 def _labels_from_spans(ids, spans, rendered: Rendered) -> list[int]:
+    """A token is labelled when it *starts* inside a supervised span. Tokens may cross a span's
+    edges: at its end, a separator that absorbs the following newline (Phi-3's ``<|end|>``
+    declared with rstrip) is still the separator; at its start, a token that also covers the
+    header's last character (Llama-3's ``"\n\n\n"`` before an answer opening with a newline,
+    a SentencePiece ``"\nblue"``) is the header's last token, labelled below anyway."""
     labels = [IGNORE_INDEX] * len(ids)
     for i, (tok_id, span) in enumerate(zip(ids, spans, strict=True)):
         if span is None:
             continue
-        a, b = span
-        for s, e in rendered.supervised:
-            inside = s <= a and b <= e and a < e  # zero-width tokens count where they start
-            overlaps = min(b, e) - max(a, s) > 0
-            if inside:
-                labels[i] = tok_id
-                break
-            if overlaps:
-                raise ConversationError(
-                    "tokenization_mismatch",
-                    f"token {i} ({tok_id}) covers characters [{a}, {b}) across the supervised "
-                    f"span [{s}, {e}); labels would be ambiguous")
+        a = span[0]
+        if any(s <= a < e for s, e in rendered.supervised):
+            labels[i] = tok_id
     for h in rendered.header_ends:
         # The last token that covers the character just before the answer.
         last = max((i for i, sp in enumerate(spans) if sp and sp[0] <= h - 1 < sp[1]),

@@ -33,6 +33,9 @@ def _clip_norm(rgb) -> torch.Tensor:
     ("LA", lambda: Image.new("LA", (4, 3), (40, 0)), (255, 255, 255)),
     ("CMYK", lambda: Image.new("CMYK", (4, 3), (0, 0, 0, 0)), (255, 255, 255)),
     ("I;16", lambda: Image.fromarray(np.full((3, 4), 65535, dtype=np.uint16)), (255, 255, 255)),
+    # A dark 16-bit image stays dark whatever its peak (255 of 65535 is ~0.4% grey, not white).
+    ("I;16-dark", lambda: Image.fromarray(np.full((3, 4), 255, dtype=np.uint16)), (1, 1, 1)),
+    ("I;16-dark-256", lambda: Image.fromarray(np.full((3, 4), 256, dtype=np.uint16)), (1, 1, 1)),
     ("F", lambda: Image.fromarray(np.full((3, 4), 0.5, dtype=np.float32)), (128, 128, 128)),
 ])
 def test_load_image_gives_rgb_for_any_mode(mode, make, expected):

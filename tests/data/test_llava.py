@@ -92,6 +92,32 @@ BAD_LINES = {
     "bad_entry": json.dumps({"id": "roles", "conversations": [
         {"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}),
 }
+# Valid JSON that no tokenizer takes or that crashed indexing: bad entries, counted.
+ODD_ENTRIES = {
+    "lone_surrogate": '{"id": "s", "conversations": [{"from": "human", "value": "hi \\ud83d"}, '
+                      '{"from": "gpt", "value": "ok"}]}',
+    "surrogate_image": '{"id": "i", "image": "a\\ud83d.png", "conversations": '
+                       '[{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}',
+    "list_role": json.dumps({"id": "l", "conversations": [
+        {"from": ["human"], "value": "a"}, {"from": "gpt", "value": "b"}]}),
+}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+@pytest.mark.parametrize("case", sorted(ODD_ENTRIES))
+def test_odd_entries_are_counted_bad_entries(folder, llama_tokenizer, case, suffix):
+    line = ODD_ENTRIES[case]
+    assert json.loads(line)  # valid JSON: the index must judge it, not crash on it
+    if suffix == ".jsonl":
+        path = write_jsonl(folder / "d.jsonl", [entry(0), line])
+    else:
+        path = folder / "d.json"
+        path.write_text("[" + json.dumps(entry(0)) + ", " + line + "]")
+    ds = LlavaDataset(path, llama_tokenizer, image_view=ImageView(size=8))
+    assert len(ds) == 1
+    (reject,) = ds.index.rejects
+    assert reject.reason == "bad_entry"
+    ds[0]  # the good one loads
 
 
 def test_an_empty_image_path_is_a_bad_entry_not_a_text_sample(folder):

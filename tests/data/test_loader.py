@@ -252,3 +252,28 @@ def test_index_time_rejects_point_to_rank0s_file(tmp_path, llama_tokenizer, name
                              rejects_path=tmp_path / name)
     with pytest.raises(TooManyRejectsError, match=r"6 of 10 entries.*" + rank0s):
         next(iter(loader))
+
+
+def test_index_rejects_are_written_once_across_resumes(tmp_path, llama_tokenizer):
+    """The rejects found while indexing go to the file at the first pass; a resumed run (a new
+    loader with the state loaded) must not append them again."""
+    import json
+
+    write_image(tmp_path / "img.png", size=(12, 10))
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join([json.dumps(entry(0)), "{not json", json.dumps(entry(1)),
+                               json.dumps(entry(2))]) + "\n")
+    ds = LlavaDataset(path, llama_tokenizer, image_view=ImageView(size=8))
+    rejects = tmp_path / "run" / "rejects.jsonl"
+    state = None
+    for _ in range(3):  # the first start, then two resumes
+        loader = ResumableLoader(ds, batch_size=1, shuffle=False, rejects_path=rejects)
+        if state is not None:
+            loader.load_state_dict(state)
+        next(iter(loader))
+        state = loader.state_dict()
+    lines = [json.loads(x) for x in rejects.read_text().splitlines()]
+    assert [x["reason"] for x in lines] == ["malformed_json"]
+    # A fresh run (no state) over the same file writes them again: it is another run.
+    next(iter(ResumableLoader(ds, batch_size=1, rejects_path=rejects)))
+    assert len(rejects.read_text().splitlines()) == 2

@@ -203,9 +203,10 @@ def test_truncation_counts_the_spliced_image(llama_tokenizer):
     assert err.value.reason == "too_long"
 
 
-def test_a_token_across_the_answer_boundary_is_a_reported_mismatch(tmp_path):
+def test_a_token_across_the_answer_start_is_the_labelled_header_end(tmp_path):
     # A SentencePiece-like tokenizer that may merge "\n" with the next word: the answer's
-    # first token then also covers the header's "\n", and the labels are ambiguous.
+    # first token then also covers the header's "\n". It starts in the header, so it is the
+    # header's last token, which is labelled (the seed's quirk) along with the answer.
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -222,9 +223,55 @@ def test_a_token_across_the_answer_boundary_is_a_reported_mismatch(tmp_path):
     conv = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "blue"}]
     text = render("llava_phi_3", prepare_turns(conv, has_image=False)).text
     assert "\nblue" in fast.convert_ids_to_tokens(fast(text).input_ids)
-    with pytest.raises(ConversationError, match="across the supervised span") as err:
-        tokenize_conversation(conv, fast, "llava_phi_3", has_image=False)
-    assert err.value.reason == "tokenization_mismatch"
+    out = tokenize_conversation(conv, fast, "llava_phi_3", has_image=False)
+    labelled = [t for t in out.labels.tolist() if t != IGNORE_INDEX]
+    assert fast.convert_ids_to_tokens(labelled) == ["\nblue", "<|end|>"]
+
+
+def test_phi3_chat_tokens_with_rstrip_keep_every_round(phi_tokenizer, tmp_path):
+    """Phi-3's released tokenizer declares its chat tokens with rstrip=True: ``<|end|>`` then
+    also covers the newline after it, past the answer's span. Every round must still train
+    (a straddle used to reject each multi-turn sample)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    phi_tokenizer.save_pretrained(str(tmp_path))
+    chat = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+    for name, key in (("tokenizer.json", "added_tokens"), ("tokenizer_config.json", None)):
+        data = json.loads((tmp_path / name).read_text())
+        entries = data[key] if key else data.get("added_tokens_decoder", {}).values()
+        for entry in entries:
+            if entry["content"] in chat:
+                entry["rstrip"] = True
+        (tmp_path / name).write_text(json.dumps(data))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    end = tok("<|end|>\n<|user|>", return_offsets_mapping=True)
+    assert end.offset_mapping[1] == (0, 8)  # <|end|> took the newline: the case under test
+    out = tokenize_conversation(CONVERSATIONS[2], tok, "llava_phi_3", has_image=True)
+    runs = [r.replace("<|assistant|>", "").strip() for r in
+            _supervised_runs(tok, out.input_ids, out.labels)]
+    assert runs == ["four<|end|>", "three<|end|>", "the circle<|end|>"]
+
+
+def test_llama3_answer_opening_with_a_newline_equals_the_seed():
+    """Llama-3's pre-tokenizer keeps "\n\n\n" in one piece (its vocabulary has the token):
+    the header's "\n\n" and an answer's leading "\n" become one token across the boundary.
+    The seed's round arithmetic trains on the sample, and so do we, with the same labels."""
+    from datahelpers import corpus
+
+    from olavlm.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(corpus() + ["line one\n\n\nline two\n\n\nline three"] * 50,
+                          vocab_size=700)
+    assert len(tok("\n\n\n", add_special_tokens=False).input_ids) == 1
+    conv = [{"from": "human", "value": "<image>\nWhat colour?"},
+            {"from": "gpt", "value": "\nThe square is blue."}]
+    prompt = render("llava_llama_3", prepare_turns(conv, has_image=True)).text
+    out = tokenize_conversation(conv, tok, "llava_llama_3", has_image=True)
+    assert out.labels.tolist() == _seed_llama3_labels(tok, prompt)
+    assert _supervised_runs(tok, out.input_ids, out.labels) == [
+        "\n\n\nThe square is blue.<|eot_id|>"]
 
 
 def test_tokenizer_and_template_arguments_are_checked(llama_tokenizer):
