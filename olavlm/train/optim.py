@@ -40,7 +40,10 @@ def _no_decay(name: str, param: torch.Tensor) -> bool:
 
 def parameter_groups(model: nn.Module, cfg) -> list[dict]:
     """Trainable parameters grouped by (role, decay). Frozen ones are left out."""
-    lrs = {"llm": cfg.lr, "projector": cfg.projector_lr or cfg.lr, "heads": cfg.head_lr or cfg.lr}
+    # (None means "lr"; 0 freezes a group's updates and must stay 0)
+    lrs = {"llm": cfg.lr,
+           "projector": cfg.lr if cfg.projector_lr is None else cfg.projector_lr,
+           "heads": cfg.lr if cfg.head_lr is None else cfg.head_lr}
     groups: dict[tuple[str, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

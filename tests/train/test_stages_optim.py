@@ -60,6 +60,12 @@ def test_groups_lrs_and_no_decay_on_biases_norms_scalars(model):
     assert not any(n.endswith(".bias") or "norm" in n for n in decay)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for g in groups for p in g["params"]) == n_trainable
+    # None means "lr"; 0 is a learning rate of 0 (a frozen group's updates), not "unset".
+    zero = {g["role"]: g["lr"] for g in parameter_groups(
+        model, OptimConfig(lr=1e-3, projector_lr=0.0, head_lr=0.0))}
+    assert zero["projector"] == 0.0 and zero["heads"] == 0.0
+    unset = {g["role"]: g["lr"] for g in parameter_groups(model, OptimConfig(lr=1e-3))}
+    assert unset["projector"] == 1e-3 and unset["heads"] == 1e-3
 
 
 def test_cosine_schedule_with_warmup():
