@@ -144,7 +144,7 @@ def _layout(real: torch.Tensor, is_img: torch.Tensor, num_inserted: int,
     shift = (end - max_length).clamp(min=0).minimum(lead)
     text_slot = new_pos - shift[:, None]
     text_kept &= text_slot < max_length
-    block_start = block_start - shift
+    block_start = torch.where(has_image, block_start - shift, 0)  # (text-only rows: 0)
     block_kept = block_kept.minimum((max_length - block_start).clamp(min=0))
     end = (end - shift).clamp(max=max_length)
     return _Layout(first, has_image, text, text_slot, text_kept, block_start, block_kept, end)

@@ -106,6 +106,11 @@ def test_left_padded_rows_are_cut_by_their_real_positions(model, max_length, sta
         assert torch.equal(e, e_ref), f"row {i}"
         assert torch.equal(lab, lab_ref), f"row {i}"
     assert int(fast.num_truncated) == int(ref.num_truncated)
+    # image_start points at each image's first row; text-only rows get 0, even when shifted.
+    assert (fast.image_start[~fast.has_image] == 0).all()
+    for i in fast.has_image.nonzero().flatten().tolist():
+        if int(fast.image_start[i]) < fast.inputs_embeds.shape[1]:  # (not cut off entirely)
+            assert torch.equal(fast.inputs_embeds[i, int(fast.image_start[i])], feats[i, 0])
     # Padding keeps its side: a row's real positions stay one contiguous run.
     for i in range(4):
         where = fast.attention_mask[i].nonzero().flatten()
