@@ -412,7 +412,7 @@ class ResumableLoader:
             "grad_accum": self.grad_accum,
             "drop_last": self.drop_last, "num_samples": len(self.dataset),
             "stats": self.log.state_dict(),
-            "index_rejects_written": not self._index_rejects_pending or self.rank != 0,
+            "index_rejects_written": not self._index_rejects_pending,  # (never pending off rank 0)
         }
 
     def load_state_dict(self, state: dict) -> None:
