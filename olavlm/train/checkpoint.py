@@ -171,6 +171,16 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found) if checkpoint_problem(p) is None]
 
 
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step a complete checkpoint recorded (its marker), or its ``step_N`` name's; None
+    when neither says."""
+    path = Path(path)
+    try:
+        return int(json.loads((path / MARKER).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return _step_of(path)
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint of ``run_dir``, or None."""
     found = list_checkpoints(run_dir)

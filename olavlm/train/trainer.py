@@ -30,7 +30,13 @@ from olavlm.data.loader import TooManyRejectsError
 
 from . import build as B
 from . import load as L
-from .checkpoint import Checkpointer, CheckpointError, check_resume_path, latest_checkpoint
+from .checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    check_resume_path,
+    checkpoint_step,
+    latest_checkpoint,
+)
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_losses, summarize_run
 from .optim import (
     apply_hyperparameters,
@@ -84,8 +90,7 @@ def _run_dir(cfg: Config, dist_info) -> tuple[Path, bool]:
     name = cfg.train.run_name
     made = False
     if dist_info.is_main and name is None:
-        previous = sorted(p for p in out.glob(f"{cfg.recipe}-*") if p.is_dir()
-                          and (p / "checkpoints").is_dir() and not (p / FINISHED).exists())
+        previous = _unfinished_runs(out, cfg.recipe)
         if str(cfg.checkpoint.resume or "").strip().lower() == "auto" and previous:
             name = previous[-1].name
         else:
@@ -103,6 +108,19 @@ def _run_dir(cfg: Config, dist_info) -> tuple[Path, bool]:
             pass
     _barrier(dist_info)
     return run_dir, made
+
+
+def _unfinished_runs(out: Path, recipe: str) -> list[Path]:
+    """The run folders ``out/<recipe>-*`` with checkpoints and no FINISHED marker, oldest first
+    by when their checkpoints last changed (a checkpoint written, renamed or pruned): by time,
+    not name, so a user-named ``<recipe>-ablation`` or a ``-10`` suffix never passes for the
+    newest run."""
+    found = []
+    for p in out.glob(f"{recipe}-*"):
+        ckpts = p / "checkpoints"
+        if p.is_dir() and ckpts.is_dir() and not (p / FINISHED).exists():
+            found.append((ckpts.stat().st_mtime_ns, p.name, p))
+    return [p for _, _, p in sorted(found)]
 
 
 def _new_folder(out: Path, stem: str) -> tuple[str, bool]:
@@ -147,6 +165,33 @@ def _refuse_to_restart_over(run_dir: Path) -> None:
             f"{run_dir} already holds a run (latest checkpoint {previous.name}) and "
             "checkpoint.resume is none: pass --resume auto to continue it, or choose another "
             "train.run_name (or remove the folder) to start afresh; nothing was changed")
+
+
+def _resume_target(run_dir: Path, resume):
+    """What ``checkpoint.resume`` resumes from in ``run_dir``. A PATH outside the run's own
+    checkpoints, into a folder that already holds later ones, is a rerun of the command that
+    started the run from PATH (a stop, a crash, a requeued job): it continues from the run's
+    own latest checkpoint, as "rerun the same command" promises, instead of going back to PATH
+    and moving the newer work aside. A folder holding only checkpoints from before PATH's step
+    is another run: refused, before anything is written. A PATH inside the run's folder (going
+    back to one of its own steps) is taken as given."""
+    if str(resume or "").strip().lower() in ("", "none", "auto"):
+        return resume
+    path = check_resume_path(resume)
+    own = latest_checkpoint(run_dir)
+    if own is None or path.resolve().parent == own.resolve().parent:
+        return resume
+    step, own_step = checkpoint_step(path), checkpoint_step(own)
+    if step is not None and own_step is not None and own_step > step:
+        logger.warning("checkpoint.resume=%s (step %d), but %s already continued it to step %d: "
+                       "resuming from %s (start a new train.run_name to branch from %s again)",
+                       resume, step, run_dir, own_step, own, resume)
+        return own
+    raise ValueError(
+        f"{run_dir} already holds a run (latest checkpoint {own.name}) that did not continue "
+        f"checkpoint.resume={str(resume)!r}: pass --resume auto to continue that run, or choose "
+        "another train.run_name (or remove the folder) to resume from the checkpoint; nothing "
+        "was changed")
 
 
 LOCK_NAME = ".lock"
@@ -248,6 +293,7 @@ class Trainer:
         data, parallelism, optimizer, resume, metrics."""
         if resume_opt in ("", "none"):
             _refuse_to_restart_over(self.run_dir)
+        resume_from = _resume_target(self.run_dir, cfg.checkpoint.resume)
         barrier = lambda: _barrier(d)  # noqa: E731
         data_root = None
         if not cfg.data.path:
@@ -297,7 +343,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
-        resume = self.checkpointer.resolve_resume(cfg.checkpoint.resume)
+        resume = self.checkpointer.resolve_resume(resume_from)
         if resume is not None:
             fresh = hyperparameters(self.optimizer)
             extra = self.checkpointer.load(resume, self._state())
@@ -314,6 +360,9 @@ class Trainer:
         # After the resume: a resume that fails leaves the run's recorded config as it was.
         if d.is_main:
             save_resolved_config(cfg, self.run_dir)
+            # Training again (a finished run extended): not finished until it ends again, so a
+            # stop or crash from here on is found by `--resume auto`.
+            (self.run_dir / FINISHED).unlink(missing_ok=True)
         lc = cfg.logging
         self.metrics = MetricsLogger(
             self.run_dir, rank=d.rank, total_steps=self.total_steps, jsonl=lc.jsonl,

@@ -427,3 +427,67 @@ def test_a_file_system_without_locks_trains_without_the_lock(tmp_path, synth_dir
                                "checkpoint.every_steps=0", "checkpoint.at_end=false"))
     assert "training without the run-folder lock" in caplog.text
     assert trainer.train().steps == 1
+
+
+def test_rerunning_a_resume_from_a_path_continues_the_run_not_the_path(tmp_path, synth_dir,
+                                                                        caplog):
+    """A run started with checkpoint.resume=PATH and stopped is continued by the same command
+    from its own latest checkpoint (not sent back to PATH); a folder holding only another
+    run's older checkpoints is refused, untouched."""
+    base = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=2", "checkpoint.every_steps=2",
+                        "train.run_name=base"))
+    base.train()
+    path = base.run_dir / "checkpoints" / "step_000002"
+    branch = ("train.run_name=branch", f"checkpoint.resume={path}", "checkpoint.every_steps=0")
+    first = Trainer(_cfg(tmp_path, synth_dir, *branch, "train.max_steps=3"))
+    assert first.step == 2
+    first.train()  # (as a stopped leg: its last checkpoint is step 3)
+    with caplog.at_level("WARNING", logger="olavlm.train"):
+        again = Trainer(_cfg(tmp_path, synth_dir, *branch, "train.max_steps=4"))
+    assert again.step == 3 and again.resumed_from.name == "step_000003"
+    assert "already continued it to step 3" in caplog.text
+    again.close()
+    other = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=1", "checkpoint.every_steps=1",
+                         "train.run_name=other"))
+    other.train()
+    metrics = (other.run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="did not continue checkpoint.resume="):
+        Trainer(_cfg(tmp_path, synth_dir, "train.run_name=other", f"checkpoint.resume={path}",
+                     "train.max_steps=4"))
+    assert (other.run_dir / "metrics.jsonl").read_text() == metrics
+
+
+def test_an_extended_finished_run_is_found_by_resume_auto_again(tmp_path, synth_dir):
+    """Training a finished run further clears its FINISHED marker (until it finishes again):
+    stopped midway, `--resume auto` without a run name finds it again."""
+    first = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=1", "checkpoint.every_steps=1"))
+    first.train()
+    assert (first.run_dir / "FINISHED").exists()
+    more = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=2",
+                        f"train.run_name={first.run_dir.name}", "checkpoint.resume=auto"))
+    assert not (first.run_dir / "FINISHED").exists()
+    more.close()
+    found = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=2", "checkpoint.resume=auto"))
+    assert found.run_dir == first.run_dir and found.step == 1
+    found.close()
+
+
+def test_resume_auto_picks_the_run_whose_checkpoints_changed_last(tmp_path):
+    """Without a run name, `--resume auto` continues the unfinished run whose checkpoints were
+    written last, whatever the folder names sort as."""
+    import types
+
+    from olavlm.train.trainer import _run_dir
+
+    out = tmp_path / "runs"
+    stamps = {"demo-ablation-lr": 1_000, "demo-20261128-100000-10": 2_000,
+              "demo-20261128-100000-2": 3_000, "demo-20261128-100000": 500}
+    for name, t in stamps.items():
+        ckpts = out / name / "checkpoints"
+        (ckpts / "step_000010").mkdir(parents=True)
+        os.utime(ckpts, (t, t))
+    cfg = resolve_config("demo", None, [f"train.output_dir={out}", "checkpoint.resume=auto"])
+    dist = types.SimpleNamespace(is_main=True, distributed=False)
+    assert _run_dir(cfg, dist)[0].name == "demo-20261128-100000-2"
+    (out / "demo-20261128-100000-2" / "FINISHED").write_text("10\n")
+    assert _run_dir(cfg, dist)[0].name == "demo-20261128-100000-10"
