@@ -374,14 +374,20 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, bool):
             raise mismatch()
         if isinstance(value, int):
-            return value
+            return int(value)
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
+        if isinstance(value, str):  # YAML reads "1e3" (no dot) as a string
             try:
                 return int(value.strip())
             except ValueError:
                 pass
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = math.nan
+            if number.is_integer():
+                return int(number)
         raise mismatch()
     if tp is float:
         if isinstance(value, bool):
@@ -399,6 +405,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         if isinstance(value, bool) and {"on", "off"} <= set(CHOICES.get(path, ())):
             return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+        if isinstance(value, (_SpelledInt, _SpelledFloat)):  # run_name: 007 -> "007"
+            return value.text
         if isinstance(value, int) and not isinstance(value, bool):  # run_name=2024
             return str(value)
         raise mismatch()
@@ -441,6 +449,43 @@ def _yaml():
     return yaml
 
 
+class _SpelledInt(int):
+    """A number read from a file or an override that remembers how it was written: a str field
+    (``train.run_name: 007``, ``2024_01``, ``0x1F``) takes the text, not YAML's re-spelling of
+    the number (``7``, ``202401``, ``31``). Numeric fields take the plain number."""
+
+    text: str
+
+
+class _SpelledFloat(float):
+    text: str
+
+
+_SpelledInt.__name__ = "int"  # (what an error message shows as the value's type)
+_SpelledFloat.__name__ = "float"
+
+
+def _spelled(value: Any, text: str) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    out = _SpelledInt(value) if isinstance(value, int) else _SpelledFloat(value)
+    out.text = text.strip()
+    return out
+
+
+def _spelling_loader(yaml):
+    """PyYAML's safe loader whose numbers remember their text (see _SpelledInt)."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    for tag in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+        plain = yaml.SafeLoader.yaml_constructors[tag]
+        Loader.add_constructor(
+            tag, lambda loader, node, plain=plain: _spelled(plain(loader, node), node.value))
+    return Loader
+
+
 def load_config_file(path: str | os.PathLike) -> dict:
     """The mapping in a .yaml/.yml (PyYAML) or .json file."""
     file = Path(path).expanduser()
@@ -454,7 +499,7 @@ def load_config_file(path: str | os.PathLike) -> dict:
             raise ValueError(f"config file {str(path)!r}: reading YAML needs PyYAML "
                              "(pip install pyyaml); or write the config as .json")
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_spelling_loader(yaml))  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as e:
             raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from e
     elif suffix == ".json":
@@ -475,7 +520,7 @@ def load_config_file(path: str | os.PathLike) -> dict:
 
 def _parse_value(text: str) -> Any:
     try:
-        return json.loads(text)
+        return _spelled(json.loads(text), text)
     except ValueError:
         return text
 
@@ -505,11 +550,25 @@ def apply_overrides(data: Mapping, overrides: list[str]) -> dict:
     return out
 
 
-def _merge(base: dict, top: Mapping) -> dict:
+def _merge(base: dict, top: Mapping, tp: Any = None) -> dict:
+    """``top`` over ``base``, where ``tp`` is what they hold (Config when None). Sections
+    (dataclasses, ``model.heads.<task>``) merge key by key, so a file setting only
+    ``optim.lr`` keeps the recipe's other optimizer settings. A field that is a free-form
+    mapping (``teachers.weights``, ``teachers.synthetic``) is replaced whole, as an override of
+    it is, and ``{}`` empties ``model.heads``: a run's saved ``config.yaml`` replays as the
+    config that ran."""
+    tp = Config if tp is None else tp
     out = dict(base)
     for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(dict(out[key]), value)
+        if dataclasses.is_dataclass(tp):
+            inner = _hints(tp).get(key)  # (an unknown key is replaced: config_from_dict names it)
+        else:  # a mapping of sections: each entry is one
+            inner = typing.get_args(tp)[1]
+        merges = dataclasses.is_dataclass(inner) or (
+            typing.get_origin(inner) is dict and dataclasses.is_dataclass(typing.get_args(inner)[1])
+            and bool(value))
+        if merges and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value, inner)
         else:
             out[key] = value
     return out
@@ -526,12 +585,32 @@ def resolve_config(recipe: str | None, config_file: str | os.PathLike | None,
     from olavlm.recipes import get_recipe
 
     file_data = load_config_file(config_file) if config_file is not None else {}
-    name = recipe or file_data.get("recipe") or "demo"
+    overrides, chosen = _recipe_overrides(list(overrides))
+    if chosen is not None and recipe is not None and chosen != recipe:
+        raise ValueError(f"recipe given twice: --recipe {recipe} and the override "
+                         f"recipe={chosen}; keep one")
+    name = recipe or chosen or file_data.get("recipe") or "demo"
     if not isinstance(name, str):
         raise ValueError(f"recipe: expected str, got {_show(name)}")
     merged = _merge(config_to_dict(get_recipe(name)), file_data)
     merged["recipe"] = name
-    return config_from_dict(apply_overrides(merged, list(overrides)))
+    return config_from_dict(apply_overrides(merged, overrides))
+
+
+def _recipe_overrides(overrides: list[str]) -> tuple[list[str], str | None]:
+    """(the overrides without ``recipe=NAME``, the last NAME given). A ``recipe=`` override
+    picks the recipe whose defaults the run starts from, as ``--recipe`` does; set after the
+    merge, it would only rename a run that keeps another recipe's values."""
+    rest, chosen = [], None
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if sep and key.strip() == "recipe":
+            chosen = text.strip()
+            if not chosen:
+                raise ValueError(f"override {item!r}: expected recipe=NAME")
+        else:
+            rest.append(item)
+    return rest, chosen
 
 
 # -- dumping the resolved run -----------------------------------------------------------------

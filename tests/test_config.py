@@ -323,3 +323,57 @@ def test_save_without_yaml_writes_json(tmp_path, monkeypatch):
 
 def test_keep_last_zero_keeps_every_checkpoint_as_documented():
     assert config_from_dict({"checkpoint": {"keep_last": 0}}).checkpoint.keep_last == 0
+
+
+def test_a_saved_config_replays_as_the_config_that_ran(tmp_path):
+    """Mappings an override replaced whole (emptied, or narrowed to one key) stay replaced when
+    the saved config.yaml is replayed: a file replaces free-form mappings, `{}` empties heads;
+    sections and heads.<task> still merge key by key."""
+    ran = resolve_config("demo", None, ["teachers.synthetic={}", "teachers.weights={}",
+                                        "model.heads={}", "model.layer_indices={}",
+                                        "model.aux_mode="])
+    path, _ = save_resolved_config(ran, tmp_path / "run")
+    assert resolve_config(None, str(path), []) == ran
+    narrowed = resolve_config("demo", None, ['teachers.synthetic={"depth_dim": 4}'])
+    assert narrowed.teachers.synthetic == {"depth_dim": 4}
+    path, _ = save_resolved_config(narrowed, tmp_path / "run2")
+    assert resolve_config(None, str(path), []) == narrowed
+
+
+def test_a_recipe_override_picks_the_recipe_it_names():
+    """`recipe=NAME` among the overrides starts from NAME's defaults, as --recipe does (it
+    used to rename the run and keep the demo's values); two different recipes are refused."""
+    cfg = resolve_config(None, None, ["recipe=phi3_mini_clip_vpt", "optim.lr=1e-5"])
+    assert cfg == resolve_config("phi3_mini_clip_vpt", None, ["optim.lr=1e-5"])
+    assert resolve_config("pt", None, ["recipe=pt"]).recipe == "pt"
+    with pytest.raises(ValueError, match="recipe given twice: --recipe demo and the override "
+                                         "recipe=pt"):
+        resolve_config("demo", None, ["recipe=pt"])
+    with pytest.raises(ValueError, match="expected recipe=NAME"):
+        resolve_config(None, None, ["recipe="])
+
+
+@pytest.mark.parametrize("text", ["007", "2024_01", "0x1F", "12:30", "1.50", "1e3"])
+def test_a_run_name_is_kept_as_written(tmp_path, text):
+    """A str field written as a number keeps its spelling (YAML 1.1 reads 007 as 7, 2024_01 as
+    202401, 12:30 as 750), in a file and as an override."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"train:\n  run_name: {text}\n")
+    assert resolve_config("demo", str(path), []).train.run_name == text
+    assert resolve_config("demo", None, [f"train.run_name={text}"]).train.run_name == text
+
+
+def test_an_integral_float_string_is_taken_for_an_int(tmp_path):
+    """YAML reads `1e3` (no dot) as a string: an int field takes it as 1000, as the override
+    `train.max_steps=1e3` does; a fractional one is still refused."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  max_steps: 1e3\n")
+    assert resolve_config("demo", str(path), []).train.max_steps == 1000
+    assert resolve_config("demo", None, ["train.max_steps=1e3"]).train.max_steps == 1000
+    cfg = resolve_config("demo", str(path), [])
+    assert type(cfg.train.max_steps) is int
+    with pytest.raises(ValueError, match="train.max_steps: expected int"):
+        resolve_config("demo", None, ["train.max_steps=2.5"])
+    path.write_text("train:\n  max_steps: 2.5e0\n")
+    with pytest.raises(ValueError, match="train.max_steps: expected int"):
+        resolve_config("demo", str(path), [])
