@@ -274,16 +274,30 @@ def build_data(cfg, model: OlaVLM, tokenizer, data_root: Path | None, *, rank: i
 
 def load_initial_weights(model: OlaVLM, path: str) -> list[str]:
     """checkpoint.init_from: start a stage from an earlier one's weights (VPT or IFT from PT,
-    or IFT from VPT). Accepts an ``export_hf`` folder (``llm/`` + ``olavlm.safetensors``) or a seed
-    checkpoint folder (SPEC 11 keys). Every parameter of the LLM, the projector and the task
-    tokens must be there; heads and logit scales may be missing (VPT/IFT do not use them).
-    Returns the keys that kept their fresh initialization."""
+    or IFT from VPT). Accepts a run folder (its latest complete checkpoint), a training
+    checkpoint (``<run>/checkpoints/step_N``), an ``export_hf`` folder (``llm/`` +
+    ``olavlm.safetensors``) or a seed checkpoint folder (SPEC 11 keys). Every parameter of the
+    LLM, the projector and the task tokens must be there; heads and logit scales may be missing
+    (VPT/IFT do not use them). Returns the keys that kept their fresh initialization."""
     from olavlm.models.checkpoint_io import read_safetensors_dir, seed_key_to_ola
+
+    from .checkpoint import MARKER, latest_checkpoint, read_model_weights
 
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint.init_from: {str(root)!r} is not a directory")
-    if (root / "olavlm_config.json").is_file():
+    if (root / "checkpoints").is_dir() and not (root / "olavlm_config.json").is_file():
+        latest = latest_checkpoint(root)
+        if latest is None:
+            raise FileNotFoundError(f"checkpoint.init_from: the run folder {root} holds no "
+                                    "complete checkpoint")
+        if not (root / "FINISHED").is_file():
+            logger.warning("checkpoint.init_from: %s did not finish; starting from its latest "
+                           "checkpoint %s", root, latest.name)
+        root = latest
+    if (root / MARKER).is_file() or (root / ".metadata").is_file():
+        state = read_model_weights(root)
+    elif (root / "olavlm_config.json").is_file():
         state = {f"llm.{k}": v for k, v in read_safetensors_dir(root / "llm").items()}
         from safetensors.torch import load_file
 
@@ -295,8 +309,9 @@ def load_initial_weights(model: OlaVLM, path: str) -> list[str]:
             if mapped is not None:  # the seed's logit scales are 0-d, ours (1,) (as checkpoint_io)
                 state[mapped] = value.reshape(1) if mapped.endswith("_logit_scale") else value
     else:
-        raise FileNotFoundError(f"checkpoint.init_from: {root} holds neither an export_hf "
-                                "folder (olavlm_config.json) nor a seed checkpoint (config.json)")
+        raise FileNotFoundError(f"checkpoint.init_from: {root} is none of a run folder "
+                                "(checkpoints/), a training checkpoint (COMPLETE), an export "
+                                "folder (olavlm_config.json) or a seed checkpoint (config.json)")
     own = model.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith("vision_tower.")}
     unexpected = sorted(set(state) - set(own))

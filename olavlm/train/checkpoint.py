@@ -66,6 +66,7 @@ __all__ = [
     "checkpoint_problem",
     "latest_checkpoint",
     "list_checkpoints",
+    "read_model_weights",
     "rng_state",
     "set_rng_state",
 ]
@@ -618,6 +619,39 @@ def _check_same_trainable(path: Path, saved: set[str], template: dict, num_group
     if groups and len(groups) != num_groups:
         raise CheckpointError(_trainable_changed(
             path, f"it has {len(groups)} optimizer groups, this run {num_groups}"))
+
+
+def read_model_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) weights in the training checkpoint ``path``, as CPU tensors
+    keyed like ``model.state_dict()``: for ``checkpoint.init_from`` (a new stage from a run's
+    checkpoint). Read in this process alone (no collective), whatever the world size that
+    wrote it, so rank 0 can read it before the model is sharded. CheckpointError when the
+    checkpoint is incomplete or holds no model."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path} is not a valid checkpoint: {problem}")
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"{path} holds no model state (no .metadata)")
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    weights = {key[len("model."):]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+               for key, m in meta.items()
+               if key.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    if not weights:
+        raise CheckpointError(f"{path} holds no model weights")
+    box = {"model": weights}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_DCP_WARNING)
+            dcp.load(box, checkpoint_id=str(path), no_dist=True)
+    except CheckpointException as exc:
+        raise CheckpointError(f"could not read the model from {path}: "
+                              f"{_failure(exc)[1]}") from None
+    return box["model"]
 
 
 def _saved_keys(path: Path) -> set[str]:

@@ -92,6 +92,44 @@ def test_init_from_an_export_starts_the_next_stage_from_its_weights(trained, tmp
         nxt.close()
 
 
+@pytest.mark.parametrize("what", ["checkpoint", "run"])
+def test_init_from_a_training_checkpoint_or_run_starts_another_stage(trained, tmp_path, what):
+    """The stage-change error's advice, checkpoint.init_from=<run>/checkpoints/step_N, works
+    (it was refused: only export and seed folders were read), and so does the run folder
+    itself (its latest checkpoint), into a stage that trains other parameters."""
+    trainer, tmp = trained
+    source = trainer.checkpointer.latest() if what == "checkpoint" else trainer.run_dir
+    cfg = resolve_config("demo", None, [
+        f"train.output_dir={tmp_path / 'runs'}", f"data.synthetic_dir={tmp / 'synth'}",
+        "data.synthetic_num=24", "train.max_steps=1", "logging.progress=false",
+        "logging.plot=false", "train.stage=vpt", "teachers.mode=none",
+        f"checkpoint.init_from={source}"])
+    nxt = Trainer(cfg)
+    try:
+        _assert_same(nxt.model, trainer)
+        nxt.train()
+    finally:
+        nxt.close()
+
+
+def test_init_from_refuses_a_folder_it_cannot_read(trained, tmp_path):
+    from olavlm.train.build import load_initial_weights
+    from olavlm.train.checkpoint import CheckpointError
+
+    trainer, _ = trained
+    empty_run = tmp_path / "run"
+    (empty_run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+        load_initial_weights(trainer.model, str(empty_run))
+    with pytest.raises(FileNotFoundError, match="is none of a run folder"):
+        load_initial_weights(trainer.model, str(tmp_path))
+    broken = tmp_path / "step_000001"
+    broken.mkdir()
+    (broken / ".metadata").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="marker is missing"):
+        load_initial_weights(trainer.model, str(broken))
+
+
 def test_an_export_made_from_a_relative_run_dir_loads_from_anywhere(trained, tmp_path,
                                                                     monkeypatch):
     """`olavlm export runs/demo-...` wrote the demo tower as `runs/demo-.../models/tiny-clip`,
