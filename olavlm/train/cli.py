@@ -83,6 +83,16 @@ def run_train(args) -> int:
         # NoDataError or a bad sample under data.on_bad_sample=raise may be this rank's alone.
         trainer.close(barrier=isinstance(exc, (NonFiniteLossError, CheckpointError)))
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the stop checkpoint
+        trainer.metrics.close()
+        latest = trainer.checkpointer.latest()
+        where = f"the last checkpoint is {latest}" if latest is not None else \
+            "there is no checkpoint yet"
+        print(f"olavlm train: stopped at once by a second Ctrl-C during step "
+              f"{trainer.step + 1}; {where}: rerun the same command to resume from it",
+              file=sys.stderr)
+        trainer.close(barrier=False)
+        return 130
     except RuntimeError as exc:
         if not (trainer.dist.distributed and peer_failure(exc)):
             raise

@@ -219,3 +219,29 @@ def test_a_bad_sample_under_raise_stops_with_one_line(tmp_path, capsys, workers)
     assert len(err) == 1 and "Traceback" not in err[0], err
     assert err[0].startswith("olavlm train: ") and first["image"].split("/")[-1] in err[0], err
     assert "BadSampleError" not in err[0], err
+
+
+def test_a_second_ctrl_c_stops_with_one_line_naming_the_checkpoint(tmp_path, capsys,
+                                                                   monkeypatch):
+    """Ctrl-C twice raises KeyboardInterrupt mid-step: one line saying where the last
+    checkpoint is and how to go on (exit 130), not a traceback; the run is not FINISHED and
+    the same command resumes it."""
+    real = Trainer._micro_step
+
+    def interrupted(self, *args, **kwargs):
+        if self.step == 2:
+            raise KeyboardInterrupt("second SIGINT: stopping now")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_micro_step", interrupted)
+    argv = [f"train.output_dir={tmp_path}", f"data.synthetic_dir={tmp_path / 'synth'}",
+            "data.synthetic_num=24", "train.max_steps=4", "checkpoint.every_steps=1",
+            "train.run_name=r", "logging.progress=false", "logging.plot=false"]
+    assert train_main(argv) == 130
+    err = capsys.readouterr().err
+    assert "stopped at once by a second Ctrl-C during step 3" in err, err
+    assert "step_000002" in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "FINISHED").exists()
+    monkeypatch.setattr(Trainer, "_micro_step", real)
+    assert train_main(argv + ["--resume", "auto"]) == 0
+    assert (tmp_path / "r" / "FINISHED").read_text().strip() == "4"
