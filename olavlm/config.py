@@ -328,7 +328,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return _TypeMismatch(f"{path}: expected {_type_name(tp)}{extra}, got {_show(value)}")
 
     if tp is Any:
-        return value
+        return _plain(value)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -411,7 +411,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return str(value)
         raise mismatch()
     if isinstance(tp, type) and isinstance(value, tp):
-        return value
+        return _plain(value)
     raise mismatch()
 
 
@@ -471,6 +471,20 @@ def _spelled(value: Any, text: str) -> Any:
     out = _SpelledInt(value) if isinstance(value, int) else _SpelledFloat(value)
     out.text = text.strip()
     return out
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every remembered spelling dropped (plain int/float inside lists and
+    mappings): what an untyped field (``dict`` of anything) keeps, so the config dumps."""
+    if isinstance(value, _SpelledInt):
+        return int(value)
+    if isinstance(value, _SpelledFloat):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 def _spelling_loader(yaml):
@@ -551,27 +565,37 @@ def apply_overrides(data: Mapping, overrides: list[str]) -> dict:
 
 
 def _merge(base: dict, top: Mapping, tp: Any = None) -> dict:
-    """``top`` over ``base``, where ``tp`` is what they hold (Config when None). Sections
-    (dataclasses, ``model.heads.<task>``) merge key by key, so a file setting only
-    ``optim.lr`` keeps the recipe's other optimizer settings. A field that is a free-form
-    mapping (``teachers.weights``, ``teachers.synthetic``) is replaced whole, as an override of
-    it is, and ``{}`` empties ``model.heads``: a run's saved ``config.yaml`` replays as the
-    config that ran."""
+    """``top`` over ``base``, where ``tp`` is what they hold (Config when None). Sections and
+    mappings merge key by key, so a file setting only ``optim.lr`` keeps the recipe's other
+    optimizer settings, and ``teachers.synthetic: {seed: 3}`` the recipe's other synthetic
+    keys. An empty mapping given to a mapping field (``model.heads: {}``,
+    ``teachers.weights: {}``) empties it, as the override does."""
     tp = Config if tp is None else tp
     out = dict(base)
     for key, value in top.items():
         if dataclasses.is_dataclass(tp):
             inner = _hints(tp).get(key)  # (an unknown key is replaced: config_from_dict names it)
-        else:  # a mapping of sections: each entry is one
-            inner = typing.get_args(tp)[1]
-        merges = dataclasses.is_dataclass(inner) or (
-            typing.get_origin(inner) is dict and dataclasses.is_dataclass(typing.get_args(inner)[1])
-            and bool(value))
+        else:
+            inner = typing.get_args(tp)[1] if typing.get_args(tp) else Any
+        merges = dataclasses.is_dataclass(inner) or bool(value)
         if merges and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = _merge(dict(out[key]), value, inner)
         else:
             out[key] = value
     return out
+
+
+def _is_complete(data: Mapping) -> bool:
+    """Whether ``data`` sets every key of every section: a run's saved config.yaml, which
+    replays as is (the recipe's mappings are not merged into the ones the run narrowed)."""
+
+    def covers(cls, node) -> bool:
+        if not isinstance(node, Mapping) or set(_field_names(cls)) - set(node):
+            return False
+        return all(covers(tp, node[name]) for name, tp in _hints(cls).items()
+                   if dataclasses.is_dataclass(tp))
+
+    return covers(Config, data)
 
 
 def resolve_config(recipe: str | None, config_file: str | os.PathLike | None,
@@ -580,7 +604,8 @@ def resolve_config(recipe: str | None, config_file: str | os.PathLike | None,
 
     The recipe is ``recipe``, else the file's ``recipe`` key, else "demo"; unknown names raise
     ValueError listing the recipes. Sections merge key by key (a file that sets only
-    ``optim.lr`` keeps the recipe's other optimizer settings).
+    ``optim.lr`` keeps the recipe's other optimizer settings); a file that sets every key (a
+    run's saved config.yaml) is taken as is, so it replays as the config that ran.
     """
     from olavlm.recipes import get_recipe
 
@@ -592,7 +617,10 @@ def resolve_config(recipe: str | None, config_file: str | os.PathLike | None,
     name = recipe or chosen or file_data.get("recipe") or "demo"
     if not isinstance(name, str):
         raise ValueError(f"recipe: expected str, got {_show(name)}")
-    merged = _merge(config_to_dict(get_recipe(name)), file_data)
+    if _is_complete(file_data):  # a run's saved config: taken as is
+        merged = dict(file_data)
+    else:
+        merged = _merge(config_to_dict(get_recipe(name)), file_data)
     merged["recipe"] = name
     return config_from_dict(apply_overrides(merged, overrides))
 
@@ -605,9 +633,10 @@ def _recipe_overrides(overrides: list[str]) -> tuple[list[str], str | None]:
     for item in overrides:
         key, sep, text = item.partition("=")
         if sep and key.strip() == "recipe":
-            chosen = text.strip()
-            if not chosen:
-                raise ValueError(f"override {item!r}: expected recipe=NAME")
+            chosen = _parse_value(text)  # (recipe="pt" as JSON, as any override value)
+            if not isinstance(chosen, str) or not chosen.strip():
+                raise ValueError(f"override {item!r}: expected recipe=NAME, a recipe name")
+            chosen = chosen.strip()
         else:
             rest.append(item)
     return rest, chosen

@@ -327,8 +327,7 @@ def test_keep_last_zero_keeps_every_checkpoint_as_documented():
 
 def test_a_saved_config_replays_as_the_config_that_ran(tmp_path):
     """Mappings an override replaced whole (emptied, or narrowed to one key) stay replaced when
-    the saved config.yaml is replayed: a file replaces free-form mappings, `{}` empties heads;
-    sections and heads.<task> still merge key by key."""
+    the saved config.yaml is replayed: a file that sets every key is taken as is."""
     ran = resolve_config("demo", None, ["teachers.synthetic={}", "teachers.weights={}",
                                         "model.heads={}", "model.layer_indices={}",
                                         "model.aux_mode="])
@@ -351,6 +350,30 @@ def test_a_recipe_override_picks_the_recipe_it_names():
         resolve_config("demo", None, ["recipe=pt"])
     with pytest.raises(ValueError, match="expected recipe=NAME"):
         resolve_config(None, None, ["recipe="])
+    assert resolve_config(None, None, ['recipe="pt"']).recipe == "pt"  # JSON, as any value
+    with pytest.raises(ValueError, match="expected recipe=NAME"):
+        resolve_config(None, None, ["recipe=3"])
+
+
+def test_a_partial_file_merges_into_mappings_and_empty_ones_empty_them(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("teachers:\n  synthetic: {seed: 3}\n")
+    demo = get_recipe("demo").teachers.synthetic
+    assert resolve_config("demo", str(path), []).teachers.synthetic == {**demo, "seed": 3}
+    path.write_text("teachers:\n  synthetic: {}\n")
+    assert resolve_config("demo", str(path), []).teachers.synthetic == {}
+
+
+def test_numbers_in_untyped_mappings_dump(tmp_path):
+    """Numbers read from a file or an override into a mapping field (model.loss_weights) are
+    plain numbers in the Config: the run's config.yaml dumps (it raised RepresenterError)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  loss_weights: {depth: 0.5, seg: 0.25, gen: 1}\n")
+    cfg = resolve_config("demo", str(path), ["model.loss_weights.seg=0.3"])
+    assert cfg.model.loss_weights == {"depth": 0.5, "seg": 0.3, "gen": 1}
+    assert all(type(v) in (int, float) for v in cfg.model.loss_weights.values())
+    saved, _ = save_resolved_config(cfg, tmp_path / "run")
+    assert resolve_config(None, str(saved), []) == cfg
 
 
 @pytest.mark.parametrize("text", ["007", "2024_01", "0x1F", "12:30", "1.50", "1e3"])
