@@ -172,14 +172,14 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found) if checkpoint_problem(p) is None]
 
 
-def checkpoint_step(path: str | os.PathLike) -> int | None:
-    """The step a complete checkpoint recorded (its marker), or its ``step_N`` name's; None
-    when neither says."""
-    path = Path(path)
+def checkpoint_extra(path: str | os.PathLike) -> dict:
+    """The ``extra`` dict a checkpoint's marker recorded ({} when none: an older checkpoint,
+    or an unreadable marker)."""
     try:
-        return int(json.loads((path / MARKER).read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return _step_of(path)
+        extra = json.loads((Path(path) / MARKER).read_text()).get("extra")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return extra if isinstance(extra, dict) else {}
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -404,7 +404,7 @@ class Checkpointer:
         failures = [(r, f) for r, f in enumerate(self._gather(own)) if f is not None]
         if not failures and self.rank == 0:
             try:
-                self._publish(tmp, final, step)
+                self._publish(tmp, final, step, state.get("extra"))
             except OSError as exc:
                 own, own_exc = _failure(exc), exc
                 failures = [(0, own)]
@@ -467,12 +467,15 @@ class Checkpointer:
         except OSError as exc:
             return ("error", f"{type(exc).__name__}: {exc}")
 
-    def _publish(self, tmp: Path, final: Path, step: int) -> None:
-        """Rank 0, after every rank wrote: the marker, then the atomic rename."""
+    def _publish(self, tmp: Path, final: Path, step: int, extra: dict | None = None) -> None:
+        """Rank 0, after every rank wrote: the marker, then the atomic rename. The marker
+        repeats ``extra`` (rank 0's), readable without loading the checkpoint."""
         files = {str(p.relative_to(tmp)): p.stat().st_size
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         info = {"format": FORMAT_VERSION, "step": int(step), "time": time.time(),
                 "world_size": self.world_size, "torch": torch.__version__, "files": files}
+        if extra is not None:
+            info["extra"] = extra
         _fsync_write(tmp / MARKER, json.dumps(info, indent=1).encode())
         _fsync_dir(tmp)
         os.replace(tmp, final)

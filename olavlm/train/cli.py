@@ -67,7 +67,7 @@ def run_train(args) -> int:
     from olavlm.data.bad_data import BadSampleError
 
     from .checkpoint import CheckpointError
-    from .trainer import NoDataError, NonFiniteLossError, Trainer
+    from .trainer import NoDataError, NonFiniteLossError, Trainer, how_to_resume
 
     try:
         trainer = Trainer(cfg)
@@ -89,7 +89,8 @@ def run_train(args) -> int:
         where = f"the last checkpoint is {latest}" if latest is not None else \
             "there is no checkpoint yet"
         print(f"olavlm train: stopped at once by a second Ctrl-C during step "
-              f"{trainer.step + 1}; {where}: rerun the same command to resume from it",
+              f"{trainer.step + 1}; {where}: {how_to_resume(cfg, trainer.run_dir)} to resume "
+              "from it",
               file=sys.stderr)
         trainer.close(barrier=False)
         return 130
@@ -106,8 +107,8 @@ def run_train(args) -> int:
     if result.summary:
         print(result.summary)
     if result.stopped:
-        print(f"stopped by {result.stopped} at step {result.steps}; rerun the same command "
-              "to resume")
+        print(f"stopped by {result.stopped} at step {result.steps}; "
+              f"{how_to_resume(cfg, trainer.run_dir)} to resume")
     trainer.close()
     return 0
 

@@ -34,7 +34,7 @@ from .checkpoint import (
     Checkpointer,
     CheckpointError,
     check_resume_path,
-    checkpoint_step,
+    checkpoint_extra,
     latest_checkpoint,
 )
 from .metrics import MetricsLogger, flops_per_token, peak_flops, plot_losses, summarize_run
@@ -167,31 +167,64 @@ def _refuse_to_restart_over(run_dir: Path) -> None:
             "train.run_name (or remove the folder) to start afresh; nothing was changed")
 
 
-def _resume_target(run_dir: Path, resume):
-    """What ``checkpoint.resume`` resumes from in ``run_dir``. A PATH outside the run's own
-    checkpoints, into a folder that already holds later ones, is a rerun of the command that
-    started the run from PATH (a stop, a crash, a requeued job): it continues from the run's
-    own latest checkpoint, as "rerun the same command" promises, instead of going back to PATH
-    and moving the newer work aside. A folder holding only checkpoints from before PATH's step
-    is another run: refused, before anything is written. A PATH inside the run's folder (going
-    back to one of its own steps) is taken as given."""
-    if str(resume or "").strip().lower() in ("", "none", "auto"):
-        return resume
-    path = check_resume_path(resume)
+def _explicit_resume(resume) -> bool:
+    return str(resume or "").strip().lower() not in ("", "none", "auto")
+
+
+def _continuation(run_dir: Path, resume) -> Path | None:
+    """The run's own latest checkpoint when its timeline began with ``checkpoint.resume=PATH``
+    (each checkpoint records that origin): the same command rerun after a stop, a crash or a
+    requeue continues it, even once PATH itself has been pruned. None otherwise."""
+    if not _explicit_resume(resume):
+        return None
     own = latest_checkpoint(run_dir)
-    if own is None or path.resolve().parent == own.resolve().parent:
+    if own is None:
+        return None
+    origin = checkpoint_extra(own).get("origin")
+    return own if origin == _origin_of(resume) else None
+
+
+def _origin_of(resume) -> str:
+    return str(Path(resume).expanduser().resolve())
+
+
+def _resume_target(run_dir: Path, resume):
+    """What ``checkpoint.resume`` resumes from in ``run_dir``: "auto"/"none" as they are; for a
+    PATH, the run's own latest checkpoint when the run began from PATH (see _continuation);
+    else PATH, when the folder holds no checkpoint or PATH is one of its own (going back to
+    an earlier step: a new timeline). A PATH from elsewhere into a folder holding another
+    run's checkpoints is refused, before anything is written."""
+    if not _explicit_resume(resume):
         return resume
-    step, own_step = checkpoint_step(path), checkpoint_step(own)
-    if step is not None and own_step is not None and own_step > step:
-        logger.warning("checkpoint.resume=%s (step %d), but %s already continued it to step %d: "
-                       "resuming from %s (start a new train.run_name to branch from %s again)",
-                       resume, step, run_dir, own_step, own, resume)
+    own = _continuation(run_dir, resume)
+    if own is not None:
+        logger.info("checkpoint.resume=%s: %s continued it to %s; resuming from there (a new "
+                    "train.run_name branches from %s again)", resume, run_dir, own.name, resume)
         return own
+    path = check_resume_path(resume)
+    latest = latest_checkpoint(run_dir)
+    if latest is None or path.resolve().parent == latest.resolve().parent:
+        return resume
     raise ValueError(
-        f"{run_dir} already holds a run (latest checkpoint {own.name}) that did not continue "
-        f"checkpoint.resume={str(resume)!r}: pass --resume auto to continue that run, or choose "
-        "another train.run_name (or remove the folder) to resume from the checkpoint; nothing "
-        "was changed")
+        f"{run_dir} already holds a run (latest checkpoint {latest.name}) that did not start "
+        f"from checkpoint.resume={str(resume)!r}: pass --resume auto to continue that run, or "
+        "choose another train.run_name (or remove the folder) to resume from the checkpoint; "
+        "nothing was changed")
+
+
+def how_to_resume(cfg: Config, run_dir: Path) -> str:
+    """The command line change that continues ``run_dir`` from its latest checkpoint: the same
+    command where it does (resume=auto, or a named run begun from an outside PATH), else the
+    overrides that do (a timestamped folder is new at each start; a PATH inside the run's own
+    folder would branch from it again)."""
+    resume = cfg.checkpoint.resume
+    if not _explicit_resume(resume):
+        if str(resume or "").strip().lower() == "auto":
+            return "rerun the same command"
+    elif cfg.train.run_name is not None and Path(resume).expanduser().resolve().parent \
+            != (run_dir / "checkpoints").resolve():
+        return "rerun the same command"
+    return f"rerun with train.run_name={run_dir.name} --resume auto"
 
 
 LOCK_NAME = ".lock"
@@ -253,7 +286,10 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         resume_opt = str(cfg.checkpoint.resume or "").strip().lower()
-        if resume_opt not in ("", "none", "auto"):  # a bad path fails before any work
+        if resume_opt not in ("", "none", "auto") and not (  # a bad path fails before any work
+                cfg.train.run_name is not None and _continuation(
+                    Path(cfg.train.output_dir).expanduser() / cfg.train.run_name,
+                    cfg.checkpoint.resume)):
             check_resume_path(cfg.checkpoint.resume)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.dist = init_distributed(cfg.train.device, cfg.parallel.backend,
@@ -344,9 +380,13 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         resume = self.checkpointer.resolve_resume(resume_from)
+        self.origin = None  # the outside checkpoint this run's timeline began from
         if resume is not None:
             fresh = hyperparameters(self.optimizer)
             extra = self.checkpointer.load(resume, self._state())
+            self.origin = extra.get("origin")
+            if resume.resolve().parent != self.checkpointer.dir.resolve():
+                self.origin = _origin_of(resume)
             self.step = int(extra["step"])
             self.nonfinite_total = int(extra.get("nonfinite_total", 0))
             self.nonfinite_run = int(extra.get("nonfinite_run", 0))  # "in a row" spans a resume
@@ -377,7 +417,8 @@ class Trainer:
         return {"model": self.model, "optim": self.optimizer, "scheduler": self.scheduler,
                 "loader": self.loader, "rng": True,
                 "extra": {"step": self.step, "nonfinite_total": self.nonfinite_total,
-                          "nonfinite_run": self.nonfinite_run, "recipe": self.cfg.recipe}}
+                          "nonfinite_run": self.nonfinite_run, "recipe": self.cfg.recipe,
+                          "origin": getattr(self, "origin", None)}}
 
     def _recount_epoch_steps(self, accum: int) -> None:
         """A resumed epoch-based run (train.max_steps=0) ends where the data ends: the steps
@@ -624,7 +665,7 @@ class Trainer:
             "there is no checkpoint"
         raise CheckpointError(
             f"{what} at step {self.step} could not be written (the error is above); {where}: "
-            "free disk space and rerun the same command (--resume auto) to continue from it")
+            f"free disk space and {how_to_resume(self.cfg, self.run_dir)} to continue from it")
 
     def _clip(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]

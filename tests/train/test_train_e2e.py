@@ -429,32 +429,61 @@ def test_a_file_system_without_locks_trains_without_the_lock(tmp_path, synth_dir
     assert trainer.train().steps == 1
 
 
-def test_rerunning_a_resume_from_a_path_continues_the_run_not_the_path(tmp_path, synth_dir,
-                                                                        caplog):
-    """A run started with checkpoint.resume=PATH and stopped is continued by the same command
-    from its own latest checkpoint (not sent back to PATH); a folder holding only another
-    run's older checkpoints is refused, untouched."""
-    base = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=2", "checkpoint.every_steps=2",
+def test_rerunning_a_resume_from_a_path_continues_the_run_not_the_path(tmp_path, synth_dir):
+    """A run started with checkpoint.resume=PATH (from another run) and stopped is continued
+    by the same command from its own latest checkpoint, not sent back to PATH: also when its
+    last checkpoint is at PATH's step, and once PATH has been pruned. A folder holding a run
+    that did not start from PATH is refused, untouched, whatever its steps."""
+    import shutil
+
+    base = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=2", "checkpoint.every_steps=1",
                         "train.run_name=base"))
     base.train()
     path = base.run_dir / "checkpoints" / "step_000002"
     branch = ("train.run_name=branch", f"checkpoint.resume={path}", "checkpoint.every_steps=0")
-    first = Trainer(_cfg(tmp_path, synth_dir, *branch, "train.max_steps=3"))
+    first = Trainer(_cfg(tmp_path, synth_dir, *branch, "train.max_steps=2"))
     assert first.step == 2
-    first.train()  # (as a stopped leg: its last checkpoint is step 3)
-    with caplog.at_level("WARNING", logger="olavlm.train"):
-        again = Trainer(_cfg(tmp_path, synth_dir, *branch, "train.max_steps=4"))
-    assert again.step == 3 and again.resumed_from.name == "step_000003"
-    assert "already continued it to step 3" in caplog.text
-    again.close()
-    other = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=1", "checkpoint.every_steps=1",
-                         "train.run_name=other"))
-    other.train()
-    metrics = (other.run_dir / "metrics.jsonl").read_text()
-    with pytest.raises(ValueError, match="did not continue checkpoint.resume="):
-        Trainer(_cfg(tmp_path, synth_dir, "train.run_name=other", f"checkpoint.resume={path}",
-                     "train.max_steps=4"))
-    assert (other.run_dir / "metrics.jsonl").read_text() == metrics
+    first.train()  # its only checkpoint: its final step_2 (PATH's step)
+    again = Trainer(_cfg(tmp_path, synth_dir, *branch, "train.max_steps=3"))
+    assert again.step == 2 and again.resumed_from.parent == again.run_dir / "checkpoints"
+    again.train()  # (as a stopped leg: its last checkpoint is step 3)
+    shutil.rmtree(path)  # the source run pruned PATH
+    third = Trainer(_cfg(tmp_path, synth_dir, *branch, "train.max_steps=4"))
+    assert third.step == 3 and third.resumed_from.name == "step_000003"
+    third.close()
+    early = base.run_dir / "checkpoints" / "step_000001"
+    for steps in (1, 4):  # another run's checkpoints, earlier or later than PATH's step
+        other = Trainer(_cfg(tmp_path, synth_dir, f"train.max_steps={steps}",
+                             "checkpoint.every_steps=0", f"train.run_name=other{steps}"))
+        other.train()
+        metrics = (other.run_dir / "metrics.jsonl").read_text()
+        with pytest.raises(ValueError, match="did not start from checkpoint.resume="):
+            Trainer(_cfg(tmp_path, synth_dir, f"train.run_name=other{steps}",
+                         f"checkpoint.resume={early}", "train.max_steps=5"))
+        assert (other.run_dir / "metrics.jsonl").read_text() == metrics
+
+
+def test_the_stop_message_says_how_to_resume(tmp_path):
+    from olavlm.train.trainer import how_to_resume
+
+    run = tmp_path / "runs" / "r"
+    elsewhere = tmp_path / "other" / "checkpoints" / "step_000002"
+    own = run / "checkpoints" / "step_000002"
+
+    def hint(*overrides):
+        cfg = resolve_config("demo", None, [f"train.output_dir={tmp_path / 'runs'}",
+                                            *overrides])
+        return how_to_resume(cfg, run)
+
+    assert hint("checkpoint.resume=auto") == "rerun the same command"
+    assert hint("train.run_name=r", f"checkpoint.resume={elsewhere}") == \
+        "rerun the same command"
+    # a timestamped folder is new at each start; a PATH of its own would branch again; none
+    # is refused over a run
+    for overrides in ([f"checkpoint.resume={elsewhere}"],
+                      ["train.run_name=r", f"checkpoint.resume={own}"],
+                      ["train.run_name=r", "checkpoint.resume=none"]):
+        assert hint(*overrides) == "rerun with train.run_name=r --resume auto", overrides
 
 
 def test_an_extended_finished_run_is_found_by_resume_auto_again(tmp_path, synth_dir):
