@@ -409,9 +409,15 @@ def _atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{str(out)!r} is not empty; pass overwrite=True "
-                              "(olavlm export: --overwrite) to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{str(out)!r} is not empty; pass overwrite=True "
+                                  "(olavlm export: --overwrite) to replace it")
+        if not any((out / name).is_file() for name in (EXPORT_CONFIG, "config.json")):
+            # overwrite replaces an earlier export, never a run, a data folder or their parent
+            raise FileExistsError(f"{str(out)!r} is not an export folder (no {EXPORT_CONFIG} or "
+                                  "config.json): overwrite replaces an earlier export only; "
+                                  "choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -518,14 +524,17 @@ def _portable_path(value):
 
 
 def export_hf(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
-              include_vision_tower: bool = False, bundle_vision_tower: bool = False) -> Path:
+              include_vision_tower: bool = False, bundle_vision_tower: bool = False,
+              tokenizer=None) -> Path:
     """Write ``out_dir/llm`` (the LLM's ``save_pretrained``), ``olavlm.safetensors`` (the
     projector, task tokens, heads and logit scales under OlaVLM's keys), ``olavlm_config.json``
     (``ModelConfig.to_dict()`` with ``llm: "llm"`` and the LLM's actual dtype) and, with
     ``include_vision_tower``, ``vision_tower.safetensors`` (the tower's kept blocks).
     ``bundle_vision_tower``: copy the tower's local folder (config and weights) into the export
     and name it there, so the export does not depend on where the tower was (a run's
-    generated tiny tower). Returns ``out_dir``. Read it back with :func:`load_exported`."""
+    generated tiny tower). ``tokenizer``: saved into ``llm/`` (where ``from_pretrained``
+    looks), inside the same atomic write. Returns ``out_dir``. Read it back with
+    :func:`load_exported`."""
     from safetensors.torch import save_file
 
     config = model.config.to_dict()
@@ -540,6 +549,8 @@ def export_hf(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
                       metadata={"format": "pt"})
         if bundle_vision_tower:
             config["vision_tower"] = _bundle_tower(config["vision_tower"], tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "llm"))
         (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
     return Path(out_dir)
 
@@ -583,11 +594,13 @@ def load_exported(out_dir: str | Path, vision_tower_path: str | Path | None = No
 
 def export_seed_layout(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
                        max_shard_size: int | None = None, include_vision_tower: bool = True,
-                       image_aspect_ratio: str = "pad", bundle_vision_tower: bool = False) -> Path:
+                       image_aspect_ratio: str = "pad", bundle_vision_tower: bool = False,
+                       tokenizer=None) -> Path:
     """Write ``model`` in the seed's layout (SPEC 11 keys, ``seed_config_dict`` as
     ``config.json``), sharded above ``max_shard_size`` bytes. The tower's keys are those of
     the blocks it holds (the seed's files have every block; our importer accepts either).
-    Tied LM heads are not written (HF convention). Returns ``out_dir``."""
+    Tied LM heads are not written (HF convention). ``tokenizer``: saved into the folder, inside
+    the same atomic write. Returns ``out_dir``."""
     prefix = _tower_prefix(model.vision_tower)
     tied = _tied_aliases(model.llm, "llm.")
     state = {ola_key_to_seed(k, prefix): v.reshape(()) if k.endswith("_logit_scale") else v
@@ -600,5 +613,7 @@ def export_seed_layout(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = 
         _write_safetensors(state, tmp, max_shard_size)
         if bundle_vision_tower and config.get("mm_vision_tower"):  # as export_hf
             config["mm_vision_tower"] = _bundle_tower(config["mm_vision_tower"], tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return Path(out_dir)

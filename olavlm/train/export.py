@@ -36,6 +36,15 @@ def _locate(path: Path) -> tuple[Path, Path]:
     return path.parent.parent, path
 
 
+def _check_out(out: Path, run_dir: Path) -> None:
+    """The export never replaces the run it comes from: not the run folder, nor a folder
+    holding it, nor anything inside its checkpoints (a folder inside the run is fine)."""
+    target, run = out.expanduser().resolve(), run_dir.resolve()
+    if run.is_relative_to(target) or target.is_relative_to(run / "checkpoints"):
+        raise ValueError(f"--out {str(out)!r} would replace the run {run_dir} (or its "
+                         "checkpoints): choose a folder outside them")
+
+
 def export_checkpoint(source: str | Path, out: str | Path, *, fmt: str = "hf",
                       overwrite: bool = False) -> Path:
     from dataclasses import replace
@@ -49,6 +58,7 @@ def export_checkpoint(source: str | Path, out: str | Path, *, fmt: str = "hf",
     if fmt not in ("hf", "seed"):
         raise ValueError(f"--format must be hf or seed, got {fmt!r}")
     run_dir, ckpt = _locate(Path(source))
+    _check_out(Path(out), run_dir)
     config_file = next((run_dir / n for n in ("config.yaml", "config.json")
                         if (run_dir / n).is_file()), None)
     if config_file is None:
@@ -72,13 +82,10 @@ def export_checkpoint(source: str | Path, out: str | Path, *, fmt: str = "hf",
     tower = Path(model.config.vision_tower or "")
     bundle = tower.is_dir() and tower.resolve().is_relative_to(run_dir.resolve())
     if fmt == "hf":
-        written = export_hf(model, out, overwrite=overwrite, bundle_vision_tower=bundle)
-        tokenizer.save_pretrained(str(written / "llm"))
-    else:
-        written = export_seed_layout(model, out, overwrite=overwrite,
-                                     bundle_vision_tower=bundle)
-        tokenizer.save_pretrained(str(written))
-    return written
+        return export_hf(model, out, overwrite=overwrite, bundle_vision_tower=bundle,
+                         tokenizer=tokenizer)
+    return export_seed_layout(model, out, overwrite=overwrite, bundle_vision_tower=bundle,
+                              tokenizer=tokenizer)
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:

@@ -171,3 +171,43 @@ def test_cli_refuses_a_non_empty_out_naming_the_flag(trained, tmp_path, capsys):
     assert main(["export", str(trainer.run_dir), "--out", str(tmp_path / "out")]) == 2
     assert "--overwrite" in capsys.readouterr().err  # not the Python keyword
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_export_never_replaces_the_run_or_a_folder_that_is_not_an_export(trained, tmp_path):
+    """--overwrite into the run folder, a folder above it or its checkpoints is refused (it
+    deleted the whole run), and it replaces only an earlier export, never another folder."""
+    trainer, tmp = trained
+    run = trainer.run_dir
+    before = sorted(p.name for p in run.iterdir())
+    for out in (run, run.parent, run / "checkpoints", trainer.checkpointer.latest()):
+        with pytest.raises(ValueError, match="would replace the run"):
+            export_checkpoint(run, out, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == before
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="is not an export folder"):
+        export_checkpoint(run, data, overwrite=True)
+    assert (data / "notes.txt").read_text() == "keep me"
+    inside = export_checkpoint(run, run / "export", fmt="seed")  # inside the run: fine
+    assert (inside / "config.json").is_file()
+    export_checkpoint(run, inside, fmt="seed", overwrite=True)  # an earlier export: replaced
+
+
+def test_a_failed_tokenizer_save_keeps_the_previous_export(trained, tmp_path, monkeypatch):
+    """The tokenizer is written inside the export's atomic write: a full disk while saving it
+    leaves the previous export as it was (it was replaced by one without a tokenizer)."""
+    from transformers import PreTrainedTokenizerBase
+
+    trainer, _ = trained
+    out = export_checkpoint(trainer.run_dir, tmp_path / "hf")
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export_checkpoint(trainer.run_dir, out, overwrite=True)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == files
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]
