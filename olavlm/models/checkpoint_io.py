@@ -498,20 +498,39 @@ def _own_state(model: OlaVLM) -> dict[str, torch.Tensor]:
 
 
 def _bundled(folder: Path, value) -> bool:
-    """``value`` names a tower folder that an export copied into ``folder`` (a relative name)."""
+    """``value`` names a tower folder that an export copied into ``folder`` (a relative name,
+    perhaps with the ``-res<N>`` suffix that gives a ConvNeXt's input side)."""
+    from .vision import strip_res_suffix
+
     return (isinstance(value, str) and bool(value) and not os.path.isabs(value)
-            and (folder / value).is_dir())
+            and ((folder / value).is_dir() or (folder / strip_res_suffix(value)).is_dir()))
 
 
 def _bundle_tower(value, tmp: Path) -> str:
     """Copy the local tower folder ``value`` into the export being written (``tmp``), under its
-    own name (the tower's class is picked from its name), and return that relative name."""
-    src = Path(value)
+    own name (the tower's class is picked from its name), and return that relative name (with
+    ``value``'s ``-res<N>`` suffix, when the folder is named without it)."""
+    from .vision import strip_res_suffix
+
+    src, suffix = Path(value), ""
+    if not src.is_dir() and Path(strip_res_suffix(value)).is_dir():
+        src = Path(strip_res_suffix(value))
+        suffix = Path(value).name[len(src.name):]
     if not src.is_dir():
         raise FileNotFoundError(f"vision tower folder {str(src)!r} does not exist: nothing to "
                                 "bundle with the export")
     shutil.copytree(src, tmp / src.name)
-    return src.name
+    return src.name + suffix
+
+
+def _sized_tower_name(model: OlaVLM, name):
+    """A ConvNeXt tower's name with its input side (``-res<N>``): the size the model was
+    built at (data.image_size) travels with the export."""
+    from .vision import ConvNextVisionTower, name_with_image_size
+
+    if name and isinstance(model.vision_tower, ConvNextVisionTower):
+        return name_with_image_size(name, model.vision_tower.image_size)
+    return name
 
 
 def _portable_path(value):
@@ -539,7 +558,7 @@ def export_hf(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
 
     config = model.config.to_dict()
     config.update(llm="llm", dtype=_llm_dtype_name(model),
-                  vision_tower=_portable_path(config.get("vision_tower")))
+                  vision_tower=_sized_tower_name(model, _portable_path(config.get("vision_tower"))))
     with _atomic_dir(out_dir, overwrite) as tmp:
         model.llm.save_pretrained(tmp / "llm")
         save_file(_saveable(_own_state(model)), str(tmp / EXPORT_WEIGHTS),
@@ -608,7 +627,8 @@ def export_seed_layout(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = 
              if k not in tied and (include_vision_tower or not k.startswith("vision_tower."))}
     config = seed_config_dict(model, image_aspect_ratio=image_aspect_ratio)
     if "mm_vision_tower" in config:
-        config["mm_vision_tower"] = _portable_path(config["mm_vision_tower"])
+        config["mm_vision_tower"] = _sized_tower_name(model,
+                                                      _portable_path(config["mm_vision_tower"]))
     with _atomic_dir(out_dir, overwrite) as tmp:
         _write_safetensors(state, tmp, max_shard_size)
         if bundle_vision_tower and config.get("mm_vision_tower"):  # as export_hf

@@ -54,6 +54,25 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _RES_SUFFIX = re.compile(r"-(res|interp)(\d+)")  # the seed's "-res768" (and "-interp") suffixes
+_RES_SIZE = re.compile(r"-res(\d+)")  # (the one that gives a ConvNeXt's input side)
+
+
+def name_with_image_size(name: str, image_size: int) -> str:
+    """A ConvNeXt tower's name that says its input side the seed's way (``-res<N>`` on the last
+    path component, read back by ``ConvNextVisionTower.load``): what an export writes, so a
+    tower trained at ``data.image_size`` reloads at that size. ``name`` itself when it
+    already says so."""
+    text = str(name).rstrip("/")
+    head, sep, last = text.rpartition("/")
+    match = _RES_SIZE.search(last)
+    if match is not None and int(match.group(1)) == int(image_size):
+        return str(name)
+    return f"{head}{sep}{_RES_SIZE.sub('', last)}-res{int(image_size)}"
+
+
+def strip_res_suffix(name: str) -> str:
+    """``name`` without the seed's ``-res<N>`` / ``-interp<N>`` suffixes (the folder behind it)."""
+    return _RES_SUFFIX.sub("", str(name))
 
 
 class VisionTower(nn.Module):
@@ -351,9 +370,9 @@ class ConvNextVisionTower(VisionTower):
                                            require_pretrained=True)
         preprocess = open_clip.get_model_preprocess_cfg(model)
         if image_size is None:
-            match = _RES_SUFFIX.search(Path(str(path)).name)
-            if match is not None and match.group(1) == "res":
-                image_size = int(match.group(2))
+            match = _RES_SIZE.search(Path(str(path)).name)
+            if match is not None:
+                image_size = int(match.group(1))
             else:
                 image_size = _side(preprocess.get("size", model.visual.image_size))
         return cls(model.visual.trunk, image_size=image_size, name=str(path),

@@ -427,9 +427,14 @@ def test_writes_refuse_a_non_empty_directory(imported, tmp_path):
         with pytest.raises(FileExistsError, match="overwrite=True"):
             export(imported, out)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    export_hf(imported, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "olavlm_config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left
+    with pytest.raises(FileExistsError, match="is not an export folder"):  # overwrite replaces
+        export_hf(imported, out, overwrite=True)                        # exports only
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    export_seed_layout(imported, tmp_path / "seed")
+    export_hf(imported, tmp_path / "seed", overwrite=True)  # an earlier export: replaced
+    seed = tmp_path / "seed"
+    assert not (seed / "config.json").exists() and (seed / "olavlm_config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "seed"]  # no temporary left
 
 
 def test_a_crash_leaves_no_checkpoint(imported, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from olavlm.models.vision import (  # noqa: E402
     VisionTower,
     build_tiny_vision_tower,
     build_vision_tower,
+    name_with_image_size,
     tower_kind,
 )
 
@@ -135,6 +136,9 @@ def test_convnext_equals_open_clip_forward_features(tiny, towers, tmp_path):
     with torch.no_grad():
         ref = untouched.visual.trunk.forward_features(small).flatten(2).transpose(1, 2)
     torch.testing.assert_close(res96(small), ref, rtol=0, atol=0)
+    # "-interp<N>" (the seed's position-embedding note) does not hide a later "-res<N>"
+    both = build_vision_tower(f"{tiny['convnext']}-interp384-res96", dtype=torch.float32)
+    assert both.image_size == 96
     with pytest.warns(UserWarning, match="select_layer=-3 is ignored"):
         build_vision_tower(tiny["convnext"], select_layer=-3)
 
@@ -304,3 +308,15 @@ def test_tiny_builder_options(tmp_path):
     images = normalized_images(1, 64)
     torch.testing.assert_close(build_vision_tower(again, select_layer=-1)(images),
                                tower(images), rtol=0, atol=0)  # same seed, same weights
+
+
+@pytest.mark.parametrize("name, size, want", [
+    ("/m/tower", 768, "/m/tower-res768"),
+    ("/m/tower/", 64, "/m/tower-res64"),
+    ("/m/x-res768/tower-res256", 64, "/m/x-res768/tower-res64"),  # the last component only
+    ("laion/CLIP-convnext_xxlarge-soup-res768", 768, "laion/CLIP-convnext_xxlarge-soup-res768"),
+    ("tower-interp384", 96, "tower-interp384-res96"),
+])
+def test_name_with_image_size(name, size, want):
+    """The name an export writes for a ConvNeXt tower says its input side, as the seed's do."""
+    assert name_with_image_size(name, size) == want

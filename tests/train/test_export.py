@@ -211,3 +211,31 @@ def test_a_failed_tokenizer_save_keeps_the_previous_export(trained, tmp_path, mo
         export_checkpoint(trainer.run_dir, out, overwrite=True)
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == files
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]
+
+
+def test_a_convnext_trained_at_another_size_reloads_at_that_size(tmp_path):
+    """data.image_size reaches a ConvNeXt tower at build time only: the exports name it the
+    seed's way (`-res<N>`), so both formats reload the tower at the size it trained at (they
+    came back at the tower's default, 128 px, with 4x the image tokens)."""
+    from olavlm.train.checkpoint import read_model_weights
+
+    cfg = resolve_config("demo", None, [
+        f"train.output_dir={tmp_path / 'runs'}", f"data.synthetic_dir={tmp_path / 'synth'}",
+        "data.synthetic_num=8", "train.max_steps=1", "logging.progress=false",
+        "logging.plot=false", "model.vision_tower=tiny:convnext", "model.vision_kind=convnext",
+        "data.image_size=64"])
+    trainer = Trainer(cfg)
+    trainer.train()
+    size = trainer.model.vision_tower.image_size
+    assert size == 64
+    hf = load_exported(export_checkpoint(trainer.run_dir, tmp_path / "hf"))
+    seed = load_seed_checkpoint(export_checkpoint(trainer.run_dir, tmp_path / "seed",
+                                                  fmt="seed"),
+                                heads=trainer.model.config.heads)
+    for model in (hf, seed):
+        assert model.vision_tower.image_size == size
+        assert model.num_image_tokens == trainer.model.num_image_tokens
+    weights = read_model_weights(trainer.checkpointer.latest())
+    for key, value in hf.state_dict().items():
+        torch.testing.assert_close(value, weights[key].to(value.dtype), rtol=0, atol=0,
+                                   msg=lambda m, k=key: f"{k}: {m}")
