@@ -181,6 +181,11 @@ class OlaVLM(nn.Module):
 
     def splice(self, input_ids, attention_mask=None, labels=None, images=None,
                *, static_length: bool = False) -> SplicedInputs:
+        if torch.is_tensor(images) and torch.is_tensor(input_ids) and images.dim() >= 1 and \
+                input_ids.dim() >= 1 and images.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"images: one per row of input_ids ({input_ids.shape[0]} rows; a "
+                             "text-only row's image is not read, any placeholder will do), got "
+                             f"{images.shape[0]} of shape {tuple(images.shape)}")
         features = None if images is None else self.encode_images(images)
         tokens = self.task_tokens.inserted().to(self.parts.embed_tokens.weight.dtype)
         kwargs = dict(image_token_index=IMAGE_TOKEN_INDEX, ignore_index=IGNORE_INDEX,
@@ -456,9 +461,18 @@ class OlaVLM(nn.Module):
         text-only prompts, padded on either side: after splicing every row is aligned to the
         right (``align_right``). Returns the new tokens only (HF behaviour with
         inputs_embeds). A prompt with more than one image placeholder, or one without
-        images, is a ValueError (checked on the host: a device assert would end the session)."""
+        images, token ids out of the vocabulary, or a spliced prompt longer than
+        ``config.max_length``, is a ValueError (checked on the host: a device assert would end
+        the session)."""
         with host_checks():  # the splice's input checks read back to the host: one sync
             spliced = self.splice(input_ids, attention_mask, None, images)
+        cut = int(spliced.num_truncated)
+        if cut:  # training may cut a long sample's tail; a prompt's tail is the question
+            raise ValueError(
+                f"input_ids: the spliced prompt is longer than the model's max_length "
+                f"({self.config.max_length}) by {cut} positions (in all rows), which would "
+                "cut the end of the prompt; shorten it, or load the model with a larger "
+                "max_length (load_exported(..., max_length=N))")
         embeds, mask = align_right(spliced.inputs_embeds, spliced.attention_mask)
         if "pad_token_id" not in generate_kwargs:
             generate_kwargs["pad_token_id"] = self._default_pad_id()

@@ -59,7 +59,8 @@ class SplicedInputs:
         return self.image_start + self.num_image_tokens
 
 
-def _check_ids(input_ids, attention_mask, labels, image_features, image_token_index) -> None:
+def _check_ids(input_ids, attention_mask, labels, image_features, image_token_index,
+               vocab_size: int | None = None) -> None:
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be a (B, T) integer tensor, got shape "
                          f"{tuple(input_ids.shape)} dtype {input_ids.dtype}")
@@ -73,6 +74,14 @@ def _check_ids(input_ids, attention_mask, labels, image_features, image_token_in
                                        or image_features.shape[0] != input_ids.shape[0]):
         raise ValueError(f"image_features must be (B={input_ids.shape[0]}, NI, H), got "
                          f"{tuple(image_features.shape)}")
+    if vocab_size is not None:  # (an embedding lookup out of range: IndexError, or on a GPU a
+        # device assert that ends the session, naming neither the id nor where it is)
+        real = input_ids == input_ids if attention_mask is None else attention_mask.bool()
+        outside = (input_ids < 0) | (input_ids >= vocab_size)
+        bad = real & (input_ids != image_token_index) & outside
+        fail_if_any(bad, input_ids, f"input_ids: token ids at real positions must be in [0, "
+                    f"{vocab_size}) (the embedding's rows) or {image_token_index} (the image "
+                    "placeholder); an id")
     count = (input_ids == image_token_index).sum(1)
     fail_if_any(count > 1, count, "input_ids: at most one image placeholder per sample is "
                 "supported (multi-image samples are not); a sample's number of placeholders")
@@ -166,7 +175,8 @@ def splice_inputs(
     """Vectorized splice (module doc). ``static_length=True`` sizes the buffer from the shapes
     alone (T - 1 + NI + NT when images are given) instead of reading the longest spliced
     sample's length back to the host: no synchronization, at the cost of extra padding."""
-    _check_ids(input_ids, attention_mask, labels, image_features, image_token_index)
+    _check_ids(input_ids, attention_mask, labels, image_features, image_token_index,
+               getattr(embed_tokens, "num_embeddings", None))
     b, t = input_ids.shape
     dev = input_ids.device
     real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None \
@@ -280,7 +290,8 @@ def splice_reference(
     image_token_index: int = -200, ignore_index: int = -100, max_length: int | None = None,
 ) -> SplicedInputs:
     """The seed's per-sample loop (SPEC 1.4), right padding only: the oracle of splice_inputs."""
-    _check_ids(input_ids, attention_mask, labels, image_features, image_token_index)
+    _check_ids(input_ids, attention_mask, labels, image_features, image_token_index,
+               getattr(embed_tokens, "num_embeddings", None))
     _check_max_length(max_length)
     b = input_ids.shape[0]
     real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None \

@@ -675,3 +675,34 @@ def test_lean_decoder_modules_follow_the_impl(tmp):
     plain = tiny_model(tmp, lean_norm=False, lean_mlp=False, fused_rope=False)
     assert not any(isinstance(m, (LeanRMSNorm, LeanSwiGLUMLP, FusedRopeAttention))
                    for m in plain.llm.modules())
+
+
+def test_generate_refuses_prompts_it_would_cut_or_could_not_embed(model):
+    """A spliced prompt longer than max_length was cut at its end (the question) and answered
+    anyway; ids out of the vocabulary gave a bare IndexError (a device assert on a GPU); images
+    for the image rows only named an internal tensor. Each is a ValueError naming the input."""
+    ids, mask, _, images, _, _ = tiny_batch(model, batch=2, placeholders=[4, 4])
+    lengths = model.splice(ids, mask, None, images).attention_mask.sum(1)
+    full = lengths.max().item()
+    over = (lengths - (full - 1)).clamp(min=0).sum().item()
+    kept = model.config.max_length
+    try:
+        model.config.max_length = full - 1
+        with pytest.raises(ValueError, match=rf"longer than the model's max_length .* by {over} "):
+            model.generate(ids, mask, images, max_new_tokens=1)
+        model.config.max_length = full  # exactly fits: generates
+        assert model.generate(ids, mask, images, max_new_tokens=1).shape[0] == 2
+    finally:
+        model.config.max_length = kept
+    vocab = model.parts.embed_tokens.num_embeddings
+    for bad in (vocab, -1, -100):
+        wrong = ids.clone()
+        wrong[0, 1] = bad
+        with pytest.raises(ValueError, match=rf"token ids at real positions must be in \[0, "
+                                             rf"{vocab}\).*{bad}"):
+            model.generate(wrong, mask, images, max_new_tokens=1)
+    padded = ids.clone()
+    padded[~mask] = -100  # padding may hold anything
+    assert model.generate(padded, mask, images, max_new_tokens=1).shape[0] == 2
+    with pytest.raises(ValueError, match=r"images: one per row of input_ids \(2 rows"):
+        model.generate(ids, mask, images[:1], max_new_tokens=1)
