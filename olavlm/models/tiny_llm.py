@@ -16,7 +16,11 @@ TINY_LLM_KINDS = ("llama", "phi3", "qwen2")
 def build_tiny_llm(kind: str, out_dir: str | Path, *, vocab_size: int = 512,
                    hidden_size: int = 64, num_layers: int = 4, num_heads: int = 4,
                    num_kv_heads: int = 2, intermediate_size: int | None = None,
-                   pad_token_id: int | None = None, seed: int = 0) -> Path:
+                   pad_token_id: int | None = None, bos_token_id: int | None = None,
+                   eos_token_id: int | list[int] | None = None, seed: int = 0) -> Path:
+    """``bos_token_id`` / ``eos_token_id`` (an id or a list, as Llama-3's): the tokenizer's, so
+    ``generate`` stops where the chat template ends a turn (None: the architecture's default
+    ids, which may lie outside a small vocabulary)."""
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
@@ -24,6 +28,10 @@ def build_tiny_llm(kind: str, out_dir: str | Path, *, vocab_size: int = 512,
                   intermediate_size=intermediate_size or 2 * hidden_size,
                   max_position_embeddings=4096, pad_token_id=pad_token_id,
                   tie_word_embeddings=False)
+    if bos_token_id is not None:
+        common["bos_token_id"] = bos_token_id
+    if eos_token_id is not None:
+        common["eos_token_id"] = eos_token_id
     if kind == "llama":
         config, cls = tf.LlamaConfig(**common), tf.LlamaForCausalLM
     elif kind == "phi3":

@@ -97,6 +97,18 @@ def resize_embeddings_like_seed(llm, num_tokens: int) -> int:
     return num_tokens - old
 
 
+_END_OF_TURN = ("<|eot_id|>", "<|end|>", "<|im_end|>")  # Llama-3, Phi-3, Qwen2 chat templates
+
+
+def _end_ids(tokenizer) -> list[int] | None:
+    """The ids that end generation for a tiny LLM: the tokenizer's eos and its chat template's
+    end-of-turn token (as Llama-3's generation config lists both)."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id] + [vocab[t] for t in _END_OF_TURN if t in vocab]
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    return ids or None
+
+
 def _materialize(spec: str, kind: str, work: Path, tokenizer) -> str:
     if not spec.startswith("tiny:"):
         if not Path(spec).expanduser().exists():
@@ -113,7 +125,9 @@ def _materialize(spec: str, kind: str, work: Path, tokenizer) -> str:
         out = work / f"tiny-{arch}"
         if not (out / "config.json").exists():
             build_tiny_llm(arch, out, vocab_size=len(tokenizer),
-                           pad_token_id=tokenizer.pad_token_id, **TINY_LLM)
+                           pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=_end_ids(tokenizer), **TINY_LLM)
         return str(out)
     from olavlm.models.vision import VISION_TOWERS, build_tiny_vision_tower
 

@@ -239,3 +239,18 @@ def test_a_convnext_trained_at_another_size_reloads_at_that_size(tmp_path):
     for key, value in hf.state_dict().items():
         torch.testing.assert_close(value, weights[key].to(value.dtype), rtol=0, atol=0,
                                    msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_a_tiny_llm_ends_generation_where_its_tokenizer_does(trained):
+    """The demo's tiny LLM had the architecture's default bos/eos ids (2, or Phi-3's 32000:
+    outside its vocabulary), not its tokenizer's: generate stopped on the wrong token or never.
+    Its ids are now the tokenizer's bos and eos plus the chat templates' end-of-turn token."""
+    trainer, _ = trained
+    tok, llm = trainer.tokenizer, trainer.model.llm
+    for source in (llm.config, llm.generation_config):
+        assert source.bos_token_id == tok.bos_token_id
+        ends = source.eos_token_id
+        ends = ends if isinstance(ends, list) else [ends]
+        assert tok.eos_token_id in ends
+        assert tok.convert_tokens_to_ids("<|eot_id|>") in ends  # the demo's llava_llama_3 turns
+        assert all(0 <= i < len(tok) for i in ends)
