@@ -295,7 +295,7 @@ def load_initial_weights(model: OlaVLM, path: str) -> list[str]:
     (VPT/IFT do not use them). Returns the keys that kept their fresh initialization."""
     from olavlm.models.checkpoint_io import read_safetensors_dir, seed_key_to_ola
 
-    from .checkpoint import MARKER, latest_checkpoint, read_model_weights
+    from .checkpoint import MARKER, latest_checkpoint, no_checkpoint_reason, read_model_weights
 
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -303,8 +303,7 @@ def load_initial_weights(model: OlaVLM, path: str) -> list[str]:
     if (root / "checkpoints").is_dir() and not (root / "olavlm_config.json").is_file():
         latest = latest_checkpoint(root)
         if latest is None:
-            raise FileNotFoundError(f"checkpoint.init_from: the run folder {root} holds no "
-                                    "complete checkpoint")
+            raise FileNotFoundError(f"checkpoint.init_from: {no_checkpoint_reason(root)}")
         if not (root / "FINISHED").is_file():
             logger.warning("checkpoint.init_from: %s did not finish; starting from its latest "
                            "checkpoint %s", root, latest.name)

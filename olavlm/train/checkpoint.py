@@ -172,6 +172,19 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found) if checkpoint_problem(p) is None]
 
 
+def no_checkpoint_reason(run_dir: str | os.PathLike) -> str:
+    """Why ``run_dir`` has no complete checkpoint, for an error message: no checkpoints folder,
+    an empty one, or each ``step_N`` and what it lacks (the newest three)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return f"{run_dir} holds no complete checkpoint (no checkpoints/ folder)"
+    found = sorted((s, p) for p in root.iterdir() if (s := _step_of(p)) is not None)
+    if not found:
+        return f"{run_dir} holds no complete checkpoint ({root} holds no step_N folder)"
+    why = "; ".join(f"{p.name}: {checkpoint_problem(p)}" for _, p in found[-3:])
+    return f"{run_dir} holds no complete checkpoint ({why})"
+
+
 def checkpoint_extra(path: str | os.PathLike) -> dict:
     """The ``extra`` dict a checkpoint's marker recorded ({} when none: an older checkpoint,
     or an unreadable marker)."""

@@ -20,7 +20,7 @@ __all__ = ["add_export_arguments", "export_checkpoint", "run_export"]
 
 def _locate(path: Path) -> tuple[Path, Path]:
     """(run directory, checkpoint directory) from either."""
-    from .checkpoint import checkpoint_problem, latest_checkpoint
+    from .checkpoint import checkpoint_problem, latest_checkpoint, no_checkpoint_reason
 
     path = path.expanduser()
     if not path.exists():
@@ -28,7 +28,7 @@ def _locate(path: Path) -> tuple[Path, Path]:
     if (path / "checkpoints").is_dir() or (path / "config.yaml").exists():
         ckpt = latest_checkpoint(path)
         if ckpt is None:
-            raise FileNotFoundError(f"{path} holds no complete checkpoint")
+            raise FileNotFoundError(no_checkpoint_reason(path))
         return path, ckpt
     problem = checkpoint_problem(path)
     if problem is not None:

@@ -119,8 +119,11 @@ def test_init_from_refuses_a_folder_it_cannot_read(trained, tmp_path):
     trainer, _ = trained
     empty_run = tmp_path / "run"
     (empty_run / "checkpoints").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint .*no step_N"):
         load_initial_weights(trainer.model, str(empty_run))
+    (empty_run / "checkpoints" / "step_000003").mkdir()  # an interrupted write: say so
+    with pytest.raises(FileNotFoundError, match="step_000003: the COMPLETE marker is missing"):
+        export_checkpoint(empty_run, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="is none of a run folder"):
         load_initial_weights(trainer.model, str(tmp_path))
     broken = tmp_path / "step_000001"
