@@ -621,8 +621,7 @@ class Trainer:
                         "normalization would be wrong (a splice/count mismatch: please report)")
                 scalars["grad_norm"] = values[-3]
                 stop_requested = values[-1] > 0.5
-                # the learning rate this step updates with (the scheduler steps after it)
-                self._step_lr = self.optimizer.param_groups[0]["lr"]
+                self._step_lr = self._step_lrs()
                 if values[-2] > 0.5:
                     self._skip_nonfinite(scalars)
                 else:
@@ -691,13 +690,29 @@ class Trainer:
                 f"row (last: {', '.join(bad)}); the last checkpoint is in "
                 f"{self.run_dir / 'checkpoints'}; lower optim.lr or check the data")
 
+    def _step_lrs(self) -> dict:
+        """The learning rates this step updates with (the scheduler steps after it): "lr" is
+        optim.lr's under the schedule (the LLM's and, unless they have their own, every
+        group's; not the first group's, which may be the heads'), plus "lr/projector" and
+        "lr/heads" where optim.projector_lr / optim.head_lr give those groups their own."""
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        out = {"lr": self.cfg.optim.lr * factor}
+        by_role: dict = {}
+        for group in self.optimizer.param_groups:
+            by_role.setdefault(group.get("role"), group["lr"])
+        for role, own in (("projector", self.cfg.optim.projector_lr),
+                          ("heads", self.cfg.optim.head_lr)):
+            if own is not None and role in by_role:
+                out[f"lr/{role}"] = by_role[role]
+        return out
+
     def _log(self, scalars: dict, window: dict, seconds: float) -> None:
         d = self.dist
         steps = max(1, window["steps"])
         rate = 1.0 / max(seconds, 1e-9)
         logged = dict(scalars)
         logged.update({
-            "lr": self._step_lr, "step_time_s": seconds / steps,
+            **self._step_lr, "step_time_s": seconds / steps,
             "samples_per_s": window["samples"] * d.world_size * rate,
             "tokens_per_s": window["tokens"] * d.world_size * rate,
             "nonfinite_total": self.nonfinite_total,

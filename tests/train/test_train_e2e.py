@@ -520,3 +520,25 @@ def test_resume_auto_picks_the_run_whose_checkpoints_changed_last(tmp_path):
     assert _run_dir(cfg, dist)[0].name == "demo-20261128-100000-2"
     (out / "demo-20261128-100000-2" / "FINISHED").write_text("10\n")
     assert _run_dir(cfg, dist)[0].name == "demo-20261128-100000-10"
+
+
+def test_the_logged_lr_is_optim_lr_and_own_group_lrs_are_logged_apart(tmp_path, synth_dir):
+    """`lr` was the first parameter group's, the heads' in stage pt/full: with head_lr set
+    it showed head_lr. It is optim.lr under the schedule; lr/heads and lr/projector are logged
+    where they have their own, and equal what their groups update with."""
+    trainer = Trainer(_cfg(tmp_path, synth_dir, "train.max_steps=3", "optim.lr=1e-3",
+                           "optim.head_lr=1e-4", "optim.projector_lr=5e-4",
+                           "optim.schedule=cosine", "optim.warmup_ratio=0.34",
+                           "checkpoint.every_steps=0", "train.stage=full"))
+    factors = []  # what each group really updates with, by role
+    trainer.optimizer.register_step_pre_hook(lambda opt, args, kwargs: factors.append(
+        {g["role"]: g["lr"] for g in opt.param_groups}))
+    trainer.train()
+    rows = read_metrics(trainer.run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row, used in zip(rows, factors, strict=True):
+        scale = used["llm"] / 1e-3
+        assert row["lr"] == pytest.approx(used["llm"])
+        assert row["lr/heads"] == pytest.approx(1e-4 * scale) == pytest.approx(used["heads"])
+        assert row["lr/projector"] == pytest.approx(used["projector"])
+    assert rows[0]["lr"] < rows[1]["lr"]  # warm-up, then cosine: the schedule is in it
