@@ -31,12 +31,12 @@ def fail_if_any(bad: torch.Tensor, values: torch.Tensor, message: str) -> None:
     On CPU tensors (or inside ``host_checks()``): ValueError with ``message`` and the first
     offending value. On accelerators a host-side check would synchronize every training step,
     so a device-side assert fails the step instead (a CUDA error carrying ``message``).
-    Skipped while torch.compile traces.
+    Under torch.compile an asynchronous assert is traced (Inductor lowers it to a device-side
+    assert, no sync; a RuntimeError carrying ``message`` on CPU): a bad input compiled never
+    gives a quietly wrong result.
     """
-    if torch.compiler.is_compiling():
-        return
-    if _check_on_host(bad):
-        if bool(bad.any()):
-            raise ValueError(f"{message}, got {values[bad][0].item()}")
-    else:
+    if torch.compiler.is_compiling() or not _check_on_host(bad):
         torch._assert_async(~bad.any(), message)
+        return
+    if bool(bad.any()):
+        raise ValueError(f"{message}, got {values[bad][0].item()}")

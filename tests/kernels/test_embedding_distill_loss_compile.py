@@ -67,3 +67,25 @@ def test_compile_fullgraph_matches_eager(impl, device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_eager, g_comp)
     torch.testing.assert_close(s_eager, s_comp, rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_input_checks_still_fail(device):
+    """Under torch.compile the input checks were skipped: a label >= V gave its row's
+    logsumexp as the loss, a mask value of 3 a loss. They are traced as asynchronous asserts
+    (a device-side assert on GPUs; a RuntimeError naming the input here)."""
+    from olakernels import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h, w = torch.randn(8, 16, device=device), torch.randn(37, 16, device=device)
+    y = torch.randint(0, 37, (8,), device=device)
+    lce = torch.compile(lambda h, w, y: linear_cross_entropy(h, w, y, impl="triton"),
+                        fullgraph=True)
+    torch.testing.assert_close(lce(h, w, y), linear_cross_entropy(h, w, y, impl="triton"))
+    y[3] = 1000
+    with pytest.raises(RuntimeError, match=r"labels must be in \[0, 37\)"):
+        lce(h, w, y)
+    pred, target = torch.randn(4, 8, device=device), torch.randn(4, 8, device=device)
+    edl = torch.compile(lambda p, t, m: embedding_distill_loss(p, t, m, 2.0, impl="triton").loss,
+                        fullgraph=True)
+    with pytest.raises(RuntimeError, match="mask"):
+        edl(pred, target, torch.tensor([1.0, 3.0, 0.0, 1.0], device=device))
