@@ -365,6 +365,27 @@ def test_auto_takes_blas_with_a_bound_when_dense_or_frozen(clean_blocks):
     assert _schedule(n=500, bound=5) == "plain" and _schedule(n=500, bound=250) == "blas"
 
 
+def test_auto_leaves_fp16_to_the_triton_kernels(clean_blocks, device):
+    """fp16 logits above 65504 round to inf in the vendor GEMM's output (NaN loss and
+    gradients) where the Triton kernels keep fp32: "auto" takes the BLAS schedule for bf16
+    only, so a bound or a dense hint no longer turns a finite fp16 loss into NaN."""
+    assert _schedule(bound=50, dtype=torch.float16) == "plain"
+    assert _schedule(hint=0.9, dtype=torch.float16) == "plain"
+    assert _schedule(bound=50, dtype=torch.float16, blas="always") == "blas"  # asked for
+    triton_impl.BLOCKS_OVERRIDE.clear()
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(16, 32, generator=g) * 60).half().to(device)
+    weight = (torch.randn(45, 32, generator=g) * 60).half().to(device)
+    labels = torch.randint(0, 45, (16,), generator=g).to(device)
+    assert (hidden.double() @ weight.double().T).abs().max() > 65504
+    want = linear_cross_entropy(hidden.double(), weight.double(), labels, impl="reference")
+    h = hidden.clone().requires_grad_(True)
+    loss = linear_cross_entropy(h, weight, labels, impl="triton", max_valid_tokens=16)
+    loss.backward()
+    assert torch.isfinite(loss) and h.grad.isfinite().all()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-3, atol=0)
+
+
 def test_fraction_hint_picks_the_schedule_without_a_bound(clean_blocks):
     """labelled_fraction_hint: dense (>= blas_min_fraction) -> BLAS over all N rows, also for a
     frozen head; sparse -> the kernels that skip rows; a bound, when given, decides instead."""

@@ -45,7 +45,8 @@ SCHEDULES = {  # (blas="never": a frozen head with a bound would take the BLAS s
     "rows": dict(freeze=(), blocks={"schedule": "rows"}),
     "frozen_head": dict(freeze=("weight",), blocks={"blas": "never"}),
     "grad_in_forward": dict(freeze=(), blocks={"grad_in_forward": True}),
-    "blas": dict(freeze=("weight",)),  # fp32: not taken (the frozen head's kernels run)
+    # "always": fp16 too ("auto" takes bf16 only); fp32: never taken (the frozen head's kernels)
+    "blas": dict(freeze=("weight",), blocks={"blas": "always"}),
 }
 
 

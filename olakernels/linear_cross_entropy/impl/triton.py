@@ -148,7 +148,10 @@ def forward_schedule(hidden: torch.Tensor, weight: torch.Tensor, bound: int | No
     half = hidden.dtype in _HALF and weight.dtype == hidden.dtype
     if half and mode == "always":
         return "blas"
-    if half and mode == "auto":
+    # "auto" takes bf16 only: the vendor GEMM rounds the logits to the operands' dtype before
+    # the log-sum-exp, and fp16 logits above 65504 become inf (NaN loss and gradients) where
+    # the Triton kernels keep them in fp32 and give the finite loss.
+    if half and mode == "auto" and hidden.dtype == torch.bfloat16:
         n = hidden.shape[0]
         dense = blk.get("blas_min_fraction", 0.5)
         if bound is not None:
