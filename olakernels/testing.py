@@ -57,7 +57,8 @@ def assert_close_to_reference(
     ``dtype`` defaults to ``out.dtype``: the precision the result is stored in. Pass the
     reduction length for outputs that are sums of many rounded terms (rounding errors of a sum of
     n terms grow like sqrt(n)). NaN positions must match exactly: NaN in the reference must
-    propagate, and NaN where the reference is finite is an error.
+    propagate, and NaN where the reference is finite is an error; an infinite reference must
+    be met exactly; positions where eager overflowed do not widen the budget.
     The failure message names the tensor, the max error, the budget, the eager error and where.
     """
     if tuple(out.shape) != tuple(ref_fp64.shape):
@@ -72,15 +73,25 @@ def assert_close_to_reference(
             f"{name}: NaN pattern differs from the reference at index {where} "
             f"(out={o[tuple(where)].item()}, ref={r[tuple(where)].item()})"
         )
-    finite = ~nan_r
+    inf_r = torch.isinf(r)
+    if bool((inf_r & (o != r)).any()):  # an infinite reference must be met exactly
+        where = torch.nonzero(inf_r & (o != r))[0].tolist()
+        raise AssertionError(f"{name}: the reference is {r[tuple(where)].item()} at index "
+                             f"{where}, out is {o[tuple(where)].item()}")
+    finite = ~nan_r & ~inf_r
     if not bool(finite.any()):
         return
     o, r = torch.where(finite, o, 0.0), torch.where(finite, r, 0.0)
     err = (o - r).abs()
     eager_err = 0.0
     if eager_same_dtype is not None:
+        # Where eager overflowed (inf/NaN against a finite reference) it sets no budget: an
+        # infinite eager error would let any finite output pass. The output is held there to
+        # the budget eager earned elsewhere (and the floor).
         e = torch.where(finite, _as_f64(eager_same_dtype), 0.0)
-        eager_err = float(torch.nan_to_num((e - r).abs(), nan=math.inf).max())
+        eager_abs = (e - r).abs()
+        counted = torch.isfinite(eager_abs)
+        eager_err = float(eager_abs[counted].max()) if bool(counted.any()) else 0.0
     eps = torch.finfo(dtype or out.dtype).eps
     ref_max = float(r.abs().max())
     floor = floor_ulps * eps * math.sqrt(max(reduction_size, 1)) * ref_max
