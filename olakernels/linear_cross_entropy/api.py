@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -109,8 +110,9 @@ def linear_cross_entropy(
     rows only; syncs the host to find them), "reference" (eager logits + F.cross_entropy, the
     test oracle), "auto" (triton on CUDA/ROCm tensors, torch elsewhere).
     """
-    _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_weight,
-              logit_softcap, impl)
+    _validate(hidden, weight, labels, bias, reduction, impl)
+    check_loss_options("linear_cross_entropy", ignore_index, label_smoothing, z_loss_weight,
+                       logit_softcap)
     if shift_labels and labels.dim() == 0:
         raise ValueError("linear_cross_entropy: shift_labels=True needs labels with a sequence "
                          "dimension (..., T), got a single label (shape ())")
@@ -217,8 +219,7 @@ def _poison_if_over(loss: torch.Tensor, num_valid: torch.Tensor, bound: int | No
     return loss * torch.where(over, float("nan"), 1.0).to(loss.dtype)
 
 
-def _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_weight,
-              logit_softcap, impl) -> None:
+def _validate(hidden, weight, labels, bias, reduction, impl) -> None:
     name = "linear_cross_entropy"
     if impl not in IMPLS:
         raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
@@ -254,13 +255,27 @@ def _validate(hidden, weight, labels, bias, reduction, label_smoothing, z_loss_w
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name}: {arg} must be on hidden's device {hidden.device}, got "
                              f"{t.device}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not z_loss_weight >= 0:
-        raise ValueError(f"{name}: z_loss_weight must be >= 0, got {z_loss_weight}")
-    if logit_softcap is not None and not (0 < logit_softcap < math.inf):
+
+
+def _real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_loss_options(name: str, ignore_index, label_smoothing, z_loss_weight,
+                       logit_softcap) -> None:
+    """The loss's scalar options (the function's and the module's constructor's)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"{name}: ignore_index must be an int, got {ignore_index!r}")
+    if not _real(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: label_smoothing must be a number in [0, 1], got "
+                         f"{label_smoothing!r}")
+    if not _real(z_loss_weight) or not 0 <= z_loss_weight < math.inf:
+        raise ValueError(f"{name}: z_loss_weight must be a finite number >= 0, got "
+                         f"{z_loss_weight!r}")
+    if logit_softcap is not None and (not _real(logit_softcap)
+                                      or not 0 < logit_softcap < math.inf):
         raise ValueError(f"{name}: logit_softcap must be a finite number > 0, or None (no cap), "
-                         f"got {logit_softcap}")
+                         f"got {logit_softcap!r}")
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .api import IMPLS, REDUCTIONS, linear_cross_entropy
+from .api import IMPLS, REDUCTIONS, check_loss_options, linear_cross_entropy
 
 
 class _CountHistory:
@@ -105,6 +105,8 @@ class LinearCrossEntropy(nn.Linear):
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        check_loss_options("LinearCrossEntropy", ignore_index, label_smoothing, z_loss_weight,
+                           logit_softcap)
         if max_valid_tokens is not None and max_valid_tokens != "count" and (
                 isinstance(max_valid_tokens, bool) or not isinstance(max_valid_tokens, int)
                 or max_valid_tokens < 0):

@@ -120,7 +120,7 @@ class PerceiverResampler(nn.Module):
                             ("heads", heads), ("num_queries", num_queries),
                             ("embedding_dim", embedding_dim), ("output_dim", output_dim),
                             ("ff_mult", ff_mult)):
-            if not (isinstance(value, int) and value > 0):
+            if isinstance(value, bool) or not (isinstance(value, int) and value > 0):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.dim, self.num_queries, self.embedding_dim = dim, num_queries, embedding_dim
         self.output_dim, self.impl = output_dim, impl

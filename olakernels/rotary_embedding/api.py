@@ -30,8 +30,8 @@ def _check(q, k, cos, sin) -> None:
         raise ValueError(f"rotary_embedding: cos {tuple(cos.shape)} and sin "
                          f"{tuple(sin.shape)} must have the same shape")
     if cos.dim() != 3 or cos.shape[0] not in (1, b) or cos.shape[1:] != (length, dim):
-        raise ValueError(f"rotary_embedding: cos and sin must be ({b} or 1, {length}, {dim}) "
-                         f"for q {tuple(q.shape)}, got {tuple(cos.shape)}")
+        raise ValueError(f"rotary_embedding: cos and sin must be (B={b} or 1, L={length}, "
+                         f"head_dim={dim}) for q {tuple(q.shape)}, got {tuple(cos.shape)}")
     if len({t.device for t in (q, k, cos, sin)}) != 1:
         raise ValueError("rotary_embedding: q, k, cos and sin must be on one device, got "
                          f"{q.device}, {k.device}, {cos.device}, {sin.device}")

@@ -197,6 +197,24 @@ def _bad_cases():
         "bias must be a floating"
     yield "shift_one_label", dict(hidden=h[0], weight=w, labels=y[0], shift_labels=True), \
         "shift_labels=True needs labels with a sequence"
+    yield "smoothing_none", dict(hidden=h, weight=w, labels=y, label_smoothing=None), \
+        "label_smoothing must be a number in [0, 1], got None"
+    yield "z_loss_inf", dict(hidden=h, weight=w, labels=y, z_loss_weight=float("inf")), \
+        "z_loss_weight must be a finite number >= 0, got inf"
+    yield "ignore_float", dict(hidden=h, weight=w, labels=y, ignore_index=-100.5), \
+        "ignore_index must be an int, got -100.5"
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(label_smoothing=2.0), "label_smoothing must be a number in [0, 1], got 2.0"),
+    (dict(z_loss_weight=-1.0), "z_loss_weight must be a finite number >= 0"),
+    (dict(ignore_index=True), "ignore_index must be an int, got True"),
+    (dict(logit_softcap=-3.0), "logit_softcap must be a finite number > 0"),
+])
+def test_the_module_checks_its_options_when_built(options, message):
+    """LinearCrossEntropy(label_smoothing=2.0) was built and failed at its first forward."""
+    with pytest.raises(ValueError, match=re.escape(f"LinearCrossEntropy: {message}")):
+        LinearCrossEntropy(8, 10, **options)
 
 
 @pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[0])

@@ -228,6 +228,18 @@ def test_double_backward_is_refused_not_zero(mode, device, monkeypatch):
         torch.autograd.grad(loss, hidden, create_graph=True)
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_double_backward_names_the_way_out_on_every_fused_path(impl, device, monkeypatch):
+    """The Triton kernels' backward (no autograd formula) and the chunked torch path (an
+    in-place accumulation) failed with opaque errors under create_graph=True."""
+    monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", {"blas": "never"})
+    hidden, weight, labels, _ = make_lm_head_inputs(*RAGGED, device=device, ignored=0.3)
+    hidden.requires_grad_(True)
+    loss = linear_cross_entropy(hidden, weight, labels, impl=impl, reduction="none").sum()
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\).*reference"):
+        torch.autograd.grad(loss, hidden, create_graph=True)
+
+
 def test_all_ignored_gives_zero(blas, device):
     hidden, weight, labels, bias = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16,
                                                        device=device, ignored=1.0, bias=True)

@@ -196,6 +196,7 @@ def _bad_cases():
     yield "mask_dtype", lambda: head(x, latents, torch.ones(3, 20)), "bool tensor"
     yield "impl", lambda: TaskTokenResampler(impl="cuda"), "impl must be one of"
     yield "dims", lambda: TaskTokenResampler(dim=0), "dim must be a positive int"
+    yield "bool_heads", lambda: TaskTokenResampler(heads=True), "heads must be a positive int"
     learned = EmbeddingPredictorHead(_head("ragged"))
     x29 = torch.randn(3, 20, 29)
     yield "head_latents", lambda: learned(x29, torch.randn(5, 40)), "pass latents=None"

@@ -184,7 +184,7 @@ def test_bad_inputs_name_the_argument():
         ((q, k[:, :, :5], cos, sin), "must share q's batch, length and head_dim"),
         ((q[..., :23], k[..., :23], cos[..., :23], sin[..., :23]), "head_dim must be even"),
         ((q, k, cos, sin[:, :5]), "must have the same shape"),
-        ((q, k, cos[:, :5], sin[:, :5]), "cos and sin must be (3 or 1, 13, 24)"),
+        ((q, k, cos[:, :5], sin[:, :5]), "cos and sin must be (B=3 or 1, L=13, head_dim=24)"),
         ((q.long(), k, cos, sin), "q must be a floating tensor"),
         ((q, k, cos.requires_grad_(True), sin), "not supported"),
     ]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from .double_backward import refuse_double_backward
+
 # fp32 logits per chunk (64 MiB): bounded memory whatever N is.
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -71,6 +73,7 @@ class LinearCrossEntropyTorchFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
+        refuse_double_backward()  # (its in-place accumulation would fail opaquely)
         hidden, weight, bias, labels, rows, lse_all = ctx.saved_tensors
         ignore_index, label_smoothing, z_loss_weight, softcap = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[:3]

@@ -22,6 +22,7 @@ import torch
 import triton
 
 from ..._triton import interpreter_enabled, num_sms
+from .double_backward import refuse_double_backward
 from .triton_kernels import (
     _lce_combine_kernel,
     _lce_dhidden_kernel,
@@ -554,6 +555,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_unused):
+    refuse_double_backward()  # (the backward op has no autograd formula: say what to use)
     hidden, weight, bias, labels, order, count, lse = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
         bias is not None and ctx.needs_input_grad[2]

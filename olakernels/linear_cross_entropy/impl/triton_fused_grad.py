@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from .double_backward import refuse_double_backward
 from .triton import (
     chunk_grads,
     chunk_layout,
@@ -168,15 +169,6 @@ def _scaled(unit: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     2 GB less than (unit * scale).to(dtype) for Llama-3's grad_weight)."""
     out = torch.empty(unit.shape, device=unit.device, dtype=dtype)
     return torch.mul(unit, scale, out=out)
-
-
-def refuse_double_backward() -> None:
-    """The unit gradients are constants to autograd: under create_graph=True their scaling
-    would give second-order gradients of 0 through the head, silently. Refuse instead (the
-    kernel path refuses too: its backward op has no autograd formula)."""
-    if torch.is_grad_enabled():
-        raise RuntimeError("linear_cross_entropy: double backward (create_graph=True) is not "
-                           "supported by the fused paths; use impl='reference' for it")
 
 
 def _backward(ctx, grad_loss, *_unused):
