@@ -38,11 +38,13 @@ def _locate(path: Path) -> tuple[Path, Path]:
 
 def _check_out(out: Path, run_dir: Path) -> None:
     """The export never replaces the run it comes from: not the run folder, nor a folder
-    holding it, nor anything inside its checkpoints (a folder inside the run is fine)."""
+    holding it, nor anything inside the folders the run reads back (its checkpoints, its
+    tokenizer, its generated models); another folder inside the run is fine."""
     target, run = out.expanduser().resolve(), run_dir.resolve()
-    if run.is_relative_to(target) or target.is_relative_to(run / "checkpoints"):
+    if run.is_relative_to(target) or any(target.is_relative_to(run / name)
+                                         for name in ("checkpoints", "tokenizer", "models")):
         raise ValueError(f"--out {str(out)!r} would replace the run {run_dir} (or its "
-                         "checkpoints): choose a folder outside them")
+                         "checkpoints, tokenizer or models): choose a folder outside them")
 
 
 def export_checkpoint(source: str | Path, out: str | Path, *, fmt: str = "hf",

@@ -182,7 +182,8 @@ def test_export_never_replaces_the_run_or_a_folder_that_is_not_an_export(trained
     trainer, tmp = trained
     run = trainer.run_dir
     before = sorted(p.name for p in run.iterdir())
-    for out in (run, run.parent, run / "checkpoints", trainer.checkpointer.latest()):
+    for out in (run, run.parent, run / "checkpoints", trainer.checkpointer.latest(),
+                run / "tokenizer", run / "models" / "tiny-llama"):
         with pytest.raises(ValueError, match="would replace the run"):
             export_checkpoint(run, out, overwrite=True)
     assert sorted(p.name for p in run.iterdir()) == before
