@@ -19,7 +19,7 @@ from olavlm.config import Config
 from .demo import demo
 from .llava import LLAVA_RECIPES
 
-__all__ = ["RECIPES", "get_recipe"]
+__all__ = ["RECIPES", "get_recipe", "recipe_table"]
 
 RECIPES: dict[str, Callable[[], Config]] = {
     "demo": demo,
@@ -39,3 +39,21 @@ def get_recipe(name: str) -> Config:
     cfg = RECIPES[name]()
     cfg.recipe = name
     return cfg
+
+
+def recipe_table() -> str:
+    """One line per recipe: what it trains and on what (``olavlm train --list-recipes``);
+    the aliases (``pt``, ``vpt``, ``ift``) are named once at the end."""
+    aliases = {name: next(full for full, fn in LLAVA_RECIPES.items() if fn is RECIPES[name])
+               for name in ("pt", "vpt", "ift")}
+    rows = [("recipe", "stage", "LLM", "vision tower", "batch x accum", "lr", "data")]
+    for name in sorted(set(RECIPES) - set(aliases)):
+        cfg = RECIPES[name]()
+        rows.append((name, cfg.train.stage, cfg.model.llm, cfg.model.vision_tower,
+                     f"{cfg.data.batch_size} x {cfg.optim.grad_accum}", f"{cfg.optim.lr:g}",
+                     cfg.data.path or "built-in synthetic"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    lines.append("aliases: " + ", ".join(f"{a} = {full}" for a, full in aliases.items()))
+    return "\n".join(lines)

@@ -50,10 +50,16 @@ def quiet_third_party() -> None:
 
 def run_train(args) -> int:
     from olavlm.config import resolve_config
-    from olavlm.recipes import RECIPES
-
     if args.list_recipes:
-        print("\n".join(sorted(RECIPES)))
+        from olavlm.recipes import recipe_table
+
+        given = [*(["--recipe"] if args.recipe else []), *(["--config"] if args.config else []),
+                 *(["--resume"] if args.resume else []), *args.overrides]
+        if given:  # refused, not ignored: a listing does not show what overrides would change
+            print(f"olavlm train: --list-recipes takes no other arguments (got "
+                  f"{' '.join(given)})", file=sys.stderr)
+            return 2
+        print(recipe_table())
         return 0
     overrides = list(args.overrides)
     if args.resume is not None:

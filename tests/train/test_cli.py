@@ -8,6 +8,7 @@ import pytest
 import olavlm.train.cli as train_cli
 from olavlm.cli import main as olavlm_main
 from olavlm.config import resolve_config
+from olavlm.recipes import RECIPES
 from olavlm.train.cli import main as train_main
 from olavlm.train.trainer import NoDataError, Trainer
 
@@ -245,3 +246,18 @@ def test_a_second_ctrl_c_stops_with_one_line_naming_the_checkpoint(tmp_path, cap
     monkeypatch.setattr(Trainer, "_micro_step", real)
     assert train_main(argv + ["--resume", "auto"]) == 0
     assert (tmp_path / "r" / "FINISHED").read_text().strip() == "4"
+
+
+def test_list_recipes_shows_what_each_trains_and_refuses_overrides(capsys):
+    assert train_main(["--list-recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines[1:-1]}
+    assert set(rows) | {"pt", "vpt", "ift"} == set(RECIPES)
+    for name, line in rows.items():  # each line reads the recipe's own values
+        cfg = RECIPES[name]()
+        assert line.split()[1:4] == [cfg.train.stage, cfg.model.llm, cfg.model.vision_tower]
+        assert f"{cfg.data.batch_size} x {cfg.optim.grad_accum}" in line, name
+    assert lines[-1].startswith("aliases: ") and "pt = llama3_8b_clip_pt" in lines[-1]
+    # An override next to the listing would be silently ignored: refused instead.
+    assert train_main(["--list-recipes", "optim.lr=1"]) == 2
+    assert "optim.lr=1" in capsys.readouterr().err
