@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
+import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,7 +22,7 @@ from olavlm.models.config import ModelConfig
 from olavlm.models.ola import OlaVLM
 
 __all__ = ["build_data", "build_model", "build_teachers_for", "build_tokenizer",
-           "synthetic_dataset_dir"]
+           "generate_folder", "synthetic_dataset_dir"]
 
 logger = logging.getLogger("olavlm.train")
 
@@ -35,10 +39,53 @@ def synthetic_dataset_dir(cfg, *, is_main: bool, barrier) -> Path:
         from olavlm.data.synthetic import write_synthetic_dataset
 
         logger.info("generating the synthetic dataset (%d samples) in %s", d.synthetic_num, root)
-        write_synthetic_dataset(root, d.synthetic_num, size=d.synthetic_size, seed=0,
-                                overwrite=root.exists())
+        generate_folder(root, lambda tmp: write_synthetic_dataset(
+            tmp, d.synthetic_num, size=d.synthetic_size, seed=0),
+            is_complete=lambda folder: (folder / "meta.json").is_file())
     barrier()
     return root
+
+
+def generate_folder(final: Path, build: Callable[[Path], object], *,
+                    is_complete: Callable[[Path], bool]) -> None:
+    """Write a generated folder (a tiny model, the synthetic dataset) under a temporary name
+    beside ``final``, then rename it into place: a process killed while writing leaves a
+    ``.tmp-`` folder (removed by a later call once its writer is gone), never a half-written
+    ``final`` that every later run would take as complete and fail to load. A ``final`` that
+    is incomplete (written by a version without this) is replaced; one that another job
+    finished first is kept, and this one's copy dropped."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for stale in final.parent.glob(f".tmp-{final.name}-{host}-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f".tmp-{final.name}-{host}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        build(tmp)
+        if final.exists() and not is_complete(final):
+            logger.warning("%s is incomplete (an earlier run stopped while writing it): "
+                           "replacing it", final)
+            shutil.rmtree(final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not is_complete(final):  # not "another job got there first"
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def _data_files(cfg, data_root: Path | None) -> tuple[list[Path], Path | None]:
@@ -123,11 +170,11 @@ def _materialize(spec: str, kind: str, work: Path, tokenizer) -> str:
             raise ValueError(f"model.llm: tiny:{arch} is unknown; use one of "
                              f"{[f'tiny:{k}' for k in TINY_LLM_KINDS]}")
         out = work / f"tiny-{arch}"
-        if not (out / "config.json").exists():
-            build_tiny_llm(arch, out, vocab_size=len(tokenizer),
-                           pad_token_id=tokenizer.pad_token_id,
-                           bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=_end_ids(tokenizer), **TINY_LLM)
+        if not _tiny_llm_complete(out):
+            generate_folder(out, lambda tmp: build_tiny_llm(
+                arch, tmp, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=_end_ids(tokenizer),
+                **TINY_LLM), is_complete=_tiny_llm_complete)
         return str(out)
     from olavlm.models.vision import VISION_TOWERS, build_tiny_vision_tower
 
@@ -135,11 +182,29 @@ def _materialize(spec: str, kind: str, work: Path, tokenizer) -> str:
         raise ValueError(f"model.vision_tower: tiny:{arch} is unknown; use one of "
                          f"{[f'tiny:{k}' for k in VISION_TOWERS]}")
     folder = work / f"tiny-{arch}"  # (build_tiny_vision_tower's layout)
-    if any((folder / name).is_file() for name in ("config.json", "open_clip_config.json")):
+    if _tiny_tower_complete(folder):
         return str(folder)  # written already (by rank 0, or an earlier run in this folder)
     size = 64 if arch != "convnext" else None
-    return str(build_tiny_vision_tower(arch, work, image_size=size,
-                                       **(TINY_TOWER if arch != "convnext" else {})))
+
+    def build(tmp: Path) -> None:  # build_tiny_vision_tower writes <dir>/tiny-<arch>: lift it
+        written = build_tiny_vision_tower(arch, tmp, image_size=size,
+                                          **(TINY_TOWER if arch != "convnext" else {}))
+        for part in list(written.iterdir()):
+            os.replace(part, tmp / part.name)
+        written.rmdir()
+
+    generate_folder(folder, build, is_complete=_tiny_tower_complete)
+    return str(folder)
+
+
+def _tiny_llm_complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _tiny_tower_complete(folder: Path) -> bool:
+    hf = (folder / "config.json").is_file() and (folder / "preprocessor_config.json").is_file()
+    clip = (folder / "open_clip_config.json").is_file()
+    return (hf or clip) and any(folder.glob("*.safetensors"))
 
 
 def build_model(cfg, tokenizer, work_dir: Path, *, is_main: bool, barrier,

@@ -146,3 +146,74 @@ def test_an_epoch_run_resumed_at_another_batch_size_ends_with_the_epoch(
         second.close()
     assert second.total_steps == 2 + 8 // new_batch and result.steps == second.total_steps
     assert sum(seen) == 8 and (second.loader.epoch, second.loader.position) == (0, 16)
+
+
+def test_a_start_killed_while_writing_the_tiny_models_resumes(tmp_path, synth_dir):
+    """SIGKILL while the first start wrote models/tiny-llama (config.json there, 0 bytes, no
+    weights): the rerun of the same command rebuilds it instead of failing on every rerun."""
+    run = tmp_path / "runs" / "job"
+    half = run / "models" / "tiny-llama"
+    half.mkdir(parents=True)
+    (half / "config.json").write_text("")
+    tower = run / "models" / "tiny-clip"  # the tower had its model but not its processor
+    tower.mkdir()
+    (tower / "config.json").write_text("{}")
+    rc = train_main(_overrides(tmp_path, synth_dir, "train.max_steps=1", "train.run_name=job",
+                               "checkpoint.every_steps=0"))
+    assert rc == 0
+    assert (run / FINISHED).exists()
+    assert (half / "config.json").stat().st_size > 0 and any(half.glob("*.safetensors"))
+    assert (tower / "preprocessor_config.json").is_file()
+    assert not list((run / "models").glob(".tmp-*"))
+
+
+def test_generated_folders_appear_whole_or_not_at_all(tmp_path):
+    from olavlm.train.build import generate_folder
+
+    final = tmp_path / "tiny-x"
+
+    def complete(folder):
+        return (folder / "weights").is_file()
+
+    def dies_half_way(tmp):
+        (tmp / "config.json").write_text("{}")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        generate_folder(final, dies_half_way, is_complete=complete)
+    assert not final.exists() and list(tmp_path.iterdir()) == []
+
+    # What a SIGKILL leaves (no `finally`): a .tmp- folder of a process that is gone, removed
+    # by the next call; one of a live process (another job writing) is left alone.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    import socket
+    host = socket.gethostname()
+    stale = tmp_path / f".tmp-tiny-x-{host}-{dead}"
+    live = tmp_path / f".tmp-tiny-x-{host}-1"
+    stale.mkdir()
+    live.mkdir()
+
+    def writes(tmp):
+        (tmp / "weights").write_text("w")
+
+    generate_folder(final, writes, is_complete=complete)
+    assert (final / "weights").read_text() == "w"
+    assert not stale.exists() and live.exists()
+
+    # An incomplete folder from an older version is replaced; a complete one another job
+    # finished first is kept.
+    live.rmdir()
+    (final / "weights").unlink()
+    (final / "junk").write_text("j")
+    generate_folder(final, writes, is_complete=complete)
+    assert sorted(p.name for p in final.iterdir()) == ["weights"]
+
+    def other_job_finishes_first(tmp):
+        (tmp / "weights").write_text("mine")
+        (final / "weights").write_text("theirs")
+
+    (final / "weights").unlink()
+    generate_folder(final, other_job_finishes_first, is_complete=complete)
+    assert (final / "weights").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-x"]
