@@ -124,6 +124,26 @@ class RejectLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=True) + "\n")
 
+    def file_state(self) -> dict | None:
+        """Where the rejects file stands (its name and size), for a checkpoint: a resume
+        rewinds the file to it (``rewind_file``), so the steps it redoes do not list their
+        rejects a second time."""
+        if self.path is None:
+            return None
+        size = self.path.stat().st_size if self.path.is_file() else 0
+        return {"name": self.path.name, "bytes": size}
+
+    def rewind_file(self, state: dict | None) -> None:
+        """Cut the rejects file back to ``file_state()``'s size: the lines after it were written
+        by steps after the checkpoint, which the resumed run redoes (and logs again). Another
+        rank's file (the world size changed) or a file shorter than recorded is left alone."""
+        if self.path is None or not state or state.get("name") != self.path.name:
+            return
+        size = int(state.get("bytes", 0))
+        if self.path.is_file() and self.path.stat().st_size > size:
+            with self.path.open("r+b") as f:
+                f.truncate(size)
+
     @property
     def num_rejected(self) -> int:
         return sum(self.counts.values())

@@ -413,6 +413,7 @@ class ResumableLoader:
             "drop_last": self.drop_last, "num_samples": len(self.dataset),
             "stats": self.log.state_dict(),
             "index_rejects_written": not self._index_rejects_pending,  # (never pending off rank 0)
+            "rejects_file": self.log.file_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -444,6 +445,7 @@ class ResumableLoader:
         # its epoch in the order it was started (megabatch world x batch), then use grad_accum.
         self._legacy_epoch = self.epoch if legacy else None
         self.log.load_state_dict(state.get("stats", {}))
+        self.log.rewind_file(state.get("rejects_file"))
         # (states from before this key: their run wrote the index rejects when it started)
         if state.get("index_rejects_written", True):
             self._index_rejects_pending = False

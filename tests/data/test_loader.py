@@ -277,3 +277,40 @@ def test_index_rejects_are_written_once_across_resumes(tmp_path, llama_tokenizer
     # A fresh run (no state) over the same file writes them again: it is another run.
     next(iter(ResumableLoader(ds, batch_size=1, rejects_path=rejects)))
     assert len(rejects.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_resume_does_not_list_the_redone_steps_rejects_twice(tmp_path, llama_tokenizer,
+                                                                world_size):
+    """Killed after a checkpoint: the batches after it wrote their rejects, then the resumed
+    run hands those batches out again. The file must read as the uninterrupted run's."""
+    import json
+
+    ds = _with_missing_images(tmp_path, llama_tokenizer, 24, missing_every=3)
+
+    def loader_for(rank, folder):
+        return ResumableLoader(ds, batch_size=2, shuffle=True, seed=3, rank=rank,
+                               world_size=world_size, rejects_path=folder / "rejects.jsonl")
+
+    def lines(folder):
+        return sorted(p.read_text() for p in folder.glob("rejects*.jsonl"))
+
+    whole = tmp_path / "whole"
+    for rank in range(world_size):
+        list(loader_for(rank, whole))
+    crashed = tmp_path / "crashed"
+    states = []
+    for rank in range(world_size):
+        loader = loader_for(rank, crashed)
+        it = iter(loader)
+        next(it), next(it)
+        states.append(loader.state_dict())  # the checkpoint
+        next(it), next(it)  # steps after it, then killed: their rejects are in the file
+    assert lines(crashed) != lines(whole)
+    for rank in range(world_size):
+        resumed = loader_for(rank, crashed)
+        resumed.load_state_dict(states[rank])
+        list(resumed)
+    assert lines(crashed) == lines(whole)
+    assert all(json.loads(x)["reason"] == "missing_image"
+               for text in lines(crashed) for x in text.splitlines())
