@@ -432,9 +432,11 @@ class ResumableLoader:
                 mine["grad_accum"] = self.grad_accum
         for key, value in mine.items():
             if state.get(key) != value:
-                raise ValueError(f"state[{key!r}] must be {value!r} (this loader's), got "
-                                 f"{state.get(key)!r}: resuming would visit samples in another "
-                                 "order")
+                what = (f"the data changed: {state.get(key)!r} samples when the state was "
+                        f"saved, {value!r} now" if key == "num_samples" else
+                        f"state[{key!r}] must be {value!r} (this loader's), got "
+                        f"{state.get(key)!r}")
+                raise ValueError(f"{what}: resuming would visit samples in another order")
         position = int(state["position"])
         if not 0 <= position <= len(self.dataset):
             raise ValueError(f"state['position'] must be in [0, {len(self.dataset)}], got "

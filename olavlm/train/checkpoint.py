@@ -585,7 +585,30 @@ class Checkpointer:
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
         except Exception as exc:  # unpickling errors have several types across torch versions
-            raise CheckpointError(f"cannot read {f}: {type(exc).__name__}: {exc}") from exc
+            raise CheckpointError(f"cannot read {f}: {type(exc).__name__}: "
+                                  f"{_load_error_detail(exc)}; {_earlier_checkpoint(path)}") \
+                from exc
+
+
+def _load_error_detail(exc: BaseException) -> str:
+    """torch.load's reason without its advice: for a damaged file the weights-only unpickler's
+    message suggests ``weights_only=False``, which cannot help and would run arbitrary code."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+        return "the file is damaged or not a checkpoint file (" + " ".join(text.split()) + ")"
+    return text.strip().splitlines()[0] if text.strip() else "no detail"
+
+
+def _earlier_checkpoint(path: Path) -> str:
+    """What to do about an unreadable checkpoint: the complete one before it, if any."""
+    step = _step_of(path)
+    earlier = [p for p in list_checkpoints(path.parent.parent)
+               if step is not None and (_step_of(p) or 0) < step]
+    if earlier:
+        return (f"the checkpoint before it is complete: resume from it with "
+                f"--resume {earlier[-1]} (or move {path.name} aside)")
+    return "no earlier checkpoint of this run is left"
 
 
 def _check_state(state: dict, *, loading: bool = False) -> None:

@@ -106,8 +106,10 @@ def run_train(args) -> int:
         # Another rank stopped on its own error (printed by that rank) while this one waited
         # in a collective: one line here, not a second traceback that hides the cause.
         trainer.metrics.close()
-        print(f"olavlm train: rank {trainer.dist.rank}: another rank stopped (its error is "
-              f"above; the last checkpoint is kept): {_first_line(exc)}", file=sys.stderr)
+        print(f"olavlm train: rank {trainer.dist.rank}: another rank stopped (its error, if "
+              "it printed one, is above; a rank killed by a signal -- out of memory, a lost "
+              "node -- prints none: torchrun's summary names its exit code; the last "
+              f"checkpoint is kept): {_first_line(exc)}", file=sys.stderr)
         trainer.close(barrier=False)
         return 1
     if result.summary:

@@ -383,7 +383,13 @@ class Trainer:
         self.origin = None  # the outside checkpoint this run's timeline began from
         if resume is not None:
             fresh = hyperparameters(self.optimizer)
-            extra = self.checkpointer.load(resume, self._state())
+            try:
+                extra = self.checkpointer.load(resume, self._state())
+            except ValueError as exc:  # the data or its order options differ from the run's
+                raise ValueError(f"cannot resume from {resume}: {exc}. Go back to the run's "
+                                 "data options, or start a new run (another train.run_name) "
+                                 f"from these weights with checkpoint.init_from={resume}") \
+                    from exc
             self.origin = extra.get("origin")
             if resume.resolve().parent != self.checkpointer.dir.resolve():
                 self.origin = _origin_of(resume)

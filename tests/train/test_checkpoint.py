@@ -458,3 +458,25 @@ def test_fsdp2_sharded_save_and_load_on_two_processes(tmp_path):
         ck.load(None, {"model": model})
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), results[0]["want"][0][n]), n
+
+
+def test_a_damaged_checkpoint_names_the_one_before_it(tmp_path):
+    """Bytes flipped inside the newest rank file (size unchanged, so it still looks complete):
+    the error says the file is damaged and names the complete checkpoint before it, without
+    torch's advice to load with weights_only=False (which would run the damaged pickle)."""
+    model, opt, sched, loader = _job()
+    ck = Checkpointer(tmp_path, keep_last=0)
+    for step in (2, 4):
+        ck.save(step, _state(model, opt, sched, loader, step))
+    f = ck.latest() / "rank_00000.pt"
+    data = bytearray(f.read_bytes())
+    data[40:200] = bytes(b ^ 0x5A for b in data[40:200])
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as exc:
+        ck.load(None, _state(*_job(), 0))
+    msg = str(exc.value)
+    assert "damaged" in msg and "weights_only" not in msg
+    assert f"--resume {tmp_path / 'checkpoints' / 'step_000002'}" in msg
+    (tmp_path / "checkpoints" / "step_000002" / "rank_00000.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="no earlier checkpoint"):
+        ck.load(tmp_path / "checkpoints" / "step_000002", _state(*_job(), 0))

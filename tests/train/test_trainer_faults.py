@@ -217,3 +217,21 @@ def test_generated_folders_appear_whole_or_not_at_all(tmp_path):
     generate_folder(final, other_job_finishes_first, is_complete=complete)
     assert (final / "weights").read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-x"]
+
+
+def test_resuming_on_changed_data_says_what_changed_and_how_to_go_on(tmp_path, capsys):
+    from olavlm.data.synthetic import write_synthetic_dataset
+
+    data = tmp_path / "d"
+    write_synthetic_dataset(data, 16, size=32)
+    lines = (data / "train.jsonl").read_text().splitlines(keepends=True)
+    (data / "fewer.jsonl").write_text("".join(lines[:12]))
+    base = [f"train.output_dir={tmp_path / 'runs'}", f"data.tokenizer={data / 'tokenizer'}",
+            f"data.image_folder={data}", "logging.progress=false", "logging.plot=false",
+            "train.run_name=job"]
+    assert train_main([*base, f"data.path={data / 'train.jsonl'}", "train.max_steps=1"]) == 0
+    capsys.readouterr()
+    assert train_main([*base, f"data.path={data / 'fewer.jsonl'}", "train.max_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "the data changed: 16 samples when the state was saved, 12 now" in err, err
+    assert "checkpoint.init_from=" in err and "step_000001" in err
