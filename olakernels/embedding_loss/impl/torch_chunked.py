@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..._amp import autocast_off
+
 # fp32 values per temporary (16 MiB): bounded memory, and chunks large enough to keep BLAS busy.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -87,7 +89,8 @@ class EmbeddingStatsTorchFunction(torch.autograd.Function):
     def forward(ctx, pred, target, gathered, beta: float, with_dot: bool):
         ctx.save_for_backward(pred, target, gathered)
         ctx.beta, ctx.with_dot = beta, with_dot
-        sl1, pp, dot, tt = stats_fwd_torch(pred, target, gathered, beta, with_dot)
+        with autocast_off(pred.device):  # fp32 sums as intended (see olakernels._amp)
+            sl1, pp, dot, tt = stats_fwd_torch(pred, target, gathered, beta, with_dot)
         ctx.mark_non_differentiable(tt)
         return sl1, pp, dot, tt
 
@@ -96,8 +99,9 @@ class EmbeddingStatsTorchFunction(torch.autograd.Function):
         pred, target, gathered = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0]:
-            grad = stats_bwd_torch(
-                pred, target, gathered, grad_sl1, grad_pp,
-                grad_dot if ctx.with_dot else None, ctx.beta,
-            )
+            with autocast_off(pred.device):
+                grad = stats_bwd_torch(
+                    pred, target, gathered, grad_sl1, grad_pp,
+                    grad_dot if ctx.with_dot else None, ctx.beta,
+                )
         return grad, None, None, None, None
