@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .api import IMPLS, REDUCTIONS, check_loss_options, linear_cross_entropy
 
@@ -51,6 +52,39 @@ class _CountHistory:
             self.host, self.event = None, None
             return
         self.tokens = tokens
+
+
+class _CallHints:
+    """The hint each call took, by its labels tensor (and that tensor's version): activation
+    checkpointing runs the forward again during the backward with the same labels, and that
+    rerun must take the schedule the first run took (the previous call's fraction then; this
+    call's own now), or the checkpoint finds other saved tensors and fails. Only a call made
+    during a backward is taken for a rerun: a loop may pass one labels tensor twice. A deep
+    copy or pickle starts empty, as the history does."""
+
+    def __init__(self) -> None:
+        self.seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    def __deepcopy__(self, memo):
+        return _CallHints()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def hint(self, labels: torch.Tensor, history: _CountHistory) -> tuple[float | None, bool]:
+        """(the hint for this call, whether it reruns an earlier call with these labels)."""
+        if not torch.is_grad_enabled():  # no backward, so no rerun (nor inference tensors'
+            return history.fraction(), False  # version counters, which do not exist)
+        earlier = self.seen.get(labels)
+        in_backward = torch._C._current_graph_task_id() != -1
+        if in_backward and earlier is not None and earlier[0] == labels._version:
+            return earlier[1], True
+        hint = history.fraction()
+        self.seen[labels] = (labels._version, hint)
+        return hint, False
 
 
 def _history_allowed() -> bool:
@@ -126,6 +160,7 @@ class LinearCrossEntropy(nn.Linear):
             raise ValueError(f"adaptive_schedule must be a bool, got {adaptive_schedule!r}")
         self.adaptive_schedule = adaptive_schedule
         self._history = _CountHistory()
+        self._hints = _CallHints()
         self.impl = impl
 
     @classmethod
@@ -151,22 +186,28 @@ class LinearCrossEntropy(nn.Linear):
             return logits
         tracked = self.adaptive_schedule and _history_allowed()
         adaptive = tracked and max_valid_tokens is None
+        hint, again = self._hints.hint(labels, self._history) if adaptive else (None, False)
         out = linear_cross_entropy(
             hidden, self.weight, labels, bias=self.bias, ignore_index=self.ignore_index,
             reduction=self.reduction, label_smoothing=self.label_smoothing,
             z_loss_weight=self.z_loss_weight, logit_softcap=self.logit_softcap,
             shift_labels=self.shift_labels, return_stats=True,
             max_valid_tokens=max_valid_tokens,
-            labelled_fraction_hint=self._history.fraction() if adaptive else None,
-            impl=self.impl,
+            labelled_fraction_hint=hint, impl=self.impl,
         )
-        if tracked:  # bounded calls too: the next unbounded call reads the latest fraction
+        if tracked and not again:  # bounded calls too: the next unbounded call reads the latest
             self._history.record(out.num_valid, labels.numel())
         return out if return_stats else out.loss
 
     def extra_repr(self) -> str:
-        bound = (f", max_valid_tokens={self.max_valid_tokens!r}"
-                 if self.max_valid_tokens is not None else "")
-        adaptive = "" if self.adaptive_schedule else ", adaptive_schedule=False"
+        # The options that change the loss (or, for the softcap, the logits too) whenever set.
+        options = {"label_smoothing": (self.label_smoothing, 0.0),
+                   "z_loss_weight": (self.z_loss_weight, 0.0),
+                   "logit_softcap": (self.logit_softcap, None),
+                   "shift_labels": (self.shift_labels, False),
+                   "max_valid_tokens": (self.max_valid_tokens, None),
+                   "adaptive_schedule": (self.adaptive_schedule, True)}
+        set_ = "".join(f", {name}={value!r}" for name, (value, default) in options.items()
+                       if value != default)
         return (f"{super().extra_repr()}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}{bound}{adaptive}, impl={self.impl!r}")
+                f"reduction={self.reduction!r}{set_}, impl={self.impl!r}")

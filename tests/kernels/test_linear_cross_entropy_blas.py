@@ -484,6 +484,43 @@ def test_module_picks_the_schedule_from_the_previous_count(clean_blocks, device,
         LinearCrossEntropy(23, 101, adaptive_schedule="yes")
 
 
+def test_module_under_activation_checkpointing_reruns_the_same_schedule(clean_blocks, device):
+    """Non-reentrant checkpointing runs the head's forward again in the backward: that rerun
+    must take the schedule the first run took (the previous call's fraction), not this call's
+    own (recorded by the first run), or the checkpoint finds other saved tensors and fails.
+    Gradients equal the un-checkpointed head's, through dense/sparse switches."""
+    from torch.utils.checkpoint import checkpoint
+
+    from olakernels import LinearCrossEntropy
+
+    torch.manual_seed(0)
+    head = LinearCrossEntropy(23, 101, bias=False, impl="triton").to(device, torch.bfloat16)
+    plain = LinearCrossEntropy(23, 101, bias=False, impl="triton").to(device, torch.bfloat16)
+    plain.load_state_dict(head.state_dict())
+    for seed, ignored in enumerate((0.0, 0.9, 0.0, 0.0)):  # dense -> sparse -> dense
+        hidden, _, labels, _ = make_lm_head_inputs((150,), 23, 101, dtype=torch.bfloat16,
+                                                   device=device, ignored=ignored, seed=seed)
+        h1 = hidden.clone().requires_grad_(True)
+        checkpoint(head, h1, labels, use_reentrant=False).backward()
+        h2 = hidden.clone().requires_grad_(True)
+        plain(h2, labels).backward()
+        torch.testing.assert_close(h1.grad, h2.grad, rtol=0, atol=0)
+        torch.testing.assert_close(head.weight.grad, plain.weight.grad, rtol=0, atol=0)
+    assert head._history.fraction() == plain._history.fraction() == 1.0
+
+
+def test_module_repr_shows_the_options_that_change_the_loss():
+    from olakernels import LinearCrossEntropy
+
+    head = LinearCrossEntropy(8, 30, shift_labels=True, label_smoothing=0.1,
+                              z_loss_weight=1e-3, logit_softcap=30.0, adaptive_schedule=False)
+    assert repr(head) == (
+        "LinearCrossEntropy(in_features=8, out_features=30, bias=True, ignore_index=-100, "
+        "reduction='mean', label_smoothing=0.1, z_loss_weight=0.001, logit_softcap=30.0, "
+        "shift_labels=True, adaptive_schedule=False, impl='auto')")
+    assert "smoothing" not in repr(LinearCrossEntropy(8, 30))  # defaults stay quiet
+
+
 def test_blas_needs_half_operands_and_exact_gradients(clean_blocks):
     for dtype in (torch.float32, torch.float64):
         assert _schedule(dtype=dtype, bound=100) == "plain"  # fp32: TF32 in cuBLAS
