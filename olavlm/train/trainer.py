@@ -394,6 +394,12 @@ class Trainer:
             if resume.resolve().parent != self.checkpointer.dir.resolve():
                 self.origin = _origin_of(resume)
             self.step = int(extra["step"])
+            if cfg.train.max_steps and self.step > cfg.train.max_steps:
+                raise ValueError(
+                    f"train.max_steps={cfg.train.max_steps} is below the step this run resumes "
+                    f"at ({self.step}, {resume}): nothing would train, yet the run would be "
+                    f"marked finished; pass train.max_steps={self.step} or more to go on (or "
+                    "another train.run_name to start a new run); nothing was changed")
             self.nonfinite_total = int(extra.get("nonfinite_total", 0))
             self.nonfinite_run = int(extra.get("nonfinite_run", 0))  # "in a row" spans a resume
             if not cfg.train.max_steps:
@@ -693,8 +699,13 @@ class Trainer:
         if limit and self.nonfinite_run >= limit:
             raise NonFiniteLossError(
                 f"stopping at step {self.step + 1}: {self.nonfinite_run} non-finite steps in a "
-                f"row (last: {', '.join(bad)}); the last checkpoint is in "
-                f"{self.run_dir / 'checkpoints'}; lower optim.lr or check the data")
+                f"row (last: {', '.join(bad)}); {self._last_checkpoint_text()}; lower "
+                "optim.lr or check the data")
+
+    def _last_checkpoint_text(self) -> str:
+        latest = self.checkpointer.latest()
+        return (f"the last checkpoint is {latest}" if latest is not None else
+                "no checkpoint was written yet")
 
     def _step_lrs(self) -> dict:
         """The learning rates this step updates with (the scheduler steps after it): "lr" is

@@ -235,3 +235,19 @@ def test_resuming_on_changed_data_says_what_changed_and_how_to_go_on(tmp_path, c
     err = capsys.readouterr().err
     assert "the data changed: 16 samples when the state was saved, 12 now" in err, err
     assert "checkpoint.init_from=" in err and "step_000001" in err
+
+
+def test_resuming_with_max_steps_below_the_checkpoint_is_refused(tmp_path, synth_dir, capsys):
+    """train.max_steps=1 on a run checkpointed at step 2 trained nothing, yet wrote FINISHED
+    and exited 0: refused now, the run left as it was."""
+    args = _overrides(tmp_path, synth_dir, "train.run_name=job", "checkpoint.every_steps=2")
+    assert train_main([*args, "train.max_steps=3", "checkpoint.at_end=false"]) == 0
+    run = tmp_path / "runs" / "job"
+    (run / FINISHED).unlink()  # as if stopped after the step-2 checkpoint
+    metrics = (run / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert train_main([*args, "train.max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "train.max_steps=1 is below the step this run resumes at (2" in err, err
+    assert not (run / FINISHED).exists()
+    assert (run / "metrics.jsonl").read_bytes() == metrics
