@@ -155,6 +155,16 @@ def _warn_changed_config(run_dir: Path, cfg: Config) -> None:
                        "\n  ".join(changes))
 
 
+def _changed_model_keys(run_dir: Path, cfg: Config) -> list[str]:
+    """The model.* keys this config changes from the one the run folder recorded last."""
+    from olavlm.run_record import config_changes, previous_config
+
+    old = previous_config(run_dir)
+    if old is None:
+        return []
+    return [c for c in config_changes(old, config_to_dict(cfg)) if c.startswith("model.")]
+
+
 def _refuse_to_restart_over(run_dir: Path) -> None:
     """A fresh start (checkpoint.resume none) into a folder that already holds a run's
     checkpoints would append to its metrics and interleave its checkpoints: refuse, before
@@ -390,6 +400,18 @@ class Trainer:
                                  "data options, or start a new run (another train.run_name) "
                                  f"from these weights with checkpoint.init_from={resume}") \
                     from exc
+            except CheckpointError as exc:
+                changed = _changed_model_keys(self.run_dir, cfg)
+                if not changed:
+                    raise
+                # A shape mismatch after a model override: the checkpoint is fine, the config
+                # is not the run's (resume=auto continues a run whatever the overrides).
+                raise CheckpointError(
+                    f"{exc}. The model config differs from the run's ({'; '.join(changed)}): a "
+                    "resume continues the same model. Go back to the run's model options, or "
+                    "train the changed model as a new run (another train.run_name; "
+                    f"checkpoint.init_from={resume} starts it from these weights when no "
+                    "weight changed shape)") from exc
             self.origin = extra.get("origin")
             if resume.resolve().parent != self.checkpointer.dir.resolve():
                 self.origin = _origin_of(resume)

@@ -251,3 +251,16 @@ def test_resuming_with_max_steps_below_the_checkpoint_is_refused(tmp_path, synth
     assert "train.max_steps=1 is below the step this run resumes at (2" in err, err
     assert not (run / FINISHED).exists()
     assert (run / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_a_model_override_on_resume_names_the_changed_keys(tmp_path, synth_dir, capsys):
+    """resume=auto continues a run whatever the overrides: a model option that changes a
+    weight's shape must say the config changed (not send the user from checkpoint to
+    checkpoint as if they were damaged)."""
+    args = _overrides(tmp_path, synth_dir, "train.run_name=job", "train.max_steps=1")
+    assert train_main(args) == 0
+    capsys.readouterr()
+    assert train_main([*args, "model.num_task_tokens=1", "train.max_steps=2"]) != 0
+    err = capsys.readouterr().err
+    assert "model.num_task_tokens: 4 -> 1" in err and "a resume continues the same model" in err
+    assert "checkpoint before it" not in err  # nothing is damaged
