@@ -393,8 +393,9 @@ class TargetCache:
             if stored is not None and stored != image_digest:
                 return None, "stale_target", (
                     f"image {key!r} changed after its targets were extracted into {self.root} "
-                    f"(file digest {image_digest}, cached {stored}); rerun `olavlm targets "
-                    "extract --overwrite` for this data")
+                    f"(file digest {image_digest}, cached {stored}), or the cache was "
+                    "extracted from other data with the same file names; rerun `olavlm "
+                    "targets extract --overwrite` for this data")
         try:
             return self.read(key), None, ""
         except KeyError as err:

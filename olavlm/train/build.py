@@ -273,21 +273,30 @@ def build_teachers_for(cfg, model: OlaVLM, device: torch.device):
     return online
 
 
-def _check_cache_coverage(dataset, cache, where: str, sample: int = 1000) -> None:
+def _check_cache_coverage(dataset, cache, where: str, sample: int = 1000,
+                          digests: int = 64) -> None:
     """Look up the images of up to ``sample`` entries spread over the dataset in the target
     cache before training: a cache built for other data (or another image folder layout) would
     otherwise mask every embedding loss for a whole run and only show in rejects.jsonl. None
-    found: ValueError; some missing: a warning with the estimate."""
+    found: ValueError; some missing: a warning with the estimate. The files of up to
+    ``digests`` found ones are hashed against the digests recorded at extraction: a cache of
+    another dataset whose files have the same names (``images/train-000001.png``) is found by
+    key but stale for every image (ValueError; some stale: a warning)."""
+    from olavlm.data.images import image_digest, read_image_file
     from olavlm.data.llava import image_key
 
     index = dataset.index
     step = max(1, len(index) // sample)
     images = found = 0
+    hits: list[tuple[int, str]] = []
     for i in range(0, len(index), step):
         entry = index.entry(i)
         if isinstance(entry, dict) and entry.get("image"):
             images += 1
-            found += image_key(entry["image"]) in cache
+            key = image_key(entry["image"])
+            if key in cache:
+                found += 1
+                hits.append((i, entry["image"]))
     if images == 0:
         return
     if found == 0:
@@ -300,6 +309,29 @@ def _check_cache_coverage(dataset, cache, where: str, sample: int = 1000) -> Non
                        "have no cached targets; those samples train without embedding losses "
                        "(teachers.on_missing_target)", images - found, images,
                        100.0 * (images - found) / images)
+    checked, stale, example = 0, 0, ""
+    for i, relative in hits[:: max(1, len(hits) // digests)][:digests]:
+        stored = cache.image_digest(image_key(relative))
+        try:
+            data = read_image_file(dataset.image_path(i, relative))
+        except (FileNotFoundError, OSError):
+            continue  # a missing image is the loader's to count (missing_image)
+        if stored is None:
+            continue  # a cache from before digests were kept
+        checked += 1
+        if image_digest(data) != stored:
+            stale += 1
+            example = example or relative
+    if checked and stale == checked:
+        raise ValueError(
+            f"teachers.cache_dir: {where} was extracted from other image files: all {checked} "
+            f"images checked differ from the ones its targets were computed on (e.g. "
+            f"{example!r}); a cache of another dataset with the same file names? Extract "
+            "targets for this data (`olavlm targets extract --data <data.path> ...`)")
+    if stale:
+        logger.warning("teachers.cache_dir: %d of %d images checked changed since their "
+                       "targets were extracted (e.g. %r); those samples train without "
+                       "embedding losses (stale_target)", stale, checked, example)
 
 
 def _check_shapes(model: OlaVLM, shapes: dict, source: str) -> None:

@@ -87,3 +87,37 @@ def test_cli_synthetic_options_are_checked(tmp_path, capsys, spec, teachers, mes
     assert olavlm_main(["targets", "extract", "--data", str(data), "--teachers", teachers,
                         "--synthetic", spec, "--out", str(tmp_path / "c")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_cache_of_another_dataset_with_the_same_file_names_is_refused(tmp_path, caplog):
+    """Targets extracted from another synthetic dataset (same relative names, other images):
+    every key is found, every target is stale. A clear error before training, not a run whose
+    embedding losses are all masked; a few changed images: a warning."""
+    import json
+
+    from olavlm.data.synthetic import write_synthetic_dataset
+
+    cfg = _cfg(tmp_path)
+    root = B.synthetic_dataset_dir(cfg, is_main=True, barrier=lambda: None)
+    other = tmp_path / "other-data"
+    write_synthetic_dataset(other, 24, size=cfg.data.synthetic_size, seed=5)
+    teacher = SyntheticTeacher(**cfg.teachers.synthetic)
+    extract_targets([other / "train.jsonl"], tmp_path / "other", [teacher], num_workers=0,
+                    storage="bf16")
+    with pytest.raises(ValueError, match="was extracted from other image files"):
+        Trainer(_cfg(tmp_path, "teachers.mode=cache", f"teachers.cache_dir={tmp_path / 'other'}"))
+
+    extract_targets([root / "train.jsonl"], tmp_path / "own", [teacher], num_workers=0,
+                    storage="bf16")
+    first = next(json.loads(x) for x in (root / "train.jsonl").read_text().splitlines()
+                 if json.loads(x).get("image"))
+    image = root / first["image"]
+    saved = image.read_bytes()
+    try:
+        image.write_bytes((other / first["image"]).read_bytes())  # one image replaced since
+        with caplog.at_level("WARNING", logger="olavlm.train"):
+            Trainer(_cfg(tmp_path, "teachers.mode=cache", "train.run_name=own",
+                         f"teachers.cache_dir={tmp_path / 'own'}"))
+    finally:
+        image.write_bytes(saved)
+    assert "images checked changed since their targets were extracted" in caplog.text
