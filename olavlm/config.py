@@ -123,7 +123,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     stage: str = "pt"  # pt | vpt | ift: what is trainable (SPEC 5.1); full: all but the tower
-    max_steps: int = 200  # optimizer steps; 0: one epoch
+    max_steps: int = 200  # optimizer steps; 0: train.epochs epochs of the data
     epochs: int = 1
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
