@@ -32,8 +32,10 @@ def fail_if_any(bad: torch.Tensor, values: torch.Tensor, message: str) -> None:
     offending value. On accelerators a host-side check would synchronize every training step,
     so a device-side assert fails the step instead (a CUDA error carrying ``message``).
     Under torch.compile an asynchronous assert is traced (Inductor lowers it to a device-side
-    assert, no sync; a RuntimeError carrying ``message`` on CPU): a bad input compiled never
-    gives a quietly wrong result.
+    assert, no sync; a RuntimeError carrying ``message`` on CPU when nothing fails first): a
+    bad input compiled never gives a quietly wrong result. On the CPU Inductor may fuse an
+    indexing op that reads the bad value ahead of the assert, whose own bounds check then
+    aborts the process (as compiled ``F.cross_entropy`` does with such labels).
     """
     if torch.compiler.is_compiling() or not _check_on_host(bad):
         torch._assert_async(~bad.any(), message)

@@ -1,6 +1,7 @@
 # Functional entry point of the fused embedding-distillation loss: validation and dispatch.
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -199,15 +200,17 @@ def _validate(pred, target, mask, logit_scale, beta, contrastive_weight, max_log
             if logit_scale.device != pred.device:
                 raise ValueError(f"{name}: logit_scale must be on pred's device {pred.device}, "
                                  f"got {logit_scale.device}")
-        elif not isinstance(logit_scale, (int, float)):
+        elif isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real):
             raise TypeError(f"{name}: logit_scale must be a Tensor, a float or None, got "
                             f"{type(logit_scale).__name__}")
-    if not beta >= 0:
-        raise ValueError(f"{name}: beta must be >= 0, got {beta}")
-    if not contrastive_weight >= 0:
-        raise ValueError(f"{name}: contrastive_weight must be >= 0, got {contrastive_weight}")
-    if not max_logit_scale > 0:
-        raise ValueError(f"{name}: max_logit_scale must be > 0, got {max_logit_scale}")
+    for arg, value, positive in (("beta", beta, False),
+                                 ("contrastive_weight", contrastive_weight, False),
+                                 ("max_logit_scale", max_logit_scale, True)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name}: {arg} must be a number, got {type(value).__name__}")
+        if not (value > 0 if positive else value >= 0):  # (NaN fails both)
+            raise ValueError(f"{name}: {arg} must be {'> 0' if positive else '>= 0'}, got "
+                             f"{value}")
 
 
 def _validate_mask(name: str, mask, pred: torch.Tensor) -> None:

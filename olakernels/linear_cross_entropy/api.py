@@ -117,6 +117,8 @@ def linear_cross_entropy(
         raise ValueError("linear_cross_entropy: shift_labels=True needs labels with a sequence "
                          "dimension (..., T), got a single label (shape ())")
     count_on_host = isinstance(max_valid_tokens, str) and max_valid_tokens == "count"
+    if isinstance(max_valid_tokens, numbers.Integral) and not isinstance(max_valid_tokens, bool):
+        max_valid_tokens = int(max_valid_tokens)  # numpy integers too
     if max_valid_tokens is not None and not count_on_host and (
             isinstance(max_valid_tokens, bool) or not isinstance(max_valid_tokens, int) or
             max_valid_tokens < 0):

@@ -1,6 +1,8 @@
 # LinearCrossEntropy: an nn.Linear LM head whose forward returns the loss when given labels.
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,6 +143,9 @@ class LinearCrossEntropy(nn.Linear):
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         check_loss_options("LinearCrossEntropy", ignore_index, label_smoothing, z_loss_weight,
                            logit_softcap)
+        if isinstance(max_valid_tokens, numbers.Integral) and \
+                not isinstance(max_valid_tokens, bool):
+            max_valid_tokens = int(max_valid_tokens)  # numpy integers too
         if max_valid_tokens is not None and max_valid_tokens != "count" and (
                 isinstance(max_valid_tokens, bool) or not isinstance(max_valid_tokens, int)
                 or max_valid_tokens < 0):

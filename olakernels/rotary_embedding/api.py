@@ -30,8 +30,11 @@ def _check(q, k, cos, sin) -> None:
         raise ValueError(f"rotary_embedding: cos {tuple(cos.shape)} and sin "
                          f"{tuple(sin.shape)} must have the same shape")
     if cos.dim() != 3 or cos.shape[0] not in (1, b) or cos.shape[1:] != (length, dim):
-        raise ValueError(f"rotary_embedding: cos and sin must be (B={b} or 1, L={length}, "
-                         f"head_dim={dim}) for q {tuple(q.shape)}, got {tuple(cos.shape)}")
+        batch = "B=1" if b == 1 else f"B={b} or 1"
+        raise ValueError(f"rotary_embedding: cos and sin must be ({batch}, L={length}, "
+                         f"head_dim={dim}) for q {tuple(q.shape)}, got {tuple(cos.shape)}"
+                         + (" (a partial rotary factor, rotating part of each head, is not "
+                            "supported)" if cos.dim() == 3 and cos.shape[-1] < dim else ""))
     if len({t.device for t in (q, k, cos, sin)}) != 1:
         raise ValueError("rotary_embedding: q, k, cos and sin must be on one device, got "
                          f"{q.device}, {k.device}, {cos.device}, {sin.device}")

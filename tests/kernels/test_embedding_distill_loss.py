@@ -301,6 +301,11 @@ def _bad_cases():
     yield "impl", dict(pred=p, target=t, impl="cuda"), "impl must be one of"
     yield "scale", dict(pred=p, target=t, logit_scale=torch.ones(2)), "logit_scale must be"
     yield "beta", dict(pred=p, target=t, beta=-1.0), "beta must be >= 0"
+    yield "beta_none", dict(pred=p, target=t, beta=None), "beta must be a number, got NoneType"
+    yield "weight_nan", dict(pred=p, target=t, contrastive_weight=float("nan")), \
+        "contrastive_weight must be >= 0, got nan"
+    yield "max_scale", dict(pred=p, target=t, max_logit_scale=0), "max_logit_scale must be > 0"
+    yield "scale_bool", dict(pred=p, target=t, logit_scale=True), "logit_scale must be a Tensor"
     yield "target_grad", dict(pred=p, target=torch.randn(4, 6, requires_grad=True)), "require grad"
 
 
@@ -309,6 +314,17 @@ def test_bad_input_errors(case):
     _, kwargs, message = case
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         embedding_distill_loss(**kwargs)
+
+
+def test_numpy_scalars_are_numbers():
+    """A logit scale or a beta read from a numpy config is a number like a float."""
+    import numpy as np
+
+    p, t = torch.randn(4, 6), torch.randn(4, 6)
+    want = embedding_distill_loss(p, t, None, 2.0, beta=0.5, impl="reference")
+    got = embedding_distill_loss(p, t, None, np.float32(2.0), beta=np.float64(0.5),
+                                 impl="reference")
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
 
 
 def test_error_message_shows_expected_and_received():

@@ -119,12 +119,22 @@ def test_bound_zero_with_nothing_labelled(small_quantum, device):
     assert float(loss.detach()) == 0.0 and torch.equal(hidden.grad, torch.zeros_like(hidden))
 
 
-@pytest.mark.parametrize("bad", [-1, True, 2.5, "8", "auto"])
+@pytest.mark.parametrize("bad", [-1, True, 2.5, "8", "auto", torch.tensor(8)])
 def test_a_bad_bound_is_refused(bad):
     hidden, weight, labels, _ = make_lm_head_inputs((8,), H, V)
     with pytest.raises(ValueError, match=r"max_valid_tokens must be None, an int >= 0 .* or "
                                          r"'count'"):
         linear_cross_entropy(hidden, weight, labels, max_valid_tokens=bad)
+
+
+def test_a_numpy_integer_bound_is_an_int():
+    import numpy as np
+
+    hidden, weight, labels, _ = make_lm_head_inputs((8,), H, V)
+    count = int((labels != -100).sum())
+    torch.testing.assert_close(
+        linear_cross_entropy(hidden, weight, labels, max_valid_tokens=np.int64(count)),
+        linear_cross_entropy(hidden, weight, labels, max_valid_tokens=count), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

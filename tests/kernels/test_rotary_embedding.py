@@ -185,6 +185,9 @@ def test_bad_inputs_name_the_argument():
         ((q[..., :23], k[..., :23], cos[..., :23], sin[..., :23]), "head_dim must be even"),
         ((q, k, cos, sin[:, :5]), "must have the same shape"),
         ((q, k, cos[:, :5], sin[:, :5]), "cos and sin must be (B=3 or 1, L=13, head_dim=24)"),
+        ((q[:1], k[:1], cos[:1, :, :12], sin[:1, :, :12]),  # Phi-4-mini-like partial rotary
+         "must be (B=1, L=13, head_dim=24) for q (1, 5, 13, 24), got (1, 13, 12) (a partial "
+         "rotary factor"),
         ((q.long(), k, cos, sin), "q must be a floating tensor"),
         ((q, k, cos.requires_grad_(True), sin), "not supported"),
     ]
