@@ -108,7 +108,8 @@ def _add_verify(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="olavlm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="olavlm",  # (the docstring's RST quotes dropped)
+                                     description=__doc__.splitlines()[0].replace("``", ""))
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command",
                                                                        required=True)
