@@ -1,4 +1,4 @@
-# linear_cross_entropy at its edges: argmax ties, a saturated softcap, the fused-gradient row kernel.
+# linear_cross_entropy at its edges: argmax ties, saturated softcap, the fused-gradient row kernel.
 """Inputs the main tests never produce: exact ties for the top logit (the ``correct`` statistic
 must follow torch.argmax: the first maximum wins, across vocabulary tiles and splits), logits far
 past the softcap (tanh saturates), an fp32 bias on a bf16 head together with a softcap (the BLAS
@@ -115,7 +115,7 @@ def test_blas_bias_in_another_dtype_is_added_before_the_softcap(blas, device):
     hidden, weight, labels, bias = make_lm_head_inputs(*RAGGED, dtype=torch.bfloat16,
                                                        device=device, ignored=0.3, bias=True)
     bias16 = (bias.float() * 20).bfloat16()
-    opts = dict(logit_softcap=2.0, grad_weights=None)
+    opts = dict(logit_softcap=2.0)
     out, grads = _run("triton", hidden, weight, labels, bias16.float(), **opts)
     assert len(blas) == 1  # the BLAS schedule ran
     d = lambda t: t.double()  # noqa: E731
@@ -130,17 +130,18 @@ def test_blas_bias_in_another_dtype_is_added_before_the_softcap(blas, device):
 
 def test_grad_in_forward_z_loss_gradient(device, monkeypatch):
     """The fused-gradient row kernel's d loss / d logits with a z-loss: p * (1 + 2 zw lse) -
-    onehot. A z-loss weight of 0.05 makes the lse term ~50% of p, in fp32 against the float64
-    reference (at the usual 1e-4..1e-3 it hides inside half-precision rounding)."""
+    onehot. A z-loss weight of 0.05 makes the lse term ~50% of p (lse ~5), in fp32 against the
+    float64 reference (at the usual 1e-4..1e-3 it hides inside half-precision rounding)."""
     monkeypatch.setattr(triton_impl, "BLOCKS_OVERRIDE", {"blas": "never", "grad_in_forward": True})
     inputs = make_lm_head_inputs(*RAGGED, device=device, ignored=0.3, bias=True)
     _check("triton", inputs, z_loss_weight=0.05, reduction="sum")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_blas_z_loss_gradient(blas, dtype, device):
+def test_blas_z_loss_gradient(blas, device):
     """The same row kernel on the BLAS schedule (half precision only): with z_loss_weight=0.1
-    the z-loss part of the gradient is far above the half-precision eager error."""
+    the z-loss term 2 zw lse p is about as large as p (lse ~5), far above fp16's rounding
+    (bf16's budget floor, 8 bits of mantissa over a 101-term sum, would hide a wrong factor)."""
+    dtype = torch.float16
     inputs = make_lm_head_inputs(*RAGGED, dtype=dtype, device=device, ignored=0.3, bias=True)
     _check("triton", inputs, z_loss_weight=0.1, reduction="sum")
     assert len(blas) == 1

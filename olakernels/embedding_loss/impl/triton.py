@@ -276,8 +276,9 @@ def _embedding_distill_loss_rows_kernel(
         tl.store(COEF_C + i.to(tl.int64) * BG + cols, g_cos / (pn * tn), mask=ok_g)
         # d cos / d pp = -cos / (2 pp); grad_pred gets 2 pred * d/dpp. Zero under the clamp.
         coef_p = tl.where(pp > 1e-24, -tl.sum(g_cos * tl.where(ok_col, cos, 0.0)) / pp, 0.0)
-        # d z / d logit_scale = dcos * exp(logit_scale), zero while the clamp is active.
-        live = tl.where(e_ls <= max_logit_scale, 1.0, 0.0)
+        # d z / d logit_scale = dcos * exp(logit_scale), zero while the clamp is active: at
+        # the limit itself too, as torch.clamp(x, max=m) passes no gradient at x == m.
+        live = tl.where(e_ls < max_logit_scale, 1.0, 0.0)
         row_dls = weight * tl.sum(dz * tl.where(ok_col, dcos, 0.0)) * scale * live
     tl.store(COEF_P + i, coef_p)
     tl.store(ROW_OUT + B + i, row_con)
