@@ -395,7 +395,10 @@ class Trainer:
             fresh = hyperparameters(self.optimizer)
             try:
                 extra = self.checkpointer.load(resume, self._state())
-            except ValueError as exc:  # the data or its order options differ from the run's
+            except ValueError as exc:
+                if "resuming would visit samples" not in str(exc):
+                    raise
+                # The data or its order options differ from the run's (the loader's check).
                 raise ValueError(f"cannot resume from {resume}: {exc}. Go back to the run's "
                                  "data options, or start a new run (another train.run_name) "
                                  f"from these weights with checkpoint.init_from={resume}") \
@@ -420,7 +423,7 @@ class Trainer:
                 raise ValueError(
                     f"train.max_steps={cfg.train.max_steps} is below the step this run resumes "
                     f"at ({self.step}, {resume}): nothing would train, yet the run would be "
-                    f"marked finished; pass train.max_steps={self.step} or more to go on (or "
+                    f"marked finished; pass a train.max_steps above {self.step} to go on (or "
                     "another train.run_name to start a new run); nothing was changed")
             self.nonfinite_total = int(extra.get("nonfinite_total", 0))
             self.nonfinite_run = int(extra.get("nonfinite_run", 0))  # "in a row" spans a resume
