@@ -214,7 +214,9 @@ def _extract(args) -> int:
     import torch.distributed as dist
 
     from olavlm.teachers import build_teachers, extract_targets
+    from olavlm.train.cli import quiet_third_party
 
+    quiet_third_party()  # (torch's pytree notices on importing torchao, as `olavlm train`)
     rank, world, local_rank = _init_distributed()
     try:
         device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
