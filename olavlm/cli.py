@@ -262,6 +262,22 @@ def _verify(args) -> int:
     return 0 if report.ok else 1
 
 
+# Library argument names whose command-line option is spelled otherwise.
+_FLAG_OF = {"data_path": "--data", "out_dir": "--out", "teacher": "--teachers"}
+
+
+def _with_flag_names(message: str, args) -> str:
+    """"num must be an int >= 1" -> "--num must be ...": the library functions the commands
+    call name their Python arguments; the user typed options."""
+    name, sep, rest = message.partition(" ")
+    if sep and name.isidentifier():
+        flag = _FLAG_OF.get(name) or (f"--{name.replace('_', '-')}" if name in vars(args)
+                                      else None)
+        if flag is not None:
+            return f"{flag} {rest}"
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
@@ -281,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
             # Bad arguments or inputs (each names the argument, what it expects and got):
             # the message, not a traceback. BadSampleError is a ValueError too.
-            print(f"olavlm {args.command} {sub}: {exc}", file=sys.stderr)
+            print(f"olavlm {args.command} {sub}: {_with_flag_names(str(exc), args)}",
+                  file=sys.stderr)
             return 2
     if args.command == "train":
         from olavlm.train.cli import run_train

@@ -17,7 +17,7 @@ def synth(tmp_path_factory):
 
 @pytest.mark.parametrize("argv,expected", [
     (["data", "synth", "--out", "{synth}", "--num", "4"], "--overwrite"),
-    (["data", "synth", "--out", "{tmp}/new", "--num", "0"], "num must be an int >= 1, got 0"),
+    (["data", "synth", "--out", "{tmp}/new", "--num", "0"], ": --num must be an int >= 1, got 0"),
     (["data", "check", "{tmp}/none.jsonl", "--tokenizer", "{synth}/tokenizer"], "none.jsonl"),
     (["data", "check", "{synth}/train.jsonl", "--tokenizer", "{tmp}/none"],
      "--tokenizer: expected a local tokenizer folder"),
@@ -26,10 +26,12 @@ def synth(tmp_path_factory):
     (["targets", "extract", "--data", "{synth}/train.jsonl", "--teachers", "nope", "--out",
       "{tmp}/t"], "got 'nope'"),
     (["targets", "extract", "--data", "{synth}/train.jsonl", "--teachers", "synthetic",
-      "--out", "{tmp}/t", "--shard-size", "0"], "shard_size must be an int >= 1"),
+      "--out", "{tmp}/t", "--shard-size", "0"], ": --shard-size must be an int >= 1"),
+    (["targets", "extract", "--data", "{tmp}/none.jsonl", "--teachers", "synthetic", "--out",
+      "{tmp}/t"], ": --data must be existing"),
     (["targets", "verify", "{tmp}/none"], "is not a target cache"),
 ], ids=["synth-exists", "synth-num", "check-data", "check-tokenizer", "check-template",
-        "extract-teacher", "extract-shard-size", "verify-not-a-cache"])
+        "extract-teacher", "extract-shard-size", "extract-data", "verify-not-a-cache"])
 def test_bad_arguments_are_reported_without_a_traceback(argv, expected, synth, tmp_path,
                                                         capsys):
     argv = [a.format(synth=synth, tmp=tmp_path) for a in argv]
