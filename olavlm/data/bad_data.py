@@ -142,6 +142,10 @@ class RejectLog:
         size = int(state.get("bytes", 0))
         if self.path.is_file() and self.path.stat().st_size > size:
             with self.path.open("r+b") as f:
+                if size > 0:  # only at a line's end: never leave half a record behind (a
+                    f.seek(size - 1)  # state from another run's file of another length)
+                    if f.read(1) != b"\n":
+                        return
                 f.truncate(size)
 
     @property

@@ -314,3 +314,21 @@ def test_a_resume_does_not_list_the_redone_steps_rejects_twice(tmp_path, llama_t
     assert lines(crashed) == lines(whole)
     assert all(json.loads(x)["reason"] == "missing_image"
                for text in lines(crashed) for x in text.splitlines())
+
+
+def test_rewinding_the_rejects_file_never_cuts_a_record(tmp_path):
+    """A recorded size that is not at a line's end (a state saved over another run's file) is
+    left alone rather than cutting a record in half."""
+    from olavlm.data.bad_data import RejectLog
+
+    path = tmp_path / "rejects.jsonl"
+    path.write_text('{"a": 1}\n{"b": 2}\n')
+    log = RejectLog(path)
+    log.rewind_file({"name": "rejects.jsonl", "bytes": 5})
+    assert path.read_text() == '{"a": 1}\n{"b": 2}\n'
+    log.rewind_file({"name": "rejects.jsonl", "bytes": 9})
+    assert path.read_text() == '{"a": 1}\n'
+    log.rewind_file({"name": "other.jsonl", "bytes": 0})
+    assert path.read_text() == '{"a": 1}\n'
+    log.rewind_file({"name": "rejects.jsonl", "bytes": 0})
+    assert path.read_text() == ""
