@@ -93,8 +93,8 @@ def schedule_factor(cfg, total_steps: int):
     warm = warmup_steps(cfg, total_steps)
 
     def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / max(1, warm)  # the first step already uses a small lr
+        if step < warm:  # HF's: the first step runs at lr 0 (it still fills Adam's moments)
+            return step / max(1, warm)
         if cfg.schedule == "constant":
             return 1.0
         progress = (step - warm) / max(1, total_steps - warm)

@@ -78,10 +78,26 @@ def test_cosine_schedule_with_warmup():
         lrs.append(sched.get_last_lr()[0])
         opt.step()
         sched.step()
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    # HF's get_cosine_schedule_with_warmup, as the seed (SPEC 5.1): step / warm-up steps
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.1) and lrs[9] == pytest.approx(0.9)
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
-    assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
+    assert lrs[-1] < 0.01 and all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+
+
+@pytest.mark.parametrize(("total", "ratio"), [(2180, 0.03), (100, 0.1), (7, 0.34), (5, 0.0)])
+def test_the_schedule_is_hf_cosine_with_warmup(total, ratio):
+    """The seed trains with HF's get_cosine_schedule_with_warmup (SPEC 5.1): every step's lr
+    equals it (warm-up steps = ceil(ratio x total); the first one at lr 0)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    ours_opt, hf_opt = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+                        for _ in range(2))
+    ours = build_scheduler(ours_opt, OptimConfig(lr=1.0, warmup_ratio=ratio), total)
+    hf = get_cosine_schedule_with_warmup(hf_opt, math.ceil(ratio * total), total)
+    for _ in range(total):
+        assert ours.get_last_lr() == pytest.approx(hf.get_last_lr(), abs=1e-12)
+        ours_opt.step(), hf_opt.step(), ours.step(), hf.step()
 
 
 def test_fused_on_needs_cuda(model):
