@@ -13,8 +13,9 @@ kernels; "auto" (default) is "torch", except for a few per-sample latents (the g
 mean-pooled query per sample), where it is "reference". Measured on an H200 (docs/PERF.md,
 perceiver runs 4 and 6) and an H100 (run 7): the Triton LayerNorm/GELU kernels tie at the
 largest heads and lose up to 2x at small ones (launch-bound custom ops); with per-sample
-latents the fast path has nothing to share, and the seed's eager math was 1.2-1.3x faster at
-the same peak memory. All share the same parameters.
+latents the fast path has nothing to share, and the seed's eager math was 1.13-1.31x faster
+at the same peak memory (runs 6 and 7; in run 4 the fast path was the faster). All share the
+same parameters.
 """
 from __future__ import annotations
 
