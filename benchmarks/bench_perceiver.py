@@ -99,6 +99,7 @@ def measure(provider: str, case: Case, *, device: str, warmup: int, rep: int):
     def setup():
         head.zero_grad(set_to_none=True)
         x.grad = None
+        latents.grad = None  # (the shared latents are not the head's parameter)
 
     def step():
         head(x, latents).float().square().mean().backward()
