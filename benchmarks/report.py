@@ -6,8 +6,10 @@
     python benchmarks/report.py --op ceiling --plot history.png
 
 Speedups are always computed from the newest row per configuration, within one GPU: a speedup is
-ms(baseline) / ms(provider), where the baseline is the provider 'reference' (or 'torch' when a
-group has no 'reference').
+ms(baseline) / ms(provider), where the baseline is the first of the providers 'seed' (the
+step), 'reference', 'eager' (the LM head, silu_mul, RoPE) and 'torch' that the group has. A
+pair whose newest rows come from different commits is marked "(other runs)": times moved by
+up to 2.8x between machines of one GPU type, so only same-run ratios are measurements.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ TABLE_COLUMNS = (
     "git_sha",
 )
 TABLE_HEADERS = {"gbps": "GB/s", "tflops": "TFLOP/s", "peak_mib": "peak MiB", "gpu_name": "gpu"}
-BASELINES = ("reference", "torch")  # first one present in a group is the speedup baseline
+BASELINES = ("seed", "reference", "eager", "torch")  # the first present is the baseline
 
 # A configuration: rows with the same key measure the same thing, so only the newest counts.
 CONFIG_FIELDS = ("op", "provider", "mode", "shape", "dtype", "gpu_name")
@@ -89,10 +91,11 @@ def speedups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             if row is base or not row.get("ms"):
                 continue
             entry = dict(zip(GROUP_FIELDS, key, strict=True))
+            same_run = row.get("git_sha") == base.get("git_sha")
             entry.update(
                 provider=row["provider"],
                 baseline=base["provider"],
-                speedup=f"{base['ms'] / row['ms']:.2f}x",
+                speedup=f"{base['ms'] / row['ms']:.2f}x" + ("" if same_run else " (other runs)"),
             )
             out.append(entry)
     return out

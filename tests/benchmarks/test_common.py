@@ -115,6 +115,22 @@ def test_report_prints_table_speedup_and_plot(tmp_path, capsys, _isolated_result
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_report_speedups_name_their_baseline_and_mark_other_runs():
+    def row(provider, ms, sha, op="toy_op"):
+        return {"op": op, "provider": provider, "mode": "fwd", "shape": "4", "dtype": "bf16",
+                "gpu_name": "H100", "ms": ms, "git_sha": sha, "timestamp": "2026-01-01"}
+
+    ups = report.speedups([row("eager", 4.0, "a"), row("ours", 2.0, "a"),
+                           row("liger", 1.0, "b"),
+                           row("seed", 9.0, "c", op="step"), row("reference", 3.0, "c", op="step"),
+                           row("fused", 1.0, "c", op="step")])
+    got = {(u["op"], u["provider"]): (u["baseline"], u["speedup"]) for u in ups}
+    assert got[("toy_op", "ours")] == ("eager", "2.00x")
+    assert got[("toy_op", "liger")] == ("eager", "4.00x (other runs)")
+    assert got[("step", "fused")] == ("seed", "9.00x")  # the step's goal is against the seed
+    assert got[("step", "reference")] == ("seed", "3.00x")
+
+
 def test_report_on_empty_dir(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
