@@ -13,7 +13,10 @@ torch.compile, "liger" and "cce" when those packages are installed, "triton" (ou
 trainer passes it: buffers sized by it, and the BLAS schedule where the tile knob "blas" takes
 it, a frozen head or a trainable one with most rows labelled; the note says which ran), and
 "triton_module" (the drop-in ``LinearCrossEntropy`` without a bound: after the warm-up calls
-the previous call's labelled fraction picks the schedule).
+the previous call's labelled fraction picks the schedule), and "liger_gathered" (liger-kernel
+on the labelled rows only, gathered by an index the host already has from its CPU copy of the
+labels: the fair comparison for "triton_bound", which also gets host-side knowledge; the
+gather and its backward's scatter are timed).
 """
 from __future__ import annotations
 
@@ -40,8 +43,8 @@ from olakernels.testing import make_lm_head_inputs  # noqa: E402
 DEVICE = common.bench_device()
 OP = "linear_cross_entropy"
 # Ours first: a GPU window's stage limit may cut the tail of the list.
-PROVIDERS = ("triton", "triton_bound", "triton_module", "liger", "eager", "cce",
-             "eager_compile")
+PROVIDERS = ("triton", "triton_bound", "triton_module", "liger", "liger_gathered", "eager",
+             "cce", "eager_compile")
 HEADS = {"llama3": (4096, 128256), "phi3": (3072, 32064)}  # (H, V) of the real models
 
 
@@ -108,6 +111,20 @@ def loss_fn(provider: str, case: Case | None = None):
 
         lce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
         return lambda h, w, y: lce(w, h, y)
+    if provider == "liger_gathered":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        lce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+        gathered = {}  # labels -> (rows, their labels): what the host knows before the step
+
+        def on_labelled_rows(h, w, y):
+            if id(y) not in gathered:
+                rows = (y != -100).nonzero().squeeze(1)
+                gathered[id(y)] = (y, rows, y[rows])
+            _, rows, y_rows = gathered[id(y)]
+            return lce(w, h.index_select(0, rows), y_rows)
+
+        return on_labelled_rows
     if provider == "cce":
         from cut_cross_entropy import linear_cross_entropy as cce
 
@@ -116,14 +133,15 @@ def loss_fn(provider: str, case: Case | None = None):
 
 
 def available(provider: str) -> bool:
-    module = {"liger": "liger_kernel", "cce": "cut_cross_entropy"}.get(provider)
+    module = {"liger": "liger_kernel", "liger_gathered": "liger_kernel",
+              "cce": "cut_cross_entropy"}.get(provider)
     if module is None:
         return provider != "eager_compile" or torch.cuda.is_available()  # (triton_bound too)
     try:
         __import__(module)
     except ImportError:
         return False
-    return torch.cuda.is_available() or provider == "liger"
+    return torch.cuda.is_available() or provider in ("liger", "liger_gathered")
 
 
 _INPUTS: dict[tuple, tuple] = {}
