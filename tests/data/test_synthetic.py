@@ -186,9 +186,9 @@ def test_cli_synth_in_process_and_as_module(tmp_path, capsys):
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
     assert meta["num_train"] == 6 and meta["image_size"] == 48
     # A bad option is refused before anything is written.
-    for option, value, message in (("--max-objects", "0", "max_objects must be"),
-                                   ("--vocab-size", "3", "vocab_size must be"),
-                                   ("--text-only-fraction", "2", "text_only_fraction")):
+    for option, value, message in (("--max-objects", "0", "--max-objects must be"),
+                                   ("--vocab-size", "3", "--vocab-size must be"),
+                                   ("--text-only-fraction", "2", "--text-only-fraction")):
         assert main(["data", "synth", "--out", str(tmp_path / "bad"), "--num", "6",
                      "--workers", "1", option, value]) == 2
         assert message in capsys.readouterr().err

@@ -225,7 +225,7 @@ def test_cli_extract_bad_device_is_one_line(teacher_synth_dir, tmp_path, capsys)
                  "--teachers", "synthetic", "--out", str(tmp_path / "c"),
                  "--device", "bogus"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("olavlm targets extract: device must be") and "Traceback" not in err
+    assert err.startswith("olavlm targets extract: --device must be") and "Traceback" not in err
     assert not (tmp_path / "c").exists()
 
 
