@@ -11,24 +11,28 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .api import IMPLS, REDUCTIONS, check_loss_options, linear_cross_entropy
 
 
-class _CountHistory:
-    """The previous call's labelled count, copied to the host without a sync: a pinned buffer
-    filled by a non-blocking copy, and the CUDA event after it. Not part of the state_dict;
-    a deep copy or pickle starts empty (events cannot be copied)."""
-
-    def __init__(self) -> None:
-        self.host: torch.Tensor | None = None  # the count (int64, pinned on CUDA)
-        self.event = None  # torch.cuda.Event recorded after the copy (None on the CPU)
-        self.tokens = 0  # the positions that call had
+class _EmptyWhenCopied:
+    """Host-side call state of a module: not part of the state_dict, and a deep copy or pickle
+    starts empty (CUDA events and weak references cannot be copied)."""
 
     def __deepcopy__(self, memo):
-        return _CountHistory()
+        return type(self)()
 
     def __getstate__(self):
         return {}
 
     def __setstate__(self, state):
         self.__init__()
+
+
+class _CountHistory(_EmptyWhenCopied):
+    """The previous call's labelled count, copied to the host without a sync: a pinned buffer
+    filled by a non-blocking copy, and the CUDA event after it."""
+
+    def __init__(self) -> None:
+        self.host: torch.Tensor | None = None  # the count (int64, pinned on CUDA)
+        self.event = None  # torch.cuda.Event recorded after the copy (None on the CPU)
+        self.tokens = 0  # the positions that call had
 
     def fraction(self) -> float | None:
         """The previous call's labelled fraction. Waits for its copy if it is still pending
@@ -56,25 +60,15 @@ class _CountHistory:
         self.tokens = tokens
 
 
-class _CallHints:
+class _CallHints(_EmptyWhenCopied):
     """The hint each call took, by its labels tensor (and that tensor's version): activation
     checkpointing runs the forward again during the backward with the same labels, and that
     rerun must take the schedule the first run took (the previous call's fraction then; this
     call's own now), or the checkpoint finds other saved tensors and fails. Only a call made
-    during a backward is taken for a rerun: a loop may pass one labels tensor twice. A deep
-    copy or pickle starts empty, as the history does."""
+    during a backward is taken for a rerun: a loop may pass one labels tensor twice."""
 
     def __init__(self) -> None:
         self.seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-    def __deepcopy__(self, memo):
-        return _CallHints()
-
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
 
     def hint(self, labels: torch.Tensor, history: _CountHistory) -> tuple[float | None, bool]:
         """(the hint for this call, whether it reruns an earlier call with these labels)."""

@@ -35,7 +35,8 @@ from .llava import LlavaDataset, Sample
 from .sampler import EpochPlan, plan_epoch
 from .templates import IGNORE_INDEX
 
-__all__ = ["Batch", "Collator", "ResumableLoader", "TooManyRejectsError"]
+__all__ = ["Batch", "Collator", "LoaderStateMismatch", "ResumableLoader",
+           "TooManyRejectsError"]
 
 # The reject rate is judged only after this many samples of an epoch (this rank's share): a
 # few bad samples among the first batches must not stop a run.
@@ -58,6 +59,11 @@ class TooManyRejectsError(ValueError):
 logger = logging.getLogger("olavlm.data")
 
 _STATE_VERSION = 1
+
+
+class LoaderStateMismatch(ValueError):
+    """A loader state saved over other data or ordering options (``load_state_dict``): resuming
+    from it would visit the samples in another order."""
 
 
 @dataclasses.dataclass
@@ -436,7 +442,8 @@ class ResumableLoader:
                         f"saved, {value!r} now" if key == "num_samples" else
                         f"state[{key!r}] must be {value!r} (this loader's), got "
                         f"{state.get(key)!r}")
-                raise ValueError(f"{what}: resuming would visit samples in another order")
+                raise LoaderStateMismatch(f"{what}: resuming would visit samples in another "
+                                          "order")
         position = int(state["position"])
         if not 0 <= position <= len(self.dataset):
             raise ValueError(f"state['position'] must be in [0, {len(self.dataset)}], got "

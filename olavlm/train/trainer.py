@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from olavlm.config import Config, config_to_dict, save_resolved_config
-from olavlm.data.loader import TooManyRejectsError
+from olavlm.data.loader import LoaderStateMismatch, TooManyRejectsError
 
 from . import build as B
 from . import load as L
@@ -395,10 +395,7 @@ class Trainer:
             fresh = hyperparameters(self.optimizer)
             try:
                 extra = self.checkpointer.load(resume, self._state())
-            except ValueError as exc:
-                if "resuming would visit samples" not in str(exc):
-                    raise
-                # The data or its order options differ from the run's (the loader's check).
+            except LoaderStateMismatch as exc:  # the data or its order options changed
                 raise ValueError(f"cannot resume from {resume}: {exc}. Go back to the run's "
                                  "data options, or start a new run (another train.run_name) "
                                  f"from these weights with checkpoint.init_from={resume}") \
