@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -146,6 +147,29 @@ def _synth(args) -> int:
     return 0
 
 
+class _DropSummaryRecord(logging.Filter):
+    """Drops a library's own summary log line while a command prints that summary to stdout
+    (the command's result), so a terminal shows it once. Every other record passes."""
+
+    def __init__(self, template: str):
+        super().__init__()
+        self.template = template
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != self.template
+
+
+@contextlib.contextmanager
+def _printing_summary(logger_name: str, template: str):
+    """While it holds, ``logger_name``'s records logged with ``template`` are dropped."""
+    log, drop = logging.getLogger(logger_name), _DropSummaryRecord(template)
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
+
+
 def _check(args) -> int:
     from transformers import AutoTokenizer
 
@@ -164,8 +188,9 @@ def _check(args) -> int:
                            num_image_tokens=args.num_image_tokens)
     loader = ResumableLoader(dataset, batch_size=32, shuffle=False, num_workers=args.workers,
                              rejects_path=args.rejects, world_size=1, rank=0)
-    for _ in loader:
-        pass
+    with _printing_summary("olavlm.data", "data: %s"):
+        for _ in loader:
+            pass
     print(loader.last_summary)
     return 1 if loader.last_stats["counts"] else 0
 
@@ -225,11 +250,12 @@ def _extract(args) -> int:
         options = _synthetic_options(args.synthetic, args.teachers)
         teachers = build_teachers(args.teachers, args.weights, device=device, dtype=dtype,
                                   seed_compat=not args.no_seed_compat, **options)
-        report = extract_targets(
-            args.data, args.out, teachers, image_folder=args.image_folder,
-            storage=args.storage, shard_size=args.shard_size, batch_size=args.batch_size,
-            num_workers=args.workers, resize=args.resize, overwrite=args.overwrite,
-            on_bad_sample=args.on_bad_sample, rejects_path=args.rejects)
+        with _printing_summary("olavlm.teachers", "targets: %s"):
+            report = extract_targets(
+                args.data, args.out, teachers, image_folder=args.image_folder,
+                storage=args.storage, shard_size=args.shard_size, batch_size=args.batch_size,
+                num_workers=args.workers, resize=args.resize, overwrite=args.overwrite,
+                on_bad_sample=args.on_bad_sample, rejects_path=args.rejects)
         print(report.summary())
         # The index's count: this run's rejects miss those of a resumed run's finished shards
         # and of the other ranks.

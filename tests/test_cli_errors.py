@@ -64,3 +64,23 @@ def test_a_cache_where_every_image_was_rejected_is_not_ok(synth, tmp_path, capsy
     assert main(["targets", "verify", str(out), "--data", data]) == 1
     printed = capsys.readouterr().out
     assert "none of the dataset's images has targets" in printed and "NOT OK" in printed
+
+
+def test_check_and_extract_show_their_summary_once(synth, tmp_path, capsys, caplog):
+    """`data check` and `targets extract` print their summary (stdout, the command's result);
+    the library's own log line of the same summary is dropped while they run, and only then."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    data = str(synth / "train.jsonl")
+    assert main(["data", "check", data, "--tokenizer", str(synth / "tokenizer"),
+                 "--workers", "0"]) == 0
+    assert "samples used" in capsys.readouterr().out
+    assert main(["targets", "extract", "--data", data, "--teachers", "synthetic", "--out",
+                 str(tmp_path / "t"), "--workers", "0"]) == 0
+    assert "images in 1 shards" in capsys.readouterr().out
+    logged = [r.getMessage() for r in caplog.records]
+    assert not [m for m in logged if m.startswith(("data: ", "targets: rank"))], logged
+    assert any(m.startswith("targets: shard") for m in logged), logged  # other records pass
+    assert not logging.getLogger("olavlm.data").filters
+    assert not logging.getLogger("olavlm.teachers").filters

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -100,6 +101,10 @@ def linear_cross_entropy(
     kernels keep the logits in fp32 (half-precision operands multiply exactly into fp32
     accumulators); the gradients-in-forward schedules (BLAS, and the grad_in_forward knob)
     round them to the operands' dtype first, as eager's F.linear does.
+    Mixed operands (hidden and weight of different dtypes, e.g. bf16 activations and an fp32
+    master weight outside autocast, which eager's F.linear refuses): both are read in the
+    wider dtype (fp32: IEEE products, no tensor cores; a warning says so) and each gradient
+    comes back in its own input's dtype. Cast them to one dtype for the fast kernels.
     A forward under grad mode that takes a gradients-in-forward schedule pays for the
     gradients even if no backward follows (module.eval() does not change that): evaluate
     under torch.no_grad(). Double backward (create_graph=True) needs impl="reference".
@@ -116,15 +121,8 @@ def linear_cross_entropy(
     if shift_labels and labels.dim() == 0:
         raise ValueError("linear_cross_entropy: shift_labels=True needs labels with a sequence "
                          "dimension (..., T), got a single label (shape ())")
-    count_on_host = isinstance(max_valid_tokens, str) and max_valid_tokens == "count"
-    if isinstance(max_valid_tokens, numbers.Integral) and not isinstance(max_valid_tokens, bool):
-        max_valid_tokens = int(max_valid_tokens)  # numpy integers too
-    if max_valid_tokens is not None and not count_on_host and (
-            isinstance(max_valid_tokens, bool) or not isinstance(max_valid_tokens, int) or
-            max_valid_tokens < 0):
-        raise ValueError("linear_cross_entropy: max_valid_tokens must be None, an int >= 0 "
-                         "(a host-side bound on the labelled tokens) or 'count' (count them "
-                         f"here, a device sync), got {max_valid_tokens!r}")
+    max_valid_tokens = check_max_valid_tokens("linear_cross_entropy", max_valid_tokens)
+    count_on_host = max_valid_tokens == "count"
     if labelled_fraction_hint is not None and (
             isinstance(labelled_fraction_hint, bool)
             or not isinstance(labelled_fraction_hint, (int, float))
@@ -257,6 +255,11 @@ def _validate(hidden, weight, labels, bias, reduction, impl) -> None:
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name}: {arg} must be on hidden's device {hidden.device}, got "
                              f"{t.device}")
+    if hidden.dtype != weight.dtype:
+        warnings.warn(f"{name}: hidden ({hidden.dtype}) and weight ({weight.dtype}) differ: "
+                      f"the op computes in {torch.promote_types(hidden.dtype, weight.dtype)} "
+                      "without half-precision tensor cores; cast both to one dtype for speed",
+                      UserWarning, stacklevel=3)
 
 
 def _real(value) -> bool:
@@ -278,6 +281,22 @@ def check_loss_options(name: str, ignore_index, label_smoothing, z_loss_weight,
                                       or not 0 < logit_softcap < math.inf):
         raise ValueError(f"{name}: logit_softcap must be a finite number > 0, or None (no cap), "
                          f"got {logit_softcap!r}")
+
+
+def check_max_valid_tokens(name: str, max_valid_tokens):
+    """``max_valid_tokens`` as the op uses it: None, "count", or a Python int >= 0 (numpy
+    integers converted); anything else is an error (the function's and the module's)."""
+    if isinstance(max_valid_tokens, str) and max_valid_tokens == "count":
+        return max_valid_tokens
+    if isinstance(max_valid_tokens, numbers.Integral) and not isinstance(max_valid_tokens, bool):
+        max_valid_tokens = int(max_valid_tokens)  # numpy integers too
+        if max_valid_tokens >= 0:
+            return max_valid_tokens
+    elif max_valid_tokens is None:
+        return None
+    raise ValueError(f"{name}: max_valid_tokens must be None, an int >= 0 (a host-side bound "
+                     "on the labelled tokens) or 'count' (count them on the host, a device "
+                     f"sync), got {max_valid_tokens!r}")
 
 
 def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:

@@ -1,14 +1,12 @@
 # LinearCrossEntropy: an nn.Linear LM head whose forward returns the loss when given labels.
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .api import IMPLS, REDUCTIONS, check_loss_options, linear_cross_entropy
+from .api import IMPLS, REDUCTIONS, check_loss_options, check_max_valid_tokens, linear_cross_entropy
 
 
 class _EmptyWhenCopied:
@@ -137,14 +135,7 @@ class LinearCrossEntropy(nn.Linear):
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         check_loss_options("LinearCrossEntropy", ignore_index, label_smoothing, z_loss_weight,
                            logit_softcap)
-        if isinstance(max_valid_tokens, numbers.Integral) and \
-                not isinstance(max_valid_tokens, bool):
-            max_valid_tokens = int(max_valid_tokens)  # numpy integers too
-        if max_valid_tokens is not None and max_valid_tokens != "count" and (
-                isinstance(max_valid_tokens, bool) or not isinstance(max_valid_tokens, int)
-                or max_valid_tokens < 0):
-            raise ValueError("max_valid_tokens must be None, an int >= 0 or 'count', got "
-                             f"{max_valid_tokens!r}")
+        max_valid_tokens = check_max_valid_tokens("LinearCrossEntropy", max_valid_tokens)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing

@@ -164,3 +164,18 @@ def test_blas_label_smoothing_gradient_sums_to_zero_over_the_vocabulary(blas, dt
     assert grad_bias.abs().max() > 1e-2  # not trivially 0
     total = float(grad_bias.sum())
     assert abs(total) <= torch.finfo(dtype).eps, f"sum of grad_bias {total:.3e}"
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
+                         ids=["bf16-hidden-fp32-weight", "fp32-hidden-fp16-weight"])
+def test_mixed_operand_dtypes_compute_in_the_wider_dtype(impl, dtypes, device):
+    """hidden and weight of different dtypes (bf16 activations and an fp32 master weight
+    outside autocast): the op warns, computes as if both were in the wider dtype (the oracle:
+    float64 of the same values), and returns each gradient in its own input's dtype."""
+    hidden, weight, labels, bias = make_lm_head_inputs(*RAGGED, device=device, ignored=0.3)
+    hidden, weight = hidden.to(dtypes[0]), weight.to(dtypes[1])
+    with pytest.warns(UserWarning, match=r"hidden \(torch\.\w+\) and weight \(torch\.\w+\) "
+                                         r"differ: the op computes in torch.float32"):
+        _, grads = _check(impl, (hidden, weight, labels, None))
+    assert grads["hidden"].dtype == dtypes[0] and grads["weight"].dtype == dtypes[1]

@@ -32,6 +32,9 @@ def linear_cross_entropy_ref(
     """Return (loss, num_valid, correct); inputs are assumed validated by the api."""
     if shift_labels:
         labels = shift_for_next_token(labels, ignore_index)
+    if hidden.dtype != weight.dtype:  # the api's rule for mixed operands: the wider dtype's math
+        common = torch.promote_types(hidden.dtype, weight.dtype)
+        hidden, weight = hidden.to(common), weight.to(common)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     logits = F.linear(hidden, weight, bias).to(acc)  # (..., V), the tensor the fast path avoids
     if logit_softcap is not None:
