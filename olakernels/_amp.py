@@ -6,6 +6,11 @@ to half precision (an fp32 model's loss in bf16, or fp32 buffers filled from bf1
 an index_put dtype error), and the backward, which autograd runs outside the forward's
 autocast region, would recompute different logits than the forward saved statistics for.
 ``autocast_off`` runs that math as the op intends, whatever the caller's autocast state.
+
+A matmul op is the exception: under autocast the caller's eager code (``F.linear``) would run
+in the autocast dtype, so ``cast_as_autocast`` gives the op the operands autocast would have
+given ``F.linear`` (half-precision tensor cores instead of an fp32 GEMM, the eager model's
+numbers); the gradients flow back through the casts to the original dtypes.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import contextlib
 
 import torch
 
-__all__ = ["autocast_off"]
+__all__ = ["autocast_off", "cast_as_autocast"]
 
 
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
@@ -24,3 +29,19 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     except RuntimeError:  # a device type autocast does not know (meta)
         return contextlib.nullcontext()
     return torch.autocast(kind, enabled=False) if enabled else contextlib.nullcontext()
+
+
+def cast_as_autocast(device: torch.device, *tensors):
+    """``tensors`` as autocast casts a lower-precision op's inputs on ``device``'s type (the
+    floating ones other than float64 to the autocast dtype; None stays None), or unchanged
+    when autocast is off there."""
+    kind = device.type
+    try:
+        enabled = torch.is_autocast_enabled(kind)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return tensors
+    if not enabled:
+        return tensors
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)

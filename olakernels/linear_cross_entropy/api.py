@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._amp import cast_as_autocast
 from .._checks import fail_if_any
 from .._triton import resolve_impl
 from .impl.reference import shift_for_next_token
@@ -101,6 +102,10 @@ def linear_cross_entropy(
     kernels keep the logits in fp32 (half-precision operands multiply exactly into fp32
     accumulators); the gradients-in-forward schedules (BLAS, and the grad_in_forward knob)
     round them to the operands' dtype first, as eager's F.linear does.
+    Under ``torch.autocast`` the op casts hidden, weight and bias as autocast casts
+    ``F.linear``'s (fp32 to the autocast dtype), so an AMP model with fp32 weights gets the
+    eager model's numbers and half-precision tensor cores; the gradients come back in the
+    inputs' own dtypes. The loss math stays fp32 (autocast runs cross-entropy in fp32 too).
     Mixed operands (hidden and weight of different dtypes, e.g. bf16 activations and an fp32
     master weight outside autocast, which eager's F.linear refuses): both are read in the
     wider dtype (fp32: IEEE products, no tensor cores; a warning says so) and each gradient
@@ -116,6 +121,14 @@ def linear_cross_entropy(
     test oracle), "auto" (triton on CUDA/ROCm tensors, torch elsewhere).
     """
     _validate(hidden, weight, labels, bias, reduction, impl)
+    # Under torch.autocast the operands F.linear would get (eager's dtype and tensor cores).
+    hidden, weight, bias = cast_as_autocast(hidden.device, hidden, weight, bias)
+    if hidden.dtype != weight.dtype:
+        warnings.warn(f"linear_cross_entropy: hidden ({hidden.dtype}) and weight "
+                      f"({weight.dtype}) differ: the op computes in "
+                      f"{torch.promote_types(hidden.dtype, weight.dtype)} without "
+                      "half-precision tensor cores; cast both to one dtype for speed",
+                      UserWarning, stacklevel=2)
     check_loss_options("linear_cross_entropy", ignore_index, label_smoothing, z_loss_weight,
                        logit_softcap)
     if shift_labels and labels.dim() == 0:
@@ -255,11 +268,6 @@ def _validate(hidden, weight, labels, bias, reduction, impl) -> None:
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name}: {arg} must be on hidden's device {hidden.device}, got "
                              f"{t.device}")
-    if hidden.dtype != weight.dtype:
-        warnings.warn(f"{name}: hidden ({hidden.dtype}) and weight ({weight.dtype}) differ: "
-                      f"the op computes in {torch.promote_types(hidden.dtype, weight.dtype)} "
-                      "without half-precision tensor cores; cast both to one dtype for speed",
-                      UserWarning, stacklevel=3)
 
 
 def _real(value) -> bool:

@@ -1,5 +1,6 @@
-# Every op under torch.autocast gives what it gives without it: the ops pick their own precision
-# (fp32 accumulation), and their torch paths must not let autocast recast their matmuls.
+# The ops under torch.autocast: the LM head casts its operands as autocast casts F.linear's; the
+# others give what they give without it (their own fp32 math; eager's elementwise ops and losses
+# are not recast either), and no torch path lets autocast recast its inner matmuls.
 from __future__ import annotations
 
 import pytest
@@ -28,20 +29,51 @@ def _assert_autocast_changes_nothing(fn, inputs):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=lambda m, i=i: f"output {i}: {m}")
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_linear_cross_entropy(impl, dtype):
+@pytest.mark.parametrize("impl", ["torch", "triton", "reference"])
+def test_linear_cross_entropy_casts_its_operands_as_f_linear(impl, dtype, bias):
+    """Under autocast the LM head's GEMM runs in the autocast dtype, as eager's F.linear would
+    (an AMP model with fp32 weights: the eager model's numbers, tensor cores): exactly the op
+    on operands cast to bf16 by hand, gradients back in the inputs' dtypes."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 13, 48, generator=g).to(dtype)
     weight = (torch.randn(257, 48, generator=g) * 0.1).to(dtype)
+    inputs = [hidden, weight] + ([torch.randn(257, generator=g).to(dtype)] if bias else [])
     labels = torch.randint(0, 257, (3, 13), generator=g)
     labels[:, :5] = -100
 
-    def fn(h, w):
-        return linear_cross_entropy(h, w, labels, label_smoothing=0.1, z_loss_weight=1e-3,
-                                    impl=impl)
+    def fn(h, w, b=None):
+        return linear_cross_entropy(h, w, labels, bias=b, label_smoothing=0.1,
+                                    z_loss_weight=1e-3, impl=impl)
 
-    _assert_autocast_changes_nothing(fn, [hidden, weight])
+    under = _run(fn, inputs, True)
+    by_hand = _run(lambda *t: fn(*(x.to(torch.bfloat16) for x in t)), inputs, False)
+    for i, (a, b) in enumerate(zip(under, by_hand, strict=True)):
+        assert a.dtype == b.dtype, (i, a.dtype, b.dtype)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, i=i: f"output {i}: {m}")
+    assert [t.dtype for t in under[1:]] == [dtype] * len(inputs)  # each grad in its input's
+
+
+def test_linear_cross_entropy_under_autocast_matches_the_eager_head():
+    """The loss of an fp32 head under bf16 autocast is what the eager head computes there
+    (F.linear in bf16, cross-entropy in fp32), against the float64 oracle of the bf16 values."""
+    from olakernels.testing import assert_close_to_reference
+
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(64, 96, generator=g)
+    weight = torch.randn(301, 96, generator=g) * 0.1
+    labels = torch.randint(0, 301, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(hidden, weight, labels, impl="triton")
+        eager = torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(hidden, weight).float(), labels)
+    as_bf16 = [t.to(torch.bfloat16).double() for t in (hidden, weight)]
+    ref = torch.nn.functional.cross_entropy(as_bf16[0] @ as_bf16[1].T, labels)
+    assert_close_to_reference(ours, ref, eager, name="loss", dtype=torch.bfloat16,
+                              reduction_size=96)
+    without = linear_cross_entropy(hidden, weight, labels, impl="triton")
+    assert not torch.equal(ours, without)  # the premise: autocast changed the operands
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
