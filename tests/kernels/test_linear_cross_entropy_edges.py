@@ -168,7 +168,8 @@ def test_blas_label_smoothing_gradient_sums_to_zero_over_the_vocabulary(blas, dt
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32),
-                                    (torch.float32, torch.float16)], ids=["bf16-hidden-fp32-weight", "fp32-hidden-fp16-weight"])
+                                    (torch.float32, torch.float16)],
+                         ids=["bf16-hidden-fp32-weight", "fp32-hidden-fp16-weight"])
 def test_mixed_operand_dtypes_compute_in_the_wider_dtype(impl, dtypes, device):
     """hidden and weight of different dtypes (bf16 activations and an fp32 master weight
     outside autocast): the op warns, computes as if both were in the wider dtype (the oracle:
