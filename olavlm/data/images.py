@@ -3,7 +3,9 @@
 
 ``load_image`` gives an RGB ``PIL.Image`` for any input mode (alpha composited over white, as
 transformers' ``convert_to_rgb`` does; 16-bit and float images scaled to 8 bits), with the EXIF
-orientation applied. An ``ImageView`` turns it into a tensor:
+orientation applied; an aspect ratio above ``MAX_ASPECT_RATIO`` is refused (ValueError: a
+banner a few pixels high would need gigabytes once its short side is resized). An
+``ImageView`` turns it into a tensor:
 
 - ``aspect="square"``: resize the short side to ``size`` (bicubic) and centre-crop ``size``
   (CLIPImageProcessor; open_clip's ``Resize`` + ``CenterCrop`` for ConvNeXt, SPEC 1.1);
@@ -32,6 +34,7 @@ __all__ = [
     "ASPECTS",
     "CLIP_MEAN",
     "CLIP_STD",
+    "MAX_ASPECT_RATIO",
     "ImageView",
     "expand_to_square",
     "image_digest",
@@ -46,6 +49,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ASPECTS = ("square", "pad", "stretch")
 
+# Longest / shortest side beyond which an image is refused (corrupt_image): a view resizes the
+# short side to its size first, so a 1 x 20,000 banner (a 2 KB PNG) would become a 336 x
+# 6,720,000 image (~6.8 GB) before the crop. Photos stay far below (panoramas ~10:1).
+MAX_ASPECT_RATIO = 100
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
@@ -119,6 +126,12 @@ def load_image(source: str | Path | bytes | BinaryIO) -> Image.Image:
     with opened as image:
         image.load()
         oriented = ImageOps.exif_transpose(image)
+    width, height = oriented.size
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        raise ValueError(f"image {width}x{height}: aspect ratio above {MAX_ASPECT_RATIO}:1 "
+                         "(resizing its short side to a view's size would take a "
+                         f"{max(width, height) // max(1, min(width, height))}x larger image "
+                         "than the view; olavlm.data.images.MAX_ASPECT_RATIO)")
     return to_rgb(oriented)
 
 
@@ -128,6 +141,12 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Im
     if width == height:
         return image
     side = max(width, height)
+    # PIL's own decompression-bomb bound (2 x MAX_IMAGE_PIXELS), on the canvas this allocates.
+    limit = Image.MAX_IMAGE_PIXELS and 2 * Image.MAX_IMAGE_PIXELS
+    if limit and side * side > limit:
+        raise ValueError(f"image {width}x{height}: padding it to a square needs a {side}x{side} "
+                         f"canvas, {side * side} pixels, above PIL's limit of {limit} "
+                         "(PIL.Image.MAX_IMAGE_PIXELS)")
     out = Image.new(image.mode, (side, side), background)
     out.paste(image, ((side - width) // 2, (side - height) // 2))
     return out

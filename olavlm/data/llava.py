@@ -401,14 +401,15 @@ class LlavaDataset(torch.utils.data.Dataset):
         try:
             data = read_image_file(path)
             pil = load_image(data)  # the one decode every view below derives from
+            # (in the try: a pad view of a huge image refuses its canvas with a ValueError)
+            sample.image = self.image_view(pil)
+            sample.teacher_views = {k: v(pil) for k, v in self.teacher_views.items()}
         except FileNotFoundError as err:
             return self._bad(i, entry, "missing_image", str(err))
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             return self._bad(i, entry, "corrupt_image", f"{path}: {type(err).__name__}: {err}")
-        sample.image = self.image_view(pil)
         if self.keep_raw_image:
             sample.raw_image = pil_to_uint8(pil)
-        sample.teacher_views = {k: v(pil) for k, v in self.teacher_views.items()}
         if self.keep_maps:
             bad = self._add_maps(i, entry, sample)
             if bad is not None:

@@ -121,13 +121,13 @@ class ImageKeyDataset(torch.utils.data.Dataset):
             try:
                 data = read_image_file(path)
                 pil = load_image(data)
+                item.views = {name: view(pil) for name, view in self.views.items()}
             except FileNotFoundError as err:
                 return bad("missing_image", str(err))
             except (OSError, ValueError, Image.DecompressionBombError) as err:
                 return bad("corrupt_image", f"{path}: {type(err).__name__}: {err}")
             item.digest = image_digest(data)
             item.raw = pil_to_uint8(pil) if self.keep_raw else None
-            item.views = {name: view(pil) for name, view in self.views.items()}
         if self.keep_maps:
             from olavlm.data.synthetic import load_scene_maps
 

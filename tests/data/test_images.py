@@ -145,3 +145,30 @@ def test_tower_view_and_view_arguments():
         ImageView(mean=None)
     with pytest.raises(ValueError, match="size must be a positive int"):
         ImageView(size=0)
+
+
+def test_a_banner_image_is_refused_before_any_view_is_built():
+    """A 2 KB PNG of 1 x 20,000 pixels would become 336 x 6,720,000 (~6.8 GB) once a square
+    view resized its short side: load_image refuses it (ValueError, which the loaders report as
+    corrupt_image); 100:1 itself still loads."""
+    from olavlm.data.images import MAX_ASPECT_RATIO
+
+    with pytest.raises(ValueError, match=r"image 1x20000: aspect ratio above 100:1"):
+        load_image(_png(Image.new("L", (1, 20000), 200)))
+    with pytest.raises(ValueError, match=r"image 20000x150: aspect ratio"):
+        load_image(_png(Image.new("RGB", (20000, 150), (1, 2, 3))))
+    edge = load_image(_png(Image.new("RGB", (MAX_ASPECT_RATIO * 3, 3), (9, 8, 7))))
+    assert edge.size == (300, 3)
+    assert ImageView(size=8)(edge).shape == (3, 8, 8)
+
+
+def test_a_pad_view_refuses_a_canvas_past_pils_bomb_limit(monkeypatch):
+    """The pad view allocates a long-side x long-side canvas: past PIL's decompression-bomb
+    bound (2 x MAX_IMAGE_PIXELS) it raises a ValueError naming the canvas, not a MemoryError."""
+    image = load_image(_png(Image.new("RGB", (300, 30), (1, 2, 3))))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 2 - 1)
+    with pytest.raises(ValueError, match=r"image 300x30: padding it to a square needs a 300x300"):
+        ImageView(size=8, aspect="pad")(image)
+    assert ImageView(size=8, aspect="square")(image).shape == (3, 8, 8)  # no canvas: fine
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 2)
+    assert ImageView(size=8, aspect="pad")(image).shape == (3, 8, 8)

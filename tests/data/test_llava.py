@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from datahelpers import entry, write_image, write_jsonl
+from PIL import Image
 
 from olavlm.data import (
     IMAGE_TOKEN_INDEX,
@@ -169,6 +170,27 @@ def test_missing_and_corrupt_images(folder, llama_tokenizer):
         raising[1]
     with pytest.raises(BadSampleError, match="corrupt_image"):
         raising[2]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_a_view_that_cannot_be_built_is_a_corrupt_image_not_a_crash(folder, llama_tokenizer,
+                                                                     monkeypatch):
+    """A banner image (refused by load_image) and a pad view's oversized canvas (refused by
+    the view, after the decode) are both corrupt_image rejects naming the file; the other
+    samples come through."""
+    Image.new("RGB", (4000, 2), (5, 5, 5)).save(folder / "banner.png")
+    Image.new("RGB", (90, 60), (5, 5, 5)).save(folder / "wide.png")
+    entries = [entry(0), entry(1, image="banner.png"), entry(2, image="wide.png")]
+    path = write_jsonl(folder / "d.jsonl", entries)
+    ds = LlavaDataset(path, llama_tokenizer, image_view=ImageView(size=8), on_bad_sample="skip")
+    assert isinstance(ds[0], Sample) and isinstance(ds[2], Sample)
+    assert ds[1].reason == "corrupt_image"
+    assert "banner.png: ValueError: image 4000x2: aspect ratio" in ds[1].detail
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 90 * 90 // 2 - 1)
+    padded = LlavaDataset(path, llama_tokenizer, image_view=ImageView(size=8, aspect="pad"),
+                          on_bad_sample="skip")
+    assert isinstance(padded[0], Sample)  # (the fixture images are smaller)
+    assert padded[2].reason == "corrupt_image" and "needs a 90x90 canvas" in padded[2].detail
 
 
 def test_long_conversations_are_truncated_or_rejected(folder, llama_tokenizer):
