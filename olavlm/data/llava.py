@@ -185,7 +185,10 @@ class LlavaIndex:
             if problem is not None:
                 self._reject(problem[0], entry, location, problem[1])
                 continue
-            blob = json.dumps(entry, ensure_ascii=False).encode("utf-8")
+            try:
+                blob = json.dumps(entry, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the file): kept escaped
+                blob = json.dumps(entry).encode("ascii")
             chunks.append(blob)
             yield offset, len(blob), j, _modality_length(entry)
             offset += len(blob)

@@ -121,6 +121,20 @@ def test_odd_entries_are_counted_bad_entries(folder, llama_tokenizer, case, suff
     ds[0]  # the good one loads
 
 
+def test_a_lone_surrogate_outside_the_text_does_not_refuse_a_json_list(folder, llama_tokenizer):
+    """A lone surrogate where the index does not look (the id, an extra key) must not make a
+    .json list unreadable (it did: the whole file refused, without a location): the entry
+    loads, its values as json.loads gives them, and so does the one after it."""
+    odd = ('{"id": "s\\ud800", "note": "x\\udfff", "image": "img.png", "conversations": '
+           '[{"from": "human", "value": "<image>\\nhi"}, {"from": "gpt", "value": "ok"}]}')
+    path = folder / "d.json"
+    path.write_text("[" + odd + ", " + json.dumps(entry(1)) + "]")
+    ds = LlavaDataset(path, llama_tokenizer, image_view=ImageView(size=8))
+    assert len(ds) == 2 and not ds.index.rejects
+    assert ds.index.entry(0) == json.loads(odd) and ds.index.entry(0)["id"] == "s\ud800"
+    assert isinstance(ds[0], Sample) and isinstance(ds[1], Sample)
+
+
 def test_an_empty_image_path_is_a_bad_entry_not_a_text_sample(folder):
     line = json.dumps({"id": "blank", "image": " ", "conversations": [
         {"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "ok"}]})
