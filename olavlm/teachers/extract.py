@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -174,6 +175,9 @@ class ExtractReport:
     fp8_error: dict[str, dict[str, float]]
     complete: bool
     num_cached: int | None = None  # images with targets in the whole cache (the index's count)
+    # Entries of the data files refused when indexing (malformed JSON, bad structure): they
+    # name no image to extract, and training refuses them too (the rejects file lists them).
+    entries_refused: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         rate = self.num_written / self.seconds if self.seconds > 0 else 0.0
@@ -183,6 +187,10 @@ class ExtractReport:
                 f"({self.num_written} images, {rate:.1f} images/s), skipped "
                 f"{len(self.shards_skipped)} finished; rejected: {rejects}; storage "
                 f"{self.storage}")
+        if self.entries_refused:
+            refused = ", ".join(f"{r}={n}" for r, n in sorted(self.entries_refused.items()))
+            text += (f"\n  data entries refused when indexing (no image to extract): "
+                     f"{refused}")
         for task, err in self.fp8_error.items():
             text += (f"\n  fp8 {task}: relative RMS error {err['rel_rms']:.4f}, max error "
                      f"{err['max_over_bound']:.3f} of the bound (2^-4 |x| + 2^-10 scale)")
@@ -467,7 +475,8 @@ def extract_targets(data, out, teachers: Sequence[Teacher], *, image_folder=None
     if all_done and (rank == 0 or barrier is None):
         written = _write_index(out, plan, num_shards)
         if rejects_path is not None:
-            _rewrite_rejects(Path(rejects_path), written["rejects"])
+            refused = [dataclasses.asdict(r) for r in index.rejects]
+            _rewrite_rejects(Path(rejects_path), refused + written["rejects"])
     if barrier is not None:
         barrier()
     complete = all_done and (out / INDEX).is_file()
@@ -478,6 +487,7 @@ def extract_targets(data, out, teachers: Sequence[Teacher], *, image_folder=None
         num_written=writer.num_written, seconds=time.perf_counter() - start, storage=storage,
         fp8_error={t: {k: v for k, v in d.items() if not k.startswith("sum")}
                    for t, d in writer.stats.as_dict().items()},
-        complete=complete, num_cached=read_json(out / INDEX)["num_cached"] if complete else None)
+        complete=complete, num_cached=read_json(out / INDEX)["num_cached"] if complete else None,
+        entries_refused=dict(Counter(r.reason for r in index.rejects)))
     logger.info("targets: %s", report.summary())
     return report

@@ -149,14 +149,22 @@ def test_bad_images_are_counted_and_listed(teacher_synth_dir, tmp_path):
     images[2]["depth"] = "depth/gone.png"
     images.append(dict(images[0]))  # the same image twice: extracted once
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(e) + "\n" for e in images))
+    # Entries refused when indexing (no image to extract) are reported and listed too.
+    refused = ["{not json", json.dumps({"id": "noconv", "image": "x.png"})]
+    data.write_text("".join(json.dumps(e) + "\n" for e in images) + "\n".join(refused) + "\n")
     report = extract_targets(data, tmp_path / "c", [SyntheticTeacher()], shard_size=SHARD_SIZE,
                              num_workers=0, image_folder=teacher_synth_dir,
                              rejects_path=tmp_path / "rejects.jsonl")
     # Only maps are needed by the synthetic teacher: a missing image file does not matter,
     # a missing depth map does.
     assert report.rejects == {"bad_maps": 1} and report.num_images == len(images) - 1
-    rejects = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert report.entries_refused == {"malformed_json": 1, "no_conversations": 1}
+    assert ("data entries refused when indexing (no image to extract): malformed_json=1, "
+            "no_conversations=1") in report.summary()
+    listed = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in listed[:2]] == ["malformed_json", "no_conversations"]
+    assert listed[0]["location"] == f"{data}:{len(images) + 1}"
+    rejects = listed[2:]
     assert [r["sample_id"] for r in rejects] == [images[2]["image"]]
     index = read_json(tmp_path / "c" / "index.json")
     assert index["num_cached"] == report.num_images - 1 and len(index["rejects"]) == 1
@@ -167,7 +175,7 @@ def test_bad_images_are_counted_and_listed(teacher_synth_dir, tmp_path):
     extract_targets(data, tmp_path / "c", [SyntheticTeacher()], shard_size=SHARD_SIZE,
                     num_workers=0, image_folder=teacher_synth_dir, overwrite=True,
                     rejects_path=tmp_path / "rejects.jsonl")
-    again = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()]
+    again = [json.loads(x) for x in (tmp_path / "rejects.jsonl").read_text().splitlines()][2:]
     assert [r["sample_id"] for r in again] == [images[2]["image"]]
     assert again[0]["reason"] == "bad_maps" and again[0]["epoch"] is None
 
