@@ -98,6 +98,9 @@ class RejectLog:
         self.path = None if path is None else Path(path)
         self.counts: Counter[str] = Counter()
         self.num_truncated = 0
+        # used samples without a next-token label (an empty answer, or a prompt that filled
+        # max_length): only their embedding losses train; counted, not rejected
+        self.num_unlabelled = 0
         self.num_samples = 0
         self.num_dropped = 0  # left out by batching (drop_last, fewer samples than ranks)
         self.target_counts: Counter[str] = Counter()  # samples trained without targets
@@ -160,25 +163,30 @@ class RejectLog:
         if self.target_counts:
             listed = ", ".join(f"{r}={n}" for r, n in sorted(self.target_counts.items()))
             targets = (f", {self.num_target_problems} without targets (masked) [{listed}]")
-        return (f"{head}{self.num_samples} samples used, {self.num_rejected} rejected"
-                f"{' [' + parts + ']' if parts else ''}{where}, {self.num_truncated} truncated, "
-                f"{self.num_dropped} dropped by batching{targets}")
+        unlabelled = (f" ({self.num_unlabelled} without a next-token label)"
+                      if self.num_unlabelled else "")
+        return (f"{head}{self.num_samples} samples used{unlabelled}, {self.num_rejected} "
+                f"rejected{' [' + parts + ']' if parts else ''}{where}, {self.num_truncated} "
+                f"truncated, {self.num_dropped} dropped by batching{targets}")
 
     def reset(self) -> None:
         self.counts.clear()
         self.num_truncated = 0
+        self.num_unlabelled = 0
         self.num_samples = 0
         self.num_dropped = 0
         self.target_counts.clear()
 
     def state_dict(self) -> dict:
         return {"counts": dict(self.counts), "num_truncated": self.num_truncated,
+                "num_unlabelled": self.num_unlabelled,
                 "num_samples": self.num_samples, "num_dropped": self.num_dropped,
                 "target_counts": dict(self.target_counts)}
 
     def load_state_dict(self, state: dict) -> None:
         self.counts = Counter(state.get("counts", {}))
         self.num_truncated = int(state.get("num_truncated", 0))
+        self.num_unlabelled = int(state.get("num_unlabelled", 0))  # (absent before: 0)
         self.num_samples = int(state.get("num_samples", 0))
         self.num_dropped = int(state.get("num_dropped", 0))
         self.target_counts = Counter(state.get("target_counts", {}))

@@ -96,6 +96,7 @@ class Batch:
     sample_ids: list[str]
     indices: list[int]
     num_truncated: int = 0
+    num_unlabelled: int = 0  # samples without a next-token label (only the heads learn)
     rejects: list[Reject] = dataclasses.field(default_factory=list)
     image_keys: list[str | None] = dataclasses.field(default_factory=list)
     targets: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
@@ -175,6 +176,7 @@ class Collator:
             teacher_views=teacher_views,
             sample_ids=[s.sample_id for s in samples], indices=[s.index for s in samples],
             num_truncated=sum(int(s.truncated) for s in samples), rejects=rejects,
+            num_unlabelled=sum(int(not (s.labels != IGNORE_INDEX).any()) for s in samples),
             image_keys=[s.image_key for s in samples],
             targets=({t: torch.stack([s.targets[t] for s in samples]) for t in samples[0].targets}
                      if with_targets else {}),
@@ -369,6 +371,7 @@ class ResumableLoader:
                 self.position += len(plan.global_batches[k])
                 self.log.num_samples += len(batch)
                 self.log.num_truncated += batch.num_truncated
+                self.log.num_unlabelled += batch.num_unlabelled
                 for reject in batch.rejects:
                     self.log.add(reject, epoch=self.epoch)
                     self._last_reject = reject

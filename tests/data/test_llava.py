@@ -243,6 +243,33 @@ def test_skip_policy_counts_logs_and_summarizes_everything(folder, llama_tokeniz
     assert summary in caplog.text and caplog.records[-1].levelno == logging.WARNING
 
 
+def test_samples_without_a_next_token_label_are_counted(folder, llama_tokenizer):
+    """An empty answer, a conversation of one human turn and a prompt that fills max_length
+    leave a sample no next-token label: it is used (its image still trains the heads) but the
+    summary says how many, instead of counting them among the samples used unnoticed; the
+    count is kept across a checkpoint of the loader."""
+    empty = {"id": "empty", "image": "img.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat?"}, {"from": "gpt", "value": ""}]}
+    asked = {"id": "asked", "conversations": [{"from": "human", "value": "only a question"}]}
+    long = {"id": "long", "conversations": [
+        {"from": "human", "value": " ".join(["word"] * 200)}, {"from": "gpt", "value": "yes"}]}
+    path = write_jsonl(folder / "d.jsonl", [entry(0), empty, asked, long, entry(4)])
+    ds = LlavaDataset(path, llama_tokenizer, image_view=ImageView(size=8), max_length=80,
+                      num_image_tokens=4)
+    unlabelled = [ds[i].sample_id for i in range(5) if not (ds[i].labels != -100).any()]
+    assert unlabelled == ["empty", "asked", "long"]  # the premise, from the samples themselves
+    loader = ResumableLoader(ds, batch_size=2, shuffle=False)
+    ids = [sid for batch in loader for sid in batch.sample_ids]
+    assert ids == ["s0", "empty", "asked", "long", "s4"]
+    assert "5 samples used (3 without a next-token label), 0 rejected" in loader.last_summary
+    assert loader.last_stats["num_unlabelled"] == 3  # the epoch's log state (checkpointed)
+    restored = ResumableLoader(ds, batch_size=2, shuffle=False)
+    restored.log.load_state_dict(loader.last_stats)
+    assert restored.log.num_unlabelled == 3
+    restored.log.load_state_dict({"counts": {}})  # a checkpoint from before the count: 0
+    assert restored.log.num_unlabelled == 0
+
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_raise_policy_stops_the_loader(folder, llama_tokenizer, num_workers):
     ds = _load_bad(folder, llama_tokenizer, "raise")
