@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import re
 from pathlib import Path
 from typing import BinaryIO
@@ -84,9 +85,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _check_is_file(path: Path) -> None:
-    if not path.is_file():
-        what = "a folder, not an image file" if path.is_dir() else "image file not found"
-        raise FileNotFoundError(f"{what}: {path}")
+    if path.is_file():
+        return
+    if path.is_dir():
+        what = "a folder, not an image file"
+    elif path.is_symlink():  # (is_file follows links: a dangling one or a loop lands here)
+        what = f"a broken or looping symbolic link (to {os.readlink(path)!r})"
+    elif path.exists():
+        what = "not a regular file"
+    else:
+        what = "image file not found"
+    raise FileNotFoundError(f"{what}: {path}")
 
 
 def read_image_file(path: str | Path) -> bytes:

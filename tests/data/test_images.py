@@ -74,6 +74,12 @@ def test_missing_and_corrupt_files_raise(tmp_path):
         load_image(tmp_path / "nope.png")
     with pytest.raises(FileNotFoundError, match="a folder, not an image file"):
         load_image(tmp_path)  # an "image" field naming a folder
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    with pytest.raises(FileNotFoundError, match="a broken or looping symbolic link"):
+        load_image(tmp_path / "loop.png")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(FileNotFoundError, match=r"broken or looping .*gone.png.*dangling.png"):
+        load_image(tmp_path / "dangling.png")
     (tmp_path / "text.png").write_bytes(b"not an image at all")
     with pytest.raises(UnidentifiedImageError):
         load_image(tmp_path / "text.png")
