@@ -24,11 +24,14 @@ __all__ = ["autocast_off", "cast_as_autocast"]
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """A context with autocast disabled for ``device``'s type (a no-op when it is off)."""
     kind = device.type
+    return torch.autocast(kind, enabled=False) if _enabled(kind) else contextlib.nullcontext()
+
+
+def _enabled(kind: str) -> bool:
     try:
-        enabled = torch.is_autocast_enabled(kind)
+        return torch.is_autocast_enabled(kind)
     except RuntimeError:  # a device type autocast does not know (meta)
-        return contextlib.nullcontext()
-    return torch.autocast(kind, enabled=False) if enabled else contextlib.nullcontext()
+        return False
 
 
 def cast_as_autocast(device: torch.device, *tensors):
@@ -36,11 +39,7 @@ def cast_as_autocast(device: torch.device, *tensors):
     floating ones other than float64 to the autocast dtype; None stays None), or unchanged
     when autocast is off there."""
     kind = device.type
-    try:
-        enabled = torch.is_autocast_enabled(kind)
-    except RuntimeError:  # a device type autocast does not know (meta)
-        return tensors
-    if not enabled:
+    if not _enabled(kind):
         return tensors
     dtype = torch.get_autocast_dtype(kind)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point()
