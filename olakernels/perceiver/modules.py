@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._amp import _enabled as _amp_enabled
 from .._triton import check_triton_device
 
 IMPLS = ("auto", "triton", "torch", "reference")
@@ -62,22 +63,22 @@ class _TorchOps:
 
     @staticmethod
     def layer_norm_linear(x, ln: nn.LayerNorm, weight):
-        """LayerNorm then a bias-free Linear; autograd keeps ``x`` only (impl/recompute.py),
-        except under autocast, whose casts a custom autograd function would not see."""
-        if torch.is_autocast_enabled(x.device.type):
-            return F.linear(_TorchOps.layer_norm(x, ln), weight)
-        from .impl.recompute import layer_norm_linear  # noqa: PLC0415
+        """LayerNorm then a bias-free Linear; autograd keeps ``x`` only (impl/recompute.py;
+        under autocast with autocast's casts)."""
+        from .impl import recompute  # noqa: PLC0415
 
-        return layer_norm_linear(x, ln.weight, ln.bias, ln.eps, weight)
+        if _amp_enabled(x.device.type):
+            return recompute.autocast_layer_norm_linear(x, ln.weight, ln.bias, ln.eps, weight)
+        return recompute.layer_norm_linear(x, ln.weight, ln.bias, ln.eps, weight)
 
     @staticmethod
     def gelu_linear(a, weight):
         """GELU then a bias-free Linear, keeping ``a`` only (as layer_norm_linear)."""
-        if torch.is_autocast_enabled(a.device.type):
-            return F.linear(F.gelu(a), weight)
-        from .impl.recompute import gelu_linear  # noqa: PLC0415
+        from .impl import recompute  # noqa: PLC0415
 
-        return gelu_linear(a, weight)
+        if _amp_enabled(a.device.type):
+            return recompute.autocast_gelu_linear(a, weight)
+        return recompute.gelu_linear(a, weight)
 
 
 class _TritonOps:

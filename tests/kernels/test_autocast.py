@@ -1,12 +1,18 @@
 # The ops under torch.autocast: the LM head casts its operands as autocast casts F.linear's; the
 # others give what they give without it (their own fp32 math; eager's elementwise ops and losses
-# are not recast either), and no torch path lets autocast recast its inner matmuls.
+# are not recast either), and no torch path lets autocast recast its inner matmuls. The
+# perceiver heads' fast path follows autocast as the seed's eager math does.
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
+from test_perceiver import _head, _inputs
 
 from olakernels import embedding_distill_loss, linear_cross_entropy, rotary_embedding, silu_mul
+from olakernels.perceiver import EmbeddingPredictorHead
+from olakernels.testing import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -58,8 +64,6 @@ def test_linear_cross_entropy_casts_its_operands_as_f_linear(impl, dtype, bias):
 def test_linear_cross_entropy_under_autocast_matches_the_eager_head():
     """The loss of an fp32 head under bf16 autocast is what the eager head computes there
     (F.linear in bf16, cross-entropy in fp32), against the float64 oracle of the bf16 values."""
-    from olakernels.testing import assert_close_to_reference
-
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(64, 96, generator=g)
     weight = torch.randn(301, 96, generator=g) * 0.1
@@ -100,3 +104,37 @@ def test_silu_mul_and_rotary(impl, dtype):
     _assert_autocast_changes_nothing(
         lambda a, b: rotary_embedding(a, b, angle.cos().to(dtype), angle.sin().to(dtype),
                                       impl=impl), [q, k])
+
+
+@pytest.mark.parametrize("task", ["depth", "ragged"])
+def test_perceiver_fast_path_under_autocast_is_as_close_as_the_seed_math(task):
+    """An fp32 head under bf16 autocast (AMP): the fast path, which keeps LayerNorm and GELU
+    outputs out of autograd's saved tensors, is as close to the float64 oracle as the seed's
+    eager math under the same autocast, output and every gradient in fp32 (their leaves')."""
+    def run(impl, dtype, autocast):
+        module = copy.deepcopy(_head(task)).to(dtype)
+        module.impl = impl
+        if isinstance(module, EmbeddingPredictorHead):
+            module.projector.impl = impl
+        x, latents = _inputs(task)
+        x = x.to(dtype)
+        lat = None if latents is None else latents.to(dtype).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = module(x) if lat is None else module(x, lat)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+        (out.to(dtype) * w).sum().backward()
+        grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+        if lat is not None:
+            grads["<latents>"] = lat.grad
+        return out, grads
+
+    out, grads = run("torch", torch.float32, True)
+    eager, e_grads = run("reference", torch.float32, True)
+    ref, r_grads = run("reference", torch.float64, False)
+    assert out.dtype == eager.dtype == torch.bfloat16
+    assert_close_to_reference(out, ref, eager, name=f"{task}.out", k=3.0)
+    assert set(grads) == set(e_grads)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name
+        assert_close_to_reference(grad, r_grads[name], e_grads[name], k=3.0, dtype=torch.bfloat16,
+                                  name=f"{task}.grad[{name}]", reduction_size=20)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from test_perceiver import _head, _inputs, _run
 
 from olakernels.perceiver import modules
+from olakernels.perceiver.impl import recompute
 from olakernels.perceiver.impl.recompute import gelu_linear, layer_norm_linear
 from olakernels.testing import assert_close_to_reference
 
@@ -89,16 +90,114 @@ def test_the_depth_head_keeps_three_activations_fewer(monkeypatch):
     assert unfused - fused == (b * n * dim + 2 * b * m * dim) * 4
 
 
-def test_autocast_keeps_the_plain_composition():
-    """Under autocast the custom functions would miss the casts: the ops fall back."""
-    x = torch.randn(2, 5, 8, requires_grad=True)
-    ln = torch.nn.LayerNorm(8)
-    w = torch.randn(4, 8, requires_grad=True)
+def _autocast_run(fn, leaves, dy):
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = modules._TorchOps.layer_norm_linear(x, ln, w)
-        z = modules._TorchOps.gelu_linear(x, w)
-    assert y.dtype == z.dtype == torch.bfloat16
-    assert "LayerNormLinear" not in y.grad_fn.name()  # a plain mm/addmm node
-    assert "GeluLinear" not in z.grad_fn.name()
+        y = fn(*leaves)
+    (y.float() * dy).sum().backward()
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def _cuda_policy_layer_norm(x, ln_w, ln_b):
+    """LayerNorm as CUDA autocast runs it (all inputs cast to fp32; CPU autocast runs it in
+    the input's dtype): the recompute must follow whatever the middle op does under autocast."""
+    return F.layer_norm(x.float(), (x.shape[-1],), ln_w.float(), ln_b.float(), 1e-5)
+
+
+MIDDLES = {
+    "layer_norm": (lambda x, lw, lb, w: recompute.autocast_layer_norm_linear(x, lw, lb, 1e-5, w),
+                   lambda x, lw, lb, w: _eager(x, lw, lb, w, with_gelu=False)),
+    "gelu": (lambda x, lw, lb, w: recompute.autocast_gelu_linear(x, w) + 0 * (lw + lb).sum(),
+             lambda x, lw, lb, w: _eager(x, lw, lb, w, with_gelu=True) + 0 * (lw + lb).sum()),
+    "layer_norm_cuda_policy": (
+        lambda x, lw, lb, w: recompute._AutocastMiddleLinear.apply(
+            _cuda_policy_layer_norm, x, w, lw, lb),
+        lambda x, lw, lb, w: F.linear(_cuda_policy_layer_norm(x, lw, lb), w)),
+}
+
+
+@pytest.mark.parametrize("middle", list(MIDDLES))
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_under_autocast_equals_the_eager_composition_under_autocast(middle, x_dtype):
+    """Values and gradients (in the leaves' own dtypes) are eager's under bf16 autocast bit
+    for bit: the middle op runs under the forward's autocast state in both passes."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 17, 24, generator=g).to(x_dtype)  # ragged sizes
+    ln_w, ln_b = 1 + 0.1 * torch.randn(24, generator=g), 0.1 * torch.randn(24, generator=g)
+    w = torch.randn(13, 24, generator=g) / 5  # an fp32 (master) weight, as under AMP
+    dy = torch.randn(3, 17, 13, generator=g)
+    fused, eager = MIDDLES[middle]
+    got = _autocast_run(fused, [x, ln_w, ln_b, w], dy)
+    want = _autocast_run(eager, [x, ln_w, ln_b, w], dy)
+    plain = _autocast_run(lambda *a: eager(*a).float(), [x, ln_w, ln_b, w], dy)
+    no_amp = eager(x.float(), ln_w, ln_b, w)
+    assert not torch.equal(want[0].float(), no_amp.float())  # the premise: autocast matters
+    assert plain[0].dtype == torch.float32
+    for name, a, b in zip(("y", "grad_x", "grad_ln_w", "grad_ln_b", "grad_w"), got, want,
+                          strict=True):
+        assert a.dtype == b.dtype, (name, a.dtype, b.dtype)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_under_autocast_frozen_inputs_get_no_gradient():
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    ln_w, ln_b, w = torch.ones(8), torch.zeros(8), torch.randn(4, 8)  # frozen
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = recompute.autocast_layer_norm_linear(x, ln_w, ln_b, 1e-5, w)
+        z = recompute.autocast_gelu_linear(x, w)
+    assert "AutocastMiddleLinear" in y.grad_fn.name() and y.dtype == torch.bfloat16
     (y.float().sum() + z.float().sum()).backward()
-    assert x.grad is not None and w.grad is not None
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    ref = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y2 = _eager(ref, ln_w, ln_b, w, with_gelu=False)
+        z2 = _eager(ref, ln_w, ln_b, w, with_gelu=True)
+    (y2.float().sum() + z2.float().sum()).backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=0, atol=0)
+
+
+def _saved_activation_bytes(module, impl, x, latents):
+    """Bytes autograd saves for the backward, a parameter's own storage not counted."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    total = [0]
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    module.impl = impl
+    if hasattr(module, "projector"):
+        module.projector.impl = impl
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(x, latents)
+    out.float().sum().backward()
+    return total[0]
+
+
+def test_under_autocast_the_depth_head_keeps_the_middles_out(monkeypatch):
+    """Under bf16 autocast (fp32 parameters, as AMP trains): per block the bf16 copies of the
+    inputs' LayerNorm output (B, N, dim), of the feed-forward's LayerNorm and GELU outputs
+    (B, M, dim each), the two LayerNorms' statistics (fp32 mean and rstd per row) and the bf16
+    casts of the three weights (recast in the backward) are no longer saved."""
+    head = _head("depth")
+    x, latents = _inputs("depth", batch=3, tokens=20)
+    fused = _saved_activation_bytes(head, "torch", x, latents)
+
+    class Unfused(modules._TorchOps):
+        @staticmethod
+        def layer_norm_linear(x, ln, weight):
+            return F.linear(modules._TorchOps.layer_norm(x, ln), weight)
+
+        @staticmethod
+        def gelu_linear(a, weight):
+            return F.linear(F.gelu(a), weight)
+
+    monkeypatch.setattr(modules, "_TorchOps", Unfused)
+    unfused = _saved_activation_bytes(copy.deepcopy(head), "torch", x, latents)
+    b, n, m, dim, inner = 3, 20, 36, 96, 8 * 4  # inner: dim_head * heads
+    bf16, stats = 2, 2 * 4
+    activations = (b * n + 2 * b * m) * dim * bf16 + (b * n + b * m) * stats
+    weights = (2 * inner * dim + dim * dim + dim * dim) * bf16  # to_kv, ff[1], ff[3] (ff_mult 1)
+    assert unfused - fused == activations + weights

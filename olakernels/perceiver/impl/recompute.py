@@ -11,12 +11,24 @@ Equivalent PyTorch (same values; the gradients are computed by the same aten ker
     layer_norm_linear(x, ln_w, ln_b, eps, w) == F.linear(F.layer_norm(x, (d,), ln_w, ln_b, eps), w)
     gelu_linear(a, w) == F.linear(F.gelu(a), w)
 
-Used by the fast path's torch ops (modules._TorchOps) outside autocast.
+Under ``torch.autocast`` the eager composition's numbers depend on autocast's per-op casts
+(on CUDA LayerNorm runs in fp32 and the Linear in the autocast dtype; on CPU LayerNorm runs
+in its input's dtype), which a hand-written backward cannot know. The ``autocast_*`` variants
+therefore run the middle op under the caller's autocast state in the forward and again,
+under the same state and with autograd, in the backward; only the Linear is written out (its
+operands cast as autocast casts ``F.linear``'s). The values and gradients are the eager
+composition's under autocast, and autograd keeps ``x`` (or ``a``) and the weight, not the
+middle output's cast copy nor LayerNorm's statistics (eager under CUDA autocast also keeps an
+fp32 copy of a bf16 ``x``); the backward recasts the weight (one pass over it).
+
+Used by the fast path's torch ops (modules._TorchOps).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..._amp import autocast_off, cast_as_autocast
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -72,3 +84,52 @@ def layer_norm_linear(x, ln_w, ln_b, eps: float, w):
 def gelu_linear(a, w):
     """``F.linear(F.gelu(a), w)`` (exact erf GELU), saving ``a`` only."""
     return _GeluLinear.apply(a, w)
+
+
+class _AutocastMiddleLinear(torch.autograd.Function):
+    """``F.linear(middle(x, *params), w)`` under the caller's autocast, saving ``x``, ``w``
+    and the middle's parameters; the backward recomputes ``middle`` with autograd under the
+    forward's autocast state and recasts ``w`` (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, middle, x, w, *params):
+        kind = x.device.type
+        ctx.middle, ctx.autocast = middle, (kind, torch.get_autocast_dtype(kind))
+        ctx.save_for_backward(x, w, *params)
+        # Both under the caller's autocast: eager's dtypes, values and weight-cast cache.
+        return F.linear(middle(x, *params), w)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, *params = ctx.saved_tensors
+        _, need_x, need_w, *need_params = ctx.needs_input_grad
+        kind, dtype = ctx.autocast
+        inputs = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip((x, *params), (need_x, *need_params), strict=True)]
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        with torch.enable_grad(), torch.autocast(kind, dtype=dtype):
+            mid = ctx.middle(*inputs)  # recomputed as in the forward
+            mid_c, w_c = cast_as_autocast(x.device, mid.detach(), w.detach())
+        with autocast_off(x.device):
+            grad_w = _flat(dy).t().mm(_flat(mid_c)).to(w.dtype) if need_w else None
+            grads = iter(())
+            if wanted:  # the Linear's input gradient back through eager's cast of ``mid``
+                grads = iter(torch.autograd.grad(mid, wanted, dy.matmul(w_c).to(mid.dtype)))
+        grad_x, *grad_params = [next(grads) if t is not None and t.requires_grad else None
+                                for t in inputs]
+        return None, grad_x, grad_w, *grad_params
+
+
+def _layer_norm(eps: float):
+    return lambda x, ln_w, ln_b: F.layer_norm(x, (x.shape[-1],), ln_w, ln_b, eps)
+
+
+def autocast_layer_norm_linear(x, ln_w, ln_b, eps: float, w):
+    """``layer_norm_linear`` under ``torch.autocast``: the eager composition's numbers there,
+    saving ``x`` only (module docstring)."""
+    return _AutocastMiddleLinear.apply(_layer_norm(eps), x, w, ln_w, ln_b)
+
+
+def autocast_gelu_linear(a, w):
+    """``gelu_linear`` under ``torch.autocast`` (as ``autocast_layer_norm_linear``)."""
+    return _AutocastMiddleLinear.apply(F.gelu, a, w)
