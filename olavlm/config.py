@@ -79,6 +79,11 @@ class TeachersConfig:
     on_missing_target: str = "mask"
     compile: bool = False
     side_stream: bool = False
+    # Online mode: where the image teachers' inputs are resized. "device": decoded uint8 images
+    # go to the teachers, which resize them batched on the training device (antialiased
+    # bicubic, within a few levels of PIL); "host": the loader workers compute each teacher's
+    # view with PIL (the seed's exact pixels; CPU work in the data workers).
+    resize: str = "device"
     # Options of the synthetic teacher (grid, depth_dim, seg_dim, gen_dim, seed); {} = its
     # defaults, the real targets' shapes (24 x 24 grid, 1024 / 1536 / 1024).
     synthetic: dict[str, int] = field(default_factory=dict)
@@ -177,6 +182,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_bad_sample": ("skip", "raise"),
     "teachers.mode": ("online", "cache", "none"),
     "teachers.on_missing_target": ("mask", "raise"),
+    "teachers.resize": ("device", "host"),
     "parallel.fsdp": ("auto", "on", "off"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.mixed_precision": ("fp32", "bf16"),

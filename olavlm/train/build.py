@@ -364,14 +364,21 @@ def build_data(cfg, model: OlaVLM, tokenizer, data_root: Path | None, *, rank: i
                              "`olavlm targets extract`)")
         cache = TargetCache(Path(cfg.teachers.cache_dir).expanduser(), tasks=model.tasks)
         _check_shapes(model, cache.tasks, "teachers.cache_dir")
+    image_teachers = [t for t in online.teachers if t.needs_images] if online else []
     needs_maps = online is not None and any(t.needs_maps for t in online.teachers)
-    needs_images = online is not None and any(t.needs_images for t in online.teachers)
+    # teachers.resize=host: the workers compute each image teacher's PIL view (the seed's
+    # pixels); a teacher without one (none today) still gets the raw images.
+    teacher_views = ({t.name: t.host_view() for t in image_teachers
+                      if t.host_view() is not None}
+                     if cfg.teachers.resize == "host" else {})
+    needs_images = any(t.name not in teacher_views for t in image_teachers)
     num_inserted = model.num_image_tokens + model.config.num_task_tokens * len(model.tasks)
     dataset = LlavaDataset(
         files, tokenizer, image_folder=image_folder, template=cfg.data.template,
         image_view=view, keep_raw_image=needs_images, max_length=cfg.model.max_length,
         num_image_tokens=num_inserted, on_bad_sample=cfg.data.on_bad_sample, targets=cache,
-        on_missing_target=cfg.teachers.on_missing_target, keep_maps=needs_maps)
+        on_missing_target=cfg.teachers.on_missing_target, keep_maps=needs_maps,
+        teacher_views=teacher_views)
     if cache is not None:
         _check_cache_coverage(dataset, cache, cfg.teachers.cache_dir)
     loader = ResumableLoader(

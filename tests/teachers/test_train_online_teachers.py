@@ -1,0 +1,64 @@
+# Training with the real (tiny random-weight) teachers online: teachers.resize device | host.
+from __future__ import annotations
+
+import math
+
+import pytest
+from teacherhelpers import TINY_SHAPES
+
+from olavlm.config import resolve_config
+from olavlm.train.metrics import read_metrics
+from olavlm.train.trainer import Trainer
+
+
+def _cfg(tmp_path, synth_dir, weights, resize):
+    depth_tokens, depth_dim = TINY_SHAPES["depth"]
+    seg_dim, grid, _ = TINY_SHAPES["seg"]
+    gen_dim = TINY_SHAPES["gen"][1]
+    return resolve_config("demo", None, [
+        f"train.output_dir={tmp_path / 'runs'}", f"data.synthetic_dir={synth_dir}",
+        "data.synthetic_num=16", "data.batch_size=4", "train.max_steps=2",
+        "checkpoint.every_steps=0", "logging.progress=false", "logging.plot=false",
+        "teachers.names=depth,seg,gen", f"teachers.resize={resize}",
+        *(f"teachers.weights.{k}={v}" for k, v in weights.items()),
+        f"model.heads.depth.num_queries={depth_tokens}",
+        f"model.heads.depth.output_dim={depth_dim}",
+        f"model.heads.depth.target_shape=[{depth_tokens},{depth_dim}]",
+        f"model.heads.seg.num_queries={grid * grid}", f"model.heads.seg.output_dim={seg_dim}",
+        f"model.heads.seg.target_shape=[{seg_dim},{grid},{grid}]",
+        f"model.heads.gen.output_dim={gen_dim}", f"model.heads.gen.target_shape=[1,{gen_dim}]",
+    ])
+
+
+@pytest.mark.parametrize("resize", ["device", "host"])
+def test_trains_with_the_image_teachers_online(tmp_path, tmp_path_factory, tiny_weights, resize):
+    """The depth, seg and gen teachers run on each training batch: "device" hands them the
+    decoded images (resized batched on the device), "host" the loader workers' PIL views
+    (the seed's pixels), and no decoded copy travels beside them."""
+    synth_dir = tmp_path_factory.mktemp("synth")
+    weights = {k: str(v) for k, v in tiny_weights.items()}
+    trainer = Trainer(_cfg(tmp_path, synth_dir, weights, resize))
+    names = {t.name for t in trainer.teachers.teachers}
+    assert names == {"depth", "seg", "gen"}
+    if resize == "host":
+        assert set(trainer.dataset.teacher_views) == names
+        assert not trainer.dataset.keep_raw_image
+    else:
+        assert trainer.dataset.teacher_views == {} and trainer.dataset.keep_raw_image
+    batch = next(iter(trainer.loader))
+    if resize == "host":
+        assert batch.raw_images is None
+        for t in trainer.teachers.teachers:
+            size = t.host_view().size
+            assert batch.teacher_views[t.name].shape[-2:] == (size, size)
+    result = trainer.train()
+    rows = read_metrics(result.run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for task in ("ntp", "depth", "seg", "gen"):
+        assert all(math.isfinite(r[task]) and r[task] > 0 for r in rows), (task, rows)
+
+
+def test_resize_is_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"teachers.resize: expected one of device, host, "
+                                         r"got 'gpu'"):
+        resolve_config("demo", None, ["teachers.resize=gpu"])
