@@ -105,11 +105,13 @@ def test_choices_match_the_code_they_guard():
     from olavlm.data.images import ASPECTS
     from olavlm.data.llava import MISSING_TARGET_POLICIES
     from olavlm.data.templates import TEMPLATES
+    from olavlm.teachers.extract import RESIZE_MODES
 
     assert set(CHOICES["data.template"]) == set(TEMPLATES)
     assert set(CHOICES["data.aspect"]) == set(ASPECTS)
     assert set(CHOICES["data.on_bad_sample"]) == set(BAD_SAMPLE_POLICIES)
     assert set(CHOICES["teachers.on_missing_target"]) == set(MISSING_TARGET_POLICIES)
+    assert set(CHOICES["teachers.resize"]) == set(RESIZE_MODES)
     for path in CHOICES:  # every entry names a real field
         section, key = path.split(".")
         assert hasattr(getattr(Config(), section), key), path

@@ -57,6 +57,9 @@ __all__ = ["ExtractReport", "ImageKeyDataset", "extract_targets", "image_items"]
 logger = logging.getLogger("olavlm.teachers")
 
 
+# Where the image teachers' inputs are resized: on their device, or by PIL in the loader workers.
+RESIZE_MODES = ("device", "host")
+
 def image_items(index: LlavaIndex, image_folder=None) -> list[tuple[str, int]]:
     """(image key, entry index of its first use) for each distinct image, in data order.
 
@@ -300,7 +303,7 @@ def _options(storage, shard_size, batch_size, num_workers, resize, on_bad_sample
                              ("num_workers", num_workers, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if resize not in ("device", "host"):
+    if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be 'device' or 'host', got {resize!r}")
     check_policy(on_bad_sample)
 
