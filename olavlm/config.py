@@ -608,8 +608,10 @@ def resolve_config(recipe: str | None, config_file: str | os.PathLike | None,
                    overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The run's Config: the recipe's defaults <- the file <- the overrides.
 
-    The recipe is ``recipe``, else the file's ``recipe`` key, else "demo"; unknown names raise
-    ValueError listing the recipes. Sections merge key by key (a file that sets only
+    The recipe is ``recipe`` (or a ``recipe=`` override; both, different: ValueError), else the
+    file's ``recipe`` key, else "demo"; a complete file (a saved config.yaml) naming another
+    recipe than ``recipe`` raises ValueError (it would replay under a wrong label); unknown
+    names raise ValueError listing the recipes. Sections merge key by key (a file that sets only
     ``optim.lr`` keeps the recipe's other optimizer settings); a file that sets every key (a
     run's saved config.yaml) is taken as is, so it replays as the config that ran.
     """
@@ -620,7 +622,16 @@ def resolve_config(recipe: str | None, config_file: str | os.PathLike | None,
     if chosen is not None and recipe is not None and chosen != recipe:
         raise ValueError(f"recipe given twice: --recipe {recipe} and the override "
                          f"recipe={chosen}; keep one")
-    name = recipe or chosen or file_data.get("recipe") or "demo"
+    in_file = file_data.get("recipe")
+    given = recipe or chosen
+    if (given is not None and in_file is not None and given != in_file
+            and _is_complete(file_data)):  # a partial file's keys go over ``given``'s defaults
+        how = f"--recipe {recipe}" if recipe else f"the override recipe={chosen}"
+        raise ValueError(f"recipe given twice: {how} and recipe: {in_file!r} in --config "
+                         f"{config_file}, a run's complete saved config, which replays as is "
+                         f"(another recipe name would only relabel it); drop the option, or "
+                         f"start from {given}'s defaults without the file")
+    name = given or in_file or "demo"
     if not isinstance(name, str):
         raise ValueError(f"recipe: expected str, got {_show(name)}")
     if _is_complete(file_data):  # a run's saved config: taken as is

@@ -357,6 +357,19 @@ def test_a_recipe_override_picks_the_recipe_it_names():
         resolve_config(None, None, ["recipe=3"])
 
 
+def test_a_saved_config_under_another_recipe_name_is_refused(tmp_path):
+    """A run's complete saved config replays as is: --recipe (or recipe=) naming another
+    recipe would only relabel it (the demo's values recorded as "pt"), so it is refused. A
+    partial file's keys go over the named recipe's defaults (test_file_names_the_recipe)."""
+    saved, _ = save_resolved_config(resolve_config("demo", None, []), tmp_path / "run")
+    for recipe, overrides, how in (("pt", [], "--recipe pt"),
+                                   (None, ["recipe=pt"], "the override recipe=pt")):
+        with pytest.raises(ValueError, match=rf"recipe given twice: {how} and recipe: 'demo' in "
+                                             rf"--config .*complete saved config.*relabel"):
+            resolve_config(recipe, str(saved), overrides)
+    assert resolve_config("demo", str(saved), []).recipe == "demo"  # the same name is fine
+
+
 def test_a_partial_file_merges_into_mappings_and_empty_ones_empty_them(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("teachers:\n  synthetic: {seed: 3}\n")
