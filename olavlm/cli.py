@@ -171,14 +171,10 @@ def _printing_summary(logger_name: str, template: str):
 
 
 def _check(args) -> int:
-    from transformers import AutoTokenizer
-
     from olavlm.data import ImageView, LlavaDataset, ResumableLoader
+    from olavlm.data.tokenizer import load_local_tokenizer
 
-    if not os.path.isdir(args.tokenizer):  # else transformers reads it as a hub repo id
-        raise FileNotFoundError(f"--tokenizer: expected a local tokenizer folder, got "
-                                f"{args.tokenizer!r} (not a directory)")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = load_local_tokenizer(args.tokenizer, "--tokenizer")
     if args.rejects:  # this check's rejects only, not a rerun's appended to an earlier one's
         with open(args.rejects, "w", encoding="utf-8"):
             pass
@@ -296,6 +292,8 @@ def _with_flag_names(message: str, args) -> str:
     """"num must be an int >= 1" -> "--num must be ...": the library functions the commands
     call name their Python arguments; the user typed options."""
     name, sep, rest = message.partition(" ")
+    if sep and name == "data_path" and getattr(args, "data_command", None) == "check":
+        return f"DATA (the data files to check) {rest}"  # a positional there, not --data
     if sep and name.isidentifier():
         flag = _FLAG_OF.get(name) or (f"--{name.replace('_', '-')}" if name in vars(args)
                                       else None)

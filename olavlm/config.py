@@ -45,8 +45,8 @@ __all__ = [
 
 @dataclass
 class DataConfig:
-    """path: LLaVA json/jsonl file(s) or a synthetic dataset directory ("" = the built-in
-    synthetic dataset, generated under synthetic_dir on first use)."""
+    """path: LLaVA .json/.jsonl file(s), comma-separated ("" = the built-in synthetic
+    dataset, generated under synthetic_dir on first use)."""
 
     path: str = ""
     image_folder: str | None = None

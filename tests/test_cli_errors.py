@@ -18,9 +18,14 @@ def synth(tmp_path_factory):
 @pytest.mark.parametrize("argv,expected", [
     (["data", "synth", "--out", "{synth}", "--num", "4"], "--overwrite"),
     (["data", "synth", "--out", "{tmp}/new", "--num", "0"], ": --num must be an int >= 1, got 0"),
-    (["data", "check", "{tmp}/none.jsonl", "--tokenizer", "{synth}/tokenizer"], "none.jsonl"),
+    (["data", "check", "{tmp}/none.jsonl", "--tokenizer", "{synth}/tokenizer"],
+     "DATA (the data files to check) must be existing ('.json', '.jsonl') files, got "),
     (["data", "check", "{synth}/train.jsonl", "--tokenizer", "{tmp}/none"],
      "--tokenizer: expected a local tokenizer folder"),
+    (["data", "check", "{synth}/train.jsonl", "--tokenizer", "{synth}"],
+     "--tokenizer: '{synth}' holds no tokenizer (none of tokenizer.json, "),
+    (["data", "check", "{synth}/train.jsonl", "--tokenizer", "{broken}"],
+     "--tokenizer: could not load the tokenizer in '{broken}': "),
     (["data", "check", "{synth}/train.jsonl", "--tokenizer", "{synth}/tokenizer",
       "--template", "nope"], "got 'nope'"),
     (["targets", "extract", "--data", "{synth}/train.jsonl", "--teachers", "nope", "--out",
@@ -30,13 +35,20 @@ def synth(tmp_path_factory):
     (["targets", "extract", "--data", "{tmp}/none.jsonl", "--teachers", "synthetic", "--out",
       "{tmp}/t"], ": --data must be existing"),
     (["targets", "verify", "{tmp}/none"], "is not a target cache"),
-], ids=["synth-exists", "synth-num", "check-data", "check-tokenizer", "check-template",
+], ids=["synth-exists", "synth-num", "check-data", "check-tokenizer",
+        "check-tokenizer-no-files", "check-tokenizer-broken", "check-template",
         "extract-teacher", "extract-shard-size", "extract-data", "verify-not-a-cache"])
 def test_bad_arguments_are_reported_without_a_traceback(argv, expected, synth, tmp_path,
                                                         capsys):
-    argv = [a.format(synth=synth, tmp=tmp_path) for a in argv]
+    broken = tmp_path / "broken"  # a tokenizer folder whose tokenizer.json is cut short
+    broken.mkdir()
+    cut = (synth / "tokenizer" / "tokenizer.json").read_text()[:99]
+    (broken / "tokenizer.json").write_text(cut)
+    names = dict(synth=synth, tmp=tmp_path, broken=broken)
+    argv = [a.format(**names) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
+    expected = expected.format(**names)
     assert err.startswith(f"olavlm {argv[0]} {argv[1]}: ") and expected in err, err
 
 

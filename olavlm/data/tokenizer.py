@@ -24,6 +24,7 @@ from pathlib import Path
 
 __all__ = [
     "LLAMA3_SPECIAL_TOKENS",
+    "load_local_tokenizer",
     "LLAMA3_SPLIT_PATTERN",
     "PHI3_SPECIAL_TOKENS",
     "TOKENIZER_STYLES",
@@ -31,6 +32,33 @@ __all__ = [
 ]
 
 TOKENIZER_STYLES = ("byte_level", "metaspace")
+
+# Files one of which a saved tokenizer folder holds (fast, SentencePiece, BPE/WordPiece vocab).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                    "vocab.json", "vocab.txt", "spiece.model")
+
+
+def load_local_tokenizer(path, what: str):
+    """``AutoTokenizer.from_pretrained`` on a local folder, never a hub id. ``what`` names the
+    option the path came from (``--tokenizer``, ``data.tokenizer``): a missing folder, one
+    without tokenizer files, or one transformers cannot load raise ValueError or
+    FileNotFoundError naming it (transformers' own message says neither the option nor the
+    folder)."""
+    from transformers import AutoTokenizer  # noqa: PLC0415 - the data extra
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what}: expected a local tokenizer folder, got {str(path)!r} "
+                                f"({'not a directory' if folder.exists() else 'does not exist'})")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise ValueError(f"{what}: {str(folder)!r} holds no tokenizer (none of "
+                         f"{', '.join(_TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{what}: could not load the tokenizer in {str(folder)!r}: "
+                         f"{first}") from exc
 
 # Special tokens of the released tokenizers that the templates use (SPEC 1.3), plus <pad>, which
 # the seed adds to Llama-3 (it has none).

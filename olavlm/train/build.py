@@ -95,12 +95,21 @@ def _data_files(cfg, data_root: Path | None) -> tuple[list[Path], Path | None]:
     for p in paths:
         if not p.exists():
             raise FileNotFoundError(f"data.path: {str(p)!r} does not exist")
+        if p.is_dir():
+            hint = (f"; for a dataset folder written by `olavlm data synth` pass "
+                    f"data.path={p / 'train.jsonl'} data.tokenizer={p / 'tokenizer'}"
+                    if (p / "train.jsonl").is_file() else "")
+            raise ValueError(f"data.path: expected .json/.jsonl files (comma-separated), got "
+                             f"the directory {str(p)!r}{hint}")
+        if p.suffix not in (".json", ".jsonl"):
+            raise ValueError(f"data.path: expected .json/.jsonl files (comma-separated), got "
+                             f"{str(p)!r}")
     folder = Path(cfg.data.image_folder).expanduser() if cfg.data.image_folder else None
     return paths, folder
 
 
 def build_tokenizer(cfg, data_root: Path | None):
-    from transformers import AutoTokenizer
+    from olavlm.data.tokenizer import load_local_tokenizer
 
     path = cfg.data.tokenizer
     if path is None:
@@ -111,10 +120,8 @@ def build_tokenizer(cfg, data_root: Path | None):
         else:
             raise ValueError("data.tokenizer: give a tokenizer folder (the data is not the "
                              "built-in synthetic dataset, which ships its own)")
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"data.tokenizer: {str(path)!r} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    what = "data.tokenizer" if cfg.data.tokenizer is not None else "data.tokenizer (model.llm's)"
+    tokenizer = load_local_tokenizer(path, what)
     ensure_pad_token(tokenizer)
     return tokenizer
 

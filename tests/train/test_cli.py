@@ -179,6 +179,36 @@ def test_a_failed_start_leaves_no_run_folder_but_keeps_an_existing_one(tmp_path,
     assert (mine / "notes.txt").read_text() == "the user's own file"  # not ours to delete
 
 
+def test_data_and_tokenizer_paths_are_checked_by_their_keys(tmp_path, capsys):
+    """A dataset folder as data.path, a file that is not .json/.jsonl, a folder without a
+    tokenizer: each stops the start with the key, what came and (for a data synth folder)
+    the keys to pass instead, exit 2."""
+    from olavlm.data.synthetic import write_synthetic_dataset
+
+    data = tmp_path / "d"
+    write_synthetic_dataset(data, 2, size=32)
+    out = [f"train.output_dir={tmp_path / 'runs'}", "logging.progress=false"]
+    tok = f"data.tokenizer={data / 'tokenizer'}"
+    cases = [
+        ([f"data.path={data}", tok],
+         f"data.path: expected .json/.jsonl files (comma-separated), got the directory "
+         f"'{data}'; for a dataset folder written by `olavlm data synth` pass "
+         f"data.path={data / 'train.jsonl'} data.tokenizer={data / 'tokenizer'}"),
+        ([f"data.path={data / 'meta.json'},{data / 'tokenizer' / 'tokenizer.json'}x", tok],
+         "does not exist"),
+        ([f"data.path={data / 'train.jsonl'}", f"data.tokenizer={data}"],
+         f"data.tokenizer: '{data}' holds no tokenizer"),
+    ]
+    (data / "notes.txt").write_text("not data")
+    cases.append(([f"data.path={data / 'notes.txt'}", tok],
+                  f"data.path: expected .json/.jsonl files (comma-separated), got "
+                  f"'{data / 'notes.txt'}'"))
+    for overrides, expected in cases:
+        assert train_main(out + overrides) == 2, overrides
+        err = capsys.readouterr().err
+        assert expected in err, err
+
+
 def test_timestamped_run_folders_are_never_shared(tmp_path, monkeypatch):
     """Two jobs started in the same second without a run_name get two folders: a failed start
     of one must not delete the other's."""
