@@ -605,7 +605,8 @@ def _is_complete(data: Mapping) -> bool:
 
 
 def resolve_config(recipe: str | None, config_file: str | os.PathLike | None,
-                   overrides: list[str] | tuple[str, ...] = ()) -> Config:
+                   overrides: list[str] | tuple[str, ...] = (), *,
+                   config_data: Mapping | None = None) -> Config:
     """The run's Config: the recipe's defaults <- the file <- the overrides.
 
     The recipe is ``recipe`` (or a ``recipe=`` override; both, different: ValueError), else the
@@ -614,10 +615,15 @@ def resolve_config(recipe: str | None, config_file: str | os.PathLike | None,
     names raise ValueError listing the recipes. Sections merge key by key (a file that sets only
     ``optim.lr`` keeps the recipe's other optimizer settings); a file that sets every key (a
     run's saved config.yaml) is taken as is, so it replays as the config that ran.
+    ``config_data``: the file's contents already read (a checkpoint's recorded config);
+    ``config_file`` then only names where they came from in messages.
     """
     from olavlm.recipes import get_recipe
 
-    file_data = load_config_file(config_file) if config_file is not None else {}
+    if config_data is not None:
+        file_data = dict(config_data)
+    else:
+        file_data = load_config_file(config_file) if config_file is not None else {}
     overrides, chosen = _recipe_overrides(list(overrides))
     if chosen is not None and recipe is not None and chosen != recipe:
         raise ValueError(f"recipe given twice: --recipe {recipe} and the override "

@@ -43,6 +43,7 @@ import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import NamedTuple
 
@@ -80,6 +81,10 @@ __all__ = [
 EXPORT_CONFIG = "olavlm_config.json"
 EXPORT_WEIGHTS = "olavlm.safetensors"
 EXPORT_TOWER = "vision_tower.safetensors"
+# Written into every folder this module writes (exports, a seed import's llm_out): what wrote
+# it and from what. ``overwrite`` replaces only folders holding it (or an older export's
+# EXPORT_CONFIG), never a model folder someone else wrote.
+EXPORT_MARKER = "olavlm_export.json"
 _IGNORED = ("da_v2_head.",)
 _MAX_LISTED = 12
 _TASK_KEY = re.compile(r"(?:task_tokens\.special_|image_)?(gen|depth|seg)_"
@@ -393,7 +398,7 @@ def load_seed_checkpoint(seed_dir: str | Path, vision_tower_path: str | Path | N
 def _save_llm(llm: nn.Module, out: str | Path, *, overwrite: bool, tokenizer_from: Path) -> None:
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
              "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
-    with _atomic_dir(out, overwrite) as tmp:
+    with _atomic_dir(out, overwrite, {"kind": "llm", "source": str(tokenizer_from)}) as tmp:
         llm.save_pretrained(tmp)
         for name in names:
             if (tokenizer_from / name).is_file():
@@ -403,41 +408,95 @@ def _save_llm(llm: nn.Module, out: str | Path, *, overwrite: bool, tokenizer_fro
 # ---- writing ---------------------------------------------------------------------------------
 
 @contextmanager
-def _atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``out_dir``; on success fsync it and rename it
-    to ``out_dir`` (replacing it only with ``overwrite``); on failure remove it."""
+def _atomic_dir(out_dir: str | Path, overwrite: bool, record: Mapping | None = None
+                ) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out_dir``; on success write the
+    ``EXPORT_MARKER`` (``record`` in it), fsync, and rename it to ``out_dir`` (replacing it
+    only with ``overwrite``, and only a folder this module wrote); on failure remove it.
+    Leftovers of interrupted writes into the same name (a killed process's temporary or
+    replaced folder, on this host) are removed after a successful write."""
     out = Path(out_dir).expanduser()
+    for parent in out.parents:  # "[Errno 17] File exists: 'afile'" names neither
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{str(out)!r}: {str(parent)!r} is a file, not a "
+                                         "folder")
+            break
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{str(out)!r} is not empty; pass overwrite=True "
                                   "(olavlm export: --overwrite) to replace it")
-        if not any((out / name).is_file() for name in (EXPORT_CONFIG, "config.json")):
-            # overwrite replaces an earlier export, never a run, a data folder or their parent
-            raise FileExistsError(f"{str(out)!r} is not an export folder (no {EXPORT_CONFIG} or "
-                                  "config.json): overwrite replaces an earlier export only; "
-                                  "choose another folder")
+        if not any((out / name).is_file() for name in (EXPORT_MARKER, EXPORT_CONFIG)):
+            # overwrite replaces an earlier export, never a model folder (a base LLM, a tower,
+            # a released checkpoint: all hold a config.json), a run or a data folder
+            raise FileExistsError(
+                f"{str(out)!r} was not written by an olavlm export (no {EXPORT_MARKER}; a "
+                f"model's config.json is not enough: it may be a base model): overwrite "
+                f"replaces an earlier export only; choose another folder, or delete it "
+                f"yourself if it is an export from an older version")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tag = f"{_host_tag()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{tag}", dir=out.parent))
     try:
         yield tmp
+        (tmp / EXPORT_MARKER).write_text(json.dumps(
+            {"written_by": "olavlm", **(record or {})}, indent=2, default=str))
         os.chmod(tmp, 0o755)
         for path in sorted(tmp.rglob("*")):
             if path.is_file():
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
         if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            old = out.parent / f".{out.name}.old-{tag}{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
             os.replace(tmp, out)
             shutil.rmtree(old)
         else:
             os.replace(tmp, out)
         _fsync_dir(out.parent)
+        _remove_dead_leftovers(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _host_tag() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
+
+
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-)?"
+                       r"[A-Za-z0-9_]+")
+
+
+def _remove_dead_leftovers(out: Path) -> None:
+    """Remove ``.<name>.tmp-*`` / ``.<name>.old-*`` beside ``out`` left by a killed write into
+    the same name: those of a process of this host that no longer runs, and those of older
+    versions (no host and pid in the name). ``out`` itself was just written, so nothing they
+    hold is the only copy of an export."""
+    host = _host_tag()
+    for path in out.parent.glob(f".{glob_escape(out.name)}.[to][ml][pd]-*"):
+        match = _LEFTOVER.fullmatch(path.name)
+        if match is None or match["name"] != out.name or not path.is_dir():
+            continue
+        if match["pid"] is not None and (match["host"] != host or _alive(int(match["pid"]))):
+            continue
+        warnings.warn(f"removing {path}: the leftover of an interrupted export into {out}",
+                      stacklevel=4)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -544,7 +603,7 @@ def _portable_path(value):
 
 def export_hf(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
               include_vision_tower: bool = False, bundle_vision_tower: bool = False,
-              tokenizer=None) -> Path:
+              tokenizer=None, record: Mapping | None = None) -> Path:
     """Write ``out_dir/llm`` (the LLM's ``save_pretrained``), ``olavlm.safetensors`` (the
     projector, task tokens, heads and logit scales under OlaVLM's keys), ``olavlm_config.json``
     (``ModelConfig.to_dict()`` with ``llm: "llm"`` and the LLM's actual dtype) and, with
@@ -552,14 +611,15 @@ def export_hf(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
     ``bundle_vision_tower``: copy the tower's local folder (config and weights) into the export
     and name it there, so the export does not depend on where the tower was (a run's
     generated tiny tower). ``tokenizer``: saved into ``llm/`` (where ``from_pretrained``
-    looks), inside the same atomic write. Returns ``out_dir``. Read it back with
-    :func:`load_exported`."""
+    looks), inside the same atomic write. ``record``: JSON-able facts for ``EXPORT_MARKER``
+    (where the weights came from, the image view they were trained with). Returns
+    ``out_dir``. Read it back with :func:`load_exported`."""
     from safetensors.torch import save_file
 
     config = model.config.to_dict()
     config.update(llm="llm", dtype=_llm_dtype_name(model),
                   vision_tower=_sized_tower_name(model, _portable_path(config.get("vision_tower"))))
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with _atomic_dir(out_dir, overwrite, {"kind": "hf", **(record or {})}) as tmp:
         model.llm.save_pretrained(tmp / "llm")
         save_file(_saveable(_own_state(model)), str(tmp / EXPORT_WEIGHTS),
                   metadata={"format": "pt", "olavlm_export": "1"})
@@ -614,12 +674,12 @@ def load_exported(out_dir: str | Path, vision_tower_path: str | Path | None = No
 def export_seed_layout(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
                        max_shard_size: int | None = None, include_vision_tower: bool = True,
                        image_aspect_ratio: str = "pad", bundle_vision_tower: bool = False,
-                       tokenizer=None) -> Path:
+                       tokenizer=None, record: Mapping | None = None) -> Path:
     """Write ``model`` in the seed's layout (SPEC 11 keys, ``seed_config_dict`` as
     ``config.json``), sharded above ``max_shard_size`` bytes. The tower's keys are those of
     the blocks it holds (the seed's files have every block; our importer accepts either).
     Tied LM heads are not written (HF convention). ``tokenizer``: saved into the folder, inside
-    the same atomic write. Returns ``out_dir``."""
+    the same atomic write. ``record``: as :func:`export_hf`. Returns ``out_dir``."""
     prefix = _tower_prefix(model.vision_tower)
     tied = _tied_aliases(model.llm, "llm.")
     state = {ola_key_to_seed(k, prefix): v.reshape(()) if k.endswith("_logit_scale") else v
@@ -629,7 +689,7 @@ def export_seed_layout(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = 
     if "mm_vision_tower" in config:
         config["mm_vision_tower"] = _sized_tower_name(model,
                                                       _portable_path(config["mm_vision_tower"]))
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with _atomic_dir(out_dir, overwrite, {"kind": "seed", **(record or {})}) as tmp:
         _write_safetensors(state, tmp, max_shard_size)
         if bundle_vision_tower and config.get("mm_vision_tower"):  # as export_hf
             config["mm_vision_tower"] = _bundle_tower(config["mm_vision_tower"], tmp)

@@ -519,7 +519,8 @@ class Checkpointer:
         if problem is not None:
             raise CheckpointError(f"{path} is not a valid checkpoint: {problem}")
         info = json.loads((path / MARKER).read_text())
-        payload = self._read_rank_file(path, info)
+        payload = self._read_rank_file(
+            path, info, per_rank_state=bool(state.get("rng")) or state.get("loader") is not None)
         if path.parent.resolve() == self.dir.resolve():
             self._mine.add(path.name)  # this run continues from it
         if "model" in state:
@@ -570,17 +571,20 @@ class Checkpointer:
                 raise CheckpointError(_trainable_changed(path, "its optimizer groups differ"))
             optim.load_state_dict({"state": {}, "param_groups": groups})
 
-    def _read_rank_file(self, path: Path, info: dict) -> dict:
+    def _read_rank_file(self, path: Path, info: dict, per_rank_state: bool = True) -> dict:
+        """This rank's file (rank 0's when the checkpoint had fewer ranks). ``per_rank_state``:
+        the caller restores RNG or loader state, which a changed world size cannot continue
+        exactly (warned); loading the model alone (an export) needs no warning."""
         saved_world = int(info.get("world_size", 1))
         rank = self.rank
-        if saved_world != self.world_size:
+        if saved_world != self.world_size and per_rank_state:
             warnings.warn(f"{path} was written by {saved_world} ranks, this run has "
                           f"{self.world_size}: model/optimizer are resharded, but RNG and "
                           "per-rank loader states come from rank "
                           f"{rank if rank < saved_world else 0}'s file, so the continuation "
                           "is not bit-exact", stacklevel=3)
-            if rank >= saved_world:
-                rank = 0
+        if rank >= saved_world:
+            rank = 0
         f = path / f"rank_{rank:05d}.pt"
         try:
             return torch.load(f, map_location="cpu", weights_only=True)

@@ -25,6 +25,7 @@ def _locate(path: Path) -> tuple[Path, Path]:
     path = path.expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{str(path)!r} does not exist")
+    path = path.resolve()  # a relative checkpoint path (`step_000002`) has a run two levels up
     if (path / "checkpoints").is_dir() or (path / "config.yaml").exists():
         ckpt = latest_checkpoint(path)
         if ckpt is None:
@@ -36,37 +37,114 @@ def _locate(path: Path) -> tuple[Path, Path]:
     return path.parent.parent, path
 
 
-def _check_out(out: Path, run_dir: Path) -> None:
+def _check_out(out: Path, run_dir: Path, cfg) -> None:
     """The export never replaces the run it comes from: not the run folder, nor a folder
     holding it, nor anything inside the folders the run reads back (its checkpoints, its
-    tokenizer, its generated models); another folder inside the run is fine."""
+    tokenizer, its generated models), nor the local folders its config builds from (the LLM,
+    the vision tower, init_from: a base model folder would be lost); another folder inside
+    the run is fine."""
     target, run = out.expanduser().resolve(), run_dir.resolve()
     if run.is_relative_to(target) or any(target.is_relative_to(run / name)
                                          for name in ("checkpoints", "tokenizer", "models")):
         raise ValueError(f"--out {str(out)!r} would replace the run {run_dir} (or its "
                          "checkpoints, tokenizer or models): choose a folder outside them")
+    sources = (("model.llm", cfg.model.llm), ("model.vision_tower", cfg.model.vision_tower),
+               ("checkpoint.init_from", cfg.checkpoint.init_from))
+    for key, value in sources:
+        if not value or str(value).startswith("tiny:"):
+            continue
+        source = Path(str(value)).expanduser()
+        if source.exists() and (source.resolve() == target
+                                or source.resolve().is_relative_to(target)):
+            raise ValueError(f"--out {str(out)!r} would replace {key} of the run ({value}), "
+                             "which it builds from: choose another folder")
+
+
+def _run_config_file(run_dir: Path) -> Path:
+    found = next((run_dir / n for n in ("config.yaml", "config.json")
+                  if (run_dir / n).is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"{run_dir} holds no config.yaml/config.json (not a run dir)")
+    return found
+
+
+def _checkpoint_config(run_dir: Path, ckpt: Path):
+    """The config the checkpoint's weights were trained under: the one its marker records
+    (a resumed leg may have changed layer_indices, the tower or the sequence layout without
+    changing a weight's shape), else, for a checkpoint from before that record, the run's
+    latest config.yaml, with a warning when the run's config changed between legs."""
+    import warnings
+
+    from olavlm.config import resolve_config
+
+    from .checkpoint import checkpoint_extra
+
+    settings = ["train.device=cpu", "parallel.fsdp=off", "parallel.mixed_precision=fp32"]
+    recorded = checkpoint_extra(ckpt).get("config")
+    if isinstance(recorded, dict):
+        return resolve_config(None, ckpt, settings, config_data=recorded)
+    config_file = _run_config_file(run_dir)
+    earlier = sorted(p.name for p in run_dir.glob(f"{config_file.stem}.*{config_file.suffix}"))
+    if earlier:
+        warnings.warn(f"{ckpt} predates the config record in checkpoints and the run's config "
+                      f"changed between its legs ({', '.join(earlier)} kept): exported with "
+                      f"the latest {config_file.name}; if that leg changed model settings "
+                      f"(layer_indices, the tower, max_length) after this checkpoint, the "
+                      f"export describes these weights wrongly", stacklevel=3)
+    return resolve_config(None, str(config_file), settings)
+
+
+def _seed_aspect(aspect: str) -> str:
+    """The seed's ``image_aspect_ratio`` for the run's ``data.aspect``: "pad" pads to a square
+    (expand2square), anything else runs the image processor as is (short side, centre crop:
+    our "square"). "stretch" has no seed counterpart: recorded as is, with a warning."""
+    import warnings
+
+    if aspect == "stretch":
+        warnings.warn("data.aspect=stretch has no counterpart in the seed's image_aspect_ratio "
+                      "(the seed's code crops for any value but 'pad'): config.json records "
+                      "'stretch'; evaluate with our ImageView(aspect='stretch')", stacklevel=3)
+    return aspect
 
 
 def export_checkpoint(source: str | Path, out: str | Path, *, fmt: str = "hf",
                       overwrite: bool = False) -> Path:
-    from dataclasses import replace
+    """Export ``source`` (a run directory: its latest complete checkpoint; or a checkpoint)
+    into ``out``; returns ``out``. See the module docstring."""
+    return _export(Path(source), Path(out), fmt, overwrite)[0]
 
-    from olavlm.config import resolve_config
+
+def _export(source: Path, out: Path, fmt: str, overwrite: bool) -> tuple[Path, Path]:
+    """(out, the checkpoint exported). A run directory's latest checkpoint may be pruned by
+    the still-running training (keep_last) while it loads: then the new latest is taken."""
+    from .checkpoint import CheckpointError
+
+    if fmt not in ("hf", "seed"):
+        raise ValueError(f"--format must be hf or seed, got {fmt!r}")
+    run_dir, ckpt = _locate(source)
+    follow_latest = ckpt != source.expanduser().resolve()
+    for attempt in range(3):
+        try:
+            return _export_one(run_dir, ckpt, out, fmt, overwrite), ckpt
+        except (CheckpointError, FileNotFoundError, OSError, RuntimeError) as exc:
+            if ckpt.exists():
+                raise
+            if not follow_latest or attempt == 2:
+                raise CheckpointError(f"{ckpt} was removed while it was read (the run's "
+                                      "training pruned it: checkpoint.keep_last); export a "
+                                      "checkpoint the run keeps, or rerun") from exc
+            _, ckpt = _locate(run_dir)
+    raise AssertionError("unreachable")
+
+
+def _export_one(run_dir: Path, ckpt: Path, out: Path, fmt: str, overwrite: bool) -> Path:
     from olavlm.models.checkpoint_io import export_hf, export_seed_layout
 
     from . import build as B
     from .checkpoint import Checkpointer
 
-    if fmt not in ("hf", "seed"):
-        raise ValueError(f"--format must be hf or seed, got {fmt!r}")
-    run_dir, ckpt = _locate(Path(source))
-    _check_out(Path(out), run_dir)
-    config_file = next((run_dir / n for n in ("config.yaml", "config.json")
-                        if (run_dir / n).is_file()), None)
-    if config_file is None:
-        raise FileNotFoundError(f"{run_dir} holds no config.yaml/config.json (not a run dir)")
-    cfg = resolve_config(None, str(config_file), ["train.device=cpu", "parallel.fsdp=off"])
-    cfg = replace(cfg, parallel=replace(cfg.parallel, mixed_precision="fp32"))
+    cfg = _checkpoint_config(run_dir, ckpt)
+    _check_out(out, run_dir, cfg)
     saved = run_dir / "tokenizer"  # the one the run trained with (the trainer saves it)
     if (saved / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
@@ -83,11 +161,14 @@ def export_checkpoint(source: str | Path, out: str | Path, *, fmt: str = "hf",
     # deleting or moving the run must not break the exported model.
     tower = Path(model.config.vision_tower or "")
     bundle = tower.is_dir() and tower.resolve().is_relative_to(run_dir.resolve())
+    record = {"source": str(ckpt), "data.aspect": cfg.data.aspect,
+              "data.template": cfg.data.template}
     if fmt == "hf":
         return export_hf(model, out, overwrite=overwrite, bundle_vision_tower=bundle,
-                         tokenizer=tokenizer)
+                         tokenizer=tokenizer, record=record)
     return export_seed_layout(model, out, overwrite=overwrite, bundle_vision_tower=bundle,
-                              tokenizer=tokenizer)
+                              tokenizer=tokenizer, record=record,
+                              image_aspect_ratio=_seed_aspect(cfg.data.aspect))
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -105,11 +186,14 @@ def run_export(args) -> int:
 
     quiet_third_party()  # no torch deprecation notice, no progress bar per save/load
     try:
-        _, ckpt = _locate(Path(args.source))
-        out = export_checkpoint(args.source, args.out, fmt=args.format,
-                                overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as exc:
+        out, ckpt = _export(Path(args.source), Path(args.out), args.format, args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            CheckpointError) as exc:
         print(f"olavlm export: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the disk: no space, no permission, a read-only file system
+        print(f"olavlm export: could not write {args.out}: {exc} (nothing was replaced)",
+              file=sys.stderr)
+        return 1
     print(f"exported {ckpt} ({args.format}, with the run's tokenizer) to {out}")
     return 0

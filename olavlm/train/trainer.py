@@ -452,7 +452,10 @@ class Trainer:
                 "loader": self.loader, "rng": True,
                 "extra": {"step": self.step, "nonfinite_total": self.nonfinite_total,
                           "nonfinite_run": self.nonfinite_run, "recipe": self.cfg.recipe,
-                          "origin": getattr(self, "origin", None)}}
+                          "origin": getattr(self, "origin", None),
+                          # the config these weights were trained under (a resumed leg may
+                          # change layer_indices etc.): what `olavlm export` rebuilds
+                          "config": config_to_dict(self.cfg)}}
 
     def _recount_epoch_steps(self, accum: int) -> None:
         """A resumed epoch-based run (train.max_steps=0) ends where the data ends: the steps

@@ -295,7 +295,7 @@ def test_llm_out_writes_a_plain_hf_checkpoint(parts, tmp_path):
 def test_export_hf_round_trip(imported, parts, tmp_path):
     out = export_hf(imported, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == ["llm", "olavlm.safetensors",
-                                                      "olavlm_config.json"]
+                                                      "olavlm_config.json", "olavlm_export.json"]
     assert (out / "llm" / "config.json").is_file()
     own = load_file(str(out / "olavlm.safetensors"))
     assert not [k for k in own if k.startswith(("llm.", "vision_tower."))]
@@ -427,8 +427,8 @@ def test_writes_refuse_a_non_empty_directory(imported, tmp_path):
         with pytest.raises(FileExistsError, match="overwrite=True"):
             export(imported, out)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    with pytest.raises(FileExistsError, match="is not an export folder"):  # overwrite replaces
-        export_hf(imported, out, overwrite=True)                        # exports only
+    with pytest.raises(FileExistsError, match="not written by an olavlm export"):  # overwrite
+        export_hf(imported, out, overwrite=True)                       # replaces exports only
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     export_seed_layout(imported, tmp_path / "seed")
     export_hf(imported, tmp_path / "seed", overwrite=True)  # an earlier export: replaced

@@ -190,12 +190,41 @@ def test_export_never_replaces_the_run_or_a_folder_that_is_not_an_export(trained
     data = tmp_path / "data"
     data.mkdir()
     (data / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="is not an export folder"):
-        export_checkpoint(run, data, overwrite=True)
-    assert (data / "notes.txt").read_text() == "keep me"
+    base = tmp_path / "base-llm"  # any model folder holds a config.json: not an export
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    for folder in (data, base):
+        with pytest.raises(FileExistsError, match="was not written by an olavlm export"):
+            export_checkpoint(run, folder, overwrite=True)
+    assert (data / "notes.txt").read_text() == "keep me" and (base / "config.json").is_file()
     inside = export_checkpoint(run, run / "export", fmt="seed")  # inside the run: fine
-    assert (inside / "config.json").is_file()
+    assert (inside / "config.json").is_file() and (inside / "olavlm_export.json").is_file()
     export_checkpoint(run, inside, fmt="seed", overwrite=True)  # an earlier export: replaced
+    with pytest.raises(NotADirectoryError, match="notes.txt' is a file, not a folder"):
+        export_checkpoint(run, data / "notes.txt" / "x")
+
+
+def test_export_never_replaces_the_folders_the_run_builds_from(tmp_path):
+    """--overwrite onto the run's own model.llm (an export used as the base, so it would pass
+    the export-folder check) is refused: the run could be neither exported nor resumed."""
+    first = _train(tmp_path, "first")
+    base = export_checkpoint(first.run_dir, tmp_path / "base")
+    llm = base / "llm"
+    second = _train(tmp_path, "second", f"model.llm={llm}")
+    for out in (llm, base):
+        with pytest.raises(ValueError, match=r"would replace model.llm of the run"):
+            export_checkpoint(second.run_dir, out, overwrite=True)
+    assert (llm / "config.json").is_file()
+
+
+def _train(tmp_path, name, *overrides, steps=2):
+    cfg = resolve_config("demo", None, [
+        f"train.output_dir={tmp_path / 'runs'}", f"data.synthetic_dir={tmp_path / 'synth'}",
+        "data.synthetic_num=24", f"train.max_steps={steps}", "logging.progress=false",
+        "logging.plot=false", f"train.run_name={name}", *overrides])
+    trainer = Trainer(cfg)
+    trainer.train()
+    return trainer
 
 
 def test_a_failed_tokenizer_save_keeps_the_previous_export(trained, tmp_path, monkeypatch):
@@ -258,3 +287,129 @@ def test_a_tiny_llm_ends_generation_where_its_tokenizer_does(trained):
         assert tok.eos_token_id in ends
         assert tok.convert_tokens_to_ids("<|eot_id|>") in ends  # the demo's llava_llama_3 turns
         assert all(0 <= i < len(tok) for i in ends)
+
+
+def test_a_checkpoint_exports_with_the_config_it_was_trained_under(tmp_path):
+    """A resumed leg changed model.layer_indices (same head count, so the weights load): each
+    checkpoint exports with its own leg's layers, recorded in its marker, not the run's
+    latest config.yaml. A checkpoint without the record (older versions) exports with the
+    latest config and a warning when the run's config changed between legs."""
+    import json
+    import shutil
+
+    from olavlm.train.checkpoint import MARKER
+
+    first = _train(tmp_path, "legs", "checkpoint.every_steps=2")
+    second = _train(tmp_path, "legs", "checkpoint.every_steps=2",
+                    "model.layer_indices=d1-3_s2-4_g1-2", steps=4)
+    assert first.run_dir == second.run_dir and (second.run_dir / "config.1.yaml").is_file()
+    ckpts = second.checkpointer.checkpoints()
+    old, new = (next(c for c in ckpts if c.name == f"step_{n:06d}") for n in (2, 4))
+    for ckpt, want in ((old, "d2-4_s1-3_g2-3"), (new, "d1-3_s2-4_g1-2")):
+        out = export_checkpoint(ckpt, tmp_path / f"hf-{ckpt.name}")
+        assert json.loads((out / "olavlm_config.json").read_text())["layer_indices"] == want
+        record = json.loads((out / "olavlm_export.json").read_text())
+        assert record["source"] == str(ckpt) and record["data.aspect"] == "square"
+    legacy = tmp_path / "legacy"
+    shutil.copytree(second.run_dir, legacy)
+    marker = legacy / "checkpoints" / old.name / MARKER
+    info = json.loads(marker.read_text())
+    del info["extra"]["config"]
+    marker.write_text(json.dumps(info))
+    with pytest.warns(UserWarning, match="predates the config record.*config.1.yaml"):
+        out = export_checkpoint(legacy / "checkpoints" / old.name, tmp_path / "hf-legacy")
+    assert json.loads((out / "olavlm_config.json").read_text())["layer_indices"] == \
+        "d1-3_s2-4_g1-2"  # the latest config.yaml: what the warning is about
+
+
+def test_the_seed_config_records_the_image_view_the_run_trained_with(trained, tmp_path):
+    import json
+
+    trainer, _ = trained
+    out = export_checkpoint(trainer.run_dir, tmp_path / "seed", fmt="seed")
+    assert json.loads((out / "config.json").read_text())["image_aspect_ratio"] == "square"
+    from olavlm.train.export import _seed_aspect
+
+    assert _seed_aspect("pad") == "pad"
+    with pytest.warns(UserWarning, match="stretch has no counterpart"):
+        assert _seed_aspect("stretch") == "stretch"
+
+
+def test_a_disk_error_is_one_line_and_exit_1(trained, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from olavlm.models import checkpoint_io
+    from olavlm.train.export import run_export
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_io, "_write_safetensors", full)
+    trainer, _ = trained
+    args = argparse.Namespace(source=str(trainer.run_dir), out=str(tmp_path / "s"),
+                              format="seed", overwrite=False)
+    assert run_export(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("olavlm export: could not write ") and "No space left" in err
+    assert "nothing was replaced" in err and not (tmp_path / "s").exists()
+
+
+def test_a_checkpoint_pruned_while_it_loads_gives_way_to_the_new_latest(tmp_path, monkeypatch):
+    """Exporting a run that still trains with a small keep_last: the latest checkpoint may be
+    deleted while it is read; a run directory then exports the new latest, and a checkpoint
+    named explicitly says it was removed."""
+    import shutil
+
+    from olavlm.train import export as export_mod
+    from olavlm.train.checkpoint import Checkpointer, CheckpointError
+
+    trainer = _train(tmp_path, "live", "checkpoint.every_steps=1")
+    ckpts = trainer.checkpointer.checkpoints()
+    assert [c.name for c in ckpts][-2:] == ["step_000001", "step_000002"]
+    real_load = Checkpointer.load
+    pruned = []
+
+    def load(self, path, state):
+        if not pruned:  # the training's keep_last removes it mid-read
+            pruned.append(path)
+            shutil.rmtree(path)
+            raise FileNotFoundError(f"{path}/__0_0.distcp")
+        return real_load(self, path, state)
+
+    monkeypatch.setattr(Checkpointer, "load", load)
+    out, ckpt = export_mod._export(trainer.run_dir, tmp_path / "hf", "hf", False)
+    assert pruned == [ckpts[-1]] and ckpt == ckpts[-2] and (out / "llm").is_dir()
+    pruned.clear()
+    with pytest.raises(CheckpointError, match="was removed while it was read"):
+        export_mod._export(ckpts[-2], tmp_path / "hf2", "hf", False)
+
+
+def test_leftovers_of_a_killed_export_are_removed_by_the_next(trained, tmp_path):
+    """A killed export leaves a hidden temporary (or replaced) folder the size of a model
+    beside its target; the next successful export into that name removes those of dead
+    processes on this host and of older versions, and keeps a running process's."""
+    import os
+
+    from olavlm.models.checkpoint_io import _host_tag
+
+    trainer, _ = trained
+    host = _host_tag()
+    dead = tmp_path / f".hf.tmp-{host}-999999999-abc123"  # no such pid
+    legacy = tmp_path / ".hf.old-1a2b3c4d"
+    running = tmp_path / f".hf.tmp-{host}-{os.getpid()}-xyz"
+    other = tmp_path / ".hf2.tmp-legacy1"  # another export's name: not ours to touch
+    for p in (dead, legacy, running, other):
+        p.mkdir()
+        (p / "model.safetensors").write_bytes(b"x")
+    with pytest.warns(UserWarning, match="leftover of an interrupted export"):
+        export_checkpoint(trainer.run_dir, tmp_path / "hf")
+    assert not dead.exists() and not legacy.exists() and running.exists() and other.exists()
+
+
+def test_export_from_inside_the_checkpoints_folder(trained, tmp_path, monkeypatch):
+    """A relative checkpoint path (`cd run/checkpoints; olavlm export step_N`) finds its run."""
+    trainer, _ = trained
+    ckpt = trainer.checkpointer.latest()
+    monkeypatch.chdir(ckpt.parent)
+    out = export_checkpoint(ckpt.name, tmp_path / "rel")
+    assert (out / "olavlm_export.json").is_file()
