@@ -92,7 +92,7 @@ def test_the_depth_head_keeps_three_activations_fewer(monkeypatch):
 
 def _autocast_run(fn, leaves, dy):
     leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(dy.device.type, dtype=torch.bfloat16):
         y = fn(*leaves)
     (y.float() * dy).sum().backward()
     return [y.detach()] + [t.grad for t in leaves]
@@ -116,27 +116,31 @@ MIDDLES = {
 }
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("middle", list(MIDDLES))
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_under_autocast_equals_the_eager_composition_under_autocast(middle, x_dtype):
-    """Values and gradients (in the leaves' own dtypes) are eager's under bf16 autocast bit
-    for bit: the middle op runs under the forward's autocast state in both passes."""
+def test_under_autocast_equals_the_eager_composition_under_autocast(middle, x_dtype, device):
+    """Values and gradients (in the leaves' own dtypes) are eager's under bf16 autocast, bit
+    for bit on the CPU: the middle op runs under the forward's autocast state in both passes.
+    On CUDA (LayerNorm in fp32 there) the GEMMs may pick other kernels for the written-out
+    backward: equal to bf16 rounding."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 17, 24, generator=g).to(x_dtype)  # ragged sizes
     ln_w, ln_b = 1 + 0.1 * torch.randn(24, generator=g), 0.1 * torch.randn(24, generator=g)
     w = torch.randn(13, 24, generator=g) / 5  # an fp32 (master) weight, as under AMP
     dy = torch.randn(3, 17, 13, generator=g)
+    x, ln_w, ln_b, w, dy = (t.to(device) for t in (x, ln_w, ln_b, w, dy))
     fused, eager = MIDDLES[middle]
     got = _autocast_run(fused, [x, ln_w, ln_b, w], dy)
     want = _autocast_run(eager, [x, ln_w, ln_b, w], dy)
-    plain = _autocast_run(lambda *a: eager(*a).float(), [x, ln_w, ln_b, w], dy)
     no_amp = eager(x.float(), ln_w, ln_b, w)
     assert not torch.equal(want[0].float(), no_amp.float())  # the premise: autocast matters
-    assert plain[0].dtype == torch.float32
+    exact = dict(rtol=0, atol=0) if device == "cpu" else {}
     for name, a, b in zip(("y", "grad_x", "grad_ln_w", "grad_ln_b", "grad_w"), got, want,
                           strict=True):
         assert a.dtype == b.dtype, (name, a.dtype, b.dtype)
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+        tol = exact or (dict(rtol=1.6e-2, atol=1e-3) if name != "y" else {})
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_under_autocast_frozen_inputs_get_no_gradient():
