@@ -50,6 +50,7 @@ __all__ = [
     "atomic_write",
     "encode_shard",
     "key_hash",
+    "keys_digest",
     "read_json",
 ]
 
@@ -100,8 +101,17 @@ def _all_ints(values) -> bool:
 
 
 def read_json(path: Path) -> dict:
+    """The JSON file's contents; a damaged file is a ValueError naming it."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: damaged, not valid JSON ({err})") from err
+
+
+def keys_digest(keys: Sequence[str]) -> str:
+    """What identifies a shard's rows: the SHA-256 of its keys in order."""
+    return hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
 
 
 def key_hash(key: str) -> int:
@@ -302,6 +312,9 @@ class TargetCache:
         self.dtype = dtype
         self.check_rows = check_rows
         self.shards = [(s["file"], int(s["bytes"])) for s in index["shards"]]
+        # A shard file of the right size from another extraction (swapped, or re-extracted
+        # while this reader runs) passes the size and row CRC checks: its keys must match.
+        self._shard_keys = [keys_digest(s["keys"]) for s in index["shards"]]
         self.rejects = index.get("rejects", [])
         self.fp8_error = index.get("fp8_error", {})
         hashes, shard_ids, rows, digests = [], [], [], []
@@ -360,8 +373,16 @@ class TargetCache:
             name, size = self.shards[k]
             try:
                 shard = ShardFile(self.root / name, expected_bytes=size)
+                if keys_digest(shard.metadata.get("keys") or []) != self._shard_keys[k]:
+                    shard.close()
+                    raise CorruptTargetError(
+                        f"{shard.path}: holds the targets of other images than {INDEX} lists "
+                        "for it (a shard from another extraction, or one re-extracted since "
+                        "this cache was opened)")
             except CorruptTargetError as err:
                 shard = err  # remembered: every row of this shard is reported
+            except OSError as err:  # not remembered: an I/O error may pass (network storage)
+                raise CorruptTargetError(f"{self.root / name}: cannot read: {err}") from err
             self._files[k] = shard
         if isinstance(shard, CorruptTargetError):
             raise shard
@@ -373,8 +394,11 @@ class TargetCache:
         if where is None:
             raise KeyError(f"image key {key!r} is not in the target cache {self.root}")
         shard = self._shard(where[0])
-        out = {t: shard.read_row(t, where[1], check=self.check_rows, dtype=self.dtype)
-               for t in self.tasks}
+        try:
+            out = {t: shard.read_row(t, where[1], check=self.check_rows, dtype=self.dtype)
+                   for t in self.tasks}
+        except OSError as err:  # an I/O error reading the row: reported, not a crashed loader
+            raise CorruptTargetError(f"{shard.path}: cannot read row {where[1]}: {err}") from err
         for t, v in out.items():
             if tuple(v.shape) != self.tasks[t]:
                 raise CorruptTargetError(f"{shard.path}: {t!r} rows have shape "

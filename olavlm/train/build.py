@@ -288,7 +288,8 @@ def _check_cache_coverage(dataset, cache, where: str, sample: int = 1000,
     found: ValueError; some missing: a warning with the estimate. The files of up to
     ``digests`` found ones are hashed against the digests recorded at extraction: a cache of
     another dataset whose files have the same names (``images/train-000001.png``) is found by
-    key but stale for every image (ValueError; some stale: a warning)."""
+    key but stale for every image (ValueError; some stale: a warning). As many targets are
+    read: shard files missing or damaged for all of them is a ValueError (some: a warning)."""
     from olavlm.data.images import image_digest, read_image_file
     from olavlm.data.llava import image_key
 
@@ -339,6 +340,26 @@ def _check_cache_coverage(dataset, cache, where: str, sample: int = 1000,
         logger.warning("teachers.cache_dir: %d of %d images checked changed since their "
                        "targets were extracted (e.g. %r); those samples train without "
                        "embedding losses (stale_target)", stale, checked, example)
+    # The shard files themselves: an index copied without its shards (or shards gone, or
+    # replaced) would mask every embedding loss for the whole run.
+    read, damaged, problem = 0, 0, ""
+    for _, relative in hits[:: max(1, len(hits) // digests)][:digests]:
+        _, reason, detail = cache.lookup(image_key(relative))
+        read += 1
+        if reason is not None:
+            damaged += 1
+            problem = problem or detail
+    if read and damaged == read:
+        raise ValueError(
+            f"teachers.cache_dir: {where}: the targets of all {read} images read are unreadable "
+            f"(e.g. {problem}); were the shard files copied along with index.json? `olavlm "
+            "targets verify <cache>` checks every shard; a resumed `olavlm targets extract` "
+            "redoes missing or truncated ones")
+    if damaged:
+        logger.warning("teachers.cache_dir: the targets of %d of %d images read are "
+                       "unreadable (e.g. %s); those samples train without embedding losses "
+                       "(corrupt_target); `olavlm targets verify` lists the damaged shards",
+                       damaged, read, problem)
 
 
 def _check_shapes(model: OlaVLM, shapes: dict, source: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 
@@ -247,3 +248,60 @@ def test_fp8_bound_holds_when_read_as_bf16(tmp_path):
         assert (err <= fp8_error_bound(x, scale, dtype=dtype)).all(), dtype
     assert not (err <= fp8_error_bound(x, scale)).all()  # bf16 reads need the extra term
     shard.close()
+
+
+def test_a_swapped_shard_of_the_same_size_is_not_served(synth_cache, tmp_path):
+    """Shards with as many rows and equal key lengths have equal sizes and valid row CRCs: a
+    shard file swapped with another (or re-extracted under a running reader) must not serve
+    other images' targets under these keys."""
+    swapped = tmp_path / "swapped"
+    shutil.copytree(synth_cache, swapped)
+    index = read_json(swapped / "index.json")
+    a, b = index["shards"][0], index["shards"][1]
+    assert a["bytes"] == b["bytes"]  # the premise: indistinguishable by size
+    pa, pb = swapped / a["file"], swapped / b["file"]
+    da, db = pa.read_bytes(), pb.read_bytes()
+    pa.write_bytes(db)
+    pb.write_bytes(da)
+    cache = TargetCache(swapped)
+    targets, reason, detail = cache.lookup(a["keys"][0])
+    assert targets is None and reason == "corrupt_target"
+    assert "other images than index.json lists" in detail
+    assert TargetCache(synth_cache).lookup(a["keys"][0])[1] is None  # intact: served
+
+
+def test_an_io_error_is_a_corrupt_target_not_a_crash(synth_cache, monkeypatch):
+    """An I/O error opening or reading a shard (EIO on network storage, a permission) marks
+    the sample corrupt_target; the loader goes on."""
+    import olavlm.teachers.cache as cache_mod
+
+    index = read_json(synth_cache / "index.json")
+    key = index["shards"][0]["keys"][0]
+    real_pread = os.pread
+
+    def failing_pread(fd, n, offset):
+        if n > 64:  # a row, not the header
+            raise OSError(5, "Input/output error")
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(cache_mod.os, "pread", failing_pread)
+    cache = TargetCache(synth_cache)
+    targets, reason, detail = cache.lookup(key)
+    assert targets is None and reason == "corrupt_target" and "Input/output error" in detail
+    monkeypatch.setattr(cache_mod.os, "pread", real_pread)
+    assert cache.lookup(key)[1] is None  # not remembered: the next read succeeds
+
+    def no_open(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cache_mod.os, "open", no_open)
+    fresh = TargetCache(synth_cache)
+    assert fresh.lookup(key)[1] == "corrupt_target"
+
+
+def test_a_damaged_index_names_its_file(synth_cache, tmp_path):
+    damaged = tmp_path / "damaged-index"
+    shutil.copytree(synth_cache, damaged)
+    (damaged / "index.json").write_text((synth_cache / "index.json").read_text()[:100])
+    with pytest.raises(ValueError, match=r"index.json: damaged, not valid JSON"):
+        TargetCache(damaged)

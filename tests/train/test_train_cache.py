@@ -121,3 +121,29 @@ def test_a_cache_of_another_dataset_with_the_same_file_names_is_refused(tmp_path
     finally:
         image.write_bytes(saved)
     assert "images checked changed since their targets were extracted" in caplog.text
+
+
+def test_a_cache_without_its_shard_files_is_refused(tmp_path, caplog):
+    """index.json copied without the shards (or the shards deleted): every target is
+    unreadable, so the run would train without embedding losses; refused before training.
+    One shard gone: a warning naming the corrupt targets."""
+    import shutil
+
+    cfg = _cfg(tmp_path)
+    root = B.synthetic_dataset_dir(cfg, is_main=True, barrier=lambda: None)
+    teacher = SyntheticTeacher(**cfg.teachers.synthetic)
+    full = tmp_path / "full"
+    extract_targets([root / "train.jsonl"], full, [teacher], num_workers=0, shard_size=4)
+    gone, one = tmp_path / "gone", tmp_path / "one"
+    shutil.copytree(full, gone)
+    shutil.copytree(full, one)
+    for shard in gone.glob("shard-*.safetensors"):
+        shard.unlink()
+    (one / "shard-00000.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"the targets of all \d+ images read are unreadable "
+                                         r"\(e.g. .*shard file is missing\)"):
+        Trainer(_cfg(tmp_path, "teachers.mode=cache", f"teachers.cache_dir={gone}"))
+    with caplog.at_level("WARNING", logger="olavlm.train"):
+        Trainer(_cfg(tmp_path, "teachers.mode=cache", "train.run_name=one",
+                     f"teachers.cache_dir={one}"))
+    assert "images read are unreadable" in caplog.text and "corrupt_target" in caplog.text
