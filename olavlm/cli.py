@@ -261,7 +261,8 @@ def _extract(args) -> int:
             what = ("the data files hold no images" if report.num_images == 0 else
                     f"every one of the {report.num_images} images was rejected")
             print(f"olavlm targets extract: {what}: the cache holds no targets (check --data "
-                  "and --image-folder)", file=sys.stderr)
+                  "and --image-folder; rerun with the right ones: shards whose images were "
+                  "missing are redone)", file=sys.stderr)
             return 1
         return 0
     except KeyboardInterrupt:  # finished shards are on disk; the one being written is redone

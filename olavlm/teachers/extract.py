@@ -181,6 +181,9 @@ class ExtractReport:
     # Entries of the data files refused when indexing (malformed JSON, bad structure): they
     # name no image to extract, and training refuses them too (the rejects file lists them).
     entries_refused: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Images the whole cache rejected (the index's list: earlier runs' and other ranks' too);
+    # None until the index is written.
+    cache_rejects: dict[str, int] | None = None
 
     def summary(self) -> str:
         rate = self.num_written / self.seconds if self.seconds > 0 else 0.0
@@ -190,6 +193,9 @@ class ExtractReport:
                 f"({self.num_written} images, {rate:.1f} images/s), skipped "
                 f"{len(self.shards_skipped)} finished; rejected: {rejects}; storage "
                 f"{self.storage}")
+        if self.cache_rejects is not None and self.cache_rejects != self.rejects:
+            total = ", ".join(f"{r}={n}" for r, n in sorted(self.cache_rejects.items()))
+            text += f"\n  images rejected in the whole cache: {total or 'none'}"
         if self.entries_refused:
             refused = ", ".join(f"{r}={n}" for r, n in sorted(self.entries_refused.items()))
             text += (f"\n  data entries refused when indexing (no image to extract): "
@@ -228,11 +234,12 @@ def _prepare(out: Path, plan: dict, overwrite: bool, rank: int, barrier) -> None
     # plan when it is absent, so no rank waits for another.
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        differs = (out / PLAN).is_file() and _with_old_defaults(read_json(out / PLAN)) != plan
-        if differs and not overwrite:
+        old = _with_old_defaults(read_json(out / PLAN)) if (out / PLAN).is_file() else None
+        if old is not None and old != plan and not overwrite:
             raise ValueError(f"out={str(out)!r} holds a cache made for other data, teachers "
-                             "or options (plan.json differs); pass overwrite=True "
-                             "(--overwrite) to replace it, or choose another folder")
+                             f"or options (plan.json differs: {_plan_changes(old, plan)}); "
+                             "pass overwrite=True (--overwrite) to replace it, or choose "
+                             "another folder")
         if overwrite:
             _clear_cache_files(out)
     if rank == 0 or barrier is None:
@@ -246,6 +253,15 @@ def _prepare(out: Path, plan: dict, overwrite: bool, rank: int, barrier) -> None
                          "ranks must see the same data, teachers and options")
 
 
+def _plan_changes(old: dict, new: dict) -> str:
+    """``"storage: 'bf16' -> 'fp8_e4m3'"`` for each differing leaf (the data: its keys)."""
+    from olavlm.run_record import config_changes
+
+    names = {"keys_sha256": "the data's images (keys_sha256)"}
+    changes = config_changes(old, new)
+    return "; ".join(names.get(c.split(":", 1)[0], "") or c for c in changes) or "format"
+
+
 def _shard_done(out: Path, k: int, plan_digest: str) -> bool:
     side = out / sidecar_name(k)
     if not side.is_file():
@@ -256,6 +272,73 @@ def _shard_done(out: Path, k: int, plan_digest: str) -> bool:
                 (out / info["file"]).stat().st_size == info["bytes"])
     except (OSError, ValueError, KeyError):
         return False  # a damaged sidecar: redo the shard
+
+
+def _rejects_now_readable(out: Path, k: int, index: LlavaIndex, entry_of: dict,
+                          image_folder) -> bool:
+    """Whether finished shard ``k`` rejected an image that is there now: a missing one that
+    exists (a wrong --image-folder fixed, files restored), an unreadable one whose file
+    changed after the shard was written, or one whose maps load now. Such a shard is redone
+    on resume."""
+    from olavlm.data.synthetic import load_scene_maps
+
+    side = out / sidecar_name(k)
+    try:
+        info, since = read_json(side), side.stat().st_mtime
+    except (OSError, ValueError):
+        return False  # _shard_done decides about a damaged sidecar
+    for r in info.get("rejects") or []:
+        i = entry_of.get(r.get("sample_id"))
+        if i is None or r.get("reason") not in ("missing_image", "corrupt_image", "bad_maps"):
+            continue
+        entry = index.entry(i)
+        try:
+            if r["reason"] == "bad_maps":
+                load_scene_maps(entry, image_folder or index.source_path(i).parent)
+                return True
+            st = os.stat(resolve_image_path(index, i, entry["image"], image_folder))
+        except (OSError, ValueError):
+            continue
+        if r["reason"] == "missing_image" or st.st_mtime > since:
+            return True
+    return False
+
+
+def _check_finished_images(out: Path, finished: Sequence[int], index: LlavaIndex,
+                           entry_of: dict, image_folder, sample: int = 64) -> None:
+    """Before resuming: the images of up to ``sample`` rows of the finished shards still hash
+    to the digests recorded when they were extracted. Other images under the same paths (a
+    resume with another dataset laid out alike) would mix two datasets' targets in one cache;
+    ValueError."""
+    rows = []
+    for k in finished:
+        try:
+            info = read_json(out / sidecar_name(k))
+        except (OSError, ValueError):
+            continue
+        rows += [(key, d) for key, d in zip(info.get("keys") or [],
+                                            info.get("image_digests") or [], strict=False) if d]
+    checked, changed = 0, []
+    for key, digest in rows[:: max(1, len(rows) // sample)][:sample]:
+        i = entry_of.get(key)
+        if i is None:
+            continue
+        try:
+            data = read_image_file(resolve_image_path(index, i, index.entry(i)["image"],
+                                                      image_folder))
+        except (OSError, ValueError):
+            continue  # gone since: training rejects the sample itself
+        checked += 1
+        if image_digest(data) != digest:
+            changed.append(key)
+    if changed:
+        raise ValueError(
+            f"out={str(out)!r}: {len(changed)} of {checked} images checked in its finished "
+            f"shards changed since their targets were extracted (e.g. {changed[0]!r}): the "
+            "data under these paths is not the data the cache was begun with; resuming would "
+            "mix two datasets' targets. Pass overwrite=True (--overwrite) to re-extract, or "
+            "restore the images (`olavlm targets verify <cache> --data ... --images` lists "
+            "the changed ones)")
 
 
 def _run_teachers(teachers: Sequence[Teacher], raw, views, maps, resize: str):
@@ -459,7 +542,15 @@ def extract_targets(data, out, teachers: Sequence[Teacher], *, image_folder=None
     digest = hashlib.sha256(json.dumps(read_json(out / PLAN), sort_keys=True).encode()).hexdigest()
     num_shards = -(-len(items) // shard_size)
     mine = [k for k in range(num_shards) if k % world_size == rank]
-    todo = [k for k in mine if not _shard_done(out, k, digest)]
+    entry_of = dict(items)  # image key -> the entry that first uses it
+    finished = [k for k in mine if _shard_done(out, k, digest)]
+    _check_finished_images(out, finished, index, entry_of, image_folder)
+    retried = [k for k in finished
+               if _rejects_now_readable(out, k, index, entry_of, image_folder)]
+    if retried:
+        logger.info("targets: redoing %d finished shards whose rejected images are readable "
+                    "now", len(retried))
+    todo = [k for k in mine if k not in finished or k in retried]
     for k in todo:  # leftovers of an interrupted write of these shards
         for stale in [*out.glob(f".{shard_name(k)}.tmp-*"), *out.glob(f".{sidecar_name(k)}.tmp-*")]:
             stale.unlink()
@@ -483,6 +574,7 @@ def extract_targets(data, out, teachers: Sequence[Teacher], *, image_folder=None
     if barrier is not None:
         barrier()
     complete = all_done and (out / INDEX).is_file()
+    final = read_json(out / INDEX) if complete else None
     report = ExtractReport(
         out=out, rank=rank, world_size=world_size, num_images=len(items),
         num_shards=num_shards, shards_written=writer.written,
@@ -490,7 +582,9 @@ def extract_targets(data, out, teachers: Sequence[Teacher], *, image_folder=None
         num_written=writer.num_written, seconds=time.perf_counter() - start, storage=storage,
         fp8_error={t: {k: v for k, v in d.items() if not k.startswith("sum")}
                    for t, d in writer.stats.as_dict().items()},
-        complete=complete, num_cached=read_json(out / INDEX)["num_cached"] if complete else None,
-        entries_refused=dict(Counter(r.reason for r in index.rejects)))
+        complete=complete, num_cached=final["num_cached"] if final else None,
+        entries_refused=dict(Counter(r.reason for r in index.rejects)),
+        cache_rejects=(dict(Counter(r.get("reason") for r in final.get("rejects", [])))
+                       if final else None))
     logger.info("targets: %s", report.summary())
     return report

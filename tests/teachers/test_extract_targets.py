@@ -344,3 +344,78 @@ def test_decompression_bomb_is_a_corrupt_image(tiny_weights, tmp_path, monkeypat
     reject = json.loads((tmp_path / "rejects.jsonl").read_text())
     assert reject["sample_id"] == "images/big.png"
     assert "DecompressionBombError" in reject["detail"]
+
+
+def test_rejected_images_readable_now_are_extracted_on_resume(teacher_synth_dir, tmp_path,
+                                                              capsys):
+    """A wrong --image-folder rejects every image; rerun with the right one, the finished
+    (all-rejected) shards are redone and the cache equals a direct extraction. A map restored
+    after extraction is picked up too; the summary counts the whole cache's rejects."""
+    data = str(teacher_synth_dir / "train.jsonl")
+    out = tmp_path / "t"
+    argv = ["targets", "extract", "--data", data, "--teachers", "synthetic", "--out", str(out),
+            "--workers", "0", "--shard-size", "4"]
+    assert main([*argv, "--image-folder", str(tmp_path / "nowhere")]) == 1
+    assert "rerun with the right ones" in capsys.readouterr().err
+    assert main([*argv, "--image-folder", str(teacher_synth_dir)]) == 0
+    direct = tmp_path / "direct"
+    assert main([*argv[:-5], str(direct), "--workers", "0", "--shard-size", "4",
+                 "--image-folder", str(teacher_synth_dir)]) == 0
+    a, b = TargetCache(out), TargetCache(direct)
+    keys = [k for s in read_json(direct / "index.json")["shards"] for k in s["keys"]]
+    assert len(a) == len(b) == len(keys) > 0
+    for key in keys:
+        for task, value in b.read(key).items():
+            assert torch.equal(a.read(key)[task], value), (key, task)
+    # A depth map missing at extraction, restored afterwards.
+    data_dir = tmp_path / "data"
+    shutil.copytree(teacher_synth_dir, data_dir)
+    entry = next(json.loads(x) for x in (data_dir / "train.jsonl").read_text().splitlines()
+                 if "image" in x)
+    depth = data_dir / entry["depth"]
+    saved = depth.read_bytes()
+    depth.unlink()
+    report = _extract(data_dir / "train.jsonl", tmp_path / "m")
+    assert report.rejects == {"bad_maps": 1}
+    depth.write_bytes(saved)
+    again = _extract(data_dir / "train.jsonl", tmp_path / "m")
+    assert len(again.shards_written) == 1 and again.rejects == {}
+    assert again.cache_rejects == {} and TargetCache(tmp_path / "m").read(entry["image"])
+    third = _extract(data_dir / "train.jsonl", tmp_path / "m")  # nothing left to redo
+    assert third.shards_written == []
+    depth.unlink()
+    fresh = _extract(data_dir / "train.jsonl", tmp_path / "n")
+    resumed = _extract(data_dir / "train.jsonl", tmp_path / "n")
+    assert resumed.rejects == {} and resumed.cache_rejects == {"bad_maps": 1}
+    assert "images rejected in the whole cache: bad_maps=1" in resumed.summary()
+    assert fresh.cache_rejects == fresh.rejects
+
+
+def test_a_resume_over_other_images_under_the_same_paths_is_refused(teacher_synth_dir,
+                                                                    tmp_path):
+    """A cache begun on one dataset, resumed on another laid out alike (same image paths,
+    other pixels): the finished shards' images no longer hash to their recorded digests."""
+    from olavlm.data.synthetic import write_synthetic_dataset
+
+    first = tmp_path / "first"
+    write_synthetic_dataset(first, 12, size=32, seed=1, text_only_fraction=0.0)
+    second = tmp_path / "second"
+    write_synthetic_dataset(second, 12, size=32, seed=2, text_only_fraction=0.0)
+    out = tmp_path / "c"
+    teacher = build_teachers("synthetic", None)[0]
+    extract_targets(first / "train.jsonl", out, [teacher], shard_size=SHARD_SIZE,
+                    num_workers=0, rank=0, world_size=2)  # half the shards: "interrupted"
+    with pytest.raises(ValueError, match=r"changed since their targets were extracted .*"
+                                         r"mix two datasets"):
+        extract_targets(second / "train.jsonl", out, [teacher], shard_size=SHARD_SIZE,
+                        num_workers=0)
+    report = extract_targets(first / "train.jsonl", out, [teacher], shard_size=SHARD_SIZE,
+                             num_workers=0)  # the same data: resumes
+    assert report.complete
+
+
+def test_a_plan_mismatch_names_what_changed(teacher_synth_dir, tmp_path):
+    data = teacher_synth_dir / "train.jsonl"
+    _extract(data, tmp_path / "c")
+    with pytest.raises(ValueError, match=r"plan.json differs: storage: 'bf16' -> 'fp8_e4m3'"):
+        _extract(data, tmp_path / "c", storage="fp8_e4m3")
