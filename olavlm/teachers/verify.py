@@ -62,7 +62,15 @@ class VerifyReport:
         uncovered = c is not None and c["missing_not_rejected"] > 0
         stale = c is not None and c.get("stale", 0) > 0
         return (self.complete and not self.problems and not uncovered and not self.none_cached
-                and not stale)
+                and not stale and not self.no_image_read)
+
+    @property
+    def no_image_read(self) -> bool:
+        """Images asked to be checked (``--images``) and not one could be read: a wrong
+        image folder, most likely; nothing was checked."""
+        c = self.coverage
+        return (c is not None and "images_checked" in c and c["images_checked"] == 0
+                and c["unreadable"] > 0)
 
     def summary(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE (no index.json)"
@@ -91,6 +99,9 @@ class VerifyReport:
                 if c["stale"]:
                     lines.append(f"  PROBLEM: stale targets, e.g.: {c['stale_examples']} "
                                  "(rerun `olavlm targets extract --overwrite`)")
+            if self.no_image_read:
+                lines.append(f"  PROBLEM: none of the {c['unreadable']} cached images could be "
+                             "read, so none was checked (check --image-folder)")
             if self.none_cached:
                 lines.append("  PROBLEM: none of the dataset's images has targets (every one "
                              "rejected at extraction, or a cache of other data)")
@@ -226,6 +237,7 @@ def verify_cache(root: str | Path, *, data=None, check_rows: bool = True,
     expected = stored_dtypes(shapes, index["storage"])
     problems, ok, seen, cached, digests = [], 0, Counter(), set(), {}
     damaged_keys: set[str] = set()
+    damaged_files: list[str] = []
     for info in index["shards"]:
         recorded = info.get("image_digests") or [None] * len(info["keys"])
         if len(recorded) != len(info["keys"]):
@@ -239,6 +251,7 @@ def verify_cache(root: str | Path, *, data=None, check_rows: bool = True,
         except (CorruptTargetError, OSError, ValueError, KeyError) as err:
             problems.append(str(err))
             damaged_keys.update(info["keys"])  # unusable: training masks them (corrupt_target)
+            damaged_files.append(info["file"])
             continue
         ok += 1
         cached.update(info["keys"])
@@ -249,6 +262,11 @@ def verify_cache(root: str | Path, *, data=None, check_rows: bool = True,
     stray = sorted(p.name for p in root.glob("shard-*.safetensors") if p.name not in listed)
     if stray:
         problems.append(f"shard files not in the index: {stray[:5]}")
+    if damaged_files:  # a resume redoes a shard without its sidecar (extract.py)
+        sidecars = [f.removesuffix(".safetensors") + ".json" for f in damaged_files]
+        problems.append(f"to redo the {len(damaged_files)} damaged shards: delete their "
+                        f"sidecars ({', '.join(sidecars[:5])}{', ...' if len(sidecars) > 5 else ''}"
+                        f") in {root} and rerun the same `olavlm targets extract` command")
     coverage = None if data is None else _coverage(
         index, [data] if isinstance(data, (str, Path)) else list(data), cached,
         digests=digests if check_images else None, image_folder=image_folder,

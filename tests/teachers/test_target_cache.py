@@ -305,3 +305,30 @@ def test_a_damaged_index_names_its_file(synth_cache, tmp_path):
     (damaged / "index.json").write_text((synth_cache / "index.json").read_text()[:100])
     with pytest.raises(ValueError, match=r"index.json: damaged, not valid JSON"):
         TargetCache(damaged)
+
+
+def test_verify_says_how_to_redo_a_damaged_shard(teacher_synth_dir, tmp_path):
+    """A flipped byte keeps the shard's size, so a resumed extract took it as done: verify
+    names the sidecars to delete, and the rerun then redoes exactly those shards."""
+    data = teacher_synth_dir / "train.jsonl"
+    out = tmp_path / "c"
+    kwargs = dict(shard_size=5, batch_size=3, num_workers=0)
+    extract_targets(data, out, [SyntheticTeacher()], **kwargs)
+    shard = read_json(out / "index.json")["shards"][1]
+    _flip_byte(out / shard["file"], offset_from_end=10)
+    report = verify_cache(out)
+    sidecar = shard["file"].removesuffix(".safetensors") + ".json"
+    assert not report.ok and any(f"delete their sidecars ({sidecar})" in p
+                                 for p in report.problems)
+    (out / sidecar).unlink()
+    again = extract_targets(data, out, [SyntheticTeacher()], **kwargs)
+    assert again.shards_written == [1] and verify_cache(out).ok
+
+
+def test_verify_images_with_a_wrong_folder_is_not_ok(synth_cache, teacher_synth_dir, tmp_path):
+    report = verify_cache(synth_cache, data=teacher_synth_dir / "train.jsonl",
+                          check_images=True, image_folder=tmp_path / "nowhere")
+    assert report.coverage["images_checked"] == 0 and report.coverage["unreadable"] > 0
+    assert not report.ok and "none of the" in report.summary()
+    assert verify_cache(synth_cache, data=teacher_synth_dir / "train.jsonl",
+                        check_images=True).ok
