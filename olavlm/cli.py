@@ -286,7 +286,8 @@ def _verify(args) -> int:
 
 
 # Library argument names whose command-line option is spelled otherwise.
-_FLAG_OF = {"data_path": "--data", "out_dir": "--out", "teacher": "--teachers"}
+_FLAG_OF = {"data_path": "--data", "out_dir": "--out", "teacher": "--teachers",
+            "rejects_path": "--rejects"}
 
 
 def _with_flag_names(message: str, args) -> str:
@@ -325,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"olavlm {args.command} {sub}: {_with_flag_names(str(exc), args)}",
                   file=sys.stderr)
             return 2
+        except OSError as exc:  # the disk: full, read-only, no permission, an I/O error
+            resume = (" (finished shards are kept: rerun the same command to resume)"
+                      if (args.command, sub) == ("targets", "extract") else "")
+            print(f"olavlm {args.command} {sub}: {exc}{resume}", file=sys.stderr)
+            return 1
     if args.command == "train":
         from olavlm.train.cli import run_train
 

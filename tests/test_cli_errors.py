@@ -96,3 +96,38 @@ def test_check_and_extract_show_their_summary_once(synth, tmp_path, capsys, capl
     assert any(m.startswith("targets: shard") for m in logged), logged  # other records pass
     assert not logging.getLogger("olavlm.data").filters
     assert not logging.getLogger("olavlm.teachers").filters
+
+
+def test_disk_errors_are_one_line_and_a_finished_cache_is_not_rewritten(synth, tmp_path,
+                                                                        capsys, monkeypatch):
+    """A full disk during extraction: one line, exit 1, how to resume. Rerunning a finished
+    extraction writes nothing (it rewrote index.json: a read-only copy failed). --rejects
+    naming a folder is refused before the work, not after it."""
+    import olavlm.teachers
+    import olavlm.teachers.extract as extract_mod
+
+    out = tmp_path / "t"
+    argv = ["targets", "extract", "--data", str(synth / "train.jsonl"), "--teachers",
+            "synthetic", "--out", str(out), "--workers", "0"]
+    assert main(argv) == 0
+    capsys.readouterr()
+
+    def no_write(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(extract_mod, "atomic_write", no_write)
+    assert main(argv) == 0  # nothing to write
+    assert main([*argv[:-3], str(tmp_path / "new"), "--workers", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("olavlm targets extract: [Errno 30] Read-only file system") and \
+        "rerun the same command to resume" in err
+    monkeypatch.undo()
+    assert main([*argv, "--rejects", str(tmp_path)]) == 2
+    assert "--rejects must be a file, got the directory" in capsys.readouterr().err
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(olavlm.teachers, "extract_targets", full)
+    assert main(argv) == 1
+    assert "No space left on device" in capsys.readouterr().err

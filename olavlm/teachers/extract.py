@@ -414,7 +414,13 @@ def _write_index(out: Path, plan: dict, num_shards: int) -> dict:
                                                "image_digests", "rank")} for i in infos],
              "rejects": [r for i in infos for r in i["rejects"]],
              "fp8_error": stats.as_dict()}
-    atomic_write(out / INDEX, json.dumps(index).encode())
+    blob = json.dumps(index).encode()
+    try:  # a rerun over a finished cache changes nothing: no write (a read-only copy works)
+        if (out / INDEX).read_bytes() == blob:
+            return index
+    except OSError:
+        pass
+    atomic_write(out / INDEX, blob)
     return index
 
 
@@ -522,6 +528,8 @@ def extract_targets(data, out, teachers: Sequence[Teacher], *, image_folder=None
     given explicitly without a process group, whichever rank finishes last writes the index.
     """
     _options(storage, shard_size, batch_size, num_workers, resize, on_bad_sample)
+    if rejects_path is not None and Path(rejects_path).is_dir():  # found at the end otherwise
+        raise ValueError(f"rejects_path must be a file, got the directory {str(rejects_path)!r}")
     if not teachers or not all(isinstance(t, Teacher) for t in teachers):
         raise TypeError(f"teachers must be a non-empty list of Teacher, got {teachers!r}")
     start = time.perf_counter()
