@@ -10,6 +10,7 @@ Layout of a cache folder::
                                  written after the shard, so its presence means "shard done"
     index.json                   written last: every shard, its checksum, keys, the digests
                                  of the images' files, and the rejects
+    .extract-rank-<r>.lock       held (fcntl) by rank r of a running extraction
 
 Each shard is a standard safetensors file (readable by any safetensors tool) holding, per task,
 ``<task>`` (N, *shape) in bf16, or float8 e4m3 plus ``<task>.scale`` (N, R) fp32 (one scale per

@@ -262,6 +262,56 @@ def _plan_changes(old: dict, new: dict) -> str:
     return "; ".join(names.get(c.split(":", 1)[0], "") or c for c in changes) or "format"
 
 
+def _lock_extraction(out: Path, rank: int):
+    """Hold ``out/.extract-rank-<rank>.lock`` (fcntl) for the extraction: a second job
+    extracting into the same folder (a requeued copy, the same command in another terminal)
+    would delete this one's temporary files and kill it. Returns the open file (None where
+    file locks are unsupported: a warning)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f".extract-rank-{rank:05d}.lock"
+    try:
+        handle = open(path, "a+")  # noqa: SIM115 - held for the extraction
+    except OSError as exc:
+        logger.warning("cannot lock %s (%s): extracting without the lock", out, exc)
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ValueError(f"out={str(out)!r} is in use by another extraction (rank {rank} of "
+                         f"it holds {path.name}): wait for it to finish or stop it; nothing "
+                         "was changed") from None
+    except OSError as exc:  # no flock here (Lustre without -o flock, some FUSE mounts)
+        handle.close()
+        logger.warning("cannot lock %s (%s: file locks unsupported here?): extracting "
+                       "without the lock", out, exc)
+        return None
+    return handle
+
+
+def _remove_dead_temporaries(out: Path) -> None:
+    """``.plan.json.tmp-<pid>`` / ``.index.json.tmp-<pid>`` left by a killed process (the
+    shard ones are removed with their shard's redo)."""
+    for path in [*out.glob(f".{PLAN}.tmp-*"), *out.glob(f".{INDEX}.tmp-*")]:
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _shard_done(out: Path, k: int, plan_digest: str) -> bool:
     side = out / sidecar_name(k)
     if not side.is_file():
@@ -544,7 +594,24 @@ def extract_targets(data, out, teachers: Sequence[Teacher], *, image_folder=None
     items = image_items(index, image_folder)
     plan = _plan(teachers, items, storage, shard_size, resize)
     out = Path(out)
+    lock = _lock_extraction(out, rank)
+    try:
+        return _extract_locked(teachers, index, items, plan, out, rank, world_size, barrier,
+                               start, image_folder=image_folder, storage=storage,
+                               shard_size=shard_size, batch_size=batch_size,
+                               num_workers=num_workers, resize=resize, overwrite=overwrite,
+                               on_bad_sample=on_bad_sample, rejects_path=rejects_path)
+    finally:
+        if lock is not None:
+            lock.close()  # (closing the file releases its flock)
+
+
+def _extract_locked(teachers, index, items, plan, out, rank, world_size, barrier, start, *,
+                    image_folder, storage, shard_size, batch_size, num_workers, resize,
+                    overwrite, on_bad_sample, rejects_path) -> ExtractReport:
     _prepare(out, plan, overwrite, rank, barrier)
+    if rank == 0 or barrier is None:
+        _remove_dead_temporaries(out)
     # The stored plan's digest marks finished shards: a cache begun before a plan key existed
     # (its default then applied) keeps its shards.
     digest = hashlib.sha256(json.dumps(read_json(out / PLAN), sort_keys=True).encode()).hexdigest()

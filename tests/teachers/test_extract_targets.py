@@ -419,3 +419,26 @@ def test_a_plan_mismatch_names_what_changed(teacher_synth_dir, tmp_path):
     _extract(data, tmp_path / "c")
     with pytest.raises(ValueError, match=r"plan.json differs: storage: 'bf16' -> 'fp8_e4m3'"):
         _extract(data, tmp_path / "c", storage="fp8_e4m3")
+
+
+def test_a_second_extraction_into_the_same_folder_stops_at_once(teacher_synth_dir, tmp_path):
+    """While an extraction runs (it holds its rank's lock), another one into the same --out
+    stops before touching anything (it deleted the first one's temporary files and killed
+    it); afterwards the same command resumes, and killed writes' plan/index temporaries of
+    dead processes are removed."""
+    from olavlm.teachers.extract import _lock_extraction
+
+    data = teacher_synth_dir / "train.jsonl"
+    out = tmp_path / "c"
+    held = _lock_extraction(out, 0)
+    try:
+        with pytest.raises(ValueError, match="is in use by another extraction"):
+            _extract(data, out)
+        assert not (out / "plan.json").exists()
+    finally:
+        held.close()
+    (out / ".index.json.tmp-999999999").write_text("{")  # a killed writer's (no such pid)
+    (out / f".plan.json.tmp-{os.getppid()}").write_text("{")  # a running one's: kept
+    assert _extract(data, out).complete
+    assert not (out / ".index.json.tmp-999999999").exists()
+    assert (out / f".plan.json.tmp-{os.getppid()}").exists()
