@@ -204,7 +204,7 @@ class ShardFile:
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as err:
             os.close(self._fd)
             raise CorruptTargetError(f"{self.path}: unreadable header ({err})") from err
-        except CorruptTargetError:
+        except BaseException:  # CorruptTargetError, an I/O error: never leak the descriptor
             os.close(self._fd)
             raise
 

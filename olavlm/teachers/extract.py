@@ -346,8 +346,11 @@ def _rejects_now_readable(out: Path, k: int, index: LlavaIndex, entry_of: dict,
             if r["reason"] == "bad_maps":
                 load_scene_maps(entry, image_folder or index.source_path(i).parent)
                 return True
-            st = os.stat(resolve_image_path(index, i, entry["image"], image_folder))
+            path = resolve_image_path(index, i, entry["image"], image_folder)
+            st = os.stat(path)
         except (OSError, ValueError):
+            continue
+        if not os.path.isfile(path):  # a folder or a device is still no image file
             continue
         if r["reason"] == "missing_image" or st.st_mtime > since:
             return True

@@ -120,7 +120,9 @@ def build_tokenizer(cfg, data_root: Path | None):
         else:
             raise ValueError("data.tokenizer: give a tokenizer folder (the data is not the "
                              "built-in synthetic dataset, which ships its own)")
-    what = "data.tokenizer" if cfg.data.tokenizer is not None else "data.tokenizer (model.llm's)"
+    what = ("data.tokenizer" if cfg.data.tokenizer is not None else
+            "data.tokenizer (the synthetic dataset's)" if data_root is not None else
+            "data.tokenizer (model.llm's)")
     tokenizer = load_local_tokenizer(path, what)
     ensure_pad_token(tokenizer)
     return tokenizer

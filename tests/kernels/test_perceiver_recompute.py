@@ -144,20 +144,37 @@ def test_under_autocast_equals_the_eager_composition_under_autocast(middle, x_dt
 
 
 def test_under_autocast_frozen_inputs_get_no_gradient():
-    x = torch.randn(2, 5, 8, requires_grad=True)
-    ln_w, ln_b, w = torch.ones(8), torch.zeros(8), torch.randn(4, 8)  # frozen
+    """Only the inputs that require a gradient get one (a frozen LayerNorm bias and Linear
+    weight: none), equal to eager's; a double backward raises instead of dropping terms."""
+    g = torch.Generator().manual_seed(5)
+    x0, lw0, lb0, w0 = (torch.randn(*s, generator=g) for s in ((2, 5, 8), (8,), (8,), (4, 8)))
+
+    def run(fn):
+        x, ln_w = x0.clone().requires_grad_(True), lw0.clone().requires_grad_(True)
+        ln_b, w = lb0.clone(), w0.clone()  # frozen
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, ln_w, ln_b, w)
+        y.float().sum().backward()
+        return x.grad, ln_w.grad, ln_b.grad, w.grad
+
+    for fused, eager in ((lambda x, lw, lb, w: recompute.autocast_layer_norm_linear(
+                              x, lw, lb, 1e-5, w),
+                          lambda x, lw, lb, w: _eager(x, lw, lb, w, with_gelu=False)),
+                         (lambda x, lw, lb, w: recompute.autocast_gelu_linear(x, w),
+                          lambda x, lw, lb, w: _eager(x, lw, lb, w, with_gelu=True))):
+        got, want = run(fused), run(eager)
+        assert got[2] is None and got[3] is None  # frozen: no gradient computed
+        for a, b in zip(got, want, strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    x = x0.clone().requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = recompute.autocast_layer_norm_linear(x, ln_w, ln_b, 1e-5, w)
-        z = recompute.autocast_gelu_linear(x, w)
+        y = recompute.autocast_gelu_linear(x, w0)
     assert "AutocastMiddleLinear" in y.grad_fn.name() and y.dtype == torch.bfloat16
-    (y.float().sum() + z.float().sum()).backward()
-    assert x.grad is not None and x.grad.dtype == torch.float32
-    ref = x.detach().clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y2 = _eager(ref, ln_w, ln_b, w, with_gelu=False)
-        z2 = _eager(ref, ln_w, ln_b, w, with_gelu=True)
-    (y2.float().sum() + z2.float().sum()).backward()
-    torch.testing.assert_close(x.grad, ref.grad, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        torch.autograd.grad(y.float().sum(), x, create_graph=True)
+    torch.autograd.grad(y.float().sum(), x)  # a plain backward is fine
 
 
 def _saved_activation_bytes(module, impl, x, latents):

@@ -442,3 +442,22 @@ def test_a_second_extraction_into_the_same_folder_stops_at_once(teacher_synth_di
     assert _extract(data, out).complete
     assert not (out / ".index.json.tmp-999999999").exists()
     assert (out / f".plan.json.tmp-{os.getppid()}").exists()
+
+
+def test_an_image_path_that_is_a_folder_is_not_retried_forever(tiny_weights, teacher_synth_dir,
+                                                                tmp_path):
+    """A rejected image whose path exists but is no file (a folder) is still unreadable: a
+    rerun over the finished cache redoes nothing (it redid that shard every time)."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(teacher_synth_dir, data_dir)
+    entry = next(json.loads(x) for x in (data_dir / "train.jsonl").read_text().splitlines()
+                 if "image" in x)
+    image = data_dir / entry["image"]
+    image.unlink()
+    image.mkdir()
+    teachers = build_teachers("depth", {"depth": str(tiny_weights["depth"])})
+    kwargs = dict(shard_size=SHARD_SIZE, batch_size=3, num_workers=0)
+    first = extract_targets(data_dir / "train.jsonl", tmp_path / "c", teachers, **kwargs)
+    assert first.rejects == {"missing_image": 1}
+    again = extract_targets(data_dir / "train.jsonl", tmp_path / "c", teachers, **kwargs)
+    assert again.shards_written == [] and again.cache_rejects == {"missing_image": 1}

@@ -279,24 +279,40 @@ def test_an_io_error_is_a_corrupt_target_not_a_crash(synth_cache, monkeypatch):
     key = index["shards"][0]["keys"][0]
     real_pread = os.pread
 
+    header_bytes = int.from_bytes((synth_cache / index["shards"][0]["file"]).read_bytes()[:8],
+                                  "little")
+    failing = {"at": None}
+
     def failing_pread(fd, n, offset):
-        if n > 64:  # a row, not the header
+        if failing["at"] == "row" and offset >= 8 + header_bytes:  # a row, not the header
+            raise OSError(5, "Input/output error")
+        if failing["at"] == "header" and offset == 8:
             raise OSError(5, "Input/output error")
         return real_pread(fd, n, offset)
 
     monkeypatch.setattr(cache_mod.os, "pread", failing_pread)
     cache = TargetCache(synth_cache)
+    failing["at"] = "row"
     targets, reason, detail = cache.lookup(key)
-    assert targets is None and reason == "corrupt_target" and "Input/output error" in detail
-    monkeypatch.setattr(cache_mod.os, "pread", real_pread)
-    assert cache.lookup(key)[1] is None  # not remembered: the next read succeeds
+    assert targets is None and reason == "corrupt_target"
+    assert "cannot read row" in detail and "Input/output error" in detail
+    failing["at"] = None
+    assert cache.lookup(key)[1] is None  # the next read succeeds
+    fresh = TargetCache(synth_cache)
+    failing["at"] = "header"
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):  # opening the shard fails: reported, not remembered, nothing leaked
+        targets, reason, detail = fresh.lookup(key)
+        assert reason == "corrupt_target" and "cannot read" in detail
+    assert len(os.listdir("/proc/self/fd")) == fds
+    failing["at"] = None
+    assert fresh.lookup(key)[1] is None
 
     def no_open(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(cache_mod.os, "open", no_open)
-    fresh = TargetCache(synth_cache)
-    assert fresh.lookup(key)[1] == "corrupt_target"
+    assert TargetCache(synth_cache).lookup(key)[1] == "corrupt_target"
 
 
 def test_a_damaged_index_names_its_file(synth_cache, tmp_path):

@@ -101,6 +101,10 @@ class _AutocastMiddleLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True: the recompute below detaches
+            raise RuntimeError("the perceiver heads' autocast recompute (impl='torch' under "
+                               "torch.autocast) has no double backward; a gradient penalty "
+                               "through the heads needs impl='reference'")
         x, w, *params = ctx.saved_tensors
         _, need_x, need_w, *need_params = ctx.needs_input_grad
         kind, dtype = ctx.autocast
