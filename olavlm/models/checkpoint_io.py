@@ -34,6 +34,7 @@ target, renamed into place at the end: a crash never leaves a checkpoint that lo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -49,6 +50,8 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from olavlm._fs import host_tag, process_alive
 
 from .config import ModelConfig
 from .ola import OlaVLM
@@ -437,7 +440,7 @@ def _atomic_dir(out_dir: str | Path, overwrite: bool, record: Mapping | None = N
                 f"replaces an earlier export only; choose another folder, or delete it "
                 f"yourself if it is an export from an older version")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{_host_tag()}-{os.getpid()}-"
+    tag = f"{host_tag()}-{os.getpid()}-"
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{tag}", dir=out.parent))
     try:
         yield tmp
@@ -452,51 +455,44 @@ def _atomic_dir(out_dir: str | Path, overwrite: bool, record: Mapping | None = N
             old = out.parent / f".{out.name}.old-{tag}{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
             os.replace(tmp, out)
-            shutil.rmtree(old)
+            # From here ``out`` is the new export: nothing below may fail the write (a
+            # leftover ``old`` is removed by the next write into this name).
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        with contextlib.suppress(OSError):
+            _fsync_dir(out.parent)
         _remove_dead_leftovers(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _host_tag() -> str:
-    import socket
-
-    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:40] or "host"
-
-
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-)?"
-                       r"[A-Za-z0-9_]+")
+# ``.<name>.tmp-<host>-<pid>-<mkdtemp's 8>`` / ``.<name>.old-<host>-<pid>-<8 hex>``, and the
+# names of versions without host and pid (only those exact shapes: a user's `.hf.old-backup`
+# is not ours).
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-"
+                       r"[a-z0-9_]{8}")
+_LEGACY_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp-[a-z0-9_]{8}|old-[0-9a-f]{8})")
 
 
 def _remove_dead_leftovers(out: Path) -> None:
     """Remove ``.<name>.tmp-*`` / ``.<name>.old-*`` beside ``out`` left by a killed write into
     the same name: those of a process of this host that no longer runs, and those of older
     versions (no host and pid in the name). ``out`` itself was just written, so nothing they
-    hold is the only copy of an export."""
-    host = _host_tag()
+    hold is the only copy of an export. Never raises: ``out`` is in place already."""
+    host = host_tag()
     for path in out.parent.glob(f".{glob_escape(out.name)}.[to][ml][pd]-*"):
         match = _LEFTOVER.fullmatch(path.name)
-        if match is None or match["name"] != out.name or not path.is_dir():
+        legacy = None if match else _LEGACY_LEFTOVER.fullmatch(path.name)
+        found = match or legacy
+        if found is None or found["name"] != out.name or not path.is_dir():
             continue
-        if match["pid"] is not None and (match["host"] != host or _alive(int(match["pid"]))):
+        if match and (match["host"] != host or process_alive(int(match["pid"]))):
             continue
         warnings.warn(f"removing {path}: the leftover of an interrupted export into {out}",
                       stacklevel=4)
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -10,7 +10,7 @@ Layout of a cache folder::
                                  written after the shard, so its presence means "shard done"
     index.json                   written last: every shard, its checksum, keys, the digests
                                  of the images' files, and the rejects
-    .extract-rank-<r>.lock       held (fcntl) by rank r of a running extraction
+    .extract.lock                POSIX record locks of a running extraction (extract.py)
 
 Each shard is a standard safetensors file (readable by any safetensors tool) holding, per task,
 ``<task>`` (N, *shape) in bf16, or float8 e4m3 plus ``<task>.scale`` (N, R) fp32 (one scale per
@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from olavlm._fs import host_tag
 
 from .quantize import dequantize_fp8
 
@@ -79,7 +81,7 @@ def sidecar_name(k: int) -> str:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` is either absent, or old, or complete."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{host_tag()}-{os.getpid()}")
     with open(tmp, "wb") as f:
         _write_all(f, data)
         f.flush()

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from olavlm._fs import dead_writer
 from olavlm.data.bad_data import BadSampleError, Reject, RejectLog, check_policy
 from olavlm.data.images import image_digest, load_image, pil_to_uint8, read_image_file
 from olavlm.data.llava import LlavaIndex, image_key, resolve_image_path
@@ -262,54 +263,59 @@ def _plan_changes(old: dict, new: dict) -> str:
     return "; ".join(names.get(c.split(":", 1)[0], "") or c for c in changes) or "format"
 
 
-def _lock_extraction(out: Path, rank: int):
-    """Hold ``out/.extract-rank-<rank>.lock`` (fcntl) for the extraction: a second job
-    extracting into the same folder (a requeued copy, the same command in another terminal)
-    would delete this one's temporary files and kill it. Returns the open file (None where
-    file locks are unsupported: a warning)."""
-    try:
+LOCK_NAME = ".extract.lock"
+
+
+class _ExtractionLock:
+    """POSIX record locks on one byte each of ``out/.extract.lock``: byte 0 by a job's rank 0
+    (it writes the plan, may clear the folder, writes the index), byte ``1 + k`` by the rank
+    working on shard ``k``. A second extraction into the same folder (a requeued copy, the
+    same command in another terminal, another world size) stops before touching anything
+    instead of deleting this one's temporary files. Closing releases every lock (the OS does
+    when the process dies). Where the file system has no locks: a warning, no lock."""
+
+    def __init__(self, out: Path):
+        self.out, self.handle = out, None
+        try:
+            import fcntl  # noqa: F401 - POSIX only
+        except ImportError:  # pragma: no cover
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.handle = open(out / LOCK_NAME, "a+")  # noqa: SIM115 - held while extracting
+        except OSError as exc:
+            logger.warning("cannot lock %s (%s): extracting without the lock", out, exc)
+
+    def take(self, byte: int, what: str) -> None:
+        if self.handle is None:
+            return
+        import errno
         import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        return None
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f".extract-rank-{rank:05d}.lock"
-    try:
-        handle = open(path, "a+")  # noqa: SIM115 - held for the extraction
-    except OSError as exc:
-        logger.warning("cannot lock %s (%s): extracting without the lock", out, exc)
-        return None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise ValueError(f"out={str(out)!r} is in use by another extraction (rank {rank} of "
-                         f"it holds {path.name}): wait for it to finish or stop it; nothing "
-                         "was changed") from None
-    except OSError as exc:  # no flock here (Lustre without -o flock, some FUSE mounts)
-        handle.close()
-        logger.warning("cannot lock %s (%s: file locks unsupported here?): extracting "
-                       "without the lock", out, exc)
-        return None
-    return handle
+
+        try:
+            fcntl.lockf(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte, os.SEEK_SET)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                self.close()
+                raise ValueError(f"out={str(self.out)!r} is in use by another extraction "
+                                 f"(it holds {what}): wait for it to finish or stop it; "
+                                 "nothing was changed") from None
+            logger.warning("cannot lock %s (%s: file locks unsupported here?): extracting "
+                           "without the lock", self.out, exc)
+            self.close()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
 
 def _remove_dead_temporaries(out: Path) -> None:
-    """``.plan.json.tmp-<pid>`` / ``.index.json.tmp-<pid>`` left by a killed process (the
-    shard ones are removed with their shard's redo)."""
+    """``.plan.json.tmp-<host>-<pid>`` / ``.index.json.tmp-...`` left by a killed process of
+    this host (the shard ones are removed with their shard's redo, under its lock)."""
     for path in [*out.glob(f".{PLAN}.tmp-*"), *out.glob(f".{INDEX}.tmp-*")]:
-        pid = path.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if dead_writer(path.name.split(".tmp-", 1)[1]):
             path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _shard_done(out: Path, k: int, plan_digest: str) -> bool:
@@ -597,19 +603,20 @@ def extract_targets(data, out, teachers: Sequence[Teacher], *, image_folder=None
     items = image_items(index, image_folder)
     plan = _plan(teachers, items, storage, shard_size, resize)
     out = Path(out)
-    lock = _lock_extraction(out, rank)
+    lock = _ExtractionLock(out)
     try:
+        if rank == 0:
+            lock.take(0, "the folder")
         return _extract_locked(teachers, index, items, plan, out, rank, world_size, barrier,
-                               start, image_folder=image_folder, storage=storage,
+                               start, lock, image_folder=image_folder, storage=storage,
                                shard_size=shard_size, batch_size=batch_size,
                                num_workers=num_workers, resize=resize, overwrite=overwrite,
                                on_bad_sample=on_bad_sample, rejects_path=rejects_path)
     finally:
-        if lock is not None:
-            lock.close()  # (closing the file releases its flock)
+        lock.close()
 
 
-def _extract_locked(teachers, index, items, plan, out, rank, world_size, barrier, start, *,
+def _extract_locked(teachers, index, items, plan, out, rank, world_size, barrier, start, lock, *,
                     image_folder, storage, shard_size, batch_size, num_workers, resize,
                     overwrite, on_bad_sample, rejects_path) -> ExtractReport:
     _prepare(out, plan, overwrite, rank, barrier)
@@ -629,6 +636,8 @@ def _extract_locked(teachers, index, items, plan, out, rank, world_size, barrier
         logger.info("targets: redoing %d finished shards whose rejected images are readable "
                     "now", len(retried))
     todo = [k for k in mine if k not in finished or k in retried]
+    for k in todo:  # before deleting their temporaries: another job may be writing them
+        lock.take(1 + k, f"shard {k}")
     for k in todo:  # leftovers of an interrupted write of these shards
         for stale in [*out.glob(f".{shard_name(k)}.tmp-*"), *out.glob(f".{sidecar_name(k)}.tmp-*")]:
             stale.unlink()

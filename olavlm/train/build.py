@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from olavlm._fs import process_alive
 from olavlm.models.config import ModelConfig
 from olavlm.models.ola import OlaVLM
 
@@ -58,7 +59,7 @@ def generate_folder(final: Path, build: Callable[[Path], object], *,
     host = socket.gethostname()
     for stale in final.parent.glob(f".tmp-{final.name}-{host}-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".tmp-{final.name}-{host}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -76,16 +77,6 @@ def generate_folder(final: Path, build: Callable[[Path], object], *,
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 def _data_files(cfg, data_root: Path | None) -> tuple[list[Path], Path | None]:

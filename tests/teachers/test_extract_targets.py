@@ -421,27 +421,61 @@ def test_a_plan_mismatch_names_what_changed(teacher_synth_dir, tmp_path):
         _extract(data, tmp_path / "c", storage="fp8_e4m3")
 
 
-def test_a_second_extraction_into_the_same_folder_stops_at_once(teacher_synth_dir, tmp_path):
-    """While an extraction runs (it holds its rank's lock), another one into the same --out
-    stops before touching anything (it deleted the first one's temporary files and killed
-    it); afterwards the same command resumes, and killed writes' plan/index temporaries of
-    dead processes are removed."""
-    from olavlm.teachers.extract import _lock_extraction
+_HOLD_LOCK = textwrap.dedent("""
+    import fcntl, os, sys
+    handle = open(sys.argv[1], "a+")
+    for byte in map(int, sys.argv[2:]):
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte, os.SEEK_SET)
+    print("locked", flush=True)
+    sys.stdin.read()
+""")
 
+
+def _hold_lock(out: Path, *bytes_):
+    """Another process holding bytes of out/.extract.lock as a running extraction does
+    (POSIX record locks never conflict within one process)."""
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out / ".extract.lock"),
+                             *map(str, bytes_)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_extraction_into_the_same_folder_stops_at_once(teacher_synth_dir, tmp_path):
+    """While an extraction runs, another one into the same --out stops before touching
+    anything (it deleted the first one's temporary files and killed it): a second rank 0
+    (the folder), or a rank of another world size reaching a shard the first one writes.
+    Afterwards the same command resumes, and killed writers' plan/index temporaries (dead
+    processes of this host) are removed."""
     data = teacher_synth_dir / "train.jsonl"
     out = tmp_path / "c"
-    held = _lock_extraction(out, 0)
+    holder = _hold_lock(out, 0)  # a running job's rank 0
     try:
-        with pytest.raises(ValueError, match="is in use by another extraction"):
+        with pytest.raises(ValueError, match="in use by another extraction .*the folder"):
             _extract(data, out)
         assert not (out / "plan.json").exists()
     finally:
-        held.close()
-    (out / ".index.json.tmp-999999999").write_text("{")  # a killed writer's (no such pid)
-    (out / f".plan.json.tmp-{os.getppid()}").write_text("{")  # a running one's: kept
-    assert _extract(data, out).complete
-    assert not (out / ".index.json.tmp-999999999").exists()
-    assert (out / f".plan.json.tmp-{os.getppid()}").exists()
+        holder.communicate("")
+    _extract(data, out, rank=0, world_size=2)  # half the shards done
+    tmp = out / ".shard-00001.safetensors.tmp-12345"  # another job's shard 1 in progress
+    tmp.write_bytes(b"partial")
+    holder = _hold_lock(out, 1 + 1)  # its rank 1 of 2 holds shard 1
+    try:
+        with pytest.raises(ValueError, match="in use by another extraction .*shard 1"):
+            _extract(data, out)  # one process: shard 1 is in its work list
+        assert tmp.read_bytes() == b"partial"  # not deleted under the other job
+    finally:
+        holder.communicate("")
+    from olavlm._fs import host_tag
+
+    dead = out / f".index.json.tmp-{host_tag()}-999999999"  # a killed writer's
+    running = out / f".plan.json.tmp-{host_tag()}-{os.getppid()}"  # a running one's: kept
+    elsewhere = out / ".plan.json.tmp-otherhost-999999999"  # another host's: not ours to judge
+    for path in (dead, running, elsewhere):
+        path.write_text("{")
+    assert _extract(data, out).complete and not tmp.exists()
+    assert not dead.exists() and running.exists() and elsewhere.exists()
 
 
 def test_an_image_path_that_is_a_folder_is_not_retried_forever(tiny_weights, teacher_synth_dir,

@@ -390,20 +390,23 @@ def test_leftovers_of_a_killed_export_are_removed_by_the_next(trained, tmp_path)
     processes on this host and of older versions, and keeps a running process's."""
     import os
 
-    from olavlm.models.checkpoint_io import _host_tag
+    from olavlm._fs import host_tag
 
     trainer, _ = trained
-    host = _host_tag()
-    dead = tmp_path / f".hf.tmp-{host}-999999999-abc123"  # no such pid
+    host = host_tag()
+    dead = tmp_path / f".hf.tmp-{host}-999999999-abc12345"  # no such pid
     legacy = tmp_path / ".hf.old-1a2b3c4d"
-    running = tmp_path / f".hf.tmp-{host}-{os.getpid()}-xyz"
-    other = tmp_path / ".hf2.tmp-legacy1"  # another export's name: not ours to touch
-    for p in (dead, legacy, running, other):
+    running = tmp_path / f".hf.tmp-{host}-{os.getpid()}-xyz12345"
+    remote = tmp_path / ".hf.tmp-otherhost-999999999-abc12345"  # cannot be checked from here
+    other = tmp_path / ".hf2.tmp-legacy12"  # another export's name: not ours to touch
+    backup = tmp_path / ".hf.old-backup"  # a user's folder, not our name shape
+    for p in (dead, legacy, running, remote, other, backup):
         p.mkdir()
         (p / "model.safetensors").write_bytes(b"x")
     with pytest.warns(UserWarning, match="leftover of an interrupted export"):
         export_checkpoint(trainer.run_dir, tmp_path / "hf")
-    assert not dead.exists() and not legacy.exists() and running.exists() and other.exists()
+    assert not dead.exists() and not legacy.exists()
+    assert running.exists() and remote.exists() and other.exists() and backup.exists()
 
 
 def test_export_from_inside_the_checkpoints_folder(trained, tmp_path, monkeypatch):
