@@ -591,17 +591,26 @@ def _merge(base: dict, top: Mapping, tp: Any = None) -> dict:
     return out
 
 
+# Keys added after run configs were first saved: a config.yaml written before one of them
+# existed is still a complete saved config (the key takes its dataclass default).
+ADDED_KEYS = frozenset({"teachers.resize"})
+
+
 def _is_complete(data: Mapping) -> bool:
-    """Whether ``data`` sets every key of every section: a run's saved config.yaml, which
-    replays as is (the recipe's mappings are not merged into the ones the run narrowed)."""
+    """Whether ``data`` sets every key of every section (``ADDED_KEYS`` may be missing): a
+    run's saved config.yaml, which replays as is (the recipe's mappings are not merged into
+    the ones the run narrowed)."""
 
-    def covers(cls, node) -> bool:
-        if not isinstance(node, Mapping) or set(_field_names(cls)) - set(node):
+    def covers(cls, node, prefix: str) -> bool:
+        if not isinstance(node, Mapping):
             return False
-        return all(covers(tp, node[name]) for name, tp in _hints(cls).items()
-                   if dataclasses.is_dataclass(tp))
+        if {f"{prefix}{n}" for n in set(_field_names(cls)) - set(node)} - ADDED_KEYS:
+            return False
+        return all(covers(tp, node[name], f"{prefix}{name}.")
+                   for name, tp in _hints(cls).items()
+                   if dataclasses.is_dataclass(tp) and name in node)
 
-    return covers(Config, data)
+    return covers(Config, data, "")
 
 
 def resolve_config(recipe: str | None, config_file: str | os.PathLike | None,

@@ -415,3 +415,23 @@ def test_an_integral_float_string_is_taken_for_an_int(tmp_path):
     path.write_text("train:\n  max_steps: 2.5e0\n")
     with pytest.raises(ValueError, match="train.max_steps: expected int"):
         resolve_config("demo", str(path), [])
+
+
+def test_a_config_saved_before_a_key_was_added_still_replays_as_is(tmp_path):
+    """A config.yaml written before `teachers.resize` existed is still a run's complete saved
+    config: narrowed mappings stay narrowed (they were refilled from the recipe), the new key
+    takes its default, and another recipe name is refused as for any saved config."""
+    from olavlm.config import ADDED_KEYS, load_config_file
+
+    narrowed = resolve_config("demo", None, ['teachers.synthetic={"depth_dim": 4}'])
+    path, _ = save_resolved_config(narrowed, tmp_path / "run")
+    data = load_config_file(path)
+    for key in ADDED_KEYS:
+        section, name = key.split(".")
+        del data[section][name]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    replayed = resolve_config(None, str(old), [])
+    assert replayed == narrowed and replayed.teachers.synthetic == {"depth_dim": 4}
+    with pytest.raises(ValueError, match="complete saved config"):
+        resolve_config("pt", str(old), [])

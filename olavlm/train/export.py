@@ -84,14 +84,40 @@ def _checkpoint_config(run_dir: Path, ckpt: Path):
     if isinstance(recorded, dict):
         return resolve_config(None, ckpt, settings, config_data=recorded)
     config_file = _run_config_file(run_dir)
-    earlier = sorted(p.name for p in run_dir.glob(f"{config_file.stem}.*{config_file.suffix}"))
-    if earlier:
-        warnings.warn(f"{ckpt} predates the config record in checkpoints and the run's config "
-                      f"changed between its legs ({', '.join(earlier)} kept): exported with "
-                      f"the latest {config_file.name}; if that leg changed model settings "
-                      f"(layer_indices, the tower, max_length) after this checkpoint, the "
-                      f"export describes these weights wrongly", stacklevel=3)
+    changed = _model_changes_between_legs(run_dir, config_file)
+    if changed:
+        warnings.warn(f"{ckpt} predates the config record in checkpoints, and the run's model "
+                      f"settings changed between its legs ({'; '.join(changed[:5])}): exported "
+                      f"with the latest {config_file.name}; if this checkpoint was written "
+                      f"before that change, the export describes its weights wrongly",
+                      stacklevel=3)
     return resolve_config(None, str(config_file), settings)
+
+
+# What the export records about the weights beyond their shapes.
+_MODEL_KEYS = ("model.", "data.aspect", "data.template", "data.image_size")
+
+
+def _model_changes_between_legs(run_dir: Path, config_file: Path) -> list[str]:
+    """``"model.layer_indices: ... -> ..."`` between each archived leg's config
+    (``config.<n>.yaml``, kept when a resume changed the config or the environment) and the
+    latest, for the keys that describe the model (an environment-only change is none)."""
+    from olavlm.config import load_config_file
+    from olavlm.run_record import config_changes
+
+    try:
+        latest = load_config_file(config_file)
+    except (OSError, ValueError):
+        return []
+    out: list[str] = []
+    for earlier in sorted(run_dir.glob(f"{config_file.stem}.*{config_file.suffix}")):
+        try:
+            old = load_config_file(earlier)
+        except (OSError, ValueError):
+            continue
+        out += [f"{earlier.name}: {c}" for c in config_changes(old, latest)
+                if c.startswith(_MODEL_KEYS) and f"{earlier.name}: {c}" not in out]
+    return out
 
 
 def _seed_aspect(aspect: str) -> str:
@@ -191,9 +217,8 @@ def run_export(args) -> int:
             CheckpointError) as exc:
         print(f"olavlm export: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # the disk: no space, no permission, a read-only file system
-        print(f"olavlm export: could not write {args.out}: {exc} (nothing was replaced)",
-              file=sys.stderr)
+    except OSError as exc:  # reading the run, or writing: no space, no permission...
+        print(f"olavlm export: {exc} (--out {args.out} was not changed)", file=sys.stderr)
         return 1
     print(f"exported {ckpt} ({args.format}, with the run's tokenizer) to {out}")
     return 0

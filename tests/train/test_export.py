@@ -320,6 +320,14 @@ def test_a_checkpoint_exports_with_the_config_it_was_trained_under(tmp_path):
         out = export_checkpoint(legacy / "checkpoints" / old.name, tmp_path / "hf-legacy")
     assert json.loads((out / "olavlm_config.json").read_text())["layer_indices"] == \
         "d1-3_s2-4_g1-2"  # the latest config.yaml: what the warning is about
+    # A leg that changed only the environment (another host, new versions) archives its
+    # config too: no model setting changed, no warning.
+    shutil.copy(legacy / "config.yaml", legacy / "config.1.yaml")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_checkpoint(legacy / "checkpoints" / old.name, tmp_path / "hf-legacy2")
 
 
 def test_the_seed_config_records_the_image_view_the_run_trained_with(trained, tmp_path):
@@ -350,8 +358,8 @@ def test_a_disk_error_is_one_line_and_exit_1(trained, tmp_path, monkeypatch, cap
                               format="seed", overwrite=False)
     assert run_export(args) == 1
     err = capsys.readouterr().err
-    assert err.startswith("olavlm export: could not write ") and "No space left" in err
-    assert "nothing was replaced" in err and not (tmp_path / "s").exists()
+    assert err.startswith("olavlm export: [Errno 28] No space left on device")
+    assert "was not changed" in err and not (tmp_path / "s").exists()
 
 
 def test_a_checkpoint_pruned_while_it_loads_gives_way_to_the_new_latest(tmp_path, monkeypatch):
