@@ -56,6 +56,18 @@ def test_matches_the_float64_composition(with_gelu, dtype, frozen):
         assert_close_to_reference(got, ref, eag, name=name, reduction_size=3 * 17)
 
 
+class _Unfused(modules._TorchOps):
+    """The fast path's torch ops with the plain compositions (autograd keeps the middles)."""
+
+    @staticmethod
+    def layer_norm_linear(x, ln, weight):
+        return F.linear(modules._TorchOps.layer_norm(x, ln), weight)
+
+    @staticmethod
+    def gelu_linear(a, weight):
+        return F.linear(F.gelu(a), weight)
+
+
 def _saved_bytes(module, impl, x, latents):
     total = [0]
 
@@ -75,16 +87,7 @@ def test_the_depth_head_keeps_three_activations_fewer(monkeypatch):
     x, latents = _inputs("depth", batch=3, tokens=20)
     fused = _saved_bytes(head, "torch", x, latents)
 
-    class Unfused(modules._TorchOps):
-        @staticmethod
-        def layer_norm_linear(x, ln, weight):
-            return F.linear(modules._TorchOps.layer_norm(x, ln), weight)
-
-        @staticmethod
-        def gelu_linear(a, weight):
-            return F.linear(F.gelu(a), weight)
-
-    monkeypatch.setattr(modules, "_TorchOps", Unfused)
+    monkeypatch.setattr(modules, "_TorchOps", _Unfused)
     unfused = _saved_bytes(copy.deepcopy(head), "torch", x, latents)
     b, n, m, dim = 3, 20, 36, 96
     assert unfused - fused == (b * n * dim + 2 * b * m * dim) * 4
@@ -206,16 +209,7 @@ def test_under_autocast_the_depth_head_keeps_the_middles_out(monkeypatch):
     x, latents = _inputs("depth", batch=3, tokens=20)
     fused = _saved_activation_bytes(head, "torch", x, latents)
 
-    class Unfused(modules._TorchOps):
-        @staticmethod
-        def layer_norm_linear(x, ln, weight):
-            return F.linear(modules._TorchOps.layer_norm(x, ln), weight)
-
-        @staticmethod
-        def gelu_linear(a, weight):
-            return F.linear(F.gelu(a), weight)
-
-    monkeypatch.setattr(modules, "_TorchOps", Unfused)
+    monkeypatch.setattr(modules, "_TorchOps", _Unfused)
     unfused = _saved_activation_bytes(copy.deepcopy(head), "torch", x, latents)
     b, n, m, dim, inner = 3, 20, 36, 96, 8 * 4  # inner: dim_head * heads
     bf16, stats = 2, 2 * 4
