@@ -61,6 +61,7 @@ logger = logging.getLogger("olavlm.teachers")
 # Where the image teachers' inputs are resized: on their device, or by PIL in the loader workers.
 RESIZE_MODES = ("device", "host")
 
+
 def image_items(index: LlavaIndex, image_folder=None) -> list[tuple[str, int]]:
     """(image key, entry index of its first use) for each distinct image, in data order.
 
