@@ -435,3 +435,25 @@ def test_a_config_saved_before_a_key_was_added_still_replays_as_is(tmp_path):
     assert replayed == narrowed and replayed.teachers.synthetic == {"depth_dim": 4}
     with pytest.raises(ValueError, match="complete saved config"):
         resolve_config("pt", str(old), [])
+
+
+def test_resuming_a_run_saved_before_a_key_was_added_warns_about_nothing(tmp_path, caplog):
+    """The folder's config.yaml lacks a key added since (at its default now): resuming lists
+    no change for it; a real change is still listed."""
+    from olavlm.config import ADDED_KEYS, load_config_file
+    from olavlm.train.trainer import _warn_changed_config
+
+    cfg = resolve_config("demo", None, [])
+    path, _ = save_resolved_config(cfg, tmp_path)
+    data = load_config_file(path)
+    for key in ADDED_KEYS:
+        section, name = key.split(".")
+        del data[section][name]
+    path.unlink()
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with caplog.at_level("WARNING", logger="olavlm.train"):
+        _warn_changed_config(tmp_path, cfg)
+    assert "differs" not in caplog.text
+    with caplog.at_level("WARNING", logger="olavlm.train"):
+        _warn_changed_config(tmp_path, resolve_config("demo", None, ["optim.lr=5e-4"]))
+    assert "optim.lr: 0.001 -> 0.0005" in caplog.text and "resize" not in caplog.text
