@@ -310,9 +310,19 @@ def _check_cache_coverage(dataset, cache, where: str, sample: int = 1000,
                        "have no cached targets; those samples train without embedding losses "
                        "(teachers.on_missing_target)", images - found, images,
                        100.0 * (images - found) / images)
+    # Up to ``digests`` of the found ones: their image files against the recorded digests,
+    # and their targets read (an index copied without its shard files, shards gone or
+    # replaced, would mask every embedding loss of the run).
     checked, stale, example = 0, 0, ""
+    read, damaged, problem = 0, 0, ""
     for i, relative in hits[:: max(1, len(hits) // digests)][:digests]:
-        stored = cache.image_digest(image_key(relative))
+        key = image_key(relative)
+        _, reason, detail = cache.lookup(key)
+        read += 1
+        if reason is not None:
+            damaged += 1
+            problem = problem or detail
+        stored = cache.image_digest(key)
         try:
             data = read_image_file(dataset.image_path(i, relative))
         except (FileNotFoundError, OSError):
@@ -333,15 +343,6 @@ def _check_cache_coverage(dataset, cache, where: str, sample: int = 1000,
         logger.warning("teachers.cache_dir: %d of %d images checked changed since their "
                        "targets were extracted (e.g. %r); those samples train without "
                        "embedding losses (stale_target)", stale, checked, example)
-    # The shard files themselves: an index copied without its shards (or shards gone, or
-    # replaced) would mask every embedding loss for the whole run.
-    read, damaged, problem = 0, 0, ""
-    for _, relative in hits[:: max(1, len(hits) // digests)][:digests]:
-        _, reason, detail = cache.lookup(image_key(relative))
-        read += 1
-        if reason is not None:
-            damaged += 1
-            problem = problem or detail
     if read and damaged == read:
         raise ValueError(
             f"teachers.cache_dir: {where}: the targets of all {read} images read are unreadable "
