@@ -596,21 +596,30 @@ def _merge(base: dict, top: Mapping, tp: Any = None) -> dict:
 ADDED_KEYS = frozenset({"teachers.resize"})
 
 
+def with_added_keys(data: Mapping) -> dict:
+    """``data`` (a saved config) with the ``ADDED_KEYS`` it predates set to their defaults:
+    what the run ran with, comparable key by key with a config of this version."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    defaults = config_to_dict(Config())
+    for key in ADDED_KEYS:
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict) and name not in out[section]:
+            out[section][name] = defaults[section][name]
+    return out
+
+
 def _is_complete(data: Mapping) -> bool:
-    """Whether ``data`` sets every key of every section (``ADDED_KEYS`` may be missing): a
-    run's saved config.yaml, which replays as is (the recipe's mappings are not merged into
-    the ones the run narrowed)."""
+    """Whether ``data`` sets every key of every section (one written before an ``ADDED_KEYS``
+    key existed too): a run's saved config.yaml, which replays as is (the recipe's mappings
+    are not merged into the ones the run narrowed)."""
 
-    def covers(cls, node, prefix: str) -> bool:
-        if not isinstance(node, Mapping):
+    def covers(cls, node) -> bool:
+        if not isinstance(node, Mapping) or set(_field_names(cls)) - set(node):
             return False
-        if {f"{prefix}{n}" for n in set(_field_names(cls)) - set(node)} - ADDED_KEYS:
-            return False
-        return all(covers(tp, node[name], f"{prefix}{name}.")
-                   for name, tp in _hints(cls).items()
-                   if dataclasses.is_dataclass(tp) and name in node)
+        return all(covers(tp, node[name]) for name, tp in _hints(cls).items()
+                   if dataclasses.is_dataclass(tp))
 
-    return covers(Config, data, "")
+    return covers(Config, with_added_keys(data))
 
 
 def resolve_config(recipe: str | None, config_file: str | os.PathLike | None,

@@ -147,14 +147,11 @@ def _warn_changed_config(run_dir: Path, cfg: Config) -> None:
     old = previous_config(run_dir)
     if old is None:
         return
-    from olavlm.config import ADDED_KEYS
+    from olavlm.config import with_added_keys
 
-    # A key added since the folder's config was written, at its default, changes nothing.
-    defaults = config_to_dict(Config())
-    added = {f"{k}: '(unset)' -> {defaults[k.split('.')[0]][k.split('.')[1]]!r}"
-             for k in ADDED_KEYS}
-    changes = [c for c in config_changes(old, config_to_dict(cfg))
-               if not c.startswith("checkpoint.resume:") and c not in added]
+    # (a key added since the folder's config was written ran at its default)
+    changes = [c for c in config_changes(with_added_keys(old), config_to_dict(cfg))
+               if not c.startswith("checkpoint.resume:")]
     if changes:
         logger.warning("resuming %s with a config that differs from its last one (kept as "
                        "config.<n>.yaml); from this step on:\n  %s", run_dir,
