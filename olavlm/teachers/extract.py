@@ -319,32 +319,41 @@ def _remove_dead_temporaries(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _shard_done(out: Path, k: int, plan_digest: str) -> bool:
+def _done_sidecar(out: Path, k: int, plan_digest: str) -> dict | None:
+    """Shard ``k``'s sidecar when the shard is done (the sidecar is of this plan and the
+    shard has the size it names), else None (a damaged sidecar: redo the shard)."""
     side = out / sidecar_name(k)
     if not side.is_file():
-        return False
+        return None
     try:
         info = read_json(side)
-        return (info.get("plan") == plan_digest and
+        done = (info.get("plan") == plan_digest and
                 (out / info["file"]).stat().st_size == info["bytes"])
     except (OSError, ValueError, KeyError):
-        return False  # a damaged sidecar: redo the shard
+        return None
+    return info if done else None
 
 
-def _rejects_now_readable(out: Path, k: int, index: LlavaIndex, entry_of: dict,
+def _shard_done(out: Path, k: int, plan_digest: str) -> bool:
+    return _done_sidecar(out, k, plan_digest) is not None
+
+
+def _rejects_now_readable(out: Path, k: int, info: dict, index: LlavaIndex, entry_of: dict,
                           image_folder) -> bool:
-    """Whether finished shard ``k`` rejected an image that is there now: a missing one that
-    exists (a wrong --image-folder fixed, files restored), an unreadable one whose file
-    changed after the shard was written, or one whose maps load now. Such a shard is redone
-    on resume."""
+    """Whether finished shard ``k`` (its sidecar ``info``) rejected an image that is there
+    now: a missing one that exists (a wrong --image-folder fixed, files restored), an
+    unreadable one whose file changed after the shard was written, or one whose maps load
+    now. Such a shard is redone on resume."""
     from olavlm.data.synthetic import load_scene_maps
 
-    side = out / sidecar_name(k)
+    rejects = info.get("rejects") or []
+    if not rejects:
+        return False
     try:
-        info, since = read_json(side), side.stat().st_mtime
-    except (OSError, ValueError):
-        return False  # _shard_done decides about a damaged sidecar
-    for r in info.get("rejects") or []:
+        since = (out / sidecar_name(k)).stat().st_mtime
+    except OSError:
+        return False
+    for r in rejects:
         i = entry_of.get(r.get("sample_id"))
         if i is None or r.get("reason") not in ("missing_image", "corrupt_image", "bad_maps"):
             continue
@@ -364,18 +373,14 @@ def _rejects_now_readable(out: Path, k: int, index: LlavaIndex, entry_of: dict,
     return False
 
 
-def _check_finished_images(out: Path, finished: Sequence[int], index: LlavaIndex,
+def _check_finished_images(out: Path, finished: Sequence[dict], index: LlavaIndex,
                            entry_of: dict, image_folder, sample: int = 64) -> None:
-    """Before resuming: the images of up to ``sample`` rows of the finished shards still hash
-    to the digests recorded when they were extracted. Other images under the same paths (a
-    resume with another dataset laid out alike) would mix two datasets' targets in one cache;
-    ValueError."""
+    """Before resuming: the images of up to ``sample`` rows of the finished shards (their
+    sidecars) still hash to the digests recorded when they were extracted. Other images
+    under the same paths (a resume with another dataset laid out alike) would mix two
+    datasets' targets in one cache; ValueError."""
     rows = []
-    for k in finished:
-        try:
-            info = read_json(out / sidecar_name(k))
-        except (OSError, ValueError):
-            continue
+    for info in finished:
         rows += [(key, d) for key, d in zip(info.get("keys") or [],
                                             info.get("image_digests") or [], strict=False) if d]
     checked, changed = 0, []
@@ -629,10 +634,10 @@ def _extract_locked(teachers, index, items, plan, out, rank, world_size, barrier
     num_shards = -(-len(items) // shard_size)
     mine = [k for k in range(num_shards) if k % world_size == rank]
     entry_of = dict(items)  # image key -> the entry that first uses it
-    finished = [k for k in mine if _shard_done(out, k, digest)]
-    _check_finished_images(out, finished, index, entry_of, image_folder)
-    retried = [k for k in finished
-               if _rejects_now_readable(out, k, index, entry_of, image_folder)]
+    finished = {k: info for k in mine if (info := _done_sidecar(out, k, digest)) is not None}
+    _check_finished_images(out, list(finished.values()), index, entry_of, image_folder)
+    retried = [k for k, info in finished.items()
+               if _rejects_now_readable(out, k, info, index, entry_of, image_folder)]
     if retried:
         logger.info("targets: redoing %d finished shards whose rejected images are readable "
                     "now", len(retried))
