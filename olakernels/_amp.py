@@ -18,7 +18,7 @@ import contextlib
 
 import torch
 
-__all__ = ["autocast_off", "cast_as_autocast"]
+__all__ = ["autocast_off", "autocast_layer_norm_in_fp32", "cast_as_autocast"]
 
 
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
@@ -44,3 +44,10 @@ def cast_as_autocast(device: torch.device, *tensors):
     dtype = torch.get_autocast_dtype(kind)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point()
                  and t.dtype != torch.float64 else t for t in tensors)
+
+
+def autocast_layer_norm_in_fp32(device: torch.device) -> bool:
+    """Whether eager ``F.layer_norm`` on ``device`` runs in fp32 and returns fp32 under the
+    caller's autocast: CUDA autocast (ROCm included) lists LayerNorm among its fp32 ops; CPU
+    autocast runs it in the input's dtype. A kernel standing in for it returns what it would."""
+    return device.type == "cuda" and _enabled("cuda")

@@ -311,6 +311,15 @@ def perceiver_variants(target: tuple) -> list[Variant]:
                            {"X": "*" + dt, "Y": "*" + dt}, (), {"BLOCK": 1024}))
         out.append(Variant(f"perceiver.gelu_bwd[{dt}]", k._gelu_bwd_kernel,
                            {"DY": "*" + dt, "X": "*" + dt, "DX": "*" + dt}, (), {"BLOCK": 1024}))
+    # Under CUDA autocast: a bf16 input, fp32 weights and output (fp32_out), fp32 gradient in.
+    out.append(Variant("perceiver.layer_norm_fwd[bf16->fp32]", k._layer_norm_fwd_kernel,
+                       {"X": "*bf16", "W": "*fp32", "B": "*fp32", "Y": "*fp32",
+                        "MEAN": "*fp32", "RSTD": "*fp32"}, ("eps",),
+                       {"BLOCK_M": 1, "BLOCK_N": 4096}))
+    out.append(Variant("perceiver.layer_norm_bwd[fp32->bf16]", k._layer_norm_bwd_kernel,
+                       {"DY": "*fp32", "X": "*bf16", "W": "*fp32", "MEAN": "*fp32",
+                        "RSTD": "*fp32", "DX": "*bf16", "DW_PART": "*fp32",
+                        "DB_PART": "*fp32"}, (), {"BLOCK_M": 2, "BLOCK_N": 2048}))
     return out
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._amp import _enabled as _amp_enabled
+from .._amp import autocast_layer_norm_in_fp32
 from .._triton import check_triton_device
 
 IMPLS = ("auto", "triton", "torch", "reference")
@@ -86,7 +87,11 @@ class _TritonOps:
     def layer_norm(x, ln: nn.LayerNorm):
         from .impl.triton import layer_norm_fwd  # noqa: PLC0415 - triton only when used
 
-        return layer_norm_fwd(x, ln.weight, ln.bias, ln.eps)[0]
+        # Under CUDA autocast eager's LayerNorm returns fp32 (the next Linear's cast to the
+        # autocast dtype is then the one rounding): the head's last LayerNorm output, and
+        # its dtype, are eager's.
+        return layer_norm_fwd(x, ln.weight, ln.bias, ln.eps,
+                              autocast_layer_norm_in_fp32(x.device))[0]
 
     @staticmethod
     def gelu(x):

@@ -265,6 +265,37 @@ def test_opcheck_layer_norm_and_gelu():
                                                        w.detach(), mean, rstd))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_layer_norm_fp32_out_is_autocasts_layer_norm(dtype):
+    """``fp32_out`` (what CUDA autocast's LayerNorm returns): the fp32 output is LayerNorm in
+    fp32 of the half-precision input, rounded once by whoever casts it next; the input's
+    gradient comes back in its own dtype; the fake promises the same dtypes."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(5, 33, 96, generator=g) * 3 + 1).to(dtype)
+    w, b = 1 + 0.1 * torch.randn(96, generator=g), 0.1 * torch.randn(96, generator=g)
+    dy = torch.randn(5, 33, 96, generator=g)
+
+    def run(fn, cast=None):
+        xx, ww, bb = (t.to(cast or t.dtype).clone().requires_grad_(True) for t in (x, w, b))
+        y = fn(xx, ww, bb)
+        y.backward(dy.to(y.dtype))
+        return [y, xx.grad, ww.grad, bb.grad]
+
+    got = run(lambda xx, ww, bb: triton_impl.layer_norm_fwd(xx, ww, bb, 1e-5, True)[0])
+    # Eager under CUDA autocast: every input cast to fp32, the gradients cast back.
+    eager = run(lambda xx, ww, bb: torch.nn.functional.layer_norm(
+        xx.float(), (96,), ww.float(), bb.float(), 1e-5))
+    ref = run(lambda xx, ww, bb: torch.nn.functional.layer_norm(xx, (96,), ww, bb, 1e-5),
+              torch.float64)
+    assert [t.dtype for t in got] == [torch.float32, dtype, torch.float32, torch.float32]
+    assert [t.dtype for t in got] == [t.dtype for t in eager]
+    for i, (o, r, e) in enumerate(zip(got, ref, eager, strict=True)):
+        assert_close_to_reference(o, r, e, name=f"layer_norm_fp32_out[{i}]", k=3.0,
+                                  reduction_size=5 * 33 if i > 1 else 1)
+    torch.library.opcheck(triton_impl.layer_norm_fwd,
+                          (x.clone().requires_grad_(True), w, b, 1e-5, True))
+
+
 def test_triton_layer_norm_of_no_rows():
     """An empty input (no tokens): zero weight gradients, not a division by zero."""
     x = torch.randn(0, 24, requires_grad=True)
@@ -303,3 +334,21 @@ def test_gpu_real_head_sizes(task):
                  "<latents>"):
         assert_close_to_reference(grads[name], r_grads[name], e_grads[name], k=3.0,
                                   name=f"{task}.grad[{name}]", reduction_size=300)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("task", ["seg", "ragged"])
+def test_gpu_triton_head_under_autocast_returns_eagers_dtype(task):
+    """An fp32 head under CUDA bf16 autocast: eager's final LayerNorm returns fp32 (CUDA
+    autocast's fp32 policy), and so does the Triton path (fp32_out), with eager's values."""
+    module, (x, latents) = _head(task).cuda(), _inputs(task)
+    x = x.cuda()
+    latents = None if latents is None else latents.cuda()
+    outs = {}
+    for impl in ("reference", "triton"):
+        head = copy.deepcopy(module)
+        head.impl = impl
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outs[impl] = head(x) if latents is None else head(x, latents)
+    assert outs["triton"].dtype == outs["reference"].dtype == torch.float32
+    torch.testing.assert_close(outs["triton"], outs["reference"], rtol=1.6e-2, atol=1e-2)

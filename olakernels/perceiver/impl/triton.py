@@ -100,10 +100,10 @@ def _rows_block(n: int) -> tuple[int, int, int]:
     return block_m, block_n, 8 if block_n >= 2048 else 4
 
 
-def layer_norm_fwd_launch(x2d, weight, bias, eps):
+def layer_norm_fwd_launch(x2d, weight, bias, eps, fp32_out: bool = False):
     m, n = x2d.shape
     block_m, block_n, warps = _rows_block(n)
-    y = torch.empty_like(x2d)
+    y = torch.empty_like(x2d, dtype=torch.float32 if fp32_out else x2d.dtype)
     mean = torch.empty((m,), device=x2d.device, dtype=torch.float32)
     rstd = torch.empty((m,), device=x2d.device, dtype=torch.float32)
     _layer_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
@@ -141,19 +141,22 @@ _GELU_BLOCK = 1024
 
 
 @torch.library.custom_op("olakernels::layer_norm_fwd", mutates_args=())
-def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LayerNorm over the last dim of x (..., N): (y in x's dtype, mean fp32, rstd fp32)."""
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   fp32_out: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim of x (..., N): (y in x's dtype, or fp32 with ``fp32_out``
+    as CUDA autocast's LayerNorm returns it; mean fp32, rstd fp32). The gradient of x is in
+    x's dtype either way."""
     y, mean, rstd = layer_norm_fwd_launch(x.reshape(-1, x.shape[-1]).contiguous(), weight,
-                                          bias, eps)
+                                          bias, eps, fp32_out)
     return y.view(x.shape), mean, rstd
 
 
 @layer_norm_fwd.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, fp32_out=False):
     m = x.numel() // x.shape[-1]
     # (contiguous, as the kernel's outputs: empty_like would keep a transposed x's strides)
-    return (x.new_empty(x.shape), x.new_empty((m,), dtype=torch.float32),
+    y_dtype = torch.float32 if fp32_out else x.dtype
+    return (x.new_empty(x.shape, dtype=y_dtype), x.new_empty((m,), dtype=torch.float32),
             x.new_empty((m,), dtype=torch.float32))
 
 
@@ -172,7 +175,7 @@ def _(dy, x, weight, mean, rstd):
 
 
 def _ln_setup(ctx, inputs, output):
-    x, weight, _bias, _eps = inputs
+    x, weight, _bias, _eps, _fp32_out = inputs
     _y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
@@ -182,9 +185,9 @@ def _ln_setup(ctx, inputs, output):
 def _ln_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
     if dy is None:
-        return None, None, None, None
+        return None, None, None, None, None
     dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd)
-    return dx, dw, db, None
+    return dx, dw, db, None, None
 
 
 layer_norm_fwd.register_autograd(_ln_backward, setup_context=_ln_setup)
