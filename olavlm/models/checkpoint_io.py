@@ -146,11 +146,14 @@ def _tower_prefix(tower: nn.Module) -> str:
 
 def _is_cut_tower_key(tower: nn.Module, rest: str) -> bool:
     """Whether a tower key (inside ``tower.vision_tower``) belongs to a part our tower cut away:
-    a ViT block after ``select_layer``, SigLIP's pooling head."""
+    a ViT block after ``select_layer`` (of the tower folder's own depth: a block beyond it is
+    not cut but unexpected, a tower folder shallower than the checkpoint's), SigLIP's pooling
+    head."""
     blocks = getattr(tower, "num_blocks", None)
+    depth = getattr(tower, "num_layers", None)
     match = re.match(r"(?:vision_model\.)?encoder\.layers\.(\d+)\.", rest)
     if blocks is not None and match and int(match.group(1)) >= blocks:
-        return True
+        return depth is None or int(match.group(1)) < depth
     return getattr(tower, "kind", None) == "siglip" and \
         re.match(r"(?:vision_model\.)?head\.", rest) is not None
 
@@ -224,11 +227,15 @@ class SeedCheckpoint(NamedTuple):
 
 def read_seed_checkpoint(seed_dir: str | Path, **overrides) -> SeedCheckpoint:
     """Config and renamed tensors of a seed checkpoint directory; no model is built."""
+    from .vision import carry_image_size
+
     folder = _existing_dir(seed_dir, "seed_dir")
     seed_config = _read_json(folder / "config.json")
     tower = seed_config.get("mm_vision_tower")
     if "vision_tower" not in overrides and _bundled(folder, tower):
         seed_config["mm_vision_tower"] = str(folder / tower)  # a tower exported along
+    if overrides.get("vision_tower"):  # another folder: still at the recorded ConvNeXt size
+        overrides["vision_tower"] = carry_image_size(tower, overrides["vision_tower"])
     config = seed_model_config(seed_config, **overrides)
     llm_config = seed_llm_config(seed_config)
     state, ignored, other_tasks = {}, [], []
@@ -313,6 +320,19 @@ def _fit_tower_keys(state: dict[str, torch.Tensor], tower: nn.Module, ignored: l
     return out, has_tower
 
 
+def _check_tower_depth(state: Mapping[str, torch.Tensor], tower: nn.Module, where) -> None:
+    """A ViT tower folder shallower than the checkpoint's tower would read another block
+    (``select_layer`` counts from the end): refuse it, naming both depths."""
+    depth = getattr(tower, "num_layers", None)
+    found = [int(m.group(1)) for k in state
+             if (m := re.match(r"vision_tower\.vision_tower\.(?:vision_model\.)?encoder\."
+                               r"layers\.(\d+)\.", k))]
+    if depth is not None and found and max(found) >= depth:
+        raise ValueError(f"{where}: the checkpoint's vision tower has {max(found) + 1} blocks, "
+                         f"the tower folder {getattr(tower, 'name', '')!r} has {depth}: pass "
+                         "the tower the checkpoint was trained with (vision_tower_path)")
+
+
 def _tied_aliases(module: nn.Module, prefix: str) -> set[str]:
     """Names of parameters that are another parameter (tied embeddings): optional in files."""
     seen, aliases = set(), set()
@@ -375,6 +395,7 @@ def load_seed_checkpoint(seed_dir: str | Path, vision_tower_path: str | Path | N
 
         tower = build_vision_tower(config.vision_tower, kind=config.vision_kind,
                                    select_layer=config.vision_select_layer)
+    _check_tower_depth(ckpt.state_dict, tower, seed_dir)
     state, has_tower = _fit_tower_keys(ckpt.state_dict, tower, ignored)
     expected, optional = _expected_state(config, ckpt.llm_config, tower)
     tower_keys = {k for k in expected if k.startswith("vision_tower.")}
@@ -395,6 +416,8 @@ def load_seed_checkpoint(seed_dir: str | Path, vision_tower_path: str | Path | N
     assert all(k.startswith("llm.") or (k in tower_keys and not has_tower)
                for k in result.missing_keys), result.missing_keys
     model.ignored_checkpoint_keys = sorted(ignored)  # for the caller's log
+    # The tower's weights are the checkpoint's, not (only) its folder's: exports keep them.
+    model.vision_tower_weights_from = str(seed_dir) if has_tower else None
     return model
 
 
@@ -578,6 +601,17 @@ def _bundle_tower(value, tmp: Path) -> str:
     return src.name + suffix
 
 
+def _inside(value, out_dir) -> bool:
+    """``value`` names a tower folder inside ``out_dir``: an earlier export's bundled tower,
+    which replacing ``out_dir`` would delete; the new export must bundle it again."""
+    from .vision import strip_res_suffix
+
+    if not value or not isinstance(value, str):
+        return False
+    src = Path(value) if Path(value).is_dir() else Path(strip_res_suffix(value))
+    return src.is_dir() and src.resolve().is_relative_to(Path(out_dir).resolve())
+
+
 def _sized_tower_name(model: OlaVLM, name):
     """A ConvNeXt tower's name with its input side (``-res<N>``): the size the model was
     built at (data.image_size) travels with the export."""
@@ -598,12 +632,14 @@ def _portable_path(value):
 
 
 def export_hf(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
-              include_vision_tower: bool = False, bundle_vision_tower: bool = False,
+              include_vision_tower: bool | None = None, bundle_vision_tower: bool = False,
               tokenizer=None, record: Mapping | None = None) -> Path:
     """Write ``out_dir/llm`` (the LLM's ``save_pretrained``), ``olavlm.safetensors`` (the
     projector, task tokens, heads and logit scales under OlaVLM's keys), ``olavlm_config.json``
     (``ModelConfig.to_dict()`` with ``llm: "llm"`` and the LLM's actual dtype) and, with
-    ``include_vision_tower``, ``vision_tower.safetensors`` (the tower's kept blocks).
+    ``include_vision_tower``, ``vision_tower.safetensors`` (the tower's kept blocks; by default
+    when the tower's weights were loaded from a checkpoint, ``load_seed_checkpoint`` or an
+    export's ``vision_tower.safetensors``, rather than only from its folder).
     ``bundle_vision_tower``: copy the tower's local folder (config and weights) into the export
     and name it there, so the export does not depend on where the tower was (a run's
     generated tiny tower). ``tokenizer``: saved into ``llm/`` (where ``from_pretrained``
@@ -612,6 +648,8 @@ def export_hf(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
     ``out_dir``. Read it back with :func:`load_exported`."""
     from safetensors.torch import save_file
 
+    if include_vision_tower is None:
+        include_vision_tower = getattr(model, "vision_tower_weights_from", None) is not None
     config = model.config.to_dict()
     config.update(llm="llm", dtype=_llm_dtype_name(model),
                   vision_tower=_sized_tower_name(model, _portable_path(config.get("vision_tower"))))
@@ -622,7 +660,7 @@ def export_hf(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
         if include_vision_tower:
             save_file(_saveable(model.vision_tower.state_dict()), str(tmp / EXPORT_TOWER),
                       metadata={"format": "pt"})
-        if bundle_vision_tower:
+        if bundle_vision_tower or _inside(config["vision_tower"], out_dir):
             config["vision_tower"] = _bundle_tower(config["vision_tower"], tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "llm"))
@@ -637,14 +675,16 @@ def load_exported(out_dir: str | Path, vision_tower_path: str | Path | None = No
     (if present) overrides its weights. ``overrides``: ModelConfig fields."""
     from safetensors.torch import load_file
 
+    from .vision import carry_image_size
+
     folder = _existing_dir(out_dir, "out_dir")
     values = _read_json(folder / EXPORT_CONFIG)
     llm = Path(values.get("llm") or "llm")
     values["llm"] = str(llm if llm.is_absolute() else folder / llm)
     if _bundled(folder, values.get("vision_tower")):
         values["vision_tower"] = str(folder / values["vision_tower"])
-    if vision_tower_path is not None:
-        values["vision_tower"] = str(vision_tower_path)
+    if vision_tower_path is not None:  # at the recorded ConvNeXt input size (vision.py)
+        values["vision_tower"] = carry_image_size(values.get("vision_tower"), vision_tower_path)
     values.update(overrides)
     config = ModelConfig.from_dict(values)
     if tower is None and not config.vision_tower:
@@ -662,6 +702,7 @@ def load_exported(out_dir: str | Path, vision_tower_path: str | Path | None = No
         want = {k: v.shape for k, v in model.vision_tower.state_dict().items()}
         _check_state(tower_state, want, optional=set(), name=str, where=str(folder / EXPORT_TOWER))
         model.vision_tower.load_state_dict(tower_state)
+        model.vision_tower_weights_from = str(folder)
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     return model
@@ -687,7 +728,8 @@ def export_seed_layout(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = 
                                                       _portable_path(config["mm_vision_tower"]))
     with _atomic_dir(out_dir, overwrite, {"kind": "seed", **(record or {})}) as tmp:
         _write_safetensors(state, tmp, max_shard_size)
-        if bundle_vision_tower and config.get("mm_vision_tower"):  # as export_hf
+        if config.get("mm_vision_tower") and (  # as export_hf
+                bundle_vision_tower or _inside(config["mm_vision_tower"], out_dir)):
             config["mm_vision_tower"] = _bundle_tower(config["mm_vision_tower"], tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

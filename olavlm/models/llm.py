@@ -41,9 +41,19 @@ def load_llm(path: str | Path, *, dtype: str = "float32", attn_implementation: s
     if device is not None and torch.device(device).type == "cuda" and \
             importlib.util.find_spec("accelerate") is not None:
         extra["device_map"] = {"": torch.device(device)}
-    return AutoModelForCausalLM.from_pretrained(
+    model, info = AutoModelForCausalLM.from_pretrained(
         path, local_files_only=True, dtype=_DTYPES[dtype], attn_implementation=attn_implementation,
-        **extra)
+        output_loading_info=True, **extra)
+    # transformers initializes missing weights at random with a log line (which the launcher
+    # quiets): a damaged or mismatched folder would train or export a partly random model.
+    missing = sorted(map(str, info.get("missing_keys") or ()))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)"
+                                          if len(missing) > 5 else "")
+        raise ValueError(f"llm: {str(path)!r} lacks {len(missing)} weights its config.json's "
+                         f"architecture needs ({shown}); they would start from random values. "
+                         "Check the folder's *.safetensors (and their index) are complete")
+    return model
 
 
 def _meta_llm(path: Path, dtype: torch.dtype, attn_implementation: str):

@@ -70,6 +70,19 @@ def name_with_image_size(name: str, image_size: int) -> str:
     return f"{head}{sep}{_RES_SIZE.sub('', last)}-res{int(image_size)}"
 
 
+def carry_image_size(recorded, given) -> str:
+    """``given`` (a tower folder passed in place of a model's recorded tower name) with the
+    recorded ConvNeXt name's ``-res<N>`` suffix when ``given`` says no size itself: the input
+    side the model was trained at travels with the name (without it the folder's open_clip
+    config would decide: convnext_xxlarge's 256 px, 64 tokens instead of 576)."""
+    recorded_last = Path(str(recorded or "").rstrip("/")).name
+    match = _RES_SIZE.search(recorded_last)
+    if match is None or "convnext" not in str(recorded).lower() or \
+            _RES_SIZE.search(Path(str(given).rstrip("/")).name):
+        return str(given)
+    return name_with_image_size(str(given), int(match.group(1)))
+
+
 def strip_res_suffix(name: str) -> str:
     """``name`` without the seed's ``-res<N>`` / ``-interp<N>`` suffixes (the folder behind it)."""
     return _RES_SUFFIX.sub("", str(name))

@@ -217,6 +217,44 @@ def test_tower_folder_of_another_name_keeps_the_seeds_kind(parts, tmp_path):
     assert model.config.vision_tower == str(tmp_path / "encoder")
 
 
+def test_a_convnext_tower_folder_passed_in_keeps_the_recorded_input_size(tmp_path):
+    """A ConvNeXt model records its input side as the name's -res<N> suffix; a local folder
+    passed instead (vision_tower_path) must not fall back to the folder's open_clip size
+    (convnext_xxlarge: 256 px, 64 tokens instead of 768 px, 576)."""
+    from tiny_ola import tiny_model
+
+    from olavlm.models.vision import build_vision_tower
+
+    folder = build_tiny_vision_tower("convnext", tmp_path)
+    tower = build_vision_tower(str(folder) + "-res256")
+    assert build_vision_tower(str(folder)).image_size != 256  # the premise
+    model = tiny_model(tmp_path, tower=tower, vision_tower=str(folder) + "-res256",
+                       vision_kind="convnext")
+    local = tmp_path / "my-encoder"
+    shutil.copytree(folder, local)
+    seed = load_seed_checkpoint(export_seed_layout(model, tmp_path / "seed"), local,
+                                impl="torch")
+    hf = load_exported(export_hf(model, tmp_path / "hf"), local)
+    for loaded in (seed, hf):
+        assert (loaded.vision_tower.image_size, loaded.vision_tower.num_tokens) == \
+            (256, tower.num_tokens)
+        assert loaded.config.vision_tower == str(local) + "-res256"
+    # A size the caller's folder name gives is the caller's.
+    other = tmp_path / "encoder-res128"
+    shutil.copytree(folder, other)
+    assert load_exported(tmp_path / "hf", other).vision_tower.image_size == 128
+
+
+def test_a_tower_folder_shallower_than_the_checkpoints_is_refused(parts, tmp_path):
+    """select_layer counts from the end: a 2-block folder would read another block than the
+    checkpoint's 4-block tower, its blocks filed as 'cut' (silently)."""
+    _, _, _, _, seed_dir = parts
+    shallow = build_tiny_vision_tower("clip", tmp_path / "shallow", image_size=IMAGE_SIZE,
+                                      num_layers=2)
+    with pytest.raises(ValueError, match="vision tower has 4 blocks, the tower folder .* has 2"):
+        load_seed_checkpoint(seed_dir, shallow, impl="torch")
+
+
 def test_tied_embeddings_import_and_export(parts, tmp_path):
     _, _, state, config, _ = parts
     tied = {k: v for k, v in state.items() if k != "lm_head.weight"}
@@ -293,7 +331,7 @@ def test_llm_out_writes_a_plain_hf_checkpoint(parts, tmp_path):
 
 
 def test_export_hf_round_trip(imported, parts, tmp_path):
-    out = export_hf(imported, tmp_path / "export")
+    out = export_hf(imported, tmp_path / "export", include_vision_tower=False)
     assert sorted(p.name for p in out.iterdir()) == ["llm", "olavlm.safetensors",
                                                       "olavlm_config.json", "olavlm_export.json"]
     assert (out / "llm" / "config.json").is_file()
@@ -310,6 +348,52 @@ def test_export_hf_with_tower_weights(imported, tmp_path):
     out = export_hf(imported, tmp_path / "export", include_vision_tower=True)
     assert (out / "vision_tower.safetensors").is_file()
     _assert_same_state(load_exported(out), imported)
+
+
+def test_export_hf_keeps_tower_weights_that_came_from_a_checkpoint(parts, tmp_path):
+    """A seed checkpoint's tower weights need not be its folder's (a tuned tower, the seed's
+    ConvNeXt re-read from the checkpoint): by default the export keeps them, and so does an
+    export of that export; a model built from folders alone writes none."""
+    _, tower_dir, state, config, _ = parts
+    tuned = {k: v * 1.5 if ".encoder.layers.0.mlp.fc1.weight" in k else v
+             for k, v in state.items()}
+    model = load_seed_checkpoint(write_seed(tmp_path / "seed", tuned, config), impl="torch")
+    first = export_hf(model, tmp_path / "first")
+    assert (first / "vision_tower.safetensors").is_file()
+    again = load_exported(first)
+    _assert_same_state(again, model)
+    assert torch.equal(_loss(again), _loss(model))
+    second = export_hf(again, tmp_path / "second")
+    _assert_same_state(load_exported(second), model)
+    fresh = load_exported(export_hf(model, tmp_path / "plain", include_vision_tower=False))
+    assert not torch.equal(_loss(fresh), _loss(model))  # the premise: the folder's differ
+    assert not (export_hf(fresh, tmp_path / "third") / "vision_tower.safetensors").is_file()
+
+
+def test_reexporting_a_bundled_export_over_itself_keeps_its_tower(imported, parts, tmp_path):
+    """load_exported names the bundled tower inside the export; replacing that export must
+    bundle it again, not point at the folder it deletes."""
+    out = export_hf(imported, tmp_path / "export", bundle_vision_tower=True)
+    again = load_exported(out)
+    assert Path(again.config.vision_tower).resolve().is_relative_to(out.resolve())
+    for writer in (export_hf, export_seed_layout):
+        writer(again, out, overwrite=True)
+        reread = load_exported(out) if writer is export_hf else \
+            load_seed_checkpoint(out, impl="torch")
+        assert torch.equal(_loss(reread), _loss(imported))
+        again = reread
+
+
+def test_a_llm_folder_missing_a_weight_is_refused(imported, tmp_path):
+    """transformers would start a missing weight from random values (with a log line the
+    launcher quiets): load_exported, and any model.llm, refuse it."""
+    out = export_hf(imported, tmp_path / "export")
+    weights = out / "llm" / "model.safetensors"
+    state = load_file(str(weights))
+    state.pop("model.layers.1.mlp.down_proj.weight")
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 weights .*model\.layers\.1\.mlp\.down_proj"):
+        load_exported(out)
 
 
 def test_export_seed_layout_round_trip(imported, parts, tmp_path):
