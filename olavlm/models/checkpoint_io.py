@@ -391,10 +391,11 @@ def load_seed_checkpoint(seed_dir: str | Path, vision_tower_path: str | Path | N
     if tower is None:
         if not config.vision_tower:
             raise ValueError("config.json has no mm_vision_tower; pass vision_tower_path")
-        from .vision import build_vision_tower
+        from .vision import build_vision_tower, tower_dtype_for
 
         tower = build_vision_tower(config.vision_tower, kind=config.vision_kind,
-                                   select_layer=config.vision_select_layer)
+                                   select_layer=config.vision_select_layer,
+                                   dtype=tower_dtype_for(config.dtype))
     _check_tower_depth(ckpt.state_dict, tower, seed_dir)
     state, has_tower = _fit_tower_keys(ckpt.state_dict, tower, ignored)
     expected, optional = _expected_state(config, ckpt.llm_config, tower)
@@ -650,9 +651,19 @@ def export_hf(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
 
     if include_vision_tower is None:
         include_vision_tower = getattr(model, "vision_tower_weights_from", None) is not None
+    if bundle_vision_tower and not model.config.vision_tower:
+        raise ValueError("bundle_vision_tower: the model's config names no vision tower folder "
+                         "(config.vision_tower is empty: a tower module passed in); set "
+                         "model.config.vision_tower to its folder, or do not bundle")
     config = model.config.to_dict()
+    # Both dtypes as the tensors are (an LLM cast after construction, trainable parts kept):
+    # the reload builds them so, instead of rounding the written fp32 parts to the LLM's.
     config.update(llm="llm", dtype=_llm_dtype_name(model),
                   vision_tower=_sized_tower_name(model, _portable_path(config.get("vision_tower"))))
+    stored = {t.dtype for k, t in _own_state(model).items() if k.startswith("mm_projector.")}
+    trainable = next((n for n, d in _DTYPES.items() if stored == {d}), None)
+    if trainable is not None:
+        config["trainable_dtype"] = None if trainable == config["dtype"] else trainable
     with _atomic_dir(out_dir, overwrite, {"kind": "hf", **(record or {})}) as tmp:
         model.llm.save_pretrained(tmp / "llm")
         save_file(_saveable(_own_state(model)), str(tmp / EXPORT_WEIGHTS),
@@ -686,7 +697,10 @@ def load_exported(out_dir: str | Path, vision_tower_path: str | Path | None = No
     if vision_tower_path is not None:  # at the recorded ConvNeXt input size (vision.py)
         values["vision_tower"] = carry_image_size(values.get("vision_tower"), vision_tower_path)
     values.update(overrides)
-    config = ModelConfig.from_dict(values)
+    try:
+        config = ModelConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{str(folder / EXPORT_CONFIG)!r}: {exc}") from exc
     if tower is None and not config.vision_tower:
         raise ValueError(f"{str(folder)!r}: the config names no vision tower; pass "
                          "vision_tower_path or tower=")
@@ -701,6 +715,9 @@ def load_exported(out_dir: str | Path, vision_tower_path: str | Path | None = No
         tower_state = load_file(str(folder / EXPORT_TOWER))
         want = {k: v.shape for k, v in model.vision_tower.state_dict().items()}
         _check_state(tower_state, want, optional=set(), name=str, where=str(folder / EXPORT_TOWER))
+        stored = {t.dtype for t in tower_state.values() if t.is_floating_point()}
+        if len(stored) == 1 and tower is None:  # the tower as it was saved, not rounded
+            model.vision_tower.to(stored.pop())
         model.vision_tower.load_state_dict(tower_state)
         model.vision_tower_weights_from = str(folder)
     result = model.load_state_dict(state, strict=False)
@@ -717,6 +734,10 @@ def export_seed_layout(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = 
     the blocks it holds (the seed's files have every block; our importer accepts either).
     Tied LM heads are not written (HF convention). ``tokenizer``: saved into the folder, inside
     the same atomic write. ``record``: as :func:`export_hf`. Returns ``out_dir``."""
+    if bundle_vision_tower and not model.config.vision_tower:  # as export_hf
+        raise ValueError("bundle_vision_tower: the model's config names no vision tower folder "
+                         "(config.vision_tower is empty: a tower module passed in); set "
+                         "model.config.vision_tower to its folder, or do not bundle")
     prefix = _tower_prefix(model.vision_tower)
     tied = _tied_aliases(model.llm, "llm.")
     state = {ola_key_to_seed(k, prefix): v.reshape(()) if k.endswith("_logit_scale") else v

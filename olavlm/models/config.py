@@ -174,11 +174,24 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: unknown keys {unknown}; valid keys are {sorted(known)}")
         values = dict(data)
         if "heads" in values:
-            values["heads"] = {
-                t: HeadConfig(**{**h, "target_shape": tuple(h["target_shape"])})
-                if isinstance(h, Mapping) else h for t, h in values["heads"].items()
-            }
+            values["heads"] = {t: _head_from_dict(t, h) if isinstance(h, Mapping) else h
+                               for t, h in values["heads"].items()}
         return cls(**values)
+
+
+def _head_from_dict(task: str, data: Mapping) -> HeadConfig:
+    """A ``heads`` entry of a saved config: unknown or missing fields named, not a bare
+    KeyError/TypeError."""
+    fields = {f.name: f for f in dataclasses.fields(HeadConfig)}
+    unknown = sorted(set(data) - set(fields))
+    required = sorted(n for n, f in fields.items() if f.default is dataclasses.MISSING
+                      and f.default_factory is dataclasses.MISSING and n not in data)
+    if unknown or required:
+        parts = ([f"unknown fields {unknown}"] if unknown else []) + \
+            ([f"missing fields {required}"] if required else [])
+        raise ValueError(f"ModelConfig: heads[{task!r}]: {'; '.join(parts)}; a head has the "
+                         f"fields {sorted(fields)}")
+    return HeadConfig(**{**data, "target_shape": tuple(data["target_shape"])})
 
 
 def parse_aux_mode(aux_mode: str) -> tuple[str, ...]:
@@ -228,7 +241,8 @@ def parse_layer_indices(spec: str | Mapping[str, Sequence[int]],
             if task not in TASKS:
                 raise ValueError(f"layer_indices: unknown task {task!r}; tasks are {TASKS}")
             layers = [layers] if isinstance(layers, int) else list(layers)
-            if not layers or not all(isinstance(n, int) and n >= 0 for n in layers):
+            if not layers or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                     for n in layers):
                 raise ValueError(f"layer_indices[{task!r}] must be a non-empty list of layer "
                                  f"numbers >= 0 (1-based blocks, 0 = final), got {layers!r}")
             out[task] = _distinct_layers(spec, task, layers)
@@ -271,7 +285,7 @@ def parse_loss_weights(spec: str | Mapping[str, float],
         for task, w in spec.items():
             if task not in TASKS:
                 raise ValueError(f"loss_weights: unknown task {task!r}; tasks are {TASKS}")
-            if not isinstance(w, (int, float)) or w < 0:
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
                 raise ValueError(f"loss_weights[{task!r}] must be a number >= 0, got {w!r}")
         return {t: float(spec.get(t, 0.5)) for t in tasks}
     raise TypeError(f"loss_weights must be a string or a mapping, got {type(spec).__name__}")

@@ -87,10 +87,11 @@ class OlaVLM(nn.Module):
         self.llm = llm if llm is not None else load_llm(
             config.llm, dtype=config.dtype, attn_implementation=config.attn_implementation)
         if vision_tower is None:
-            from .vision import build_vision_tower
+            from .vision import build_vision_tower, tower_dtype_for
 
             vision_tower = build_vision_tower(config.vision_tower, kind=config.vision_kind,
-                                              select_layer=config.vision_select_layer)
+                                              select_layer=config.vision_select_layer,
+                                              dtype=tower_dtype_for(config.dtype))
         self.vision_tower = vision_tower
         self.parts = DecoderParts(self.llm)
         if config.lean_mlp:  # same parameters and keys; 1/3 less MLP activation memory

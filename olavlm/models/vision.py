@@ -70,6 +70,13 @@ def name_with_image_size(name: str, image_size: int) -> str:
     return f"{head}{sep}{_RES_SIZE.sub('', last)}-res{int(image_size)}"
 
 
+def tower_dtype_for(model_dtype: str) -> torch.dtype | None:
+    """The dtype a model's own frozen tower is built in: a half-precision model's (the seed
+    runs its tower in the model's bf16; an fp32 copy would double its memory and give other
+    features), else None (``build_vision_tower``'s rule: bf16 on accelerators, fp32 on CPU)."""
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(model_dtype)
+
+
 def carry_image_size(recorded, given) -> str:
     """``given`` (a tower folder passed in place of a model's recorded tower name) with the
     recorded ConvNeXt name's ``-res<N>`` suffix when ``given`` says no size itself: the input

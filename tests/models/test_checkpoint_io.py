@@ -1,6 +1,7 @@
 # Checkpoint I/O: a synthesized seed checkpoint (SPEC 11) imports key for key; exports round-trip.
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -273,11 +274,14 @@ def test_bf16_checkpoint_imports_in_bf16_and_round_trips(parts, tmp_path):
     model = load_seed_checkpoint(folder, impl="torch")
     assert model.config.dtype == "bfloat16"
     assert model.image_seg_heads[1].projector.proj_in.weight.dtype == torch.bfloat16
+    # The tower too (the seed's runs in the model's dtype; fp32 doubled its memory).
+    assert model.vision_tower.dtype == torch.bfloat16
     assert torch.equal(model.task_tokens.special_seg_tokens, half["model.special_seg_tokens"])
     assert torch.isfinite(_loss(model))
-    # The tower now holds the checkpoint's bf16-rounded copy of the folder's fp32 weights: only
-    # saving it with the export gives them back bit for bit.
-    out = export_hf(model, tmp_path / "hf", include_vision_tower=True)
+    # The tower holds the checkpoint's bf16-rounded copy of the folder's fp32 weights: the
+    # export saves it (the default for tower weights from a checkpoint), bit for bit.
+    out = export_hf(model, tmp_path / "hf")
+    assert (out / "vision_tower.safetensors").is_file()
     _assert_same_state(load_exported(out), model)
     _assert_same_state(load_seed_checkpoint(export_seed_layout(model, tmp_path / "seed"),
                                             impl="torch"), model)
@@ -300,6 +304,19 @@ def test_fp32_trainable_parts_over_a_bf16_llm_round_trip(parts, tmp_path):
     again = load_seed_checkpoint(export_seed_layout(model, tmp_path / "seed"), impl="torch")
     _assert_same_state(again, model)
     assert again.config.trainable_dtype == "float32"
+
+
+def test_export_hf_records_the_dtypes_the_tensors_have(imported, tmp_path):
+    """An LLM cast to bf16 after construction, the trainable parts left in fp32: the export's
+    config says so (dtype from the LLM, trainable_dtype from the parts), and the reload does
+    not round the fp32 parts to bf16."""
+    model = copy.deepcopy(imported)
+    model.llm.to(torch.bfloat16)
+    assert model.config.dtype == "float32" and model.config.trainable_dtype is None
+    out = export_hf(model, tmp_path / "hf")
+    written = json.loads((out / "olavlm_config.json").read_text())
+    assert (written["dtype"], written["trainable_dtype"]) == ("bfloat16", "float32")
+    _assert_same_state(load_exported(out), model)
 
 
 def test_a_cls_token_tower_is_refused_on_import(parts, tmp_path):
@@ -531,3 +548,29 @@ def test_a_crash_leaves_no_checkpoint(imported, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         export_seed_layout(imported, tmp_path / "seed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_saved_configs_and_bundles_are_named(imported, tmp_path):
+    """A damaged olavlm_config.json names the file and the head field; a bool is no layer; a
+    bundle of a tower the config does not name says so (it was a FileExistsError)."""
+    out = export_hf(imported, tmp_path / "hf", include_vision_tower=False)
+    path = out / "olavlm_config.json"
+    good = json.loads(path.read_text())
+    for change, match in (
+            (lambda c: c["heads"]["gen"].pop("target_shape"),
+             r"olavlm_config\.json'.*heads\['gen'\]: missing fields \['target_shape'\]"),
+            (lambda c: c["heads"]["gen"].update(num_head=2),
+             r"heads\['gen'\]: unknown fields \['num_head'\]"),
+            (lambda c: c.update(layer_indices={"gen": [True], "depth": [1], "seg": [1]}),
+             r"layer_indices\['gen'\] must be .* got \[True\]")):
+        bad = json.loads(json.dumps(good))
+        change(bad)
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            load_exported(out)
+    model = copy.deepcopy(imported)
+    model.config.vision_tower = ""
+    for writer in (export_hf, export_seed_layout):
+        with pytest.raises(ValueError, match="bundle_vision_tower: the model's config names no "):
+            writer(model, tmp_path / writer.__name__, bundle_vision_tower=True)
+        assert not (tmp_path / writer.__name__).exists()
