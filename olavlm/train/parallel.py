@@ -104,6 +104,10 @@ def wants_fsdp(cfg, world_size: int) -> bool:
     if cfg.fsdp not in ("auto", "on", "off"):
         raise ValueError(f"parallel.fsdp must be auto, on or off, got {cfg.fsdp!r}")
     if cfg.fsdp == "off":
+        if world_size > 1:  # no FSDP and no DDP: each rank would train its own copy
+            raise ValueError(f"parallel.fsdp=off with {world_size} processes would train "
+                             f"{world_size} unsynchronized copies of the model (no gradient "
+                             "is averaged); set parallel.fsdp=auto or on, or run one process")
         if cfg.mixed_precision != "fp32":
             raise ValueError("parallel.mixed_precision=bf16 needs FSDP2 (fp32 master weights, "
                              "bf16 compute); set parallel.fsdp=auto or on")

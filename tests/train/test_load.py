@@ -189,6 +189,10 @@ def test_load_mode():
     assert L.load_mode(ParallelConfig(), 1) == "every_rank"  # one process: unchanged
     assert L.load_mode(ParallelConfig(), 2) == "rank0"
     assert L.load_mode(ParallelConfig(load="every_rank"), 2) == "every_rank"
-    assert L.load_mode(ParallelConfig(fsdp="off"), 2) == "every_rank"  # nothing sharded
+    assert L.load_mode(ParallelConfig(fsdp="off"), 1) == "every_rank"  # nothing sharded
+    # No FSDP and no DDP over two processes: two unsynchronized copies, refused.
+    with pytest.raises(ValueError, match="parallel.fsdp=off with 2 processes would train 2 "
+                                         "unsynchronized copies"):
+        L.load_mode(ParallelConfig(fsdp="off"), 2)
     with pytest.raises(ValueError, match="parallel.load must be rank0 or every_rank"):
         L.load_mode(ParallelConfig(load="rank_0"), 2)
