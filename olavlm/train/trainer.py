@@ -480,13 +480,14 @@ class Trainer:
             set_schedule_length(self.scheduler, self.cfg.optim, total)
 
     def save_checkpoint(self) -> Path | None:
+        began = time.perf_counter()
         try:
             path = self.checkpointer.save(self.step, self._state())
         except CheckpointError as exc:  # out of disk: the previous checkpoint is intact
             logger.error("checkpoint at step %d failed: %s", self.step, exc)
             return None
-        if self.dist.is_main:
-            logger.info("checkpoint written: %s", path)
+        if self.dist.is_main:  # (the time sizes torchrun's --shutdown-timeout, docs/train.md)
+            logger.info("checkpoint written in %.1f s: %s", time.perf_counter() - began, path)
         return path
 
     def _log_setup(self) -> None:
