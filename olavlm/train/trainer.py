@@ -383,9 +383,13 @@ class Trainer:
         if accum < 1:
             raise ValueError(f"optim.grad_accum must be >= 1, got {accum}")
         # Epoch mode: every micro-batch of the epochs, accumulation groups running across epoch
-        # boundaries (the loop draws them in one stream); a resume recounts from the data left.
-        self.total_steps = cfg.train.max_steps or max(
-            1, len(self.loader) * max(1, cfg.train.epochs) // accum)
+        # boundaries (the loop draws them in one stream); the last step takes the micro-batches
+        # left when they do not fill a group (as Hugging Face's Trainer does: no sample of the
+        # epochs goes untrained); a resume recounts from the data left.
+        self.micro_batches_left = None if cfg.train.max_steps else \
+            len(self.loader) * max(1, cfg.train.epochs)
+        self.total_steps = cfg.train.max_steps or max(1, -(-self.micro_batches_left // accum))
+        self.step_micro_batches = accum
         self.optimizer = build_optimizer(model, cfg.optim, d.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.checkpointer = Checkpointer(self.run_dir, keep_last=cfg.checkpoint.keep_last)
@@ -467,12 +471,14 @@ class Trainer:
         the uninterrupted run's total; a changed one stretches or shortens the schedule
         (warm-up and cosine over the new total, from the current step)."""
         plan = getattr(self.loader, "plan", None)
-        if plan is None:
+        if plan is None:  # (a loader without a plan: counted from the steps done)
+            self.micro_batches_left = max(0, self.micro_batches_left - self.step * accum)
             return
         epochs = max(1, self.cfg.train.epochs)
         left = len(plan().global_batches) + \
             max(0, epochs - 1 - self.loader.epoch) * len(self.loader)
-        total = self.step + left // accum
+        self.micro_batches_left = left
+        total = self.step + -(-left // accum)
         if total != self.total_steps:
             logger.info("epoch mode: %d optimizer steps in all after the resume (the data left "
                         "at this batch size and grad_accum), not %d", total, self.total_steps)
@@ -564,7 +570,7 @@ class Trainer:
                 b.input_ids, b.attention_mask, b.labels, b.images, b.image_mask,
                 None if targets is None else {k: v.to(dev) for k, v in targets.items()},
                 None if target_mask is None else target_mask.to(dev), ntp_tokens=ntp_tokens,
-                ntp_micro_batches=self.cfg.optim.grad_accum, ntp_rows=ntp_rows)
+                ntp_micro_batches=self.step_micro_batches, ntp_rows=ntp_rows)
             (out.loss * scale).backward()
         return out
 
@@ -615,7 +621,13 @@ class Trainer:
             while self.step < self.total_steps:
                 self.model.train()
                 sums = None
-                micro_batches = [next(batches) for _ in range(accum)]
+                # grad_accum micro-batches; the last step of an epoch run takes those left
+                group = accum if self.micro_batches_left is None else \
+                    max(1, min(accum, self.micro_batches_left))
+                self.step_micro_batches = group
+                micro_batches = [next(batches) for _ in range(group)]
+                if self.micro_batches_left is not None:
+                    self.micro_batches_left -= group
                 ntp_tokens, micro_counts = self._step_ntp_tokens(micro_batches)
                 counted = sum(micro_counts)
                 scored = torch.zeros((), device=d.device)
@@ -627,13 +639,13 @@ class Trainer:
                     window["samples"] += n
                     window["tokens"] += tok
                     window["sum_sq_len"] += sq
-                    sync = micro == accum - 1
+                    sync = micro == group - 1
                     if hasattr(self.model, "set_requires_gradient_sync"):
                         self.model.set_requires_gradient_sync(sync)
-                    out = self._micro_step(batch, 1.0 / accum, ntp_tokens, micro_counts[micro])
+                    out = self._micro_step(batch, 1.0 / group, ntp_tokens, micro_counts[micro])
                     parts = torch.stack([out.loss.detach().float()]
                                         + list(out.components.values()))
-                    sums = parts / accum if sums is None else sums + parts / accum
+                    sums = parts / group if sums is None else sums + parts / group
                     scored = scored + out.num_valid_tokens.float()
                 del micro_batches
                 names = ["loss"] + list(out.components)

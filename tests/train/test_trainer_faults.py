@@ -264,3 +264,34 @@ def test_a_model_override_on_resume_names_the_changed_keys(tmp_path, synth_dir, 
     err = capsys.readouterr().err
     assert "model.num_task_tokens: 4 -> 1" in err and "a resume continues the same model" in err
     assert "checkpoint before it" not in err  # nothing is damaged
+
+
+def test_an_epoch_run_trains_the_micro_batches_that_do_not_fill_a_last_group(
+        tmp_path, synth_dir):
+    """16 samples at batch 4 under grad_accum=3: steps of 3 and 1 micro-batches (the last
+    group short, as Hugging Face's Trainer does), every sample trained once, and the short
+    step weighted as a step of its own (lr 0: its logged loss is that micro-batch's loss,
+    as a grad_accum=1 run logs it)."""
+    def run(name, accum):
+        cfg = resolve_config("demo", None, _overrides(
+            tmp_path, synth_dir, f"train.run_name={name}", "train.max_steps=0",
+            "train.epochs=1", "checkpoint.every_steps=0", "checkpoint.at_end=false",
+            "data.batch_size=4", f"optim.grad_accum={accum}", "optim.lr=0.0",
+            "optim.warmup_ratio=0.0"))
+        trainer = Trainer(cfg)
+        seen = []
+        tokens = trainer._tokens
+        trainer._tokens = lambda batch: (seen.append(len(batch)), tokens(batch))[1]
+        try:
+            result = trainer.train()
+        finally:
+            trainer.close()
+        return trainer, result, seen, read_metrics(trainer.run_dir)
+
+    grouped, result, seen, rows = run("grouped", 3)
+    assert grouped.total_steps == result.steps == 2 and sum(seen) == 16
+    assert (grouped.loader.epoch, grouped.loader.position) == (0, 16)  # nothing drawn beyond
+    single, _, _, single_rows = run("single", 1)
+    assert len(single_rows) == 4
+    assert rows[-1]["loss"] == pytest.approx(single_rows[-1]["loss"], rel=1e-5)
+    assert rows[-1]["ntp"] == pytest.approx(single_rows[-1]["ntp"], rel=1e-5)
