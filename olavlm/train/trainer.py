@@ -768,11 +768,19 @@ class Trainer:
         d = self.dist
         steps = max(1, window["steps"])
         rate = 1.0 / max(seconds, 1e-9)
+        if d.distributed:
+            # The job's counts, not rank 0's times the ranks: ranks differ (truncated or
+            # rejected samples, an uneven last batch). One small collective per logged step.
+            keys = ("samples", "tokens", "sum_sq_len", "supervised")
+            counts = torch.tensor([float(window[k]) for k in keys], dtype=torch.float64,
+                                  device=d.device)
+            torch.distributed.all_reduce(counts)
+            window = dict(window, **dict(zip(keys, counts.tolist(), strict=True)))
         logged = dict(scalars)
         logged.update({
             **self._step_lr, "step_time_s": seconds / steps,
-            "samples_per_s": window["samples"] * d.world_size * rate,
-            "tokens_per_s": window["tokens"] * d.world_size * rate,
+            "samples_per_s": window["samples"] * rate,
+            "tokens_per_s": window["tokens"] * rate,
             "nonfinite_total": self.nonfinite_total,
         })
         if self.teachers is not None:

@@ -295,3 +295,35 @@ def test_an_epoch_run_trains_the_micro_batches_that_do_not_fill_a_last_group(
     assert len(single_rows) == 4
     assert rows[-1]["loss"] == pytest.approx(single_rows[-1]["loss"], rel=1e-5)
     assert rows[-1]["ntp"] == pytest.approx(single_rows[-1]["ntp"], rel=1e-5)
+
+
+def test_logged_throughput_sums_the_ranks_counts(tmp_path, synth_dir, monkeypatch):
+    """samples/s and tokens/s are the job's (every rank's counts summed at the logged step),
+    not rank 0's times the number of ranks: ranks differ (truncated or rejected samples, an
+    uneven last batch). A second rank with 1 sample and 100 tokens is emulated."""
+    import torch
+
+    cfg = resolve_config("demo", None, _overrides(
+        tmp_path, synth_dir, "train.max_steps=1", "checkpoint.every_steps=0",
+        "checkpoint.at_end=false"))
+    trainer = Trainer(cfg)
+    own = []
+    tokens = trainer._tokens
+    trainer._tokens = lambda batch: (lambda t: (own.append(t), t)[1])(tokens(batch))
+    trainer.dist.world_size = 2  # (distributed: no process group, all_reduce emulated)
+    peer = {torch.float64: torch.tensor([1.0, 100.0, 10_000.0, 50.0], dtype=torch.float64)}
+
+    def all_reduce(tensor, op=torch.distributed.ReduceOp.SUM):
+        if op == torch.distributed.ReduceOp.SUM:  # the peer: its counts, or the same values
+            tensor.add_(peer[tensor.dtype] if tensor.dtype in peer else tensor)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    row = read_metrics(trainer.run_dir)[-1]
+    samples, toks = sum(t[0] for t in own), sum(t[1] for t in own)
+    assert samples != 1 and toks != 100  # the premise: the peer's counts differ
+    assert row["samples_per_s"] / row["tokens_per_s"] == pytest.approx(
+        (samples + 1) / (toks + 100), rel=1e-9)
