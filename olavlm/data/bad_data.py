@@ -183,6 +183,26 @@ class RejectLog:
                 "num_samples": self.num_samples, "num_dropped": self.num_dropped,
                 "target_counts": dict(self.target_counts)}
 
+    @classmethod
+    def merged(cls, states: list[dict], *, shared: Counter | None = None,
+               path: str | Path | None = None) -> RejectLog:
+        """One log of several ranks' ``state_dict()``s, summed; ``shared``: reject counts every
+        rank holds once (the index's rejects, counted in each rank's epoch), kept once."""
+        log = cls(path)
+        for state in states:
+            part = cls()
+            part.load_state_dict(state)
+            log.counts.update(part.counts)
+            log.target_counts.update(part.target_counts)
+            log.num_truncated += part.num_truncated
+            log.num_unlabelled += part.num_unlabelled
+            log.num_samples += part.num_samples
+            log.num_dropped += part.num_dropped
+        for reason, n in (shared or {}).items():
+            log.counts[reason] -= n * (len(states) - 1)
+        log.counts = +log.counts  # (drop zero counts)
+        return log
+
     def load_state_dict(self, state: dict) -> None:
         self.counts = Counter(state.get("counts", {}))
         self.num_truncated = int(state.get("num_truncated", 0))

@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -398,10 +399,27 @@ class ResumableLoader:
             return None
         noisy = bool(self.log.num_rejected or self.log.num_dropped
                      or self.log.num_target_problems)
-        return self.log.summary(self.epoch) + " (so far)", noisy
+        return self._rank_tag() + self.log.summary(self.epoch) + " (so far)", noisy
+
+    def stats_so_far(self) -> tuple[int, dict, bool] | None:
+        """(epoch, this rank's counts (``RejectLog.state_dict()``), whether the epoch is in
+        progress) of the epoch in progress, else of the last finished one; None before any
+        batch. The trainer sums them over the ranks for the run's summary."""
+        if self.position:
+            return self.epoch, self.log.state_dict(), True
+        if self.last_stats is not None:
+            return self.epoch - 1, self.last_stats, False
+        return None
+
+    def index_reject_counts(self) -> Counter:
+        """The index's rejects by reason: counted in every rank's epoch (``_start_epoch_log``)."""
+        return Counter(r.reason for r in self.dataset.index.rejects)
+
+    def _rank_tag(self) -> str:
+        return f"rank {self.rank}: " if self.world_size > 1 else ""
 
     def _end_epoch(self) -> None:
-        self.last_summary = self.log.summary(self.epoch)
+        self.last_summary = self._rank_tag() + self.log.summary(self.epoch)
         self.last_stats = self.log.state_dict()
         noisy = self.log.num_rejected or self.log.num_dropped or self.log.num_target_problems
         level = logging.WARNING if noisy else logging.INFO

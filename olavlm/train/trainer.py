@@ -800,6 +800,33 @@ class Trainer:
             logged["mfu"] = logged["tokens_per_s"] * per_token / (peak * d.world_size)
         self.metrics.log(self.step, logged)
 
+    def _job_data_summary(self) -> str | None:
+        """The run's data line for summary.txt: the epoch in progress (or the last finished)
+        summed over every rank (each rank counts and logs only its own samples), when anything
+        was rejected, dropped or trained without targets; None otherwise. A collective when
+        distributed: every rank calls it at the end of the run."""
+        from olavlm.data.bad_data import RejectLog
+
+        stats_of = getattr(self.loader, "stats_so_far", None)
+        if stats_of is None:
+            return None
+        mine = stats_of()
+        gathered = [mine]
+        if self.dist.distributed:
+            gathered = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(gathered, mine)
+        parts = [g for g in gathered if g is not None]
+        if not parts:
+            return None
+        log = RejectLog.merged([state for _, state, _ in parts],
+                               shared=self.loader.index_reject_counts())
+        if not (log.num_rejected or log.num_dropped or log.num_target_problems):
+            return None
+        epoch, _, running = parts[0]
+        ranks = f", {self.dist.world_size} ranks" if self.dist.distributed else ""
+        where = " (ids in rejects*.jsonl)" if log.counts or log.target_counts else ""
+        return (f"data{ranks}: {log.summary(epoch)}{' (so far)' if running else ''}{where}")
+
     def _finish(self, stopped: str | None) -> TrainResult:
         self.metrics.close()
         summary = ""
@@ -808,13 +835,14 @@ class Trainer:
         so_far = getattr(self.loader, "epoch_so_far", lambda: None)()
         if so_far is not None:
             logger.log(logging.WARNING if so_far[1] else logging.INFO, "data: %s", so_far[0])
+        data_line = self._job_data_summary()
         if self.dist.is_main:
             if self.cfg.logging.plot:
                 with contextlib.suppress(Exception):  # a missing matplotlib is not fatal
                     plot_losses(self.run_dir)
             summary = summarize_run(self.run_dir)
-            if so_far is not None and so_far[1]:
-                summary += f"\ndata (rank 0): {so_far[0]}"
+            if data_line:
+                summary += f"\n{data_line}"
             (self.run_dir / "summary.txt").write_text(summary + "\n")
         return TrainResult(self.run_dir, self.step, stopped, summary)
 

@@ -332,3 +332,23 @@ def test_rewinding_the_rejects_file_never_cuts_a_record(tmp_path):
     assert path.read_text() == '{"a": 1}\n'
     log.rewind_file({"name": "rejects.jsonl", "bytes": 0})
     assert path.read_text() == ""
+
+
+def test_reject_logs_of_several_ranks_merge_with_shared_rejects_once():
+    """The run's data line sums the ranks' counts; the index's rejects (found once while
+    indexing, counted in every rank's epoch) stay counted once."""
+    from collections import Counter
+
+    from olavlm.data.bad_data import RejectLog
+
+    rank0 = {"counts": {"bad_entry": 2, "missing_image": 1}, "num_truncated": 1,
+             "num_unlabelled": 0, "num_samples": 10, "num_dropped": 0,
+             "target_counts": {"no_target": 1}}
+    rank1 = {"counts": {"bad_entry": 2, "corrupt_image": 3}, "num_truncated": 0,
+             "num_unlabelled": 2, "num_samples": 9, "num_dropped": 1, "target_counts": {}}
+    log = RejectLog.merged([rank0, rank1], shared=Counter({"bad_entry": 2}))
+    assert log.counts == {"bad_entry": 2, "missing_image": 1, "corrupt_image": 3}
+    assert (log.num_samples, log.num_truncated, log.num_unlabelled, log.num_dropped) == \
+        (19, 1, 2, 1)
+    assert log.target_counts == {"no_target": 1}
+    assert "19 samples used (2 without a next-token label), 6 rejected" in log.summary(0)

@@ -327,3 +327,36 @@ def test_logged_throughput_sums_the_ranks_counts(tmp_path, synth_dir, monkeypatc
     assert samples != 1 and toks != 100  # the premise: the peer's counts differ
     assert row["samples_per_s"] / row["tokens_per_s"] == pytest.approx(
         (samples + 1) / (toks + 100), rel=1e-9)
+
+
+def test_the_run_summary_sums_every_ranks_data_counts(tmp_path, synth_dir, monkeypatch):
+    """summary.txt's data line is the job's: another rank's rejects and samples are in it
+    (it held rank 0's counts only, and only when rank 0 itself had a problem)."""
+    import torch
+
+    cfg = resolve_config("demo", None, _overrides(
+        tmp_path, synth_dir, "train.max_steps=1", "checkpoint.every_steps=0",
+        "checkpoint.at_end=false"))
+    trainer = Trainer(cfg)
+    trainer.dist.world_size = 2  # (no process group: the collectives are emulated)
+    peer = (0, {"counts": {"corrupt_image": 2}, "num_truncated": 1, "num_unlabelled": 0,
+                "num_samples": 3, "num_dropped": 0, "target_counts": {}}, True)
+
+    def all_gather_object(out, obj):
+        out[0], out[1] = obj, peer
+
+    def all_reduce(tensor, op=torch.distributed.ReduceOp.SUM):
+        if op == torch.distributed.ReduceOp.SUM:
+            tensor.add_(tensor)
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    own = trainer.loader.log.num_samples
+    text = (trainer.run_dir / "summary.txt").read_text()
+    assert f"data, 2 ranks: epoch 0: {own + 3} samples used" in text
+    assert "2 rejected [corrupt_image=2]" in text and "1 truncated" in text
+    assert "(so far) (ids in rejects*.jsonl)" in text
