@@ -104,9 +104,21 @@ class Batch:
     target_mask: torch.Tensor | None = None
     target_rejects: list[Reject] = dataclasses.field(default_factory=list)
     maps: dict[str, list[torch.Tensor]] | None = None
+    stand_in: bool = False  # see ``as_stand_in``
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def as_stand_in(self) -> Batch:
+        """This batch with nothing to learn from: every label IGNORE_INDEX and every target
+        masked (``target_mask`` zeros; the images stay, so the forward has the same shape).
+        A rank whose batch was rejected whole runs it in its place, so that its forward and
+        backward (and their collectives) match the other ranks' while adding nothing to the
+        step: no next-token term, no embedding term. Not counted as samples."""
+        return dataclasses.replace(
+            self, labels=torch.full_like(self.labels, IGNORE_INDEX),
+            target_mask=torch.zeros_like(self.image_mask), num_truncated=0, num_unlabelled=0,
+            rejects=[], target_rejects=[], stand_in=True)
 
     def _map(self, fn) -> Batch:
         return dataclasses.replace(

@@ -285,8 +285,11 @@ def _skipping_empty(trainer, loader):
     to ``trainer._empty_batch``, which skips or stops)."""
     for batch in loader:
         if len(batch) == 0:  # every sample of it rejected (counted by the loader)
-            trainer._empty_batch(batch)
+            stand_in = trainer._empty_batch(batch)
+            if stand_in is not None:
+                yield stand_in
             continue
+        trainer._last_batch = batch  # (the stand-in of a later batch rejected whole)
         yield batch
 
 
@@ -540,18 +543,32 @@ class Trainer:
                 "answers, or answers cut off by model.max_length=%d?", self.step + 1, n,
                 "" if n == 1 else "s", self.cfg.model.max_length)
 
-    def _empty_batch(self, batch) -> None:
+    def _empty_batch(self, batch):
         """A batch whose samples were all rejected (``data.on_bad_sample=skip``: a missing
         image at batch size 1, a wrong ``data.image_folder``) has nothing to train on: one
-        process skips it; ranks cannot skip a step alone (their collectives must match)."""
-        reasons = sorted({r.reason for r in getattr(batch, "rejects", [])})
+        process skips it (returns None). Ranks cannot skip a micro-batch alone (their
+        collectives must match): this rank runs its previous batch as a stand-in with nothing
+        to learn from (``Batch.as_stand_in``) and the step goes on with the other ranks'
+        samples; before any batch of its own there is none, and the run stops naming the
+        samples."""
+        rejects = list(getattr(batch, "rejects", []))
+        reasons = sorted({r.reason for r in rejects})
         what = f"every sample of a batch was rejected ({', '.join(reasons) or 'no samples'})"
         dist = getattr(self, "dist", None)
         if dist is not None and dist.distributed:
+            last = getattr(self, "_last_batch", None)
+            if last is not None:
+                logger.warning("rank %d: %s: a stand-in with no label, image or target runs in "
+                               "its place (the ranks' steps must match)", dist.rank, what)
+                return last.as_stand_in()
+            named = "; ".join(r.message() for r in rejects[:3])
             raise NoDataError(
-                f"rank {dist.rank}: {what}; the ranks cannot skip a step alone: fix the data "
-                "(`olavlm data check` lists the bad samples) or raise data.batch_size")
+                f"rank {dist.rank}: {what} before this rank had a batch of its own to stand in "
+                f"for it, and the ranks cannot skip a step alone ({named}): restore or replace "
+                "those files (removing the entries changes the data: the run could not resume "
+                "from its checkpoints), or raise data.batch_size")
         logger.warning("%s: skipped", what)
+        return None
 
     def _micro_step(self, batch, scale: float, ntp_tokens: torch.Tensor, ntp_rows: int):
         """Forward and backward of one micro-batch. The SDPA backend choice covers the backward
@@ -562,6 +579,8 @@ class Trainer:
         if self.teachers is not None:
             result = self.teachers(batch)
             targets, target_mask = result.targets, result.mask
+            if batch.stand_in:  # nothing to learn from (Batch.as_stand_in)
+                target_mask = torch.zeros_like(target_mask)
         elif batch.targets:
             targets = batch.targets
         b = batch.to(dev)
@@ -635,7 +654,8 @@ class Trainer:
                 if counted == 0:
                     self._warn_unsupervised()
                 for micro, batch in enumerate(micro_batches):
-                    n, tok, sq = self._tokens(batch)
+                    n, tok, sq = (0, 0, 0) if getattr(batch, "stand_in", False) else \
+                        self._tokens(batch)
                     window["samples"] += n
                     window["tokens"] += tok
                     window["sum_sq_len"] += sq
@@ -853,6 +873,9 @@ class Trainer:
         until the process group's timeout instead of letting it exit (and torchrun stop them)."""
         self._unlock()
         self._restore_tf32()
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:  # (closed by train(); a Trainer closed untrained leaked it)
+            metrics.close()
         if torch.distributed.is_initialized():
             if barrier:
                 torch.distributed.barrier()

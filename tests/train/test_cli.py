@@ -1,6 +1,7 @@
 # `olavlm train` as a user meets it: argument order, bad resume paths, rejected batches.
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -89,6 +90,9 @@ def test_only_rejected_batches_name_the_reasons_and_ranks_cannot_skip():
     class Rejected:
         reason = "missing_image"
 
+        def message(self):
+            return "train.jsonl:3: sample 'a7': missing_image: images/a7.png"
+
     class Empty:
         rejects = [Rejected()]
 
@@ -114,9 +118,40 @@ def test_only_rejected_batches_name_the_reasons_and_ranks_cannot_skip():
     with pytest.raises(NoDataError, match=r"every sample rejected\?\): 0 samples used, 2 rej"):
         next(owner._batches())
     owner.dist.distributed, owner.dist.rank = True, 1
+    # Before a batch of its own, a rank has nothing to stand in: the samples are named.
     with pytest.raises(NoDataError, match="rank 1: every sample of a batch was rejected "
-                                          r"\(missing_image\); the ranks cannot skip"):
+                                          r"\(missing_image\) before this rank had a batch .*"
+                                          r"sample 'a7'.*restore or replace those files"):
         next(owner._batches())
+
+
+def test_a_rank_runs_a_stand_in_for_a_batch_rejected_whole(tmp_path):
+    """With several ranks a batch rejected whole cannot be skipped on one rank alone: its
+    previous batch runs in its place with nothing to learn from (no gradient, no loss, not
+    counted as samples), so the step goes on with the other ranks' samples."""
+    import torch
+
+    cfg = resolve_config("demo", None, [
+        f"train.output_dir={tmp_path / 'runs'}", f"data.synthetic_dir={tmp_path / 'syn'}",
+        "data.synthetic_num=8", "train.max_steps=1", "checkpoint.at_end=false",
+        "logging.progress=false", "logging.plot=false"])
+    trainer = Trainer(cfg)
+    try:
+        real = next(iter(trainer.loader))
+        assert int(real.image_mask.sum()) > 0  # the premise: images with targets to learn
+        empty = dataclasses.replace(real, input_ids=real.input_ids[:0], rejects=[])
+        trainer._last_batch = real
+        trainer.dist.world_size = 2  # (the distributed branch; no collective is called)
+        stand_in = trainer._empty_batch(empty)
+        assert stand_in.stand_in and len(stand_in) == len(real)
+        trainer.model.zero_grad(set_to_none=True)
+        out = trainer._micro_step(stand_in, 1.0, torch.ones((), dtype=torch.int64), 0)
+        assert float(out.loss.detach()) == 0.0 and int(out.num_valid_tokens) == 0
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        assert grads and all(torch.count_nonzero(g) == 0 for g in grads)
+    finally:
+        trainer.dist.world_size = 1
+        trainer.close()
 
 
 def test_a_wrong_image_folder_stops_the_run_instead_of_training_on_the_rest(tmp_path, capsys):
