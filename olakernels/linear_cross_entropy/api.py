@@ -149,6 +149,11 @@ def linear_cross_entropy(
                          "counted outside the compiled region, or None")
     # int64 before any comparison: in uint8, ignore_index=-100 and V would wrap around.
     labels = labels.long()
+    if not torch.compiler.is_compiling() and labels.is_inference() and \
+            torch.is_grad_enabled() and not torch.is_inference_mode_enabled():
+        # (made by a pipeline under inference_mode: autograd cannot save it for the backward;
+        # a normal copy can. Dynamo cannot trace is_inference; compiled callers pass others.)
+        labels = labels.clone()
     check_label_range(labels, weight.shape[0], ignore_index)
     if shift_labels:
         labels = shift_for_next_token(labels, ignore_index)

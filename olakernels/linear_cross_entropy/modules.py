@@ -70,8 +70,8 @@ class _CallHints(_EmptyWhenCopied):
 
     def hint(self, labels: torch.Tensor, history: _CountHistory) -> tuple[float | None, bool]:
         """(the hint for this call, whether it reruns an earlier call with these labels)."""
-        if not torch.is_grad_enabled():  # no backward, so no rerun (nor inference tensors'
-            return history.fraction(), False  # version counters, which do not exist)
+        if not torch.is_grad_enabled() or labels.is_inference():  # no backward, so no rerun
+            return history.fraction(), False  # (and inference tensors have no version counter)
         earlier = self.seen.get(labels)
         in_backward = torch._C._current_graph_task_id() != -1
         if in_backward and earlier is not None and earlier[0] == labels._version:
@@ -91,10 +91,11 @@ def _history_allowed() -> bool:
 class LinearCrossEntropy(nn.Linear):
     """Drop-in LM head: ``nn.Linear(H, V)`` with the same state_dict (``weight``, ``bias``).
 
-    ``head(hidden)`` returns logits (for generation; softcapped when ``logit_softcap`` is set,
-    as the loss sees them); ``head(hidden, labels)`` returns the cross-entropy of those logits
-    without materializing them (see :func:`linear_cross_entropy`). Loss options are fixed when
-    the module is built.
+    ``head(hidden)`` returns ``F.linear(hidden, weight, bias)``, as the ``nn.Linear`` it
+    replaces (the model's own forward applies what follows, e.g. Gemma-2's
+    ``final_logit_softcapping``); ``head(hidden, labels)`` returns the cross-entropy of the
+    logits (softcapped first when ``logit_softcap`` is set) without materializing them (see
+    :func:`linear_cross_entropy`). Loss options are fixed when the module is built.
 
     ``adaptive_schedule`` (default on): without a bound (``max_valid_tokens``), each call passes
     the previous call's labelled fraction as ``labelled_fraction_hint``, so dense batches (SFT,
@@ -154,10 +155,30 @@ class LinearCrossEntropy(nn.Linear):
         self.impl = impl
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **options) -> LinearCrossEntropy:
-        """A head sharing ``linear``'s parameters (no copy), e.g. a model's tied ``lm_head``."""
+    def from_linear(cls, linear: nn.Linear, *, shift_labels: bool | None = None,
+                    **options) -> LinearCrossEntropy:
+        """A head sharing ``linear``'s parameters (no copy), e.g. a model's tied ``lm_head``.
+
+        ``shift_labels`` must be given: True for Hugging Face-style labels (the same positions
+        as ``input_ids``; the head scores position t against label t+1, as the model's own
+        loss does), False for labels already aligned with ``hidden``. A module whose forward is
+        not ``nn.Linear``'s (a LoRA adapter, PEFT's ``base_layer`` wrapper) is refused: the
+        fused head would compute without it."""
+        if not isinstance(shift_labels, bool):
+            raise TypeError("LinearCrossEntropy.from_linear: pass shift_labels=True for Hugging "
+                            "Face-style labels (aligned with input_ids; the next token is "
+                            "scored, as the model's own loss does) or shift_labels=False for "
+                            f"labels already aligned with hidden; got {shift_labels!r}")
+        overridden = type(linear).forward is not nn.Linear.forward and \
+            not isinstance(linear, LinearCrossEntropy)
+        if not isinstance(linear, nn.Linear) or overridden or hasattr(linear, "base_layer"):
+            raise TypeError(f"LinearCrossEntropy.from_linear: linear must be an nn.Linear "
+                            f"computing F.linear(x, weight, bias), got {type(linear).__name__}"
+                            f"{' (its forward is its own: an adapter?)' if overridden else ''}: "
+                            "the fused head would drop what its forward adds; merge an adapter "
+                            "into the weight first (peft: merge_and_unload) or keep this head")
         head = cls(linear.in_features, linear.out_features, bias=False, device="meta",
-                   **options)
+                   shift_labels=shift_labels, **options)
         head.weight = linear.weight
         head.bias = linear.bias
         return head
@@ -169,11 +190,8 @@ class LinearCrossEntropy(nn.Linear):
         module's own, set at construction, which a call cannot switch off)."""
         if max_valid_tokens is None:
             max_valid_tokens = self.max_valid_tokens
-        if labels is None:
-            logits = F.linear(hidden, self.weight, self.bias)
-            if self.logit_softcap is not None:
-                logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
-            return logits
+        if labels is None:  # the nn.Linear it replaces (a softcap is the caller's, as in
+            return F.linear(hidden, self.weight, self.bias)  # Gemma-2's forward)
         tracked = self.adaptive_schedule and _history_allowed()
         adaptive = tracked and max_valid_tokens is None
         hint, again = self._hints.hint(labels, self._history) if adaptive else (None, False)
@@ -190,7 +208,7 @@ class LinearCrossEntropy(nn.Linear):
         return out if return_stats else out.loss
 
     def extra_repr(self) -> str:
-        # The options that change the loss (or, for the softcap, the logits too) whenever set.
+        # The options that change the loss whenever set.
         options = {"label_smoothing": (self.label_smoothing, 0.0),
                    "z_loss_weight": (self.z_loss_weight, 0.0),
                    "logit_softcap": (self.logit_softcap, None),

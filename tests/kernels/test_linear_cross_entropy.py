@@ -170,8 +170,80 @@ def test_module_is_a_drop_in_linear(device):
     loss = head(hidden, labels)
     ref = torch.nn.functional.cross_entropy(plain(hidden).float(), labels)
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
-    shared = LinearCrossEntropy.from_linear(plain, impl="torch")
+    shared = LinearCrossEntropy.from_linear(plain, shift_labels=False, impl="torch")
     assert shared.weight is plain.weight and shared.bias is plain.bias
+
+
+def test_module_logits_are_the_linears_and_the_softcap_is_the_losss():
+    """head(hidden) is the nn.Linear it replaces, softcap or not (Gemma-2's forward softcaps
+    lm_head's output itself: a capped head would cap twice); the loss softcaps."""
+    plain = torch.nn.Linear(23, 101)
+    head = LinearCrossEntropy.from_linear(plain, shift_labels=False, logit_softcap=5.0,
+                                          impl="torch")
+    hidden, _, labels, _ = make_lm_head_inputs(*SHAPES["ragged"])
+    torch.testing.assert_close(head(hidden), plain(hidden), rtol=0, atol=0)
+    capped = 5.0 * torch.tanh(plain(hidden).double() / 5.0)
+    ref = torch.nn.functional.cross_entropy(capped, labels)
+    torch.testing.assert_close(head(hidden, labels).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_from_linear_needs_shift_labels_and_refuses_what_it_would_drop():
+    """shift_labels has no silent default (HF labels unshifted train each position on its own
+    token); a module with a forward of its own (a LoRA adapter) or PEFT's base_layer wrapper
+    would lose its additions in the fused head."""
+    plain = torch.nn.Linear(8, 16)
+    with pytest.raises(TypeError, match="pass shift_labels=True for Hugging Face-style"):
+        LinearCrossEntropy.from_linear(plain)
+
+    class LoraLinear(torch.nn.Linear):
+        def __init__(self):
+            super().__init__(8, 16)
+            self.lora_a = torch.nn.Linear(8, 2, bias=False)
+            self.lora_b = torch.nn.Linear(2, 16, bias=False)
+
+        def forward(self, x):
+            return super().forward(x) + self.lora_b(self.lora_a(x))
+
+    class Wrapped(torch.nn.Linear):  # PEFT's layout: the original under base_layer
+        def __init__(self):
+            super().__init__(8, 16)
+            self.base_layer = torch.nn.Linear(8, 16)
+
+    for bad, match in ((LoraLinear(), "LoraLinear \\(its forward is its own"),
+                       (Wrapped(), "got Wrapped:"), (torch.nn.Identity(), "got Identity")):
+        with pytest.raises(TypeError, match=match):
+            LinearCrossEntropy.from_linear(bad, shift_labels=True)
+    again = LinearCrossEntropy.from_linear(
+        LinearCrossEntropy.from_linear(plain, shift_labels=True), shift_labels=True)
+    assert again.weight is plain.weight
+
+
+def test_module_takes_labels_made_under_inference_mode():
+    """Labels built under torch.inference_mode (a data pipeline's) have no version counter:
+    the module's rerun bookkeeping must not read it (it raised)."""
+    head = LinearCrossEntropy(23, 101, impl="torch")
+    hidden, _, labels, _ = make_lm_head_inputs(*SHAPES["ragged"])
+    with torch.inference_mode():
+        frozen_labels = labels.clone()
+    hidden = hidden.requires_grad_(True)
+    loss = head(hidden, frozen_labels)
+    loss.backward()
+    want = linear_cross_entropy(hidden.detach(), head.weight.detach(), labels,
+                                bias=head.bias.detach(), impl="torch")
+    torch.testing.assert_close(loss.detach(), want, rtol=0, atol=0)
+
+
+def test_reference_takes_an_fp32_bias_over_half_operands():
+    """A bf16 hidden and weight with an fp32 bias: the fast impls accept it (the bias added
+    in fp32); the reference, the oracle and the double-backward path, did not (a bare dtype
+    error from F.linear)."""
+    hidden, weight, labels, bias = make_lm_head_inputs(*SHAPES["ragged"], bias=True)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    ref = linear_cross_entropy(hidden.double(), weight.double(), labels, bias=bias.double(),
+                               impl="reference")
+    for impl in ("reference", "torch"):
+        got = linear_cross_entropy(hidden, weight, labels, bias=bias.float(), impl=impl)
+        torch.testing.assert_close(got.double(), ref, rtol=2e-3, atol=1e-4)
 
 
 # ---- bad input: ValueError naming the argument, the expected and the received ----
@@ -368,3 +440,17 @@ def test_inputs_drawn_on_the_device_are_shaped_like_the_host_draw(device):
     loss = linear_cross_entropy(*fast[:3], impl="triton")
     ref = linear_cross_entropy(*fast[:3], impl="reference")
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_path_computes_in_float64_when_the_weight_is():
+    """fp32 hidden and a float64 weight: the warning says float64, and the torch path must
+    compute (and return) float64 as the reference does (it computed fp32)."""
+    hidden, weight, labels, _ = make_lm_head_inputs(*SHAPES["ragged"])
+    weight = weight.double().requires_grad_(True)
+    ref = linear_cross_entropy(hidden.double(), weight.detach(), labels, impl="reference")
+    with pytest.warns(UserWarning, match="computes in torch.float64"):
+        got = linear_cross_entropy(hidden, weight, labels, impl="torch")
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    got.backward()
+    assert weight.grad.dtype == torch.float64

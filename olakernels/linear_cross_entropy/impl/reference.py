@@ -36,7 +36,10 @@ def linear_cross_entropy_ref(
         common = torch.promote_types(hidden.dtype, weight.dtype)
         hidden, weight = hidden.to(common), weight.to(common)
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    logits = F.linear(hidden, weight, bias).to(acc)  # (..., V), the tensor the fast path avoids
+    if bias is not None and bias.dtype != hidden.dtype:  # (an fp32 bias over bf16 operands:
+        logits = F.linear(hidden, weight).to(acc) + bias.to(acc)  # added in fp32, as the api)
+    else:
+        logits = F.linear(hidden, weight, bias).to(acc)  # (..., V), what the fast path avoids
     if logit_softcap is not None:
         logits = logit_softcap * torch.tanh(logits / logit_softcap)
     flat = logits.reshape(-1, logits.shape[-1])

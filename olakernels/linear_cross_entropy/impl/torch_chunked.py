@@ -16,8 +16,9 @@ from .double_backward import refuse_double_backward
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+def _acc_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """fp32, or float64 when either operand is (the api's rule: the wider dtype's math)."""
+    return torch.promote_types(torch.promote_types(x.dtype, w.dtype), torch.float32)
 
 
 def _rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -65,7 +66,7 @@ class LinearCrossEntropyTorchFunction(torch.autograd.Function):
 
 
 def _forward(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss_weight, softcap):
-    acc = _acc_dtype(hidden)
+    acc = _acc_dtype(hidden, weight)
     n, v = hidden.shape[0], weight.shape[0]
     rows = _rows(labels, ignore_index)
     loss = hidden.new_zeros(n, dtype=acc)
@@ -90,7 +91,7 @@ def _forward(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss
 def _backward(ctx, grad_loss, hidden, weight, bias, labels, rows, lse_all):
     ignore_index, label_smoothing, z_loss_weight, softcap = ctx.options
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    acc = _acc_dtype(hidden)
+    acc = _acc_dtype(hidden, weight)
     v = weight.shape[0]
     gh = torch.zeros_like(hidden) if need_h else None
     gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
