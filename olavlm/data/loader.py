@@ -292,6 +292,7 @@ class ResumableLoader:
         self._index_rejects_pending = self.rank == 0
         self.epoch = 0
         self.position = 0  # global samples of this epoch already handed out (all ranks)
+        self.job_stats: dict | None = None  # (state_dict's "job_stats"; the trainer's)
         self.last_summary: str | None = None  # of the last finished epoch
         self.last_stats: dict | None = None  # its counts (RejectLog.state_dict())
         self._start_epoch_log()
@@ -451,6 +452,9 @@ class ResumableLoader:
             "grad_accum": self.grad_accum,
             "drop_last": self.drop_last, "num_samples": len(self.dataset),
             "stats": self.log.state_dict(),
+            # every rank's counts summed (set by the trainer before a checkpoint): what a resume
+            # with another number of ranks continues from (``load_state_dict``)
+            "job_stats": self.job_stats,
             "index_rejects_written": not self._index_rejects_pending,  # (never pending off rank 0)
             "rejects_file": self.log.file_state(),
         }
@@ -486,7 +490,22 @@ class ResumableLoader:
         # A state saved before the grouping's megabatch spanned grad_accum micro-batches: finish
         # its epoch in the order it was started (megabatch world x batch), then use grad_accum.
         self._legacy_epoch = self.epoch if legacy else None
-        self.log.load_state_dict(state.get("stats", {}))
+        stats = state.get("stats", {})
+        saved_world = int(state.get("world_size", self.world_size))
+        if saved_world != self.world_size:
+            # This rank's file is rank 0's (or its own of another geometry): continuing its
+            # counts would drop the other ranks' (fewer ranks now) or count rank 0's twice
+            # (more). Rank 0 takes the job's counts; the others start from the index's rejects,
+            # which every rank's epoch counts (the run summary keeps them once).
+            job = state.get("job_stats") or (stats if saved_world == 1 else None)
+            if self.rank != 0:
+                stats = {"counts": dict(self.index_reject_counts())}
+            elif job is not None:
+                stats = job
+            else:  # (rank 0's own file: the others' counts are not in it)
+                logger.warning("the epoch's data counts so far cover rank 0 of %d only (a "
+                               "checkpoint from before they were summed)", saved_world)
+        self.log.load_state_dict(stats)
         self.log.rewind_file(state.get("rejects_file"))
         # (states from before this key: their run wrote the index rejects when it started)
         if state.get("index_rejects_written", True):

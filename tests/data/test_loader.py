@@ -352,3 +352,33 @@ def test_reject_logs_of_several_ranks_merge_with_shared_rejects_once():
         (19, 1, 2, 1)
     assert log.target_counts == {"no_target": 1}
     assert "19 samples used (2 without a next-token label), 6 rejected" in log.summary(0)
+
+
+def test_a_resume_on_another_world_size_keeps_the_jobs_counts_once(dataset):
+    """The epoch's counts so far after a world-size change: 1 -> 2 ranks gives rank 0 the
+    job's and rank 1 none (it copied rank 0's: counted twice); 2 -> 1 takes the job's counts
+    the checkpoint summed ("job_stats"), not rank 0's alone."""
+    from olavlm.data.bad_data import RejectLog
+
+    one = ResumableLoader(dataset, batch_size=4, seed=2)
+    it = iter(one)
+    next(it), next(it)
+    state = one.state_dict()
+    used = one.log.num_samples
+    assert used == 8
+    two = [ResumableLoader(dataset, batch_size=3, rank=r, world_size=2, seed=2)
+           for r in range(2)]
+    for loader in two:
+        loader.load_state_dict(state)
+    assert [loader.log.num_samples for loader in two] == [used, 0]
+    # Back to one rank from a two-rank checkpoint: the summed counts (as the trainer stores).
+    parts = []
+    for loader in two:
+        it = iter(loader)
+        next(it)
+        parts.append(loader.log.state_dict())
+    job = RejectLog.merged(parts, shared=two[0].index_reject_counts()).state_dict()
+    saved = two[0].state_dict() | {"job_stats": job}
+    back = ResumableLoader(dataset, batch_size=4, seed=2)
+    back.load_state_dict(saved)
+    assert back.log.num_samples == used + 3 + 3 == job["num_samples"]
