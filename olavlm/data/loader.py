@@ -470,9 +470,19 @@ class ResumableLoader:
                 "drop_last": self.drop_last}
         legacy = self.group_by_modality_length and "grad_accum" not in state
         if self.group_by_modality_length:  # the grouped order depends on them
-            mine |= {"batch_size": self.batch_size, "world_size": self.world_size}
-            if not legacy:
-                mine["grad_accum"] = self.grad_accum
+            mine["batch_size"] = self.batch_size
+            if legacy:
+                mine["world_size"] = self.world_size
+            else:  # megabatches of world_size x grad_accum batches: only the product counts
+                steps = int(state.get("world_size", 0)) * int(state.get("grad_accum", 0))
+                if steps != self.world_size * self.grad_accum:
+                    raise LoaderStateMismatch(
+                        f"state: world_size x grad_accum must be {self.world_size} x "
+                        f"{self.grad_accum} = {self.world_size * self.grad_accum} (this "
+                        f"loader's; the length grouping's megabatch), got "
+                        f"{state.get('world_size')} x {state.get('grad_accum')} = {steps}: "
+                        "resuming would visit samples in another order (keep the product: "
+                        "fewer ranks, more grad_accum)")
         for key, value in mine.items():
             if state.get(key) != value:
                 what = (f"the data changed: {state.get(key)!r} samples when the state was "

@@ -382,3 +382,21 @@ def test_a_resume_on_another_world_size_keeps_the_jobs_counts_once(dataset):
     back = ResumableLoader(dataset, batch_size=4, seed=2)
     back.load_state_dict(saved)
     assert back.log.num_samples == used + 3 + 3 == job["num_samples"]
+
+
+def test_grouped_resume_keeps_the_order_when_world_size_x_grad_accum_stays(dataset):
+    """Length grouping sorts within megabatches of world_size x grad_accum batches: 2 ranks x
+    grad_accum 1 resumed as 1 rank x grad_accum 2 visits the same samples in the same order
+    (it was refused); another product is refused, naming both."""
+    opts = dict(batch_size=2, seed=5, group_by_modality_length=True)
+    reference = _ids(ResumableLoader(dataset, grad_accum=2, **opts))
+    two = [ResumableLoader(dataset, rank=r, world_size=2, **opts) for r in range(2)]
+    iters = [iter(loader) for loader in two]
+    first = [next(it) for it in iters]  # one global batch: 4 samples
+    one = ResumableLoader(dataset, grad_accum=2, **opts)
+    one.load_state_dict(two[0].state_dict())
+    assert sorted(_ids(first)) == sorted(reference[:4])
+    assert _ids(one) == reference[4:]
+    with pytest.raises(ValueError, match=r"world_size x grad_accum must be 1 x 1 = 1 .* got "
+                                         r"2 x 1 = 2"):
+        ResumableLoader(dataset, **opts).load_state_dict(two[0].state_dict())
