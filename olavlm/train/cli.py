@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 __all__ = ["add_train_arguments", "main", "run_train", "take_late_overrides"]
@@ -80,6 +81,13 @@ def run_train(args) -> int:
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"olavlm train: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a peer gone while the ranks set up together (as below)
+        if not (int(os.environ.get("WORLD_SIZE", "1")) > 1 and peer_failure(exc)):
+            raise
+        print(f"olavlm train: rank {os.environ.get('RANK', '?')}: another rank stopped while "
+              "the ranks were starting (its error, if it printed one, is above; torchrun's "
+              f"summary names a killed rank's exit code): {_first_line(exc)}", file=sys.stderr)
+        return 1
     try:
         result = trainer.train()
     except (NonFiniteLossError, NoDataError, BadSampleError, CheckpointError) as exc:

@@ -200,6 +200,28 @@ def test_a_rank_without_data_leaves_without_a_barrier(monkeypatch, capsys):
     assert calls == ["destroy"]
 
 
+def test_a_peer_gone_during_the_start_is_one_line(monkeypatch, capsys):
+    """Another rank dies while the ranks set up together (a collective in Trainer()): one line
+    naming this rank, not a traceback hiding the cause; one process re-raises (a real bug)."""
+    import olavlm.train.trainer as trainer_mod
+
+    class FakeTrainer:
+        def __init__(self, cfg):
+            raise RuntimeError("[../third_party/gloo/transport/tcp/pair.cc:534] Connection "
+                               "closed by peer [127.0.0.1]:5678")
+
+    monkeypatch.setattr(trainer_mod, "Trainer", FakeTrainer)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert train_main(["logging.progress=false"]) == 1
+    err = capsys.readouterr().err
+    assert "rank 1: another rank stopped while the ranks were starting" in err
+    assert "Traceback" not in err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        train_main(["logging.progress=false"])
+
+
 def test_a_failed_start_leaves_no_run_folder_but_keeps_an_existing_one(tmp_path, capsys):
     out = tmp_path / "runs"
     synth = f"data.synthetic_dir={tmp_path / 'synth'}"
