@@ -187,6 +187,9 @@ class ImageView:
     """One view of a decoded image: (3, size, size), float32 normalized or uint8 (module doc).
 
     ``background`` (pad only) defaults to ``int(mean * 255)``, or CLIP's mean without ``mean``.
+    ``then_size``: a second resize after the first, to then_size x then_size with PIL's
+    bilinear filter (uint8 between the two, as an image processor's own resize after the
+    seed's: the seg teacher's 768 then 800); the view is then_size wide (``out_size``).
     """
 
     size: int = 336
@@ -194,10 +197,15 @@ class ImageView:
     mean: tuple[float, float, float] | None = CLIP_MEAN
     std: tuple[float, float, float] | None = CLIP_STD
     background: tuple[int, int, int] | None = None
+    then_size: int | None = None
 
     def __post_init__(self):
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
             raise ValueError(f"ImageView.size must be a positive int, got {self.size!r}")
+        if self.then_size is not None and (isinstance(self.then_size, bool) or not isinstance(
+                self.then_size, int) or self.then_size < 1):
+            raise ValueError(f"ImageView.then_size must be None or a positive int, got "
+                             f"{self.then_size!r}")
         if self.aspect not in ASPECTS:
             raise ValueError(f"ImageView.aspect must be one of {ASPECTS}, got {self.aspect!r}")
         if (self.mean is None) != (self.std is None):
@@ -214,13 +222,25 @@ class ImageView:
     def normalized(self) -> bool:
         return self.mean is not None
 
+    @property
+    def out_size(self) -> int:
+        """The side of the views this makes: ``then_size`` if set, else ``size``."""
+        return self.then_size or self.size
+
     def pad_colour(self) -> tuple[int, int, int]:
         if self.background is not None:
             return tuple(self.background)
         return tuple(int(m * 255) for m in (self.mean or CLIP_MEAN))
 
     def resize(self, image: Image.Image) -> Image.Image:
-        """The view's pixels as an RGB PIL image of size x size."""
+        """The view's pixels as an RGB PIL image of out_size x out_size."""
+        image = self._first_resize(image)
+        if self.then_size is not None and image.size != (self.then_size, self.then_size):
+            image = image.resize((self.then_size, self.then_size),
+                                 resample=Image.Resampling.BILINEAR)
+        return image
+
+    def _first_resize(self, image: Image.Image) -> Image.Image:
         if self.aspect == "stretch":
             if image.size == (self.size, self.size):
                 return image
@@ -240,7 +260,7 @@ class ImageView:
     def blank(self) -> torch.Tensor:
         """The view of a text-only sample: zeros (the seed's ``zeros(3, crop, crop)``)."""
         dtype = torch.float32 if self.normalized else torch.uint8
-        return torch.zeros(3, self.size, self.size, dtype=dtype)
+        return torch.zeros(3, self.out_size, self.out_size, dtype=dtype)
 
 
 def tower_view(vision_tower: str, aspect: str = "square") -> ImageView:

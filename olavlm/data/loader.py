@@ -176,7 +176,7 @@ class Collator:
                   else torch.zeros(0, 3, size, size, dtype=self.image_view.blank().dtype))
         teacher_views = {}
         for name, view in self.teacher_views.items():
-            empty = torch.zeros((0, 3, view.size, view.size), dtype=view.blank().dtype)
+            empty = torch.zeros((0, 3, view.out_size, view.out_size), dtype=view.blank().dtype)
             teacher_views[name] = (torch.stack([s.teacher_views[name] for s in samples])
                                    if samples else empty)
         keep_raw = all(s.raw_image is not None for s in samples)

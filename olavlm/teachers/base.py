@@ -10,9 +10,10 @@ A teacher is called with a batch of uint8 RGB images in one of two forms:
   computed with PIL in the data workers: the seed's exact pixels), which is only normalized.
 
 Resizes on the device use antialiased bicubic (PIL's a = -0.5 kernel) and round and clamp to
-[0, 255] after each step, as the seed's PIL images are uint8 between steps: on photos the
-result differs from PIL's by at most 1 level after a downscale (mean ~0.2) and 3 levels after
-an upscale (tested). Use the host view when bit-exact seed inputs matter.
+[0, 255] after each step, as the seed's PIL images are uint8 between steps: on smooth images
+the result differs from PIL's by 1-2 levels after a downscale (mean ~0.2) and 3-5 after an
+upscale, more at sharp edges (PIL also rounds between its two 1-D passes; docs/teachers.md).
+Use the host view when bit-exact seed inputs matter.
 
 Each teacher runs its model under ``torch.inference_mode`` in ``dtype``: bf16 by default on
 CUDA (the seed's teachers ran in bf16/fp16); fp32 by default on CPU, where bf16 matmuls are

@@ -80,16 +80,25 @@ class SegTeacher(Teacher):
         return {"seg": (self.channels, self.grid, self.grid)}
 
     def host_view(self) -> ImageView:
-        return ImageView(size=self.view_size, aspect="stretch", mean=None, std=None)
+        """The seed's pixels, all with PIL: its resize to 768 (bicubic), then the processor's
+        to 800 (bilinear), uint8 between the two; ``preprocess`` only normalizes them."""
+        then = self.input_size if self.input_size != self.view_size else None
+        return ImageView(size=self.view_size, aspect="stretch", mean=None, std=None,
+                         then_size=then)
 
     def fingerprint(self) -> dict:
         return super().fingerprint() | {"input_size": self.input_size,
                                         "view_size": self.view_size}
 
     def preprocess(self, images, maps=None) -> torch.Tensor:
-        pixels = device_view(images, self.view_size, "stretch", device=self.device)
-        # The processor's resize: bilinear, an upscale from 768, so no antialias either way.
-        pixels = resize_pixels(pixels, (self.input_size, self.input_size), "bilinear")
+        side = (self.input_size, self.input_size)
+        if isinstance(images, torch.Tensor) and images.dim() == 4 and \
+                tuple(images.shape[-2:]) == side:  # host views: both resizes done (host_view)
+            pixels = images.to(self.device, non_blocking=True).float()
+        else:
+            pixels = device_view(images, self.view_size, "stretch", device=self.device)
+            # The processor's resize: bilinear, an upscale from 768 (no antialias either way).
+            pixels = resize_pixels(pixels, side, "bilinear")
         return normalize(pixels, IMAGENET_MEAN, IMAGENET_STD, self.dtype)
 
     def encode(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -178,3 +178,20 @@ def test_a_pad_view_refuses_a_canvas_past_pils_bomb_limit(monkeypatch):
     assert ImageView(size=8, aspect="square")(image).shape == (3, 8, 8)  # no canvas: fine
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 300 // 2)
     assert ImageView(size=8, aspect="pad")(image).shape == (3, 8, 8)
+
+
+def test_a_view_with_a_second_resize():
+    """then_size: a second PIL resize (bilinear, stretch) after the first, uint8 between, as an
+    image processor's own resize after the seed's; blanks and out_size follow it."""
+    rng = np.random.default_rng(0)
+    pil = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    view = ImageView(size=24, aspect="stretch", mean=None, std=None, then_size=30)
+    want = pil.resize((24, 24), Image.Resampling.BICUBIC).resize((30, 30),
+                                                                 Image.Resampling.BILINEAR)
+    got = view(pil)
+    assert got.shape == (3, 30, 30) and view.out_size == 30
+    assert torch.equal(got, torch.from_numpy(np.asarray(want)).permute(2, 0, 1))
+    assert view.blank().shape == (3, 30, 30)
+    assert ImageView(size=24, then_size=None).out_size == 24
+    with pytest.raises(ValueError, match="then_size must be None or a positive int, got 0"):
+        ImageView(size=24, then_size=0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -96,17 +97,30 @@ def test_batched_equals_one_image_at_a_time(teachers):
 
 
 def test_host_views_are_only_normalized(teachers):
-    """The loader's PIL view (B, 3, S, S) at the teacher's size goes straight to the model."""
+    """The loader's PIL view (B, 3, S, S) at the teacher's size goes straight to the model.
+    For seg it is both of the seed's PIL resizes (768 bicubic, then the processor's 800
+    bilinear, uint8 between): its exact pixels (the 800 step ran on the device before)."""
     from PIL import Image
+
+    from olavlm.teachers.base import IMAGENET_MEAN, IMAGENET_STD, normalize
 
     images = random_images(SIZES, seed=2)
     for name, teacher in teachers.items():
         view = teacher.host_view()
         pils = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
         host = torch.stack([view(p) for p in pils])
-        assert host.dtype == torch.uint8 and host.shape[-1] == view.size
+        assert host.dtype == torch.uint8 and host.shape[-1] == view.out_size
         out = teacher(host)[name]
-        ref = teacher(list(host))[name]
+        if name == "seg":
+            seed = torch.stack([torch.from_numpy(np.asarray(
+                p.resize((768, 768), Image.Resampling.BICUBIC).resize(
+                    (800, 800), Image.Resampling.BILINEAR))).permute(2, 0, 1) for p in pils])
+            assert torch.equal(host, seed)
+            with torch.inference_mode():
+                ref = teacher.encode(normalize(seed.float(), IMAGENET_MEAN, IMAGENET_STD,
+                                               teacher.dtype))[name]
+        else:
+            ref = teacher(list(host))[name]
         torch.testing.assert_close(out, ref, atol=0, rtol=0)
         # The device resize is close to PIL's, so the targets are close too.
         device = teacher(images)[name]

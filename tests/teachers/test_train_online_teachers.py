@@ -49,7 +49,7 @@ def test_trains_with_the_image_teachers_online(tmp_path, tmp_path_factory, tiny_
     if resize == "host":
         assert batch.raw_images is None
         for t in trainer.teachers.teachers:
-            size = t.host_view().size
+            size = t.host_view().out_size
             assert batch.teacher_views[t.name].shape[-2:] == (size, size)
     result = trainer.train()
     rows = read_metrics(result.run_dir)
