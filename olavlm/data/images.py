@@ -8,7 +8,8 @@ banner a few pixels high would need gigabytes once its short side is resized). A
 ``ImageView`` turns it into a tensor:
 
 - ``aspect="square"``: resize the short side to ``size`` (bicubic) and centre-crop ``size``
-  (CLIPImageProcessor; open_clip's ``Resize`` + ``CenterCrop`` for ConvNeXt, SPEC 1.1);
+  (CLIPImageProcessor; open_clip's ``Resize`` + ``CenterCrop`` for ConvNeXt, SPEC 1.1, whose
+  crop offset rounds instead of flooring: ``crop="round"``);
 - ``aspect="pad"``: expand to a square with the background colour ``int(mean * 255)``, i.e.
   (122, 116, 104) for CLIP (the seed's ``expand2square``), then as ``"square"``;
 - ``aspect="stretch"``: resize to ``size`` x ``size`` ignoring the aspect ratio (the seed's
@@ -161,7 +162,11 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Im
     return out
 
 
-def _resize_short_side_and_crop(image: Image.Image, size: int, resample) -> Image.Image:
+CROPS = ("floor", "round")  # the centre crop's offset: transformers' // 2, torchvision's round
+
+
+def _resize_short_side_and_crop(image: Image.Image, size: int, resample,
+                                crop: str = "floor") -> Image.Image:
     width, height = image.size
     # transformers' get_resize_output_image_size: the long side is int(size * long / short).
     if width <= height:
@@ -172,7 +177,10 @@ def _resize_short_side_and_crop(image: Image.Image, size: int, resample) -> Imag
         image = image.resize((new_w, new_h), resample=resample)
     if (new_w, new_h) == (size, size):
         return image
-    left, top = (new_w - size) // 2, (new_h - size) // 2  # transformers' center_crop
+    if crop == "round":  # torchvision's CenterCrop (open_clip's transform): half to even
+        left, top = int(round((new_w - size) / 2.0)), int(round((new_h - size) / 2.0))
+    else:  # transformers' center_crop (CLIPImageProcessor)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
     return image.crop((left, top, left + size, top + size))
 
 
@@ -190,6 +198,10 @@ class ImageView:
     ``then_size``: a second resize after the first, to then_size x then_size with PIL's
     bilinear filter (uint8 between the two, as an image processor's own resize after the
     seed's: the seg teacher's 768 then 800); the view is then_size wide (``out_size``).
+    ``crop`` (square and pad): the centre crop's offset, ``"floor"`` as transformers'
+    CLIPImageProcessor (``(new - size) // 2``), ``"round"`` as torchvision's ``CenterCrop`` in
+    open_clip's transform (the seed's ConvNeXt tower): they differ by one pixel when
+    ``new - size`` is 3 mod 4 (a quarter of the non-square images).
     """
 
     size: int = 336
@@ -198,6 +210,7 @@ class ImageView:
     std: tuple[float, float, float] | None = CLIP_STD
     background: tuple[int, int, int] | None = None
     then_size: int | None = None
+    crop: str = "floor"
 
     def __post_init__(self):
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
@@ -208,6 +221,8 @@ class ImageView:
                              f"{self.then_size!r}")
         if self.aspect not in ASPECTS:
             raise ValueError(f"ImageView.aspect must be one of {ASPECTS}, got {self.aspect!r}")
+        if self.crop not in CROPS:
+            raise ValueError(f"ImageView.crop must be one of {CROPS}, got {self.crop!r}")
         if (self.mean is None) != (self.std is None):
             raise ValueError("ImageView.mean and std must both be given or both be None, got "
                              f"mean={self.mean!r}, std={self.std!r}")
@@ -247,7 +262,8 @@ class ImageView:
             return image.resize((self.size, self.size), resample=Image.Resampling.BICUBIC)
         if self.aspect == "pad":
             image = expand_to_square(image, self.pad_colour())
-        return _resize_short_side_and_crop(image, self.size, Image.Resampling.BICUBIC)
+        return _resize_short_side_and_crop(image, self.size, Image.Resampling.BICUBIC,
+                                           self.crop)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         pixels = pil_to_uint8(self.resize(image))
@@ -271,4 +287,5 @@ def tower_view(vision_tower: str, aspect: str = "square") -> ImageView:
     if match is None:
         raise ValueError("vision_tower must name its input size ('-res768' or a trailing "
                          f"'-336'), got {vision_tower!r}")
-    return ImageView(size=int(match.group(1)), aspect=aspect)
+    crop = "round" if "convnext" in vision_tower.lower() else "floor"  # open_clip's transform
+    return ImageView(size=int(match.group(1)), aspect=aspect, crop=crop)

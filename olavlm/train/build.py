@@ -375,8 +375,10 @@ def build_data(cfg, model: OlaVLM, tokenizer, data_root: Path | None, *, rank: i
 
     files, image_folder = _data_files(cfg, data_root)
     tower = model.vision_tower
+    # ConvNeXt's open_clip transform centre-crops with torchvision's rounding (images.py).
     view = ImageView(size=tower.image_size, aspect=cfg.data.aspect, mean=tuple(tower.mean),
-                     std=tuple(tower.std))
+                     std=tuple(tower.std),
+                     crop="round" if getattr(tower, "kind", "") == "convnext" else "floor")
     cache = None
     if cfg.teachers.mode == "cache" and model.tasks:
         from olavlm.teachers import TargetCache

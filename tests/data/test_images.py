@@ -142,7 +142,7 @@ def test_stretch_view_and_blank():
 def test_tower_view_and_view_arguments():
     assert tower_view("openai/clip-vit-large-patch14-336").size == 336
     big = "laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup-res768"
-    assert tower_view(big, aspect="pad") == ImageView(size=768, aspect="pad")
+    assert tower_view(big, aspect="pad") == ImageView(size=768, aspect="pad", crop="round")
     with pytest.raises(ValueError, match="vision_tower must name its input size"):
         tower_view("some-tower")
     with pytest.raises(ValueError, match="aspect must be one of"):
@@ -195,3 +195,30 @@ def test_a_view_with_a_second_resize():
     assert ImageView(size=24, then_size=None).out_size == 24
     with pytest.raises(ValueError, match="then_size must be None or a positive int, got 0"):
         ImageView(size=24, then_size=0)
+
+
+def test_convnext_views_crop_as_open_clips_transform():
+    """The seed's ConvNeXt tower takes open_clip's transform (torchvision Resize + CenterCrop,
+    whose offset rounds half to even); CLIP's processor floors it. 640 x 427 at 768: the long
+    side becomes 1151, 383 px to cut, 191 or 192 at the left."""
+    from torchvision import transforms
+
+    from olavlm.data.images import tower_view
+
+    rng = np.random.default_rng(1)
+    for size in ((640, 427), (427, 640), (333, 300), (512, 512)):
+        pil = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        torchvision_view = transforms.Compose([
+            transforms.Resize(768, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(768)])(pil)
+        want = torch.from_numpy(np.asarray(torchvision_view)).permute(2, 0, 1)
+        view = tower_view("w/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup-res768")
+        assert view.crop == "round"
+        got = ImageView(size=768, mean=None, std=None, crop=view.crop)(pil)
+        assert torch.equal(got, want), size
+    floor = ImageView(size=768, mean=None, std=None)(pil.resize((640, 427)))
+    rounded = ImageView(size=768, mean=None, std=None, crop="round")(pil.resize((640, 427)))
+    assert not torch.equal(floor, rounded)  # the premise: the two rules differ here
+    assert tower_view("openai/clip-vit-large-patch14-336").crop == "floor"
+    with pytest.raises(ValueError, match="ImageView.crop must be one of"):
+        ImageView(crop="ceil")

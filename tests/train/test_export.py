@@ -261,6 +261,7 @@ def test_a_convnext_trained_at_another_size_reloads_at_that_size(tmp_path):
     trainer.train()
     size = trainer.model.vision_tower.image_size
     assert size == 64
+    assert trainer.dataset.image_view.crop == "round"  # open_clip's CenterCrop, as the seed's
     hf = load_exported(export_checkpoint(trainer.run_dir, tmp_path / "hf"))
     seed = load_seed_checkpoint(export_checkpoint(trainer.run_dir, tmp_path / "seed",
                                                   fmt="seed"),
