@@ -222,3 +222,21 @@ def test_convnext_views_crop_as_open_clips_transform():
     assert tower_view("openai/clip-vit-large-patch14-336").crop == "floor"
     with pytest.raises(ValueError, match="ImageView.crop must be one of"):
         ImageView(crop="ceil")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK", "RGBA"])
+def test_plain_modes_decode_as_the_seeds_pil_convert(mode):
+    """The seed decodes with Image.open(path).convert('RGB'); ours differs only for EXIF
+    rotation, transparency and 16-bit data (docs/data.md): RGB, L, CMYK and opaque RGBA files
+    give the seed's pixels."""
+    rng = np.random.default_rng(2)
+    rgb = Image.fromarray(rng.integers(0, 256, (19, 23, 3), dtype=np.uint8))
+    image = rgb.convert(mode)
+    if mode == "RGBA":
+        image.putalpha(255)
+    data = io.BytesIO()
+    image.save(data, format="TIFF" if mode == "CMYK" else "PNG")
+    seed = Image.open(io.BytesIO(data.getvalue())).convert("RGB")
+    ours = load_image(data.getvalue())
+    assert ours.mode == "RGB"
+    assert np.array_equal(np.asarray(ours), np.asarray(seed)), mode
