@@ -78,7 +78,8 @@ def _add_extract(sub) -> None:
                    help="image decoding processes")
     p.add_argument("--device", default=None, help="default: cuda[:LOCAL_RANK] if present, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="teacher compute dtype (auto: bf16 on GPU, fp32 on CPU)")
+                   help="teacher compute dtype (auto: the seed's on GPU, bf16 but fp16 for "
+                        "gen; fp32 on CPU)")
     p.add_argument("--resize", default="device", choices=["device", "host"],
                    help="resize on the teachers' device, or with PIL in the workers (seed-exact)")
     p.add_argument("--no-seed-compat", action="store_true",

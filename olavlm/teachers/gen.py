@@ -6,8 +6,8 @@
 Seed pipeline, per image: ``pipe.feature_extractor`` (CLIPImageProcessor: resize the short side
 to 224 bicubic, centre-crop 224, /255, CLIP mean/std), then ``pipe.image_encoder(...)
 .image_embeds`` in fp16 (the pipe was not a registered submodule, so it stayed fp16 on CUDA).
-Here the encoder runs in ``dtype`` (bf16 on CUDA by default; pass ``dtype=torch.float16`` for
-the seed's precision).
+Here the encoder runs in ``dtype``: by default the seed's fp16 on accelerators (the other
+teachers' default is bf16, as DeepSpeed cast the seed's registered ones), fp32 on the CPU.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ class GenTeacher(Teacher):
 
     def __init__(self, encoder, *, input_size: int | None = None, device=None, dtype=None,
                  seed_compat: bool = True, max_batch: int | None = None):
+        if dtype is None and torch.device(device if device is not None else "cpu").type != "cpu":
+            dtype = torch.float16  # the seed's unCLIP pipe stayed fp16 (SPEC 3)
         super().__init__(device=device, dtype=dtype, seed_compat=seed_compat,
                          max_batch=max_batch)
         size = encoder.config.image_size if input_size is None else input_size

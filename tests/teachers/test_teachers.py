@@ -69,15 +69,17 @@ def test_real_shapes_on_the_meta_device():
         depth = DepthTeacher(Dinov2Backbone(Dinov2Config(**DEPTH_REAL)), device="meta")
         seg = SegTeacher(SwinBackbone(SwinConfig(**SWIN_REAL)), device="meta")
         gen = GenTeacher(clip_model(CLIP_REAL), device="meta")
-    assert depth.dtype == torch.bfloat16  # the accelerator default
+    # The accelerator defaults are the seed's: DeepSpeed cast depth and seg to bf16, the unCLIP
+    # pipe (not a registered module) stayed fp16 (SPEC 3).
+    assert depth.dtype == seg.dtype == torch.bfloat16 and gen.dtype == torch.float16
     # seed_compat resampled the 37 x 37 position table to 24 x 24 once, at load.
     assert depth.backbone.embeddings.position_embeddings.shape == (1, 577, 1024)
     for teacher, size, shape in ((depth, 336, (576, 1024)), (seg, 800, (1536, 24, 24)),
                                  (gen, 224, (1, 1024))):
-        pixels = torch.empty(2, 3, size, size, device="meta", dtype=torch.bfloat16)
+        pixels = torch.empty(2, 3, size, size, device="meta", dtype=teacher.dtype)
         with torch.inference_mode():
             out = teacher.encode(pixels)[teacher.name]
-        assert out.shape == (2, *shape) and out.dtype == torch.bfloat16
+        assert out.shape == (2, *shape) and out.dtype == teacher.dtype
         assert teacher.target_shapes()[teacher.name] == shape
 
 
