@@ -34,6 +34,16 @@ IMPLS = ("auto", "triton", "torch", "reference")
 AUTO_REFERENCE_MAX_LATENTS = 16
 
 
+def _refuse_key_padding_mask(value) -> None:
+    """The mask argument is ``attend_mask`` (True = attend, as SDPA's boolean ``attn_mask``);
+    PyTorch's ``key_padding_mask`` (nn.MultiheadAttention) means the opposite, True = padding.
+    The old name is refused rather than read either way."""
+    if value is not None:
+        raise TypeError("key_padding_mask is not an argument here: pass attend_mask (True = "
+                        "attend the key); nn.MultiheadAttention's key_padding_mask is True "
+                        "on padding, so attend_mask=~key_padding_mask")
+
+
 class PerceiverAttention(nn.Module):
     """Latents attend to [inputs; latents]: norm1 (inputs), norm2 (latents), to_q, to_kv, to_out."""
 
@@ -111,7 +121,7 @@ class _TritonOps:
 class PerceiverResampler(nn.Module):
     """The seed's ``Resampler``: learned latents (num_queries, dim) read the inputs.
 
-    forward(x (B, N, embedding_dim), key_padding_mask (B, N) bool or None, True = attend)
+    forward(x (B, N, embedding_dim), attend_mask (B, N) bool or None, True = attend)
     -> (B, num_queries, output_dim). The seed passes no mask (padding is attended).
     """
 
@@ -142,20 +152,22 @@ class PerceiverResampler(nn.Module):
             for _ in range(depth)
         ])
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
-        return self._run(x, None, key_padding_mask)
+    def forward(self, x: torch.Tensor, attend_mask: torch.Tensor | None = None, *,
+                key_padding_mask=None):
+        _refuse_key_padding_mask(key_padding_mask)
+        return self._run(x, None, attend_mask)
 
-    def _run(self, x, latents, key_padding_mask):
-        self._check_inputs(x, key_padding_mask)
+    def _run(self, x, latents, attend_mask):
+        self._check_inputs(x, attend_mask)
         impl = self._resolve(x, latents)
         if impl == "reference":
             from .impl.reference import resampler_ref  # noqa: PLC0415
 
-            return resampler_ref(self, x, latents, key_padding_mask)
+            return resampler_ref(self, x, latents, attend_mask)
         from .impl.fast import resampler_fast  # noqa: PLC0415
 
         ops = _TritonOps if impl == "triton" else _TorchOps
-        return resampler_fast(self, x, latents, key_padding_mask, ops)
+        return resampler_fast(self, x, latents, attend_mask, ops)
 
     def _resolve(self, x: torch.Tensor, latents: torch.Tensor | None = None) -> str:
         if self.impl == "auto":  # whichever measured faster (module docstring)
@@ -167,18 +179,30 @@ class PerceiverResampler(nn.Module):
             return "torch"
         if self.impl == "triton":
             check_triton_device(x, type(self).__name__)
+            if x.dtype == torch.float64:  # the kernels compute and store in fp32
+                raise NotImplementedError(f"{type(self).__name__}: impl='triton' has no "
+                                          "float64 kernels; use impl='torch' or 'reference'")
         return self.impl
 
-    def _check_inputs(self, x, key_padding_mask) -> None:
+    def _check_inputs(self, x, attend_mask) -> None:
         name = type(self).__name__
-        if x.dim() != 3 or x.shape[-1] != self.embedding_dim:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: x must be a Tensor (B, N, embedding_dim), got "
+                            f"{type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.embedding_dim or x.shape[0] == 0:
             raise ValueError(f"{name}: x must have shape (B, N, embedding_dim) = (?, ?, "
-                             f"{self.embedding_dim}), got {tuple(x.shape)}")
-        if key_padding_mask is not None:
-            if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != x.shape[:2]:
-                raise ValueError(f"{name}: key_padding_mask must be a bool tensor of shape "
+                             f"{self.embedding_dim}) with B >= 1, got {tuple(x.shape)}")
+        if attend_mask is not None:
+            if not isinstance(attend_mask, torch.Tensor):
+                raise TypeError(f"{name}: attend_mask must be a bool Tensor (B, N), got "
+                                f"{type(attend_mask).__name__}")
+            if attend_mask.dtype != torch.bool or attend_mask.shape != x.shape[:2]:
+                raise ValueError(f"{name}: attend_mask must be a bool tensor of shape "
                                  f"(B, N) = {tuple(x.shape[:2])}, got "
-                                 f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+                                 f"{attend_mask.dtype} {tuple(attend_mask.shape)}")
+            if attend_mask.device != x.device:
+                raise ValueError(f"{name}: attend_mask must be on x's device {x.device}, got "
+                                 f"{attend_mask.device}")
 
     def extra_repr(self) -> str:
         return f"num_queries={self.num_queries}, impl={self.impl!r}"
@@ -196,7 +220,9 @@ class TaskTokenResampler(PerceiverResampler):
     learned_latents = False
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None):
+                attend_mask: torch.Tensor | None = None, *, key_padding_mask=None):
+        _refuse_key_padding_mask(key_padding_mask)
+        self._check_inputs(x, attend_mask)  # (before latents' checks read x.shape)
         if not isinstance(latents, torch.Tensor):
             raise TypeError(f"TaskTokenResampler: latents must be a Tensor, got "
                             f"{type(latents).__name__}")
@@ -209,7 +235,7 @@ class TaskTokenResampler(PerceiverResampler):
                 f"B in (1, {x.shape[0]}), n >= 1 and embedding_dim {self.embedding_dim}, got "
                 f"{tuple(latents.shape)}"
             )
-        return self._run(x, latents, key_padding_mask)
+        return self._run(x, latents, attend_mask)
 
 
 class EmbeddingPredictorHead(nn.Module):
@@ -227,25 +253,28 @@ class EmbeddingPredictorHead(nn.Module):
             raise ValueError(f"num_mlps must be 0 or 3 (the seed's depth head), got {num_mlps}")
         self.projector = projector
         self.num_mlps = num_mlps
-        width = mlp_dim or projector.output_dim
-        for i in range(1, num_mlps + 1):
-            setattr(self, f"linear_{i}", nn.Sequential(nn.Linear(width, width), nn.ReLU(),
-                                                       nn.Linear(width, width)))
+        out, width = projector.output_dim, mlp_dim or projector.output_dim
+        for i in range(1, num_mlps + 1):  # (the seed's: output_dim wide throughout)
+            setattr(self, f"linear_{i}", nn.Sequential(nn.Linear(out, width), nn.ReLU(),
+                                                       nn.Linear(width, out)))
 
-    def _project(self, x, latents, key_padding_mask):
+    def _project(self, x, latents, attend_mask):
         if isinstance(self.projector, TaskTokenResampler):
-            return self.projector(x, latents, key_padding_mask)
+            return self.projector(x, latents, attend_mask)
         if latents is not None:  # would be dropped without a word
             raise ValueError(f"EmbeddingPredictorHead: its {type(self.projector).__name__} "
                              "projector has learned latents; pass latents=None")
-        return self.projector(x, key_padding_mask)
+        return self.projector(x, attend_mask)
 
-    def forward(self, x, latents=None, key_padding_mask=None):
-        out = self._project(x, latents, key_padding_mask)
+    def forward(self, x, latents=None, attend_mask=None, *, key_padding_mask=None):
+        _refuse_key_padding_mask(key_padding_mask)
+        out = self._project(x, latents, attend_mask)
         return self.linear_1(out) if self.num_mlps else out
 
     @torch.no_grad()
-    def visualisation_outputs(self, x, latents=None, key_padding_mask=None) -> list:
+    def visualisation_outputs(self, x, latents=None, attend_mask=None, *,
+                              key_padding_mask=None) -> list:
         """[linear_1(v), linear_2(v), linear_3(v), v] as the seed's depth head returns them."""
-        v = self._project(x, latents, key_padding_mask)
+        _refuse_key_padding_mask(key_padding_mask)
+        v = self._project(x, latents, attend_mask)
         return [getattr(self, f"linear_{i}")(v) for i in range(1, self.num_mlps + 1)] + [v]

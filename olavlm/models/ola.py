@@ -280,7 +280,7 @@ class OlaVLM(nn.Module):
             return self._head_reference(head, state, queries, spliced, offset, n_task, fixed)
         keys = head_key_mask(spliced, offset, n_task, pass_text_to_aux=cfg.pass_text_to_aux,
                              mask_padding=not cfg.seed_compat, fixed_image_start=fixed)
-        return head(state, queries, key_padding_mask=keys)
+        return head(state, queries, attend_mask=keys)
 
     def _head_reference(self, head, state, queries, spliced, offset, n_task, fixed):
         """The seed's explicit ``cat(h[:, :P], h[:, ts:te], h[:, end:])``; without seed_compat,

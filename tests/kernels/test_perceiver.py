@@ -54,7 +54,7 @@ def _run(module, impl, x, latents, dtype, mask=None):
     x = x.to(dtype)
     lat = None if latents is None else latents.detach().to(dtype).clone().requires_grad_(True)
     args = (x,) if isinstance(module, PerceiverResampler) and lat is None else (x, lat)
-    out = module(*args, key_padding_mask=mask) if mask is not None else module(*args)
+    out = module(*args, attend_mask=mask) if mask is not None else module(*args)
     w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     (out * w.to(device=out.device, dtype=dtype)).sum().backward()
     grads = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
@@ -146,13 +146,13 @@ def test_shared_latents_equal_per_sample_copies(impl):
 
 
 @pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
-def test_key_padding_mask_equals_slicing_the_padding_away(impl):
+def test_attend_mask_equals_slicing_the_padding_away(impl):
     head = _head("gen")
     head.impl = impl
     x, latents = _inputs("gen", batch=2, tokens=20)
     mask = torch.ones(2, 20, dtype=torch.bool)
     mask[1, 13:] = False  # the second sample has 7 padding positions
-    masked = head(x, latents, key_padding_mask=mask)
+    masked = head(x, latents, attend_mask=mask)
     sliced = head(x[1:, :13], latents[1:])
     torch.testing.assert_close(masked[1:], sliced, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(masked[:1], head(x[:1], latents[:1]), rtol=1e-5, atol=1e-6)
@@ -207,6 +207,51 @@ def test_bad_input_errors(case):
     _, call, message = case
     with pytest.raises(ValueError, match=re.escape(message)):
         call()
+
+
+def test_inputs_of_the_wrong_kind_are_named():
+    """A PyTorch-style key_padding_mask (True = padding) would attend only the padding here:
+    the name is refused; lists, an empty batch, a mask on another device and float64 on the
+    Triton kernels are named, not an AttributeError or a silent fp32 result."""
+    head, (x, latents) = _head("seg"), _inputs("seg")
+    pad = torch.zeros(3, 20, dtype=torch.bool)
+    for call in (lambda: head(x, latents, key_padding_mask=pad),
+                 lambda: EmbeddingPredictorHead(head)(x, latents, key_padding_mask=pad)):
+        with pytest.raises(TypeError, match=r"attend_mask=~key_padding_mask"):
+            call()
+    with pytest.raises(TypeError, match="x must be a Tensor"):
+        head(x.tolist(), latents)
+    with pytest.raises(TypeError, match="attend_mask must be a bool Tensor"):
+        head(x, latents, pad.tolist())
+    with pytest.raises(ValueError, match="with B >= 1"):
+        head(x[:0], latents)
+    with pytest.raises(ValueError, match="attend_mask must be on x's device cpu, got meta"):
+        head(x, latents, pad.to("meta"))
+    triton_head = copy.deepcopy(head).double()
+    triton_head.impl = "triton"
+    with pytest.raises(NotImplementedError, match="no float64 kernels"):
+        triton_head(x.double(), latents.double())
+
+
+def test_the_depth_mlps_take_their_width():
+    """mlp_dim: Linear(output_dim, mlp_dim), ReLU, Linear(mlp_dim, output_dim) (it built
+    mlp_dim x mlp_dim layers that could not take the projector's output)."""
+    head = EmbeddingPredictorHead(_head("seg"), num_mlps=3, mlp_dim=10)
+    x, latents = _inputs("seg")
+    out = head(x, latents)
+    assert out.shape == (3, 36, 48) and head.linear_2[0].weight.shape == (10, 48)
+    assert [v.shape for v in head.visualisation_outputs(x, latents)] == [(3, 36, 48)] * 4
+
+
+def test_the_reference_is_a_float64_oracle_in_float64():
+    """Its softmax is the seed's fp32 for half-precision scores but stays float64 for float64
+    ones (it rounded them to fp32: a float64 'oracle' 5e-8 off)."""
+    head, (x, latents) = _head("seg").double(), _inputs("seg")
+    x, latents = x.double(), latents.double()
+    head.impl = "reference"
+    ref = head(x, latents)
+    head.impl = "torch"  # SDPA in float64: another route to the same float64 math
+    torch.testing.assert_close(head(x, latents), ref, rtol=1e-12, atol=1e-12)
 
 
 # ---- the Triton LayerNorm and GELU on their own ----

@@ -28,7 +28,7 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(b, length, heads, -1).transpose(1, 2)
 
 
-def attention_fast(attn, x, latents, batch, key_padding_mask, ops):
+def attention_fast(attn, x, latents, batch, attend_mask, ops):
     """x (B, N, dim); latents (B or 1, M, dim). Returns the attention output (B|1 -> B, M, dim)."""
     # The inputs' LayerNorm output is not kept for the backward (recomputed there: one
     # (B, N, dim) tensor less per head, ops.layer_norm_linear); the latents' is small.
@@ -41,8 +41,8 @@ def attention_fast(attn, x, latents, batch, key_padding_mask, ops):
     k, v = (_heads(t, attn.heads) for t in kv.chunk(2, dim=-1))
     q = q.expand(batch, -1, -1, -1)
     mask = None
-    if key_padding_mask is not None:
-        keep = torch.cat([key_padding_mask, key_padding_mask.new_ones(batch, m)], dim=1)
+    if attend_mask is not None:
+        keep = torch.cat([attend_mask, attend_mask.new_ones(batch, m)], dim=1)
         mask = keep[:, None, None, :]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.dim_head**-0.5)
     out = out.transpose(1, 2).reshape(batch, m, -1)
@@ -55,7 +55,7 @@ def feed_forward_fast(ff, latents, ops):
     return ops.gelu_linear(ops.layer_norm_linear(latents, ff[0], ff[1].weight), ff[3].weight)
 
 
-def resampler_fast(module, x, latents, key_padding_mask, ops):
+def resampler_fast(module, x, latents, attend_mask, ops):
     batch = x.shape[0]
     if latents is None:
         latents = module.latents  # (1, M, dim), shared
@@ -63,7 +63,7 @@ def resampler_fast(module, x, latents, key_padding_mask, ops):
         latents = module.proj_in(adapt_latents(latents, module.num_queries))  # (1|B, M, dim)
     x = module.proj_in(x)
     for attn, ff in module.layers:
-        latents = attention_fast(attn, x, latents, batch, key_padding_mask, ops) + latents
+        latents = attention_fast(attn, x, latents, batch, attend_mask, ops) + latents
         latents = feed_forward_fast(ff, latents, ops) + latents
     latents = F.linear(latents, module.proj_out.weight, module.proj_out.bias)
     return ops.layer_norm(latents, module.norm_out)

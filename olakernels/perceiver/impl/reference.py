@@ -18,7 +18,7 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(b, length, heads, -1).transpose(1, 2)
 
 
-def attention_ref(attn, x, latents, key_padding_mask=None):
+def attention_ref(attn, x, latents, attend_mask=None):
     x = attn.norm1(x)
     latents = attn.norm2(latents)
     b, m, _ = latents.shape
@@ -28,15 +28,17 @@ def attention_ref(attn, x, latents, key_padding_mask=None):
     q, k, v = (_heads(t, attn.heads) for t in (q, k, v))
     scale = 1 / (attn.dim_head**0.25)  # split between q and k: (q s)(k s)^T = q k^T / sqrt(d)
     weight = (q * scale) @ (k * scale).transpose(-2, -1)
-    if key_padding_mask is not None:
-        keep = torch.cat([key_padding_mask, key_padding_mask.new_ones(b, m)], dim=1)
+    if attend_mask is not None:
+        keep = torch.cat([attend_mask, attend_mask.new_ones(b, m)], dim=1)
         weight = weight.masked_fill(~keep[:, None, None, :], float("-inf"))
-    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+    # The seed's fp32 softmax for half-precision scores; float64 ones stay float64 (the oracle).
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    weight = torch.softmax(weight.to(acc), dim=-1).type(weight.dtype)
     out = (weight @ v).transpose(1, 2).reshape(b, m, -1)
     return attn.to_out(out)
 
 
-def resampler_ref(module, x, latents=None, key_padding_mask=None):
+def resampler_ref(module, x, latents=None, attend_mask=None):
     """PerceiverResampler (learned latents, ``latents=None``) or TaskTokenResampler forward."""
     batch = x.shape[0]
     if latents is None:
@@ -48,6 +50,6 @@ def resampler_ref(module, x, latents=None, key_padding_mask=None):
         latents = module.proj_in(latents)  # the same proj_in as the inputs
     x = module.proj_in(x)
     for attn, ff in module.layers:
-        latents = attention_ref(attn, x, latents, key_padding_mask) + latents
+        latents = attention_ref(attn, x, latents, attend_mask) + latents
         latents = ff(latents) + latents
     return module.norm_out(module.proj_out(latents))
