@@ -54,3 +54,19 @@ def test_an_all_zero_target_of_a_masked_sample_changes_nothing(impl, mask_mode, 
     assert mask[-1] == 0  # the zero target belongs to a masked sample
     _check_against_oracle(impl, pred, target, mask, torch.tensor(2.0, device=device),
                           mask_mode=mask_mode)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_a_nan_logit_scale_is_not_hidden_by_the_clamp(impl, device):
+    """torch.clamp(nan.exp(), max=100) is NaN, and so must every impl's loss and logit-scale
+    gradient be: the Triton kernel's tl.minimum returned the limit, so a NaN temperature (after
+    one overflowed step) trained on pinned at 100 with a zero gradient, unnoticed."""
+    from olakernels import embedding_distill_loss
+
+    pred, target = make_embedding_pair(SHAPES["gen"], device=device, seed=3)
+    scale = torch.tensor(float("nan"), device=device, requires_grad=True)
+    pred = pred.detach().clone().requires_grad_(True)
+    out = embedding_distill_loss(pred, target, None, scale, impl=impl)
+    out[0].backward()
+    assert out[0].isnan() and out[2].isnan() and scale.grad.isnan()

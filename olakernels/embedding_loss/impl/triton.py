@@ -243,7 +243,9 @@ def _embedding_distill_loss_rows_kernel(
         tn = tl.sqrt(tl.maximum(tt, 1e-24))
         cos = dot / (pn * tn)
         e_ls = tl.exp(tl.load(LOGIT_SCALE).to(tl.float32))
-        scale = tl.minimum(e_ls, max_logit_scale)
+        # As torch.clamp(max=): a NaN scale stays NaN (tl.minimum would return the limit and
+        # a NaN logit_scale would train on, pinned at it, with a zero gradient).
+        scale = tl.where(e_ls > max_logit_scale, max_logit_scale, e_ls)
         is_label = cols == offset + i
         # Logits relative to the label's (z[label] == 0 exactly): keeps a small loss and the
         # logit-scale gradient free of cancellation (see epilogue.py).
@@ -278,7 +280,7 @@ def _embedding_distill_loss_rows_kernel(
         coef_p = tl.where(pp > 1e-24, -tl.sum(g_cos * tl.where(ok_col, cos, 0.0)) / pp, 0.0)
         # d z / d logit_scale = dcos * exp(logit_scale), zero while the clamp is active: at
         # the limit itself too, as torch.clamp(x, max=m) passes no gradient at x == m.
-        live = tl.where(e_ls < max_logit_scale, 1.0, 0.0)
+        live = tl.where(e_ls >= max_logit_scale, 0.0, 1.0)  # (NaN: live, so NaN flows on)
         row_dls = weight * tl.sum(dz * tl.where(ok_col, dcos, 0.0)) * scale * live
     tl.store(COEF_P + i, coef_p)
     tl.store(ROW_OUT + B + i, row_con)
