@@ -113,13 +113,19 @@ def embedding_distill_loss(
     with_dot = logit_scale is not None
     if gathered is None:
         gathered = gather_targets(target2d if with_dot else None, m, process_group)
-    elif gathered.mask.shape[0] < batch or (with_dot and gathered.world_size > 1
-                                             and gathered.targets.shape[1] != target2d.shape[1]):
+    elif gathered.mask.shape[0] < gathered.offset + batch or (
+            with_dot and gathered.world_size > 1
+            and gathered.targets.shape[1] != target2d.shape[1]):
         raise ValueError(
             f"embedding_distill_loss: gathered must come from gather_targets of this batch's "
             f"targets (B={batch}, D={target2d.shape[1]}), got a mask of "
             f"{gathered.mask.shape[0]} rows"
         )
+    else:  # its mask decides the denominator and the candidates: it must be this call's
+        mine = gathered.mask[gathered.offset:gathered.offset + batch].to(acc)
+        fail_if_any(mine != m, m, "embedding_distill_loss: gathered.mask differs from mask "
+                    "on this rank's samples: gathered must come from gather_targets(target, "
+                    "mask, ...) with this call's mask")
     others = gathered.targets if (with_dot and gathered.world_size > 1) else None
     if impl == "triton":
         from .impl.triton import embedding_distill_loss_fwd

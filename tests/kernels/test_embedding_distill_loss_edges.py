@@ -70,3 +70,24 @@ def test_a_nan_logit_scale_is_not_hidden_by_the_clamp(impl, device):
     out = embedding_distill_loss(pred, target, None, scale, impl=impl)
     out[0].backward()
     assert out[0].isnan() and out[2].isnan() and scale.grad.isnan()
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_gathered_targets_must_carry_this_calls_mask(impl, device):
+    """gathered= (one gather per task, reused across its layers) decides the denominator and
+    the candidates by its mask: one built with another mask (stale, reused after the mask
+    changed) is refused, not used (the loss was another batch's)."""
+    from olakernels import embedding_distill_loss
+    from olakernels.embedding_loss import gather_targets
+
+    pred, target = make_embedding_pair(SHAPES["gen"], device=device, seed=3)
+    mask = make_sample_mask(pred.shape[0], "mixed", device=device)
+    flat = target.reshape(target.shape[0], -1)
+    scale = torch.tensor(2.0, device=device)
+    want = embedding_distill_loss(pred, target, mask, scale, impl=impl)
+    got = embedding_distill_loss(pred, target, mask, scale, impl=impl,
+                                 gathered=gather_targets(flat, mask.float()))
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    stale = gather_targets(flat, torch.ones_like(mask, dtype=torch.float32))
+    with pytest.raises(ValueError, match="gathered.mask differs from mask"):
+        embedding_distill_loss(pred, target, mask, scale, impl=impl, gathered=stale)
