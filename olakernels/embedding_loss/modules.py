@@ -10,9 +10,10 @@ from .api import MASK_MODES, EmbeddingDistillLossOutput, embedding_distill_loss
 class EmbeddingDistillLoss(nn.Module):
     """Module form of :func:`embedding_distill_loss`, owning ``logit_scale`` (init 2.0).
 
-    The state_dict holds one entry, ``logit_scale`` (a 0-dim fp32 parameter), like the seed's
-    per-task ``{depth,seg,gen}_logit_scale``. ``use_contrastive=False`` drops the parameter and
-    the InfoNCE term (smooth-L1 only).
+    The state_dict holds one entry, ``logit_scale``, an fp32 parameter of shape (1,): the
+    seed's per-task ``{depth,seg,gen}_logit_scale`` are 0-dim, which load too (reshaped), but
+    FSDP2's ``fully_shard`` refuses 0-dim parameters. ``use_contrastive=False`` drops the
+    parameter and the InfoNCE term (smooth-L1 only).
 
     Example::
 
@@ -42,21 +43,33 @@ class EmbeddingDistillLoss(nn.Module):
         self.process_group = process_group
         self.impl = impl
         if use_contrastive:
-            self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+            self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
         else:
             self.register_parameter("logit_scale", None)
+        self._register_load_state_dict_pre_hook(_scalar_logit_scale_as_1d)
 
     def forward(
-        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None,
+        *, gathered=None,
     ) -> EmbeddingDistillLossOutput:
+        """``gathered``: :func:`gather_targets` of this call's targets and mask, done once
+        outside (several heads of one task; torch.compile(fullgraph=True) with a group)."""
         return embedding_distill_loss(
             pred, target, mask, self.logit_scale,
             beta=self.beta, contrastive_weight=self.contrastive_weight,
             max_logit_scale=self.max_logit_scale, mask_mode=self.mask_mode,
-            process_group=self.process_group, impl=self.impl,
+            process_group=self.process_group, gathered=gathered, impl=self.impl,
         )
 
     def extra_repr(self) -> str:
         return (f"beta={self.beta}, contrastive_weight={self.contrastive_weight}, "
                 f"max_logit_scale={self.max_logit_scale}, mask_mode={self.mask_mode!r}, "
                 f"impl={self.impl!r}")
+
+
+def _scalar_logit_scale_as_1d(state_dict, prefix, *_args) -> None:
+    """A seed checkpoint's 0-dim logit scale loads into the (1,) parameter."""
+    key = prefix + "logit_scale"
+    value = state_dict.get(key)
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        state_dict[key] = value.reshape(1)

@@ -281,8 +281,34 @@ def test_module_owns_logit_scale(device):
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     out.loss.backward()
     assert loss_fn.logit_scale.grad is not None
+    from olakernels.embedding_loss import gather_targets
+
+    gathered = gather_targets(target.reshape(target.shape[0], -1), mask.float())
+    torch.testing.assert_close(loss_fn(pred, target, mask, gathered=gathered).loss, out.loss,
+                               rtol=0, atol=0)
     no_con = EmbeddingDistillLoss(use_contrastive=False)
     assert list(no_con.state_dict()) == [] and no_con(pred, target, mask).contrastive.item() == 0
+
+
+def test_module_logit_scale_is_fsdp2_shardable_and_loads_the_seeds_scalar(tmp_path):
+    """A (1,) parameter: FSDP2's fully_shard refuses 0-dim ones (the module could not be
+    sharded, though the docs recommend FSDP2); the seed's 0-dim value still loads."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    loss_fn = EmbeddingDistillLoss()
+    assert loss_fn.logit_scale.shape == (1,)
+    loss_fn.load_state_dict({"logit_scale": torch.tensor(3.5)})  # the seed's layout
+    assert loss_fn.logit_scale.tolist() == [3.5]
+    dist.init_process_group("gloo", rank=0, world_size=1,
+                            init_method=f"file://{tmp_path / 'pg'}")
+    try:
+        fully_shard(loss_fn)
+        pred, target = make_embedding_pair(SHAPES["gen"])
+        loss_fn(pred, target).loss.backward()
+        assert loss_fn.logit_scale.grad is not None
+    finally:
+        dist.destroy_process_group()
 
 
 # ---- bad input: ValueError/TypeError naming the argument, the expected and the received ----
