@@ -114,6 +114,17 @@ def test_data_workers_ignore_stop_signals():
     assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # (not this process)
 
 
+def _train_counting_samples(trainer):
+    """(the train() result, the size of every micro-batch trained), then close the trainer."""
+    seen = []
+    tokens = trainer._tokens
+    trainer._tokens = lambda batch: (seen.append(len(batch)), tokens(batch))[1]
+    try:
+        return trainer.train(), seen
+    finally:
+        trainer.close()
+
+
 @pytest.mark.parametrize("new_batch", [8, 2])
 def test_an_epoch_run_resumed_at_another_batch_size_ends_with_the_epoch(
         tmp_path, synth_dir, new_batch):
@@ -137,13 +148,7 @@ def test_an_epoch_run_resumed_at_another_batch_size_ends_with_the_epoch(
         first.close()
     assert (first.loader.epoch, first.loader.position) == (0, 8)
     second = Trainer(resolve_config("demo", None, [*base, f"data.batch_size={new_batch}"]))
-    seen = []
-    tokens = second._tokens
-    second._tokens = lambda batch: (seen.append(len(batch)), tokens(batch))[1]
-    try:
-        result = second.train()
-    finally:
-        second.close()
+    result, seen = _train_counting_samples(second)
     assert second.total_steps == 2 + 8 // new_batch and result.steps == second.total_steps
     assert sum(seen) == 8 and (second.loader.epoch, second.loader.position) == (0, 16)
 
@@ -279,13 +284,7 @@ def test_an_epoch_run_trains_the_micro_batches_that_do_not_fill_a_last_group(
             "data.batch_size=4", f"optim.grad_accum={accum}", "optim.lr=0.0",
             "optim.warmup_ratio=0.0"))
         trainer = Trainer(cfg)
-        seen = []
-        tokens = trainer._tokens
-        trainer._tokens = lambda batch: (seen.append(len(batch)), tokens(batch))[1]
-        try:
-            result = trainer.train()
-        finally:
-            trainer.close()
+        result, seen = _train_counting_samples(trainer)
         return trainer, result, seen, read_metrics(trainer.run_dir)
 
     grouped, result, seen, rows = run("grouped", 3)
