@@ -87,6 +87,18 @@ class BadSampleError(ValueError):
             super().__init__(reject)
 
 
+def truncate_rejects_file(path: Path, size: int) -> None:
+    """Cut ``path`` back to ``size`` bytes if it is longer, only at a line's end (never half a
+    record: a state from another run's file of another length leaves it alone)."""
+    if path.is_file() and path.stat().st_size > size:
+        with path.open("r+b") as f:
+            if size > 0:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    return
+            f.truncate(size)
+
+
 class RejectLog:
     """Counts rejects and truncations, appends rejects to a JSON-lines file, summarizes.
 
@@ -142,14 +154,18 @@ class RejectLog:
         rank's file (the world size changed) or a file shorter than recorded is left alone."""
         if self.path is None or not state or state.get("name") != self.path.name:
             return
-        size = int(state.get("bytes", 0))
-        if self.path.is_file() and self.path.stat().st_size > size:
-            with self.path.open("r+b") as f:
-                if size > 0:  # only at a line's end: never leave half a record behind (a
-                    f.seek(size - 1)  # state from another run's file of another length)
-                    if f.read(1) != b"\n":
-                        return
-                f.truncate(size)
+        truncate_rejects_file(self.path, int(state.get("bytes", 0)))
+
+    def rewind_files(self, states) -> None:
+        """``rewind_file`` for every rank's file of a checkpoint (``file_state()``s, named in
+        this log's folder): after a change of the number of ranks the redone steps' rejects
+        go to files of other names, so the old ones are cut back here (by rank 0)."""
+        if self.path is None:
+            return
+        for state in states or ():
+            if state and state.get("name"):
+                truncate_rejects_file(self.path.parent / Path(state["name"]).name,
+                                      int(state.get("bytes", 0)))
 
     @property
     def num_rejected(self) -> int:

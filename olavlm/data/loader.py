@@ -293,6 +293,7 @@ class ResumableLoader:
         self.epoch = 0
         self.position = 0  # global samples of this epoch already handed out (all ranks)
         self.job_stats: dict | None = None  # (state_dict's "job_stats"; the trainer's)
+        self.job_rejects_files: list | None = None  # (state_dict's "job_rejects_files")
         self.last_summary: str | None = None  # of the last finished epoch
         self.last_stats: dict | None = None  # its counts (RejectLog.state_dict())
         self._start_epoch_log()
@@ -455,6 +456,7 @@ class ResumableLoader:
             # every rank's counts summed (set by the trainer before a checkpoint): what a resume
             # with another number of ranks continues from (``load_state_dict``)
             "job_stats": self.job_stats,
+            "job_rejects_files": self.job_rejects_files,  # every rank's file_state(), as above
             "index_rejects_written": not self._index_rejects_pending,  # (never pending off rank 0)
             "rejects_file": self.log.file_state(),
         }
@@ -517,6 +519,9 @@ class ResumableLoader:
                                "checkpoint from before they were summed)", saved_world)
         self.log.load_state_dict(stats)
         self.log.rewind_file(state.get("rejects_file"))
+        if saved_world != self.world_size and self.rank == 0:  # files of the old names
+            self.log.rewind_files(state.get("job_rejects_files")
+                                  or [state.get("rejects_file")])
         # (states from before this key: their run wrote the index rejects when it started)
         if state.get("index_rejects_written", True):
             self._index_rejects_pending = False

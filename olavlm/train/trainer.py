@@ -459,15 +459,19 @@ class Trainer:
 
     def _state(self) -> dict:
         """What a checkpoint holds (and a resume restores); a collective when distributed
-        (every rank saves and loads together): the loader's counts summed over the ranks go
-        in, so that a resume with another number of ranks continues the job's."""
+        (every rank saves and loads together): the loader's counts summed over the ranks and
+        every rank's rejects-file position go in, so that a resume with another number of
+        ranks continues the job's counts and cuts back every old file."""
         if self.dist.distributed and hasattr(self.loader, "job_stats"):
             from olavlm.data.bad_data import RejectLog
 
             gathered = [None] * self.dist.world_size
-            torch.distributed.all_gather_object(gathered, self.loader.log.state_dict())
+            log = self.loader.log
+            torch.distributed.all_gather_object(gathered, (log.state_dict(), log.file_state()))
             self.loader.job_stats = RejectLog.merged(
-                gathered, shared=self.loader.index_reject_counts()).state_dict()
+                [stats for stats, _ in gathered],
+                shared=self.loader.index_reject_counts()).state_dict()
+            self.loader.job_rejects_files = [files for _, files in gathered]
         return {"model": self.model, "optim": self.optimizer, "scheduler": self.scheduler,
                 "loader": self.loader, "rng": True,
                 "extra": {"step": self.step, "nonfinite_total": self.nonfinite_total,

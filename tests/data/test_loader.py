@@ -400,3 +400,30 @@ def test_grouped_resume_keeps_the_order_when_world_size_x_grad_accum_stays(datas
     with pytest.raises(ValueError, match=r"world_size x grad_accum must be 1 x 1 = 1 .* got "
                                          r"2 x 1 = 2"):
         ResumableLoader(dataset, **opts).load_state_dict(two[0].state_dict())
+
+
+def test_a_resume_on_another_world_size_cuts_back_every_old_rejects_file(tmp_path,
+                                                                          llama_tokenizer):
+    """Two ranks checkpoint (every rank's rejects-file position in the state, as the trainer
+    gathers it), write more, are killed; one rank resumes: the old rank files are cut back to
+    the checkpoint, so the redone steps' rejects are listed once (in the new file)."""
+    import json
+
+    ds = _with_missing_images(tmp_path, llama_tokenizer, 24, missing_every=3)
+    folder = tmp_path / "run"
+    ranks = [ResumableLoader(ds, batch_size=2, shuffle=True, seed=3, rank=r, world_size=2,
+                             rejects_path=folder / "rejects.jsonl") for r in range(2)]
+    iters = [iter(loader) for loader in ranks]
+    for it in iters:
+        next(it), next(it)
+    files = [loader.log.file_state() for loader in ranks]
+    state = ranks[0].state_dict() | {"job_rejects_files": files}
+    for it in iters:
+        next(it), next(it)  # after the checkpoint, then killed
+    one = ResumableLoader(ds, batch_size=4, shuffle=True, seed=3,
+                          rejects_path=folder / "rejects.jsonl")
+    one.load_state_dict(state)
+    list(one)
+    ids = [json.loads(line)["sample_id"] for p in folder.glob("rejects*.jsonl")
+           for line in p.read_text().splitlines()]
+    assert ids and len(ids) == len(set(ids)), sorted(ids)
