@@ -190,7 +190,7 @@ def test_a_view_with_a_second_resize():
                                                                  Image.Resampling.BILINEAR)
     got = view(pil)
     assert got.shape == (3, 30, 30) and view.out_size == 30
-    assert torch.equal(got, torch.from_numpy(np.asarray(want)).permute(2, 0, 1))
+    assert torch.equal(got, torch.from_numpy(np.array(want)).permute(2, 0, 1))
     assert view.blank().shape == (3, 30, 30)
     assert ImageView(size=24, then_size=None).out_size == 24
     with pytest.raises(ValueError, match="then_size must be None or a positive int, got 0"):
@@ -211,7 +211,7 @@ def test_convnext_views_crop_as_open_clips_transform():
         torchvision_view = transforms.Compose([
             transforms.Resize(768, interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.CenterCrop(768)])(pil)
-        want = torch.from_numpy(np.asarray(torchvision_view)).permute(2, 0, 1)
+        want = torch.from_numpy(np.array(torchvision_view)).permute(2, 0, 1)
         view = tower_view("w/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup-res768")
         assert view.crop == "round"
         got = ImageView(size=768, mean=None, std=None, crop=view.crop)(pil)

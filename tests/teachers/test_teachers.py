@@ -114,7 +114,7 @@ def test_host_views_are_only_normalized(teachers):
         assert host.dtype == torch.uint8 and host.shape[-1] == view.out_size
         out = teacher(host)[name]
         if name == "seg":
-            seed = torch.stack([torch.from_numpy(np.asarray(
+            seed = torch.stack([torch.from_numpy(np.array(
                 p.resize((768, 768), Image.Resampling.BICUBIC).resize(
                     (800, 800), Image.Resampling.BILINEAR))).permute(2, 0, 1) for p in pils])
             assert torch.equal(host, seed)
