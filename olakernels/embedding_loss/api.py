@@ -164,7 +164,8 @@ def _validate(pred, target, mask, logit_scale, beta, contrastive_weight, max_log
             raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(
-                f"{name}: {arg} must be a floating tensor (fp32/fp16/bf16/fp64), got dtype {t.dtype}"
+                f"{name}: {arg} must be a floating tensor (fp32/fp16/bf16/fp64), got dtype "
+                f"{t.dtype}"
             )
     if pred.dim() < 2:
         raise ValueError(

@@ -155,10 +155,11 @@ class PerceiverResampler(nn.Module):
     def forward(self, x: torch.Tensor, attend_mask: torch.Tensor | None = None, *,
                 key_padding_mask=None):
         _refuse_key_padding_mask(key_padding_mask)
+        self._check_inputs(x, attend_mask)
         return self._run(x, None, attend_mask)
 
     def _run(self, x, latents, attend_mask):
-        self._check_inputs(x, attend_mask)
+        """The forward of checked inputs (each public forward checks its own first)."""
         impl = self._resolve(x, latents)
         if impl == "reference":
             from .impl.reference import resampler_ref  # noqa: PLC0415
@@ -222,7 +223,7 @@ class TaskTokenResampler(PerceiverResampler):
     def forward(self, x: torch.Tensor, latents: torch.Tensor,
                 attend_mask: torch.Tensor | None = None, *, key_padding_mask=None):
         _refuse_key_padding_mask(key_padding_mask)
-        self._check_inputs(x, attend_mask)  # (before latents' checks read x.shape)
+        self._check_inputs(x, attend_mask)  # (before the latents' checks read x.shape)
         if not isinstance(latents, torch.Tensor):
             raise TypeError(f"TaskTokenResampler: latents must be a Tensor, got "
                             f"{type(latents).__name__}")

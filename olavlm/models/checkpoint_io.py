@@ -660,13 +660,14 @@ def export_hf(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,
     # the reload builds them so, instead of rounding the written fp32 parts to the LLM's.
     config.update(llm="llm", dtype=_llm_dtype_name(model),
                   vision_tower=_sized_tower_name(model, _portable_path(config.get("vision_tower"))))
-    stored = {t.dtype for k, t in _own_state(model).items() if k.startswith("mm_projector.")}
+    own = _own_state(model)
+    stored = {t.dtype for k, t in own.items() if k.startswith("mm_projector.")}
     trainable = next((n for n, d in _DTYPES.items() if stored == {d}), None)
     if trainable is not None:
         config["trainable_dtype"] = None if trainable == config["dtype"] else trainable
     with _atomic_dir(out_dir, overwrite, {"kind": "hf", **(record or {})}) as tmp:
         model.llm.save_pretrained(tmp / "llm")
-        save_file(_saveable(_own_state(model)), str(tmp / EXPORT_WEIGHTS),
+        save_file(_saveable(own), str(tmp / EXPORT_WEIGHTS),
                   metadata={"format": "pt", "olavlm_export": "1"})
         if include_vision_tower:
             save_file(_saveable(model.vision_tower.state_dict()), str(tmp / EXPORT_TOWER),

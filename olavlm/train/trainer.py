@@ -392,7 +392,6 @@ class Trainer:
         self.micro_batches_left = None if cfg.train.max_steps else \
             len(self.loader) * max(1, cfg.train.epochs)
         self.total_steps = cfg.train.max_steps or max(1, -(-self.micro_batches_left // accum))
-        self.step_micro_batches = accum
         self.optimizer = build_optimizer(model, cfg.optim, d.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.checkpointer = Checkpointer(self.run_dir, keep_last=cfg.checkpoint.keep_last)
@@ -463,14 +462,10 @@ class Trainer:
         every rank's rejects-file position go in, so that a resume with another number of
         ranks continues the job's counts and cuts back every old file."""
         if self.dist.distributed and hasattr(self.loader, "job_stats"):
-            from olavlm.data.bad_data import RejectLog
-
             gathered = [None] * self.dist.world_size
             log = self.loader.log
             torch.distributed.all_gather_object(gathered, (log.state_dict(), log.file_state()))
-            self.loader.job_stats = RejectLog.merged(
-                [stats for stats, _ in gathered],
-                shared=self.loader.index_reject_counts()).state_dict()
+            self.loader.job_stats = self._job_log([stats for stats, _ in gathered]).state_dict()
             self.loader.job_rejects_files = [files for _, files in gathered]
         return {"model": self.model, "optim": self.optimizer, "scheduler": self.scheduler,
                 "loader": self.loader, "rng": True,
@@ -584,10 +579,11 @@ class Trainer:
         logger.warning("%s: skipped", what)
         return None
 
-    def _micro_step(self, batch, scale: float, ntp_tokens: torch.Tensor, ntp_rows: int):
-        """Forward and backward of one micro-batch. The SDPA backend choice covers the backward
-        too: activation checkpointing recomputes attention there, and a recompute through
-        another backend saves tensors of other shapes (and other values)."""
+    def _micro_step(self, batch, group: int, ntp_tokens: torch.Tensor, ntp_rows: int):
+        """Forward and backward of one of the step's ``group`` micro-batches (its loss scaled
+        by 1 / group). The SDPA backend choice covers the backward too: activation
+        checkpointing recomputes attention there, and a recompute through another backend
+        saves tensors of other shapes (and other values)."""
         dev = self.dist.device
         targets, target_mask = None, batch.target_mask
         if self.teachers is not None:
@@ -603,8 +599,8 @@ class Trainer:
                 b.input_ids, b.attention_mask, b.labels, b.images, b.image_mask,
                 None if targets is None else {k: v.to(dev) for k, v in targets.items()},
                 None if target_mask is None else target_mask.to(dev), ntp_tokens=ntp_tokens,
-                ntp_micro_batches=self.step_micro_batches, ntp_rows=ntp_rows)
-            (out.loss * scale).backward()
+                ntp_micro_batches=group, ntp_rows=ntp_rows)
+            (out.loss * (1.0 / group)).backward()
         return out
 
     def _tokens(self, batch) -> tuple[int, int, int]:
@@ -657,7 +653,6 @@ class Trainer:
                 # grad_accum micro-batches; the last step of an epoch run takes those left
                 group = accum if self.micro_batches_left is None else \
                     max(1, min(accum, self.micro_batches_left))
-                self.step_micro_batches = group
                 micro_batches = [next(batches) for _ in range(group)]
                 if self.micro_batches_left is not None:
                     self.micro_batches_left -= group
@@ -676,7 +671,7 @@ class Trainer:
                     sync = micro == group - 1
                     if hasattr(self.model, "set_requires_gradient_sync"):
                         self.model.set_requires_gradient_sync(sync)
-                    out = self._micro_step(batch, 1.0 / group, ntp_tokens, micro_counts[micro])
+                    out = self._micro_step(batch, group, ntp_tokens, micro_counts[micro])
                     parts = torch.stack([out.loss.detach().float()]
                                         + list(out.components.values()))
                     sums = parts / group if sums is None else sums + parts / group
@@ -834,13 +829,18 @@ class Trainer:
             logged["mfu"] = logged["tokens_per_s"] * per_token / (peak * d.world_size)
         self.metrics.log(self.step, logged)
 
+    def _job_log(self, states: list[dict]):
+        """Every rank's reject-log counts (``RejectLog.state_dict()``s) summed, the index's
+        rejects (counted in each rank's epoch) once."""
+        from olavlm.data.bad_data import RejectLog
+
+        return RejectLog.merged(states, shared=self.loader.index_reject_counts())
+
     def _job_data_summary(self) -> str | None:
         """The run's data line for summary.txt: the epoch in progress (or the last finished)
         summed over every rank (each rank counts and logs only its own samples), when anything
         was rejected, dropped or trained without targets; None otherwise. A collective when
         distributed: every rank calls it at the end of the run."""
-        from olavlm.data.bad_data import RejectLog
-
         stats_of = getattr(self.loader, "stats_so_far", None)
         if stats_of is None:
             return None
@@ -852,8 +852,7 @@ class Trainer:
         parts = [g for g in gathered if g is not None]
         if not parts:
             return None
-        log = RejectLog.merged([state for _, state, _ in parts],
-                               shared=self.loader.index_reject_counts())
+        log = self._job_log([state for _, state, _ in parts])
         if not (log.num_rejected or log.num_dropped or log.num_target_problems):
             return None
         epoch, _, running = parts[0]

@@ -145,7 +145,7 @@ def test_a_rank_runs_a_stand_in_for_a_batch_rejected_whole(tmp_path):
         stand_in = trainer._empty_batch(empty)
         assert stand_in.stand_in and len(stand_in) == len(real)
         trainer.model.zero_grad(set_to_none=True)
-        out = trainer._micro_step(stand_in, 1.0, torch.ones((), dtype=torch.int64), 0)
+        out = trainer._micro_step(stand_in, 1, torch.ones((), dtype=torch.int64), 0)
         assert float(out.loss.detach()) == 0.0 and int(out.num_valid_tokens) == 0
         grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
         assert grads and all(torch.count_nonzero(g) == 0 for g in grads)
