@@ -10,9 +10,9 @@ A teacher is called with a batch of uint8 RGB images in one of two forms:
   computed with PIL in the data workers: the seed's exact pixels), which is only normalized.
 
 Resizes on the device use antialiased bicubic (PIL's a = -0.5 kernel) and round and clamp to
-[0, 255] after each step, as the seed's PIL images are uint8 between steps: on smooth images
-the result differs from PIL's by 1-2 levels after a downscale (mean ~0.2) and 3-5 after an
-upscale, more at sharp edges (PIL also rounds between its two 1-D passes; docs/teachers.md).
+[0, 255] after each step, as the seed's PIL images are uint8 between steps: within 1 level of
+PIL after a downscale and 3 after an upscale on the tested image, more for large upscales and
+at sharp edges (PIL also rounds between its two 1-D passes; docs/teachers.md).
 Use the host view when bit-exact seed inputs matter.
 
 Each teacher runs its model under ``torch.inference_mode`` in ``dtype``: bf16 by default on
