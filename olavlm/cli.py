@@ -77,9 +77,10 @@ def _add_extract(sub) -> None:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image decoding processes")
     p.add_argument("--device", default=None, help="default: cuda[:LOCAL_RANK] if present, else cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="teacher compute dtype (auto: the seed's on GPU, bf16 but fp16 for "
-                        "gen; fp32 on CPU)")
+    p.add_argument("--dtype", default="auto", metavar="auto|bf16|fp16|fp32|TEACHER=DTYPE,...",
+                   help="teacher compute dtype, one for all or per teacher such as "
+                        "'gen=fp16,depth=bf16' (auto, and teachers not named: the seed's on "
+                        "GPU, bf16 but fp16 for gen; fp32 on CPU)")
     p.add_argument("--resize", default="device", choices=["device", "host"],
                    help="resize on the teachers' device, or with PIL in the workers (seed-exact)")
     p.add_argument("--no-seed-compat", action="store_true",
@@ -231,6 +232,19 @@ def _synthetic_options(spec: str | None, teachers: str) -> dict[str, int]:
     return options
 
 
+def _dtype_option(value: str):
+    """--dtype: (one dtype for all or None, {teacher: dtype spec} or None)."""
+    import torch
+
+    whole = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if value in whole:
+        return whole[value], None
+    if "=" not in value:
+        raise ValueError(f"--dtype must be one of {list(whole)} or per teacher such as "
+                         f"'gen=fp16,depth=bf16', got {value!r}")
+    return None, value
+
+
 def _extract(args) -> int:
     import torch
     import torch.distributed as dist
@@ -242,11 +256,10 @@ def _extract(args) -> int:
     rank, world, local_rank = _init_distributed()
     try:
         device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        dtype = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16,
-                 "fp32": torch.float32}[args.dtype]
+        dtype, dtypes = _dtype_option(args.dtype)
         options = _synthetic_options(args.synthetic, args.teachers)
         teachers = build_teachers(args.teachers, args.weights, device=device, dtype=dtype,
-                                  seed_compat=not args.no_seed_compat, **options)
+                                  dtypes=dtypes, seed_compat=not args.no_seed_compat, **options)
         with _printing_summary("olavlm.teachers", "targets: %s"):
             report = extract_targets(
                 args.data, args.out, teachers, image_folder=args.image_folder,
@@ -288,7 +301,7 @@ def _verify(args) -> int:
 
 # Library argument names whose command-line option is spelled otherwise.
 _FLAG_OF = {"data_path": "--data", "out_dir": "--out", "teacher": "--teachers",
-            "rejects_path": "--rejects"}
+            "rejects_path": "--rejects", "dtypes": "--dtype"}
 
 
 def _with_flag_names(message: str, args) -> str:

@@ -75,6 +75,9 @@ class TeachersConfig:
     mode: str = "online"
     names: str = "synthetic"  # comma list: synthetic | depth,seg,gen
     weights: dict[str, str] = field(default_factory=dict)  # task -> local model path
+    # Online mode: teacher -> compute dtype (bf16 | fp16 | fp32); a teacher not named runs in
+    # its default: the seed's on accelerators (bf16, fp16 for gen), fp32 on the CPU.
+    dtype: dict[str, str] = field(default_factory=dict)
     cache_dir: str | None = None
     on_missing_target: str = "mask"
     compile: bool = False

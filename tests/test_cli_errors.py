@@ -34,10 +34,19 @@ def synth(tmp_path_factory):
       "--out", "{tmp}/t", "--shard-size", "0"], ": --shard-size must be an int >= 1"),
     (["targets", "extract", "--data", "{tmp}/none.jsonl", "--teachers", "synthetic", "--out",
       "{tmp}/t"], ": --data must be existing"),
+    (["targets", "extract", "--data", "{synth}/train.jsonl", "--teachers", "synthetic",
+      "--out", "{tmp}/t", "--dtype", "fp8"], ": --dtype must be one of ['auto', 'bf16', "),
+    (["targets", "extract", "--data", "{synth}/train.jsonl", "--teachers", "synthetic",
+      "--out", "{tmp}/t", "--dtype", "gen=bf16"],
+     ": --dtype name teachers that are not used: ['gen']"),
+    (["targets", "extract", "--data", "{synth}/train.jsonl", "--teachers", "synthetic",
+      "--out", "{tmp}/t", "--dtype", "synthetic=half"],
+     ": --dtype must give each teacher one of ['bf16', 'fp16', 'fp32'], got 'half'"),
     (["targets", "verify", "{tmp}/none"], "is not a target cache"),
 ], ids=["synth-exists", "synth-num", "check-data", "check-tokenizer",
         "check-tokenizer-no-files", "check-tokenizer-broken", "check-template",
-        "extract-teacher", "extract-shard-size", "extract-data", "verify-not-a-cache"])
+        "extract-teacher", "extract-shard-size", "extract-data", "extract-dtype",
+        "extract-dtype-teacher", "extract-dtype-value", "verify-not-a-cache"])
 def test_bad_arguments_are_reported_without_a_traceback(argv, expected, synth, tmp_path,
                                                         capsys):
     broken = tmp_path / "broken"  # a tokenizer folder whose tokenizer.json is cut short

@@ -12,6 +12,7 @@ from .registry import (
     TEACHERS,
     build_teacher,
     build_teachers,
+    parse_dtypes,
     parse_weights,
     register_teacher,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "dequantize_fp8",
     "device_view",
     "extract_targets",
+    "parse_dtypes",
     "parse_weights",
     "quantize_fp8",
     "register_teacher",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+import torch
+
 from .base import Teacher
 from .depth import DEPTH_REPO, DepthTeacher
 from .gen import GEN_REPO, GenTeacher
@@ -20,6 +22,7 @@ __all__ = [
     "TEACHERS",
     "build_teacher",
     "build_teachers",
+    "parse_dtypes",
     "parse_weights",
     "register_teacher",
 ]
@@ -76,8 +79,43 @@ def parse_weights(spec: str | Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
-def build_teachers(names: str | Sequence[str], weights=None, **kwargs) -> list[Teacher]:
-    """Teachers for ``names`` ("depth,seg,gen" or a list); no two may produce one task."""
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_dtypes(spec: str | Mapping[str, object] | None) -> dict[str, torch.dtype]:
+    """``"gen=fp16,depth=bf16"`` (the CLI's --dtype) or a mapping {teacher: "fp16" |
+    torch.float16} -> {teacher: torch.dtype}. The names are checked by ``build_teachers``."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        pairs = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, sep, value = part.partition("=")
+            if not sep or not name.strip() or not value.strip():
+                raise ValueError(f"dtypes must look like 'gen=fp16,depth=bf16', got {spec!r}")
+            pairs.append((name.strip(), value.strip()))
+    elif isinstance(spec, Mapping):
+        pairs = [(str(k), v) for k, v in spec.items()]
+    else:
+        raise TypeError(f"dtypes must be a str such as 'gen=fp16' or a mapping, got "
+                        f"{type(spec).__name__}")
+    out = {}
+    for name, value in pairs:
+        if isinstance(value, torch.dtype) and value in DTYPES.values():
+            out[name] = value
+        elif isinstance(value, str) and value in DTYPES:
+            out[name] = DTYPES[value]
+        else:
+            raise ValueError(f"dtypes must give each teacher one of {list(DTYPES)}, got "
+                             f"{value!r} for {name!r}")
+    return out
+
+
+def build_teachers(names: str | Sequence[str], weights=None, *, dtypes=None,
+                   **kwargs) -> list[Teacher]:
+    """Teachers for ``names`` ("depth,seg,gen" or a list); no two may produce one task.
+    ``weights``: {teacher: path} or "depth=DIR,..."; ``dtypes``: {teacher: dtype} or
+    "gen=fp16,...", each over the ``dtype`` of ``kwargs`` (None: each teacher's default)."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not names or len(set(names)) != len(names):
@@ -87,7 +125,14 @@ def build_teachers(names: str | Sequence[str], weights=None, **kwargs) -> list[T
     if unknown:
         raise ValueError(f"weights name teachers that are not used: {unknown} (teachers: "
                          f"{list(names)})")
-    teachers = [build_teacher(n, paths.get(n), **kwargs) for n in names]
+    per_dtype = parse_dtypes(dtypes)
+    unknown = sorted(set(per_dtype) - set(names))
+    if unknown:
+        raise ValueError(f"dtypes name teachers that are not used: {unknown} (teachers: "
+                         f"{list(names)})")
+    teachers = [build_teacher(n, paths.get(n),
+                              **{**kwargs, **({"dtype": per_dtype[n]} if n in per_dtype else {})})
+                for n in names]
     seen: dict[str, str] = {}
     for t in teachers:
         for task in t.tasks:

@@ -267,7 +267,17 @@ def build_teachers_for(cfg, model: OlaVLM, device: torch.device):
 
     names = [n.strip() for n in tc.names.split(",") if n.strip()]
     kwargs = dict(getattr(tc, "synthetic", None) or {}) if names == ["synthetic"] else {}
-    teachers = build_teachers(names, tc.weights or None, device=device, **kwargs)
+    from olavlm.teachers.registry import DTYPES
+
+    for name, value in (tc.dtype or {}).items():
+        if name not in names:
+            raise ValueError(f"teachers.dtype names {name!r}, which is not one of "
+                             f"teachers.names {names}")
+        if value not in DTYPES:
+            raise ValueError(f"teachers.dtype.{name} must be one of {list(DTYPES)}, got "
+                             f"{value!r}")
+    teachers = build_teachers(names, tc.weights or None, dtypes=tc.dtype or None,
+                              device=device, **kwargs)
     online = OnlineTargets(teachers, compile=tc.compile, side_stream=tc.side_stream)
     _check_shapes(model, online.tasks, "teachers")
     return online

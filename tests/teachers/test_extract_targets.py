@@ -249,8 +249,11 @@ def test_cli_extract_and_verify_real_teachers(tiny_weights, teacher_synth_dir, t
         assert (got - direct).abs().max() <= 0.07 * direct.abs().max(), teacher.name
     # Resize in the workers with PIL (the seed's pixels): close to the device path.
     host = tmp_path / "host"
-    assert main([*common, "--out", str(host), "--resize", "host"]) == 0
+    # (with the gen teacher in bf16 by --dtype, the others in their CPU default: the plan says)
+    assert main([*common, "--out", str(host), "--resize", "host", "--dtype", "gen=bf16"]) == 0
     capsys.readouterr()
+    recorded = {name: t["dtype"] for name, t in read_json(host / "plan.json")["teachers"].items()}
+    assert recorded == {"depth": "float32", "seg": "float32", "gen": "bfloat16"}
     near = TargetCache(host, dtype=torch.float32).read(key)["depth"]
     assert (near - cache.read(key)["depth"]).abs().mean() < 0.1 * near.abs().mean()
     shard = out / "shard-00000.safetensors"

@@ -258,6 +258,21 @@ def test_registry(tiny_weights):
         build_teachers("synthetic", "depth=/x")
     with pytest.raises(ValueError, match="depth=DIR"):
         build_teachers("depth", "depth")
+    # Per-teacher dtypes over the one for all (and each teacher's default where unnamed).
+    paths = {"depth": tiny_weights["depth"], "gen": tiny_weights["gen"]}
+    depth, gen = build_teachers("depth,gen", paths, dtypes="gen=bf16")
+    assert (depth.dtype, gen.dtype) == (torch.float32, torch.bfloat16)
+    assert next(gen.parameters()).dtype == torch.bfloat16
+    depth, gen = build_teachers("depth,gen", paths, dtype=torch.float16,
+                                dtypes={"depth": torch.bfloat16})
+    assert (depth.dtype, gen.dtype) == (torch.bfloat16, torch.float16)
+    with pytest.raises(ValueError, match=r"dtypes name teachers that are not used: \['seg'\]"):
+        build_teachers("depth", paths["depth"] and {"depth": paths["depth"]}, dtypes="seg=bf16")
+    with pytest.raises(ValueError, match=r"dtypes must give each teacher one of \['bf16', "
+                                         r"'fp16', 'fp32'\], got 'fp8' for 'gen'"):
+        build_teachers("gen", {"gen": paths["gen"]}, dtypes={"gen": "fp8"})
+    with pytest.raises(ValueError, match="dtypes must look like 'gen=fp16,depth=bf16'"):
+        build_teachers("gen", {"gen": paths["gen"]}, dtypes="gen")
     register_teacher("tiny_synthetic", lambda path, **kw: build_teacher("synthetic", **kw))
     try:
         assert build_teacher("tiny_synthetic", grid=4).target_shapes()["seg"] == (1536, 4, 4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from teacherhelpers import TINY_SHAPES
 
 from olavlm.config import resolve_config
@@ -11,7 +12,7 @@ from olavlm.train.metrics import read_metrics
 from olavlm.train.trainer import Trainer
 
 
-def _cfg(tmp_path, synth_dir, weights, resize):
+def _cfg(tmp_path, synth_dir, weights, resize, *extra):
     depth_tokens, depth_dim = TINY_SHAPES["depth"]
     seg_dim, grid, _ = TINY_SHAPES["seg"]
     gen_dim = TINY_SHAPES["gen"][1]
@@ -27,6 +28,7 @@ def _cfg(tmp_path, synth_dir, weights, resize):
         f"model.heads.seg.num_queries={grid * grid}", f"model.heads.seg.output_dim={seg_dim}",
         f"model.heads.seg.target_shape=[{seg_dim},{grid},{grid}]",
         f"model.heads.gen.output_dim={gen_dim}", f"model.heads.gen.target_shape=[1,{gen_dim}]",
+        *extra,
     ])
 
 
@@ -37,9 +39,15 @@ def test_trains_with_the_image_teachers_online(tmp_path, tmp_path_factory, tiny_
     (the seed's pixels), and no decoded copy travels beside them."""
     synth_dir = tmp_path_factory.mktemp("synth")
     weights = {k: str(v) for k, v in tiny_weights.items()}
-    trainer = Trainer(_cfg(tmp_path, synth_dir, weights, resize))
+    # (device: the gen teacher computes in bf16 by teachers.dtype, the others in their fp32
+    # CPU default, and its bf16 targets train the fp32 heads)
+    extra = ["teachers.dtype.gen=bf16"] if resize == "device" else []
+    trainer = Trainer(_cfg(tmp_path, synth_dir, weights, resize, *extra))
     names = {t.name for t in trainer.teachers.teachers}
     assert names == {"depth", "seg", "gen"}
+    dtypes = {t.name: t.dtype for t in trainer.teachers.teachers}
+    assert dtypes == {"depth": torch.float32, "seg": torch.float32,
+                      "gen": torch.bfloat16 if extra else torch.float32}
     if resize == "host":
         assert set(trainer.dataset.teacher_views) == names
         assert not trainer.dataset.keep_raw_image
@@ -62,3 +70,20 @@ def test_resize_is_checked(tmp_path):
     with pytest.raises(ValueError, match=r"teachers.resize: expected one of device, host, "
                                          r"got 'gpu'"):
         resolve_config("demo", None, ["teachers.resize=gpu"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("teachers.dtype.seg=bf16", r"teachers.dtype names 'seg', which is not one of "
+                                r"teachers.names \['synthetic'\]"),
+    ("teachers.dtype.synthetic=fp8", r"teachers.dtype.synthetic must be one of \['bf16', "
+                                     r"'fp16', 'fp32'\], got 'fp8'"),
+])
+def test_teacher_dtype_is_checked(tmp_path, override, message):
+    from types import SimpleNamespace
+
+    from olavlm.train.build import build_teachers_for
+
+    cfg = resolve_config("demo", None, [f"train.output_dir={tmp_path}", override])
+    model = SimpleNamespace(tasks=("depth", "seg", "gen"))  # (checked before any teacher is built)
+    with pytest.raises(ValueError, match=message):
+        build_teachers_for(cfg, model, torch.device("cpu"))
