@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import itertools
 import json
 import logging
 import math
@@ -282,8 +283,16 @@ def _remove_failed_start(run_dir: Path) -> None:
 
 def _skipping_empty(trainer, loader):
     """The loader's batches, minus those whose samples were all rejected (each one is handed
-    to ``trainer._empty_batch``, which skips or stops)."""
-    for batch in loader:
+    to ``trainer._empty_batch``, which skips or stops). Epoch mode: each batch drawn counts
+    against ``trainer.micro_batches_left``, a skipped one too, and none is drawn past the
+    epochs' last (a skip must not pull the next epoch's first batch into the last step)."""
+    batches = iter(loader)
+    while trainer.micro_batches_left is None or trainer.micro_batches_left > 0:
+        batch = next(batches, None)
+        if batch is None:
+            return
+        if trainer.micro_batches_left is not None:
+            trainer.micro_batches_left -= 1
         if len(batch) == 0:  # every sample of it rejected (counted by the loader)
             stand_in = trainer._empty_batch(batch)
             if stand_in is not None:
@@ -523,7 +532,9 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------
 
     def _batches(self):
-        while True:
+        """The training stream over epochs; in epoch mode it ends after the epochs' last
+        micro-batch."""
+        while self.micro_batches_left is None or self.micro_batches_left > 0:
             # A pass that starts mid-epoch may have nothing left (a checkpoint taken right after
             # an epoch's last batch, or a dropped last batch): it just closes the epoch. Only an
             # epoch that yields nothing from its start means there is no data.
@@ -653,9 +664,14 @@ class Trainer:
                 # grad_accum micro-batches; the last step of an epoch run takes those left
                 group = accum if self.micro_batches_left is None else \
                     max(1, min(accum, self.micro_batches_left))
-                micro_batches = [next(batches) for _ in range(group)]
-                if self.micro_batches_left is not None:
-                    self.micro_batches_left -= group
+                micro_batches = list(itertools.islice(batches, group))
+                if not micro_batches:  # epoch mode: the last batches were all rejected whole
+                    logger.info("epoch mode: the data ends after step %d (the epochs' last "
+                                "batches were rejected whole), not %d", self.step,
+                                self.total_steps)
+                    self.total_steps = self.step
+                    break
+                group = len(micro_batches)
                 ntp_tokens, micro_counts = self._step_ntp_tokens(micro_batches)
                 counted = sum(micro_counts)
                 scored = torch.zeros((), device=d.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import signal
 import subprocess
 import sys
@@ -294,6 +295,31 @@ def test_an_epoch_run_trains_the_micro_batches_that_do_not_fill_a_last_group(
     assert len(single_rows) == 4
     assert rows[-1]["loss"] == pytest.approx(single_rows[-1]["loss"], rel=1e-5)
     assert rows[-1]["ntp"] == pytest.approx(single_rows[-1]["ntp"], rel=1e-5)
+
+
+@pytest.mark.parametrize("rejected,accum,steps", [(5, 4, 4), (15, 1, 15)],
+                         ids=["mid-epoch", "last-batch"])
+def test_an_epoch_run_with_a_batch_rejected_whole_draws_nothing_past_the_epoch(
+        tmp_path, rejected, accum, steps):
+    """train.max_steps=0 at batch size 1, one sample's image missing: its batch is skipped and
+    counted against the epoch, so the last step takes only what is left (3 micro-batches, or
+    none: the run ends a step early) instead of the next epoch's first sample, trained twice."""
+    from olavlm.train.build import synthetic_dataset_dir
+
+    base = _overrides(tmp_path, tmp_path / "synthetic", "train.max_steps=0", "train.epochs=1",
+                      "checkpoint.every_steps=0", "checkpoint.at_end=false", "data.shuffle=false",
+                      "data.batch_size=1", f"optim.grad_accum={accum}", "train.stage=vpt",
+                      "data.max_reject_fraction=1.0")
+    cfg = resolve_config("demo", None, base)
+    root = synthetic_dataset_dir(cfg, is_main=True, barrier=lambda: None)
+    entry = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    assert "image" in entry[rejected]
+    (root / entry[rejected]["image"]).unlink()
+    trainer = Trainer(cfg)
+    assert trainer.total_steps == -(-16 // accum)
+    result, seen = _train_counting_samples(trainer)
+    assert result.steps == trainer.total_steps == steps
+    assert seen == [1] * 15 and (trainer.loader.epoch, trainer.loader.position) == (0, 16)
 
 
 def test_logged_throughput_sums_the_ranks_counts(tmp_path, synth_dir, monkeypatch):
