@@ -2,7 +2,9 @@
 """AdamW over the trainable parameters, in groups:
 
 - weight decay only on matrices: biases, norm weights, scalars (logit scales) and other 1-D
-  parameters get none (LLaVATrainer.create_optimizer's rule);
+  parameters get none (LLaVATrainer.create_optimizer's rule, which names norms and biases,
+  plus every other 1-D parameter: the logit scales, decayed in the seed; every recipe sets
+  weight_decay=0, so this only matters to a user's own decay);
 - ``projector_lr`` for ``mm_projector``, ``head_lr`` for the heads, task tokens and logit scales
   (None: the base ``lr``).
 

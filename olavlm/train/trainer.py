@@ -395,9 +395,10 @@ class Trainer:
         if accum < 1:
             raise ValueError(f"optim.grad_accum must be >= 1, got {accum}")
         # Epoch mode: every micro-batch of the epochs, accumulation groups running across epoch
-        # boundaries (the loop draws them in one stream); the last step takes the micro-batches
-        # left when they do not fill a group (as Hugging Face's Trainer does: no sample of the
-        # epochs goes untrained); a resume recounts from the data left.
+        # boundaries (the loop draws them in one stream), ceil(epochs x batches / grad_accum)
+        # steps; the last step takes the micro-batches left when they do not fill a group (no
+        # sample of the epochs goes untrained; HF's Trainer counts per epoch instead, which
+        # agrees at one epoch, the recipes'); a resume recounts from the data left.
         self.micro_batches_left = None if cfg.train.max_steps else \
             len(self.loader) * max(1, cfg.train.epochs)
         self.total_steps = cfg.train.max_steps or max(1, -(-self.micro_batches_left // accum))
