@@ -380,7 +380,8 @@ def load_seed_checkpoint(seed_dir: str | Path, vision_tower_path: str | Path | N
     resolved in the local hub cache only); its architecture comes from there, its weights from
     the checkpoint when it has them. tower: an already built tower module instead. llm_out:
     also write the LLM as a plain HF checkpoint there (then ``model.config.llm`` names it; the
-    tokenizer files of ``seed_dir`` are copied along). overrides: ModelConfig fields.
+    tokenizer files of ``seed_dir`` are copied along). overrides: ModelConfig fields. Returned
+    in eval mode, as ``from_pretrained``'s models (``model.train()`` to train it).
     """
     if vision_tower_path is not None:
         if "vision_tower" in overrides:
@@ -419,7 +420,7 @@ def load_seed_checkpoint(seed_dir: str | Path, vision_tower_path: str | Path | N
     model.ignored_checkpoint_keys = sorted(ignored)  # for the caller's log
     # The tower's weights are the checkpoint's, not (only) its folder's: exports keep them.
     model.vision_tower_weights_from = str(seed_dir) if has_tower else None
-    return model
+    return model.eval()
 
 
 def _save_llm(llm: nn.Module, out: str | Path, *, overwrite: bool, tokenizer_from: Path) -> None:
@@ -684,7 +685,8 @@ def load_exported(out_dir: str | Path, vision_tower_path: str | Path | None = No
                   tower: nn.Module | None = None, **overrides) -> OlaVLM:
     """The :class:`OlaVLM` that :func:`export_hf` wrote. The tower is ``tower`` if given, else
     built from ``vision_tower_path`` or the config's ``vision_tower``; ``vision_tower.safetensors``
-    (if present) overrides its weights. ``overrides``: ModelConfig fields."""
+    (if present) overrides its weights. ``overrides``: ModelConfig fields. Returned in eval
+    mode, as ``from_pretrained``'s models (``model.train()`` to train it)."""
     from safetensors.torch import load_file
 
     from .vision import carry_image_size
@@ -723,7 +725,7 @@ def load_exported(out_dir: str | Path, vision_tower_path: str | Path | None = No
         model.vision_tower_weights_from = str(folder)
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
-    return model
+    return model.eval()  # (as from_pretrained returns; the trainer sets train mode per step)
 
 
 def export_seed_layout(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = False,

@@ -38,6 +38,7 @@ from .projector import build_projector
 from .splice import (
     SplicedInputs,
     align_right,
+    check_ids_shape,
     count_supervised_tokens,
     head_key_mask,
     splice_inputs,
@@ -73,6 +74,10 @@ class OlaOutput:
         values = torch.stack([v.float() for v in self.components.values()]
                              + [self.num_valid_tokens.float(), self.token_accuracy.float()])
         return dict(zip(names, values.tolist(), strict=True))
+
+
+# Hugging Face rotary embeddings' frequency buffers (kept fp32 under a dtype cast: _apply).
+_ROPE_BUFFERS = ("inv_freq", "original_inv_freq")
 
 
 class OlaVLM(nn.Module):
@@ -131,6 +136,31 @@ class OlaVLM(nn.Module):
 
     # ---- construction helpers -------------------------------------------------------------
 
+    def _apply(self, fn, recurse=True):
+        """``model.bfloat16()`` / ``.half()`` keep in fp32 what a bf16 config builds in fp32:
+        the decoder's RoPE frequencies (``inv_freq``, ``original_inv_freq``: non-persistent
+        buffers, never saved; bf16 puts Llama-3's rotation angles off by up to ~7 rad at
+        position 4096) and the logit scales (a bf16 scalar cannot learn at lr 1e-3). An
+        exported model, whose loader builds both in fp32, is then the model in memory. (A
+        float64 cast, the tests' oracle, converts everything.)"""
+        keep = [(m, m._buffers, name, buf) for m in self.modules()
+                for name, buf in m._buffers.items() if name in _ROPE_BUFFERS]
+        keep += [(self, self._parameters, f"{t}_logit_scale", self.logit_scale(t))
+                 for t in self.tasks]
+        keep = [(m, store, name, t.detach().clone()) for m, store, name, t in keep
+                if t is not None and t.dtype == torch.float32 and t.device.type != "meta"]
+        super()._apply(fn, recurse)
+        for _, store, name, before in keep:
+            after = store.get(name)
+            if after is None or after.dtype not in (torch.bfloat16, torch.float16) \
+                    or after.shape != before.shape or after.device.type == "meta":
+                continue
+            if isinstance(after, nn.Parameter):
+                after.data = before.to(after.device)  # (the same Parameter: optimizers keep it)
+            else:
+                store[name] = before.to(after.device)
+        return self
+
     def heads(self, task: str) -> nn.ModuleList:
         return getattr(self, f"image_{task}_heads")
 
@@ -182,6 +212,7 @@ class OlaVLM(nn.Module):
 
     def splice(self, input_ids, attention_mask=None, labels=None, images=None,
                *, static_length: bool = False) -> SplicedInputs:
+        check_ids_shape(input_ids)  # (before the images' count, which reads its rows)
         if torch.is_tensor(images) and torch.is_tensor(input_ids) and images.dim() >= 1 and \
                 input_ids.dim() >= 1 and images.shape[0] != input_ids.shape[0]:
             raise ValueError(f"images: one per row of input_ids ({input_ids.shape[0]} rows; a "
@@ -451,7 +482,8 @@ class OlaVLM(nn.Module):
     def visual_interpretations(self, input_ids, attention_mask=None, images=None
                                ) -> dict[str, dict[int, torch.Tensor]]:
         """Each head's predicted embedding per tapped layer: {task: {layer: pred}} (for probing
-        and the demo; no losses)."""
+        and the demo; no losses), in the heads' layout (seg: (B, h*w, C)). A text-only row's
+        predictions mean nothing (training masks them; its gen queries depend on the batch)."""
         with host_checks():  # a bad prompt: ValueError, not a device assert (see generate)
             out = self(input_ids, attention_mask, images=images, return_predictions=True)
         return out.predictions
@@ -466,6 +498,10 @@ class OlaVLM(nn.Module):
         ``config.max_length``, is a ValueError (checked on the host: a device assert would end
         the session)."""
         with host_checks():  # the splice's input checks read back to the host: one sync
+            if torch.is_tensor(attention_mask) and attention_mask.dim() == 2:
+                rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)
+                fail_if_any(~attention_mask.bool().any(1), rows, "attention_mask: every prompt "
+                            "needs a real (True) position; a row with none")
             spliced = self.splice(input_ids, attention_mask, None, images)
         cut = int(spliced.num_truncated)
         if cut:  # training may cut a long sample's tail; a prompt's tail is the question

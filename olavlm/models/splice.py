@@ -59,11 +59,21 @@ class SplicedInputs:
         return self.image_start + self.num_image_tokens
 
 
+def check_ids_shape(input_ids) -> None:
+    """input_ids is a (B, T) integer tensor with T >= 1 (checked before anything reads it)."""
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or \
+            input_ids.dtype not in (torch.int64, torch.int32):
+        got = (f"shape {tuple(input_ids.shape)} dtype {input_ids.dtype}"
+               if torch.is_tensor(input_ids) else type(input_ids).__name__)
+        raise ValueError(f"input_ids must be a (B, T) integer tensor, got {got}")
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must hold at least one position per row, got shape "
+                         f"{tuple(input_ids.shape)}")
+
+
 def _check_ids(input_ids, attention_mask, labels, image_features, image_token_index,
                vocab_size: int | None = None) -> None:
-    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be a (B, T) integer tensor, got shape "
-                         f"{tuple(input_ids.shape)} dtype {input_ids.dtype}")
+    check_ids_shape(input_ids)
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}")

@@ -357,8 +357,27 @@ def test_export_hf_round_trip(imported, parts, tmp_path):
     # The seed's tower weights are the tower folder's: building the tower from its path suffices.
     loaded = load_exported(out)
     _assert_same_state(loaded, imported)
+    assert not loaded.training and not imported.training  # eval mode, as from_pretrained
     assert loaded.config.heads == imported.config.heads
     assert torch.equal(_loss(loaded), _loss(imported))
+
+
+def test_a_model_cast_to_bf16_keeps_fp32_rope_and_its_export_is_the_same_model(parts, tmp_path):
+    """``model.bfloat16()`` (a user's cast, not a bf16 config) leaves the decoder's RoPE
+    frequencies in fp32, as a bf16 ``from_pretrained`` has them and as the exported model's
+    loader rebuilds them: the reloaded model gives the same loss bit for bit."""
+    model = load_seed_checkpoint(parts[4], impl="torch")
+    rotary = model.llm.model.rotary_emb
+    fresh = rotary.inv_freq.clone()
+    model = model.bfloat16()
+    assert model.mm_projector[0].weight.dtype == torch.bfloat16
+    assert rotary.inv_freq.dtype == rotary.original_inv_freq.dtype == torch.float32
+    assert torch.equal(rotary.inv_freq, fresh)
+    assert model.gen_logit_scale.dtype == torch.float32  # (as a bf16 config builds it)
+    loaded = load_exported(export_hf(model, tmp_path / "hf"))
+    _assert_same_state(loaded, model)
+    assert torch.equal(_loss(loaded), _loss(model))
+    assert model.float().llm.model.rotary_emb.inv_freq.dtype == torch.float32
 
 
 def test_export_hf_with_tower_weights(imported, tmp_path):

@@ -706,3 +706,17 @@ def test_generate_refuses_prompts_it_would_cut_or_could_not_embed(model):
     assert model.generate(padded, mask, images, max_new_tokens=1).shape[0] == 2
     with pytest.raises(ValueError, match=r"images: one per row of input_ids \(2 rows"):
         model.generate(ids, mask, images[:1], max_new_tokens=1)
+    # A prompt without its batch dimension is named as such (not as too few images); an
+    # empty prompt and a row with no real position are refused (not an IndexError, not a
+    # generation from nothing).
+    with pytest.raises(ValueError, match=r"input_ids must be a \(B, T\) integer tensor, got "
+                                         r"shape \(\d+,\)"):
+        model.generate(ids[0], None, images[:1], max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"input_ids must hold at least one position per row, "
+                                         r"got shape \(2, 0\)"):
+        model.generate(ids[:, :0], None, None, max_new_tokens=1)
+    empty = mask.clone()
+    empty[1] = False
+    with pytest.raises(ValueError, match=r"attention_mask: every prompt needs a real \(True\) "
+                                         r"position; a row with none, got 1"):
+        model.generate(ids, empty, images, max_new_tokens=1)
