@@ -190,6 +190,13 @@ def _check(args) -> int:
         for _ in loader:
             pass
     print(loader.last_summary)
+    rejected = sum(loader.last_stats["counts"].values())
+    if rejected:  # where the first ones are, without opening a file
+        shown = loader.last_first_rejects
+        print(f"first {len(shown)} of {rejected} rejects" + (
+            f" (all in {args.rejects}):" if args.rejects else " (--rejects FILE lists all):"))
+        for reject in shown:
+            print(f"  {reject.message()}")
     return 1 if loader.last_stats["counts"] else 0
 
 

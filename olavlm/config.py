@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -229,6 +230,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "model.num_task_tokens": (1, None),
     "model.contrastive_weight": (0.0, None),
     "model.max_length": (1, None),
+    "model.smooth_l1_beta": (0.0, None),
+    "model.num_sys_tokens": (0, None),
 }
 # Fields whose annotation is looser than what they hold.
 _FIELD_TYPES: dict[tuple[type, str], Any] = {(ModelConfig, "heads"): dict[str, HeadConfig]}
@@ -262,10 +265,11 @@ def _type_name(tp: Any) -> str:
 def _unknown(path: str, key: Any, valid: list[str], what: str = "config key") -> ValueError:
     match = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
     hint = f" (did you mean {_join(path, match[0])!r}?)" if match else ""
-    if not match and "." not in path:  # "lr" at the top level or in the wrong section
+    if "." not in path and what == "config key":  # "lr" at the top level or in the wrong
+        # section: the exact key of another section beats a near spelling in this one
         owners = [f"{name}.{key}" for name, tp in _hints(Config).items()
                   if dataclasses.is_dataclass(tp) and name != path and key in _field_names(tp)]
-        hint = f" (did you mean {owners[0]!r}?)" if owners else ""
+        hint = f" (did you mean {owners[0]!r}?)" if owners else hint
     where = f"in {path}" if path else "at the top level"
     return ValueError(f"unknown {what} {_join(path, str(key))!r}{hint}; valid keys {where}: "
                       f"{', '.join(valid)}")
@@ -292,6 +296,13 @@ def _check_value(path: str, value: Any) -> None:
         raise ValueError(f"{path}: expected a finite number, got {value!r}")
     if path == "optim.betas" and not all(0.0 <= b < 1.0 for b in value):
         raise ValueError(f"{path}: expected two values in [0, 1), got {list(value)!r}")
+    if path == "model.projector" and not re.fullmatch(r"linear|mlp[1-9]\d*x_gelu", value):
+        raise ValueError(f"{path}: expected mlp2x_gelu (the seed's), mlpNx_gelu with N >= 1, or "
+                         f"linear, got {value!r}")
+    if path == "train.run_name" and value is not None and (
+            value in ("", ".", "..") or "/" in value or os.sep in value):
+        raise ValueError(f"{path}: expected a folder name inside train.output_dir (no '/', "
+                         f"not '.' or '..'), got {value!r}")
     choices = CHOICES.get(path)
     if choices is not None and value is not None and value not in choices:
         match = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
@@ -347,7 +358,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                     return _coerce(value, arg, path)
                 except _TypeMismatch:
                     continue
-        raise mismatch()
+        null = type(None) in args and isinstance(value, str) and value.lower() == "none"
+        raise mismatch(" (write null for None)" if null else "")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if tp is dict or origin is dict:
@@ -509,13 +521,29 @@ def _spelling_loader(yaml):
     return Loader
 
 
+def _cyclic(node: Any, ancestors: tuple[int, ...] = ()) -> bool:
+    """Whether a container holds itself (YAML anchors can; a shared alias elsewhere is fine)."""
+    if not isinstance(node, (dict, list)):
+        return False
+    if id(node) in ancestors:
+        return True
+    children = node.values() if isinstance(node, dict) else node
+    return any(_cyclic(child, (*ancestors, id(node))) for child in children)
+
+
 def load_config_file(path: str | os.PathLike) -> dict:
     """The mapping in a .yaml/.yml (PyYAML) or .json file."""
     file = Path(path).expanduser()
+    if file.is_dir():
+        raise ValueError(f"config file {str(path)!r} is a folder; expected a .yaml, .yml or "
+                         ".json file (a run's saved config is RUN_DIR/config.yaml)")
     if not file.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     suffix = file.suffix.lower()
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8-sig")  # (a leading BOM, as Windows editors add)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {str(path)!r} is not UTF-8 text: {e}") from None
     if suffix in (".yaml", ".yml"):
         yaml = _yaml()
         if yaml is None:
@@ -525,6 +553,9 @@ def load_config_file(path: str | os.PathLike) -> dict:
             data = yaml.load(text, Loader=_spelling_loader(yaml))  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as e:
             raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+        if _cyclic(data):  # an alias inside its own anchor: a: &x [*x]
+            raise ValueError(f"config file {str(path)!r}: a YAML alias refers to itself (a "
+                             "recursive anchor); a config holds no cycles")
     elif suffix == ".json":
         try:
             data = json.loads(text)
@@ -560,8 +591,12 @@ def apply_overrides(data: Mapping, overrides: list[str]) -> dict:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
         if not sep or not all(parts):
+            from olavlm.recipes import RECIPES
+
+            named = item.strip() if not sep and item.strip() in RECIPES else None
+            hint = f" (the recipe? --recipe {named})" if named else ""
             raise ValueError(f"malformed override {item!r}: expected dotted.key=value, e.g. "
-                             "optim.lr=2e-5 or model.heads.gen.output_dim=512")
+                             f"optim.lr=2e-5 or model.heads.gen.output_dim=512{hint}")
         node = out
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
@@ -596,7 +631,7 @@ def _merge(base: dict, top: Mapping, tp: Any = None) -> dict:
 
 # Keys added after run configs were first saved: a config.yaml written before one of them
 # existed is still a complete saved config (the key takes its dataclass default).
-ADDED_KEYS = frozenset({"teachers.resize"})
+ADDED_KEYS = frozenset({"teachers.resize", "teachers.dtype"})
 
 
 def with_added_keys(data: Mapping) -> dict:
@@ -645,6 +680,11 @@ def resolve_config(recipe: str | None, config_file: str | os.PathLike | None,
         file_data = dict(config_data)
     else:
         file_data = load_config_file(config_file) if config_file is not None else {}
+    if config_file is not None:  # (an unknown key there is not an override's typo)
+        try:
+            _check_keys(Config, file_data, "")
+        except ValueError as e:
+            raise ValueError(f"config file {str(config_file)!r}: {e}") from None
     overrides, chosen = _recipe_overrides(list(overrides))
     if chosen is not None and recipe is not None and chosen != recipe:
         raise ValueError(f"recipe given twice: --recipe {recipe} and the override "
@@ -667,6 +707,18 @@ def resolve_config(recipe: str | None, config_file: str | os.PathLike | None,
         merged = _merge(config_to_dict(get_recipe(name)), file_data)
     merged["recipe"] = name
     return config_from_dict(apply_overrides(merged, overrides))
+
+
+def _check_keys(cls: type, data: Any, path: str) -> None:
+    """Every key of ``data`` (a config file's mapping) names a field of ``cls``, recursively."""
+    if not isinstance(data, Mapping):
+        return  # (the type check after the merge names it)
+    hints = _hints(cls)
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown(path, key, list(hints))
+        if dataclasses.is_dataclass(hints[key]):
+            _check_keys(hints[key], value, _join(path, key))
 
 
 def _recipe_overrides(overrides: list[str]) -> tuple[list[str], str | None]:

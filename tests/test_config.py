@@ -270,10 +270,58 @@ def test_unknown_override_key_is_rejected_with_its_path():
         resolve_config("demo", None, ["optim.lrate=1e-4"])
 
 
+def test_a_key_in_the_wrong_section_points_to_the_exact_one_before_a_near_spelling():
+    with pytest.raises(ValueError, match=re.escape("'optim.max_steps' (did you mean "
+                                                   "'train.max_steps'?)")):
+        resolve_config("demo", None, ["optim.max_steps=5"])
+
+
 def test_unknown_recipe():
     with pytest.raises(ValueError, match=r"unknown recipe 'ptt' \(did you mean 'pt'\?\); "
                                          r"recipes are: demo, llama3_8b_clip_pt"):
         resolve_config("ptt", None, [])
+    with pytest.raises(ValueError, match=r"unknown recipe 'PT' \(did you mean 'pt'\?\)"):
+        resolve_config("PT", None, [])
+    with pytest.raises(ValueError, match=r"malformed override 'pt': .* \(the recipe\? "
+                                         r"--recipe pt\)"):
+        resolve_config(None, None, ["pt"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.smooth_l1_beta=-1", "model.smooth_l1_beta: expected a value >= 0.0, got -1.0"),
+    ("model.num_sys_tokens=-5", "model.num_sys_tokens: expected a value >= 0, got -5"),
+    ("model.projector=foo", "model.projector: expected mlp2x_gelu (the seed's), mlpNx_gelu "
+                            "with N >= 1, or linear, got 'foo'"),
+    ("train.run_name=../x", "train.run_name: expected a folder name inside train.output_dir "
+                            "(no '/', not '.' or '..'), got '../x'"),
+    ("train.run_name=.", "got '.'"),
+    ("train.run_name=", "got ''"),
+    ("optim.projector_lr=None", "optim.projector_lr: expected float | None (write null for "
+                                "None), got 'None' (str)"),
+])
+def test_values_that_would_fail_later_are_refused_with_their_key(override, message):
+    """Each failed only at the first step (a traceback), or trained outside output_dir."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve_config("demo", None, [override])
+    assert resolve_config("demo", None, ["model.projector=mlp3x_gelu"]).model.projector
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    cases = {"loop.yaml": (b"optim:\n  betas: &x [*x]\n", "a YAML alias refers to itself"),
+             "latin.yaml": (b"optim:\n  lr: 0.1 # caf\xe9\n", "is not UTF-8 text"),
+             "typo.yaml": (b"optim:\n  lrr: 1\n", "unknown config key 'optim.lrr' (did you "
+                                                   "mean 'optim.lr'?)")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=re.escape(f"config file "
+                                                       f"{str(tmp_path / name)!r}")) as raised:
+            resolve_config("demo", str(tmp_path / name), [])
+        assert message in str(raised.value)
+    with pytest.raises(ValueError, match="is a folder; expected a .yaml, .yml or .json file"):
+        resolve_config("demo", str(tmp_path), [])
+    bom = tmp_path / "bom.json"  # a leading byte-order mark, as some editors write
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"optim": {"lr": 0.5}}).encode())
+    assert resolve_config("demo", str(bom), []).optim.lr == 0.5
 
 
 def test_file_errors(tmp_path):
@@ -457,3 +505,42 @@ def test_resuming_a_run_saved_before_a_key_was_added_warns_about_nothing(tmp_pat
     with caplog.at_level("WARNING", logger="olavlm.train"):
         _warn_changed_config(tmp_path, resolve_config("demo", None, ["optim.lr=5e-4"]))
     assert "optim.lr: 0.001 -> 0.0005" in caplog.text and "resize" not in caplog.text
+
+
+# Every key a run's config.yaml held when saved configs were first written (a key added since
+# belongs in ADDED_KEYS, or older saved configs stop replaying as complete).
+FIRST_SAVED_KEYS = frozenset({
+    "checkpoint.at_end", "checkpoint.every_steps", "checkpoint.init_from", "checkpoint.keep_last",
+    "checkpoint.resume", "data.aspect", "data.batch_size", "data.group_by_modality_length",
+    "data.image_folder", "data.image_size", "data.max_reject_fraction", "data.num_workers",
+    "data.on_bad_sample", "data.path", "data.shuffle", "data.synthetic_dir", "data.synthetic_num",
+    "data.synthetic_size", "data.template", "data.tokenizer", "logging.every_steps",
+    "logging.jsonl", "logging.plot", "logging.progress", "logging.tensorboard", "logging.wandb",
+    "logging.wandb_project", "model.attn_implementation", "model.aux_mode",
+    "model.contrastive_weight", "model.dtype", "model.fused_rope", "model.heads", "model.impl",
+    "model.layer_indices", "model.lean_mlp", "model.lean_norm", "model.llm",
+    "model.logit_scale_init", "model.loss_weights", "model.max_length", "model.num_sys_tokens",
+    "model.num_task_tokens", "model.pass_text_to_aux", "model.projector", "model.seed_compat",
+    "model.smooth_l1_beta", "model.trainable_dtype", "model.vision_kind",
+    "model.vision_select_layer", "model.vision_tower", "optim.betas", "optim.eps", "optim.fused",
+    "optim.grad_accum", "optim.grad_clip", "optim.head_lr", "optim.lr", "optim.projector_lr",
+    "optim.schedule", "optim.warmup_ratio", "optim.weight_decay",
+    "parallel.activation_checkpointing", "parallel.backend", "parallel.compile",
+    "parallel.float8", "parallel.fsdp", "parallel.liger", "parallel.load",
+    "parallel.mixed_precision", "parallel.reduce_dtype", "parallel.sdpa_backend", "parallel.tf32",
+    "teachers.cache_dir", "teachers.compile", "teachers.mode", "teachers.names",
+    "teachers.on_missing_target", "teachers.side_stream", "teachers.synthetic",
+    "teachers.weights", "train.device", "train.epochs", "train.max_steps",
+    "train.nonfinite_limit", "train.output_dir", "train.run_name", "train.seed", "train.stage",
+})
+
+
+def test_every_key_added_since_configs_were_first_saved_is_in_added_keys():
+    from olavlm.config import ADDED_KEYS, config_to_dict
+
+    data = config_to_dict(Config())
+    keys = {f"{s}.{k}" for s, v in data.items() if isinstance(v, dict) for k in v}
+    assert keys - FIRST_SAVED_KEYS <= ADDED_KEYS, (
+        f"new config keys {sorted(keys - FIRST_SAVED_KEYS - ADDED_KEYS)}: add them to "
+        "olavlm.config.ADDED_KEYS")
+    assert FIRST_SAVED_KEYS <= keys  # (a removed key: saved configs name it; handle it)

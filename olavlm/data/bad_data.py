@@ -99,6 +99,9 @@ def truncate_rejects_file(path: Path, size: int) -> None:
             f.truncate(size)
 
 
+FIRST_KEPT = 5  # rejects kept in memory per epoch (the file has them all)
+
+
 class RejectLog:
     """Counts rejects and truncations, appends rejects to a JSON-lines file, summarizes.
 
@@ -116,10 +119,13 @@ class RejectLog:
         self.num_samples = 0
         self.num_dropped = 0  # left out by batching (drop_last, fewer samples than ranks)
         self.target_counts: Counter[str] = Counter()  # samples trained without targets
+        self.first: list[Reject] = []  # the epoch's first FIRST_KEPT rejects, for messages
 
     def add(self, reject: Reject, *, epoch: int | None = None) -> None:
         """Count ``reject`` and append it to the rejects file."""
         self.counts[reject.reason] += 1
+        if len(self.first) < FIRST_KEPT:
+            self.first.append(reject)
         self.write(reject, epoch=epoch)
 
     def add_target_problem(self, problem: Reject, *, epoch: int | None = None) -> None:
@@ -187,6 +193,7 @@ class RejectLog:
 
     def reset(self) -> None:
         self.counts.clear()
+        self.first = []
         self.num_truncated = 0
         self.num_unlabelled = 0
         self.num_samples = 0

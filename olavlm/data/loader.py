@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .bad_data import Reject, RejectLog
+from .bad_data import FIRST_KEPT, Reject, RejectLog
 from .images import ImageView
 from .llava import LlavaDataset, Sample
 from .sampler import EpochPlan, plan_epoch
@@ -295,6 +295,7 @@ class ResumableLoader:
         self.job_stats: dict | None = None  # (state_dict's "job_stats"; the trainer's)
         self.job_rejects_files: list | None = None  # (state_dict's "job_rejects_files")
         self.last_summary: str | None = None  # of the last finished epoch
+        self.last_first_rejects: list = []  # its first few rejects (bad_data.Reject)
         self.last_stats: dict | None = None  # its counts (RejectLog.state_dict())
         self._start_epoch_log()
         if pin_memory is None:
@@ -325,6 +326,8 @@ class ResumableLoader:
         self.log.reset()
         for reject in self.dataset.index.rejects:  # counted in every epoch's summary
             self.log.counts[reject.reason] += 1
+            if len(self.log.first) < FIRST_KEPT:
+                self.log.first.append(reject)
 
     def plan(self) -> EpochPlan:
         """The global batches left in the current epoch."""
@@ -435,6 +438,7 @@ class ResumableLoader:
     def _end_epoch(self) -> None:
         self.last_summary = self._rank_tag() + self.log.summary(self.epoch)
         self.last_stats = self.log.state_dict()
+        self.last_first_rejects = list(self.log.first)  # (its first few, for messages)
         noisy = self.log.num_rejected or self.log.num_dropped or self.log.num_target_problems
         level = logging.WARNING if noisy else logging.INFO
         logger.log(level, "data: %s", self.last_summary)

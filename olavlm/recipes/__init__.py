@@ -33,7 +33,9 @@ RECIPES: dict[str, Callable[[], Config]] = {
 def get_recipe(name: str) -> Config:
     """A fresh Config of the recipe ``name`` (its ``recipe`` field set to ``name``)."""
     if name not in RECIPES:
-        match = difflib.get_close_matches(str(name), list(RECIPES), n=1, cutoff=0.6)
+        lower = {r.lower(): r for r in RECIPES}
+        match = [lower[str(name).lower()]] if str(name).lower() in lower else \
+            difflib.get_close_matches(str(name), list(RECIPES), n=1, cutoff=0.6)
         hint = f" (did you mean {match[0]!r}?)" if match else ""
         raise ValueError(f"unknown recipe {name!r}{hint}; recipes are: {', '.join(RECIPES)}")
     cfg = RECIPES[name]()

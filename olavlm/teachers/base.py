@@ -117,7 +117,8 @@ def resolve_weights(path: str | Path | None, *, teacher: str, repo_id: str,
     """
     hint = download_hint or f'hf download {repo_id} --local-dir DIR'
     how = (f"Download them on a machine with network access (`{hint}`), then pass the folder "
-           f"(Python: path=DIR; CLI: --weights {teacher}=DIR), or run once with network so that "
+           f"(Python: path=DIR; `olavlm targets extract --weights {teacher}=DIR`; `olavlm "
+           f"train teachers.weights.{teacher}=DIR`), or run once with network so that "
            "the hub cache holds them.")
     if path is not None and Path(path).exists():
         folder = _has_config(Path(path), subfolder)

@@ -9,6 +9,7 @@ the run directory and loaded through the normal loading code (the demo recipe us
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import os
 import shutil
@@ -267,8 +268,20 @@ def build_teachers_for(cfg, model: OlaVLM, device: torch.device):
 
     names = [n.strip() for n in tc.names.split(",") if n.strip()]
     kwargs = dict(getattr(tc, "synthetic", None) or {}) if names == ["synthetic"] else {}
-    from olavlm.teachers.registry import DTYPES
+    from olavlm.teachers.registry import DTYPES, TEACHERS
 
+    unknown = [n for n in names if n not in TEACHERS]
+    if unknown or not names:  # (before any teacher loads: not a missing weight of another)
+        what = f"names no teacher: {tc.names!r}" if not names else \
+            f"{unknown[0]!r} is not a teacher"
+        match = difflib.get_close_matches(unknown[0], list(TEACHERS), n=1) if unknown else []
+        hint = f" (did you mean {match[0]!r}?)" if match else ""
+        raise ValueError(f"teachers.names: {what}{hint}; the teachers: {sorted(TEACHERS)} "
+                         "(comma-separated)")
+    for name in tc.weights or {}:
+        if name not in names:
+            raise ValueError(f"teachers.weights names {name!r}, which is not one of "
+                             f"teachers.names {names}")
     for name, value in (tc.dtype or {}).items():
         if name not in names:
             raise ValueError(f"teachers.dtype names {name!r}, which is not one of "
@@ -417,11 +430,25 @@ def build_data(cfg, model: OlaVLM, tokenizer, data_root: Path | None, *, rank: i
         _check_cache_coverage(dataset, cache, cfg.teachers.cache_dir)
     loader = ResumableLoader(
         dataset, batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle, seed=cfg.train.seed,
-        rank=rank, world_size=world_size, num_workers=cfg.data.num_workers,
+        rank=rank, world_size=world_size, num_workers=_worker_count(cfg.data.num_workers),
         group_by_modality_length=cfg.data.group_by_modality_length,
         grad_accum=cfg.optim.grad_accum, rejects_path=run_dir / "rejects.jsonl",
         max_reject_fraction=cfg.data.max_reject_fraction)
     return dataset, loader
+
+
+def _worker_count(wanted: int) -> int:
+    """data.num_workers, at most the CPUs this process may use: more processes than CPUs
+    never load faster, and a typo (1000000) would fork until memory runs out."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on every OS)
+        cpus = os.cpu_count() or 1
+    if wanted > cpus:
+        logger.warning("data.num_workers=%d is more than the %d CPUs this process may use: "
+                       "%d loader workers", wanted, cpus, cpus)
+        return cpus
+    return wanted
 
 
 def load_initial_weights(model: OlaVLM, path: str) -> list[str]:

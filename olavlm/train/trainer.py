@@ -90,6 +90,14 @@ def _run_dir(cfg: Config, dist_info) -> tuple[Path, bool]:
     out = Path(cfg.train.output_dir).expanduser()
     name = cfg.train.run_name
     made = False
+    if dist_info.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file there, under a file, read-only, no permission
+            raise ValueError(f"train.output_dir: cannot make the folder {str(out)!r}: "
+                             f"{exc.strerror or exc}") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"train.output_dir: {str(out)!r} is not writable here")
     if dist_info.is_main and name is None:
         previous = _unfinished_runs(out, cfg.recipe)
         if str(cfg.checkpoint.resume or "").strip().lower() == "auto" and previous:

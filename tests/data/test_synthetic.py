@@ -282,7 +282,12 @@ def test_cli_check_reports_bad_samples(synth_dir, tmp_path, capsys):
     args = ["data", "check", str(bad), "--image-folder", str(synth_dir), "--rejects",
             str(rejects), *common]
     assert main(args) == 1
-    assert "malformed_json=1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "malformed_json=1" in out
     assert json.loads(rejects.read_text())["location"] == f"{bad}:4"
+    # where it is, on the screen too (the first few; with or without the file)
+    assert f"first 1 of 1 rejects (all in {rejects}):\n  {bad}:4: " in out
+    assert main(args[:-2 - len(common)] + common) == 1
+    assert f"(--rejects FILE lists all):\n  {bad}:4: sample " in capsys.readouterr().out
     assert main(args) == 1  # a second check replaces the file, not appends to it
     assert len(rejects.read_text().splitlines()) == 1

@@ -77,6 +77,12 @@ def test_resize_is_checked(tmp_path):
                                 r"teachers.names \['synthetic'\]"),
     ("teachers.dtype.synthetic=fp8", r"teachers.dtype.synthetic must be one of \['bf16', "
                                      r"'fp16', 'fp32'\], got 'fp8'"),
+    ("teachers.names=syntetic", r"teachers.names: 'syntetic' is not a teacher \(did you mean "
+                                r"'synthetic'\?\); the teachers: \["),
+    # (an unknown name is reported before the weights of a known one are looked for)
+    ("teachers.names=depth,foo", r"teachers.names: 'foo' is not a teacher; the teachers"),
+    ("teachers.weights.seg=/w", r"teachers.weights names 'seg', which is not one of "
+                                r"teachers.names \['synthetic'\]"),
 ])
 def test_teacher_dtype_is_checked(tmp_path, override, message):
     from types import SimpleNamespace

@@ -112,6 +112,7 @@ def test_only_rejected_batches_name_the_reasons_and_ranks_cannot_skip():
     class Owner:
         _batches = Trainer._batches
         _empty_batch = Trainer._empty_batch
+        micro_batches_left = None  # (train.max_steps mode)
 
     owner = Owner()
     owner.loader, owner.dist = Loader(), Dist()

@@ -387,3 +387,23 @@ def test_the_run_summary_sums_every_ranks_data_counts(tmp_path, synth_dir, monke
     assert f"data, 2 ranks: epoch 0: {own + 3} samples used" in text
     assert "2 rejected [corrupt_image=2]" in text and "1 truncated" in text
     assert "(so far) (ids in rejects*.jsonl)" in text
+
+
+@pytest.mark.parametrize("where", ["a_file", "a_file/below"])
+def test_an_output_dir_that_cannot_be_made_is_one_line(tmp_path, capsys, where):
+    (tmp_path / "a_file").write_text("")
+    out = tmp_path / where
+    assert train_main([f"train.output_dir={out}", "train.max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"olavlm train: train.output_dir: cannot make the folder {str(out)!r}: ")
+    assert "Traceback" not in err
+
+
+def test_more_loader_workers_than_cpus_are_capped(monkeypatch, caplog):
+    from olavlm.train.build import _worker_count
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert _worker_count(2) == 2
+    with caplog.at_level("WARNING", logger="olavlm.train"):
+        assert _worker_count(1_000_000) == 3
+    assert "data.num_workers=1000000 is more than the 3 CPUs" in caplog.text
