@@ -224,7 +224,8 @@ def parse_args(argv):
                         help="model sizes: full (real, default on GPU) or tiny (CPU smoke)")
     parser.add_argument("--teachers", default=",".join(TEACHER_NAMES))
     parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per teacher forward (default 32, tiny: 4)")
     parser.add_argument("--num-images", type=int, default=None,
                         help="images in the cache (default 4 batches)")
     parser.add_argument("--image-size", default=None, help="WIDTHxHEIGHT (default 640x480, "
@@ -243,6 +244,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     args.preset = args.preset or ("full" if cuda else "tiny")
+    args.batch_size = args.batch_size or (32 if args.preset == "full" else 4)
     args.teachers = [t for t in args.teachers.split(",") if t]
     args.providers = [p for p in args.providers.split(",") if p]
     if set(args.teachers) - set(TEACHER_NAMES) or set(args.providers) - set(PROVIDERS):
@@ -262,7 +264,12 @@ def main(argv=None) -> int:
     images = photos(args.num_images, args.width, args.height)
     batch = images[:args.batch_size]
     shape = f"B{args.batch_size}x{args.width}x{args.height}"
-    records, rows, teachers = [], [], []
+    rows, teachers = [], []
+
+    def keep(record) -> None:  # appended at once: a run cut by its time limit keeps it
+        if not args.no_record:
+            common.append_records([record])
+
     for name in args.teachers:
         teacher = build(name, args.preset, args.device, args.torch_dtype)
         dtype = str(teacher.dtype).removeprefix("torch.")
@@ -272,7 +279,7 @@ def main(argv=None) -> int:
             rate = args.batch_size / timing.median_ms * 1e3
             speedup = (f"; {base.median_ms / timing.median_ms:.1f}x per_image"
                        if base and provider != "per_image" else "")
-            records.append(common.make_record(
+            keep(common.make_record(
                 op=OP, provider=provider, mode=name, shape=shape, dtype=dtype, timing=timing,
                 peak_bytes=peak, note=f"{rate:.1f} images/s{speedup}; preset {args.preset}"))
             rows.append(f"{name:6s} {provider:10s} {rate:12.1f} {timing.median_ms:10.1f}"
@@ -289,15 +296,13 @@ def main(argv=None) -> int:
                 ("cache", read, f"{got:.2f} GB/s read; a {args.step_ms:.0f} ms step needs "
                  f"{need:.3f} GB/s ({per / 2**20:.2f} MiB/image)")):
             rate = args.batch_size / timing.median_ms * 1e3
-            records.append(common.make_record(
+            keep(common.make_record(
                 op=OP, provider=provider, mode="+".join(args.teachers), shape=shape,
                 dtype=args.storage, timing=timing,
                 num_bytes=nbytes if provider == "cache" else None,
                 note=f"{rate:.1f} images/s; {extra}; preset {args.preset}"))
             rows.append(f"{'all':6s} {provider:10s} {rate:12.1f} {timing.median_ms:10.1f}; "
                         f"{extra}")
-    if not args.no_record:
-        common.append_records(records)
     print(f"{'task':6s} {'provider':10s} {'images/s':>12s} {'ms/batch':>10s}")
     print("\n".join(rows))
     return 0

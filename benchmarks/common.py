@@ -24,6 +24,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -276,10 +277,11 @@ def tflops(num_flops: float, ms: float) -> float:
 
 @functools.lru_cache(maxsize=1)
 def _git_sha_from_repo() -> str:
-    """Short HEAD sha of the checkout, or 'unknown' (no git, no .git, or no commit yet)."""
+    """Short HEAD sha of the checkout with "-dirty" when the tree has uncommitted changes (the
+    measured code is then not the commit's), or 'unknown' (no git, no .git, no commit yet)."""
     try:
         proc = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
@@ -555,9 +557,18 @@ def read_records(
     """
     rows: list[dict[str, Any]] = []
     for path in _csv_paths(paths_or_dir):
-        with path.open(newline="", encoding="utf-8") as f:
-            for raw in csv.DictReader(f):
-                rows.append({k: _parse_cell(k, v) for k, v in raw.items() if k is not None})
+        # (bytes that are not UTF-8, a cell that is not a number, a row cut short by a killed
+        # writer: that row is skipped with a line saying so, not the whole report lost)
+        with path.open(newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.DictReader(f)
+            for raw in reader:
+                try:
+                    if None in raw.values() or None in raw:
+                        raise ValueError("a row with another number of cells than the header")
+                    rows.append({k: _parse_cell(k, v) for k, v in raw.items()})
+                except ValueError as err:
+                    print(f"(skipped {path.name} line {reader.line_num}: {err})",
+                          file=sys.stderr)
     return rows
 
 
@@ -654,7 +665,7 @@ def run_cli(argv, *, description: str, providers: Sequence[str], modes: Sequence
             for provider in chosen:
                 result = measure(provider, case, mode, device=device, warmup=warmup, rep=rep)
                 if result is not None:
+                    append_records([result[0]])  # now: a stage cut by its limit keeps it
                     records.append(result[0])
-    append_records(records)
     print(format_table(records))
     return 0

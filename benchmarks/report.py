@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -77,6 +78,11 @@ def _baseline(group: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
+def _timed(row: dict[str, Any]) -> bool:
+    ms = row.get("ms")
+    return isinstance(ms, (int, float)) and math.isfinite(ms) and ms > 0
+
+
 def speedups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """ms(baseline) / ms(provider) for every non-baseline provider, over the newest rows."""
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -85,10 +91,10 @@ def speedups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for key in sorted(groups):
         base = _baseline(groups[key])
-        if base is None or not base.get("ms"):
+        if base is None or not _timed(base):
             continue
         for row in sorted(groups[key], key=lambda r: str(r.get("provider"))):
-            if row is base or not row.get("ms"):
+            if row is base or not _timed(row):  # (an out-of-memory row's ms is NaN)
                 continue
             entry = dict(zip(GROUP_FIELDS, key, strict=True))
             same_run = row.get("git_sha") == base.get("git_sha")

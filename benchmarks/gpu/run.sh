@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The one script a GPU window runs (well under 8 minutes): GPU tests, ceilings, benchmarks, table.
 #
-#   OLAVLM_GIT_SHA=$(git rev-parse --short=12 HEAD) bash benchmarks/gpu/run.sh
+#   OLAVLM_GIT_SHA=$(git describe --always --dirty --abbrev=12) bash benchmarks/gpu/run.sh
 #
 # Writes CSV records under benchmarks/results/ (or $OLAVLM_RESULTS_DIR) and, when $OUT is set
-# (the lent-GPU tool), copies the CSVs and logs there. Each stage has its own time limit and a
-# failing stage does not stop the next, so one window always yields as much as it can.
-# On a machine without CUDA it runs as a dry run (GPU tests skip, tiny benchmark shapes).
+# (the lent-GPU tool), copies the CSVs there after every stage (a call killed at its time
+# limit still brings back what the finished stages wrote). Each stage has its own time limit,
+# cut to what is left of OLAVLM_BUDGET_S (default 540 s: the tool's 600 s per call, less the
+# report), and a failing stage does not stop the next, so one window yields as much as it can.
+# On a machine without CUDA it runs as a dry run (GPU tests skip, tiny benchmark shapes), and
+# its records go to $OUT/results (not into the checked-in history) unless OLAVLM_RESULTS_DIR
+# says otherwise.
 #
 # Baselines missing from the GPU image (liger-kernel, cut-cross-entropy) travel as wheels in
 # .whl/ (git-ignored; name it in the device tool's `carry`). Prepare them here with e.g.
@@ -15,9 +19,15 @@
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
-export OLAVLM_RESULTS_DIR=${OLAVLM_RESULTS_DIR:-$PWD/benchmarks/results}
 OUT_DIR=${OUT:-/tmp/olavlm-gpu-run}
+GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+if [ -n "$GPU_NAME" ]; then
+  export OLAVLM_RESULTS_DIR=${OLAVLM_RESULTS_DIR:-$PWD/benchmarks/results}
+else  # a dry run: CPU rows stay out of the history (benchmarks/common.py keeps them here)
+  export OLAVLM_RESULTS_DIR=${OLAVLM_RESULTS_DIR:-$OUT_DIR/results}
+fi
 mkdir -p "$OUT_DIR" "$OLAVLM_RESULTS_DIR"
+BUDGET=${OLAVLM_BUDGET_S:-540}
 PY=${PYTHON:-python3}
 LOG="$OUT_DIR/run.log"
 T0=$(date +%s)
@@ -38,15 +48,28 @@ trap 'rm -f "$START_MARK"' EXIT
 # bench_teachers bench_compile ceilings ncu.
 STAGES=${OLAVLM_STAGES:-"bench gpu_tests"}
 
+copy_results() {  # this run's CSVs to $OUT (the device tool brings back at most 8 files)
+  [ "$(cd "$OLAVLM_RESULTS_DIR" && pwd -P)" = "$(cd "$OUT_DIR" && pwd -P)" ] && return 0
+  find "$OLAVLM_RESULTS_DIR" -maxdepth 1 -name '*.csv' -newer "$START_MARK" \
+    -exec cp {} "$OUT_DIR"/ \;
+}
+
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log it, never abort the script
   local name=$1 limit=$2
   shift 2
   case " $STAGES " in *" $name "*) ;; *) echo "== $name: skipped (OLAVLM_STAGES)" | tee -a "$LOG"; return 0;; esac
+  local left=$(( BUDGET - ($(date +%s) - T0) ))
+  if [ "$left" -lt 20 ]; then
+    echo "== $name: skipped (${left}s left of OLAVLM_BUDGET_S=${BUDGET})" | tee -a "$LOG"
+    return 0
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "== [$(( $(date +%s) - T0 ))s] $name (limit ${limit}s)" | tee -a "$LOG"
   timeout "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
   echo "== $name: rc=$rc" | tee -a "$LOG"
-  tail -n 4 "$LOG" | grep -E "passed|failed|error" || true
+  tail -n 4 "$LOG" | grep -E "passed|failed|error|skipped" || true
+  copy_results
 }
 
 {
@@ -63,13 +86,19 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     --target /tmp/olavlm-site .whl/*.whl >>"$LOG" 2>&1 && \
     export PYTHONPATH=/tmp/olavlm-site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# The baselines' versions (the records name ours; these are what they were compared with).
+$PY -c "
+import importlib.metadata as m
+for name in ('liger-kernel', 'torchao', 'cut-cross-entropy', 'transformers'):
+    try: print('baseline', name, m.version(name))
+    except m.PackageNotFoundError: print('baseline', name, 'not installed')
+" 2>&1 | tee -a "$LOG"
 
 PYTEST=($PY -m pytest -q -p no:cacheprovider)
 # The default stages' limits add up to ~6.5 minutes (bench 90, gpu_tests 300 s); a
 # typical run takes less. Pick stages with OLAVLM_STAGES (the loader benchmark, bench_data.py,
 # is CPU-bound and not run here). The GPU tests compile every kernel variant (autotuning
 # included) and train the demo for 40 steps: ~4-5 minutes for all 32 (run 7 ran 14 in ~270 s).
-GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
 if [ -n "$GPU_NAME" ] && [ -z "${OLAVLM_STAGES:-}" ] && \
     grep -q ",$GPU_NAME," benchmarks/results/ceiling.csv 2>/dev/null; then
   STAGES=${STAGES/ceilings/}  # measured before on this card: spend the seconds elsewhere
@@ -156,8 +185,6 @@ stage gpu_tests "${OLAVLM_TESTS_LIMIT:-300}" "${PYTEST[@]}" -vv -o console_outpu
 stage bench_compile 45 "${PYTEST[@]}" benchmarks/bench_embedding_loss.py --benchmark-only \
   -k "reference_compile"
 
-# Only the CSVs this run wrote: the device tool brings back at most 8 files (run.log is one).
-find "$OLAVLM_RESULTS_DIR" -maxdepth 1 -name '*.csv' -newer "$START_MARK" \
-  -exec cp {} "$OUT_DIR"/ \;
+copy_results
 echo "== done in $(( $(date +%s) - T0 ))s; results in $OLAVLM_RESULTS_DIR and $OUT_DIR"
 $PY benchmarks/report.py --results "$OLAVLM_RESULTS_DIR" --latest

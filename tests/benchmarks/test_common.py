@@ -131,6 +131,25 @@ def test_report_speedups_name_their_baseline_and_mark_other_runs():
     assert got[("step", "reference")] == ("seed", "3.00x")
 
 
+def test_report_skips_damaged_rows_and_untimed_cases(_isolated_results, capsys):
+    """A cell that is not a number, bytes that are not UTF-8 and a row cut short (a killed
+    writer) cost their row, not the report; an out-of-memory row (ms NaN) gets no speedup."""
+    common.append_records([_record(provider="reference", ms=3.0),
+                           _record(provider="triton", ms=1.5),
+                           _record(provider="oom", ms=float("nan"))])
+    path = _isolated_results / "toy_op.csv"
+    good = path.read_bytes()
+    header, first = good.splitlines()[:2]
+    bad_number = first.replace(b",3.0,", b",3.0e,", 1)
+    assert bad_number != first
+    path.write_bytes(good + bad_number + b"\n" + first[:-5] + b"\xff\xfe\n" + first[:40])
+    rows = common.read_records(path)
+    assert [r["provider"] for r in rows] == ["reference", "triton", "oom"]
+    assert capsys.readouterr().err.count("(skipped toy_op.csv line") == 3
+    ups = {u["provider"]: u["speedup"] for u in report.speedups(rows)}
+    assert ups == {"triton": "2.00x"}
+
+
 def test_report_on_empty_dir(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
