@@ -8,7 +8,8 @@
 Prints, per case and mode, every kernel the call launches with its mean device time (each call
 from a cold L2, as the benchmarks time it; run 7 and earlier profiled back-to-back calls with
 the inputs warm in L2), and the sum of kernel time against the event-timed wall of the whole
-call (back to back, warm): the difference is launch gaps less what the warm L2 saves. Then the autotuner's choice for the forward kernel and, per autotune config, the forward
+call (back to back, warm): the difference is launch gaps less what the warm L2 saves. Then
+the autotuner's choice for the forward kernel and, per autotune config, the forward
 kernel's device time and GB/s on its minimal bytes (pred and target read once): whether any
 tile reaches the copy bandwidth, and which; then the forward with its programs' column blocks
 interleaved or contiguous (emb_triton.INTERLEAVE_CHUNKS), and with the chosen tile under 2 to
@@ -30,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from olakernels import embedding_distill_loss  # noqa: E402
 from olakernels.embedding_loss.impl import triton as emb_triton  # noqa: E402
 from olakernels.testing import make_embedding_pair  # noqa: E402
-
 
 FLUSH_KERNEL = "bitwise_not"  # the L2 flush's kernel: one the loss never launches
 

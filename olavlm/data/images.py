@@ -135,7 +135,12 @@ def load_image(source: str | Path | bytes | BinaryIO) -> Image.Image:
             "cannot identify image file (not an image, or a format PIL cannot read)") from err
     with opened as image:
         image.load()
-        oriented = ImageOps.exif_transpose(image)
+        try:
+            oriented = ImageOps.exif_transpose(image)
+        except Exception:  # noqa: BLE001 - a damaged EXIF block (TypeError, struct.error,
+            # SyntaxError from PIL rewriting it): the pixels are fine; keep them unrotated, as
+            # the seed's convert("RGB") always does
+            oriented = image.copy()
     width, height = oriented.size
     if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
         raise ValueError(f"image {width}x{height}: aspect ratio above {MAX_ASPECT_RATIO}:1 "

@@ -59,7 +59,11 @@ def resolve_image_path(index: LlavaIndex, i: int, relative: str,
     path = Path(relative)
     if path.is_absolute():
         return path
-    return (Path(image_folder) if image_folder is not None else index.source_path(i).parent) / path
+    found = (Path(image_folder) if image_folder is not None else index.source_path(i).parent) / path
+    if "\\" in relative and not found.exists():  # a data file written on Windows: the same
+        # separators image_key normalizes (a name with a literal backslash is tried first)
+        found = found.parent / PurePosixPath(relative.replace("\\", "/"))
+    return found
 
 
 def validate_entry(entry) -> tuple[str, str] | None:
@@ -151,11 +155,18 @@ class LlavaIndex:
     def _scan_jsonl(self, k: int, path: Path):
         self._buffers.append(None)  # entries stay on disk
         offset = 0
+        first = True
         with path.open("rb") as f:
             for lineno, line in enumerate(f, start=1):
                 start, offset = offset, offset + len(line)
                 if not line.strip():
                     continue  # blank lines hold no sample
+                if first and line.lstrip(b"\xef\xbb\xbf \t").startswith(b"["):
+                    # a pretty-printed JSON list (LLaVA's own files are lists): one document,
+                    # not one malformed_json reject per printed line
+                    raise ValueError(f"{path}: a .jsonl file holds one JSON object per line, "
+                                     "but this one starts a JSON list ('['); name it .json")
+                first = False
                 location = f"{path}:{lineno}"
                 try:
                     entry = json.loads(line)
@@ -174,7 +185,9 @@ class LlavaIndex:
                 entries = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             # One document: nothing can be skipped, whatever the policy.
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
+            hint = (" (one JSON object per line? name it .jsonl)"
+                    if isinstance(err, json.JSONDecodeError) and err.msg == "Extra data" else "")
+            raise ValueError(f"{path}: not valid JSON ({err}){hint}") from err
         if not isinstance(entries, list):
             raise ValueError(f"{path}: a .json data file must hold a list of entries, got "
                              f"{type(entries).__name__}")
@@ -229,6 +242,10 @@ class LlavaIndex:
         buffer = self._buffers[k]
         blob = self._read(k, offset, size) if buffer is None else buffer[offset:offset + size]
         return json.loads(bytes(blob))
+
+
+class _Undecodable(Exception):
+    """An image file PIL could not decode (the cause is PIL's exception, of any type)."""
 
 
 @dataclasses.dataclass
@@ -403,12 +420,22 @@ class LlavaDataset(torch.utils.data.Dataset):
         path = self.image_path(i, entry["image"])
         try:
             data = read_image_file(path)
-            pil = load_image(data)  # the one decode every view below derives from
+            try:
+                pil = load_image(data)  # the one decode every view below derives from
+            except (FileNotFoundError, MemoryError):
+                raise
+            except Exception as err:  # noqa: BLE001 - PIL's decoders raise more than OSError
+                # (a damaged PNG chunk: SyntaxError; broken tables: TypeError, struct.error):
+                # a corrupt file is a counted reject, never a dead worker and a lost epoch
+                raise _Undecodable(err) from err
             # (in the try: a pad view of a huge image refuses its canvas with a ValueError)
             sample.image = self.image_view(pil)
             sample.teacher_views = {k: v(pil) for k, v in self.teacher_views.items()}
         except FileNotFoundError as err:
             return self._bad(i, entry, "missing_image", str(err))
+        except _Undecodable as wrapped:
+            err = wrapped.__cause__
+            return self._bad(i, entry, "corrupt_image", f"{path}: {type(err).__name__}: {err}")
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             return self._bad(i, entry, "corrupt_image", f"{path}: {type(err).__name__}: {err}")
         if self.keep_raw_image:

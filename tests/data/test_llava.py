@@ -1,8 +1,10 @@
 # Reading LLaVA json/jsonl, samples and their views, and every bad-data case of the issue.
 from __future__ import annotations
 
+import io
 import json
 import logging
+import struct
 
 import numpy as np
 import pytest
@@ -162,6 +164,27 @@ def test_malformed_json_file_and_top_level(folder):
     (folder / "obj.json").write_text('{"id": 1}')
     with pytest.raises(ValueError, match="must hold a list of entries, got dict"):
         LlavaIndex(folder / "obj.json")
+    # The two formats under each other's names: said so (not one malformed_json reject per
+    # printed line of a pretty-printed list)
+    entries = [entry(i) for i in range(3)]
+    (folder / "list.jsonl").write_text(json.dumps(entries, indent=2))
+    with pytest.raises(ValueError, match=r"list.jsonl: a .jsonl file holds one JSON object "
+                                         r"per line, but this one starts a JSON list"):
+        LlavaIndex(folder / "list.jsonl")
+    write_jsonl(folder / "lines.json", entries)
+    with pytest.raises(ValueError, match=r"lines.json: not valid JSON \(Extra data.*\) \(one "
+                                         r"JSON object per line\? name it .jsonl\)"):
+        LlavaIndex(folder / "lines.json")
+
+
+def test_windows_separators_in_image_paths_find_the_file(folder, llama_tokenizer):
+    """A data file written on Windows ("coco\\x.png"): the file under coco/ is read, as the
+    target cache's key (image_key) already normalizes the separators."""
+    (folder / "coco").mkdir()
+    write_image(folder / "coco" / "x.png", size=(20, 20))
+    path = write_jsonl(folder / "d.jsonl", [entry(0, image="coco\\x.png")])
+    sample = LlavaDataset(path, llama_tokenizer, image_view=ImageView(size=8))[0]
+    assert isinstance(sample, Sample) and sample.image_key == "coco/x.png"
 
 
 def _load_bad(folder, tokenizer, policy, **kw):
@@ -205,6 +228,56 @@ def test_a_view_that_cannot_be_built_is_a_corrupt_image_not_a_crash(folder, llam
                           on_bad_sample="skip")
     assert isinstance(padded[0], Sample)  # (the fixture images are smaller)
     assert padded[2].reason == "corrupt_image" and "needs a 90x90 canvas" in padded[2].detail
+
+
+def _exif(entries) -> bytes:
+    """An APP1 Exif payload: a big-endian TIFF header and one IFD of (tag, type, count, value)."""
+    ifd = struct.pack(">H", len(entries)) + b"".join(
+        struct.pack(">HHI", tag, kind, count) + value for tag, kind, count, value in entries)
+    return b"Exif\0\0" + b"MM\0*" + struct.pack(">I", 8) + ifd + b"\0\0\0\0"
+
+
+def test_damaged_exif_and_png_chunks_are_handled_not_fatal(folder, llama_tokenizer):
+    """Web-scraped images with a malformed EXIF block (PIL raises TypeError / struct.error /
+    SyntaxError while rotating) decode unrotated, as the seed's convert("RGB") reads them; a
+    PNG with a damaged chunk (SyntaxError in load) is a counted corrupt_image. Both killed the
+    loader's worker, and the epoch with it."""
+    pixels = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 40, 3), np.uint8))
+    orient6 = (0x0112, 3, 1, struct.pack(">HH", 6, 0))  # Orientation 6: rotate
+    jpeg = io.BytesIO()
+    pixels.save(jpeg, "JPEG")
+    jpeg = jpeg.getvalue()
+    bad_exif = {"xres_ascii.jpg": _exif([orient6, (0x011A, 2, 3, b"72\0\0")]),
+                "unit_ascii.jpg": _exif([orient6, (0x0128, 2, 2, b"2\0\0\0")])}
+    for name, blob in bad_exif.items():
+        app1 = b"\xff\xe1" + struct.pack(">H", len(blob) + 2) + blob
+        (folder / name).write_bytes(jpeg[:2] + app1 + jpeg[2:])
+    magic = bytearray(_exif([orient6]))
+    magic[8] = 0x1F  # "MM\x1f*": not a TIFF header
+    pixels.save(folder / "bad_magic.webp", "WEBP", exif=bytes(magic[6:]), lossless=True)
+    png = io.BytesIO()
+    pixels.save(png, "PNG")
+    png = bytearray(png.getvalue())
+    at = png.index(b"IDAT") - 4
+    png[at:at + 4] = struct.pack(">I", 15)  # IDAT claims 15 bytes: the next "chunk" is garbage
+    (folder / "broken_chunk.png").write_bytes(bytes(png))
+    names = [*bad_exif, "bad_magic.webp", "broken_chunk.png"]
+    path = write_jsonl(folder / "d.jsonl", [entry(k, image=n) for k, n in enumerate(names)])
+    ds = LlavaDataset(path, llama_tokenizer, image_view=ImageView(size=8), keep_raw_image=True,
+                      on_bad_sample="skip")
+    for k, name in enumerate(names[:3]):
+        sample = ds[k]
+        assert isinstance(sample, Sample), (name, sample)
+        seed = np.asarray(Image.open(folder / name).convert("RGB"))  # the seed's decode
+        assert tuple(sample.raw_image.shape) == (3, 24, 40), name  # unrotated, as the seed's
+        if name.endswith(".webp"):
+            assert np.array_equal(sample.raw_image.permute(1, 2, 0).numpy(), seed)
+    broken = ds[3]
+    assert isinstance(broken, Reject) and broken.reason == "corrupt_image"
+    assert "broken_chunk.png: SyntaxError: broken PNG file" in broken.detail
+    loader = ResumableLoader(ds, batch_size=2, shuffle=False, num_workers=1)
+    assert sum(len(batch) for batch in loader) == 3
+    assert "corrupt_image=1" in loader.last_summary
 
 
 def test_long_conversations_are_truncated_or_rejected(folder, llama_tokenizer):

@@ -300,3 +300,38 @@ def test_a_huge_answer_is_cut_before_tokenizing_with_the_same_tokens(llama_token
     assert cut.input_ids.tolist() == whole.input_ids.tolist()
     assert cut.labels.tolist() == whole.labels.tolist()
     assert cut.num_tokens < whole.num_tokens  # (counted on the cut prompt)
+
+
+@pytest.mark.parametrize("template", ["llava_llama_3", "llava_phi_3"])
+def test_labels_of_a_many_turn_conversation_are_the_per_span_rule_and_fast(
+        llama_tokenizer, phi_tokenizer, template):
+    """Labels of 400 short rounds equal the rule written plainly (a token whose start is in a
+    supervised span, plus the last token covering each header's end), computed in linear
+    time: the per-turn scan took seconds of a loader worker for such a conversation."""
+    import time
+
+    from olavlm.data.templates import _encode_pieces
+
+    tokenizer = phi_tokenizer if template == "llava_phi_3" else llama_tokenizer
+    conv = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    conv += [t for k in range(400) for t in ({"from": "human", "value": f"q{k}"},
+                                             {"from": "gpt", "value": f"a {k}"})]
+    start = time.perf_counter()
+    out = tokenize_conversation(conv, tokenizer, template, has_image=True)
+    seconds = time.perf_counter() - start
+    rendered = render(template, prepare_turns(conv, True))
+    ids, spans = _encode_pieces(tokenizer, rendered.text)
+    want = [t if sp is not None and any(a <= sp[0] < e for a, e in rendered.supervised)
+            else IGNORE_INDEX for t, sp in zip(ids, spans, strict=True)]
+    for h in rendered.header_ends:
+        last = max(i for i, sp in enumerate(spans) if sp and sp[0] <= h - 1 < sp[1])
+        want[last] = ids[last]
+    got = out.labels.tolist()
+    assert got == want
+    assert sum(label != IGNORE_INDEX for label in got) > 400
+    assert seconds < 2.0, seconds
+    many = conv[:2] + [t for k in range(2000) for t in ({"from": "human", "value": f"q{k}"},
+                                                         {"from": "gpt", "value": f"a {k}"})]
+    start = time.perf_counter()
+    tokenize_conversation(many, tokenizer, template, has_image=True)
+    assert time.perf_counter() - start < 3.0  # (6 s before, quadratic in the rounds)
