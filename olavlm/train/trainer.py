@@ -452,7 +452,7 @@ class Trainer:
             self.nonfinite_total = int(extra.get("nonfinite_total", 0))
             self.nonfinite_run = int(extra.get("nonfinite_run", 0))  # "in a row" spans a resume
             if not cfg.train.max_steps:
-                self._recount_epoch_steps(accum)
+                self._recount_epoch_steps(accum, extra.get("schedule"))
             apply_hyperparameters(self.optimizer, self.scheduler, fresh)
             logger.info("resumed from %s at step %d", resume, self.step)
             if d.is_main:
@@ -490,16 +490,26 @@ class Trainer:
                 "extra": {"step": self.step, "nonfinite_total": self.nonfinite_total,
                           "nonfinite_run": self.nonfinite_run, "recipe": self.cfg.recipe,
                           "origin": getattr(self, "origin", None),
+                          "schedule": {"total_steps": self.total_steps,
+                                       "geometry": self._geometry()},
                           # the config these weights were trained under (a resumed leg may
                           # change layer_indices etc.): what `olavlm export` rebuilds
                           "config": config_to_dict(self.cfg)}}
 
-    def _recount_epoch_steps(self, accum: int) -> None:
+    def _geometry(self) -> list:
+        """What an epoch run's step count follows: samples per micro-batch, ranks, grad_accum,
+        epochs."""
+        return [self.cfg.data.batch_size, self.dist.world_size, self.cfg.optim.grad_accum,
+                max(1, self.cfg.train.epochs)]
+
+    def _recount_epoch_steps(self, accum: int, saved: dict | None = None) -> None:
         """A resumed epoch-based run (train.max_steps=0) ends where the data ends: the steps
         left follow the loader's restored position (in samples) under this run's batch size,
-        ranks and grad_accum, which may differ from the checkpoint's. Unchanged geometry gives
-        the uninterrupted run's total; a changed one stretches or shortens the schedule
-        (warm-up and cosine over the new total, from the current step)."""
+        ranks and grad_accum, which may differ from the checkpoint's. Unchanged geometry keeps
+        the checkpoint's total (``saved``): the uninterrupted run's schedule, which counted
+        every batch of the epochs, also those later rejected whole; a changed one stretches or
+        shortens the schedule (warm-up and cosine over the new total, from the current
+        step)."""
         plan = getattr(self.loader, "plan", None)
         if plan is None:  # (a loader without a plan: counted from the steps done)
             self.micro_batches_left = max(0, self.micro_batches_left - self.step * accum)
@@ -509,6 +519,8 @@ class Trainer:
             max(0, epochs - 1 - self.loader.epoch) * len(self.loader)
         self.micro_batches_left = left
         total = self.step + -(-left // accum)
+        if saved and saved.get("geometry") == self._geometry():
+            total = int(saved["total_steps"])
         if total != self.total_steps:
             logger.info("epoch mode: %d optimizer steps in all after the resume (the data left "
                         "at this batch size and grad_accum), not %d", total, self.total_steps)

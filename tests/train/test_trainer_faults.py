@@ -322,6 +322,47 @@ def test_an_epoch_run_with_a_batch_rejected_whole_draws_nothing_past_the_epoch(
     assert seen == [1] * 15 and (trainer.loader.epoch, trainer.loader.position) == (0, 16)
 
 
+def test_an_epoch_run_resumed_after_a_batch_rejected_whole_keeps_its_schedule(tmp_path):
+    """The resume recounted the steps from the data left, leaving out the batch rejected
+    whole before the checkpoint, which the uninterrupted run's total still held: a shorter
+    schedule from the first resumed step on. With the run's geometry unchanged the
+    checkpoint's total is kept: the same learning rates and losses, step for step."""
+    from olavlm.train.build import synthetic_dataset_dir
+
+    base = _overrides(tmp_path, tmp_path / "synthetic", "train.max_steps=0", "train.epochs=1",
+                      "checkpoint.every_steps=0", "data.shuffle=false", "data.batch_size=1",
+                      "train.stage=vpt", "data.max_reject_fraction=1.0")
+    root = synthetic_dataset_dir(resolve_config("demo", None, base), is_main=True,
+                                 barrier=lambda: None)
+    entry = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    (root / entry[5]["image"]).unlink()
+    whole = Trainer(resolve_config("demo", None, [*base, "train.run_name=whole"]))
+    planned = whole.total_steps
+    _train_counting_samples(whole)
+    first = Trainer(resolve_config("demo", None, [*base, "train.run_name=cut"]))
+    log = first._log
+
+    def log_then_preempt(*args):
+        log(*args)
+        if first.step == 7:  # (after the skipped sample 5)
+            signal.raise_signal(signal.SIGTERM)
+
+    first._log = log_then_preempt
+    try:
+        assert first.train().stopped == "SIGTERM"
+    finally:
+        first.close()
+    second = Trainer(resolve_config("demo", None, [*base, "train.run_name=cut"]))
+    assert second.step == 7 and second.total_steps == planned == 16
+    _train_counting_samples(second)
+    rows = {r["step"]: r for r in read_metrics(whole.run_dir)}
+    resumed = {r["step"]: r for r in read_metrics(second.run_dir)}
+    assert sorted(rows) == sorted(resumed) == list(range(1, 16))
+    for step in rows:
+        assert (resumed[step]["lr"], resumed[step]["loss"]) == (rows[step]["lr"],
+                                                                rows[step]["loss"]), step
+
+
 def test_logged_throughput_sums_the_ranks_counts(tmp_path, synth_dir, monkeypatch):
     """samples/s and tokens/s are the job's (every rank's counts summed at the logged step),
     not rank 0's times the number of ranks: ranks differ (truncated or rejected samples, an
