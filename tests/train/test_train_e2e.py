@@ -302,6 +302,7 @@ def test_batches_close_an_exhausted_epoch_but_reject_an_empty_dataset():
 
     class Owner:
         _batches = Trainer._batches
+        micro_batches_left = None  # (train.max_steps mode)
 
     owner = Owner()
     owner.loader = Loader([[], ["a", "b"]], position=16)  # resumed at the epoch's end
