@@ -277,21 +277,22 @@ def tflops(num_flops: float, ms: float) -> float:
 
 @functools.lru_cache(maxsize=1)
 def _git_sha_from_repo() -> str:
-    """Short HEAD sha of the checkout with "-dirty" when the tree has uncommitted changes (the
-    measured code is then not the commit's), or 'unknown' (no git, no .git, no commit yet)."""
+    """Short HEAD sha of the checkout with "-dirty" when the tree differs from it (changed or
+    untracked files: the measured code is then not the commit's), or 'unknown' (no git, no
+    .git, no commit yet)."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10, check=False)
+
     try:
-        proc = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
+        head, status = git("rev-parse", "--short=12", "HEAD"), git("status", "--porcelain")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    sha = proc.stdout.strip()
-    return sha if proc.returncode == 0 and sha else "unknown"
+    sha = head.stdout.strip()
+    if head.returncode != 0 or not sha:
+        return "unknown"
+    return sha + ("-dirty" if status.returncode == 0 and status.stdout.strip() else "")
 
 
 def _git_sha() -> str:

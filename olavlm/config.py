@@ -300,9 +300,9 @@ def _check_value(path: str, value: Any) -> None:
         raise ValueError(f"{path}: expected mlp2x_gelu (the seed's), mlpNx_gelu with N >= 1, or "
                          f"linear, got {value!r}")
     if path == "train.run_name" and value is not None and (
-            value in ("", ".", "..") or "/" in value or os.sep in value):
-        raise ValueError(f"{path}: expected a folder name inside train.output_dir (no '/', "
-                         f"not '.' or '..'), got {value!r}")
+            value.startswith("/") or any(p in ("", ".", "..") for p in value.split("/"))):
+        raise ValueError(f"{path}: expected a folder inside train.output_dir (a name or a "
+                         f"relative path such as exp/a, without '.' or '..'), got {value!r}")
     choices = CHOICES.get(path)
     if choices is not None and value is not None and value not in choices:
         match = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
@@ -521,14 +521,19 @@ def _spelling_loader(yaml):
     return Loader
 
 
-def _cyclic(node: Any, ancestors: tuple[int, ...] = ()) -> bool:
-    """Whether a container holds itself (YAML anchors can; a shared alias elsewhere is fine)."""
-    if not isinstance(node, (dict, list)):
+def _cyclic(node: Any, ancestors: tuple[int, ...] = (), done: set[int] | None = None) -> bool:
+    """Whether a container holds itself (YAML anchors can; a shared alias elsewhere is fine).
+    ``done``: containers already found acyclic, each walked once (shared aliases nest)."""
+    done = set() if done is None else done
+    if not isinstance(node, (dict, list)) or id(node) in done:
         return False
     if id(node) in ancestors:
         return True
     children = node.values() if isinstance(node, dict) else node
-    return any(_cyclic(child, (*ancestors, id(node))) for child in children)
+    if any(_cyclic(child, (*ancestors, id(node)), done) for child in children):
+        return True
+    done.add(id(node))
+    return False
 
 
 def load_config_file(path: str | os.PathLike) -> dict:

@@ -3,6 +3,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -292,10 +293,13 @@ def test_unknown_recipe():
     ("model.num_sys_tokens=-5", "model.num_sys_tokens: expected a value >= 0, got -5"),
     ("model.projector=foo", "model.projector: expected mlp2x_gelu (the seed's), mlpNx_gelu "
                             "with N >= 1, or linear, got 'foo'"),
-    ("train.run_name=../x", "train.run_name: expected a folder name inside train.output_dir "
-                            "(no '/', not '.' or '..'), got '../x'"),
+    ("train.run_name=../x", "train.run_name: expected a folder inside train.output_dir (a "
+                            "name or a relative path such as exp/a, without '.' or '..'), "
+                            "got '../x'"),
     ("train.run_name=.", "got '.'"),
     ("train.run_name=", "got ''"),
+    ("train.run_name=/tmp/abs", "got '/tmp/abs'"),
+    ("train.run_name=exp/../x", "got 'exp/../x'"),
     ("optim.projector_lr=None", "optim.projector_lr: expected float | None (write null for "
                                 "None), got 'None' (str)"),
 ])
@@ -304,6 +308,7 @@ def test_values_that_would_fail_later_are_refused_with_their_key(override, messa
     with pytest.raises(ValueError, match=re.escape(message)):
         resolve_config("demo", None, [override])
     assert resolve_config("demo", None, ["model.projector=mlp3x_gelu"]).model.projector
+    assert resolve_config("demo", None, ["train.run_name=exp/a"]).train.run_name == "exp/a"
 
 
 def test_config_file_errors_name_the_file(tmp_path):
@@ -317,6 +322,13 @@ def test_config_file_errors_name_the_file(tmp_path):
                                                        f"{str(tmp_path / name)!r}")) as raised:
             resolve_config("demo", str(tmp_path / name), [])
         assert message in str(raised.value)
+    shared = tmp_path / "shared.yaml"  # aliases shared 12 levels deep: no cycle, and quick
+    lines = ["a0: &a0 {x: 1}"] + [f"a{k}: &a{k} [{', '.join([f'*a{k - 1}'] * 10)}]"
+                                  for k in range(1, 13)]
+    shared.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    assert set(load_config_file(shared)) == {f"a{k}" for k in range(13)}
+    assert time.perf_counter() - start < 5  # (each shared node walked once, not 10^12 times)
     with pytest.raises(ValueError, match="is a folder; expected a .yaml, .yml or .json file"):
         resolve_config("demo", str(tmp_path), [])
     bom = tmp_path / "bom.json"  # a leading byte-order mark, as some editors write

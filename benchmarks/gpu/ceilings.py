@@ -1,7 +1,7 @@
 # Device ceilings: D2D copy bandwidth and bf16 GEMM rate, the roofs our kernels are judged against.
 """Measure what this GPU can do at best, so kernel results can be read as a fraction of it.
 
-    OLAVLM_GIT_SHA=$(git describe --always --dirty --abbrev=12) python benchmarks/gpu/ceilings.py
+    python benchmarks/gpu/ceilings.py   (OLAVLM_GIT_SHA=<sha> where the tree has no .git)
 
 Appends two rows (op='ceiling', provider='torch', modes 'copy' and 'gemm_bf16') to
 results_dir()/ceiling.csv. On a machine without CUDA it prints a message and exits 0.

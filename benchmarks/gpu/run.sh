@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one script a GPU window runs (well under 8 minutes): GPU tests, ceilings, benchmarks, table.
 #
-#   OLAVLM_GIT_SHA=$(git describe --always --dirty --abbrev=12) bash benchmarks/gpu/run.sh
+#   OLAVLM_GIT_SHA=<sha> bash benchmarks/gpu/run.sh    (the sha as benchmarks/common.py
+#   writes it, computed where .git is: python -c "from benchmarks.common import _git_sha;
+#   print(_git_sha())"; the device's copy of the tree has no .git)
 #
 # Writes CSV records under benchmarks/results/ (or $OLAVLM_RESULTS_DIR) and, when $OUT is set
 # (the lent-GPU tool), copies the CSVs there after every stage (a call killed at its time
@@ -20,7 +22,11 @@ set -u
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
 OUT_DIR=${OUT:-/tmp/olavlm-gpu-run}
-GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+PY=${PYTHON:-python3}
+# The GPU torch sees (its name as the records write it), or "" for a dry run; nvidia-smi alone
+# would miss a ROCm card and could print a driver error as a name.
+GPU_NAME=$($PY -c "import torch; print(torch.cuda.get_device_name() if \
+torch.cuda.is_available() else '')" 2>/dev/null | tail -n 1)
 if [ -n "$GPU_NAME" ]; then
   export OLAVLM_RESULTS_DIR=${OLAVLM_RESULTS_DIR:-$PWD/benchmarks/results}
 else  # a dry run: CPU rows stay out of the history (benchmarks/common.py keeps them here)
@@ -28,7 +34,8 @@ else  # a dry run: CPU rows stay out of the history (benchmarks/common.py keeps 
 fi
 mkdir -p "$OUT_DIR" "$OLAVLM_RESULTS_DIR"
 BUDGET=${OLAVLM_BUDGET_S:-540}
-PY=${PYTHON:-python3}
+case "$BUDGET" in ''|*[!0-9]*) echo "OLAVLM_BUDGET_S must be whole seconds, got '$BUDGET'" >&2
+  exit 2;; esac
 LOG="$OUT_DIR/run.log"
 T0=$(date +%s)
 START_MARK=$(mktemp)  # CSVs newer than this are this run's
@@ -63,6 +70,8 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log it, never abo
     echo "== $name: skipped (${left}s left of OLAVLM_BUDGET_S=${BUDGET})" | tee -a "$LOG"
     return 0
   fi
+  case "$limit" in ''|*[!0-9]*) echo "== $name: limit '$limit' is not whole seconds; ${left}s"
+    limit=$left;; esac
   [ "$limit" -gt "$left" ] && limit=$left
   echo "== [$(( $(date +%s) - T0 ))s] $name (limit ${limit}s)" | tee -a "$LOG"
   timeout "$limit" "$@" >>"$LOG" 2>&1

@@ -59,10 +59,11 @@ def resolve_image_path(index: LlavaIndex, i: int, relative: str,
     path = Path(relative)
     if path.is_absolute():
         return path
-    found = (Path(image_folder) if image_folder is not None else index.source_path(i).parent) / path
+    base = Path(image_folder) if image_folder is not None else index.source_path(i).parent
+    found = base / path
     if "\\" in relative and not found.exists():  # a data file written on Windows: the same
         # separators image_key normalizes (a name with a literal backslash is tried first)
-        found = found.parent / PurePosixPath(relative.replace("\\", "/"))
+        found = base / PurePosixPath(relative.replace("\\", "/"))
     return found
 
 

@@ -80,6 +80,14 @@ class OlaOutput:
 _ROPE_BUFFERS = ("inv_freq", "original_inv_freq")
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # (a torch built without distributed)
+        return False
+    return isinstance(t, DTensor)
+
+
 class OlaVLM(nn.Module):
     """Build from a :class:`ModelConfig` (local paths), or pass ``llm`` / ``vision_tower``
     modules directly. Parameters: ``llm`` (HF model), ``vision_tower`` (frozen), ``mm_projector``,
@@ -142,13 +150,15 @@ class OlaVLM(nn.Module):
         buffers, never saved; bf16 puts Llama-3's rotation angles off by up to ~7 rad at
         position 4096) and the logit scales (a bf16 scalar cannot learn at lr 1e-3). An
         exported model, whose loader builds both in fp32, is then the model in memory. (A
-        float64 cast, the tests' oracle, converts everything.)"""
+        float64 cast, the tests' oracle, converts everything; parameters sharded by FSDP2,
+        which wants one dtype over them, are cast as asked: use its MixedPrecisionPolicy.)"""
         keep = [(m, m._buffers, name, buf) for m in self.modules()
                 for name, buf in m._buffers.items() if name in _ROPE_BUFFERS]
         keep += [(self, self._parameters, f"{t}_logit_scale", self.logit_scale(t))
                  for t in self.tasks]
         keep = [(m, store, name, t.detach().clone()) for m, store, name, t in keep
-                if t is not None and t.dtype == torch.float32 and t.device.type != "meta"]
+                if t is not None and t.dtype == torch.float32 and t.device.type != "meta"
+                and not _is_dtensor(t)]  # (FSDP2 wants one dtype over its sharded params)
         super()._apply(fn, recurse)
         for _, store, name, before in keep:
             after = store.get(name)
@@ -157,6 +167,8 @@ class OlaVLM(nn.Module):
                 continue
             if isinstance(after, nn.Parameter):
                 after.data = before.to(after.device)  # (the same Parameter: optimizers keep it)
+                if after.grad is not None:  # (cast with it: an optimizer needs them alike)
+                    after.grad = after.grad.float()
             else:
                 store[name] = before.to(after.device)
         return self

@@ -438,8 +438,9 @@ def build_data(cfg, model: OlaVLM, tokenizer, data_root: Path | None, *, rank: i
 
 
 def _worker_count(wanted: int) -> int:
-    """data.num_workers, at most the CPUs this process may use: more processes than CPUs
-    never load faster, and a typo (1000000) would fork until memory runs out."""
+    """data.num_workers, at most the CPUs this process may use (said in a warning): more
+    decoding processes than CPUs rarely load faster, and a typo (1000000) would fork until
+    memory runs out."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # (not on every OS)

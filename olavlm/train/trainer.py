@@ -90,14 +90,13 @@ def _run_dir(cfg: Config, dist_info) -> tuple[Path, bool]:
     out = Path(cfg.train.output_dir).expanduser()
     name = cfg.train.run_name
     made = False
-    if dist_info.is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # a file there, under a file, read-only, no permission
-            raise ValueError(f"train.output_dir: cannot make the folder {str(out)!r}: "
-                             f"{exc.strerror or exc}") from None
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise ValueError(f"train.output_dir: {str(out)!r} is not writable here")
+    try:  # (on every rank: one rank failing alone would leave the others waiting below)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file there, under a file, read-only, no permission
+        raise ValueError(f"train.output_dir: cannot make the folder {str(out)!r}: "
+                         f"{exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"train.output_dir: {str(out)!r} is not writable here")
     if dist_info.is_main and name is None:
         previous = _unfinished_runs(out, cfg.recipe)
         if str(cfg.checkpoint.resume or "").strip().lower() == "auto" and previous:
@@ -498,9 +497,9 @@ class Trainer:
 
     def _geometry(self) -> list:
         """What an epoch run's step count follows: samples per micro-batch, ranks, grad_accum,
-        epochs."""
+        epochs, and max_steps (0 in epoch mode: a leg run under max_steps counted no epoch)."""
         return [self.cfg.data.batch_size, self.dist.world_size, self.cfg.optim.grad_accum,
-                max(1, self.cfg.train.epochs)]
+                max(1, self.cfg.train.epochs), self.cfg.train.max_steps]
 
     def _recount_epoch_steps(self, accum: int, saved: dict | None = None) -> None:
         """A resumed epoch-based run (train.max_steps=0) ends where the data ends: the steps
@@ -678,6 +677,7 @@ class Trainer:
         stopped = None
         t_last = time.perf_counter()
         window = _new_window()
+        scalars: dict = {}  # the last step's logged values
         with StopSignals() as signals:
             while self.step < self.total_steps:
                 self.model.train()
@@ -691,6 +691,8 @@ class Trainer:
                                 "batches were rejected whole), not %d", self.step,
                                 self.total_steps)
                     self.total_steps = self.step
+                    if window["steps"]:  # the steps since the last log line, as at the end
+                        self._log(scalars, window, time.perf_counter() - t_last)
                     break
                 group = len(micro_batches)
                 ntp_tokens, micro_counts = self._step_ntp_tokens(micro_batches)

@@ -182,9 +182,13 @@ def test_windows_separators_in_image_paths_find_the_file(folder, llama_tokenizer
     target cache's key (image_key) already normalizes the separators."""
     (folder / "coco").mkdir()
     write_image(folder / "coco" / "x.png", size=(20, 20))
-    path = write_jsonl(folder / "d.jsonl", [entry(0, image="coco\\x.png")])
-    sample = LlavaDataset(path, llama_tokenizer, image_view=ImageView(size=8))[0]
-    assert isinstance(sample, Sample) and sample.image_key == "coco/x.png"
+    (folder / "coco" / "train").mkdir()
+    write_image(folder / "coco" / "train" / "y.png", size=(20, 20))
+    images = ["coco\\x.png", "coco/train\\y.png", "coco\\train/y.png"]  # (mixed ones too)
+    path = write_jsonl(folder / "d.jsonl", [entry(k, image=i) for k, i in enumerate(images)])
+    ds = LlavaDataset(path, llama_tokenizer, image_view=ImageView(size=8))
+    assert [ds[k].image_key for k in range(3)] == ["coco/x.png", "coco/train/y.png",
+                                                   "coco/train/y.png"]
 
 
 def _load_bad(folder, tokenizer, policy, **kw):

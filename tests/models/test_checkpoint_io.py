@@ -374,6 +374,13 @@ def test_a_model_cast_to_bf16_keeps_fp32_rope_and_its_export_is_the_same_model(p
     assert rotary.inv_freq.dtype == rotary.original_inv_freq.dtype == torch.float32
     assert torch.equal(rotary.inv_freq, fresh)
     assert model.gen_logit_scale.dtype == torch.float32  # (as a bf16 config builds it)
+    # a cast after a backward: the kept parameter's gradient comes back to its dtype too
+    _loss_with_grad = load_seed_checkpoint(parts[4], impl="torch")
+    ids, mask, labels, images, image_mask, targets = tiny_batch(_loss_with_grad, seed=0)
+    _loss_with_grad(ids, mask, labels, images, image_mask, targets).loss.backward()
+    cast = _loss_with_grad.bfloat16()
+    assert cast.gen_logit_scale.grad.dtype == torch.float32
+    torch.optim.AdamW(cast.parameters(), lr=1e-3).step()  # (refused mismatched dtypes)
     loaded = load_exported(export_hf(model, tmp_path / "hf"))
     _assert_same_state(loaded, model)
     assert torch.equal(_loss(loaded), _loss(model))

@@ -309,7 +309,7 @@ def test_an_epoch_run_with_a_batch_rejected_whole_draws_nothing_past_the_epoch(
     base = _overrides(tmp_path, tmp_path / "synthetic", "train.max_steps=0", "train.epochs=1",
                       "checkpoint.every_steps=0", "checkpoint.at_end=false", "data.shuffle=false",
                       "data.batch_size=1", f"optim.grad_accum={accum}", "train.stage=vpt",
-                      "data.max_reject_fraction=1.0")
+                      "data.max_reject_fraction=1.0", "logging.every_steps=4")
     cfg = resolve_config("demo", None, base)
     root = synthetic_dataset_dir(cfg, is_main=True, barrier=lambda: None)
     entry = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
@@ -320,6 +320,21 @@ def test_an_epoch_run_with_a_batch_rejected_whole_draws_nothing_past_the_epoch(
     result, seen = _train_counting_samples(trainer)
     assert result.steps == trainer.total_steps == steps
     assert seen == [1] * 15 and (trainer.loader.epoch, trainer.loader.position) == (0, 16)
+    # every 4 steps and the last one logged (an early end too)
+    logged = [*range(4, steps + 1, 4), *([steps] if steps % 4 else [])]
+    assert [r["step"] for r in read_metrics(trainer.run_dir)] == logged
+
+
+def test_a_run_resumed_in_epoch_mode_from_a_max_steps_leg_counts_its_epoch(tmp_path, synth_dir):
+    """A checkpoint of a train.max_steps leg resumed with train.max_steps=0: the steps are
+    counted from the epoch's data left, not the leg's max_steps (same batch geometry)."""
+    base = _overrides(tmp_path, synth_dir, "train.run_name=legs", "data.batch_size=1",
+                      "checkpoint.every_steps=0", "train.epochs=1", "data.shuffle=false")
+    assert train_main([*base, "train.max_steps=3"]) == 0
+    second = Trainer(resolve_config("demo", None, [*base, "train.max_steps=0"]))
+    assert (second.step, second.total_steps) == (3, 16)
+    result, seen = _train_counting_samples(second)
+    assert result.steps == 16 and sum(seen) == 13
 
 
 def test_an_epoch_run_resumed_after_a_batch_rejected_whole_keeps_its_schedule(tmp_path):
