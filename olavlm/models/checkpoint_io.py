@@ -89,6 +89,9 @@ EXPORT_TOWER = "vision_tower.safetensors"
 # EXPORT_CONFIG), never a model folder someone else wrote.
 EXPORT_MARKER = "olavlm_export.json"
 _IGNORED = ("da_v2_head.",)
+# Buffers older transformers versions saved and today's rebuild (non-persistent): ignored, as
+# from_pretrained ignores them.
+_IGNORED_BUFFERS = re.compile(r"(?:\.embeddings\.position_ids|rotary_emb\.inv_freq)$")
 _MAX_LISTED = 12
 _TASK_KEY = re.compile(r"(?:task_tokens\.special_|image_)?(gen|depth|seg)_"
                        r"(?:tokens$|heads\.|logit_scale$)")
@@ -100,7 +103,7 @@ def seed_key_to_ola(key: str) -> str | None:
     """The OlaVLM state_dict key of a seed checkpoint key (None: ignored, ``da_v2_head.*``).
     Tower keys keep the seed's inner layout (see ``_fit_tower_keys``); unknown keys come back
     unchanged and fail the strict check."""
-    if key.startswith(_IGNORED):
+    if key.startswith(_IGNORED) or _IGNORED_BUFFERS.search(key):
         return None
     if key.startswith(("model.mm_projector.", "model.vision_tower.")):
         return key[len("model."):]
@@ -247,6 +250,9 @@ def read_seed_checkpoint(seed_dir: str | Path, **overrides) -> SeedCheckpoint:
             other_tasks.append(key)
         else:
             # The seed's logit scales are 0-d; ours are (1,) (FSDP2 shards no 0-d parameter).
+            if new.endswith("_logit_scale") and tensor.numel() != 1:
+                raise ValueError(f"{folder}: {key} must be a single value (the seed's is 0-d), "
+                                 f"got shape {tuple(tensor.shape)}")
             state[new] = tensor.reshape(1) if new.endswith("_logit_scale") else tensor
     if other_tasks:
         warnings.warn(f"{folder}: dropping {len(other_tasks)} weights of tasks outside aux_mode "
@@ -747,6 +753,11 @@ def export_seed_layout(model: OlaVLM, out_dir: str | Path, *, overwrite: bool = 
              for k, v in model.state_dict().items()
              if k not in tied and (include_vision_tower or not k.startswith("vision_tower."))}
     config = seed_config_dict(model, image_aspect_ratio=image_aspect_ratio)
+    if not config.get("mm_vision_tower"):  # the seed's builder picks its tower by this name
+        raise ValueError("the model's config names no vision tower folder (config.vision_tower "
+                         "is empty: a tower module passed in), and the seed's config.json "
+                         "needs one (mm_vision_tower); set model.config.vision_tower to the "
+                         "tower's folder or name")
     if "mm_vision_tower" in config:
         config["mm_vision_tower"] = _sized_tower_name(model,
                                                       _portable_path(config["mm_vision_tower"]))

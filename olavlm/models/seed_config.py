@@ -124,6 +124,12 @@ def seed_model_config(seed_config: Mapping, **overrides) -> ModelConfig:
                 "head config (the seed then inserts the task's tokens but trains no head); pass "
                 "aux_mode= without that task")
         heads[task], layers[task], weights[task] = _seed_head(task, seed_config[f"image_{task}"])
+    token_format = seed_config.get("task_token_format", "expand_emb")
+    if token_format not in (None, "expand_emb"):
+        raise NotImplementedError(
+            f"config.json: task_token_format={token_format!r}; OlaVLM inserts the task tokens "
+            "as the released checkpoints do (expand_emb: depth/seg rows mean-pooled to "
+            "num_task_tokens), the only mode implemented (SPEC 1.5)")
     num_task_tokens = int(seed_config.get("num_task_tokens", 0) or 0)
     if tasks and num_task_tokens == 0:
         raise NotImplementedError("config.json: num_task_tokens is absent or 0: the seed's heads "
@@ -192,7 +198,8 @@ def seed_config_dict(model: OlaVLM, *, image_aspect_ratio: str = "pad") -> dict:
         mm_vision_select_layer=cfg.vision_select_layer, mm_vision_select_feature=feature,
         mm_projector_type=cfg.projector, mm_patch_merge_type="flat", use_mm_proj=True,
         image_aspect_ratio=image_aspect_ratio, tokenizer_model_max_length=cfg.max_length,
-        pass_text_to_aux=cfg.pass_text_to_aux)
+        pass_text_to_aux=cfg.pass_text_to_aux,
+        task_token_format="expand_emb")  # (SPEC 1.5: released configs carry it; ours inserts so)
     for task in model.tasks:
         data[f"image_{task}"] = _seed_head_dict(task, cfg.heads[task], model.layers[task],
                                                 model.loss_weights[task])

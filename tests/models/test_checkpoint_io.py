@@ -327,6 +327,23 @@ def test_a_cls_token_tower_is_refused_on_import(parts, tmp_path):
         load_seed_checkpoint(_seed_with(parts, tmp_path / "a", config=config))
 
 
+def test_seed_config_variants_and_old_buffers_on_import(parts, tmp_path):
+    """task_token_format other than the released expand_emb is refused (it would insert
+    another number of tokens); buffers older transformers saved (position_ids, inv_freq) are
+    ignored as from_pretrained ignores them; a logit scale of the wrong size is named."""
+    config = dict(parts[3], task_token_format="emb")
+    with pytest.raises(NotImplementedError, match="task_token_format='emb'"):
+        load_seed_checkpoint(_seed_with(parts, tmp_path / "a", config=config))
+    old = {"model.vision_tower.vision_tower.vision_model.embeddings.position_ids":
+           torch.arange(17)[None], "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}
+    model = load_seed_checkpoint(_seed_with(parts, tmp_path / "b", add=old), impl="torch")
+    assert set(old) <= set(model.ignored_checkpoint_keys)
+    with pytest.raises(ValueError, match=r"seg_logit_scale must be a single value \(the seed's "
+                                         r"is 0-d\), got shape \(2,\)"):
+        load_seed_checkpoint(_seed_with(parts, tmp_path / "c",
+                                        add={"seg_logit_scale": torch.ones(2)}))
+
+
 def test_import_with_seed_compat_takes_the_seeds_offset(parts):
     model = load_seed_checkpoint(parts[4], impl="torch", seed_compat=True)
     assert model.config.num_sys_tokens == 26  # a Llama with a vocabulary under 128000
@@ -454,6 +471,15 @@ def test_export_seed_layout_round_trip(imported, parts, tmp_path):
         assert seed_cfg[f"image_{task}"] == {**head, **(
             {"use_intermediate_depth": True} if task == "depth" else {})}
     assert seed_cfg["model_type"] == "ola_llama"
+    assert seed_cfg["task_token_format"] == "expand_emb"  # (SPEC 1.5: the seed's class reads it)
+    named = imported.config.vision_tower
+    try:  # a tower module passed in, no folder named: the seed's builder could not pick it
+        imported.config.vision_tower = ""
+        with pytest.raises(ValueError, match=r"needs one \(mm_vision_tower\)"):
+            export_seed_layout(imported, tmp_path / "no-tower")
+    finally:
+        imported.config.vision_tower = named
+    assert not (tmp_path / "no-tower").exists()
     assert seed_cfg["mm_vision_tower"] == config["mm_vision_tower"]
     again = load_seed_checkpoint(out, impl="torch")
     _assert_same_state(again, imported)
