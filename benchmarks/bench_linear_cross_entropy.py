@@ -201,8 +201,7 @@ def measure(provider: str, case: Case, *, device: str, warmup: int, rep: int):
         timing = common.do_bench(step, setup=setup, warmup=warmup, rep=rep, device=device)
         peak = common.peak_memory_delta(step, device=device, setup=setup)
     except RuntimeError as err:  # torch.OutOfMemoryError, or cuBLAS failing to allocate
-        if not (isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err)
-                or "ALLOC_FAILED" in str(err)):
+        if not common.is_oom(err):
             raise
         torch.cuda.empty_cache()
         timing, peak, note = common.Timing(float("nan"), float("nan"), float("nan"), 0), None, \

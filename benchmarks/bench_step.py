@@ -181,12 +181,6 @@ def _free(model: OlaVLM | None, device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _is_oom(err: RuntimeError) -> bool:
-    text = str(err)
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or \
-        "ALLOC_FAILED" in text
-
-
 def _shape(model: OlaVLM, preset: Preset, batch: Batch) -> str:
     length = batch.input_ids.shape[1] - 1 + model.num_image_tokens + \
         len(model.tasks) * model.config.num_task_tokens
@@ -248,7 +242,7 @@ def measure(model: OlaVLM, preset: Preset, provider: str, batch: Batch, *, devic
         timing = common.do_bench(step, setup=setup, warmup=warmup, rep=rep, device=device)
         peak = common.peak_memory_delta(step, device=device, setup=setup)
     except RuntimeError as err:  # torch.OutOfMemoryError, or cuBLAS failing to allocate
-        if not _is_oom(err):
+        if not common.is_oom(err):
             raise
         oom = str(err).split("\n")[0][:160]
     _free(model, device)  # outside the except block: its traceback no longer holds tensors

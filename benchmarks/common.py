@@ -38,6 +38,7 @@ __all__ = [
     "Record",
     "Timing",
     "append_records",
+    "is_oom",
     "bench_device",
     "bench_reps",
     "finish_pytest_benchmark",
@@ -227,6 +228,14 @@ def finish_pytest_benchmark(benchmark, record: Record, step, setup, rep: int,
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     benchmark.pedantic(lambda: (step(), sync()), setup=setup, rounds=max(rep // 10, 1),
                        warmup_rounds=0)
+
+
+def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` is the device running out of memory: torch's OutOfMemoryError, or a
+    library (cuBLAS) failing to allocate, which arrives as a plain RuntimeError."""
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or \
+        "ALLOC_FAILED" in text
 
 
 def peak_memory_delta(

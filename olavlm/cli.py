@@ -241,9 +241,9 @@ def _synthetic_options(spec: str | None, teachers: str) -> dict[str, int]:
 
 def _dtype_option(value: str):
     """--dtype: (one dtype for all or None, {teacher: dtype spec} or None)."""
-    import torch
+    from olavlm.teachers.registry import DTYPES
 
-    whole = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    whole = {"auto": None, **DTYPES}
     if value in whole:
         return whole[value], None
     if "=" not in value:
