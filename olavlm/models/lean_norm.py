@@ -13,9 +13,10 @@ share a dtype and torch has the kernels, it runs torch's fused ``aten._fused_rms
 and backward (one kernel each way: read x, write y; read x and the gradient, write the
 gradient); elsewhere the forward is the decoder's own formula, bit for bit (except float64
 inputs, kept in float64 where the decoder computes in float32), and the backward is the
-analytic gradient in fp32 (float64). Under torch.compile the module runs the decoder's formula
-and Inductor fuses it. ``LeanRMSNorm`` wraps the decoder's
-module with the same ``weight`` parameter (the same state_dict key).
+analytic gradient in fp32 (float64); a double backward (``create_graph=True``, gradient
+penalties) differentiates the formula, exactly. Under torch.compile the module runs the
+decoder's formula and Inductor fuses it. ``LeanRMSNorm`` wraps the decoder's module with the
+same ``weight`` parameter (the same state_dict key).
 
 Equivalent PyTorch (the decoder's): ``weight * (x.float() * torch.rsqrt(x.float().pow(2)
 .mean(-1, keepdim=True) + eps)).to(x.dtype)``. The fused kernel multiplies by the weight
@@ -71,20 +72,24 @@ def _use_fused(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.dtype == weight.dtype and x.is_cuda and _fused_works(x.device, x.dtype)
 
 
+def _formula(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(y, rstd) by the decoder's formula (float64 inputs stay in float64)."""
+    x32 = x.to(_compute_dtype(x))
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * rstd).to(x.dtype), rstd
+
+
 class RMSNormFunction(torch.autograd.Function):
     """RMSNorm over the last dimension saving x and the fp32 reciprocal RMS (module doc)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         fused = _use_fused(x, weight)
-        if fused:
-            x = x.contiguous()  # what the fused backward reads (a no-op in the decoders)
-            y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, eps)
+        if fused:  # (contiguous: a no-op in the decoders; x itself is saved, see backward)
+            y, rstd = torch.ops.aten._fused_rms_norm(x.contiguous(), [x.shape[-1]], weight, eps)
         else:  # the decoder's formula (float64 inputs stay in float64)
-            x32 = x.to(_compute_dtype(x))
-            rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-            y = weight * (x32 * rstd).to(x.dtype)
-        ctx.fused = fused
+            y, rstd = _formula(x, weight, eps)
+        ctx.fused, ctx.eps = fused, eps
         ctx.save_for_backward(x, weight, rstd)
         return y
 
@@ -92,9 +97,17 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():
+            # create_graph=True (gradient penalties): rstd was saved as a constant, so autograd
+            # of the analytic backward below would drop d rstd / dx and give wrong second
+            # derivatives silently; differentiate the formula instead (as silu_mul does).
+            inputs = [t for t, need in ((x, need_x), (weight, need_w)) if need]
+            grads = iter(torch.autograd.grad(_formula(x, weight, ctx.eps)[0], inputs, grad,
+                                             create_graph=True))
+            return (next(grads) if need_x else None), (next(grads) if need_w else None), None
         if ctx.fused:
             grad_x, grad_w = torch.ops.aten._fused_rms_norm_backward(
-                grad.contiguous(), x, [x.shape[-1]], rstd, weight, [need_x, need_w])
+                grad.contiguous(), x.contiguous(), [x.shape[-1]], rstd, weight, [need_x, need_w])
             return (grad_x if need_x else None), (grad_w if need_w else None), None
         grad_x = grad_w = None
         x32 = x.to(_compute_dtype(x))

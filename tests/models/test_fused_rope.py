@@ -167,3 +167,49 @@ def test_pickle_and_deepcopy_rebuild_the_class(tmp_path):
     x = torch.randn(1, 5, 64)
     assert torch.equal(_run(loaded, x)[0], _run(model, x)[0])
     assert isinstance(copy.deepcopy(model).model.layers[0].self_attn, FusedRopeAttention)
+
+
+SCALED_ROPE = {  # the rope_scaling of the real decoders (Llama-3.1, Phi-3-mini-128k) and others
+    "llama3": ("llama", dict(max_position_embeddings=131072, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})),
+    "longrope": ("phi3", dict(max_position_embeddings=64, rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+        "long_factor": [2.0 + 0.1 * i for i in range(8)], "original_max_position_embeddings": 8})),
+    "dynamic": ("llama", dict(max_position_embeddings=8,
+                              rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+}
+
+
+@pytest.mark.parametrize("name", list(SCALED_ROPE))
+def test_scaled_rope_and_left_padded_positions_equal_the_decoder(name, count_calls):
+    """Scaled tables (longrope's attention factor too) and per-sample positions that do not
+    start at 0 (left padding), past the original context (longrope's long factors, dynamic's
+    update): the fused model's logits and parameter gradients are the decoder's."""
+    kind, extra = SCALED_ROPE[name]
+    eager = _decoder(kind, **extra)
+    fused = copy.deepcopy(eager)
+    make_attention_rope_fused(fused)
+    ids = torch.randint(1, 40, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :4] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def run(model, impl=None):
+        for m in model.modules():
+            if impl is not None and isinstance(m, FusedRopeAttention):
+                m.rope_impl = impl
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                       use_cache=False).logits
+        logits.pow(2).sum().backward()
+        return logits, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    want, want_grads = run(eager)
+    for impl in ("auto", "triton"):
+        count_calls.clear()
+        got, got_grads = run(fused, impl)
+        assert count_calls == [impl, impl]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

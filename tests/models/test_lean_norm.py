@@ -88,6 +88,29 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-6), (x, w))
 
 
+def test_double_backward_equals_the_decoders():
+    """A gradient penalty through the norm (create_graph=True): the saved rstd is a constant to
+    autograd, so differentiating the analytic backward dropped d rstd / dx and gave wrong second
+    derivatives silently (x off by ~0.7 here). Oracle: the formula in float64 (the decoder's
+    module would compute in float32)."""
+    lean = LeanRMSNorm(_norm("llama", hidden=8, eps=1e-6).double())
+    x = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    probe = torch.linspace(-1, 1, 24, dtype=torch.float64).reshape(3, 8)
+
+    def penalty_grads(forward):
+        xi = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad((forward(xi) * probe).sum(), xi, create_graph=True)
+        return torch.autograd.grad(g.pow(2).sum(), (xi, lean.weight))
+
+    got = penalty_grads(lean)
+    want = penalty_grads(lambda xi: _oracle(xi, lean.weight, 1e-6))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    xi = x.clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-6), (xi, w))
+
+
 def test_zero_rows_and_nan_propagate():
     norm = LeanRMSNorm(_norm("llama", hidden=8, eps=1e-6))
     x = torch.zeros(3, 8)
