@@ -1,4 +1,4 @@
-# Runnable CPU example of olakernels.embedding_distill_loss: the project's default job for now.
+# Runnable CPU example of olakernels.embedding_distill_loss alone (the main job: `olavlm train`).
 """Compute OLA-VLM's embedding distillation loss on a depth-like batch and train a tiny head.
 
     python examples/embedding_loss_demo.py

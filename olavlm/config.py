@@ -107,7 +107,7 @@ class ParallelConfig:
     float8: str = "none"  # none | tensorwise | rowwise (torchao; H100/MI300X)
     tf32: bool = True
     sdpa_backend: str = "auto"  # auto | flash | efficient | cudnn | math
-    liger: bool = False  # liger-kernel RMSNorm / SwiGLU / RoPE modules
+    liger: bool = False  # liger-kernel RMSNorm / SwiGLU modules (RoPE stays: docs/train.md)
     # rank0: with FSDP2 on several ranks, rank 0 alone loads the weights; the others build the
     # model on the meta device and receive their shards from it (olavlm.train.load).
     # every_rank: each rank loads the whole model, then shards it. One process: no effect.

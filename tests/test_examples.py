@@ -1,4 +1,5 @@
-# The runnable examples (the README's main job and the doc pages' examples) run and agree.
+# The doc pages' runnable examples run and agree (the README's main job, `olavlm train`, is
+# tests/train/test_train_e2e.py's).
 import os
 import subprocess
 import sys

@@ -6,6 +6,7 @@ weights are frozen); ``peak_flops`` is the device's dense peak for the compute p
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -128,7 +129,8 @@ def peak_flops_for_name(name: str, precision: str | torch.dtype = "bf16", *,
         prec = "tf32"
     upper = name.upper()
     for key, peaks in _PEAKS:
-        if key.upper() in upper:
+        # The model number must end where the key does: "A100" is not the RTX A1000's.
+        if re.search(re.escape(key.upper()) + r"(?!\d)", upper):
             return peaks[prec]
     return None
 

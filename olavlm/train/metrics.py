@@ -198,8 +198,11 @@ def _to_floats(scalars: Mapping[str, Any]) -> dict[str, float | int | None]:
             tensors.setdefault(value.device, []).append((str(key), value))
         else:
             out[str(key)] = value
-    for items in tensors.values():
-        values = torch.stack([t.detach().float().reshape(()) for _, t in items]).tolist()
+    for device, items in tensors.items():
+        # float64: an int64 count or a float64 value survives (float32 rounds them above 2**24);
+        # MPS has no float64.
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        values = torch.stack([t.detach().to(dtype).reshape(()) for _, t in items]).tolist()
         out.update(zip([k for k, _ in items], values, strict=True))
     for key, value in out.items():
         if value is None or isinstance(value, bool | int):
@@ -218,12 +221,14 @@ class MetricsLogger:
     (``run_dir/tensorboard``) and W&B are used only when enabled and installed (a missing one
     warns once and is skipped). W&B runs offline unless ``WANDB_API_KEY``/``WANDB_MODE`` say
     otherwise; its run id is kept in ``run_dir/wandb_id.txt`` so a resumed run continues it.
+    ``start_step``: the step a resumed run continues from; TensorBoard hides the events the
+    crashed run logged after it (``purge_step``), as ``read_metrics`` drops them.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, rank: int = 0, total_steps: int,
                  jsonl: bool = True, tensorboard: bool = False, wandb: bool = False,
                  wandb_project: str = "olavlm", config_dict: dict | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, start_step: int = 0) -> None:
         self.run_dir = Path(run_dir)
         self.rank = int(rank)
         self.total_steps = int(total_steps)
@@ -245,7 +250,9 @@ class MetricsLogger:
                     if f.read(1) != b"\n":
                         self._file.write("\n")
         if tensorboard:
-            self._tb = _open_tensorboard(self.run_dir / "tensorboard", config_dict)
+            # Without purge_step a resumed run's re-run steps are drawn twice (zig-zag lines).
+            self._tb = _open_tensorboard(self.run_dir / "tensorboard", config_dict,
+                                         purge_step=int(start_step) + 1 if start_step else None)
         if wandb:
             self._wandb = _open_wandb(self.run_dir, wandb_project, config_dict)
 
@@ -288,14 +295,14 @@ class MetricsLogger:
         self.close()
 
 
-def _open_tensorboard(logdir: Path, config_dict: dict | None):
+def _open_tensorboard(logdir: Path, config_dict: dict | None, purge_step: int | None = None):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         warnings.warn("logging.tensorboard is on but the tensorboard package is not installed "
                       "(pip install tensorboard); not writing TensorBoard events", stacklevel=3)
         return None
-    writer = SummaryWriter(log_dir=str(logdir))
+    writer = SummaryWriter(log_dir=str(logdir), purge_step=purge_step)
     if config_dict:
         writer.add_text("config", "```\n" + json.dumps(config_dict, indent=1, default=str)
                         + "\n```")
@@ -399,6 +406,8 @@ def plot_losses(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
               ("weighted task losses", [k for k in keys if "/" not in k and
                                         k not in ("loss", "ntp")]),
               ("per-layer embedding losses", [k for k in keys if "/" in k])]
+    # Only keys with a finite value (a diverged run logs null): an empty panel has no legend.
+    panels = [(title, [k for k in ks if _series(records, k)[1]]) for title, ks in panels]
     panels = [(title, ks) for title, ks in panels if ks]
     if not panels:
         raise ValueError(f"{run_dir / METRICS_FILE} has no loss values to plot")
@@ -455,7 +464,7 @@ def summarize_run(run_dir: str | os.PathLike) -> str:
         first = sum(values[:n]) / len(values[:n])
         last = sum(values[-n:]) / len(values[-n:])
         change = ""
-        if first != 0:
+        if first != 0 and len(values) > 1:  # (one value: no change to report)
             rel = (last - first) / abs(first)
             change = f"  ({'down' if rel < 0 else 'up'} {abs(rel):.1%})"
         lines.append(f"  {key:<{width}}  {first:.4g} -> {last:.4g}{change}")

@@ -307,6 +307,25 @@ def _skipping_empty(trainer, loader):
             continue
         trainer._last_batch = batch  # (the stand-in of a later batch rejected whole)
         yield batch
+    # Epoch mode, the epochs' last batch handed out: let the loader close its epoch (it draws
+    # nothing more: it counts the samples dropped by batching and logs the epoch's summary),
+    # which the generator, left suspended after that batch, never did.
+    plan = getattr(loader, "plan", None)
+    if trainer.micro_batches_left == 0 and plan is not None and not plan().global_batches:
+        next(batches, None)
+
+
+def _refuse_no_batches(num_samples: int, world_size: int, loader) -> None:
+    """The data gives no batch at all (every rank, before any work): fewer samples than ranks
+    (a global batch must give every rank one, docs/data.md), or none left after indexing."""
+    if num_samples:
+        raise ValueError(f"the data has {num_samples} samples, fewer than the {world_size} "
+                         "ranks: every epoch would drop them all (a global batch gives every "
+                         f"rank a sample); run at most {num_samples} processes, or add data")
+    rejected = getattr(loader, "index_reject_counts", lambda: {})()
+    why = ", ".join(f"{r}={n}" for r, n in sorted(rejected.items()))
+    raise ValueError("the data has no samples" + (f": every entry was rejected while "
+                                                   f"indexing [{why}]" if why else ""))
 
 
 def _new_window() -> dict:
@@ -390,6 +409,8 @@ class Trainer:
         self.dataset, self.loader = B.build_data(
             cfg, model, self.tokenizer, data_root, rank=d.rank, world_size=d.world_size,
             run_dir=self.run_dir, online=self.teachers)
+        if len(self.loader) == 0:  # (epoch mode would "finish" after 0 steps, exit status 0)
+            _refuse_no_batches(len(self.dataset), d.world_size, self.loader)
         # parallel.tf32 (process-wide): close(), or a failed start, puts the caller's back.
         self._tf32_before = enable_tf32(cfg.parallel, d.device)
         self.parallel_done = apply_parallelism(model, cfg.parallel, d)
@@ -467,7 +488,7 @@ class Trainer:
         self.metrics = MetricsLogger(
             self.run_dir, rank=d.rank, total_steps=self.total_steps, jsonl=lc.jsonl,
             tensorboard=lc.tensorboard, wandb=lc.wandb, wandb_project=lc.wandb_project,
-            config_dict=config_to_dict(cfg), progress=lc.progress)
+            config_dict=config_to_dict(cfg), progress=lc.progress, start_step=self.step)
         if d.is_main:
             self._log_setup()
 
@@ -514,7 +535,10 @@ class Trainer:
             self.micro_batches_left = max(0, self.micro_batches_left - self.step * accum)
             return
         epochs = max(1, self.cfg.train.epochs)
-        left = len(plan().global_batches) + \
+        # A run that finished its epochs closed the last one: the loader stands at the start
+        # of the next, which is not to be trained.
+        done = self.loader.epoch >= epochs and self.loader.position == 0
+        left = (0 if done else len(plan().global_batches)) + \
             max(0, epochs - 1 - self.loader.epoch) * len(self.loader)
         self.micro_batches_left = left
         total = self.step + -(-left // accum)
@@ -767,6 +791,8 @@ class Trainer:
                     break
                 if every and self.step % every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
+            if stopped is None and self.micro_batches_left == 0:
+                next(batches, None)  # (epoch mode: the loader closes its last epoch)
             # Inside the signal handlers' block: a SIGTERM during the last save waits for it.
             if stopped is None and cfg.checkpoint.at_end:
                 self._save_or_raise("the final checkpoint")
@@ -855,8 +881,7 @@ class Trainer:
             logged.update({k: v for k, v in self.teachers.metrics().items() if v is not None})
         if d.device.type == "cuda":
             logged["peak_mem_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
-        peak = peak_flops(d.device, self.cfg.parallel.mixed_precision,
-                          tf32=self.cfg.parallel.tf32)
+        peak = peak_flops(d.device, self._compute_precision(), tf32=self.cfg.parallel.tf32)
         if peak:
             # This window's own lengths and labels: attention grows with sum(l^2) / sum(l),
             # the LM head runs on the labelled positions only (flops_per_token's docstring).
@@ -868,12 +893,28 @@ class Trainer:
             logged["mfu"] = logged["tokens_per_s"] * per_token / (peak * d.world_size)
         self.metrics.log(self.step, logged)
 
+    def _compute_precision(self) -> str | torch.dtype:
+        """The precision of the LLM's matmuls, whose peak the MFU divides by: FSDP2's param
+        dtype where it shards; otherwise the LLM's own dtype (model.dtype=bfloat16 without
+        FSDP computes in bf16 while parallel.mixed_precision stays fp32: the TF32 peak would
+        double the MFU). float8 runs against the bf16 peak (peak_flops' docstring)."""
+        p = self.cfg.parallel
+        if p.float8 != "none":
+            return "bf16"
+        if "fsdp" in self.parallel_done:
+            return p.mixed_precision
+        return next(self.model.parts.layers.parameters()).dtype
+
     def _job_log(self, states: list[dict]):
         """Every rank's reject-log counts (``RejectLog.state_dict()``s) summed, the index's
         rejects (counted in each rank's epoch) once."""
         from olavlm.data.bad_data import RejectLog
 
-        return RejectLog.merged(states, shared=self.loader.index_reject_counts())
+        log = RejectLog.merged(states, shared=self.loader.index_reject_counts())
+        # Samples dropped by batching are the epoch's (global batches), counted alike by every
+        # rank (a rank resumed after a change of ranks holds the job's): once, not per rank.
+        log.num_dropped = max((int(s.get("num_dropped", 0)) for s in states), default=0)
+        return log
 
     def _job_data_summary(self) -> str | None:
         """The run's data line for summary.txt: the epoch in progress (or the last finished)
