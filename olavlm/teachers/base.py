@@ -215,14 +215,23 @@ def device_view(images, size: int, aspect: str, *, device, mode: str = "bicubic"
             x = x[..., top:top + size, left:left + size]
         if len(groups) == 1:
             return x.contiguous()
-        out[torch.as_tensor(rows, device=device)] = x
+        # Row by row: an index tensor built from ``rows`` would be a host-to-device copy, a
+        # stream sync per group (with raw images of many sizes, per image) in every step.
+        for j, i in enumerate(rows):
+            out[i].copy_(x[j])
     return out
+
+
+def _channels(values, device) -> torch.Tensor:
+    """(1, 3, 1, 1) float32 on ``device`` from fill kernels: ``torch.tensor(values,
+    device=cuda)`` copies from the host and synchronizes the stream, in every training step."""
+    return torch.stack([torch.full((), float(v), dtype=torch.float32, device=device)
+                        for v in values]).view(1, 3, 1, 1)
 
 
 def normalize(pixels: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
     """``(pixels / 255 - mean) / std`` in fp32, then cast to ``dtype``."""
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    mean_t, std_t = _channels(mean, pixels.device), _channels(std, pixels.device)
     return ((pixels / 255.0 - mean_t) / std_t).to(dtype)
 
 

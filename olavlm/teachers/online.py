@@ -22,14 +22,14 @@ recorded on the consuming stream (``record_stream``) so the allocator never reus
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
 
 from .base import Teacher, warn_once
 
-__all__ = ["OnlineTargets", "PendingTargets", "TeacherTargets"]
+__all__ = ["OnlineTargets", "PendingTargets", "TeacherTargets", "WaitingTargets"]
 
 
 class TeacherTargets(NamedTuple):
@@ -40,10 +40,14 @@ class TeacherTargets(NamedTuple):
 
 
 class PendingTargets:
-    """Targets being computed on a side stream; ``wait()`` makes the current stream wait."""
+    """Targets being computed on a side stream; ``wait()`` makes the current stream wait.
+    ``lazy()`` hands them to ``OlaVLM.forward`` unwaited: it reads them after the LLM forward."""
 
     def __init__(self, result: TeacherTargets, done: torch.cuda.Event | None, device=None):
         self._result, self._done, self._device = result, done, device
+
+    def lazy(self) -> WaitingTargets:
+        return WaitingTargets(self)
 
     def wait(self) -> TeacherTargets:
         if self._done is not None:
@@ -53,6 +57,31 @@ class PendingTargets:
                 t.record_stream(stream)
             self._done = None
         return self._result
+
+
+class WaitingTargets(Mapping):
+    """``{task: target}`` of a ``PendingTargets``: the shapes at once (``shape_of``), a value
+    only after the current stream waits for the side stream (the first ``[task]`` waits). The
+    model checks shapes before its LLM forward and reads values after it, so the teachers
+    overlap the vision tower and the decoder."""
+
+    def __init__(self, pending: PendingTargets) -> None:
+        self._pending = pending
+
+    def shape_of(self, task: str) -> torch.Size:
+        return self._pending._result.targets[task].shape
+
+    def __getitem__(self, task: str) -> torch.Tensor:
+        return self._pending.wait().targets[task]
+
+    def __contains__(self, task) -> bool:  # (Mapping's would read the value: wait)
+        return task in self._pending._result.targets
+
+    def __iter__(self):
+        return iter(self._pending._result.targets)
+
+    def __len__(self) -> int:
+        return len(self._pending._result.targets)
 
 
 def _device_tensors(batch):
@@ -74,6 +103,13 @@ class OnlineTargets:
         teachers = list(teachers)
         if not teachers or not all(isinstance(t, Teacher) for t in teachers):
             raise TypeError(f"teachers must be a non-empty list of Teacher, got {teachers!r}")
+        seen: dict[str, str] = {}
+        for t in teachers:  # (as build_teachers: one task's targets would replace another's)
+            for task in t.tasks:
+                if task in seen:
+                    raise ValueError(f"teachers {seen[task]!r} and {t.name!r} both produce the "
+                                     f"{task!r} target; use one")
+                seen[task] = t.name
         devices = {t.device for t in teachers}
         if len(devices) != 1:
             raise ValueError(f"teachers must share one device, got {sorted(map(str, devices))}")
@@ -125,9 +161,11 @@ class OnlineTargets:
         mask = batch.image_mask.to(self.device, non_blocking=True)
         return TeacherTargets(out, mask)
 
-    def _measured(self, batch) -> TeacherTargets:
+    def _measured(self, batch, on_side_stream: bool = False) -> TeacherTargets:
         cuda = self.device.type == "cuda"
-        measure = cuda and self._calls < self.measure_memory_steps and self.side_stream is None
+        # Not on the side stream, where the step's own work beside it would count too; an
+        # inline call (``__call__``, what the trainer makes) measures with one as well.
+        measure = cuda and self._calls < self.measure_memory_steps and not on_side_stream
         if measure:
             torch.cuda.reset_peak_memory_stats(self.device)
             before = torch.cuda.memory_allocated(self.device)
@@ -161,7 +199,7 @@ class OnlineTargets:
         for t in _device_tensors(batch):
             t.record_stream(self.side_stream)
         with torch.cuda.stream(self.side_stream):
-            result = self._measured(batch)
+            result = self._measured(batch, on_side_stream=True)
             done = torch.cuda.Event()
             done.record(self.side_stream)
         return PendingTargets(result, done, self.device)

@@ -59,15 +59,18 @@ def _stack_maps(maps, key: str, device) -> list[tuple[list[int], torch.Tensor]]:
     values = maps.get(key) if hasattr(maps, "get") else None
     if values is None:
         raise ValueError(f"maps must have {key!r} ((H, W) tensors), got keys {list(maps)}")
+    # Non-blocking copies (a blocking one synchronizes the stream in every training step),
+    # per map from the loader's pinned buffers, stacked on the device as ``group_by_size``.
     if isinstance(values, torch.Tensor):
-        return [(list(range(values.shape[0])), values.to(device))]
+        return [(list(range(values.shape[0])), values.to(device, non_blocking=True))]
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, t in enumerate(values):
         if not isinstance(t, torch.Tensor) or t.ndim != 2:
             raise ValueError(f"maps[{key!r}][{i}] must be a (H, W) tensor, got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
         groups.setdefault(tuple(t.shape), []).append(i)
-    return [(rows, torch.stack([values[i] for i in rows]).to(device)) for rows in groups.values()]
+    return [(rows, torch.stack([values[i].to(device, non_blocking=True) for i in rows]))
+            for rows in groups.values()]
 
 
 class SyntheticTeacher(Teacher):
@@ -145,9 +148,9 @@ class SyntheticTeacher(Teacher):
                 raise ValueError("maps['depth_mm'] and maps['seg_class'] must have the same "
                                  f"sizes per sample, got {tuple(depth_mm.shape)} and "
                                  f"{tuple(classes.shape)}")
-            index = torch.as_tensor(rows, device=self.device)
             for task, value in zip(self.tasks, self._pool(depth_mm, classes), strict=True):
-                out[task][index] = value
+                for j, i in enumerate(rows):  # (no index tensor: a host-to-device copy)
+                    out[task][i].copy_(value[j])
         return out
 
     def encode(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -93,3 +93,42 @@ def test_teacher_dtype_is_checked(tmp_path, override, message):
     model = SimpleNamespace(tasks=("depth", "seg", "gen"))  # (checked before any teacher is built)
     with pytest.raises(ValueError, match=message):
         build_teachers_for(cfg, model, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_a_run_with_image_teachers_online_resumes_exactly(tmp_path, tmp_path_factory,
+                                                          tiny_weights):
+    """Stopped after its step-2 checkpoint and resumed, a run whose targets come from the
+    image teachers online logs the uninterrupted run's numbers (the teachers hold no state a
+    checkpoint would have to carry)."""
+    synth_dir = tmp_path_factory.mktemp("synth")
+    weights = {k: str(v) for k, v in tiny_weights.items()}
+    common = ("train.max_steps=4", "checkpoint.every_steps=2", "data.shuffle=true")
+    full = Trainer(_cfg(tmp_path / "a", synth_dir, weights, "device", *common))
+    full.train()
+    want = {r["step"]: r for r in read_metrics(full.run_dir)}
+
+    class Stop(RuntimeError):
+        pass
+
+    first = Trainer(_cfg(tmp_path / "b", synth_dir, weights, "device", *common,
+                         "train.run_name=job"))
+    save = first.save_checkpoint
+
+    def save_then_stop():
+        path = save()
+        if first.step == 2:
+            raise Stop
+        return path
+
+    first.save_checkpoint = save_then_stop
+    with pytest.raises(Stop):
+        first.train()
+    resumed = Trainer(_cfg(tmp_path / "b", synth_dir, weights, "device", *common,
+                           "train.run_name=job"))
+    assert resumed.step == 2
+    resumed.train()
+    got = {r["step"]: r for r in read_metrics(resumed.run_dir)}
+    for step in (3, 4):
+        for key in ("loss", "ntp", "depth", "seg", "gen", "grad_norm"):
+            assert got[step][key] == want[step][key], (step, key)
