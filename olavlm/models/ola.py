@@ -367,7 +367,8 @@ class OlaVLM(nn.Module):
         ntp_rows: int | None = None,
     ) -> OlaOutput:
         """Loss and its components. ``labels`` None: no next-token loss. ``targets`` None: no
-        embedding losses (VPT/IFT); given, it must hold every task of aux_mode. The embedding
+        embedding losses (VPT/IFT); given, it must hold every task of aux_mode (a mapping: the
+        teachers' ``WaitingTargets`` is read only after the decoder ran). The embedding
         losses' per-sample mask is ``target_mask`` if given, else ``image_mask``, else whether
         the sample has an image placeholder. ``ntp_tokens``: with gradient accumulation, the
         supervised token count of the whole optimizer step (``count_supervised_tokens`` summed
@@ -470,7 +471,9 @@ class OlaVLM(nn.Module):
                              f"needs {list(self.tasks)}); got {sorted(targets)}")
         for task in self.tasks:
             want = (batch, *self.config.heads[task].target_shape)
-            got = tuple(targets[task].shape)
+            # (WaitingTargets: the shape without waiting for the teachers' side stream)
+            shape_of = getattr(targets, "shape_of", None)
+            got = tuple(shape_of(task) if shape_of else targets[task].shape)
             if got != want:
                 raise ValueError(f"targets[{task!r}] must have shape {want} (batch, "
                                  f"heads[{task!r}].target_shape), got {got}")

@@ -185,6 +185,12 @@ class OnlineTargets:
         self._calls += 1
         return result
 
+    @property
+    def memory_due(self) -> bool:
+        """The next call measures the teachers' peak memory (CUDA, the first
+        ``measure_memory_steps`` calls): make it inline (``__call__``), not ``submit``."""
+        return self.device.type == "cuda" and self._calls < self.measure_memory_steps
+
     def __call__(self, batch) -> TeacherTargets:
         """Targets for ``batch`` (an ``olavlm.data.Batch``), on the current stream."""
         return self._measured(batch)

@@ -28,6 +28,7 @@ import torch
 
 from olavlm.config import Config, config_to_dict, save_resolved_config
 from olavlm.data.loader import LoaderStateMismatch, TooManyRejectsError
+from olavlm.teachers.online import PendingTargets
 
 from . import build as B
 from . import load as L
@@ -48,6 +49,7 @@ from .optim import (
 )
 from .parallel import (
     apply_parallelism,
+    check_switches,
     enable_tf32,
     init_distributed,
     sdpa_context,
@@ -378,6 +380,7 @@ class Trainer:
     def _build(self, cfg: Config, d, resume_opt: str) -> None:
         """Everything after the run directory is chosen: the run record, tokenizer, model,
         data, parallelism, optimizer, resume, metrics."""
+        check_switches(cfg, d.device)  # (a switch this device cannot run: before any work)
         if resume_opt in ("", "none"):
             _refuse_to_restart_over(self.run_dir)
         resume_from = _resume_target(self.run_dir, cfg.checkpoint.resume)
@@ -642,17 +645,21 @@ class Trainer:
         dev = self.dist.device
         targets, target_mask = None, batch.target_mask
         if self.teachers is not None:
-            result = self.teachers(batch)
-            targets, target_mask = result.targets, result.mask
+            # teachers.side_stream: they run beside the vision tower and the LLM forward (the
+            # model reads the targets after its decoder: WaitingTargets); the call that
+            # measures their memory runs inline. Their targets are on the training device.
+            online = self.teachers
+            side = online.side_stream is not None and not online.memory_due
+            pending = online.submit(batch) if side else PendingTargets(online(batch), None)
+            targets, target_mask = pending.lazy(), batch.image_mask  # (the teachers' mask)
             if batch.stand_in:  # nothing to learn from (Batch.as_stand_in)
                 target_mask = torch.zeros_like(target_mask)
         elif batch.targets:
-            targets = batch.targets
+            targets = {k: v.to(dev) for k, v in batch.targets.items()}
         b = batch.to(dev)
         with sdpa_context(self.cfg.parallel.sdpa_backend):
             out = self.model(
-                b.input_ids, b.attention_mask, b.labels, b.images, b.image_mask,
-                None if targets is None else {k: v.to(dev) for k, v in targets.items()},
+                b.input_ids, b.attention_mask, b.labels, b.images, b.image_mask, targets,
                 None if target_mask is None else target_mask.to(dev), ntp_tokens=ntp_tokens,
                 ntp_micro_batches=group, ntp_rows=ntp_rows)
             (out.loss * (1.0 / group)).backward()

@@ -720,3 +720,35 @@ def test_generate_refuses_prompts_it_would_cut_or_could_not_embed(model):
     with pytest.raises(ValueError, match=r"attention_mask: every prompt needs a real \(True\) "
                                          r"position; a row with none, got 1"):
         model.generate(ids, empty, images, max_new_tokens=1)
+
+
+def test_waiting_targets_are_read_after_the_llm_forward(model):
+    """Targets still computed on the teachers' side stream (``PendingTargets.lazy()``): the
+    model checks their shapes at once but waits for them only after the decoder ran, so the
+    teachers overlap the vision tower and the LLM; the loss equals the one of plain targets."""
+    from olavlm.teachers.online import PendingTargets, TeacherTargets
+
+    ids, mask, labels, images, image_mask, targets = tiny_batch(model, batch=2)
+    events = []
+
+    class RecordedPending(PendingTargets):
+        def wait(self):
+            events.append("wait")
+            return super().wait()
+
+    hook = model.parts.layers[-1].register_forward_hook(lambda *_: events.append("last layer"))
+    try:
+        lazy = RecordedPending(TeacherTargets(targets, image_mask), None).lazy()
+        assert "seg" in lazy and sorted(lazy) == sorted(targets) and events == []
+        got = model(ids, mask, labels, images, image_mask, lazy)
+    finally:
+        hook.remove()
+    assert events[0] == "last layer" and "wait" in events, events
+    want = model(ids, mask, labels, images, image_mask, targets)
+    assert torch.equal(got.loss, want.loss)
+    bad = RecordedPending(TeacherTargets(dict(targets, depth=targets["depth"][:, :5]),
+                                         image_mask), None).lazy()
+    events.clear()
+    with pytest.raises(ValueError, match=r"targets\['depth'\] must have shape"):
+        model(ids, mask, labels, images, image_mask, bad)
+    assert events == []  # refused on the shapes alone, before waiting

@@ -132,3 +132,23 @@ def test_a_run_with_image_teachers_online_resumes_exactly(tmp_path, tmp_path_fac
     for step in (3, 4):
         for key in ("loss", "ntp", "depth", "seg", "gen", "grad_norm"):
             assert got[step][key] == want[step][key], (step, key)
+
+
+@pytest.mark.gpu
+def test_side_stream_training_equals_inline(tmp_path, tmp_path_factory, tiny_weights):
+    """teachers.side_stream=true: the teachers run beside the vision tower and the LLM forward
+    and the model waits for them before its losses; the run logs the inline run's numbers (a
+    missing wait would read targets the side stream had not written yet)."""
+    synth_dir = tmp_path_factory.mktemp("synth")
+    weights = {k: str(v) for k, v in tiny_weights.items()}
+    runs = {}
+    for side in ("false", "true"):
+        trainer = Trainer(_cfg(tmp_path / side, synth_dir, weights, "device", "train.device=cuda",
+                               "train.max_steps=3", f"teachers.side_stream={side}"))
+        assert (trainer.teachers.side_stream is not None) == (side == "true")
+        runs[side] = {r["step"]: r for r in read_metrics(trainer.train().run_dir)}
+    for step in (1, 2, 3):
+        for key in ("loss", "depth", "seg", "gen"):
+            assert math.isclose(runs["true"][step][key], runs["false"][step][key],
+                                rel_tol=1e-5), (step, key)
+    assert runs["true"][1]["teachers/peak_mib"] > 0  # the first call measured inline
