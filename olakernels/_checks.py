@@ -42,3 +42,15 @@ def fail_if_any(bad: torch.Tensor, values: torch.Tensor, message: str) -> None:
         return
     if bool(bad.any()):
         raise ValueError(f"{message}, got {values[bad][0].item()}")
+
+
+def refuse_func_transforms(op: str, impl: str) -> None:
+    """Refuse a fused impl under torch.func transforms (vmap, grad, jacrev, ...): their
+    autograd Functions and custom ops cannot run there, and PyTorch's own error ("must
+    override the setup_context staticmethod", "data-dependent control flow") names neither
+    the op nor a way out. Skipped under torch.compile, which traces the call instead."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return
+    raise RuntimeError(f"{op}: impl={impl!r} cannot run under torch.func transforms (vmap, "
+                       "grad, jacrev, ...): its hand-written backward and Triton kernels are "
+                       "opaque to them; use impl='reference' (eager PyTorch) there")

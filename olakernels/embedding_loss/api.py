@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._checks import fail_if_any
+from .._checks import fail_if_any, refuse_func_transforms
 from .._triton import resolve_impl
 from .distributed import GatheredTargets, gather_targets
 from .epilogue import losses_from_stats
@@ -45,7 +45,8 @@ def embedding_distill_loss(
         target: same shape as pred, any float dtype (may differ from pred's); a frozen teacher's
                 embedding, so it must not require grad
         mask:   (B,) of 0/1 (bool, int or float): 1 for a sample with a real image
-        logit_scale: scalar tensor (learnable, e.g. EmbeddingDistillLoss.logit_scale) or None
+        logit_scale: one-element tensor of any shape, read as the scalar (learnable, e.g.
+                EmbeddingDistillLoss.logit_scale, shape (1,)), a number, or None
     Returns ``(loss, smooth_l1, contrastive)``, fp32 scalars; ``contrastive`` already includes
     ``contrastive_weight`` and ``loss = smooth_l1 + contrastive``. Accumulation is fp32 always.
 
@@ -88,13 +89,18 @@ def embedding_distill_loss(
     impl: "triton" (fused kernels: forward reads pred and target once, backward once more and
     writes grad_pred in pred's dtype; no fp32 copies of the inputs; deterministic, no atomics),
     "torch" (chunked pure PyTorch, bounded fp32 temporaries), "reference" (the seed's eager
-    math, the test oracle), "auto" (triton on CUDA/ROCm tensors, torch elsewhere).
+    math, the test oracle), "auto" (triton on CUDA/ROCm tensors, torch elsewhere). Under
+    torch.func transforms (vmap, grad, ...) only "reference" runs; the others refuse by name.
     """
     _validate(pred, target, mask, logit_scale, beta, contrastive_weight, max_logit_scale,
               mask_mode, impl)
     if logit_scale is not None and not isinstance(logit_scale, torch.Tensor):
         # torch.full: no host-to-device copy (which would synchronize on a GPU)
         logit_scale = torch.full((), float(logit_scale), device=pred.device)
+    elif logit_scale is not None:
+        # Any one-element shape is the scalar (the module's is (1,)): a (1, 1, 1) one broadcast
+        # the logits to 3-D, a silently wrong "torch" loss and a crash in "reference".
+        logit_scale = logit_scale.reshape(())
     impl = resolve_impl(impl, pred, "embedding_distill_loss", "pred")
     if impl == "reference":
         from .impl.reference import embedding_distill_loss_ref
@@ -155,10 +161,9 @@ def embedding_distill_loss(
 def _validate(pred, target, mask, logit_scale, beta, contrastive_weight, max_logit_scale,
               mask_mode, impl) -> None:
     name = "embedding_distill_loss"
-    if impl not in IMPLS:
-        raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
-    if mask_mode not in MASK_MODES:
-        raise ValueError(f"{name}: mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+    check_options(name, beta, contrastive_weight, max_logit_scale, mask_mode, impl)
+    if impl != "reference":  # (before the mask check, which vmap cannot run either)
+        refuse_func_transforms(name, impl)
     for arg, t in (("pred", pred), ("target", target)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
@@ -210,6 +215,15 @@ def _validate(pred, target, mask, logit_scale, beta, contrastive_weight, max_log
         elif isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real):
             raise TypeError(f"{name}: logit_scale must be a Tensor, a float or None, got "
                             f"{type(logit_scale).__name__}")
+
+
+def check_options(name: str, beta, contrastive_weight, max_logit_scale, mask_mode,
+                  impl) -> None:
+    """The loss's options (the function's, and the module's when it is built)."""
+    if impl not in IMPLS:
+        raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"{name}: mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
     for arg, value, positive in (("beta", beta, False),
                                  ("contrastive_weight", contrastive_weight, False),
                                  ("max_logit_scale", max_logit_scale, True)):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .api import MASK_MODES, EmbeddingDistillLossOutput, embedding_distill_loss
+from .api import EmbeddingDistillLossOutput, check_options, embedding_distill_loss
 
 
 class EmbeddingDistillLoss(nn.Module):
@@ -34,8 +34,9 @@ class EmbeddingDistillLoss(nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
-        if mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        # Checked when built, not at the first forward (a typo'd impl ran until then).
+        check_options("EmbeddingDistillLoss", beta, contrastive_weight, max_logit_scale,
+                      mask_mode, impl)
         self.beta = beta
         self.contrastive_weight = contrastive_weight
         self.max_logit_scale = max_logit_scale

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from .._amp import cast_as_autocast
-from .._checks import fail_if_any
+from .._checks import fail_if_any, refuse_func_transforms
 from .._triton import resolve_impl
 from .impl.reference import shift_for_next_token
 
@@ -112,7 +112,8 @@ def linear_cross_entropy(
     comes back in its own input's dtype. Cast them to one dtype for the fast kernels.
     A forward under grad mode that takes a gradients-in-forward schedule pays for the
     gradients even if no backward follows (module.eval() does not change that): evaluate
-    under torch.no_grad(). Double backward (create_graph=True) needs impl="reference".
+    under torch.no_grad(). Double backward (create_graph=True) and torch.func transforms
+    (vmap, grad, ...) need impl="reference" (the others refuse them by name).
 
     impl: "triton" (fused kernels: no (N, V) tensor, no host sync, frozen weight skips the
     grad_weight GEMM; unlabelled rows are never multiplied by the Triton kernels, while the
@@ -241,6 +242,8 @@ def _validate(hidden, weight, labels, bias, reduction, impl) -> None:
     name = "linear_cross_entropy"
     if impl not in IMPLS:
         raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "reference":  # (before the label check, which vmap cannot run either)
+        refuse_func_transforms(name, impl)
     if reduction not in REDUCTIONS:
         raise ValueError(f"{name}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     for arg, t in (("hidden", hidden), ("weight", weight), ("labels", labels)):

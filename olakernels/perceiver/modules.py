@@ -25,6 +25,7 @@ from torch import nn
 
 from .._amp import _enabled as _amp_enabled
 from .._amp import autocast_layer_norm_in_fp32
+from .._checks import refuse_func_transforms
 from .._triton import check_triton_device
 
 IMPLS = ("auto", "triton", "torch", "reference")
@@ -161,6 +162,8 @@ class PerceiverResampler(nn.Module):
     def _run(self, x, latents, attend_mask):
         """The forward of checked inputs (each public forward checks its own first)."""
         impl = self._resolve(x, latents)
+        if impl != "reference":
+            refuse_func_transforms(type(self).__name__, impl)
         if impl == "reference":
             from .impl.reference import resampler_ref  # noqa: PLC0415
 
@@ -171,6 +174,9 @@ class PerceiverResampler(nn.Module):
         return resampler_fast(self, x, latents, attend_mask, ops)
 
     def _resolve(self, x: torch.Tensor, latents: torch.Tensor | None = None) -> str:
+        if self.impl not in IMPLS:  # set after construction (OlaVLM.set_impl, benchmarks)
+            raise ValueError(f"{type(self).__name__}: impl must be one of {IMPLS}, got "
+                             f"{self.impl!r}")
         if self.impl == "auto":  # whichever measured faster (module docstring)
             # Per-sample latents leave the fast path nothing to share (at B = 1 neither do
             # shared ones); the reference's fp32 scores grow with the queries, so few only.
@@ -227,6 +233,9 @@ class TaskTokenResampler(PerceiverResampler):
         if not isinstance(latents, torch.Tensor):
             raise TypeError(f"TaskTokenResampler: latents must be a Tensor, got "
                             f"{type(latents).__name__}")
+        if latents.device != x.device:  # (proj_in's own error names neither)
+            raise ValueError(f"TaskTokenResampler: latents must be on x's device {x.device}, "
+                             f"got {latents.device}")
         if latents.dim() == 2:
             latents = latents.unsqueeze(0)
         if (latents.dim() != 3 or latents.shape[-1] != self.embedding_dim
