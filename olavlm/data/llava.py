@@ -30,7 +30,13 @@ from PIL import Image
 
 from .bad_data import BadSampleError, Reject, check_policy
 from .images import ImageView, image_digest, load_image, pil_to_uint8, read_image_file
-from .templates import ConversationError, get_template, prepare_turns, tokenize_conversation
+from .templates import (
+    ConversationError,
+    check_template_tokens,
+    get_template,
+    prepare_turns,
+    tokenize_conversation,
+)
 
 __all__ = [
     "MISSING_TARGET_POLICIES",
@@ -331,6 +337,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                                  ("num_image_tokens", num_image_tokens, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_template_tokens(tokenizer, self.template)
         self.tokenizer = tokenizer
         self.image_folder = None if image_folder is None else Path(image_folder)
         self.image_view = image_view if image_view is not None else ImageView()

@@ -40,6 +40,7 @@ __all__ = [
     "Rendered",
     "Template",
     "TokenizedConversation",
+    "check_template_tokens",
     "get_template",
     "num_tokens_before_image",
     "prepare_turns",
@@ -155,7 +156,11 @@ def prepare_turns(conversations: Sequence[Mapping], has_image: bool) -> list[tup
             raise ConversationError("bad_entry", f"turn {j} 'value' is not valid Unicode: "
                                     f"{err.reason} at character {err.start}") from None
         if IMAGE_PLACEHOLDER in text:
-            text = text.replace(IMAGE_PLACEHOLDER, "").strip()
+            # Until none is left: one pass over "<im<image>age>" leaves a placeholder behind,
+            # a second image token (or one in a text-only sample) that the splice refuses.
+            while IMAGE_PLACEHOLDER in text:
+                text = text.replace(IMAGE_PLACEHOLDER, "")
+            text = text.strip()
         turns.append((role, text))
     if turns and turns[0][0] == 1:
         turns = turns[1:]
@@ -168,6 +173,21 @@ def prepare_turns(conversations: Sequence[Mapping], has_image: bool) -> list[tup
     if has_image:
         turns[0] = (0, (IMAGE_PLACEHOLDER + "\n" + turns[0][1]).strip())
     return turns
+
+
+def check_template_tokens(tokenizer, template: str | Template) -> None:
+    """ValueError unless each of the template's special tokens is one token of ``tokenizer``.
+
+    Without them the chat markup is tokenized as plain text (a Phi-3 tokenizer with
+    ``llava_llama_3``: ``"<|eot_id|>"`` in pieces) and the label masks still come out, wrong and
+    silent, so a template that does not match the LLM's tokenizer is refused up front."""
+    tpl = get_template(template)
+    missing = [t for t in tpl.special_tokens
+               if len(tokenizer(t, add_special_tokens=False)["input_ids"]) != 1]
+    if missing:
+        raise ValueError(f"template {tpl.name!r} needs the special tokens {missing} as single "
+                         f"tokens, but {type(tokenizer).__name__} splits them: use the template "
+                         f"of the tokenizer's LLM (one of {sorted(TEMPLATES)})")
 
 
 def render(template: str | Template, turns: Sequence[tuple[int, str]], *,

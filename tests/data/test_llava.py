@@ -87,6 +87,21 @@ def test_arguments_are_checked(folder, llama_tokenizer):
         LlavaDataset(path, llama_tokenizer, image_view=336)
 
 
+def test_a_template_whose_special_tokens_the_tokenizer_splits_is_refused(folder,
+                                                                         llama_tokenizer,
+                                                                         phi_tokenizer):
+    """A Phi-3 tokenizer with llava_llama_3 (the default template) tokenized the chat markup
+    as text and trained on silently wrong labels ("\nred<|eot_id|><|start_header_id|>user...")."""
+    path = write_jsonl(folder / "d.jsonl", [entry(0)])
+    # (this BPE learned "<|start_header_id|>" whole from the corpus; the other two it splits)
+    with pytest.raises(ValueError, match=r"template 'llava_llama_3' needs the special tokens "
+                       r"\['<\|end_header_id\|>', '<\|eot_id\|>'\] as single tokens"):
+        LlavaDataset(path, phi_tokenizer)
+    assert len(LlavaDataset(path, phi_tokenizer, template="llava_phi_3")) == 1
+    assert len(LlavaDataset(path, phi_tokenizer, template="plain")) == 1  # (no special tokens)
+    assert len(LlavaDataset(path, llama_tokenizer, template="llava_phi_3")) == 1  # (has both)
+
+
 # --- bad data ---------------------------------------------------------------------------------
 
 BAD_LINES = {

@@ -332,3 +332,105 @@ def test_labels_of_a_many_turn_conversation_are_the_per_span_rule_and_fast(
     start = time.perf_counter()
     tokenize_conversation(many, tokenizer, template, has_image=True)
     assert time.perf_counter() - start < 3.0  # (6 s before, quadratic in the rounds)
+
+
+@pytest.mark.parametrize("has_image", [True, False])
+def test_a_placeholder_nested_in_another_leaves_no_second_image_token(llama_tokenizer,
+                                                                      has_image):
+    """Removing "<image>" once from "<im<image>age>" formed a new placeholder: two image tokens
+    (the splice refuses the whole batch), or one in a text-only sample."""
+    conv = [{"from": "human", "value": "<im<image>age> look"},
+            {"from": "gpt", "value": "red <<image>image>"}]
+    turns = prepare_turns(conv, has_image=has_image)
+    assert turns == [(0, "<image>\nlook" if has_image else "look"), (1, "red")]
+    out = tokenize_conversation(conv, llama_tokenizer, "llava_llama_3", has_image=has_image)
+    assert out.input_ids.tolist().count(IMAGE_TOKEN_INDEX) == int(has_image)
+    assert _supervised_runs(llama_tokenizer, out.input_ids, out.labels) == ["\n\nred<|eot_id|>"]
+
+
+def _phi3_like_tokenizer():
+    """Phi-3's released tokenizer in miniature: SentencePiece-style normalizer (a "\u2581"
+    prepended to every text piece, spaces as "\u2581"), "\\n" a token of its own (Phi-3's byte
+    fallback <0x0A>), and its chat tokens declared with rstrip=True (they absorb the newline
+    after them)."""
+    import re
+
+    from datahelpers import corpus
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [p for t in corpus() for p in re.split(r"<\|[a-z]+\|>|<image>", t) if p]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                           normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = pre_tokenizers.Split("\n", behavior="isolated")
+    alphabet = sorted(set("".join(texts)) | {"\u2581"})
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=alphabet))
+    tok.add_special_tokens([AddedToken(t, rstrip=True, normalized=False, special=True)
+                            for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+
+
+def _seed_phi3_labels(tokenizer, prompt: str) -> list[int]:
+    """SPEC 5.2's arithmetic for llava_phi_3 (llama_3's, with round_len and instruction_len
+    2 smaller for rounds after the first), written from the spec, as the oracle."""
+    ids = _encode_image_prompt(tokenizer, prompt)
+    target = list(ids)
+    sep = PHI.sep + PHI.roles[1]
+    rounds = prompt.split(PHI.sep)
+    re_rounds = [PHI.sep.join(rounds[:3])]
+    re_rounds += [PHI.sep.join(rounds[i:i + 2]) for i in range(3, len(rounds), 2)]
+    cur = 1
+    target[:cur] = [IGNORE_INDEX] * cur
+    for i, rou in enumerate(re_rounds):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        if len(parts) != 2:
+            break
+        parts[0] += sep
+        round_len = len(_encode_image_prompt(tokenizer, rou))
+        instruction_len = len(_encode_image_prompt(tokenizer, parts[0])) - 2
+        if i > 0:
+            round_len, instruction_len = round_len - 2, instruction_len - 2
+        target[cur:cur + instruction_len] = [IGNORE_INDEX] * instruction_len
+        cur += round_len
+    target[cur:] = [IGNORE_INDEX] * (len(target) - cur)
+    assert cur == len(ids), "the oracle itself found a length mismatch"
+    return target
+
+
+@pytest.mark.parametrize("has_image", [True, False])
+def test_phi3_labels_equal_the_seed_arithmetic_on_a_phi3_like_tokenizer(has_image):
+    """The offsets-based mask against SPEC's Phi-3 round arithmetic, on a tokenizer that
+    tokenizes a round differently alone than in context (a leading "\\n" costs "\u2581" + "\\n"
+    alone and nothing after an rstrip <|end|>; an answer's leading "\\n" is absorbed by
+    <|assistant|>)."""
+    tok = _phi3_like_tokenizer()
+    assert tok.convert_ids_to_tokens(tok("<|end|>\n<|user|>\nq").input_ids)[1:4] == [
+        "<|end|>", "<|user|>", "\u2581"]
+    convs = CONVERSATIONS + [[
+        {"from": "human", "value": "<image>\nWhat colour?"},
+        {"from": "gpt", "value": " The square "},
+        {"from": "human", "value": "And the circle?"},
+        {"from": "gpt", "value": "\nred\n"}]]
+    for conv in convs:
+        out = tokenize_conversation(conv, tok, "llava_phi_3", has_image=has_image)
+        prompt = render("llava_phi_3", prepare_turns(conv, has_image)).text
+        assert out.labels.tolist() == _seed_phi3_labels(tok, prompt)
+        runs = _supervised_runs(tok, out.input_ids, out.labels)
+        assert all(r.startswith("<|assistant|>") and r.endswith("<|end|>") for r in runs)
+        assert len(runs) == len(conv) // 2
