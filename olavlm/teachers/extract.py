@@ -456,10 +456,16 @@ def _options(storage, shard_size, batch_size, num_workers, resize, on_bad_sample
     check_policy(on_bad_sample)
 
 
+# Both storages are read as bf16 by training: a finite fp32 value above bf16's largest
+# (3.39e38) would be stored (bf16) or read back (fp8, dequantized) as inf.
+_STORABLE_MAX = torch.finfo(torch.bfloat16).max
+
+
 def _finite_rows(outputs) -> torch.Tensor:
     ok = None
     for v in outputs.values():
-        row_ok = torch.isfinite(v.float()).flatten(1).all(dim=1)
+        # NaN compares False: one test rejects NaN, inf and values a bf16 read cannot hold.
+        row_ok = (v.float().abs() <= _STORABLE_MAX).flatten(1).all(dim=1)
         ok = row_ok if ok is None else ok & row_ok
     return ok.cpu()
 
@@ -563,7 +569,8 @@ def _extract_shards(teachers, index, items, todo, shard_size, writer: _ShardWrit
             if not bool(ok.all()):
                 for i in (~ok).nonzero().flatten().tolist():
                     reject = Reject(reason="nonfinite_target", sample_id=keys[i],
-                                    location=keys[i], detail="a teacher returned NaN or inf")
+                                    location=keys[i], detail="a teacher returned NaN, inf or "
+                                    "a value beyond bf16's range (3.39e38)")
                     if on_bad_sample == "raise":
                         raise BadSampleError(reject)
                     log.add(reject)
