@@ -226,7 +226,9 @@ def _with_old_defaults(plan: dict) -> dict:
 
 
 def _clear_cache_files(out: Path) -> None:
-    for pattern in ("shard-*", ".shard-*", INDEX, PLAN, f".{INDEX}*", f".{PLAN}*"):
+    # The index first: interrupted later, the folder is no cache a reader accepts (an index
+    # left behind would name deleted shards).
+    for pattern in (INDEX, "shard-*", ".shard-*", PLAN, f".{INDEX}*", f".{PLAN}*"):
         for path in out.glob(pattern):
             path.unlink() if path.is_file() else shutil.rmtree(path)
 

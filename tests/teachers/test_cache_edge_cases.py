@@ -244,3 +244,32 @@ def test_duplicate_and_unusual_image_keys(pixel_data, tmp_path):
     assert coverage["rejected"] == {"nonfinite_target": 3}
     assert coverage["missing_not_rejected"] == 0 and coverage["stale"] == 0
     assert coverage["images_checked"] == len(distinct) - 3
+
+
+def test_an_overwrite_interrupted_while_clearing_leaves_no_cache_a_reader_accepts(
+        pixel_data, tmp_path, monkeypatch):
+    """--overwrite deletes the old cache's index before its shards: stopped part way (a kill,
+    a permission error), the folder is refused as unfinished, never read as a cache whose
+    index names deleted shards."""
+    from olavlm.teachers import extract as extract_module
+
+    out = tmp_path / "c"
+    _extract(pixel_data, out)
+    unlink = Path.unlink
+    calls = []
+
+    def stopping_unlink(path, *args, **kwargs):
+        calls.append(path.name)
+        if len(calls) == 2:  # the second file cleared
+            raise PermissionError(13, "Permission denied", str(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", stopping_unlink)
+    with pytest.raises(PermissionError):
+        extract_module._clear_cache_files(out)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(FileNotFoundError):
+        TargetCache(out)
+    assert not verify_cache(out).ok
+    assert _extract(pixel_data, out, overwrite=True).complete
+    assert len(TargetCache(out)) > 0
