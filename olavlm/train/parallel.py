@@ -9,9 +9,14 @@
   library). CUDA only.
 - ``apply_float8``: torchao ``convert_to_float8_training`` on the decoder blocks' Linear layers
   whose dims are multiples of 16 (tensorwise or rowwise scaling); H100/MI300X class GPUs
-  (compute capability >= 8.9 / gfx942); on CPU it runs for numerics only (a warning says so).
+  (compute capability >= 8.9 / gfx94x-gfx95x); on CPU it runs for numerics only (a warning
+  says so).
 - ``apply_activation_checkpointing``: "full" wraps every decoder block, "selective" every other
   block (torchtitan's layer-selective option: about half the recompute for half the saving).
+  The layer taps' hooks move onto the wrappers (torch.compile refuses a hook's side effect
+  inside a checkpoint); blocks with dropout replay the forward's RNG state.
+- ``check_switches``: the switches this device or installation cannot run, refused before any
+  work is done.
 - ``apply_compile``: ``torch.compile`` per decoder block (blocks are identical: one compile).
 - ``apply_fsdp``: FSDP2 ``fully_shard`` per decoder block, the vision tower as its own unit,
   the root last; ``MixedPrecisionPolicy(param_dtype, reduce_dtype=fp32)``. Frozen parameters
@@ -25,14 +30,15 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
 from olavlm.models.lean_norm import LeanRMSNorm, is_llama_rms_norm
 
-__all__ = ["DistInfo", "apply_parallelism", "free_port", "init_distributed", "resolve_device",
-           "enable_tf32", "set_tf32_state", "tf32_state", "wants_fsdp"]
+__all__ = ["DistInfo", "apply_parallelism", "check_switches", "free_port", "init_distributed",
+           "resolve_device", "enable_tf32", "set_tf32_state", "tf32_state", "wants_fsdp"]
 
 logger = logging.getLogger("olavlm.train")
 
@@ -115,6 +121,43 @@ def wants_fsdp(cfg, world_size: int) -> bool:
     return cfg.fsdp == "on" or world_size > 1 or cfg.mixed_precision != "fp32"
 
 
+def check_switches(cfg, device: torch.device) -> None:
+    """The switches this device or installation cannot run, refused before any work (the
+    model, data and teachers are built before apply_parallelism and the optimizer, and an SDPA
+    backend without a kernel here would only fail inside the first step)."""
+    p, cuda = cfg.parallel, device.type == "cuda"
+    if p.liger and not cuda:
+        raise ValueError("parallel.liger=true needs a CUDA GPU (liger-kernel's Triton kernels); "
+                         f"this run is on {device}")
+    if p.liger and not _installed("liger_kernel"):
+        raise ValueError("parallel.liger=true needs liger-kernel (pip install liger-kernel), "
+                         "which is not installed")
+    if p.float8 != "none":
+        if not _installed("torchao"):
+            raise ValueError(f"parallel.float8={p.float8} needs torchao (pip install torchao), "
+                             "which is not installed")
+        if cuda:
+            check_float8_device(p.float8, device)
+    if p.sdpa_backend in ("efficient", "cudnn") and not cuda:
+        raise ValueError(f"parallel.sdpa_backend={p.sdpa_backend} needs a CUDA GPU (PyTorch "
+                         f"has no such kernel on {device}); use auto, flash or math")
+    if cfg.optim.fused in ("on", "apex") and not cuda:
+        raise ValueError(f"optim.fused={cfg.optim.fused} needs a CUDA device, the run is on "
+                         f"{device}; use auto or off")
+    if cfg.optim.fused == "apex" and not _installed("apex.optimizers"):
+        raise ValueError("optim.fused=apex needs NVIDIA apex (not on PyPI; build it from "
+                         "github.com/NVIDIA/apex), which is not installed")
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # (a dotted name whose parent package is missing)
+        return False
+
+
 # ---- switches ---------------------------------------------------------------------------------
 
 
@@ -162,12 +205,7 @@ def apply_float8(model: nn.Module, recipe: str, device: torch.device) -> int:
     except ImportError as exc:
         raise ValueError("parallel.float8 needs torchao (pip install torchao)") from exc
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if torch.version.hip is None and (major, minor) < (8, 9):
-            raise ValueError(
-                f"parallel.float8={recipe} needs an H100-class GPU (compute capability >= 8.9; "
-                f"MI300X on ROCm), this one is {torch.cuda.get_device_name(device)} "
-                f"(sm_{major}{minor}); use parallel.float8=none")
+        check_float8_device(recipe, device)
     else:
         warnings.warn("parallel.float8 on CPU runs for numerics only (no speed-up)", stacklevel=2)
     config = Float8LinearConfig.from_recipe_name(recipe)
@@ -184,6 +222,23 @@ def apply_float8(model: nn.Module, recipe: str, device: torch.device) -> int:
     return count
 
 
+def check_float8_device(recipe: str, device: torch.device) -> None:
+    """float8 matmuls (torch._scaled_mm) need sm_89+ on CUDA, MI300/MI350 (gfx94x/gfx95x) on
+    ROCm: elsewhere the first step would fail inside torchao. ROCm reports gfx90a (MI250X) as
+    capability 9.0, so there the architecture name decides."""
+    major, minor = torch.cuda.get_device_capability(device)
+    if torch.version.hip is not None:
+        arch = torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
+        ok, what = arch.startswith(("gfx94", "gfx95")), arch
+    else:
+        ok, what = (major, minor) >= (8, 9), f"sm_{major}{minor}"
+    if not ok:
+        raise ValueError(
+            f"parallel.float8={recipe} needs an H100-class GPU (compute capability >= 8.9; "
+            f"MI300X/MI350 (gfx94x/gfx95x) on ROCm), this one is "
+            f"{torch.cuda.get_device_name(device)} ({what}); use parallel.float8=none")
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
     if mode == "none":
         return 0
@@ -197,9 +252,27 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
     wrapped = 0
     for i in range(len(layers)):
         if i % every == 0:
-            layers[i] = checkpoint_wrapper(layers[i], preserve_rng_state=False)
+            # The recompute must draw the forward's dropout masks (else the gradients are not
+            # those of the loss); blocks without dropout skip the RNG bookkeeping.
+            layers[i] = checkpoint_wrapper(layers[i], preserve_rng_state=_has_dropout(layers[i]))
             wrapped += 1
+    # The layer taps' hooks move from the blocks to their wrappers: a hook inside the
+    # checkpoint stores into a dict outside it, a side effect torch.compile refuses in a
+    # checkpoint (a graph break that left every checkpointed block uncompiled, silently).
+    taps = getattr(model, "_taps", None)
+    if taps is not None and taps.handles:
+        taps.remove()
+        taps.install()
     return wrapped
+
+
+def _has_dropout(block: nn.Module) -> bool:
+    """Dropout modules, or Hugging Face attention's functional ``attention_dropout`` rate."""
+    for m in block.modules():
+        rate = m.p if isinstance(m, nn.Dropout) else getattr(m, "attention_dropout", 0.0)
+        if isinstance(rate, (int, float)) and rate > 0:
+            return True
+    return False
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -256,8 +329,9 @@ def enable_tf32(cfg, device: torch.device) -> tuple | None:
 
 
 def apply_parallelism(model: nn.Module, cfg, dist_info: DistInfo) -> dict:
-    """Apply the ParallelConfig switches in order; returns what was done (for the run log).
-    (``parallel.tf32`` is not among them: process-wide, it is the Trainer's, enable_tf32.)"""
+    """Apply the ParallelConfig switches in order; returns what was done (for the run log),
+    the model's own switches (lean_mlp, lean_norm, fused_rope, attention) and tf32 included.
+    (``parallel.tf32`` is only reported here: process-wide, it is the Trainer's, enable_tf32.)"""
     done: dict = {}
     device = dist_info.device
     if cfg.liger:
@@ -275,13 +349,32 @@ def apply_parallelism(model: nn.Module, cfg, dist_info: DistInfo) -> dict:
                        f"{cfg.reduce_dtype}"
     if cfg.sdpa_backend != "auto":
         done["sdpa_backend"] = cfg.sdpa_backend
+    if cfg.tf32 and device.type == "cuda":  # (enable_tf32's, reported with the others)
+        done["tf32"] = "fp32 matmuls and convolutions"
+    return {**_model_switches(model), **done}  # (after liger, which replaces lean modules)
+
+
+def _model_switches(model: nn.Module) -> dict:
+    """What the model's own switches did (ModelConfig lean_mlp, lean_norm, fused_rope: how many
+    modules run them; a decoder whose code they do not recognise keeps its own, silently
+    otherwise) and the attention implementation the decoder runs."""
+    from olavlm.models.fused_rope import FusedRopeAttention
+    from olavlm.models.lean_mlp import LeanSwiGLUMLP
+
+    config, modules = getattr(model, "config", None), list(model.llm.modules())
+    done = {}
+    for key, cls, flag in (("lean_mlp", LeanSwiGLUMLP, "lean"), ("lean_norm", LeanRMSNorm, "lean"),
+                           ("fused_rope", FusedRopeAttention, "fused_rope")):
+        if getattr(config, key, False):
+            done[f"{key}_modules"] = sum(isinstance(m, cls) and getattr(m, flag) for m in modules)
+    attn = getattr(model.llm.config, "_attn_implementation", None)
+    if attn is not None:
+        done["attention"] = attn
     return done
 
 
 def sdpa_context(backend: str):
     """A context selecting SDPA's backend for the forward ("auto": PyTorch's choice)."""
-    from contextlib import nullcontext
-
     if backend == "auto":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -291,4 +384,20 @@ def sdpa_context(backend: str):
     if backend not in names:
         raise ValueError(f"parallel.sdpa_backend must be auto or one of {sorted(names)}, got "
                          f"{backend!r}")
-    return sdpa_kernel(names[backend])
+    return _naming_the_key(backend, sdpa_kernel(names[backend]))
+
+
+@contextmanager
+def _naming_the_key(backend: str, kernel_choice):
+    """PyTorch's error for inputs the chosen kernel cannot take (flash: fp16/bf16 only, no
+    arbitrary mask; efficient/cudnn: CUDA only) names no config key: this one does."""
+    with kernel_choice:
+        try:
+            yield
+        except RuntimeError as exc:
+            if "No viable backend for scaled_dot_product_attention" not in str(exc):
+                raise
+            raise RuntimeError(
+                f"parallel.sdpa_backend={backend}: this SDPA kernel cannot take these inputs "
+                f"(dtype, mask or device; PyTorch's warnings above say why); use "
+                f"parallel.sdpa_backend=auto") from exc
