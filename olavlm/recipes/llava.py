@@ -4,7 +4,10 @@
 
 Model, teacher, data and checkpoint paths are placeholders under /models, /data and
 /checkpoints: point them at local copies, e.g. ``model.llm=/weights/Meta-Llama-3-8B-Instruct
-data.path=... data.image_folder=...`` (nothing is downloaded).
+data.path=... data.image_folder=...`` (nothing is downloaded; a missing model folder's error
+names the Hub repository to fetch, ``WEIGHTS_REPOS``). The ConvNeXt placeholder ends in the
+seed's ``-res768``: the folder of ``laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup``
+is found with or without it.
 
 - PT (``*_pt``): LLaVA-558K, lr 1e-3, 32 per device (x 8 GPUs = 256 global), square images.
   Trains the projector, the heads, the task tokens and the logit scales; NTP plus the
@@ -40,7 +43,7 @@ from olavlm.config import (
 )
 from olavlm.models.config import ModelConfig, default_heads
 
-__all__ = ["LLAVA_RECIPES", "LLMS", "STAGES", "VISION_TOWERS", "llava_recipe"]
+__all__ = ["LLAVA_RECIPES", "LLMS", "STAGES", "VISION_TOWERS", "WEIGHTS_REPOS", "llava_recipe"]
 
 # name -> (placeholder path, conversation template)
 LLMS = {
@@ -63,6 +66,17 @@ DATA = {
     "pt": ("/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", "/data/LLaVA-Pretrain/images"),
     "vpt": ("/data/ALLaVA/ALLaVA-Caption.json", "/data/ALLaVA"),
     "ift": ("/data/LLaVA-Finetune/llava_v1_5_mix665k.json", "/data/LLaVA-Finetune"),
+}
+# placeholder folder name -> the Hugging Face repository it stands for: what a missing
+# model.llm / model.vision_tower error tells the user to download (the teachers name theirs).
+# The ConvNeXt repository has no "-res768": the seed appends it to say the input side, and the
+# tower loader strips it to find the folder.
+WEIGHTS_REPOS = {
+    "Meta-Llama-3-8B-Instruct": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "Phi-3-mini-4k-instruct": "microsoft/Phi-3-mini-4k-instruct",
+    "clip-vit-large-patch14-336": "openai/clip-vit-large-patch14-336",
+    "CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup":
+        "laion/CLIP-convnext_xxlarge-laion2B-s34B-b82K-augreg-soup",
 }
 TEACHER_WEIGHTS = {
     "depth": "/models/Depth-Anything-V2-Large-hf",

@@ -109,6 +109,8 @@ def build_tokenizer(cfg, data_root: Path | None):
             path = data_root / "tokenizer"
         elif cfg.model.llm and not cfg.model.llm.startswith("tiny:"):
             path = cfg.model.llm  # the LLM's own tokenizer
+            if not Path(path).expanduser().exists():  # (the first path a run reads: say
+                raise missing_weights("model.llm", path)  # which key, and where to get it)
         else:
             raise ValueError("data.tokenizer: give a tokenizer folder (the data is not the "
                              "built-in synthetic dataset, which ships its own)")
@@ -157,12 +159,34 @@ def _end_ids(tokenizer) -> list[int] | None:
     return ids or None
 
 
+def missing_weights(key: str, spec: str) -> FileNotFoundError:
+    """A model folder that is not there: the config key to set and, for the recipes' models,
+    the Hugging Face repository to download (as the teachers' own message does)."""
+    from olavlm.models.vision import strip_res_suffix
+    from olavlm.recipes.llava import WEIGHTS_REPOS
+
+    repo = WEIGHTS_REPOS.get(Path(strip_res_suffix(str(spec)).rstrip("/")).name)
+    gated = "; gated: accept its license on the Hub first" \
+        if repo and repo.startswith("meta-llama/") else ""
+    how = (f"download {repo} on a machine with network access (`hf download {repo} "
+           f"--local-dir DIR`{gated}) and pass {key}=DIR" if repo else
+           f"pass {key}=DIR, a local copy of the model")
+    return FileNotFoundError(f"{key}: {str(spec)!r} does not exist (models are never "
+                             f"downloaded): {how}; or {key}=tiny:<arch> for a tiny "
+                             "random-weight one")
+
+
 def _materialize(spec: str, kind: str, work: Path, tokenizer) -> str:
     if not spec.startswith("tiny:"):
-        if not Path(spec).expanduser().exists():
-            raise FileNotFoundError(f"model.{kind}: {spec!r} does not exist (models are never "
-                                    "downloaded: give a local directory, or tiny:<arch>)")
-        return str(Path(spec).expanduser())
+        local = Path(spec).expanduser()
+        # A ConvNeXt tower named the seed's way ("...-soup-res768", the recipes' placeholder)
+        # is the hub folder without the suffix, read at that size: the loader strips it.
+        from olavlm.models.vision import strip_res_suffix
+
+        if not local.exists() and not (kind == "vision_tower"
+                                       and Path(strip_res_suffix(str(local))).exists()):
+            raise missing_weights(f"model.{kind}", spec)
+        return str(local)
     arch = spec.split(":", 1)[1]
     if kind == "llm":
         from olavlm.models.tiny_llm import TINY_LLM_KINDS, build_tiny_llm
