@@ -20,17 +20,21 @@ Typical use::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
+import re
 import signal
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from .bad_data import FIRST_KEPT, Reject, RejectLog
+from .bad_data import FIRST_KEPT, BadSampleError, Reject, RejectLog
 from .images import ImageView
 from .llava import LlavaDataset, Sample
 from .sampler import EpochPlan, plan_epoch
@@ -51,6 +55,53 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     finishes its step and writes the checkpoint. The parent stops the workers itself."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _sample_name(dataset, i: int) -> str:
+    """``dataset``'s sample ``i`` for a message: its location (``file:line``) and id."""
+    try:
+        location = dataset.index.location(i)
+        return f"sample {i} ({location}, id {dataset.index.entry(i).get('id')!r})"
+    except Exception:  # noqa: BLE001 - only a message: never hide the error it explains
+        return f"sample {i}"
+
+
+class _NamingErrors(torch.utils.data.Dataset):
+    """The dataset, with the sample named on any exception its ``__getitem__`` raises (a bug,
+    a full disk... not bad data, which comes back as a ``Reject``): the error propagates with
+    its type (the DataLoader re-raises a worker's), and a note saying which sample it was."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            return self.dataset[i]
+        except BadSampleError:  # (on_bad_sample="raise": its message names the sample)
+            raise
+        except Exception as err:
+            err.add_note(f"(while loading {_sample_name(self.dataset, i)})")
+            raise
+
+
+# torch's messages for a worker process that died (no Python exception to re-raise).
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid")
+
+
+def _a_worker_died(iterator, wait: float = 2.0) -> bool:
+    """Whether one of ``iterator``'s worker processes has exited (polled up to ``wait`` s)."""
+    workers = getattr(iterator, "_workers", [])
+    deadline = time.monotonic() + wait
+    while workers:
+        if any(not proc.is_alive() for proc in workers):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return False
 
 
 class TooManyRejectsError(ValueError):
@@ -317,7 +368,7 @@ class ResumableLoader:
         # RNG that draw would happen at an epoch's start in one run but mid-epoch in a resumed
         # one, so a model with dropout would not continue exactly after a resume.
         self._dataloader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self._batch_sampler, collate_fn=collator,
+            _NamingErrors(dataset), batch_sampler=self._batch_sampler, collate_fn=collator,
             num_workers=num_workers, pin_memory=pin_memory,
             worker_init_fn=_ignore_stop_signals if num_workers else None,
             generator=torch.Generator().manual_seed(int(seed)), **extra)
@@ -385,7 +436,7 @@ class ResumableLoader:
         self._batch_sampler.batches = plan.rank_batches(self.rank, self.world_size)
         iterator = iter(self._dataloader)  # fresh workers, which start at `position`
         try:
-            for k, batch in enumerate(iterator):
+            for k, batch in enumerate(self._naming_dead_workers(iterator)):
                 self.position += len(plan.global_batches[k])
                 self.log.num_samples += len(batch)
                 self.log.num_truncated += batch.num_truncated
@@ -406,6 +457,39 @@ class ResumableLoader:
                 shutdown()
         self.log.num_dropped += plan.num_dropped
         self._end_epoch()
+
+    def _naming_dead_workers(self, iterator):
+        """``iterator``'s batches; a worker that died (killed by the OOM killer, a crash in a
+        native decoder) raises torch's RuntimeError with the samples it was loading named."""
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except (RuntimeError, EOFError, ConnectionError) as err:
+                # (a worker killed while its queue thread was sending the previous batch leaves
+                # a cut message: torch re-raises the EOFError when it looks before the process
+                # is reaped)
+                died = (_WORKER_DIED.match(str(err)) if isinstance(err, RuntimeError)
+                        else _a_worker_died(iterator))
+                if not died:
+                    raise
+                raise RuntimeError(self._dead_worker_message(err, iterator)) from err
+            yield batch
+
+    def _dead_worker_message(self, err: RuntimeError, iterator) -> str:
+        # (torch's iterator internals: the pending batch numbers of each worker, best effort)
+        workers = getattr(iterator, "_workers", [])
+        dead = {w for w, proc in enumerate(workers) if not proc.is_alive()}
+        pending = sorted(k for k, info in getattr(iterator, "_task_info", {}).items()
+                         if len(info) == 1 and info[0] in dead)
+        batches = self._batch_sampler.batches
+        indices = [i for k in pending if k < len(batches) for i in batches[k]]
+        listed = "; ".join(_sample_name(self.dataset, i) for i in indices[:8])
+        more = f" and {len(indices) - 8} more" if len(indices) > 8 else ""
+        held = (f": it was loading {listed}{more}, one of which killed it" if indices else "")
+        return (f"{err} in epoch {self.epoch}{held} (a crash in native code such as an image "
+                "decoder, or the out-of-memory killer: see the system log, dmesg)")
 
     def epoch_so_far(self) -> tuple[str, bool] | None:
         """(summary, anything rejected, dropped or without targets) of the epoch in progress,
@@ -456,6 +540,7 @@ class ResumableLoader:
             "batch_size": self.batch_size, "world_size": self.world_size,
             "grad_accum": self.grad_accum,
             "drop_last": self.drop_last, "num_samples": len(self.dataset),
+            "data_digest": self._data_digest(),
             "stats": self.log.state_dict(),
             # every rank's counts summed (set by the trainer before a checkpoint): what a resume
             # with another number of ranks continues from (``load_state_dict``)
@@ -464,6 +549,16 @@ class ResumableLoader:
             "index_rejects_written": not self._index_rejects_pending,  # (never pending off rank 0)
             "rejects_file": self.log.file_state(),
         }
+
+    def _data_digest(self) -> str:
+        """16 hex digits (BLAKE2b) of the entries' signed word counts in order: an entry added
+        and another removed keeps the count but shifts every later index (the resumed epoch
+        would repeat some samples and skip others), which this tells."""
+        digest = getattr(self, "_digest", None)
+        if digest is None:
+            lengths = np.ascontiguousarray(self.dataset.modality_lengths, dtype="<i4")
+            digest = self._digest = hashlib.blake2b(lengths.tobytes(), digest_size=8).hexdigest()
+        return digest
 
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()``'s output. The dataset and the ordering options must match;
@@ -497,6 +592,12 @@ class ResumableLoader:
                         f"{state.get(key)!r}")
                 raise LoaderStateMismatch(f"{what}: resuming would visit samples in another "
                                           "order")
+        # (states from before the key: the count only)
+        if state.get("data_digest", self._data_digest()) != self._data_digest():
+            raise LoaderStateMismatch(
+                f"the data changed: its {len(self.dataset)} entries are not the ones the state "
+                "was saved over (their lengths in words differ: entries added and removed, or "
+                "edited): resuming would repeat some samples and skip others")
         position = int(state["position"])
         if not 0 <= position <= len(self.dataset):
             raise ValueError(f"state['position'] must be in [0, {len(self.dataset)}], got "
