@@ -66,6 +66,11 @@ def seed_position_embeddings(table: torch.Tensor, grid: int, offset: float = 0.1
     return torch.cat([cls_pos, grid_pos], dim=1).to(table.dtype)
 
 
+def find_weights(path: str | Path | None = None) -> Path:
+    """The local folder of the depth teacher's weights (``resolve_weights``); loads nothing."""
+    return resolve_weights(path, teacher="depth", repo_id=DEPTH_REPO)
+
+
 class DepthTeacher(Teacher):
     """Depth-Anything-V2 features: ``{"depth": (B, (S/14)**2, D)}``, (B, 576, 1024) for ViT-L
     at ``input_size=336``. ``backbone`` is a transformers ``Dinov2Backbone`` whose
@@ -108,7 +113,7 @@ class DepthTeacher(Teacher):
         """From a saved ``DepthAnythingForDepthEstimation`` folder (or hub-cache repo id)."""
         from transformers import DepthAnythingForDepthEstimation
 
-        folder = resolve_weights(path, teacher="depth", repo_id=DEPTH_REPO)
+        folder = find_weights(path)
         model = DepthAnythingForDepthEstimation.from_pretrained(str(folder))
         teacher = cls(model.backbone, **kwargs)
         teacher.weights = weights_fingerprint(folder)

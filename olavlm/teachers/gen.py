@@ -25,6 +25,13 @@ GEN_REPO = "stabilityai/stable-diffusion-2-1-unclip"
 _HINT = f'hf download {GEN_REPO} --include "image_encoder/*" --local-dir DIR'
 
 
+def find_weights(path: str | Path | None = None) -> Path:
+    """The local folder of the gen teacher's image encoder (``resolve_weights``); loads
+    nothing."""
+    return resolve_weights(path, teacher="gen", repo_id=GEN_REPO, subfolder="image_encoder",
+                           download_hint=_HINT)
+
+
 class GenTeacher(Teacher):
     """unCLIP image embeddings: ``{"gen": (B, 1, projection_dim)}``. ``encoder`` is a
     transformers ``CLIPVisionModelWithProjection`` (use ``GenTeacher.load`` for a saved one)."""
@@ -54,8 +61,7 @@ class GenTeacher(Teacher):
         (``model.fp16.safetensors``) is loaded too."""
         from transformers import CLIPVisionModelWithProjection
 
-        folder = resolve_weights(path, teacher="gen", repo_id=GEN_REPO,
-                                 subfolder="image_encoder", download_hint=_HINT)
+        folder = find_weights(path)
         has_full = any((folder / n).is_file() for n in (
             "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
         variant = None if has_full or not (folder / "model.fp16.safetensors").is_file() else "fp16"

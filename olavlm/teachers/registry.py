@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from . import depth, gen, seg
 from .base import Teacher
 from .depth import DEPTH_REPO, DepthTeacher
 from .gen import GEN_REPO, GenTeacher
@@ -22,6 +23,7 @@ __all__ = [
     "TEACHERS",
     "build_teacher",
     "build_teachers",
+    "find_teacher_weights",
     "parse_dtypes",
     "parse_weights",
     "register_teacher",
@@ -42,6 +44,20 @@ TEACHERS: dict[str, Callable[..., Teacher]] = {
     "synthetic": _synthetic,
 }
 DEFAULT_WEIGHTS = {"depth": DEPTH_REPO, "seg": SEG_REPO, "gen": GEN_REPO, "synthetic": None}
+# name -> find_weights(path): the folder the teacher would load, found without loading it
+_FIND_WEIGHTS = {"depth": (DepthTeacher.load, depth.find_weights),
+                 "seg": (SegTeacher.load, seg.find_weights),
+                 "gen": (GenTeacher.load, gen.find_weights)}
+
+
+def find_teacher_weights(name: str, path=None):
+    """The weights folder of the built-in teacher ``name`` (``TeacherWeightsNotFound`` saying
+    how to get them), checked in milliseconds before anything loads; None for a teacher without
+    weights or a registered one (its factory checks when it runs)."""
+    factory, find = _FIND_WEIGHTS.get(name, (None, None))
+    if find is None or TEACHERS.get(name) != factory:
+        return None
+    return find(path)
 
 
 def register_teacher(name: str, factory: Callable[..., Teacher]) -> None:

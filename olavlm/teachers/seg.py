@@ -37,6 +37,11 @@ __all__ = ["SEG_REPO", "SegTeacher"]
 SEG_REPO = "shi-labs/oneformer_coco_swin_large"
 
 
+def find_weights(path: str | Path | None = None) -> Path:
+    """The local folder of the seg teacher's weights (``resolve_weights``); loads nothing."""
+    return resolve_weights(path, teacher="seg", repo_id=SEG_REPO)
+
+
 class SegTeacher(Teacher):
     """OneFormer Swin features: ``{"seg": (B, C, grid, grid)}``, (B, 1536, 24, 24) for Swin-L.
     ``backbone`` is a transformers ``SwinBackbone`` (use ``SegTeacher.load`` for a saved
@@ -68,7 +73,7 @@ class SegTeacher(Teacher):
         hub-cache repo id); everything but the Swin backbone is dropped after loading."""
         from transformers import OneFormerModel
 
-        folder = resolve_weights(path, teacher="seg", repo_id=SEG_REPO)
+        folder = find_weights(path)
         model = OneFormerModel.from_pretrained(str(folder))
         backbone = model.pixel_level_module.encoder
         del model

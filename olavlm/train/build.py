@@ -100,6 +100,38 @@ def _data_files(cfg, data_root: Path | None) -> tuple[list[Path], Path | None]:
     return paths, folder
 
 
+def check_inputs(cfg, data_root: Path | None) -> None:
+    """The inputs a run reads after its models loaded (minutes for an 8B LLM, on every rank)
+    checked first, in milliseconds: data.path, data.image_folder, checkpoint.init_from, and
+    the targets' source (the built-in teachers' weights, or teachers.cache_dir). Each error is
+    the one the later step would give."""
+    _data_files(cfg, data_root)
+    for key, value in (("data.image_folder", cfg.data.image_folder if cfg.data.path else None),
+                       ("checkpoint.init_from", cfg.checkpoint.init_from)):
+        if value and not Path(value).expanduser().is_dir():
+            raise FileNotFoundError(f"{key}: {str(Path(value).expanduser())!r} is not a "
+                                    "directory")
+    tc = cfg.teachers
+    if cfg.train.stage not in ("pt", "full") or not cfg.model.tasks:
+        return  # (no embedding losses: no targets read)
+    if tc.mode == "online":
+        from olavlm.teachers.registry import find_teacher_weights
+
+        weights = tc.weights or {}
+        for name in (n.strip() for n in tc.names.split(",")):
+            if name:  # (unknown names are reported with the choices when the teachers build)
+                find_teacher_weights(name, weights.get(name))
+    elif tc.mode == "cache" and tc.cache_dir:
+        from olavlm.teachers.cache import INDEX
+
+        root = Path(tc.cache_dir).expanduser()
+        if not (root / INDEX).is_file():
+            what = "does not exist" if not root.exists() else f"holds no {INDEX}"
+            raise FileNotFoundError(f"teachers.cache_dir: {str(root)!r} {what}: not a finished "
+                                    "target cache (write one with `olavlm targets extract`, "
+                                    "docs/teachers.md)")
+
+
 def build_tokenizer(cfg, data_root: Path | None):
     from olavlm.data.tokenizer import load_local_tokenizer
 

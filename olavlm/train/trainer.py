@@ -388,6 +388,7 @@ class Trainer:
         data_root = None
         if not cfg.data.path:
             data_root = B.synthetic_dataset_dir(cfg, is_main=d.is_main, barrier=barrier)
+        B.check_inputs(cfg, data_root)  # (not minutes later, after the LLM loaded)
         self.tokenizer = B.build_tokenizer(cfg, data_root)
         if d.is_main:  # the tokenizer the run trained with (pad token included), for inference
             self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))

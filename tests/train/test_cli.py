@@ -162,6 +162,7 @@ def test_a_wrong_image_folder_stops_the_run_instead_of_training_on_the_rest(tmp_
 
     data = tmp_path / "d"
     write_synthetic_dataset(data, 100, size=32)
+    (tmp_path / "wrong").mkdir()  # (a folder that does not exist is refused before any work)
     args = [f"train.output_dir={tmp_path / 'runs'}", f"data.path={data / 'train.jsonl'}",
             f"data.tokenizer={data / 'tokenizer'}", f"data.image_folder={tmp_path / 'wrong'}",
             "train.max_steps=20", "logging.progress=false", "logging.plot=false"]
