@@ -2,8 +2,9 @@
 """``olavlm train [--recipe NAME] [--config FILE] [--resume auto|none|PATH] [key=value ...]``
 
 With no arguments it runs the ``demo`` recipe (CPU, about a minute). Exit status: 0 done (or
-stopped by SIGTERM/SIGINT after writing a checkpoint), 1 stopped by non-finite losses,
-2 bad configuration (reported before any work starts).
+stopped by SIGTERM/SIGINT after writing a checkpoint), 1 stopped by non-finite losses, bad data,
+a checkpoint the run cannot end without (final or stop) failing, or another rank gone,
+2 bad configuration (reported before any work starts), 130 a second Ctrl-C (no stop checkpoint).
 """
 from __future__ import annotations
 

@@ -47,8 +47,8 @@ class StopSignals:
         name = signal.Signals(signum).name
         self.count += 1
         if self.requested and signum == signal.SIGINT:
+            # (the caller's handler stays in _previous: __exit__ puts it back, not this one)
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            self._previous.pop(signal.SIGINT, None)
             raise KeyboardInterrupt(f"second {name}: stopping now")
         if not self.requested:
             logger.warning("%s received: finishing the current step, writing a checkpoint, "

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from olavlm.config import Config, config_to_dict, save_resolved_config
+from olavlm.data.bad_data import truncate_rejects_file
 from olavlm.data.loader import LoaderStateMismatch, TooManyRejectsError
 from olavlm.teachers.online import PendingTargets
 
@@ -384,6 +385,14 @@ class Trainer:
         if resume_opt in ("", "none"):
             _refuse_to_restart_over(self.run_dir)
         resume_from = _resume_target(self.run_dir, cfg.checkpoint.resume)
+        wanted = str(resume_from or "").strip().lower()
+        if wanted in ("", "none") or (wanted == "auto" and latest_checkpoint(self.run_dir) is None):
+            # A start with nothing to resume, in a folder an attempt that crashed before its
+            # first checkpoint wrote to: this run redoes that attempt's samples, so its
+            # rejects would be listed twice (each rank empties its own file; the loader writes
+            # the index's rejects again).
+            truncate_rejects_file(self.run_dir / ("rejects.jsonl" if d.world_size == 1 else
+                                                  f"rejects.rank{d.rank}.jsonl"), 0)
         barrier = lambda: _barrier(d)  # noqa: E731
         data_root = None
         if not cfg.data.path:
@@ -790,8 +799,11 @@ class Trainer:
                     t_last = t_now
                     window = _new_window()
                 every = cfg.checkpoint.every_steps
-                # One process: act on a signal that came during this step's logging too.
-                if stop_requested or (not d.distributed and signals.requested):
+                # One process: act on a signal that came during this step's logging too. A
+                # signal during the last step changes nothing: the run ends as finished (the
+                # final checkpoint, FINISHED), not as a stop that asks to be rerun.
+                if (stop_requested or (not d.distributed and signals.requested)) and \
+                        self.step < self.total_steps:
                     stopped = signals.signal_name or "a signal on another rank"
                     logger.warning("%s received: writing a checkpoint at step %d and stopping",
                                    stopped, self.step)

@@ -465,3 +465,33 @@ def test_more_loader_workers_than_cpus_are_capped(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="olavlm.train"):
         assert _worker_count(1_000_000) == 3
     assert "data.num_workers=1000000 is more than the 3 CPUs" in caplog.text
+
+
+def test_a_restart_after_a_crash_before_the_first_checkpoint_lists_each_reject_once(tmp_path):
+    """resume=auto with no checkpoint yet starts afresh in the crashed attempt's folder: the
+    samples (and the index) it rejected are rejected again, so its lines are not kept."""
+    from olavlm.train.build import synthetic_dataset_dir
+
+    base = _overrides(tmp_path, tmp_path / "synthetic", "train.max_steps=4", "train.run_name=r",
+                      "checkpoint.every_steps=2", "data.shuffle=false", "data.batch_size=2",
+                      "data.max_reject_fraction=1.0", "checkpoint.resume=auto")
+    cfg = resolve_config("demo", None, base)
+    root = synthetic_dataset_dir(cfg, is_main=True, barrier=lambda: None)
+    entries = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    (root / entries[0]["image"]).unlink()  # rejected in the first step
+    (root / "train.jsonl").write_text((root / "train.jsonl").read_text() + "not json\n")
+
+    class Crash(RuntimeError):
+        pass
+
+    first = Trainer(cfg)
+    first.save_checkpoint = lambda: (_ for _ in ()).throw(Crash())  # dies at its first save
+    with pytest.raises(Crash):
+        first.train()
+    first.close(barrier=False)
+    rejects = first.run_dir / "rejects.jsonl"
+    crashed = rejects.read_text().splitlines()
+    assert len(crashed) == 2  # the index's bad line and the missing image
+    Trainer(cfg).train()
+    lines = rejects.read_text().splitlines()
+    assert len(lines) == 2, [json.loads(x)["reason"] for x in lines]
