@@ -161,6 +161,15 @@ def _installed(module: str) -> bool:
 # ---- switches ---------------------------------------------------------------------------------
 
 
+def _liger_swiglu_fits(mlp: nn.Module) -> bool:
+    """LigerSwiGLUMLP is SiLU-gated with bias-free projections: an MLP with biases
+    (``mlp_bias=True``) or another activation (Gemma's GELU) keeps its own module."""
+    act = getattr(getattr(mlp, "config", None), "hidden_act", None)
+    return act in ("silu", "swish") and all(
+        getattr(getattr(mlp, p), "bias", None) is None for p in ("gate_proj", "up_proj",
+                                                                  "down_proj"))
+
+
 def apply_liger(model: nn.Module, device: torch.device) -> int:
     """Swap RMSNorm and SwiGLU MLP modules of the decoder for liger-kernel's. Returns the count."""
     if device.type != "cuda":
@@ -183,7 +192,8 @@ def apply_liger(model: nn.Module, device: torch.device) -> int:
                 new.weight.data.copy_(child.weight.data)
                 new.weight.requires_grad_(child.weight.requires_grad)
             elif kind.endswith("MLP") and all(hasattr(child, a) for a in
-                                              ("gate_proj", "up_proj", "down_proj")):
+                                              ("gate_proj", "up_proj", "down_proj")) \
+                    and _liger_swiglu_fits(child):
                 # Built where the old one lives: on the meta device on parallel.load=rank0's
                 # meta ranks (no full-size MLP allocated there).
                 with torch.device(child.down_proj.weight.device):

@@ -91,6 +91,25 @@ def test_liger_swaps_norms_and_mlps_as_modules_with_their_weights(model):
     assert type(swapped.llm).forward is type(model.llm).forward
 
 
+def test_liger_keeps_mlps_its_swiglu_cannot_compute(model):
+    """LigerSwiGLUMLP has no biases and only SiLU: an MLP with a biased projection
+    (mlp_bias=True) or a GELU one keeps its own module instead of failing (a load_state_dict
+    key error, liger's activation error) or dropping the bias."""
+    pytest.importorskip("liger_kernel")
+
+    class FakeCuda:
+        type = "cuda"
+
+    biased = copy.deepcopy(model)
+    gate = biased.parts.layers[0].mlp.gate_proj
+    gate.bias = torch.nn.Parameter(torch.ones(gate.out_features))
+    assert apply_liger(biased, FakeCuda()) == 4 * 3 + 1 - 1
+    assert biased.llm.get_decoder().layers[0].mlp.gate_proj.bias is gate.bias
+    gelu = copy.deepcopy(model)
+    gelu.parts.layers[0].mlp.config.hidden_act = "gelu_pytorch_tanh"  # (shared by the blocks)
+    assert apply_liger(gelu, FakeCuda()) == 4 * 2 + 1  # the norms alone
+
+
 def test_sdpa_backend_choice(model):
     batch = tiny_batch(model, batch=2)
     with torch.no_grad():
