@@ -7,9 +7,12 @@
 
 Speedups are always computed from the newest row per configuration, within one GPU: a speedup is
 ms(baseline) / ms(provider), where the baseline is the first of the providers 'seed' (the
-step), 'reference', 'eager' (the LM head, silu_mul, RoPE) and 'torch' that the group has. A
-pair whose newest rows come from different commits is marked "(other runs)": times moved by
+step), 'reference', 'eager' (the LM head, silu_mul, RoPE) and 'torch' that the group has with a
+time (an out-of-memory seed step falls back to the reference, as bench_step's own table does).
+A pair whose newest rows come from different commits is marked "(other runs)": times moved by
 up to 2.8x between machines of one GPU type, so only same-run ratios are measurements.
+Providers renamed since their rows were written count under today's name (the step's "fused"
+is "fused_cached"), so a newer row supersedes them.
 """
 from __future__ import annotations
 
@@ -34,7 +37,10 @@ TABLE_COLUMNS = (
     "git_sha",
 )
 TABLE_HEADERS = {"gbps": "GB/s", "tflops": "TFLOP/s", "peak_mib": "peak MiB", "gpu_name": "gpu"}
-BASELINES = ("seed", "reference", "eager", "torch")  # the first present is the baseline
+BASELINES = ("seed", "reference", "eager", "torch")  # the first timed one is the baseline
+# (op, old provider name) -> today's name: bench_step's ALIASES (records before its modes).
+# Without it the old name is a configuration of its own that no newer row ever supersedes.
+RENAMED = {("ola_step", "fused"): "fused_cached"}
 
 # A configuration: rows with the same key measure the same thing, so only the newest counts.
 CONFIG_FIELDS = ("op", "provider", "mode", "shape", "dtype", "gpu_name")
@@ -62,18 +68,25 @@ def _by_time(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=_when)
 
 
+def _renamed(row: dict[str, Any]) -> dict[str, Any]:
+    name = RENAMED.get((row.get("op"), row.get("provider")))
+    return row if name is None else {**row, "provider": name}
+
+
 def latest_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The newest row of each (op, provider, mode, shape, dtype, gpu_name)."""
+    """The newest row of each (op, provider, mode, shape, dtype, gpu_name), providers under
+    their current names (``RENAMED``)."""
     newest: dict[tuple[str, ...], dict[str, Any]] = {}
-    for row in _by_time(rows):
+    for row in _by_time([_renamed(r) for r in rows]):
         newest[_key(row, CONFIG_FIELDS)] = row
     return list(newest.values())
 
 
 def _baseline(group: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    # Timed rows only: an OOM seed row (ms NaN) must not hide the reference's speedups.
     for name in BASELINES:
         for row in group:
-            if row.get("provider") == name:
+            if row.get("provider") == name and _timed(row):
                 return row
     return None
 
@@ -91,7 +104,7 @@ def speedups(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for key in sorted(groups):
         base = _baseline(groups[key])
-        if base is None or not _timed(base):
+        if base is None:
             continue
         for row in sorted(groups[key], key=lambda r: str(r.get("provider"))):
             if row is base or not _timed(row):  # (an out-of-memory row's ms is NaN)
