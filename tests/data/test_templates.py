@@ -29,17 +29,19 @@ def _encode_image_prompt(tokenizer, prompt: str) -> list[int]:
     return out
 
 
-def _seed_llama3_labels(tokenizer, prompt: str) -> list[int]:
-    """SPEC 5.2's arithmetic for llava_llama_3, written from the spec, as the oracle."""
+def _seed_labels(tokenizer, prompt: str, conv=LLAMA, later_rounds_shift: int = 0) -> list[int]:
+    """SPEC 5.2's arithmetic, written from the spec, as the oracle: llava_llama_3's by default;
+    llava_phi_3's (``conv=PHI``) has round_len and instruction_len 2 smaller
+    (``later_rounds_shift=2``) for rounds after the first."""
     ids = _encode_image_prompt(tokenizer, prompt)
     target = list(ids)
-    sep = LLAMA.sep + LLAMA.roles[1]
-    rounds = prompt.split(LLAMA.sep)
-    re_rounds = [LLAMA.sep.join(rounds[:3])]
-    re_rounds += [LLAMA.sep.join(rounds[i:i + 2]) for i in range(3, len(rounds), 2)]
+    sep = conv.sep + conv.roles[1]
+    rounds = prompt.split(conv.sep)
+    re_rounds = [conv.sep.join(rounds[:3])]
+    re_rounds += [conv.sep.join(rounds[i:i + 2]) for i in range(3, len(rounds), 2)]
     cur = 1  # BOS at position 0
     target[:cur] = [IGNORE_INDEX] * cur
-    for rou in re_rounds:
+    for i, rou in enumerate(re_rounds):
         if rou == "":
             break
         parts = rou.split(sep)
@@ -48,6 +50,9 @@ def _seed_llama3_labels(tokenizer, prompt: str) -> list[int]:
         parts[0] += sep
         round_len = len(_encode_image_prompt(tokenizer, rou))  # its BOS stands in for <eot>
         instruction_len = len(_encode_image_prompt(tokenizer, parts[0])) - 2
+        if i > 0:
+            round_len, instruction_len = (round_len - later_rounds_shift,
+                                          instruction_len - later_rounds_shift)
         target[cur:cur + instruction_len] = [IGNORE_INDEX] * instruction_len
         cur += round_len
     target[cur:] = [IGNORE_INDEX] * (len(target) - cur)
@@ -138,7 +143,7 @@ def test_llama3_labels_equal_the_seed_arithmetic(llama_tokenizer, conv, has_imag
     out = tokenize_conversation(conv, llama_tokenizer, "llava_llama_3", has_image=has_image)
     prompt = render("llava_llama_3", prepare_turns(conv, has_image)).text
     assert out.input_ids.tolist() == _encode_image_prompt(llama_tokenizer, prompt)
-    assert out.labels.tolist() == _seed_llama3_labels(llama_tokenizer, prompt)
+    assert out.labels.tolist() == _seed_labels(llama_tokenizer, prompt)
     assert (IMAGE_TOKEN_INDEX in out.input_ids.tolist()) == has_image
 
 
@@ -269,7 +274,7 @@ def test_llama3_answer_opening_with_a_newline_equals_the_seed():
             {"from": "gpt", "value": "\nThe square is blue."}]
     prompt = render("llava_llama_3", prepare_turns(conv, has_image=True)).text
     out = tokenize_conversation(conv, tok, "llava_llama_3", has_image=True)
-    assert out.labels.tolist() == _seed_llama3_labels(tok, prompt)
+    assert out.labels.tolist() == _seed_labels(tok, prompt)
     assert _supervised_runs(tok, out.input_ids, out.labels) == [
         "\n\n\nThe square is blue.<|eot_id|>"]
 
@@ -384,35 +389,6 @@ def _phi3_like_tokenizer():
                                    unk_token="<unk>", pad_token="<pad>")
 
 
-def _seed_phi3_labels(tokenizer, prompt: str) -> list[int]:
-    """SPEC 5.2's arithmetic for llava_phi_3 (llama_3's, with round_len and instruction_len
-    2 smaller for rounds after the first), written from the spec, as the oracle."""
-    ids = _encode_image_prompt(tokenizer, prompt)
-    target = list(ids)
-    sep = PHI.sep + PHI.roles[1]
-    rounds = prompt.split(PHI.sep)
-    re_rounds = [PHI.sep.join(rounds[:3])]
-    re_rounds += [PHI.sep.join(rounds[i:i + 2]) for i in range(3, len(rounds), 2)]
-    cur = 1
-    target[:cur] = [IGNORE_INDEX] * cur
-    for i, rou in enumerate(re_rounds):
-        if rou == "":
-            break
-        parts = rou.split(sep)
-        if len(parts) != 2:
-            break
-        parts[0] += sep
-        round_len = len(_encode_image_prompt(tokenizer, rou))
-        instruction_len = len(_encode_image_prompt(tokenizer, parts[0])) - 2
-        if i > 0:
-            round_len, instruction_len = round_len - 2, instruction_len - 2
-        target[cur:cur + instruction_len] = [IGNORE_INDEX] * instruction_len
-        cur += round_len
-    target[cur:] = [IGNORE_INDEX] * (len(target) - cur)
-    assert cur == len(ids), "the oracle itself found a length mismatch"
-    return target
-
-
 @pytest.mark.parametrize("has_image", [True, False])
 def test_phi3_labels_equal_the_seed_arithmetic_on_a_phi3_like_tokenizer(has_image):
     """The offsets-based mask against SPEC's Phi-3 round arithmetic, on a tokenizer that
@@ -430,7 +406,7 @@ def test_phi3_labels_equal_the_seed_arithmetic_on_a_phi3_like_tokenizer(has_imag
     for conv in convs:
         out = tokenize_conversation(conv, tok, "llava_phi_3", has_image=has_image)
         prompt = render("llava_phi_3", prepare_turns(conv, has_image)).text
-        assert out.labels.tolist() == _seed_phi3_labels(tok, prompt)
+        assert out.labels.tolist() == _seed_labels(tok, prompt, PHI, later_rounds_shift=2)
         runs = _supervised_runs(tok, out.input_ids, out.labels)
         assert all(r.startswith("<|assistant|>") and r.endswith("<|end|>") for r in runs)
         assert len(runs) == len(conv) // 2

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from trainhelpers import demo_overrides
 
 import olavlm.train.trainer as trainer_mod
 from olavlm.config import resolve_config
@@ -28,9 +29,6 @@ def synth_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic")
 
 
-def _overrides(tmp_path, synth_dir, *extra):
-    return [f"train.output_dir={tmp_path / 'runs'}", f"data.synthetic_dir={synth_dir}",
-            "data.synthetic_num=16", "logging.progress=false", "logging.plot=false", *extra]
 
 
 def _configs():
@@ -108,7 +106,7 @@ def test_the_mfu_peak_is_the_llms_compute_precision(tmp_path, synth_dir, monkeyp
     asked = []
     monkeypatch.setattr(trainer_mod, "peak_flops",
                         lambda device, precision, tf32=False: asked.append(precision) or 1e12)
-    trainer = Trainer(resolve_config("demo", None, _overrides(
+    trainer = Trainer(resolve_config("demo", None, demo_overrides(
         tmp_path, synth_dir, "model.dtype=bfloat16", "train.max_steps=1",
         "checkpoint.every_steps=0", "checkpoint.at_end=false")))
     try:
@@ -148,7 +146,7 @@ def test_tensorboard_hides_the_steps_a_resume_runs_again(tmp_path, synth_dir, mo
                   start_step=4).close()
     assert [m["purge_step"] for m in _FakeWriter.made] == [None, 5]
     # The trainer passes the step it resumed at.
-    base = _overrides(tmp_path, synth_dir, "train.run_name=tb", "checkpoint.every_steps=0",
+    base = demo_overrides(tmp_path, synth_dir, "train.run_name=tb", "checkpoint.every_steps=0",
                       "logging.tensorboard=true")
     first = Trainer(resolve_config("demo", None, [*base, "train.max_steps=2"]))
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from trainhelpers import demo_overrides
 
 import olavlm.train.checkpoint as ckpt_mod
 import olavlm.train.trainer as trainer_mod
@@ -28,13 +29,10 @@ def synth_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("synthetic")
 
 
-def _overrides(tmp_path, synth_dir, *extra):
-    return [f"train.output_dir={tmp_path / 'runs'}", f"data.synthetic_dir={synth_dir}",
-            "data.synthetic_num=16", "logging.progress=false", "logging.plot=false", *extra]
 
 
 def test_the_logged_lr_is_the_one_each_step_used(tmp_path, synth_dir):
-    cfg = resolve_config("demo", None, _overrides(
+    cfg = resolve_config("demo", None, demo_overrides(
         tmp_path, synth_dir, "train.max_steps=4", "checkpoint.every_steps=0",
         "checkpoint.at_end=false", "optim.warmup_ratio=0.5"))
     trainer = Trainer(cfg)
@@ -61,7 +59,7 @@ def test_a_failed_final_checkpoint_fails_the_run(tmp_path, synth_dir, monkeypatc
         return real(path, payload)
 
     monkeypatch.setattr(ckpt_mod, "_write_rank_file", no_space_at_step_4)
-    rc = train_main(_overrides(tmp_path, synth_dir, "train.max_steps=4",
+    rc = train_main(demo_overrides(tmp_path, synth_dir, "train.max_steps=4",
                                "checkpoint.every_steps=2", "train.run_name=job"))
     err = capsys.readouterr().err
     run = tmp_path / "runs" / "job"
@@ -78,7 +76,7 @@ def test_another_jobs_lock_never_removes_the_folder(tmp_path, synth_dir, monkeyp
         raise ValueError(f"{run_dir} is in use by another training process")
 
     monkeypatch.setattr(trainer_mod, "_lock_run_dir", locked_by_another_job)
-    cfg = resolve_config("demo", None, _overrides(tmp_path, synth_dir, "train.run_name=fresh"))
+    cfg = resolve_config("demo", None, demo_overrides(tmp_path, synth_dir, "train.run_name=fresh"))
     with pytest.raises(ValueError, match="in use by another training process"):
         Trainer(cfg)
     assert (tmp_path / "runs" / "fresh").is_dir()
@@ -132,7 +130,7 @@ def test_an_epoch_run_resumed_at_another_batch_size_ends_with_the_epoch(
     """train.max_steps=0 (one epoch, as the real recipes): preempted after 8 of 16 samples
     at batch 4, resumed at another batch size, the run trains on exactly the 8 samples left
     (the position is in samples; the steps left are recounted from it)."""
-    base = _overrides(tmp_path, synth_dir, "train.run_name=job", "train.max_steps=0",
+    base = demo_overrides(tmp_path, synth_dir, "train.run_name=job", "train.max_steps=0",
                       "train.epochs=1", "checkpoint.every_steps=0")
     first = Trainer(resolve_config("demo", None, [*base, "data.batch_size=4"]))
     log = first._log
@@ -165,7 +163,7 @@ def test_a_start_killed_while_writing_the_tiny_models_resumes(tmp_path, synth_di
     tower = run / "models" / "tiny-clip"  # the tower had its model but not its processor
     tower.mkdir()
     (tower / "config.json").write_text("{}")
-    rc = train_main(_overrides(tmp_path, synth_dir, "train.max_steps=1", "train.run_name=job",
+    rc = train_main(demo_overrides(tmp_path, synth_dir, "train.max_steps=1", "train.run_name=job",
                                "checkpoint.every_steps=0"))
     assert rc == 0
     assert (run / FINISHED).exists()
@@ -247,7 +245,7 @@ def test_resuming_on_changed_data_says_what_changed_and_how_to_go_on(tmp_path, c
 def test_resuming_with_max_steps_below_the_checkpoint_is_refused(tmp_path, synth_dir, capsys):
     """train.max_steps=1 on a run checkpointed at step 2 trained nothing, yet wrote FINISHED
     and exited 0: refused now, the run left as it was."""
-    args = _overrides(tmp_path, synth_dir, "train.run_name=job", "checkpoint.every_steps=2")
+    args = demo_overrides(tmp_path, synth_dir, "train.run_name=job", "checkpoint.every_steps=2")
     assert train_main([*args, "train.max_steps=3", "checkpoint.at_end=false"]) == 0
     run = tmp_path / "runs" / "job"
     (run / FINISHED).unlink()  # as if stopped after the step-2 checkpoint
@@ -264,7 +262,7 @@ def test_a_model_override_on_resume_names_the_changed_keys(tmp_path, synth_dir, 
     """resume=auto continues a run whatever the overrides: a model option that changes a
     weight's shape must say the config changed (not send the user from checkpoint to
     checkpoint as if they were damaged)."""
-    args = _overrides(tmp_path, synth_dir, "train.run_name=job", "train.max_steps=1")
+    args = demo_overrides(tmp_path, synth_dir, "train.run_name=job", "train.max_steps=1")
     assert train_main(args) == 0
     capsys.readouterr()
     assert train_main([*args, "model.num_task_tokens=1", "train.max_steps=2"]) != 0
@@ -280,7 +278,7 @@ def test_an_epoch_run_trains_the_micro_batches_that_do_not_fill_a_last_group(
     step weighted as a step of its own (lr 0: its logged loss is that micro-batch's loss,
     as a grad_accum=1 run logs it)."""
     def run(name, accum):
-        cfg = resolve_config("demo", None, _overrides(
+        cfg = resolve_config("demo", None, demo_overrides(
             tmp_path, synth_dir, f"train.run_name={name}", "train.max_steps=0",
             "train.epochs=1", "checkpoint.every_steps=0", "checkpoint.at_end=false",
             "data.batch_size=4", f"optim.grad_accum={accum}", "optim.lr=0.0",
@@ -307,7 +305,7 @@ def test_an_epoch_run_with_a_batch_rejected_whole_draws_nothing_past_the_epoch(
     none: the run ends a step early) instead of the next epoch's first sample, trained twice."""
     from olavlm.train.build import synthetic_dataset_dir
 
-    base = _overrides(tmp_path, tmp_path / "synthetic", "train.max_steps=0", "train.epochs=1",
+    base = demo_overrides(tmp_path, tmp_path / "synthetic", "train.max_steps=0", "train.epochs=1",
                       "checkpoint.every_steps=0", "checkpoint.at_end=false", "data.shuffle=false",
                       "data.batch_size=1", f"optim.grad_accum={accum}", "train.stage=vpt",
                       "data.max_reject_fraction=1.0", "logging.every_steps=4")
@@ -330,7 +328,7 @@ def test_an_epoch_run_with_a_batch_rejected_whole_draws_nothing_past_the_epoch(
 def test_a_run_resumed_in_epoch_mode_from_a_max_steps_leg_counts_its_epoch(tmp_path, synth_dir):
     """A checkpoint of a train.max_steps leg resumed with train.max_steps=0: the steps are
     counted from the epoch's data left, not the leg's max_steps (same batch geometry)."""
-    base = _overrides(tmp_path, synth_dir, "train.run_name=legs", "data.batch_size=1",
+    base = demo_overrides(tmp_path, synth_dir, "train.run_name=legs", "data.batch_size=1",
                       "checkpoint.every_steps=0", "train.epochs=1", "data.shuffle=false")
     assert train_main([*base, "train.max_steps=3"]) == 0
     second = Trainer(resolve_config("demo", None, [*base, "train.max_steps=0"]))
@@ -346,7 +344,7 @@ def test_an_epoch_run_resumed_after_a_batch_rejected_whole_keeps_its_schedule(tm
     checkpoint's total is kept: the same learning rates and losses, step for step."""
     from olavlm.train.build import synthetic_dataset_dir
 
-    base = _overrides(tmp_path, tmp_path / "synthetic", "train.max_steps=0", "train.epochs=1",
+    base = demo_overrides(tmp_path, tmp_path / "synthetic", "train.max_steps=0", "train.epochs=1",
                       "checkpoint.every_steps=0", "data.shuffle=false", "data.batch_size=1",
                       "train.stage=vpt", "data.max_reject_fraction=1.0")
     root = synthetic_dataset_dir(resolve_config("demo", None, base), is_main=True,
@@ -386,7 +384,7 @@ def test_logged_throughput_sums_the_ranks_counts(tmp_path, synth_dir, monkeypatc
     uneven last batch). A second rank with 1 sample and 100 tokens is emulated."""
     import torch
 
-    cfg = resolve_config("demo", None, _overrides(
+    cfg = resolve_config("demo", None, demo_overrides(
         tmp_path, synth_dir, "train.max_steps=1", "checkpoint.every_steps=0",
         "checkpoint.at_end=false"))
     trainer = Trainer(cfg)
@@ -419,7 +417,7 @@ def test_the_run_summary_sums_every_ranks_data_counts(tmp_path, synth_dir, monke
     (it held rank 0's counts only, and only when rank 0 itself had a problem)."""
     import torch
 
-    cfg = resolve_config("demo", None, _overrides(
+    cfg = resolve_config("demo", None, demo_overrides(
         tmp_path, synth_dir, "train.max_steps=1", "checkpoint.every_steps=0",
         "checkpoint.at_end=false"))
     trainer = Trainer(cfg)
@@ -472,7 +470,7 @@ def test_a_restart_after_a_crash_before_the_first_checkpoint_lists_each_reject_o
     samples (and the index) it rejected are rejected again, so its lines are not kept."""
     from olavlm.train.build import synthetic_dataset_dir
 
-    base = _overrides(tmp_path, tmp_path / "synthetic", "train.max_steps=4", "train.run_name=r",
+    base = demo_overrides(tmp_path, tmp_path / "synthetic", "train.max_steps=4", "train.run_name=r",
                       "checkpoint.every_steps=2", "data.shuffle=false", "data.batch_size=2",
                       "data.max_reject_fraction=1.0", "checkpoint.resume=auto")
     cfg = resolve_config("demo", None, base)
