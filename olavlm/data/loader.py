@@ -104,6 +104,13 @@ def _a_worker_died(iterator, wait: float = 2.0) -> bool:
     return False
 
 
+def rank_rejects_path(path: str | Path, rank: int, world_size: int) -> Path:
+    """The rejects file a rank writes: ``path`` itself in one process, else ``.rank<r>`` added
+    before its suffix (``rejects.rank1.jsonl``)."""
+    path = Path(path)
+    return path if world_size == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
 class TooManyRejectsError(ValueError):
     """More of the data was rejected than ``max_reject_fraction`` allows: most likely a wrong
     ``image_folder`` or data file, which would otherwise train on what little is left."""
@@ -334,9 +341,8 @@ class ResumableLoader:
         self.drop_last = drop_last
         self._index_rejects_path = None  # rank 0's file: the only one with the index rejects
         if rejects_path is not None and self.world_size > 1:
-            base = Path(rejects_path)
             rejects_path, self._index_rejects_path = (
-                base.with_name(f"{base.stem}.rank{r}{base.suffix}") for r in (self.rank, 0))
+                rank_rejects_path(rejects_path, r, self.world_size) for r in (self.rank, 0))
         self.log = RejectLog(rejects_path)
         # The index's rejects (found once, while indexing) go to the file at the first pass,
         # unless the state loaded says an earlier run of this training wrote them already.

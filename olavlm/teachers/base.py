@@ -21,6 +21,7 @@ emulated and slow without AMX and where the tests compare batched and per-image 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from collections.abc import Mapping, Sequence
@@ -222,16 +223,20 @@ def device_view(images, size: int, aspect: str, *, device, mode: str = "bicubic"
     return out
 
 
-def _channels(values, device) -> torch.Tensor:
-    """(1, 3, 1, 1) float32 on ``device`` from fill kernels: ``torch.tensor(values,
-    device=cuda)`` copies from the host and synchronizes the stream, in every training step."""
-    return torch.stack([torch.full((), float(v), dtype=torch.float32, device=device)
-                        for v in values]).view(1, 3, 1, 1)
+@functools.lru_cache(maxsize=32)
+def _channels(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """(1, 3, 1, 1) float32 on ``device``, made once per device from fill kernels:
+    ``torch.tensor(values, device=cuda)`` in every step would copy from the host and
+    synchronize the stream. A normal tensor even when first asked under inference_mode."""
+    with torch.inference_mode(False):
+        return torch.stack([torch.full((), float(v), dtype=torch.float32, device=device)
+                            for v in values]).view(1, 3, 1, 1)
 
 
 def normalize(pixels: torch.Tensor, mean, std, dtype: torch.dtype) -> torch.Tensor:
     """``(pixels / 255 - mean) / std`` in fp32, then cast to ``dtype``."""
-    mean_t, std_t = _channels(mean, pixels.device), _channels(std, pixels.device)
+    mean_t = _channels(tuple(map(float, mean)), pixels.device)
+    std_t = _channels(tuple(map(float, std)), pixels.device)
     return ((pixels / 255.0 - mean_t) / std_t).to(dtype)
 
 

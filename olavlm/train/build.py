@@ -80,6 +80,9 @@ def generate_folder(final: Path, build: Callable[[Path], object], *,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+REJECTS_FILE = "rejects.jsonl"  # in the run folder (one per rank: rank_rejects_path)
+
+
 def _data_files(cfg, data_root: Path | None) -> tuple[list[Path], Path | None]:
     if data_root is not None:
         return [data_root / "train.jsonl"], data_root
@@ -488,7 +491,7 @@ def build_data(cfg, model: OlaVLM, tokenizer, data_root: Path | None, *, rank: i
         dataset, batch_size=cfg.data.batch_size, shuffle=cfg.data.shuffle, seed=cfg.train.seed,
         rank=rank, world_size=world_size, num_workers=_worker_count(cfg.data.num_workers),
         group_by_modality_length=cfg.data.group_by_modality_length,
-        grad_accum=cfg.optim.grad_accum, rejects_path=run_dir / "rejects.jsonl",
+        grad_accum=cfg.optim.grad_accum, rejects_path=run_dir / REJECTS_FILE,
         max_reject_fraction=cfg.data.max_reject_fraction)
     return dataset, loader
 

@@ -28,7 +28,7 @@ import torch
 
 from olavlm.config import Config, config_to_dict, save_resolved_config
 from olavlm.data.bad_data import truncate_rejects_file
-from olavlm.data.loader import LoaderStateMismatch, TooManyRejectsError
+from olavlm.data.loader import LoaderStateMismatch, TooManyRejectsError, rank_rejects_path
 from olavlm.teachers.online import PendingTargets
 
 from . import build as B
@@ -391,8 +391,8 @@ class Trainer:
             # first checkpoint wrote to: this run redoes that attempt's samples, so its
             # rejects would be listed twice (each rank empties its own file; the loader writes
             # the index's rejects again).
-            truncate_rejects_file(self.run_dir / ("rejects.jsonl" if d.world_size == 1 else
-                                                  f"rejects.rank{d.rank}.jsonl"), 0)
+            truncate_rejects_file(rank_rejects_path(self.run_dir / B.REJECTS_FILE, d.rank,
+                                                    d.world_size), 0)
         barrier = lambda: _barrier(d)  # noqa: E731
         data_root = None
         if not cfg.data.path:
