@@ -18,6 +18,10 @@ given, so that the model-changing switches come last):
   target cache. Records before the modes existed call it ``fused`` (still accepted here).
 - ``fused_online``: our kernels, the teachers batched once per step (``OnlineTargets``: uint8
   images copied to the device, resized there, one forward per teacher; inline, no side stream).
+- ``fused_online_side``: as ``fused_online`` with the teachers on their own CUDA stream
+  (``teachers.side_stream=true`` in ``olavlm train``): submitted before the model's forward,
+  read by it after its decoder, so they overlap the vision tower and the LLM forward. Its gain
+  over ``fused_online`` is what the side stream is worth (on the CPU it runs inline).
 - ``reference``: the seed's math with cached targets (the model issue's baseline).
 - ``fused_cached_ac``: + activation checkpointing "selective" (every other block): memory vs
   speed.
@@ -130,7 +134,9 @@ OP = "ola_step"
 @dataclass(frozen=True)
 class Mode:
     impl: str  # model.set_impl
-    targets: str  # "per_image" (the seed's teachers) | "batched" (OnlineTargets) | "cached"
+    # "per_image" (the seed's teachers) | "batched" (OnlineTargets, inline) | "side_stream"
+    # (OnlineTargets on their own CUDA stream, read by the model after its decoder) | "cached"
+    targets: str
     switches: tuple[str, ...] = ()  # of "float8", "liger", "ac", "compile" (apply order)
 
 
@@ -138,6 +144,7 @@ MODES = {
     "seed": Mode("reference", "per_image"),
     "fused_cached": Mode("auto", "cached"),
     "fused_online": Mode("auto", "batched"),
+    "fused_online_side": Mode("auto", "side_stream"),
     "reference": Mode("reference", "cached"),
     "fused_cached_ac": Mode("auto", "cached", ("ac",)),
     # liger-kernel's SwiGLU keeps gate and up only (recomputes silu): ~1/3 less MLP activation
@@ -316,9 +323,12 @@ class StepBench:
             return lambda: per_image_targets(teachers, batch.photos, self.device, dtype)
         from olavlm.teachers.online import OnlineTargets  # noqa: PLC0415
 
-        online = OnlineTargets(teachers, measure_memory_steps=0)
+        side = mode.targets == "side_stream"
+        online = OnlineTargets(teachers, side_stream=side, measure_memory_steps=0)
         view = SimpleNamespace(raw_images=batch.photos, teacher_views={}, maps=None,
                                image_mask=batch.image_mask)
+        if side:  # as the trainer: submitted before the forward, waited for after the decoder
+            return lambda: online.submit(view).lazy()
         return lambda: {k: v.to(dtype) for k, v in online(view).targets.items()}
 
     def configure(self, mode: Mode) -> str:
@@ -450,7 +460,27 @@ def goal_lines(records: list[common.Record], batches: dict[str, Batch],
             got.append(f"LLM MFU {here}best {mfus[best]:.1%} ({best})")
         if got:
             lines.append(f"  {shape}: fused_cached {'; '.join(got)}")
+        side = side_stream_line(ok, shape)
+        if side:
+            lines.append(f"  {shape}: {side}")
     return lines
+
+
+def side_stream_line(ok: dict, shape: str) -> str:
+    """What the teachers' side stream saved: fused_online_side against fused_online, as a share
+    of the teachers' inline cost (fused_online - fused_cached) where that was measured."""
+    inline, side = ok.get((shape, "fused_online")), ok.get((shape, "fused_online_side"))
+    if not (inline and side):
+        return ""
+    saved = inline.ms - side.ms
+    line = f"side stream {side.ms:.1f} ms against inline {inline.ms:.1f}: {saved:+.1f} ms saved"
+    cached = ok.get((shape, "fused_cached"))
+    if cached and inline.ms > cached.ms:
+        teachers = inline.ms - cached.ms
+        line += f" of the teachers' {teachers:.1f} ms inline ({saved / teachers:.0%} hidden)"
+    if side.peak_mib and inline.peak_mib:
+        line += f"; peak {side.peak_mib:.0f} MiB against {inline.peak_mib:.0f}"
+    return line
 
 
 TABLE = ("shape", "provider", "ms", "samples_s", "tokens_s", "mfu", "tflops", "peak_mib",
@@ -474,7 +504,8 @@ def _cached_runner(name: str) -> StepBench:
     return _RUNNERS[name]
 
 
-@pytest.mark.parametrize("provider", ("seed", "fused_cached", "fused_online", "reference"))
+@pytest.mark.parametrize("provider", ("seed", "fused_cached", "fused_online", "fused_online_side",
+                                      "reference"))
 def test_ola_step(benchmark, request, provider):
     from conftest import bench_preset  # noqa: PLC0415
 

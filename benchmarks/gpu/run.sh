@@ -132,7 +132,8 @@ stage bench_silu_mul "${OLAVLM_SILU_LIMIT:-120}" $PY benchmarks/bench_silu_mul.p
   --providers eager,liger,ours,ours_inplace
 # One OLA-VLM pre-training step per mode (a default stage): the
 # seed-faithful step (reference math + per-image online teachers) vs ours with cached or batched
-# online targets. OLAVLM_STEP_PROVIDERS picks modes (default below: ~100-150 s on an H200 at
+# online targets, inline or on a side stream. OLAVLM_STEP_PROVIDERS picks modes (default below:
+# ~110-160 s on an H200 at
 # llama3_8b B=8); add fused_cached_compile / fused_cached_float8 (+ ~60-90 s each for building
 # and compiling; raise OLAVLM_STEP_LIMIT), reference, fused_cached_ac, or "all".
 # Default llama3_8b at B=8 (~55 GB on the seed path: prefer an H200; llama3_2l is the same
@@ -142,7 +143,7 @@ stage bench_silu_mul "${OLAVLM_SILU_LIMIT:-120}" $PY benchmarks/bench_silu_mul.p
 # OLAVLM_STEP_PROFILE="" turns it off.
 stage bench_step "${OLAVLM_STEP_LIMIT:-140}" $PY benchmarks/bench_step.py \
   ${OLAVLM_STEP_PRESET:+--preset "$OLAVLM_STEP_PRESET"} --batch "${OLAVLM_STEP_BATCH:-8}" \
-  --providers "${OLAVLM_STEP_PROVIDERS:-seed,fused_cached,fused_online}" \
+  --providers "${OLAVLM_STEP_PROVIDERS:-seed,fused_cached,fused_online,fused_online_side}" \
   --profile "${OLAVLM_STEP_PROFILE-fused_cached}"
 # Teachers: per-image vs batched vs cache reads (opt-in: OLAVLM_STAGES="... bench_teachers").
 # (its default preset: real model sizes on a GPU, tiny ones on the CPU dry run)

@@ -129,3 +129,50 @@ def test_providers_switches_and_an_unavailable_float8(tmp_path, monkeypatch, loa
                        "--providers", "fused_cached_float8"]) == 0
     rows = list(csv.DictReader((tmp_path / "ola_step.csv").open()))
     assert rows[-1]["note"] == "error: RuntimeError: float8 broke"
+
+
+def test_side_stream_mode_hands_the_model_waiting_targets_of_the_inline_values(load_bench,
+                                                                              monkeypatch):
+    # fused_online_side measures what the trainer's teachers.side_stream does: the step gets
+    # WaitingTargets (read after the decoder), and on the CPU (no side stream) the same values
+    # as the inline mode, so the two modes train on the same targets.
+    from olavlm.teachers import base
+    from olavlm.teachers.online import WaitingTargets
+
+    monkeypatch.setattr(base, "_WARNED", set())  # (warned once per process: another test's)
+    bench = load_bench("bench_step")
+    runner = bench.StepBench(bench.PRESETS["tiny"], "cpu")
+    batch = runner.batch(2)
+    with pytest.warns(UserWarning, match="side_stream=True needs a CUDA device"):
+        side = runner.targets(bench.MODES["fused_online_side"], batch)()
+    inline = runner.targets(bench.MODES["fused_online"], batch)()
+    assert isinstance(side, WaitingTargets)
+    assert set(side) == set(inline) == set(batch.targets)
+    for task, value in inline.items():
+        assert side.shape_of(task) == value.shape
+        assert side[task].dtype == value.dtype == batch.targets[task].dtype
+        torch.testing.assert_close(side[task], value, rtol=0, atol=0)
+    record, step, _ = runner.measure("fused_online_side", batch, warmup=0, rep=1)
+    assert step is not None and math.isfinite(record.ms)
+    assert "targets=side_stream" in record.note
+
+
+def test_side_stream_goal_line_reports_the_share_of_the_teachers_hidden(load_bench):
+    bench = load_bench("bench_step")
+
+    def rec(provider, ms, peak):
+        return bench.common.make_record(
+            op="ola_step", provider=provider, mode="fwd_bwd", shape="s", dtype="bfloat16",
+            timing=bench.common.Timing(ms, ms, ms, 1), peak_bytes=peak * 2**20)
+
+    ok = {("s", r.provider): r for r in (rec("fused_cached", 300.0, 1000),
+                                         rec("fused_online", 380.0, 1200),
+                                         rec("fused_online_side", 340.0, 1300))}
+    line = bench.side_stream_line(ok, "s")
+    assert line.startswith("side stream 340.0 ms against inline 380.0: +40.0 ms saved")
+    assert "of the teachers' 80.0 ms inline (50% hidden)" in line
+    assert "peak 1300 MiB against 1200" in line
+    del ok[("s", "fused_cached")]
+    assert "hidden" not in bench.side_stream_line(ok, "s")
+    del ok[("s", "fused_online")]
+    assert bench.side_stream_line(ok, "s") == ""
