@@ -251,6 +251,11 @@ class LlavaIndex:
         return json.loads(bytes(blob))
 
 
+# The stand-in sample's conversation (``LlavaDataset.stand_in_sample``): short, so that it fits
+# any max_length a template leaves room for; its labels are cleared before it runs.
+STAND_IN_CONVERSATION = ({"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hi"})
+
+
 class _Undecodable(Exception):
     """An image file PIL could not decode (the cause is PIL's exception, of any type)."""
 
@@ -392,6 +397,31 @@ class LlavaDataset(torch.utils.data.Dataset):
             return self._bad(i, entry, "bad_maps", f"{type(err).__name__}: {err}")
         return None
 
+    def _text_only(self, sample: Sample) -> Sample:
+        """``sample`` (no image) with the blank views, targets and maps every sample carries."""
+        size = self.image_view.size
+        if self.keep_raw_image:
+            sample.raw_image = torch.zeros(3, size, size, dtype=torch.uint8)
+        sample.teacher_views = {k: v.blank() for k, v in self.teacher_views.items()}
+        if self.targets is not None:
+            sample.targets = self._blank_targets()  # masked: no image, nothing to count
+        if self.keep_maps:
+            sample.maps = {"depth_mm": torch.zeros(size, size, dtype=torch.int32),
+                           "seg_class": torch.zeros(size, size, dtype=torch.uint8)}
+        return sample
+
+    def stand_in_sample(self) -> Sample:
+        """A text-only sample built from no entry of the data: what a rank runs (with nothing
+        to learn from, ``Batch.as_stand_in``) when its batch was rejected whole before it had
+        a batch of its own. It has every view, target and map a real sample of this dataset
+        has, so its forward runs the same modules (and collectives) as the other ranks'."""
+        tokens = tokenize_conversation(
+            STAND_IN_CONVERSATION, self.tokenizer, self.template, has_image=False,
+            max_length=self.max_length, num_image_tokens=self.num_image_tokens)
+        return self._text_only(Sample(
+            index=-1, sample_id="stand-in", input_ids=tokens.input_ids, labels=tokens.labels,
+            image=self.image_view.blank(), has_image=False, truncated=False))
+
     def _bad(self, i: int, entry: dict, reason: str, detail: str) -> Reject:
         location = self.index.location(i)
         reject = Reject(reason=reason, sample_id=_sample_id(entry, location), location=location,
@@ -414,16 +444,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                         image=self.image_view.blank(), has_image=has_image,
                         truncated=tokens.truncated)
         if not has_image:
-            size = self.image_view.size
-            if self.keep_raw_image:
-                sample.raw_image = torch.zeros(3, size, size, dtype=torch.uint8)
-            sample.teacher_views = {k: v.blank() for k, v in self.teacher_views.items()}
-            if self.targets is not None:
-                sample.targets = self._blank_targets()  # masked: no image, nothing to count
-            if self.keep_maps:
-                sample.maps = {"depth_mm": torch.zeros(size, size, dtype=torch.int32),
-                               "seg_class": torch.zeros(size, size, dtype=torch.uint8)}
-            return sample
+            return self._text_only(sample)
         sample.image_key = image_key(entry["image"])
         path = self.image_path(i, entry["image"])
         try:

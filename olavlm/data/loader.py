@@ -365,8 +365,8 @@ class ResumableLoader:
             # oversubscribe the cores (and it warns when forked after being used).
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self._batch_sampler = _PlanBatchSampler()
-        collator = Collator(dataset.tokenizer.pad_token_id, dataset.image_view,
-                            dataset.teacher_views, pad_to_multiple_of)
+        self.collator = collator = Collator(dataset.tokenizer.pad_token_id, dataset.image_view,
+                                            dataset.teacher_views, pad_to_multiple_of)
         # No persistent workers: each pass starts its own (a fork costs milliseconds), so a
         # break or an error mid-epoch never leaves workers behind with a stale position.
         extra = {"prefetch_factor": prefetch_factor} if num_workers else {}
@@ -378,6 +378,13 @@ class ResumableLoader:
             num_workers=num_workers, pin_memory=pin_memory,
             worker_init_fn=_ignore_stop_signals if num_workers else None,
             generator=torch.Generator().manual_seed(int(seed)), **extra)
+
+    def stand_in_batch(self) -> Batch:
+        """One text-only sample made up here (``LlavaDataset.stand_in_sample``) as a stand-in
+        batch (``Batch.as_stand_in``: nothing to learn from, not counted): for a rank whose
+        batch was rejected whole before it had one of its own (the ranks' steps must match).
+        Draws nothing from the data: the loader's position and counts are unchanged."""
+        return self.collator([self.dataset.stand_in_sample()]).as_stand_in()
 
     def _start_epoch_log(self) -> None:
         self.log.reset()

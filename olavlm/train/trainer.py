@@ -626,24 +626,33 @@ class Trainer:
         process skips it (returns None). Ranks cannot skip a micro-batch alone (their
         collectives must match): this rank runs its previous batch as a stand-in with nothing
         to learn from (``Batch.as_stand_in``) and the step goes on with the other ranks'
-        samples; before any batch of its own there is none, and the run stops naming the
-        samples."""
+        samples; before any batch of its own (a run's or a resumed run's first), a text-only
+        sample made up by the loader (``ResumableLoader.stand_in_batch``) stands in. If even
+        that cannot be made, the run stops naming the samples."""
         rejects = list(getattr(batch, "rejects", []))
         reasons = sorted({r.reason for r in rejects})
         what = f"every sample of a batch was rejected ({', '.join(reasons) or 'no samples'})"
         dist = getattr(self, "dist", None)
         if dist is not None and dist.distributed:
             last = getattr(self, "_last_batch", None)
+            stand_in, why = None, ""
             if last is not None:
+                stand_in = last.as_stand_in()
+            else:
+                try:  # (made up, not drawn from the data: the loader's position is unchanged)
+                    stand_in = self.loader.stand_in_batch()
+                except Exception as err:  # noqa: BLE001 - named in the error below
+                    why = f"; no stand-in sample either: {type(err).__name__}: {err}"
+            if stand_in is not None:
                 logger.warning("rank %d: %s: a stand-in with no label, image or target runs in "
                                "its place (the ranks' steps must match)", dist.rank, what)
-                return last.as_stand_in()
+                return stand_in
             named = "; ".join(r.message() for r in rejects[:3])
             raise NoDataError(
                 f"rank {dist.rank}: {what} before this rank had a batch of its own to stand in "
-                f"for it, and the ranks cannot skip a step alone ({named}): restore or replace "
-                "those files (removing the entries changes the data: the run could not resume "
-                "from its checkpoints), or raise data.batch_size")
+                f"for it, and the ranks cannot skip a step alone ({named}{why}): restore or "
+                "replace those files (removing the entries changes the data: the run could not "
+                "resume from its checkpoints), or raise data.batch_size")
         logger.warning("%s: skipped", what)
         return None
 

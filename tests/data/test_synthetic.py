@@ -177,6 +177,14 @@ def test_its_tokenizer_loads_and_reads_every_sample(synth_dir, template):
     has_img = [(b.input_ids[r] == IMAGE_TOKEN_INDEX).any().item() for b in batches
                for r in range(len(b))]
     assert mask == [int(h) for h in has_img] and 0 in mask and 1 in mask
+    # The stand-in a rank runs for a batch rejected whole before it had one (the trainer's
+    # _empty_batch): one text-only row under this template, nothing to learn from.
+    stand_in = loader.stand_in_batch()
+    assert stand_in.stand_in and stand_in.sample_ids == ["stand-in"]
+    assert stand_in.input_ids.shape[0] == 1 and stand_in.attention_mask.sum() > 2
+    assert not (stand_in.input_ids == IMAGE_TOKEN_INDEX).any()
+    assert bool((stand_in.labels == -100).all()) and int(stand_in.image_mask.sum()) == 0
+    assert stand_in.images.shape[1:] == batches[0].images.shape[1:]
 
 
 def test_cli_synth_in_process_and_as_module(tmp_path, capsys):

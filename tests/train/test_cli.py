@@ -106,6 +106,9 @@ def test_only_rejected_batches_name_the_reasons_and_ranks_cannot_skip():
         def __iter__(self):
             yield from (Empty(), Empty())
 
+        def stand_in_batch(self):
+            raise ValueError("the template left no room")
+
     class Dist:
         distributed, rank = False, 0
 
@@ -119,10 +122,12 @@ def test_only_rejected_batches_name_the_reasons_and_ranks_cannot_skip():
     with pytest.raises(NoDataError, match=r"every sample rejected\?\): 0 samples used, 2 rej"):
         next(owner._batches())
     owner.dist.distributed, owner.dist.rank = True, 1
-    # Before a batch of its own, a rank has nothing to stand in: the samples are named.
+    # Before a batch of its own the loader makes a stand-in up; when even that fails, the
+    # samples and the reason are named.
     with pytest.raises(NoDataError, match="rank 1: every sample of a batch was rejected "
                                           r"\(missing_image\) before this rank had a batch .*"
-                                          r"sample 'a7'.*restore or replace those files"):
+                                          r"sample 'a7'.*no stand-in sample either: ValueError: "
+                                          r"the template left no room\): restore or replace"):
         next(owner._batches())
 
 
@@ -147,6 +152,23 @@ def test_a_rank_runs_a_stand_in_for_a_batch_rejected_whole(tmp_path):
         assert stand_in.stand_in and len(stand_in) == len(real)
         trainer.model.zero_grad(set_to_none=True)
         out = trainer._micro_step(stand_in, 1, torch.ones((), dtype=torch.int64), 0)
+        assert float(out.loss.detach()) == 0.0 and int(out.num_valid_tokens) == 0
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        assert grads and all(torch.count_nonzero(g) == 0 for g in grads)
+        # Before a batch of its own (a run's or a resumed run's first batch): a text-only
+        # sample the loader makes up, with the views, targets and maps of a real one, and the
+        # loader's position and counts unchanged.
+        trainer._last_batch = None
+        position, used = trainer.loader.position, trainer.loader.log.num_samples
+        made_up = trainer._empty_batch(empty)
+        assert made_up.stand_in and len(made_up) == 1 and made_up.sample_ids == ["stand-in"]
+        assert int(made_up.image_mask.sum()) == 0 and int(made_up.target_mask.sum()) == 0
+        assert bool((made_up.labels == -100).all()) and made_up.attention_mask.any()
+        assert made_up.maps.keys() == real.maps.keys()
+        assert made_up.images.shape[1:] == real.images.shape[1:]
+        assert (trainer.loader.position, trainer.loader.log.num_samples) == (position, used)
+        trainer.model.zero_grad(set_to_none=True)
+        out = trainer._micro_step(made_up, 1, torch.ones((), dtype=torch.int64), 0)
         assert float(out.loss.detach()) == 0.0 and int(out.num_valid_tokens) == 0
         grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
         assert grads and all(torch.count_nonzero(g) == 0 for g in grads)

@@ -108,3 +108,58 @@ def test_two_ranks_epoch_mode_shards_once_reports_the_dropped_sample_and_refuses
                         data_line), data_line
     assert got["again"] == [2, 2, 2]
     assert [r["step"] for r in read_metrics(run)] == [1, 2]
+
+
+def _first_batch_rejected_worker(rank, world, port, tmp, data, out_file):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    overrides = [f"train.output_dir={tmp}/runs", f"data.path={data}/train.jsonl",
+                 f"data.tokenizer={data}/tokenizer", "data.shuffle=false", "data.batch_size=1",
+                 "train.max_steps=2", "train.run_name=first", "parallel.fsdp=on",
+                 "logging.progress=false", "logging.plot=false"]
+    trainer = Trainer(resolve_config("demo", None, overrides))
+    ran = []
+    micro_step = trainer._micro_step
+
+    def recording(batch, *args):
+        ran.append((batch.sample_ids, batch.stand_in))
+        return micro_step(batch, *args)
+
+    trainer._micro_step = recording
+    result = trainer.train()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, ran)
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump({"steps": result.steps, "ran": gathered}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_rank_whose_first_batch_is_rejected_whole_runs_a_made_up_stand_in(tmp_path):
+    """Rank 1's first sample has no image file: its first batch is rejected whole before it
+    had one of its own to stand in. It runs a text-only stand-in the loader makes up (nothing
+    to learn from) and the job goes on; it used to stop, leaving rank 0 in a collective."""
+    from olavlm.data.synthetic import write_synthetic_dataset
+
+    data = tmp_path / "d"
+    write_synthetic_dataset(data, 8, size=32, text_only_fraction=0.0)
+    entries = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    (data / entries[1]["image"]).unlink()  # unshuffled, batch 1: rank 1's first sample
+    out_file = tmp_path / "results.json"
+    _run_two_ranks(_first_batch_rejected_worker, str(tmp_path), str(data), str(out_file),
+                   timeout=240)
+    got = json.loads(out_file.read_text())
+    assert got["steps"] == 2
+    first, second = got["ran"]
+    ids = [str(e.get("id")) for e in entries]
+    assert first == [[[ids[0]], False], [[ids[2]], False]]
+    assert second == [[["stand-in"], True], [[ids[3]], False]]
+    assert [r["step"] for r in read_metrics(tmp_path / "runs" / "first")] == [1, 2]
+    rejects = (tmp_path / "runs" / "first" / "rejects.rank1.jsonl").read_text()
+    assert "missing_image" in rejects and entries[1]["image"] in rejects
