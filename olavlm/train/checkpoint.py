@@ -415,12 +415,22 @@ class Checkpointer:
         except (Exception, CheckpointException) as exc:  # DCP's is a BaseException
             own, own_exc = _failure(exc), exc
         failures = [(r, f) for r, f in enumerate(self._gather(own)) if f is not None]
+        moved: list[str] = []
         if not failures and self.rank == 0:
             try:
+                # The abandoned timeline's later checkpoints go aside before the rename: a
+                # crash right after it must not leave them for resume=auto to pick over this.
+                newer = [p for p in self.checkpoints() if (_step_of(p) or 0) > int(step)]
+                moved = [self._supersede(p) for p in newer]
                 self._publish(tmp, final, step, state.get("extra"))
             except OSError as exc:
                 own, own_exc = _failure(exc), exc
                 failures = [(0, own)]
+        if moved:
+            warnings.warn(f"{self.dir} held checkpoints of later steps from the run this one "
+                          f"branched off (it resumed from an earlier step); resume=auto would "
+                          f"have picked them over the new {name}: moved aside as "
+                          f"{', '.join(moved)} (delete them when not needed)", stacklevel=2)
         failures = self._broadcast(failures)
         if failures:
             if self.rank == 0:
@@ -436,13 +446,6 @@ class Checkpointer:
                 f"files; {self._previous_text()}") from own_exc
         self._mine.add(name)
         if self.rank == 0:
-            newer = [p for p in self.checkpoints() if (_step_of(p) or 0) > int(step)]
-            if newer:
-                moved = [self._supersede(p) for p in newer]
-                warnings.warn(f"{self.dir} held checkpoints of later steps from the run this one "
-                              f"branched off (it resumed from an earlier step); resume=auto "
-                              f"would have picked them over the new {name}: moved aside as "
-                              f"{', '.join(moved)} (delete them when not needed)", stacklevel=2)
             self._prune(keep=final)
         self._barrier()
         return final

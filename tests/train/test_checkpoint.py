@@ -202,6 +202,31 @@ def test_a_branched_run_supersedes_the_abandoned_timeline(tmp_path):
     assert len(list(branch.dir.glob("superseded-*"))) == 2
 
 
+def test_a_branched_run_crashing_right_after_its_first_rename_resumes_its_own_timeline(
+        tmp_path, monkeypatch):
+    """The abandoned timeline's later checkpoints are moved aside before the branch's first
+    checkpoint is renamed into place: a crash right after that rename (before any cleanup)
+    must not leave them for resume=auto to pick over the branch's new one."""
+    model, _, _, _ = _job()
+    first = Checkpointer(tmp_path, keep_last=0)
+    for step in range(1, 5):
+        first.save(step, {"model": model, "extra": {"step": step, "run": "first"}})
+    branch = Checkpointer(tmp_path, keep_last=0)
+    branch.load(branch.dir / "step_000002", {"model": model})
+    publish = Checkpointer._publish
+
+    def crash_after_rename(self, *args, **kwargs):
+        publish(self, *args, **kwargs)
+        raise KeyboardInterrupt  # the process dies right after the rename
+
+    monkeypatch.setattr(Checkpointer, "_publish", crash_after_rename)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="branched off"):
+        branch.save(3, {"model": model, "extra": {"step": 3, "run": "branch"}})
+    again = Checkpointer(tmp_path)  # the rerun, resume=auto
+    assert again.resolve_resume("auto") == again.dir / "step_000003"
+    assert again.load(None, {"model": model}) == {"step": 3, "run": "branch"}
+
+
 def test_a_crash_between_write_and_rename_never_becomes_latest(tmp_path):
     """A real kill (SIGKILL) right before the rename: the temp dir, even with its marker
     written, is never taken for a checkpoint, and the next save removes it."""
