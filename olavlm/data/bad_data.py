@@ -8,6 +8,9 @@ Reasons (``REJECT_REASONS``):
 - ``bad_entry``: any other malformed entry (not an object, a turn without a str ``value``,
   an unknown ``from``, roles that do not alternate, several images, ``plain`` with more turns);
 - ``missing_image`` / ``corrupt_image``: the image file is absent / cannot be decoded;
+- ``unreadable_image``: reading the file failed (an ``OSError`` that is not about the
+  image's content: ``PermissionError``, a disk's ``EIO``, a network file system's ``ESTALE``),
+  after ``images.READ_ATTEMPTS`` tries for a transient errno; the detail names the errno;
 - ``bad_maps``: the synthetic dataset's depth or segmentation map of the image (read for the
   synthetic teacher run online) is absent or unreadable;
 - ``tokenization_mismatch``: no token ends an assistant header (templates.py);
@@ -45,8 +48,8 @@ logger = logging.getLogger("olavlm.data")
 
 BAD_SAMPLE_POLICIES = ("skip", "raise")
 REJECT_REASONS = (
-    "malformed_json", "no_conversations", "bad_entry", "missing_image", "corrupt_image",
-    "bad_maps", "tokenization_mismatch", "too_long",
+    "malformed_json", "no_conversations", "bad_entry", "missing_image", "unreadable_image",
+    "corrupt_image", "bad_maps", "tokenization_mismatch", "too_long",
 )
 TARGET_PROBLEMS = ("missing_target", "corrupt_target", "stale_target")
 

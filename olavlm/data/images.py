@@ -21,10 +21,12 @@ With ``mean``/``std`` the view is float32 ``(x / 255 - mean) / std``; without, u
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import os
 import re
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -37,11 +39,13 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "MAX_ASPECT_RATIO",
+    "READ_ATTEMPTS",
     "ImageView",
     "expand_to_square",
     "image_digest",
     "load_image",
     "pil_to_uint8",
+    "read_error_detail",
     "read_image_file",
     "to_rgb",
     "tower_view",
@@ -99,12 +103,42 @@ def _check_is_file(path: Path) -> None:
     raise FileNotFoundError(f"{what}: {path}")
 
 
+# Reads of an image file that fail with one of these errnos are tried again (READ_ATTEMPTS in
+# all, READ_RETRY_DELAY_S then twice that between them): a failing disk sector or controller
+# (EIO), a network file system's hiccup (ESTALE after a server-side rename, ETIMEDOUT, ...).
+# Never retried: a file that is absent, a folder, or not ours to read (PermissionError): the
+# next attempt would fail alike.
+READ_ATTEMPTS = 3
+READ_RETRY_DELAY_S = 0.05
+TRANSIENT_READ_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "EIO", "EAGAIN", "EINTR", "EBUSY", "ETIMEDOUT", "ESTALE", "ECONNRESET", "ECONNABORTED",
+    "EREMOTEIO", "ENOLINK") if hasattr(errno, name))
+
+
 def read_image_file(path: str | Path) -> bytes:
     """The bytes of the image file at ``path`` (``FileNotFoundError`` naming it when it is
-    absent or a folder): read once, then hashed (``image_digest``) and decoded (``load_image``)."""
+    absent or a folder): read once, then hashed (``image_digest``) and decoded (``load_image``).
+
+    A read failing with a transient errno (``TRANSIENT_READ_ERRNOS``) is tried again, up to
+    ``READ_ATTEMPTS`` in all; any other ``OSError``, or the last attempt's, is raised."""
     path = Path(path)
+    for attempt in range(1, READ_ATTEMPTS):
+        try:
+            _check_is_file(path)
+            return path.read_bytes()
+        except OSError as err:
+            if err.errno not in TRANSIENT_READ_ERRNOS:
+                raise
+        time.sleep(READ_RETRY_DELAY_S * 2 ** (attempt - 1))
     _check_is_file(path)
     return path.read_bytes()
+
+
+def read_error_detail(path: str | Path, err: OSError) -> str:
+    """``path: EIO: [Errno 5] Input/output error`` for an ``unreadable_image`` reject: the
+    errno's name first (what to look up), then the error itself (which may not name the
+    file: a failing read() does not)."""
+    return f"{path}: {errno.errorcode.get(err.errno) or type(err).__name__}: {err}"
 
 
 def image_digest(data: bytes) -> str:

@@ -29,7 +29,14 @@ import torch
 from PIL import Image
 
 from .bad_data import BadSampleError, Reject, check_policy
-from .images import ImageView, image_digest, load_image, pil_to_uint8, read_image_file
+from .images import (
+    ImageView,
+    image_digest,
+    load_image,
+    pil_to_uint8,
+    read_error_detail,
+    read_image_file,
+)
 from .templates import (
     ConversationError,
     check_template_tokens,
@@ -256,10 +263,6 @@ class LlavaIndex:
 STAND_IN_CONVERSATION = ({"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hi"})
 
 
-class _Undecodable(Exception):
-    """An image file PIL could not decode (the cause is PIL's exception, of any type)."""
-
-
 @dataclasses.dataclass
 class Sample:
     """One training sample. ``input_ids``/``labels``: (T,) int64 with IMAGE_TOKEN_INDEX at the
@@ -448,23 +451,22 @@ class LlavaDataset(torch.utils.data.Dataset):
         sample.image_key = image_key(entry["image"])
         path = self.image_path(i, entry["image"])
         try:
-            data = read_image_file(path)
-            try:
-                pil = load_image(data)  # the one decode every view below derives from
-            except (FileNotFoundError, MemoryError):
-                raise
-            except Exception as err:  # noqa: BLE001 - PIL's decoders raise more than OSError
-                # (a damaged PNG chunk: SyntaxError; broken tables: TypeError, struct.error):
-                # a corrupt file is a counted reject, never a dead worker and a lost epoch
-                raise _Undecodable(err) from err
-            # (in the try: a pad view of a huge image refuses its canvas with a ValueError)
-            sample.image = self.image_view(pil)
-            sample.teacher_views = {k: v(pil) for k, v in self.teacher_views.items()}
+            data = read_image_file(path)  # (transient errors were retried there)
         except FileNotFoundError as err:
             return self._bad(i, entry, "missing_image", str(err))
-        except _Undecodable as wrapped:
-            err = wrapped.__cause__
+        except OSError as err:  # a read error (permissions, a failing disk), not the image's
+            return self._bad(i, entry, "unreadable_image", read_error_detail(path, err))
+        try:
+            pil = load_image(data)  # the one decode every view below derives from
+        except MemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - PIL's decoders raise more than OSError
+            # (a damaged PNG chunk: SyntaxError; broken tables: TypeError, struct.error): a
+            # corrupt file is a counted reject, never a dead worker and a lost epoch
             return self._bad(i, entry, "corrupt_image", f"{path}: {type(err).__name__}: {err}")
+        try:  # (a pad view of a huge image refuses its canvas with a ValueError)
+            sample.image = self.image_view(pil)
+            sample.teacher_views = {k: v(pil) for k, v in self.teacher_views.items()}
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             return self._bad(i, entry, "corrupt_image", f"{path}: {type(err).__name__}: {err}")
         if self.keep_raw_image:

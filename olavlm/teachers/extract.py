@@ -8,11 +8,12 @@ shard once. A shard counts as done when its sidecar exists and the shard has the
 sidecar names (both are written atomically, the shard first), so a resumed run skips finished
 shards without rereading them and redoes only the one that was interrupted; stale temporary
 files of an interrupted write are deleted. When all shards are done rank 0 writes
-``index.json``. Images that cannot be used (``missing_image``, ``corrupt_image``, ``bad_maps``,
-``nonfinite_target``) are left out of the cache, counted, listed in the index and, with
-``rejects_path``, written one JSON line each (as they happen, then rewritten from the index
-when it is written: every rejected image once, whatever the resumes); ``on_bad_sample="raise"``
-stops at the first.
+``index.json``. Images that cannot be used (``missing_image``, ``unreadable_image``,
+``corrupt_image``, ``bad_maps``, ``nonfinite_target``) are left out of the cache, counted,
+listed in the index and, with ``rejects_path``, written one JSON line each (as they happen,
+then rewritten from the index when it is written: every rejected image once, whatever the
+resumes); ``on_bad_sample="raise"`` stops at the first. A rerun redoes the finished shards
+whose missing, unreadable or corrupt images can be used now (``_rejects_now_readable``).
 Each cached image's file digest (``image_digest`` of its bytes) is recorded beside its key, so
 training notices an image that changed after extraction (``stale_target``).
 """
@@ -35,7 +36,13 @@ from PIL import Image
 
 from olavlm._fs import dead_writer
 from olavlm.data.bad_data import BadSampleError, Reject, RejectLog, check_policy
-from olavlm.data.images import image_digest, load_image, pil_to_uint8, read_image_file
+from olavlm.data.images import (
+    image_digest,
+    load_image,
+    pil_to_uint8,
+    read_error_detail,
+    read_image_file,
+)
 from olavlm.data.llava import LlavaIndex, image_key, resolve_image_path
 
 from .base import Teacher
@@ -125,11 +132,20 @@ class ImageKeyDataset(torch.utils.data.Dataset):
         path = resolve_image_path(self.index, i, entry["image"], self.image_folder)
         if self.decode:
             try:
-                data = read_image_file(path)
-                pil = load_image(data)
-                item.views = {name: view(pil) for name, view in self.views.items()}
+                data = read_image_file(path)  # (transient errors were retried there)
             except FileNotFoundError as err:
                 return bad("missing_image", str(err))
+            except OSError as err:  # permissions, a failing disk: retried on the next run
+                return bad("unreadable_image", read_error_detail(path, err))
+            try:
+                pil = load_image(data)
+            except MemoryError:
+                raise
+            except Exception as err:  # noqa: BLE001 - PIL's decoders raise more than OSError
+                # (a damaged PNG chunk: SyntaxError), as in LlavaDataset: a reject, not a crash
+                return bad("corrupt_image", f"{path}: {type(err).__name__}: {err}")
+            try:
+                item.views = {name: view(pil) for name, view in self.views.items()}
             except (OSError, ValueError, Image.DecompressionBombError) as err:
                 return bad("corrupt_image", f"{path}: {type(err).__name__}: {err}")
             item.digest = image_digest(data)
@@ -146,7 +162,7 @@ class ImageKeyDataset(torch.utils.data.Dataset):
                 try:
                     item.digest = image_digest(read_image_file(path))
                 except OSError:
-                    pass  # training rejects the sample itself (missing_image)
+                    pass  # training rejects the sample itself (missing_/unreadable_image)
         return item
 
 
@@ -343,9 +359,10 @@ def _shard_done(out: Path, k: int, plan_digest: str) -> bool:
 def _rejects_now_readable(out: Path, k: int, info: dict, index: LlavaIndex, entry_of: dict,
                           image_folder) -> bool:
     """Whether finished shard ``k`` (its sidecar ``info``) rejected an image that is there
-    now: a missing one that exists (a wrong --image-folder fixed, files restored), an
-    unreadable one whose file changed after the shard was written, or one whose maps load
-    now. Such a shard is redone on resume."""
+    now: a missing one that exists (a wrong --image-folder fixed, files restored), one that
+    could not be read and reads now (permissions fixed, a disk or network error gone: no
+    mtime tells), a corrupt one whose file changed after the shard was written, or one whose
+    maps load now. Such a shard is redone on resume."""
     from olavlm.data.synthetic import load_scene_maps
 
     rejects = info.get("rejects") or []
@@ -357,7 +374,8 @@ def _rejects_now_readable(out: Path, k: int, info: dict, index: LlavaIndex, entr
         return False
     for r in rejects:
         i = entry_of.get(r.get("sample_id"))
-        if i is None or r.get("reason") not in ("missing_image", "corrupt_image", "bad_maps"):
+        if i is None or r.get("reason") not in ("missing_image", "unreadable_image",
+                                                "corrupt_image", "bad_maps"):
             continue
         entry = index.entry(i)
         try:
@@ -365,6 +383,9 @@ def _rejects_now_readable(out: Path, k: int, info: dict, index: LlavaIndex, entr
                 load_scene_maps(entry, image_folder or index.source_path(i).parent)
                 return True
             path = resolve_image_path(index, i, entry["image"], image_folder)
+            if r["reason"] == "unreadable_image":
+                read_image_file(path)  # an OSError while it still cannot be read
+                return True
             st = os.stat(path)
         except (OSError, ValueError):
             continue

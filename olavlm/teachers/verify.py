@@ -173,7 +173,7 @@ def _image_changes(dataset: LlavaIndex, items, digests: dict[str, str | None],
             data = read_image_file(resolve_image_path(dataset, i, dataset.entry(i)["image"],
                                                       image_folder))
         except OSError:
-            unreadable += 1  # training rejects it as missing_image; not a target problem
+            unreadable += 1  # training rejects it (missing_/unreadable_image); not a target problem
             continue
         checked += 1
         if image_digest(data) != digests[key]:
