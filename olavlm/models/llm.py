@@ -9,6 +9,7 @@ final state. Layer numbers are 1-based blocks; 0 is the final normed state (the 
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -109,13 +110,31 @@ class LayerTaps:
         if bad:
             raise ValueError(f"layer_indices: layers {bad} are outside the LLM's "
                              f"{parts.num_layers} blocks (1-based; 0 = the final normed state)")
-        self.parts = parts
+        # Weakly: the tapped blocks hold this object (``_ola_taps``), so a strong reference
+        # back to them (parts -> layers -> block) made a cycle that kept the whole LLM's
+        # weights alive after ``del model`` until a garbage collection ran. The OlaVLM holds
+        # the parts.
+        self._parts = weakref.ref(parts)
         # Hooks on blocks 1..n-1 only: block n's state, as the seed reads it, is the decoder's
         # final normed output, which the caller has anyway (0 means the same).
         self.layers = sorted(k for k in layers if 0 < k < parts.num_layers)
         self.states: dict[int, torch.Tensor] = {}
         self.wanted: frozenset[int] = frozenset()
         self.handles: list = []
+
+    @property
+    def parts(self) -> DecoderParts:
+        parts = self._parts()
+        if parts is None:
+            raise RuntimeError("LayerTaps: its DecoderParts were freed; keep a reference to "
+                               "them while the taps are in use (OlaVLM.parts does)")
+        return parts
+
+    def __getstate__(self) -> dict:  # (copy.deepcopy and pickle: the copy's own parts)
+        return {**self.__dict__, "_parts": self.parts}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _parts=weakref.ref(state["_parts"]))
 
     def install(self) -> LayerTaps:
         if not self.handles:

@@ -674,13 +674,18 @@ class Trainer:
             if batch.stand_in:  # nothing to learn from (Batch.as_stand_in)
                 target_mask = torch.zeros_like(target_mask)
         elif batch.targets:
-            targets = {k: v.to(dev) for k, v in batch.targets.items()}
-        b = batch.to(dev)
+            targets = {k: v.to(dev, non_blocking=True) for k, v in batch.targets.items()}
+        # Only what the forward reads: batch.to(dev) also copied the teachers' inputs (raw
+        # images, views, maps: the teachers move their own) and the cached targets again.
+        inputs = [None if t is None else t.to(dev, non_blocking=True) for t in (
+            batch.input_ids, batch.attention_mask, batch.labels, batch.images, batch.image_mask,
+            target_mask)]
         with sdpa_context(self.cfg.parallel.sdpa_backend):
-            out = self.model(
-                b.input_ids, b.attention_mask, b.labels, b.images, b.image_mask, targets,
-                None if target_mask is None else target_mask.to(dev), ntp_tokens=ntp_tokens,
-                ntp_micro_batches=group, ntp_rows=ntp_rows)
+            out = self.model(*inputs[:5], targets, inputs[5], ntp_tokens=ntp_tokens,
+                             ntp_micro_batches=group, ntp_rows=ntp_rows)
+            # Autograd keeps what the backward needs; the step's own references to its device
+            # inputs and targets (a teacher's seg map besides its transposed copy) go now.
+            inputs = targets = pending = None
             (out.loss * (1.0 / group)).backward()
         return out
 
@@ -765,8 +770,10 @@ class Trainer:
                                         + list(out.components.values()))
                     sums = parts / group if sums is None else sums + parts / group
                     scored = scored + out.num_valid_tokens.float()
+                    names = ["loss"] + list(out.components)
+                    # (not kept into the next forward: its loss holds the step's autograd graph)
+                    del out
                 del micro_batches
-                names = ["loss"] + list(out.components)
                 grad_norm = self._clip()
                 # Flags every rank must agree on: "some rank saw a non-finite value" and "some
                 # rank got SIGTERM/SIGINT" (MAX over ranks), so all skip or stop together.
