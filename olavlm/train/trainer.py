@@ -2,7 +2,7 @@
 """``Trainer(cfg).train()`` runs one training job end to end (``olavlm train`` calls it).
 
 A step: ``grad_accum`` micro-batches (targets from the online teachers or the cache), each
-``model.forward_batch`` + backward of ``loss / grad_accum``, the next-token loss normalized by
+``model(...)`` + backward of ``loss / grad_accum``, the next-token loss normalized by
 the whole step's supervised tokens (``_step_ntp_tokens``); gradient clipping; then ONE host
 read of a small tensor holding the logged scalars and the finiteness flag. A non-finite loss or
 gradient norm skips the optimizer step (counted); ``train.nonfinite_limit`` in a row stops the
