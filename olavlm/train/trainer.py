@@ -854,8 +854,10 @@ class Trainer:
         if not params:
             return torch.zeros((), device=self.dist.device)
         clip = self.cfg.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf,
-                                              foreach=True)
+        if clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+        else:  # off: the norm alone (clipping at inf rewrote every gradient, times 1)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
             norm = norm.full_tensor()
         return norm

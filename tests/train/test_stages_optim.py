@@ -131,3 +131,33 @@ def test_pad_token_added_and_embeddings_grown_like_the_seed(tmp_path):
         assert now.shape[0] == 42 and torch.equal(now[:40], before)
         torch.testing.assert_close(now[40:], before.mean(0, keepdim=True).expand(2, -1))
     assert resize_embeddings_like_seed(llm, 42) == 0
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-3])
+def test_gradient_clipping_returns_the_norm_and_leaves_gradients_alone_when_off(model,
+                                                                                grad_clip):
+    # optim.grad_clip=0 (off) measures the norm without a pass that rewrites every gradient
+    # (clip_grad_norm_ with an infinite limit multiplied them all by 1); on, they are scaled.
+    from types import SimpleNamespace
+
+    from olavlm.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    params = [p for p in model.parameters()][:6]
+    for p in model.parameters():
+        p.grad = None
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [(p.grad.clone(), p.grad._version) for p in params]
+    fake = SimpleNamespace(model=model, dist=SimpleNamespace(device=torch.device("cpu")),
+                           cfg=SimpleNamespace(optim=SimpleNamespace(grad_clip=grad_clip)))
+    norm = Trainer._clip(fake)
+    want = math.sqrt(sum(float(g.double().pow(2).sum()) for g, _ in before))
+    assert math.isclose(float(norm), want, rel_tol=1e-5)
+    for p, (g, version) in zip(params, before, strict=True):
+        if grad_clip == 0:
+            assert p.grad._version == version and torch.equal(p.grad, g)
+        else:
+            torch.testing.assert_close(p.grad, g * (grad_clip / (want + 1e-6)))
+    for p in params:
+        p.grad = None
