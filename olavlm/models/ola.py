@@ -456,13 +456,17 @@ class OlaVLM(nn.Module):
                          spliced.num_truncated, predictions)
 
     def forward_batch(self, batch, **kwargs) -> OlaOutput:
-        """Forward on an ``olavlm.data.Batch`` (moved to the model's device)."""
+        """Forward on an ``olavlm.data.Batch`` (what it reads moved to the model's device by
+        non-blocking copies: from the loader's pinned memory they do not wait for the GPU)."""
         dev = self.parts.embed_tokens.weight.device
-        targets = {k: v.to(dev) for k, v in batch.targets.items()} or None
-        tm = batch.target_mask.to(dev) if batch.target_mask is not None else None
-        return self(batch.input_ids.to(dev), batch.attention_mask.to(dev),
-                    batch.labels.to(dev), batch.images.to(dev), batch.image_mask.to(dev),
-                    targets, tm, **kwargs)
+
+        def move(t):
+            return None if t is None else t.to(dev, non_blocking=True)
+
+        targets = {k: move(v) for k, v in batch.targets.items()} or None
+        return self(move(batch.input_ids), move(batch.attention_mask), move(batch.labels),
+                    move(batch.images), move(batch.image_mask), targets,
+                    move(batch.target_mask), **kwargs)
 
     def _check_targets(self, targets, batch: int) -> None:
         missing = [t for t in self.tasks if t not in targets]

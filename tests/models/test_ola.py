@@ -1,6 +1,8 @@
 # OlaVLM on tiny real decoders: layout, fused == reference, masks, seed arithmetic, errors.
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -752,3 +754,23 @@ def test_waiting_targets_are_read_after_the_llm_forward(model):
     with pytest.raises(ValueError, match=r"targets\['depth'\] must have shape"):
         model(ids, mask, labels, images, image_mask, bad)
     assert events == []  # refused on the shapes alone, before waiting
+
+
+def test_forward_batch_equals_the_explicit_call(model):
+    # forward_batch on a loader Batch (target_mask with a masked sample) is the model call on
+    # its tensors; moving them (non-blocking) changes nothing.
+    from olavlm.data.loader import Batch
+
+    ids, mask, labels, images, image_mask, targets = tiny_batch(model, batch=3, text_only=(1,))
+    target_mask = torch.tensor([1, 0, 0])
+    batch = Batch(input_ids=ids, labels=labels, attention_mask=mask, images=images,
+                  image_mask=image_mask, raw_images=None, teacher_views={},
+                  sample_ids=["a", "b", "c"], indices=[0, 1, 2], targets=targets,
+                  target_mask=target_mask)
+    got = model.forward_batch(batch)
+    want = model(ids, mask, labels, images, image_mask, targets, target_mask)
+    assert got.components.keys() == want.components.keys()
+    for name, value in want.components.items():
+        torch.testing.assert_close(got.components[name], value, rtol=0, atol=0, msg=name)
+    without = model.forward_batch(dataclasses.replace(batch, targets={}, target_mask=None))
+    assert set(without.components) == {"ntp"}
