@@ -32,6 +32,9 @@ given, so that the model-changing switches come last):
 - ``fused_cached_float8``: + ``apply_float8(model, "tensorwise")`` on the decoder Linears, then
   per-block compile as above (torchao's float8 casts are fast only compiled). Needs torchao and
   an sm_89+ GPU (else a row with ms nan and a "skipped" note); on CPU it runs for numerics.
+- ``fused_cached_flash``: the decoder's attention through the flash-attn package
+  (``set_attn_implementation("flash_attention_2")``, undone for the next mode) instead of
+  SDPA. Needs CUDA and flash-attn (else a row with ms nan and a "skipped" note).
 
 The model is built once and reconfigured per mode (impl switch; checkpointing wrapped and
 unwrapped); compile, float8 and liger cannot be undone, so a later mode gets a fresh build.
@@ -137,7 +140,7 @@ class Mode:
     # "per_image" (the seed's teachers) | "batched" (OnlineTargets, inline) | "side_stream"
     # (OnlineTargets on their own CUDA stream, read by the model after its decoder) | "cached"
     targets: str
-    switches: tuple[str, ...] = ()  # of "float8", "liger", "ac", "compile" (apply order)
+    switches: tuple[str, ...] = ()  # of "float8", "liger", "ac", "flash", "compile" (in order)
 
 
 MODES = {
@@ -152,10 +155,14 @@ MODES = {
     "fused_cached_liger": Mode("auto", "cached", ("liger",)),
     "fused_cached_compile": Mode("auto", "cached", ("compile",)),
     "fused_cached_float8": Mode("auto", "cached", ("float8", "compile")),
+    # The decoder's attention through the flash-attn package (model.attn_implementation=
+    # flash_attention_2) instead of SDPA: CUDA and flash-attn installed, else a skipped row.
+    "fused_cached_flash": Mode("auto", "cached", ("flash",)),
 }
 PROVIDERS = tuple(MODES)  # the run order
 ALIASES = {"fused": "fused_cached"}  # the name of fused_cached in records before the modes
-CPU_DEFAULT = tuple(p for p in PROVIDERS if not {"compile", "liger"} & set(MODES[p].switches))
+CPU_DEFAULT = tuple(p for p in PROVIDERS
+                    if not {"compile", "liger", "flash"} & set(MODES[p].switches))
 IMPL = {name: m.impl for name, m in MODES.items()} | {"fused": "auto"}
 AC_MODE = "selective"
 FLOAT8_RECIPE = "tensorwise"
@@ -172,6 +179,26 @@ def float8_unavailable(device: str) -> str:
         if (major, minor) < (8, 9):
             return (f"skipped: float8 needs sm_89+, {torch.cuda.get_device_name()} is "
                     f"sm_{major}{minor}")
+    return ""
+
+
+def flash_unavailable(device: str) -> str:
+    """Why the flash-attn mode cannot run here ("" if it can)."""
+    import importlib.util  # noqa: PLC0415
+
+    if torch.device(device).type != "cuda":
+        return "skipped: flash-attn needs a CUDA GPU"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "skipped: flash-attn is not installed"
+    return ""
+
+
+def mode_unavailable(mode: Mode, device: str) -> str:
+    """Why ``mode`` cannot run here ("" if it can): a recorded row instead of a failure."""
+    if "float8" in mode.switches:
+        return float8_unavailable(device)
+    if "flash" in mode.switches:
+        return flash_unavailable(device)
     return ""
 
 
@@ -354,6 +381,9 @@ class StepBench:
                 for i, block in enumerate(self._blocks):
                     self.model.parts.layers[i] = block
                 self._blocks = None
+            attention = "flash_attention_2" if "flash" in mode.switches else "sdpa"
+            if self.model.llm.config._attn_implementation != attention:
+                self.model.llm.set_attn_implementation(attention)
             notes, num = [], len(self.model.parts.layers)
             if "float8" in mode.switches:
                 with warnings.catch_warnings():
@@ -368,6 +398,8 @@ class StepBench:
                 self._blocks = list(self.model.parts.layers)
                 count = apply_activation_checkpointing(self.model, AC_MODE)
                 notes.append(f"AC {AC_MODE}: {count}/{num} blocks")
+            if "flash" in mode.switches:
+                notes.append("attention: flash_attention_2 (flash-attn)")
             if "compile" in mode.switches:
                 torch._dynamo.reset()  # a fresh compile: its time is this mode's
                 apply_compile(self.model)
@@ -599,7 +631,7 @@ def main(argv=None) -> int:
     records, batches, failed = [], {}, set()
     for provider in args.providers:
         mode = MODES[provider]
-        unavailable = float8_unavailable(DEVICE) if "float8" in mode.switches else ""
+        unavailable = mode_unavailable(mode, DEVICE)
         for b in sorted(args.batch):
             batch = runner.batch(b)
             if provider in failed:  # it ran out of memory at a smaller batch

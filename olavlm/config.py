@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from olavlm.models.config import IMPLS, TASKS, HeadConfig, ModelConfig
+from olavlm.models.config import ATTN_IMPLEMENTATIONS, IMPLS, TASKS, HeadConfig, ModelConfig
 
 __all__ = [
     "CHOICES",
@@ -181,6 +181,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.vision_kind": ("clip", "convnext", "siglip"),  # or None: from the path's name
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.impl": IMPLS,
+    "model.attn_implementation": ATTN_IMPLEMENTATIONS,
     "data.template": ("llava_llama_3", "llava_phi_3", "plain"),  # olavlm.data.templates
     "data.aspect": ("square", "pad", "stretch"),  # olavlm.data.images.ASPECTS
     "data.on_bad_sample": ("skip", "raise"),

@@ -28,6 +28,10 @@ __all__ = [
 TASKS = ("gen", "depth", "seg")
 TASK_LETTERS = {"g": "gen", "d": "depth", "s": "seg"}
 IMPLS = ("auto", "triton", "torch", "reference")
+# The decoder's attention (Hugging Face's attn_implementation): PyTorch's SDPA (its flash
+# kernel needs no mask: right-padded rows run without one), the eager matmuls, or the
+# flash-attn package's kernels (installed by the user; varlen over padded rows).
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 
 @dataclass
@@ -50,6 +54,18 @@ class HeadConfig:
     heads: int = 4
     ff_mult: int = 1
     num_mlps: int = 0
+
+
+def _check_head_layout(task: str, head: HeadConfig) -> None:
+    """The head predicts (num_queries, output_dim) per sample; its target must be that, or a
+    (output_dim, h, w) map with h * w = num_queries (seg's, compared transposed)."""
+    pred, target = (head.num_queries, head.output_dim), tuple(head.target_shape)
+    if target == pred or (len(target) == 3 and target[0] == head.output_dim
+                          and target[1] * target[2] == head.num_queries):
+        return
+    raise ValueError(f"ModelConfig.heads[{task!r}] predicts {pred} per sample, which "
+                     f"target_shape {target} cannot be compared with: the target must be "
+                     "(num_queries, output_dim), or (output_dim, h, w) with h * w = num_queries")
 
 
 def default_heads() -> dict[str, HeadConfig]:
@@ -119,6 +135,9 @@ class ModelConfig:
                       for task, h in self.heads.items()}
         if self.impl not in IMPLS:
             raise ValueError(f"ModelConfig.impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"ModelConfig.attn_implementation must be one of "
+                             f"{ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")
         if self.num_task_tokens < (1 if self.tasks else 0):
             raise ValueError(
                 f"ModelConfig.num_task_tokens must be >= 1 when aux_mode names tasks "
@@ -139,6 +158,7 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.heads has no entry for task {task!r} of aux_mode "
                                  f"{self.aux_mode!r}; it has {sorted(self.heads)}")
             head = self.heads[task]
+            _check_head_layout(task, head)
             if task in ("depth", "seg") and self.num_task_tokens and \
                     head.num_queries % self.num_task_tokens:
                 raise ValueError(

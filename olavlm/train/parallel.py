@@ -141,12 +141,39 @@ def check_switches(cfg, device: torch.device) -> None:
     if p.sdpa_backend in ("efficient", "cudnn") and not cuda:
         raise ValueError(f"parallel.sdpa_backend={p.sdpa_backend} needs a CUDA GPU (PyTorch "
                          f"has no such kernel on {device}); use auto, flash or math")
+    _check_attention(cfg, device)
     if cfg.optim.fused in ("on", "apex") and not cuda:
         raise ValueError(f"optim.fused={cfg.optim.fused} needs a CUDA device, the run is on "
                          f"{device}; use auto or off")
     if cfg.optim.fused == "apex" and not _installed("apex.optimizers"):
         raise ValueError("optim.fused=apex needs NVIDIA apex (not on PyPI; build it from "
                          "github.com/NVIDIA/apex), which is not installed")
+
+
+# model.attn_implementation -> the module Hugging Face imports for it (the flash-attn package)
+FLASH_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def _check_attention(cfg, device: torch.device) -> None:
+    """flash-attn's kernels: CUDA only, installed by the user, fp16/bf16 compute only (else
+    transformers fails while loading the LLM, or the first step inside the kernel)."""
+    attn = cfg.model.attn_implementation
+    if attn not in FLASH_MODULES:
+        return
+    key = f"model.attn_implementation={attn}"
+    if device.type != "cuda":
+        raise ValueError(f"{key} needs a CUDA GPU (flash-attn's kernels); this run is on "
+                         f"{device}: use sdpa")
+    if not _installed(FLASH_MODULES[attn]):
+        hint = ("pip install flash-attn --no-build-isolation" if attn == "flash_attention_2"
+                else "flash-attn's hopper/ build, for H100-class GPUs")
+        raise ValueError(f"{key} needs the flash-attn package ({hint}), whose module "
+                         f"{FLASH_MODULES[attn]!r} is not installed; or use sdpa (PyTorch's own "
+                         "flash kernel, for rows padded on the right only)")
+    if cfg.model.dtype == "float32" and cfg.parallel.mixed_precision == "fp32":
+        raise ValueError(f"{key} computes in fp16/bf16 only, and this run computes in fp32 "
+                         "(model.dtype=float32, parallel.mixed_precision=fp32): set "
+                         "model.dtype=bfloat16 or parallel.mixed_precision=bf16, or use sdpa")
 
 
 def _installed(module: str) -> bool:

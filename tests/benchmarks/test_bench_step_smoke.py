@@ -117,6 +117,21 @@ def test_providers_switches_and_an_unavailable_float8(tmp_path, monkeypatch, loa
     assert [(r["provider"], r["note"]) for r in rows] == [
         ("fused_cached_float8", "skipped: no torchao")]
     assert math.isnan(float(rows[0]["ms"]))
+    # flash-attn without CUDA (or the package): a recorded row; the switch itself sets the
+    # decoder's attention and the next mode undoes it.
+    assert bench.main(["--preset", "tiny", "--batch", "2",
+                       "--providers", "fused_cached_flash"]) == 0
+    rows = list(csv.DictReader((tmp_path / "ola_step.csv").open()))
+    assert (rows[-1]["provider"], rows[-1]["note"]) == (
+        "fused_cached_flash", "skipped: flash-attn needs a CUDA GPU")
+    assert "fused_cached_flash" not in bench.parse_providers(None)
+    llm_config = runner.model.llm.config
+    monkeypatch.setattr(type(runner.model.llm), "set_attn_implementation",
+                        lambda self, name: setattr(llm_config, "_attn_implementation", name))
+    assert "flash_attention_2" in runner.configure(bench.MODES["fused_cached_flash"])
+    assert llm_config._attn_implementation == "flash_attention_2"
+    runner.configure(bench.MODES["fused_cached"])
+    assert llm_config._attn_implementation == "sdpa"
     # Any other failure of a mode is recorded too, and the run goes on (one GPU window).
     import olavlm.train.parallel as parallel
 

@@ -583,6 +583,20 @@ def test_bad_configs_fail_clearly(tmp):
             ModelConfig(max_length=bad)
     with pytest.raises(FileNotFoundError, match="never downloaded"):
         tiny_model(tmp, tower=StandInTower(), llm=str(tmp / "nope"))
+    # A head whose output cannot be its target's layout is refused when configured (it failed
+    # at the first step with targets, after the LLM forward).
+    from olavlm.models.config import HeadConfig, default_heads
+
+    for task, head, shown in (
+            ("depth", HeadConfig(576, 768, (576, 1024)), r"\(576, 768\)"),
+            ("seg", HeadConfig(575, 1536, (1536, 24, 24)), r"\(575, 1536\)"),
+            ("gen", HeadConfig(1, 1024, (8, 1024)), r"\(1, 1024\)")):
+        with pytest.raises(ValueError, match=rf"heads\['{task}'\] predicts {shown} per sample, "
+                                             rf"which target_shape .* cannot be compared with"):
+            ModelConfig(heads=dict(default_heads(), **{task: head}))
+    with pytest.raises(ValueError, match="attn_implementation must be one of .*sdpa.*"
+                                         "flash_attention_2.*got 'flash'"):
+        ModelConfig(attn_implementation="flash")
 
 
 def test_bad_batches_fail_clearly(model):

@@ -293,6 +293,8 @@ def _train_cfg(tmp_path, *overrides):
     ("parallel.sdpa_backend=cudnn", "parallel.sdpa_backend=cudnn needs a CUDA GPU"),
     ("optim.fused=on", "optim.fused=on needs a CUDA device"),
     ("optim.fused=apex", "optim.fused=apex needs a CUDA device"),
+    ("model.attn_implementation=flash_attention_2",
+     "model.attn_implementation=flash_attention_2 needs a CUDA GPU"),
 ])
 def test_switches_this_device_cannot_run_fail_before_any_work(tmp_path, switch, match):
     """Refused with the key before the dataset, model or teachers are built (the SDPA backends
@@ -304,6 +306,27 @@ def test_switches_this_device_cannot_run_fail_before_any_work(tmp_path, switch, 
         Trainer(_train_cfg(tmp_path, "train.device=cpu", switch))
     assert not (tmp_path / "synth").exists()
     assert not (tmp_path / "runs" / "r").exists()
+
+
+def test_flash_attention_needs_the_package_and_half_precision(tmp_path, monkeypatch):
+    # On a CUDA device (faked: only the checks run): flash-attn missing, then installed but
+    # asked to compute in fp32, each refused naming the key; bf16 compute passes.
+    from olavlm.train import parallel
+
+    cuda = torch.device("cuda")
+    cfg = _train_cfg(tmp_path, "model.attn_implementation=flash_attention_2")
+    monkeypatch.setattr(parallel, "_installed", lambda module: module != "flash_attn")
+    with pytest.raises(ValueError, match=r"flash_attention_2 needs the flash-attn package "
+                                         r"\(pip install flash-attn --no-build-isolation\)"):
+        parallel.check_switches(cfg, cuda)
+    monkeypatch.setattr(parallel, "_installed", lambda module: True)
+    cfg.model.dtype, cfg.parallel.mixed_precision = "float32", "fp32"
+    with pytest.raises(ValueError, match="computes in fp16/bf16 only"):
+        parallel.check_switches(cfg, cuda)
+    cfg.parallel.mixed_precision = "bf16"  # FSDP2 computes in bf16 over fp32 weights
+    parallel.check_switches(cfg, cuda)
+    cfg.model.dtype, cfg.parallel.mixed_precision = "bfloat16", "fp32"
+    parallel.check_switches(cfg, cuda)
 
 
 def test_an_sdpa_kernel_that_cannot_run_names_the_key(model):
