@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from olakernels import embedding_distill_loss
-from olakernels.testing import make_embedding_pair, make_sample_mask
+from olakernels.testing import assert_close_to_reference, make_embedding_pair, make_sample_mask
 
 WORLD = 2
 IMPLS = ["triton", "torch", "reference"]
@@ -107,3 +107,60 @@ def test_unequal_batches_weighting_per_rank(rank_results):
         expected = WORLD * (sl1[rows] * mask[rows]).sum() / (n_valid * per_elem)
         got = rank_results[("unequal_mixed", "triton", r)]["smooth_l1"]
         torch.testing.assert_close(got, expected, rtol=2e-6, atol=1e-8)
+
+
+def _rank_reference_fp64(case: str, rank: int) -> dict:
+    """Rank ``rank``'s loss terms and gradients in float64, written from the api docstring's
+    weighting alone: per_sample mode, world / N_global times the sums of the rank's valid
+    samples' terms (contrastive candidates: every rank's valid targets); seed mode, the seed's
+    means over the rank's own samples (candidates: every rank's targets)."""
+    sizes, _, mask_mode = CASES[case]
+    pred, target, mask = (t.double() for t in _global_inputs(case))
+    pred.requires_grad_(True)
+    scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    lo = sum(sizes[:rank])
+    rows = torch.arange(lo, lo + sizes[rank])
+    per_elem = pred[0].numel()
+    sl1 = torch.nn.functional.smooth_l1_loss(pred, target, reduction="none").flatten(1).sum(1)
+    p = torch.nn.functional.normalize(pred.flatten(1), dim=-1)
+    t = torch.nn.functional.normalize(target.flatten(1), dim=-1)
+    logits = p[rows] @ t.T * scale.exp()  # (exp(2) is below max_logit_scale)
+    m = mask[rows]
+    if mask_mode == "per_sample":
+        n_global = mask.sum()
+        smooth_l1 = WORLD * (sl1[rows] * m).sum() / (n_global * per_elem)
+        logits = logits.masked_fill(mask[None, :] == 0, float("-inf"))
+        valid = m > 0
+        ce = torch.nn.functional.cross_entropy(logits[valid], rows[valid], reduction="sum")
+        contrastive = 0.3 * WORLD * ce / n_global
+    else:
+        smooth_l1 = (sl1[rows] * m).sum() / (len(rows) * per_elem)
+        contrastive = 0.3 * torch.nn.functional.cross_entropy(logits, rows) * m.mean()
+    loss = smooth_l1 + contrastive
+    loss.backward()
+    return {"loss": loss.detach(), "smooth_l1": smooth_l1.detach(),
+            "contrastive": contrastive.detach(), "grad_pred": pred.grad[rows],
+            "grad_scale": scale.grad}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_rank_matches_its_float64_terms(rank_results, case, impl):
+    """Per rank (not only their mean): the contrastive term, the loss, grad_pred and the
+    logit-scale gradient against the float64 per-rank values of the documented weighting,
+    with unequal batches and masks (a rank-dependent error that cancels in the mean, e.g.
+    labels offset the wrong way or N_local in place of N_global, shows here)."""
+    per_elem = _global_inputs(case)[0][0].numel()
+    # The fast impls: within 3x the seed's fp32 error. The seed's own fp32 math (no eager twin
+    # to compare with) within a floor: its logsumexp - label logit loses the small InfoNCE
+    # loss of a confident predictor to cancellation (AGENTS.md), ~1e-5 relative here.
+    floor = 4.0 if impl != "reference" else 256.0
+    for r in range(WORLD):
+        got, want = rank_results[(case, impl, r)], _rank_reference_fp64(case, r)
+        eager = rank_results[(case, "reference", r)] if impl != "reference" else None
+        for key in ("loss", "smooth_l1", "contrastive", "grad_pred", "grad_scale"):
+            assert_close_to_reference(
+                got[key], want[key], None if eager is None else eager[key], k=3.0,
+                floor_ulps=floor, name=f"{case}.{impl}.rank{r}.{key}",
+                reduction_size=per_elem)
