@@ -30,7 +30,7 @@ TASK_LETTERS = {"g": "gen", "d": "depth", "s": "seg"}
 IMPLS = ("auto", "triton", "torch", "reference")
 # The decoder's attention (Hugging Face's attn_implementation): PyTorch's SDPA (its flash
 # kernel needs no mask: right-padded rows run without one), the eager matmuls, or the
-# flash-attn package's kernels (installed by the user; varlen over padded rows).
+# flash-attn package's kernels (installed by the user; varlen where a padding mask is needed).
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
 
 

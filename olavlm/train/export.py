@@ -168,9 +168,16 @@ def _export_one(run_dir: Path, ckpt: Path, out: Path, fmt: str, overwrite: bool)
 
     from . import build as B
     from .checkpoint import Checkpointer
+    from .parallel import FLASH_MODULES
 
     cfg = _checkpoint_config(run_dir, ckpt)
     _check_out(out, run_dir, cfg)
+    # The rebuild runs on the CPU, where flash-attn's kernels cannot load (transformers
+    # refuses them), and the attention kernel is no part of the weights: built with sdpa,
+    # the export still records the run's choice.
+    attention = cfg.model.attn_implementation
+    if attention in FLASH_MODULES:
+        cfg.model.attn_implementation = "sdpa"
     saved = run_dir / "tokenizer"  # the one the run trained with (the trainer saves it)
     if (saved / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
@@ -182,6 +189,7 @@ def _export_one(run_dir: Path, ckpt: Path, out: Path, fmt: str, overwrite: bool)
             data_root = B.synthetic_dataset_dir(cfg, is_main=True, barrier=lambda: None)
         tokenizer = B.build_tokenizer(cfg, data_root)
     model = B.build_model(cfg, tokenizer, run_dir, is_main=True, barrier=lambda: None)
+    model.config.attn_implementation = attention
     Checkpointer(run_dir).load(ckpt, {"model": model})
     # A tower the run generated (tiny:<arch>, under the run directory) travels with the export:
     # deleting or moving the run must not break the exported model.

@@ -121,10 +121,11 @@ def wants_fsdp(cfg, world_size: int) -> bool:
     return cfg.fsdp == "on" or world_size > 1 or cfg.mixed_precision != "fp32"
 
 
-def check_switches(cfg, device: torch.device) -> None:
+def check_switches(cfg, device: torch.device, world_size: int = 1) -> None:
     """The switches this device or installation cannot run, refused before any work (the
     model, data and teachers are built before apply_parallelism and the optimizer, and an SDPA
-    backend without a kernel here would only fail inside the first step)."""
+    backend without a kernel here would only fail inside the first step). ``world_size``: the
+    job's processes (whether FSDP2, and its compute dtype, applies)."""
     p, cuda = cfg.parallel, device.type == "cuda"
     if p.liger and not cuda:
         raise ValueError("parallel.liger=true needs a CUDA GPU (liger-kernel's Triton kernels); "
@@ -141,7 +142,7 @@ def check_switches(cfg, device: torch.device) -> None:
     if p.sdpa_backend in ("efficient", "cudnn") and not cuda:
         raise ValueError(f"parallel.sdpa_backend={p.sdpa_backend} needs a CUDA GPU (PyTorch "
                          f"has no such kernel on {device}); use auto, flash or math")
-    _check_attention(cfg, device)
+    _check_attention(cfg, device, world_size)
     if cfg.optim.fused in ("on", "apex") and not cuda:
         raise ValueError(f"optim.fused={cfg.optim.fused} needs a CUDA device, the run is on "
                          f"{device}; use auto or off")
@@ -154,7 +155,7 @@ def check_switches(cfg, device: torch.device) -> None:
 FLASH_MODULES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
 
-def _check_attention(cfg, device: torch.device) -> None:
+def _check_attention(cfg, device: torch.device, world_size: int = 1) -> None:
     """flash-attn's kernels: CUDA only, installed by the user, fp16/bf16 compute only (else
     transformers fails while loading the LLM, or the first step inside the kernel)."""
     attn = cfg.model.attn_implementation
@@ -170,7 +171,15 @@ def _check_attention(cfg, device: torch.device) -> None:
         raise ValueError(f"{key} needs the flash-attn package ({hint}), whose module "
                          f"{FLASH_MODULES[attn]!r} is not installed; or use sdpa (PyTorch's own "
                          "flash kernel, for rows padded on the right only)")
-    if cfg.model.dtype == "float32" and cfg.parallel.mixed_precision == "fp32":
+    # The decoder computes in FSDP2's param dtype where FSDP2 wraps it: mixed_precision=fp32
+    # casts a bf16/fp16-stored LLM's gathered weights up to fp32 too.
+    if wants_fsdp(cfg.parallel, world_size):
+        if cfg.parallel.mixed_precision == "fp32":
+            raise ValueError(f"{key} computes in fp16/bf16 only, and this run computes in fp32 "
+                             "(under FSDP2 the decoder computes in parallel.mixed_precision="
+                             f"fp32, whatever model.dtype={cfg.model.dtype}): set "
+                             "parallel.mixed_precision=bf16, or use sdpa")
+    elif cfg.model.dtype == "float32":
         raise ValueError(f"{key} computes in fp16/bf16 only, and this run computes in fp32 "
                          "(model.dtype=float32, parallel.mixed_precision=fp32): set "
                          "model.dtype=bfloat16 or parallel.mixed_precision=bf16, or use sdpa")

@@ -381,7 +381,8 @@ class Trainer:
     def _build(self, cfg: Config, d, resume_opt: str) -> None:
         """Everything after the run directory is chosen: the run record, tokenizer, model,
         data, parallelism, optimizer, resume, metrics."""
-        check_switches(cfg, d.device)  # (a switch this device cannot run: before any work)
+        # (a switch this device cannot run: before any work)
+        check_switches(cfg, d.device, d.world_size)
         if resume_opt in ("", "none"):
             _refuse_to_restart_over(self.run_dir)
         resume_from = _resume_target(self.run_dir, cfg.checkpoint.resume)

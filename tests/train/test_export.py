@@ -425,3 +425,27 @@ def test_export_from_inside_the_checkpoints_folder(trained, tmp_path, monkeypatc
     monkeypatch.chdir(ckpt.parent)
     out = export_checkpoint(ckpt.name, tmp_path / "rel")
     assert (out / "olavlm_export.json").is_file()
+
+
+def test_a_run_trained_with_flash_attention_exports_on_the_cpu(trained, tmp_path):
+    """A run trained with model.attn_implementation=flash_attention_2 (a GPU run records it)
+    exports: the export rebuilds the model on the CPU, where flash-attn cannot load (it
+    failed in transformers' loading with flash-attn's import/CUDA error). The export records
+    the run's choice; a CPU user loads it with attn_implementation="sdpa"."""
+    import json
+    import shutil
+
+    from olavlm.train.checkpoint import MARKER
+
+    trainer, _ = trained
+    run = tmp_path / "flash-run"
+    shutil.copytree(trainer.run_dir, run)
+    for marker in (run / "checkpoints").glob(f"step_*/{MARKER}"):
+        info = json.loads(marker.read_text())
+        info["extra"]["config"]["model"]["attn_implementation"] = "flash_attention_2"
+        marker.write_text(json.dumps(info))
+    out = export_checkpoint(run, tmp_path / "hf")
+    assert json.loads((out / "olavlm_config.json").read_text())["attn_implementation"] == \
+        "flash_attention_2"
+    model = load_exported(out, tower=trainer.model.vision_tower, attn_implementation="sdpa")
+    _assert_same(model, trainer)

@@ -329,6 +329,24 @@ def test_flash_attention_needs_the_package_and_half_precision(tmp_path, monkeypa
     parallel.check_switches(cfg, cuda)
 
 
+@pytest.mark.parametrize("switches,world", [
+    (("parallel.fsdp=on",), 1), (("parallel.fsdp=auto",), 2)])
+def test_flash_attention_refuses_a_half_precision_llm_that_fsdp2_computes_in_fp32(
+        tmp_path, monkeypatch, switches, world):
+    # A bf16-stored LLM under FSDP2 with parallel.mixed_precision=fp32 computes in fp32 (the
+    # policy's param_dtype casts the gathered weights up), which flash-attn cannot take: it
+    # failed inside the first step, after the model, data and teachers were built.
+    from olavlm.train import parallel
+
+    monkeypatch.setattr(parallel, "_installed", lambda module: True)
+    cfg = _train_cfg(tmp_path, "model.attn_implementation=flash_attention_2",
+                     "model.dtype=bfloat16", "parallel.mixed_precision=fp32", *switches)
+    with pytest.raises(ValueError, match=r"computes in fp16/bf16 only.*FSDP2"):
+        parallel.check_switches(cfg, torch.device("cuda"), world)
+    cfg.parallel.mixed_precision = "bf16"
+    parallel.check_switches(cfg, torch.device("cuda"), world)
+
+
 def test_an_sdpa_kernel_that_cannot_run_names_the_key(model):
     batch = tiny_batch(model, batch=2)
     with pytest.raises(RuntimeError, match="parallel.sdpa_backend=efficient: this SDPA kernel"):
