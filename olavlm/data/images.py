@@ -26,6 +26,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -90,13 +91,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _check_is_file(path: Path) -> None:
-    if path.is_file():
+    # A stat of our own: newer Pythons' Path.is_file returns False for any OSError, which
+    # turned a disk's EIO or an NFS ESTALE into "not found" (never retried, wrong reason).
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    except OSError as err:
+        if err.errno != errno.ELOOP:  # (a symbolic link loop: named below)
+            raise
+        mode = None
+    if mode is not None and stat.S_ISREG(mode):
         return
-    if path.is_dir():
+    if mode is not None and stat.S_ISDIR(mode):
         what = "a folder, not an image file"
-    elif path.is_symlink():  # (is_file follows links: a dangling one or a loop lands here)
+    elif path.is_symlink():  # (the stat follows links: a dangling one or a loop lands here)
         what = f"a broken or looping symbolic link (to {os.readlink(path)!r})"
-    elif path.exists():
+    elif mode is not None:
         what = "not a regular file"
     else:
         what = "image file not found"

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import pathlib
+import stat
 
 import pytest
 import torch
@@ -143,3 +144,29 @@ def test_cli_check_reports_unreadable_images(synth_dir, tmp_path, capsys, monkey
     assert f"{name}: EIO: " in out
     record = json.loads(rejects.read_text())
     assert record["reason"] == "unreadable_image" and "EIO" in record["detail"]
+
+
+def test_a_stat_error_reaches_the_retry_where_is_file_swallows_it(tmp_path, llama_tokenizer,
+                                                                  monkeypatch, no_backoff):
+    """Newer Pythons' Path.is_file returns False for any OSError (3.14: os.path.isfile): the
+    file check must stat itself, or an EIO on the stat became missing_image, never retried."""
+    ds = _dataset(tmp_path, llama_tokenizer)
+
+    def is_file_swallowing(path):
+        try:
+            return os.path.isfile(path) and stat.S_ISREG(path.stat().st_mode)
+        except OSError:
+            return False
+
+    monkeypatch.setattr(pathlib.Path, "is_file", is_file_swallowing)
+    flaky = FlakyReads(monkeypatch, "flaky.png", [_eio(tmp_path / "flaky.png")], method="stat")
+    assert isinstance(ds[1], Sample) and flaky.calls >= 2
+    FlakyReads(monkeypatch, "flaky.png", [_eio(tmp_path / "flaky.png")], method="stat",
+               forever=True)
+    reject = ds[1]
+    assert isinstance(reject, Reject) and reject.reason == "unreadable_image", reject
+    assert "EIO" in reject.detail
+    (tmp_path / "gone.png").write_bytes(b"")
+    (tmp_path / "gone.png").unlink()
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        images_module.read_image_file(tmp_path / "gone.png")
