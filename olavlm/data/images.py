@@ -41,12 +41,13 @@ __all__ = [
     "CLIP_STD",
     "MAX_ASPECT_RATIO",
     "READ_ATTEMPTS",
+    "ImageProblem",
     "ImageView",
     "expand_to_square",
     "image_digest",
     "load_image",
+    "open_image_file",
     "pil_to_uint8",
-    "read_error_detail",
     "read_image_file",
     "to_rgb",
     "tower_view",
@@ -145,11 +146,36 @@ def read_image_file(path: str | Path) -> bytes:
     return path.read_bytes()
 
 
-def read_error_detail(path: str | Path, err: OSError) -> str:
-    """``path: EIO: [Errno 5] Input/output error`` for an ``unreadable_image`` reject: the
-    errno's name first (what to look up), then the error itself (which may not name the
-    file: a failing read() does not)."""
-    return f"{path}: {errno.errorcode.get(err.errno) or type(err).__name__}: {err}"
+class ImageProblem(Exception):
+    """Why an image file cannot be used: ``reason`` (``missing_image``, ``unreadable_image``
+    or ``corrupt_image``, the reject reasons) and ``detail`` (the path and the error)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def open_image_file(path: str | Path) -> tuple[bytes, Image.Image]:
+    """The file's bytes and their decoded image, or ``ImageProblem``: absent (or a folder)
+    -> missing_image; a read failing after ``read_image_file``'s retries (permissions, a
+    failing disk) -> unreadable_image, the errno named; any decoder exception (PIL's raise
+    more than OSError: a damaged PNG chunk is a SyntaxError) -> corrupt_image. MemoryError
+    propagates. The training dataset and the target extraction both classify through it."""
+    try:
+        data = read_image_file(path)
+    except FileNotFoundError as err:
+        raise ImageProblem("missing_image", str(err)) from err
+    except OSError as err:
+        # the errno's name first (what to look up), then the error (a failing read() does
+        # not name the file)
+        name = errno.errorcode.get(err.errno) or type(err).__name__
+        raise ImageProblem("unreadable_image", f"{path}: {name}: {err}") from err
+    try:
+        return data, load_image(data)
+    except MemoryError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a corrupt file is a counted reject, not a crash
+        raise ImageProblem("corrupt_image", f"{path}: {type(err).__name__}: {err}") from err
 
 
 def image_digest(data: bytes) -> str:

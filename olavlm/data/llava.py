@@ -29,14 +29,7 @@ import torch
 from PIL import Image
 
 from .bad_data import BadSampleError, Reject, check_policy
-from .images import (
-    ImageView,
-    image_digest,
-    load_image,
-    pil_to_uint8,
-    read_error_detail,
-    read_image_file,
-)
+from .images import ImageProblem, ImageView, image_digest, open_image_file, pil_to_uint8
 from .templates import (
     ConversationError,
     check_template_tokens,
@@ -450,20 +443,10 @@ class LlavaDataset(torch.utils.data.Dataset):
             return self._text_only(sample)
         sample.image_key = image_key(entry["image"])
         path = self.image_path(i, entry["image"])
-        try:
-            data = read_image_file(path)  # (transient errors were retried there)
-        except FileNotFoundError as err:
-            return self._bad(i, entry, "missing_image", str(err))
-        except OSError as err:  # a read error (permissions, a failing disk), not the image's
-            return self._bad(i, entry, "unreadable_image", read_error_detail(path, err))
-        try:
-            pil = load_image(data)  # the one decode every view below derives from
-        except MemoryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - PIL's decoders raise more than OSError
-            # (a damaged PNG chunk: SyntaxError; broken tables: TypeError, struct.error): a
-            # corrupt file is a counted reject, never a dead worker and a lost epoch
-            return self._bad(i, entry, "corrupt_image", f"{path}: {type(err).__name__}: {err}")
+        try:  # the one read and decode every view below derives from
+            data, pil = open_image_file(path)
+        except ImageProblem as problem:  # a counted reject, never a dead worker
+            return self._bad(i, entry, problem.reason, problem.detail)
         try:  # (a pad view of a huge image refuses its canvas with a ValueError)
             sample.image = self.image_view(pil)
             sample.teacher_views = {k: v(pil) for k, v in self.teacher_views.items()}

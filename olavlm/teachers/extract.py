@@ -37,10 +37,10 @@ from PIL import Image
 from olavlm._fs import dead_writer
 from olavlm.data.bad_data import BadSampleError, Reject, RejectLog, check_policy
 from olavlm.data.images import (
+    ImageProblem,
     image_digest,
-    load_image,
+    open_image_file,
     pil_to_uint8,
-    read_error_detail,
     read_image_file,
 )
 from olavlm.data.llava import LlavaIndex, image_key, resolve_image_path
@@ -131,19 +131,10 @@ class ImageKeyDataset(torch.utils.data.Dataset):
         item = _Item(key=key, raw=None, views={}, maps=None)
         path = resolve_image_path(self.index, i, entry["image"], self.image_folder)
         if self.decode:
-            try:
-                data = read_image_file(path)  # (transient errors were retried there)
-            except FileNotFoundError as err:
-                return bad("missing_image", str(err))
-            except OSError as err:  # permissions, a failing disk: retried on the next run
-                return bad("unreadable_image", read_error_detail(path, err))
-            try:
-                pil = load_image(data)
-            except MemoryError:
-                raise
-            except Exception as err:  # noqa: BLE001 - PIL's decoders raise more than OSError
-                # (a damaged PNG chunk: SyntaxError), as in LlavaDataset: a reject, not a crash
-                return bad("corrupt_image", f"{path}: {type(err).__name__}: {err}")
+            try:  # (as LlavaDataset: missing, unreadable or corrupt is a reject)
+                data, pil = open_image_file(path)
+            except ImageProblem as problem:
+                return bad(problem.reason, problem.detail)
             try:
                 item.views = {name: view(pil) for name, view in self.views.items()}
             except (OSError, ValueError, Image.DecompressionBombError) as err:
